@@ -1,0 +1,8 @@
+//! Quarry's converter and the file formats it shares with the runtime.
+//!
+//! * [`gguf`]: the GGUF container, read (zero-copy over a memory map) and written (streamed).
+//! * [`blocks`]: the ggml block formats (Q8_0, Q4_0, ...): one struct per format with its reference quantizer.
+//! * [`safetensors`]: reading Hugging Face checkpoints (single file or shards; bf16, f16, f32).
+//! * [`convert`]: the Granite checkpoint -> GGUF conversion.
+
+pub mod gguf;
