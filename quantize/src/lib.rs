@@ -5,4 +5,5 @@
 //! * [`safetensors`]: reading Hugging Face checkpoints (single file or shards; bf16, f16, f32).
 //! * [`convert`]: the Granite checkpoint -> GGUF conversion.
 
+pub mod blocks;
 pub mod gguf;

@@ -1,5 +1,8 @@
 //! Subcommands: one module each, holding its clap arguments and a `run` that calls the library.
 
+mod common;
+mod info;
+mod logits;
 mod quantize;
 
 use clap::{Parser, Subcommand};
@@ -16,10 +19,19 @@ pub struct Cli {
 pub enum Command {
     /// Convert a Hugging Face snapshot folder (config.json, safetensors, tokenizer) into one GGUF file.
     Quantize(quantize::Args),
+    /// Show a model file's architecture, sizes, tensor types and memory needs.
+    Info(info::Args),
+    /// Write the logits of every prompt position to a .npy file.
+    Logits(logits::Args),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Quantize(a) => quantize::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Logits(a) => {
+            common::init_threads(a.model.threads)?;
+            logits::run(a)
+        }
     }
 }

@@ -1,0 +1,241 @@
+//! One sequence being generated: its KV cache and buffers, prompt processing in chunks, and the decode loop.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use crate::model::{ForwardBuffers, KvCache, Logits, Model, ModelError};
+use crate::sampling::Sampler;
+
+/// Prompt tokens per forward pass: large enough that each expert's weights are read once for many tokens,
+/// small enough that the buffers stay a few MiB.
+pub const DEFAULT_BATCH: usize = 256;
+
+/// A sequence's state over a model: the tokens whose keys and values are cached, and the working memory.
+pub struct Session<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    bufs: ForwardBuffers,
+    /// Exactly the tokens held in the cache, in order.
+    history: Vec<u32>,
+}
+
+impl<'m> Session<'m> {
+    /// A session with room for `context` tokens, processing prompts `batch` tokens at a time.
+    pub fn new(model: &'m Model, context: usize, batch: usize) -> Session<'m> {
+        let context = context.max(1);
+        Session {
+            model,
+            cache: KvCache::new(&model.config, context),
+            bufs: ForwardBuffers::new(&model.config, batch.clamp(1, context), context),
+            history: Vec::with_capacity(context),
+        }
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// The tokens in the cache.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    pub fn context_size(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    /// Forgets everything after the first `len` tokens.
+    pub fn truncate(&mut self, len: usize) {
+        self.history.truncate(len);
+        self.cache.truncate(len);
+    }
+
+    /// Expert reads per layer since the session began (for tests and statistics).
+    pub fn expert_reads(&self) -> &[Vec<u64>] {
+        &self.bufs.expert_reads
+    }
+
+    /// Processes `ids` after the cached tokens, in chunks, and returns the logits of the last one.
+    pub fn feed(&mut self, ids: &[u32]) -> Result<&[f32], ModelError> {
+        self.feed_with(ids, Logits::Last)
+    }
+
+    /// Like [`Session::feed`] but returns the logits of every fed position, `[ids][n_vocab]` (for `quarry logits`).
+    pub fn feed_all_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let v = self.model.config.n_vocab;
+        let mut all = Vec::with_capacity(ids.len() * v);
+        for chunk in ids.chunks(self.bufs.max_batch()) {
+            self.check_room(chunk.len())?;
+            let logits = self
+                .model
+                .forward(chunk, &mut self.cache, &mut self.bufs, Logits::All)?;
+            all.extend_from_slice(logits);
+            self.history.extend_from_slice(chunk);
+        }
+        Ok(all)
+    }
+
+    fn check_room(&self, n: usize) -> Result<(), ModelError> {
+        if self.history.len() + n > self.cache.capacity() {
+            return Err(ModelError::ContextFull {
+                needed: self.history.len() + n,
+                capacity: self.cache.capacity(),
+                model_max: self.model.config.context_length,
+            });
+        }
+        Ok(())
+    }
+
+    fn feed_with(&mut self, ids: &[u32], last: Logits) -> Result<&[f32], ModelError> {
+        assert!(!ids.is_empty(), "feed needs at least one token");
+        self.check_room(ids.len())?;
+        let batch = self.bufs.max_batch();
+        let n_chunks = ids.len().div_ceil(batch);
+        for (i, chunk) in ids.chunks(batch).enumerate() {
+            let want = if i + 1 == n_chunks {
+                last
+            } else {
+                Logits::None
+            };
+            self.model
+                .forward(chunk, &mut self.cache, &mut self.bufs, want)?;
+            self.history.extend_from_slice(chunk);
+        }
+        // The last forward's logits are still in the buffers; run it again only to borrow them would be waste.
+        Ok(self.bufs.last_logits(self.model.config.n_vocab))
+    }
+
+    /// Samples from the last fed position's logits, with the cached tokens as the repetition history.
+    pub fn sample_next(&self, sampler: &mut Sampler) -> u32 {
+        sampler.sample(
+            self.bufs.last_logits(self.model.config.n_vocab),
+            &self.history,
+        )
+    }
+
+    /// Makes the cache hold exactly `prompt`, reusing the longest cached prefix (a chat's earlier turns), and
+    /// returns the last position's logits. At least the last prompt token is always recomputed for its logits.
+    pub fn feed_prompt(&mut self, prompt: &[u32]) -> Result<&[f32], ModelError> {
+        assert!(
+            !prompt.is_empty(),
+            "an empty prompt has no next-token distribution"
+        );
+        if prompt.len() > self.cache.capacity() {
+            return Err(ModelError::ContextFull {
+                needed: prompt.len(),
+                capacity: self.cache.capacity(),
+                model_max: self.model.config.context_length,
+            });
+        }
+        let common = self
+            .history
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let keep = common.min(prompt.len() - 1);
+        self.truncate(keep);
+        self.feed(&prompt[keep..])
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-text token.
+    EndOfText,
+    /// The token limit was reached.
+    MaxTokens,
+    /// The context window is full.
+    ContextFull,
+    /// The caller asked to stop (Ctrl-C in chat).
+    Interrupted,
+}
+
+/// Counts and timings of one generation.
+#[derive(Clone, Debug)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually computed (fewer than `prompt_tokens` when a cached prefix was reused).
+    pub prompt_tokens_computed: usize,
+    pub prompt_time: Duration,
+    pub generated_tokens: usize,
+    pub generation_time: Duration,
+    pub stop: StopReason,
+}
+
+impl GenerationStats {
+    pub fn prompt_tokens_per_second(&self) -> f64 {
+        rate(self.prompt_tokens_computed, self.prompt_time)
+    }
+
+    /// Decode speed: the first token comes from the prompt's logits, so it is not counted as a decode step.
+    pub fn generation_tokens_per_second(&self) -> f64 {
+        rate(
+            self.generated_tokens.saturating_sub(1),
+            self.generation_time,
+        )
+    }
+}
+
+fn rate(n: usize, t: Duration) -> f64 {
+    if t.is_zero() {
+        0.0
+    } else {
+        n as f64 / t.as_secs_f64()
+    }
+}
+
+/// Generates after `prompt`: samples up to `max_tokens` tokens, stopping after any of `stop_ids` (which is
+/// passed to `on_token` like any other token). `on_token` may return `Break` to stop early.
+pub fn generate(
+    session: &mut Session,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+    max_tokens: usize,
+    stop_ids: &[u32],
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<GenerationStats, ModelError> {
+    let cached_before = session
+        .history
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let start = Instant::now();
+    session.feed_prompt(prompt)?;
+    let mut next = session.sample_next(sampler);
+    let prompt_time = start.elapsed();
+    let mut stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        prompt_tokens_computed: prompt.len() - cached_before.min(prompt.len() - 1),
+        prompt_time,
+        generated_tokens: 0,
+        generation_time: Duration::ZERO,
+        stop: StopReason::MaxTokens,
+    };
+    let decode_start = Instant::now();
+    while stats.generated_tokens < max_tokens {
+        stats.generated_tokens += 1;
+        let flow = on_token(next);
+        if stop_ids.contains(&next) {
+            stats.stop = StopReason::EndOfText;
+            break;
+        }
+        if flow.is_break() {
+            stats.stop = StopReason::Interrupted;
+            break;
+        }
+        if stats.generated_tokens == max_tokens {
+            break;
+        }
+        if session.history.len() >= session.context_size() {
+            stats.stop = StopReason::ContextFull;
+            break;
+        }
+        session.feed(&[next])?;
+        next = session.sample_next(sampler);
+    }
+    stats.generation_time = decode_start.elapsed();
+    Ok(stats)
+}

@@ -1,0 +1,56 @@
+//! Unquantized weights (F32, F16, BF16) against f32 activations: the exact path the fixtures' 1e-3 logits
+//! tolerance is checked on, so activations are not rounded.
+
+use half::{bf16, f16};
+
+pub fn dot_f32_scalar(w: &[f32], x: &[f32]) -> f32 {
+    // Four partial sums: the same association the SIMD versions use, and fewer dependent adds.
+    let mut acc = [0.0f32; 4];
+    let chunks = w.len() / 4 * 4;
+    for (wc, xc) in w[..chunks].chunks_exact(4).zip(x[..chunks].chunks_exact(4)) {
+        for i in 0..4 {
+            acc[i] += wc[i] * xc[i];
+        }
+    }
+    let mut sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (a, b) in w[chunks..].iter().zip(&x[chunks..]) {
+        sum += a * b;
+    }
+    sum
+}
+
+pub fn dot_f16_scalar(w: &[f16], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
+}
+
+pub fn dot_bf16_scalar(w: &[bf16], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
+}
+
+/// Reference matrix products: one dot product per (row, token).
+pub fn gemm_f32_scalar(w: &[f32], a: &[f32], cols: usize, out: &mut [f32]) {
+    gemm_with(w, a, cols, out, dot_f32_scalar)
+}
+
+pub fn gemm_f16_scalar(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]) {
+    gemm_with(w, a, cols, out, dot_f16_scalar)
+}
+
+pub fn gemm_bf16_scalar(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]) {
+    gemm_with(w, a, cols, out, dot_bf16_scalar)
+}
+
+fn gemm_with<W>(
+    w: &[W],
+    a: &[f32],
+    cols: usize,
+    out: &mut [f32],
+    dot: impl Fn(&[W], &[f32]) -> f32,
+) {
+    let n = a.len() / cols;
+    for (r, row) in w.chunks_exact(cols).enumerate() {
+        for (t, act) in a.chunks_exact(cols).enumerate() {
+            out[r * n + t] = dot(row, act);
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! Q8_0 weights (32 x i8 + an f16 scale) against Q8_0-quantized activations.
+
+use half::f16;
+use quarry_quantize::blocks::BlockQ8_0;
+
+/// Quantizes an activation row to Q8_0. Unlike ggml's file quantizer this rounds half to even, which is what
+/// the SIMD versions do natively (`cvtps2dq`); only the scalar/SIMD agreement matters for activations.
+pub fn quantize_activations_scalar(x: &[f32], out: &mut [BlockQ8_0]) {
+    for (xs, block) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        block.d = f16::from_f32(d);
+        for (q, &v) in block.qs.iter_mut().zip(xs) {
+            *q = (v * id).round_ties_even() as i8;
+        }
+    }
+}
+
+/// Reference dot product: per block, the exact integer sum scaled by both f16 scales.
+pub fn dot_scalar(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+    let mut sum = 0.0f32;
+    for (bw, ba) in w.iter().zip(a) {
+        let isum: i32 = bw
+            .qs
+            .iter()
+            .zip(&ba.qs)
+            .map(|(&x, &y)| x as i32 * y as i32)
+            .sum();
+        sum += bw.d.to_f32() * ba.d.to_f32() * isum as f32;
+    }
+    sum
+}
+
+/// Reference matrix product: one dot product per (row, token).
+pub fn gemm_scalar(w: &[BlockQ8_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32]) {
+    let n = a.len() / blocks_per_row;
+    for (r, row) in w.chunks_exact(blocks_per_row).enumerate() {
+        for (t, act) in a.chunks_exact(blocks_per_row).enumerate() {
+            out[r * n + t] = dot_scalar(row, act);
+        }
+    }
+}

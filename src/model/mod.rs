@@ -1,0 +1,61 @@
+//! The Granite network: hyper-parameters, weights borrowed from the GGUF file, the KV cache, and the forward pass.
+
+mod config;
+mod forward;
+mod weights;
+
+use std::path::PathBuf;
+
+pub use config::{Architecture, ModelConfig};
+pub use forward::{ForwardBuffers, KvCache, Logits};
+pub use weights::{
+    DenseMlp, ExpertMatrices, ExpertWeights, FeedForward, LayerWeights, Matrix, ModelWeights,
+};
+
+use quarry_quantize::gguf::{GgmlType, GgufError, GgufFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(
+        "{}: architecture '{arch}' is not supported (quarry runs 'granitemoe' and 'granite'; convert a Granite 3.x checkpoint with `quarry quantize`)",
+        path.display()
+    )]
+    UnsupportedArchitecture { path: PathBuf, arch: String },
+    #[error(
+        "{}: tensor '{tensor}' is stored as {ty}, which quarry cannot compute with yet (supported: f32, f16, bf16, q8_0, q4_0); re-quantize the model with `quarry quantize`",
+        path.display()
+    )]
+    UnsupportedTensorType {
+        path: PathBuf,
+        tensor: String,
+        ty: GgmlType,
+    },
+    #[error("token id {id} is outside the vocabulary of {n_vocab} tokens")]
+    TokenOutOfRange { id: u32, n_vocab: usize },
+    #[error(
+        "the context is full: {needed} tokens needed but the context holds {capacity}; shorten the prompt or raise --ctx-size (the model supports {model_max})"
+    )]
+    ContextFull {
+        needed: usize,
+        capacity: usize,
+        model_max: usize,
+    },
+}
+
+/// A loaded model: its hyper-parameters and weights. Sequences keep their own [`KvCache`] and
+/// [`ForwardBuffers`], so one model can serve several.
+#[derive(Debug)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: ModelWeights,
+}
+
+impl Model {
+    pub fn from_gguf(file: &GgufFile) -> Result<Model, ModelError> {
+        let config = ModelConfig::from_gguf(file)?;
+        let weights = ModelWeights::from_gguf(file, &config)?;
+        Ok(Model { config, weights })
+    }
+}

@@ -1,0 +1,229 @@
+//! The model's tensors as plain structs, each borrowing its bytes from the memory-mapped GGUF file.
+
+use quarry_quantize::gguf::{GgmlType, GgufFile, GgufProblem, MappedBytes, TensorInfo};
+
+use super::ModelError;
+use super::config::{Architecture, ModelConfig};
+use crate::kernels::{self, WeightRows};
+
+/// A 2-D weight: `rows` output features of `cols` input weights each.
+#[derive(Debug)]
+pub struct Matrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    data: MappedBytes,
+}
+
+impl Matrix {
+    pub fn view(&self) -> WeightRows<'_> {
+        WeightRows {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data: &self.data,
+        }
+    }
+}
+
+/// All experts of one projection, stacked as in the GGUF `*_exps` tensors: `[n_expert][rows][cols]`.
+#[derive(Debug)]
+pub struct ExpertMatrices {
+    pub ty: GgmlType,
+    pub n_expert: usize,
+    pub rows: usize,
+    pub cols: usize,
+    data: MappedBytes,
+}
+
+impl ExpertMatrices {
+    /// One expert's matrix; the other experts' bytes are not touched.
+    pub fn expert(&self, e: usize) -> WeightRows<'_> {
+        let all = WeightRows {
+            ty: self.ty,
+            rows: self.n_expert * self.rows,
+            cols: self.cols,
+            data: &self.data,
+        };
+        all.sub_rows(e * self.rows, self.rows)
+    }
+}
+
+/// The routed experts of one layer.
+#[derive(Debug)]
+pub struct ExpertWeights {
+    /// Router, `[n_expert][n_embd]`, F32 in every file we and llama.cpp write.
+    pub router: Matrix,
+    pub gate: ExpertMatrices,
+    pub up: ExpertMatrices,
+    pub down: ExpertMatrices,
+}
+
+/// The dense SwiGLU MLP of the `granite` architecture.
+#[derive(Debug)]
+pub struct DenseMlp {
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
+}
+
+#[derive(Debug)]
+pub enum FeedForward {
+    Experts(ExpertWeights),
+    Dense(DenseMlp),
+}
+
+#[derive(Debug)]
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    pub wq: Matrix,
+    pub wk: Matrix,
+    pub wv: Matrix,
+    pub wo: Matrix,
+    pub ffn_norm: Vec<f32>,
+    pub ffn: FeedForward,
+}
+
+#[derive(Debug)]
+pub struct ModelWeights {
+    pub token_embd: Matrix,
+    /// The output head when it is not tied to the token embedding.
+    pub output: Option<Matrix>,
+    pub output_norm: Vec<f32>,
+    pub layers: Vec<LayerWeights>,
+}
+
+impl ModelWeights {
+    /// The matrix that maps the final hidden state to logits.
+    pub fn output_head(&self) -> &Matrix {
+        self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+
+    /// Finds every tensor the architecture needs and checks its shape and type against the config.
+    pub fn from_gguf(file: &GgufFile, cfg: &ModelConfig) -> Result<ModelWeights, ModelError> {
+        let loader = Loader { file };
+        let (h, v, ff) = (cfg.n_embd, cfg.n_vocab, cfg.n_ff);
+        let token_embd = loader.matrix("token_embd.weight", v, h)?;
+        let output = match file.tensor("output.weight") {
+            Some(_) => Some(loader.matrix("output.weight", v, h)?),
+            None => None,
+        };
+        let output_norm = loader.vector("output_norm.weight", h)?;
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let ffn = match cfg.arch {
+                Architecture::GraniteMoe => {
+                    let e = cfg.n_expert;
+                    FeedForward::Experts(ExpertWeights {
+                        router: loader.matrix(&n("ffn_gate_inp"), e, h)?,
+                        gate: loader.experts(&n("ffn_gate_exps"), e, ff, h)?,
+                        up: loader.experts(&n("ffn_up_exps"), e, ff, h)?,
+                        down: loader.experts(&n("ffn_down_exps"), e, h, ff)?,
+                    })
+                }
+                Architecture::Granite => FeedForward::Dense(DenseMlp {
+                    gate: loader.matrix(&n("ffn_gate"), ff, h)?,
+                    up: loader.matrix(&n("ffn_up"), ff, h)?,
+                    down: loader.matrix(&n("ffn_down"), h, ff)?,
+                }),
+            };
+            layers.push(LayerWeights {
+                attn_norm: loader.vector(&n("attn_norm"), h)?,
+                wq: loader.matrix(&n("attn_q"), cfg.n_head * cfg.head_dim, h)?,
+                wk: loader.matrix(&n("attn_k"), cfg.kv_dim(), h)?,
+                wv: loader.matrix(&n("attn_v"), cfg.kv_dim(), h)?,
+                wo: loader.matrix(&n("attn_output"), h, cfg.n_head * cfg.head_dim)?,
+                ffn_norm: loader.vector(&n("ffn_norm"), h)?,
+                ffn,
+            });
+        }
+        Ok(ModelWeights {
+            token_embd,
+            output,
+            output_norm,
+            layers,
+        })
+    }
+}
+
+struct Loader<'a> {
+    file: &'a GgufFile,
+}
+
+impl Loader<'_> {
+    fn bad(&self, msg: String) -> ModelError {
+        ModelError::Gguf(self.file.error(GgufProblem::Corrupt(msg)))
+    }
+
+    fn find(&self, name: &str, dims: &[usize]) -> Result<&TensorInfo, ModelError> {
+        let t = self
+            .file
+            .tensor(name)
+            .ok_or_else(|| self.bad(format!("missing tensor '{name}'")))?;
+        let want: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+        if t.dims != want {
+            return Err(self.bad(format!(
+                "tensor '{name}' has shape {:?}, the model's hyper-parameters need {want:?}",
+                t.dims
+            )));
+        }
+        if !kernels::supported(t.ty) {
+            return Err(ModelError::UnsupportedTensorType {
+                path: self.file.path().to_path_buf(),
+                tensor: name.to_string(),
+                ty: t.ty,
+            });
+        }
+        // Blocks are read through typed slices; every type's alignment divides 4, and offsets that are not
+        // multiples of it only come from writers that ignore the GGUF alignment rule.
+        if t.offset % 4 != 0 {
+            return Err(self.bad(format!(
+                "tensor '{name}' starts at an unaligned offset {}",
+                t.offset
+            )));
+        }
+        Ok(t)
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, ModelError> {
+        let t = self.find(name, &[cols, rows])?;
+        Ok(Matrix {
+            ty: t.ty,
+            rows,
+            cols,
+            data: self.file.tensor_data(t),
+        })
+    }
+
+    fn experts(
+        &self,
+        name: &str,
+        n_expert: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<ExpertMatrices, ModelError> {
+        let t = self.find(name, &[cols, rows, n_expert])?;
+        Ok(ExpertMatrices {
+            ty: t.ty,
+            n_expert,
+            rows,
+            cols,
+            data: self.file.tensor_data(t),
+        })
+    }
+
+    /// A norm weight, copied out as f32 (it is tiny and used in f32 arithmetic).
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        let t = self.find(name, &[len])?;
+        let m = Matrix {
+            ty: t.ty,
+            rows: 1,
+            cols: len,
+            data: self.file.tensor_data(t),
+        };
+        let mut out = vec![0.0; len];
+        m.view().dequantize_row(0, &mut out);
+        Ok(out)
+    }
+}
