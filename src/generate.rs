@@ -26,7 +26,7 @@ impl<'m> Session<'m> {
         Session {
             model,
             cache: KvCache::new(&model.config, context),
-            bufs: ForwardBuffers::new(&model.config, batch.clamp(1, context), context),
+            bufs: ForwardBuffers::new(&model.config, batch.clamp(1, context)),
             history: Vec::with_capacity(context),
         }
     }

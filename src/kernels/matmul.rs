@@ -102,6 +102,14 @@ pub struct ActivationBatch {
     q8_ready: bool,
 }
 
+/// Rows of an [`ActivationBatch`] as the kernels read them: the f32 values and, when prepared, the Q8_0 blocks.
+#[derive(Clone, Copy)]
+pub struct ActivationRows<'a> {
+    pub n: usize,
+    pub f32: &'a [f32],
+    pub q8: &'a [BlockQ8_0],
+}
+
 impl ActivationBatch {
     /// Room for `max_tokens` rows of `dim` values; nothing is allocated later.
     pub fn new(dim: usize, max_tokens: usize) -> ActivationBatch {
@@ -155,81 +163,87 @@ impl ActivationBatch {
     /// Makes the Q8_0 form current if `ty` needs it (once per batch, however many matrices use it).
     pub fn prepare_for(&mut self, ty: GgmlType, k: &Kernels) {
         if wants_q8_0(ty) && !self.q8_ready {
-            let blocks = self.dim / 32;
-            for t in 0..self.n {
-                (k.quantize_q8_0)(
-                    &self.x[t * self.dim..(t + 1) * self.dim],
-                    &mut self.q8[t * blocks..(t + 1) * blocks],
-                );
+            let (d, blocks) = (self.dim, self.dim / 32);
+            for (x, q) in self.x[..self.n * d]
+                .chunks_exact(d)
+                .zip(self.q8.chunks_exact_mut(blocks))
+            {
+                (k.quantize_q8_0)(x, q);
             }
             self.q8_ready = true;
         }
     }
 
-    fn q8_rows(&self, n: usize) -> &[BlockQ8_0] {
-        debug_assert!(self.q8_ready);
-        &self.q8[..n * (self.dim / 32)]
+    /// Rows `start..start + n` for the kernels (the Q8_0 part is empty unless prepared).
+    pub fn rows(&self, start: usize, n: usize) -> ActivationRows<'_> {
+        assert!(
+            start + n <= self.n,
+            "rows {start}..{} of a batch of {}",
+            start + n,
+            self.n
+        );
+        let blocks = self.dim / 32;
+        ActivationRows {
+            n,
+            f32: &self.x[start * self.dim..(start + n) * self.dim],
+            q8: if self.q8_ready {
+                &self.q8[start * blocks..(start + n) * blocks]
+            } else {
+                &[]
+            },
+        }
     }
 
-    /// Copies the rows `tokens` of `src` into this batch, in that order, with their quantized form if `src` had
-    /// it: the tokens routed to one expert become one contiguous batch for its matrix products.
-    pub fn gather_from(&mut self, src: &ActivationBatch, tokens: &[usize]) {
+    pub fn all_rows(&self) -> ActivationRows<'_> {
+        self.rows(0, self.n)
+    }
+
+    /// Copies the rows `tokens` of `src` into this batch after its current rows, with their quantized form if
+    /// `src` has it: the tokens routed to the experts become contiguous batches for the matrix products.
+    pub fn append_rows_from(&mut self, src: &ActivationBatch, tokens: impl Iterator<Item = usize>) {
         assert_eq!(self.dim, src.dim);
-        let (d, blocks) = (self.dim, self.dim / 32);
-        let x = self.start(tokens.len());
-        for (i, &t) in tokens.iter().enumerate() {
-            x[i * d..(i + 1) * d].copy_from_slice(&src.x[t * d..(t + 1) * d]);
+        if self.n == 0 {
+            self.q8_ready = src.q8_ready;
         }
-        if src.q8_ready {
-            for (i, &t) in tokens.iter().enumerate() {
+        assert_eq!(
+            self.q8_ready, src.q8_ready,
+            "appending rows with and without their Q8_0 form"
+        );
+        let (d, blocks) = (self.dim, self.dim / 32);
+        for t in tokens {
+            let i = self.n;
+            assert!(
+                (i + 1) * d <= self.x.len(),
+                "batch exceeds the capacity this buffer was made with"
+            );
+            self.x[i * d..(i + 1) * d].copy_from_slice(&src.x[t * d..(t + 1) * d]);
+            if src.q8_ready {
                 self.q8[i * blocks..(i + 1) * blocks]
                     .copy_from_slice(&src.q8[t * blocks..(t + 1) * blocks]);
             }
-            self.q8_ready = true;
+            self.n += 1;
         }
     }
 }
 
-/// `out[t * out_stride + r] = W[r] . x[t]` for every weight row and every token of `acts` (which must be
-/// prepared for the weight type). Each weight row is read once for all the tokens.
-pub fn matmul(
-    k: &Kernels,
-    w: &WeightRows,
-    acts: &ActivationBatch,
-    out: &mut [f32],
-    out_stride: usize,
-    scratch: &mut Vec<f32>,
-) {
-    let n = acts.len();
-    scratch.clear();
-    scratch.resize(w.rows * n, 0.0);
-    gemm_rows(k, w, acts, scratch);
-    for r in 0..w.rows {
-        for t in 0..n {
-            out[t * out_stride + r] = scratch[r * n + t];
-        }
+/// `out[r * n + t] = W[r] . x[t]` for one share of rows and all `n` activation rows: the kernel call.
+pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: &mut [f32]) {
+    debug_assert_eq!(out.len(), w.rows * acts.n);
+    if acts.n == 0 || w.rows == 0 {
+        return;
     }
-}
-
-/// `out[r * n_tokens + t] = W[r] . x[t]`: the kernel call for one share of rows.
-pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: &ActivationBatch, out: &mut [f32]) {
-    let n = acts.len();
     match w.ty {
-        GgmlType::Q8_0 => (k.gemm_q8_0)(
-            bytemuck::cast_slice(w.data),
-            acts.q8_rows(n),
-            w.cols / 32,
-            out,
-        ),
-        GgmlType::Q4_0 => (k.gemm_q4_0)(
-            bytemuck::cast_slice(w.data),
-            acts.q8_rows(n),
-            w.cols / 32,
-            out,
-        ),
-        GgmlType::F32 => (k.gemm_f32)(bytemuck::cast_slice(w.data), acts.values(), w.cols, out),
-        GgmlType::F16 => (k.gemm_f16)(bytemuck::cast_slice(w.data), acts.values(), w.cols, out),
-        GgmlType::BF16 => (k.gemm_bf16)(bytemuck::cast_slice(w.data), acts.values(), w.cols, out),
+        GgmlType::Q8_0 | GgmlType::Q4_0 => {
+            assert!(!acts.q8.is_empty(), "activations not prepared for {}", w.ty)
+        }
+        _ => {}
+    }
+    match w.ty {
+        GgmlType::Q8_0 => (k.gemm_q8_0)(bytemuck::cast_slice(w.data), acts.q8, w.cols / 32, out),
+        GgmlType::Q4_0 => (k.gemm_q4_0)(bytemuck::cast_slice(w.data), acts.q8, w.cols / 32, out),
+        GgmlType::F32 => (k.gemm_f32)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out),
+        GgmlType::F16 => (k.gemm_f16)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out),
+        GgmlType::BF16 => (k.gemm_bf16)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out),
         other => unreachable!("weight type {other} was refused at load"),
     }
 }

@@ -2,15 +2,16 @@
 //!
 //! Each weight format has a module with a plain scalar reference; SIMD versions sit beside it and are chosen
 //! once per process by CPU feature detection (or `QUARRY_KERNEL`). The model never sees which one runs: it
-//! calls [`matmul`] with a [`WeightRows`] view and an [`ActivationBatch`].
+//! hands [`WeightRows`] views and [`ActivationBatch`]es to [`parallel::parallel_gemm`].
 
 pub mod float;
 mod matmul;
 pub mod ops;
+pub mod parallel;
 pub mod q4_0;
 pub mod q8_0;
 
-pub use matmul::{ActivationBatch, WeightRows, gemm_rows, matmul, supported, wants_q8_0};
+pub use matmul::{ActivationBatch, ActivationRows, WeightRows, gemm_rows, supported, wants_q8_0};
 
 use std::sync::OnceLock;
 

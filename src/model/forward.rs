@@ -2,12 +2,18 @@
 //!
 //! Read top to bottom it is the Granite network of the reference: embed and scale, then per layer attention and
 //! the feed-forward block (routed experts or a dense MLP), each added back scaled by the residual multiplier,
-//! then the final norm and the output head divided by the logit scale.
+//! then the final norm and the output head divided by the logit scale. Matrix products run as a few parallel
+//! regions per layer (see `kernels::parallel`); everything else is cheap and runs on the calling thread.
+
+use std::cell::RefCell;
 
 use super::config::ModelConfig;
 use super::weights::{DenseMlp, ExpertWeights, FeedForward, Matrix};
 use super::{Model, ModelError};
-use crate::kernels::{self, ActivationBatch, Kernels, ops};
+use crate::kernels::parallel::{
+    GemmJob, SharedOut, parallel_gemm, parallel_items, rows_per_item, scatter_token_major,
+};
+use crate::kernels::{self, ActivationBatch, Kernels, gemm_rows, ops};
 
 /// Keys and values of every processed position, per layer and KV head: `[layer][kv_head][position][head_dim]`,
 /// so attention reads each head's history contiguously.
@@ -69,6 +75,14 @@ pub enum Logits {
     All,
 }
 
+/// The tokens one expert was chosen by in this batch: rows `first..first + len` of the gathered expert input.
+#[derive(Clone, Copy, Debug, Default)]
+struct ExpertSlot {
+    expert: usize,
+    first: usize,
+    len: usize,
+}
+
 /// Working memory of the forward pass, sized once for the largest batch; the per-token path allocates nothing.
 pub struct ForwardBuffers {
     max_batch: usize,
@@ -79,46 +93,54 @@ pub struct ForwardBuffers {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// Row-major (`[rows][batch]`) products before they are scattered token-major.
+    q_rows: Vec<f32>,
+    k_rows: Vec<f32>,
+    v_rows: Vec<f32>,
     /// Attention output per token, `[batch][n_head * head_dim]`, the input of the output projection.
     attn: ActivationBatch,
     /// Output of a projection before it is added to the residual stream, `[batch][n_embd]`.
     proj: Vec<f32>,
-    /// Scores of one head over the cached positions.
-    scores: Vec<f32>,
+    proj_rows: Vec<f32>,
     /// `(cos, sin)` per token and rotary pair.
     rope: Vec<(f32, f32)>,
     inv_freq: Vec<f32>,
-    /// Router logits, `[batch][n_expert]`, and each token's chosen experts and gate weights, `[batch][k]`.
+    /// Router logits, `[batch][n_expert]`, and each token's chosen experts with their gate weights, `[batch][k]`.
     router: Vec<f32>,
+    router_rows: Vec<f32>,
     chosen: Vec<(usize, f32)>,
-    /// For each expert, the batch rows routed to it and their gate weights.
+    /// For each expert, the batch rows routed to it with their gate weights.
     expert_tokens: Vec<Vec<(usize, f32)>>,
-    /// Token indices of one expert's group, and their normed activations gathered into one batch.
-    group: Vec<usize>,
+    /// The experts chosen by at least one token, in expert order.
+    slots: Vec<ExpertSlot>,
+    /// The normed rows of each slot's tokens, slot after slot (`[batch * k][n_embd]`).
     expert_in: ActivationBatch,
-    /// Row-major kernel output before it is scattered token-major.
-    gemm_out: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    /// One expert's down projection of its tokens, `[tokens][n_embd]`, before the gate weight is applied.
-    expert_out: Vec<f32>,
-    /// `silu(gate) * up` of one expert's (or the dense MLP's) tokens: the input of the down projection.
+    /// Per slot, row-major `[n_ff][slot tokens]`: gate projection, then `silu(gate) * up` in place; and up.
+    gate_rows: Vec<f32>,
+    up_rows: Vec<f32>,
+    /// `silu(gate) * up` token-major, the input of the down projections (`[batch * k][n_ff]`).
     hidden: ActivationBatch,
+    /// Per slot, row-major `[n_embd][slot tokens]`: the down projection before the gate weight is applied.
+    down_rows: Vec<f32>,
     /// Logits of the last position, or of every position with [`Logits::All`].
     logits: Vec<f32>,
+    logits_rows: Vec<f32>,
     /// How many times each expert's weights were read, per layer; for tests and `bench` statistics.
     pub expert_reads: Vec<Vec<u64>>,
 }
 
 impl ForwardBuffers {
-    /// Buffers for batches of up to `max_batch` tokens and a cache of `context` positions.
-    pub fn new(cfg: &ModelConfig, max_batch: usize, context: usize) -> ForwardBuffers {
+    /// Buffers for batches of up to `max_batch` tokens.
+    pub fn new(cfg: &ModelConfig, max_batch: usize) -> ForwardBuffers {
         let b = max_batch.max(1);
         let q_dim = cfg.n_head * cfg.head_dim;
         let half = cfg.head_dim / 2;
+        // HF computes the inverse frequencies in f32: 1 / theta^(2i / head_dim).
         let inv_freq = (0..half)
             .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
             .collect();
+        // Every token's k experts (the dense MLP counts as one expert per token).
+        let routed = b * cfg.n_expert_used.max(1);
         ForwardBuffers {
             max_batch: b,
             x: vec![0.0; b * cfg.n_embd],
@@ -126,22 +148,26 @@ impl ForwardBuffers {
             q: vec![0.0; b * q_dim],
             k: vec![0.0; b * cfg.kv_dim()],
             v: vec![0.0; b * cfg.kv_dim()],
+            q_rows: vec![0.0; b * q_dim],
+            k_rows: vec![0.0; b * cfg.kv_dim()],
+            v_rows: vec![0.0; b * cfg.kv_dim()],
             attn: ActivationBatch::new(q_dim, b),
             proj: vec![0.0; b * cfg.n_embd],
-            scores: vec![0.0; context],
+            proj_rows: vec![0.0; b * cfg.n_embd],
             rope: vec![(0.0, 0.0); b * half],
             inv_freq,
             router: vec![0.0; b * cfg.n_expert],
+            router_rows: vec![0.0; b * cfg.n_expert],
             chosen: vec![(0, 0.0); b * cfg.n_expert_used],
             expert_tokens: (0..cfg.n_expert).map(|_| Vec::with_capacity(b)).collect(),
-            group: Vec::with_capacity(b),
-            expert_in: ActivationBatch::new(cfg.n_embd, b),
-            gemm_out: Vec::with_capacity(b * cfg.n_embd.max(cfg.n_ff).max(q_dim).max(cfg.n_vocab)),
-            gate: vec![0.0; b * cfg.n_ff],
-            up: vec![0.0; b * cfg.n_ff],
-            expert_out: vec![0.0; b * cfg.n_embd],
-            hidden: ActivationBatch::new(cfg.n_ff, b),
+            slots: Vec::with_capacity(cfg.n_expert),
+            expert_in: ActivationBatch::new(cfg.n_embd, routed),
+            gate_rows: vec![0.0; routed * cfg.n_ff],
+            up_rows: vec![0.0; routed * cfg.n_ff],
+            hidden: ActivationBatch::new(cfg.n_ff, routed),
+            down_rows: vec![0.0; routed * cfg.n_embd],
             logits: vec![0.0; cfg.n_vocab],
+            logits_rows: vec![0.0; cfg.n_vocab],
             expert_reads: vec![vec![0; cfg.n_expert]; cfg.n_layer],
         }
     }
@@ -154,6 +180,11 @@ impl ForwardBuffers {
     pub fn last_logits(&self, n_vocab: usize) -> &[f32] {
         &self.logits[..n_vocab]
     }
+}
+
+thread_local! {
+    /// Attention scores of one head, per worker thread; grows to the longest context seen, then stays.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Model {
@@ -188,10 +219,6 @@ impl Model {
                 n_vocab: cfg.n_vocab,
             });
         }
-        if bufs.scores.len() < cache.capacity {
-            // A cache larger than the buffers were made for: grow once, before the per-token work.
-            bufs.scores.resize(cache.capacity, 0.0);
-        }
         let h = cfg.n_embd;
 
         // Token embeddings, times Granite's embedding multiplier.
@@ -213,7 +240,7 @@ impl Model {
         }
 
         for (il, layer) in self.weights.layers.iter().enumerate() {
-            // Attention block.
+            // Attention block: x += Wo(attention(rope(Wq h), rope(Wk h), Wv h)) * residual_multiplier.
             rms_norm_batch(
                 &bufs.x[..n * h],
                 &layer.attn_norm,
@@ -221,34 +248,14 @@ impl Model {
                 &mut bufs.normed,
                 n,
             );
-            project(
-                k,
-                &layer.wq,
-                &mut bufs.normed,
-                &mut bufs.q,
-                &mut bufs.gemm_out,
-            );
-            project(
-                k,
-                &layer.wk,
-                &mut bufs.normed,
-                &mut bufs.k,
-                &mut bufs.gemm_out,
-            );
-            project(
-                k,
-                &layer.wv,
-                &mut bufs.normed,
-                &mut bufs.v,
-                &mut bufs.gemm_out,
-            );
+            self.project_qkv(k, il, bufs);
             self.attention(k, il, n, pos0, cache, bufs);
             project(
                 k,
                 &layer.wo,
                 &mut bufs.attn,
+                &mut bufs.proj_rows,
                 &mut bufs.proj,
-                &mut bufs.gemm_out,
             );
             add_scaled(
                 &mut bufs.x[..n * h],
@@ -256,7 +263,7 @@ impl Model {
                 cfg.residual_scale,
             );
 
-            // Feed-forward block.
+            // Feed-forward block: x += ffn(h) * residual_multiplier.
             rms_norm_batch(
                 &bufs.x[..n * h],
                 &layer.ffn_norm,
@@ -283,7 +290,6 @@ impl Model {
             Logits::All => 0..n,
         };
         let m = rows.len();
-        let out = self.weights.output_head();
         let normed = bufs.normed.start(m);
         for (i, t) in rows.enumerate() {
             ops::rms_norm(
@@ -297,21 +303,53 @@ impl Model {
         if bufs.logits.len() < m * v {
             // Only `Logits::All` gets here, which is never on the generation path.
             bufs.logits.resize(m * v, 0.0);
+            bufs.logits_rows.resize(m * v, 0.0);
         }
         project(
             k,
-            out,
+            self.weights.output_head(),
             &mut bufs.normed,
-            &mut bufs.logits[..m * v],
-            &mut bufs.gemm_out,
+            &mut bufs.logits_rows,
+            &mut bufs.logits,
         );
         let inv = 1.0 / cfg.logit_scale;
         bufs.logits[..m * v].iter_mut().for_each(|l| *l *= inv);
         Ok(&bufs.logits[..m * v])
     }
 
+    /// Q, K and V of the normed batch, as one parallel region.
+    fn project_qkv(&self, k: &Kernels, layer: usize, bufs: &mut ForwardBuffers) {
+        let l = &self.weights.layers[layer];
+        let n = bufs.normed.len();
+        bufs.normed.prepare_for(l.wq.ty, k);
+        bufs.normed.prepare_for(l.wk.ty, k);
+        bufs.normed.prepare_for(l.wv.ty, k);
+        let acts = bufs.normed.all_rows();
+        let jobs = [
+            GemmJob {
+                w: l.wq.view(),
+                acts,
+                out: SharedOut::new(&mut bufs.q_rows[..l.wq.rows * n]),
+            },
+            GemmJob {
+                w: l.wk.view(),
+                acts,
+                out: SharedOut::new(&mut bufs.k_rows[..l.wk.rows * n]),
+            },
+            GemmJob {
+                w: l.wv.view(),
+                acts,
+                out: SharedOut::new(&mut bufs.v_rows[..l.wv.rows * n]),
+            },
+        ];
+        parallel_gemm(k, &jobs);
+        scatter_token_major(&bufs.q_rows, l.wq.rows, n, &mut bufs.q, l.wq.rows);
+        scatter_token_major(&bufs.k_rows, l.wk.rows, n, &mut bufs.k, l.wk.rows);
+        scatter_token_major(&bufs.v_rows, l.wv.rows, n, &mut bufs.v, l.wv.rows);
+    }
+
     /// Causal grouped-query attention of the batch: RoPE on q and k, k and v appended to the cache, then each
-    /// query head attends over its KV head's positions up to its own.
+    /// query head attends over its KV head's positions up to its own (one parallel region over tokens x heads).
     fn attention(
         &self,
         k: &Kernels,
@@ -336,34 +374,41 @@ impl Model {
                 cache.v[at..at + hd].copy_from_slice(&bufs.v[src..src + hd]);
             }
         }
-        let out = bufs.attn.start(n);
-        for t in 0..n {
+        let cache = &*cache;
+        let q = &bufs.q;
+        let out = SharedOut::new(bufs.attn.start(n));
+        parallel_items(n * cfg.n_head, |item| {
+            let (t, head) = (item / cfg.n_head, item % cfg.n_head);
             let len = pos0 + t + 1;
-            for head in 0..cfg.n_head {
-                let kvh = head / group;
-                let q = &bufs.q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
-                let base = cache.offset(layer, kvh, 0);
-                let keys = &cache.k[base..base + len * hd];
-                let scores = &mut bufs.scores[..len];
+            let base = cache.offset(layer, head / group, 0);
+            let keys = &cache.k[base..base + len * hd];
+            let values = &cache.v[base..base + len * hd];
+            let q = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
+            // SAFETY: item (t, head) owns exactly this head's output slice of token t.
+            let o = unsafe { out.range_mut(t * q_dim + head * hd, hd) };
+            SCORES.with_borrow_mut(|scores| {
+                if scores.len() < len {
+                    scores.resize(cache.capacity.max(len), 0.0);
+                }
+                let scores = &mut scores[..len];
                 for (s, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
                     *s = (k.dot_f32)(q, key) * cfg.attention_scale;
                 }
                 ops::softmax(scores);
-                let o = &mut out[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
                 o.fill(0.0);
-                let values = &cache.v[base..base + len * hd];
                 for (&p, value) in scores.iter().zip(values.chunks_exact(hd)) {
                     for (acc, &x) in o.iter_mut().zip(value) {
                         *acc += p * x;
                     }
                 }
-            }
-        }
+            });
+        });
     }
 
     /// The routed experts: each token picks its top-k experts by router logit, weighted by the softmax over just
-    /// those k logits. Tokens are grouped by expert so that each chosen expert's weights are read once per batch,
-    /// and experts no token chose are never touched.
+    /// those k logits. Tokens are grouped by expert so that each chosen expert's weights are read once per batch
+    /// (one parallel region for all gate/up products, one for all down products); experts no token chose are
+    /// never touched.
     fn moe(
         &self,
         k: &Kernels,
@@ -378,8 +423,8 @@ impl Model {
             k,
             &experts.router,
             &mut bufs.normed,
+            &mut bufs.router_rows,
             &mut bufs.router,
-            &mut bufs.gemm_out,
         );
         for list in bufs.expert_tokens.iter_mut() {
             list.clear();
@@ -391,68 +436,110 @@ impl Model {
                 bufs.expert_tokens[e].push((t, w));
             }
         }
-        // Every expert reads the same normed input; quantize it once for the expert weight type.
+
+        // Gather each chosen expert's tokens into one contiguous batch, quantized once for the expert weights.
         bufs.normed.prepare_for(experts.gate.ty, k);
         bufs.normed.prepare_for(experts.up.ty, k);
-        bufs.proj[..n * h].fill(0.0);
-        for e in 0..e_count {
-            if bufs.expert_tokens[e].is_empty() {
+        bufs.slots.clear();
+        bufs.expert_in.start(0);
+        for (e, routed) in bufs.expert_tokens.iter().enumerate() {
+            if routed.is_empty() {
                 continue;
             }
             bufs.expert_reads[layer][e] += 1;
-            let m = bufs.expert_tokens[e].len();
-            bufs.group.clear();
-            bufs.group
-                .extend(bufs.expert_tokens[e].iter().map(|&(t, _)| t));
-            bufs.expert_in.gather_from(&bufs.normed, &bufs.group);
-            let (gate_w, up_w, down_w) = (
-                experts.gate.expert(e),
-                experts.up.expert(e),
-                experts.down.expert(e),
-            );
-            bufs.expert_in.prepare_for(gate_w.ty, k);
-            bufs.expert_in.prepare_for(up_w.ty, k);
-            kernels::matmul(
-                k,
-                &gate_w,
-                &bufs.expert_in,
-                &mut bufs.gate,
-                ff,
-                &mut bufs.gemm_out,
-            );
-            kernels::matmul(
-                k,
-                &up_w,
-                &bufs.expert_in,
-                &mut bufs.up,
-                ff,
-                &mut bufs.gemm_out,
-            );
-            let hidden = bufs.hidden.start(m);
-            hidden.copy_from_slice(&bufs.gate[..m * ff]);
-            ops::silu_mul(hidden, &bufs.up[..m * ff]);
-            bufs.hidden.prepare_for(down_w.ty, k);
-            kernels::matmul(
-                k,
-                &down_w,
-                &bufs.hidden,
-                &mut bufs.expert_out,
-                h,
-                &mut bufs.gemm_out,
-            );
-            for (i, &(t, w)) in bufs.expert_tokens[e].iter().enumerate() {
-                add_scaled(
-                    &mut bufs.proj[t * h..(t + 1) * h],
-                    &bufs.expert_out[i * h..(i + 1) * h],
-                    w,
+            bufs.slots.push(ExpertSlot {
+                expert: e,
+                first: bufs.expert_in.len(),
+                len: routed.len(),
+            });
+            bufs.expert_in
+                .append_rows_from(&bufs.normed, routed.iter().map(|&(t, _)| t));
+        }
+
+        // Region 1: gate and up rows of every chosen expert, combined as silu(gate) * up.
+        let slots = &bufs.slots;
+        let chunk = rows_per_item(ff, n);
+        let per_slot = ff.div_ceil(chunk);
+        {
+            let expert_in = &bufs.expert_in;
+            let gate_out = SharedOut::new(&mut bufs.gate_rows);
+            let up_out = SharedOut::new(&mut bufs.up_rows);
+            parallel_items(slots.len() * per_slot, |item| {
+                let slot = slots[item / per_slot];
+                let r0 = (item % per_slot) * chunk;
+                let rows = chunk.min(ff - r0);
+                let acts = expert_in.rows(slot.first, slot.len);
+                let at = slot.first * ff + r0 * slot.len;
+                // SAFETY: slot s owns gate/up rows [first * ff, (first + len) * ff); this item owns rows r0..r0+rows
+                // of it. Items partition those ranges.
+                let (gate, up) = unsafe {
+                    (
+                        gate_out.range_mut(at, rows * slot.len),
+                        up_out.range_mut(at, rows * slot.len),
+                    )
+                };
+                gemm_rows(
+                    k,
+                    &experts.gate.expert(slot.expert).sub_rows(r0, rows),
+                    acts,
+                    gate,
                 );
+                gemm_rows(
+                    k,
+                    &experts.up.expert(slot.expert).sub_rows(r0, rows),
+                    acts,
+                    up,
+                );
+                ops::silu_mul(gate, up);
+            });
+        }
+
+        // The down projections read silu(gate) * up token-major, quantized.
+        let hidden = bufs.hidden.start(bufs.expert_in.len());
+        for slot in slots {
+            let src = &bufs.gate_rows[slot.first * ff..(slot.first + slot.len) * ff];
+            scatter_token_major(src, ff, slot.len, &mut hidden[slot.first * ff..], ff);
+        }
+        bufs.hidden.prepare_for(experts.down.ty, k);
+
+        // Region 2: down rows of every chosen expert.
+        let chunk = rows_per_item(h, n);
+        let per_slot = h.div_ceil(chunk);
+        {
+            let hidden = &bufs.hidden;
+            let down_out = SharedOut::new(&mut bufs.down_rows);
+            parallel_items(slots.len() * per_slot, |item| {
+                let slot = slots[item / per_slot];
+                let r0 = (item % per_slot) * chunk;
+                let rows = chunk.min(h - r0);
+                // SAFETY: as above, over the down rows [first * h, (first + len) * h).
+                let out =
+                    unsafe { down_out.range_mut(slot.first * h + r0 * slot.len, rows * slot.len) };
+                gemm_rows(
+                    k,
+                    &experts.down.expert(slot.expert).sub_rows(r0, rows),
+                    hidden.rows(slot.first, slot.len),
+                    out,
+                );
+            });
+        }
+
+        // Each token's output: its experts' down projections weighted by their gates.
+        bufs.proj[..n * h].fill(0.0);
+        for slot in slots {
+            let down = &bufs.down_rows[slot.first * h..(slot.first + slot.len) * h];
+            for (i, &(t, w)) in bufs.expert_tokens[slot.expert].iter().enumerate() {
+                let out = &mut bufs.proj[t * h..(t + 1) * h];
+                for (r, o) in out.iter_mut().enumerate() {
+                    *o += w * down[r * slot.len + i];
+                }
             }
         }
     }
 }
 
 /// Picks the `chosen.len()` largest router logits (the lower expert index first on ties) and writes
-/// `(expert, gate weight)` pairs with the weights the softmax over the chosen logits only.
+/// `(expert, gate weight)` pairs, the weights being the softmax over the chosen logits only.
 pub fn route_top_k(logits: &[f32], chosen: &mut [(usize, f32)]) {
     let k = chosen.len();
     for slot in 0..k {
@@ -479,45 +566,54 @@ pub fn route_top_k(logits: &[f32], chosen: &mut [(usize, f32)]) {
     }
 }
 
-/// The dense SwiGLU MLP of the `granite` architecture, over the whole batch.
+/// The dense SwiGLU MLP of the `granite` architecture, over the whole batch: down(silu(gate h) * up h).
 fn dense_mlp(k: &Kernels, mlp: &DenseMlp, n: usize, bufs: &mut ForwardBuffers) {
     let ff = mlp.gate.rows;
-    project(
-        k,
-        &mlp.gate,
-        &mut bufs.normed,
-        &mut bufs.gate,
-        &mut bufs.gemm_out,
-    );
-    project(
-        k,
-        &mlp.up,
-        &mut bufs.normed,
-        &mut bufs.up,
-        &mut bufs.gemm_out,
-    );
+    bufs.normed.prepare_for(mlp.gate.ty, k);
+    bufs.normed.prepare_for(mlp.up.ty, k);
+    let acts = bufs.normed.all_rows();
+    let jobs = [
+        GemmJob {
+            w: mlp.gate.view(),
+            acts,
+            out: SharedOut::new(&mut bufs.gate_rows[..ff * n]),
+        },
+        GemmJob {
+            w: mlp.up.view(),
+            acts,
+            out: SharedOut::new(&mut bufs.up_rows[..ff * n]),
+        },
+    ];
+    parallel_gemm(k, &jobs);
+    ops::silu_mul(&mut bufs.gate_rows[..ff * n], &bufs.up_rows[..ff * n]);
     let hidden = bufs.hidden.start(n);
-    hidden.copy_from_slice(&bufs.gate[..n * ff]);
-    ops::silu_mul(hidden, &bufs.up[..n * ff]);
+    scatter_token_major(&bufs.gate_rows, ff, n, hidden, ff);
     project(
         k,
         &mlp.down,
         &mut bufs.hidden,
+        &mut bufs.proj_rows,
         &mut bufs.proj,
-        &mut bufs.gemm_out,
     );
 }
 
-/// `out[t] = W . input[t]` for every token of the batch.
+/// `out[t] = W . input[t]` for every token of the batch, as one parallel region (`rows` is scratch).
 fn project(
     k: &Kernels,
     w: &Matrix,
     input: &mut ActivationBatch,
+    rows: &mut [f32],
     out: &mut [f32],
-    scratch: &mut Vec<f32>,
 ) {
     input.prepare_for(w.ty, k);
-    kernels::matmul(k, &w.view(), input, out, w.rows, scratch);
+    let n = input.len();
+    let job = GemmJob {
+        w: w.view(),
+        acts: input.all_rows(),
+        out: SharedOut::new(&mut rows[..w.rows * n]),
+    };
+    parallel_gemm(k, std::slice::from_ref(&job));
+    scatter_token_major(rows, w.rows, n, out, w.rows);
 }
 
 fn rms_norm_batch(x: &[f32], weight: &[f32], eps: f32, out: &mut ActivationBatch, n: usize) {
