@@ -7,6 +7,7 @@ pub mod kernels;
 pub mod model;
 
 pub use quarry_quantize::gguf;
+pub mod bench;
 pub mod engine;
 pub mod generate;
 pub mod npy;

@@ -1,5 +1,6 @@
 //! Subcommands: one module each, holding its clap arguments and a `run` that calls the library.
 
+mod bench;
 mod common;
 mod info;
 mod logits;
@@ -23,12 +24,15 @@ pub enum Command {
     Info(info::Args),
     /// Write the logits of every prompt position to a .npy file.
     Logits(logits::Args),
+    /// Measure prompt and generation speed like llama-bench (same JSON records with -o json).
+    Bench(bench::Args),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Quantize(a) => quantize::run(a),
         Command::Info(a) => info::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Logits(a) => {
             common::init_threads(a.model.threads)?;
             logits::run(a)

@@ -1,0 +1,178 @@
+//! `quarry bench MODEL -p 512 -n 128 -t 1,2 -r 3 [-o json]`: speed in llama-bench's terms and output formats.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use quarry::bench::{BenchResult, run_test};
+use quarry::engine::Engine;
+use serde_json::json;
+
+use super::info::human_bytes;
+
+/// Measure prompt processing (pp) and generation (tg) speed like llama-bench, whose output formats it shares.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A GGUF model file.
+    #[arg(value_name = "MODEL")]
+    pub model: PathBuf,
+    /// Prompt lengths to test, comma-separated (0 skips the prompt test).
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    pub n_prompt: Vec<usize>,
+    /// Generation lengths to test, comma-separated (0 skips the generation test).
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    pub n_gen: Vec<usize>,
+    /// Thread counts to test, comma-separated (default: all cores).
+    #[arg(short = 't', long = "threads", value_delimiter = ',')]
+    pub threads: Vec<usize>,
+    /// Repetitions of each test (after one warm-up run).
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    pub reps: usize,
+    /// Prompt tokens per forward pass.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    pub batch: usize,
+    /// Output format: md (a table, default) or json (llama-bench's JSON array of records).
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = BenchFormat::Md)]
+    pub output: BenchFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchFormat {
+    Md,
+    Json,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let engine = Engine::open(&args.model)?;
+    let model = &engine.model;
+    let threads = if args.threads.is_empty() {
+        vec![std::thread::available_parallelism().map_or(1, |n| n.get())]
+    } else {
+        args.threads.clone()
+    };
+    let model_size: u64 = engine.file.tensors().iter().map(|t| t.size).sum();
+    let n_params: u64 = engine.file.tensors().iter().map(|t| t.n_elements()).sum();
+    let model_type = format!(
+        "{} {} {}",
+        model.config.arch.gguf_name(),
+        size_label(n_params),
+        file_type_name(&engine)
+    );
+    let kernels = quarry::kernels::selected().name;
+    let mut results: Vec<BenchResult> = Vec::new();
+    if args.output == BenchFormat::Md {
+        println!("| model | size | params | backend | threads | test | t/s |");
+        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+    }
+    for &t in &threads {
+        anyhow::ensure!(t > 0, "thread counts must be at least 1");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .context("starting worker threads")?;
+        let tests = args
+            .n_prompt
+            .iter()
+            .filter(|&&p| p > 0)
+            .map(|&p| (p, 0))
+            .chain(args.n_gen.iter().filter(|&&g| g > 0).map(|&g| (0, g)));
+        for (p, g) in tests {
+            let r = pool.install(|| run_test(model, p, g, args.batch, args.reps))?;
+            if args.output == BenchFormat::Md {
+                println!(
+                    "| {model_type} | {} | {:.2} B | CPU ({kernels}) | {t} | {} | {:.2} ± {:.2} |",
+                    human_bytes(model_size),
+                    n_params as f64 / 1e9,
+                    r.test_name(),
+                    r.avg_ts(),
+                    r.stddev_ts()
+                );
+            }
+            results.push(r);
+        }
+    }
+    if args.output == BenchFormat::Json {
+        let records: Vec<_> = results
+            .iter()
+            .map(|r| {
+                json!({
+                    "build_commit": env!("CARGO_PKG_VERSION"),
+                    "build_number": 0,
+                    "cpu_info": cpu_name(),
+                    "gpu_info": "",
+                    "backends": format!("CPU ({kernels})"),
+                    "model_filename": args.model,
+                    "model_type": model_type,
+                    "model_size": model_size,
+                    "model_n_params": n_params,
+                    "n_batch": r.n_batch,
+                    "n_ubatch": r.n_batch,
+                    "n_threads": r.n_threads,
+                    "type_k": "f32",
+                    "type_v": "f32",
+                    "n_gpu_layers": 0,
+                    "use_mmap": true,
+                    "n_prompt": r.n_prompt,
+                    "n_gen": r.n_gen,
+                    "avg_ns": r.avg_ns() as u64,
+                    "stddev_ns": r.stddev_ns() as u64,
+                    "avg_ts": r.avg_ts(),
+                    "stddev_ts": r.stddev_ts(),
+                    "samples_ns": r.samples_ns,
+                    "samples_ts": r.samples_ts(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&records)?);
+    }
+    Ok(())
+}
+
+/// "1B", "3B", "350M": llama.cpp's coarse size label from the parameter count.
+fn size_label(n: u64) -> String {
+    if n >= 1_000_000_000 {
+        format!("{}B", (n as f64 / 1e9).round().max(1.0))
+    } else {
+        format!("{}M", (n as f64 / 1e6).round())
+    }
+}
+
+/// The file's declared quantization (`general.file_type`), in llama.cpp's spelling.
+fn file_type_name(engine: &Engine) -> &'static str {
+    match engine
+        .file
+        .get("general.file_type")
+        .and_then(|v| v.as_u64())
+    {
+        Some(0) => "all F32",
+        Some(1) => "F16",
+        Some(2) => "Q4_0",
+        Some(3) => "Q4_1",
+        Some(7) => "Q8_0",
+        Some(15) => "Q4_K - Medium",
+        Some(18) => "Q6_K",
+        Some(32) => "BF16",
+        _ => "?",
+    }
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default()
+}
