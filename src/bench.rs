@@ -93,7 +93,7 @@ pub fn run_test(
     reps: usize,
 ) -> Result<BenchResult, ModelError> {
     let mut session = Session::new(model, (n_prompt + n_gen).max(1), batch.max(1));
-    let mut rng = Rng::new(0x6265_6e63_68);
+    let mut rng = Rng::new(0x0062_656e_6368);
     let vocab = model.config.n_vocab as u64;
     let mut tokens: Vec<u32> = Vec::with_capacity(n_prompt.max(n_gen));
     let one =
