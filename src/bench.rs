@@ -123,3 +123,54 @@ pub fn run_test(
         samples_ns,
     })
 }
+
+/// Weight bytes one decode step reads: every attention and router matrix, the chosen experts' share of the
+/// expert tensors (k of E), the dense MLP if any, and the output head. The embedding row is negligible.
+pub fn weight_bytes_per_token(model: &Model) -> u64 {
+    use crate::model::FeedForward;
+    let w = &model.weights;
+    let bytes = |m: &crate::model::Matrix| m.view().data.len() as u64;
+    let mut total = bytes(w.output_head());
+    for l in &w.layers {
+        total += bytes(&l.wq) + bytes(&l.wk) + bytes(&l.wv) + bytes(&l.wo);
+        match &l.ffn {
+            FeedForward::Experts(e) => {
+                let per_expert = |m: &crate::model::ExpertMatrices| m.expert(0).data.len() as u64;
+                total += bytes(&e.router);
+                total += model.config.n_expert_used as u64
+                    * (per_expert(&e.gate) + per_expert(&e.up) + per_expert(&e.down));
+            }
+            FeedForward::Dense(d) => total += bytes(&d.gate) + bytes(&d.up) + bytes(&d.down),
+        }
+    }
+    total
+}
+
+/// Memory read bandwidth of this machine with the current rayon pool's threads, in bytes per second: the best of
+/// several passes summing a buffer far larger than any cache. It is the ceiling decode speed is measured against.
+pub fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    const LEN: usize = 512 << 20;
+    let words = LEN / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let chunk = words / (rayon::current_num_threads() * 16).max(1);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let sum: u64 = buf
+            .par_chunks(chunk)
+            .map(|c| {
+                c.chunks_exact(8).fold([0u64; 8], |mut acc, w| {
+                    for i in 0..8 {
+                        acc[i] = acc[i].wrapping_add(w[i]);
+                    }
+                    acc
+                })
+            })
+            .map(|acc| acc.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    LEN as f64 / best
+}

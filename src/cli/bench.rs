@@ -40,6 +40,10 @@ pub struct Args {
     /// Prompt tokens per forward pass.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch: usize,
+    /// Also measure memory read bandwidth and print the decode ceiling it implies (bandwidth / weight bytes read
+    /// per token).
+    #[arg(long)]
+    pub bandwidth: bool,
     /// Output format: md (a table, default) or json (llama-bench's JSON array of records).
     #[arg(short = 'o', long = "output", value_enum, default_value_t = BenchFormat::Md)]
     pub output: BenchFormat,
@@ -98,6 +102,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
             results.push(r);
+        }
+        if args.bandwidth {
+            let bw = pool.install(quarry::bench::read_bandwidth);
+            let per_token = quarry::bench::weight_bytes_per_token(model);
+            eprintln!(
+                "threads {t}: memory read bandwidth {:.1} GB/s; {} of weights per token -> decode ceiling {:.1} tok/s",
+                bw / 1e9,
+                human_bytes(per_token),
+                bw / per_token as f64
+            );
         }
     }
     if args.output == BenchFormat::Json {
