@@ -3,6 +3,8 @@
 //! * [`gguf`]: the GGUF container, read (zero-copy over a memory map) and written (streamed).
 //! * [`blocks`]: the ggml block formats (Q8_0, Q4_0, ...): one struct per format with its reference quantizer.
 //! * [`safetensors`]: reading Hugging Face checkpoints (single file or shards; bf16, f16, f32).
+//! * [`hf`]: the checked `config.json` of a Granite checkpoint.
 //! * [`convert`]: the Granite checkpoint -> GGUF conversion.
 
+pub mod blocks;
 pub mod gguf;
