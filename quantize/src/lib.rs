@@ -7,4 +7,9 @@
 //! * [`convert`]: the Granite checkpoint -> GGUF conversion.
 
 pub mod blocks;
+pub mod error;
 pub mod gguf;
+pub mod hf;
+pub mod safetensors;
+
+pub use error::ConvertError;
