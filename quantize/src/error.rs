@@ -56,6 +56,9 @@ pub enum ConvertError {
 
     #[error("{}: cannot write the output: {source}", path.display())]
     Write { path: PathBuf, source: io::Error },
+
+    #[error("cannot start {threads} worker threads ({problem}); try a smaller --threads")]
+    Threads { threads: usize, problem: String },
 }
 
 impl ConvertError {

@@ -7,9 +7,11 @@
 //! * [`convert`]: the Granite checkpoint -> GGUF conversion.
 
 pub mod blocks;
+pub mod convert;
 pub mod error;
 pub mod gguf;
 pub mod hf;
 pub mod safetensors;
 
+pub use convert::{ConvertOptions, ConvertReport, TargetType, TensorReport, convert};
 pub use error::ConvertError;
