@@ -81,3 +81,97 @@ pub fn parse_npy_f32(bytes: &[u8]) -> Result<Npy, String> {
         .collect();
     Ok(Npy { shape, values })
 }
+
+/// One tensor of a safetensors file, raw: (name, dtype, shape, bytes).
+pub type RawTensor = (String, String, Vec<usize>, Vec<u8>);
+
+/// Reads every tensor of a safetensors file, in data order. Written here, independently of the converter's
+/// reader, so the tests do not check the converter against itself.
+pub fn read_safetensors(path: &Path) -> Vec<RawTensor> {
+    let bytes = std::fs::read(path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let data = &bytes[8 + header_len..];
+    let mut tensors: Vec<(usize, RawTensor)> = header
+        .iter()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .map(|(name, info)| {
+            let offsets: Vec<usize> = serde_json::from_value(info["data_offsets"].clone()).unwrap();
+            let shape: Vec<usize> = serde_json::from_value(info["shape"].clone()).unwrap();
+            let dtype = info["dtype"].as_str().unwrap().to_string();
+            (
+                offsets[0],
+                (
+                    name.clone(),
+                    dtype,
+                    shape,
+                    data[offsets[0]..offsets[1]].to_vec(),
+                ),
+            )
+        })
+        .collect();
+    tensors.sort_by_key(|(offset, _)| *offset);
+    tensors.into_iter().map(|(_, t)| t).collect()
+}
+
+/// Writes a safetensors file holding `tensors` in order.
+pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let header = serde_json::Value::Object(header).to_string();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    for (_, _, _, bytes) in tensors {
+        out.extend_from_slice(bytes);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// A raw tensor's values in f32 (BF16, F16 or F32 data).
+pub fn raw_to_f32(dtype: &str, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        "F32" => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        "BF16" => bytes
+            .chunks_exact(2)
+            .map(|b| f32::from_bits((u32::from(u16::from_le_bytes([b[0], b[1]]))) << 16))
+            .collect(),
+        "F16" => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => panic!("dtype {other}"),
+    }
+}
+
+/// Copies the files of a fixture folder into a fresh temporary folder that a test may change.
+pub fn copy_fixture(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    dir
+}
+
+/// Every file left in a folder, for "nothing was written" checks.
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
