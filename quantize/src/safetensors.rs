@@ -62,6 +62,9 @@ pub struct TensorView<'a> {
     /// Torch order: the last dimension is contiguous.
     pub shape: &'a [usize],
     bytes: &'a [u8],
+    map: &'a Mmap,
+    /// Offset of `bytes` in `map`.
+    offset: usize,
 }
 
 impl Checkpoint {
@@ -190,9 +193,10 @@ impl Checkpoint {
         };
         // The crate checked that the offsets tile the data section, which ends exactly at the end of the file.
         let (start, end) = info.data_offsets;
+        let offset = shard.data_start + start;
         let bytes = shard
             .map
-            .get(shard.data_start + start..shard.data_start + end)
+            .get(offset..shard.data_start + end)
             .ok_or_else(|| shard.corrupt(format!("tensor '{name}' lies outside the file")))?;
         Ok(TensorView {
             name,
@@ -200,6 +204,8 @@ impl Checkpoint {
             dtype,
             shape: &info.shape,
             bytes,
+            map: &shard.map,
+            offset,
         })
     }
 
@@ -346,6 +352,28 @@ impl TensorView<'_> {
                 }
             }
         }
+    }
+
+    /// Drops the mapped pages of rows already converted from this process's memory (the page cache keeps them;
+    /// a later read faults them back in from the file). Without this every page of the checkpoint stays mapped
+    /// until the end, and the converter's resident size grows to the checkpoint's size. Best effort.
+    pub fn release_rows(&self, first_row: usize, n_rows: usize) {
+        #[cfg(unix)]
+        {
+            let row_bytes = self.row_len() * self.dtype.bytes();
+            let start = self.offset + first_row * row_bytes;
+            let len =
+                (n_rows * row_bytes).min(self.bytes.len().saturating_sub(first_row * row_bytes));
+            // SAFETY: the map is a read-only shared mapping of a file nobody writes while we convert; dropping its
+            // pages only makes the next access read the same bytes from the file again, so no reference into it
+            // can observe a change. The range lies inside the map (checked by `get` when the view was made).
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (first_row, n_rows);
     }
 
     /// The whole tensor in f32. Meant for small tensors (norms, routers) and tests; the converter streams large

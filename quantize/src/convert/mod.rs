@@ -287,10 +287,13 @@ fn write_tensor<W: Write>(
                 None => &values,
             };
             writer.write_data(encoder.encode(chunk, row_len))?;
+            source.release_rows(first, rows);
             bar.inc(chunk.len() as u64);
             first += rows;
         }
     }
+    // The kernel maps a few pages around each fault, some outside the rows just released; drop them too.
+    source.release_rows(0, source.n_rows());
     Ok(())
 }
 
