@@ -4,7 +4,8 @@
 //! * [`blocks`]: the ggml block formats (Q8_0, Q4_0, ...): one struct per format with its reference quantizer.
 //! * [`safetensors`]: reading Hugging Face checkpoints (single file or shards; bf16, f16, f32).
 //! * [`hf`]: the checked `config.json` of a Granite checkpoint.
-//! * [`convert`]: the Granite checkpoint -> GGUF conversion.
+//! * [`convert`](mod@convert): the Granite checkpoint -> GGUF conversion ([`convert()`], [`ConvertOptions`], [`ConvertReport`]).
+//! * [`error`]: [`ConvertError`], the one error type of all of the above except the GGUF reader's own.
 
 pub mod blocks;
 pub mod convert;

@@ -19,28 +19,30 @@ const MODELS: [&str; 4] = [
 ];
 
 struct Converted {
-    dir: tempfile::TempDir,
+    /// Keeps the output folder of [`convert_to`] alive.
+    _dir: Option<tempfile::TempDir>,
     file: GgufFile,
     report: ConvertReport,
 }
 
+/// Converts, checks the output folder holds the file and no `.part`, and opens the file.
 fn convert_with(options: ConvertOptions) -> Converted {
-    let dir = options.output.parent().unwrap().to_path_buf();
     let report = convert(&options).unwrap_or_else(|e| panic!("{}: {e}", options.input.display()));
+    let files = support::files_in(options.output.parent().unwrap());
     let name = options
         .output
         .file_name()
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    assert!(support::files_in(&dir).contains(&name));
+    assert!(files.contains(&name), "{files:?}");
     assert!(
-        !support::files_in(&dir).iter().any(|f| f.ends_with(".part")),
-        "a .part file was left"
+        !files.iter().any(|f| f.ends_with(".part")),
+        "a .part file was left: {files:?}"
     );
     let file = GgufFile::open(&options.output).unwrap();
     Converted {
-        dir: tempfile::tempdir().unwrap(),
+        _dir: None,
         file,
         report,
     }
@@ -48,10 +50,15 @@ fn convert_with(options: ConvertOptions) -> Converted {
 
 fn convert_to(src: &Path, target: TargetType) -> Converted {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.gguf");
-    let mut converted = convert_with(ConvertOptions::new(src, &out, target));
-    converted.dir = dir;
-    converted
+    let converted = convert_with(ConvertOptions::new(
+        src,
+        dir.path().join("out.gguf"),
+        target,
+    ));
+    Converted {
+        _dir: Some(dir),
+        ..converted
+    }
 }
 
 fn model_dir(name: &str) -> PathBuf {

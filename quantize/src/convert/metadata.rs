@@ -84,7 +84,7 @@ pub fn build(
 }
 
 /// `general.size_label` as gguf-py computes it: total weights rounded to at least two significant digits with a
-/// K/M/B/T suffix; for MoE `"{experts}x{shared + one expert's weights}"` (e.g. `32x1.6B`... or `8x1.6M`).
+/// K/M/B/T suffix; for MoE `"{experts}x{shared weights + one expert's}"`, e.g. `8x1.6M`.
 pub fn size_label(config: &HfConfig, tensors: &[PlannedTensor]) -> String {
     let experts = config.moe.map_or(0, |m| m.num_local_experts as u64);
     let (mut shared, mut per_expert) = (0u64, 0u64);

@@ -20,11 +20,13 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use metadata::QUANTIZATION_VERSION;
-pub use plan::{PlannedTensor, Role, choose_type};
-pub use vocab::{Vocab, pre_tokenizer_name};
+pub use plan::{Role, choose_type};
+pub use vocab::pre_tokenizer_name;
 
 use self::encode::{RowEncoder, permute_rope_rows};
 use self::output::PartFile;
+use self::plan::PlannedTensor;
+use self::vocab::Vocab;
 use crate::error::ConvertError;
 use crate::gguf::{GgmlType, GgufWriter, TensorSpec};
 use crate::hf::{Architecture, HfConfig};

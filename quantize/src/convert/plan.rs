@@ -36,7 +36,6 @@ pub struct PlannedTensor {
     pub source: String,
     /// ggml order: contiguous dimension first.
     pub dims: Vec<u64>,
-    pub role: Role,
     /// The type written.
     pub ty: GgmlType,
     /// The type the recipe asked for when it could not be used (rows not a multiple of 32): `ty` is then F16.
@@ -51,10 +50,6 @@ pub struct PlannedTensor {
 impl PlannedTensor {
     pub fn row_len(&self) -> usize {
         self.dims.first().map_or(1, |&d| d as usize)
-    }
-
-    pub fn n_rows(&self) -> usize {
-        self.source_rows.iter().map(|r| r.len()).sum()
     }
 
     pub fn n_elements(&self) -> u64 {
@@ -240,7 +235,6 @@ impl Planner<'_> {
             name: name.to_string(),
             source: source.to_string(),
             dims,
-            role,
             ty,
             fell_back_from,
             source_rows: rows,
