@@ -56,13 +56,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|(ty, n)| format!("{n} {ty}"))
         .collect();
     println!(
-        "wrote {} ({}, {}): {} tensors ({}), {:.1} M parameters, {:.1} MiB in {:.1} s",
+        "wrote {} ({}, {}): {} tensors ({}), {} parameters, {:.1} MiB in {:.1} s",
         report.output.display(),
         report.architecture.gguf_name(),
         report.target,
         report.tensors.len(),
         types.join(", "),
-        report.parameters as f64 / 1e6,
+        count(report.parameters),
         report.file_bytes as f64 / (1024.0 * 1024.0),
         report.elapsed.as_secs_f64(),
     );
@@ -87,4 +87,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// 1.33 B, 412.3 M, 49.2 K.
+fn count(n: u64) -> String {
+    let n = n as f64;
+    match n {
+        _ if n >= 1e9 => format!("{:.2} B", n / 1e9),
+        _ if n >= 1e6 => format!("{:.1} M", n / 1e6),
+        _ => format!("{:.1} K", n / 1e3),
+    }
 }

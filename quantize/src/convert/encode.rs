@@ -2,7 +2,9 @@
 
 use rayon::prelude::*;
 
-use crate::blocks::{BLOCK_LEN, BlockQ4_0, BlockQ8_0, f16, quantize_q4_0, quantize_q8_0};
+use half::slice::HalfFloatSliceExt;
+
+use crate::blocks::{BLOCK_LEN, BlockQ4_0, BlockQ8_0, quantize_q4_0, quantize_q8_0};
 use crate::gguf::GgmlType;
 
 /// Rows handed to one rayon task: enough work to outweigh the task's overhead even for narrow rows.
@@ -15,6 +17,7 @@ fn rows_per_task(row_len: usize) -> usize {
 pub struct RowEncoder {
     ty: GgmlType,
     bytes: Vec<u8>,
+    halves: Vec<half::f16>,
     q8: Vec<BlockQ8_0>,
     q4: Vec<BlockQ4_0>,
 }
@@ -25,6 +28,7 @@ impl RowEncoder {
         RowEncoder {
             ty,
             bytes: Vec::new(),
+            halves: Vec::new(),
             q8: Vec::new(),
             q4: Vec::new(),
         }
@@ -53,9 +57,13 @@ impl RowEncoder {
                 bytemuck::cast_slice(&self.q4)
             }
             GgmlType::F16 => {
-                self.bytes.clear();
-                f16::extend_f16_le_bytes(values, &mut self.bytes);
-                &self.bytes
+                // half's slice conversion rounds to nearest even like `f16::from_f32`, with F16C where present.
+                self.halves.resize(values.len(), half::f16::ZERO);
+                self.halves
+                    .par_chunks_mut(task)
+                    .zip(values.par_chunks(task))
+                    .for_each(|(out, x)| out.convert_from_f32_slice(x));
+                bytemuck::cast_slice(&self.halves)
             }
             GgmlType::F32 => {
                 self.bytes.clear();

@@ -272,9 +272,6 @@ fn write_tensor<W: Write>(
     let mut values = Vec::new();
     let mut permuted = Vec::new();
     let mut encoder = RowEncoder::new(tensor.ty);
-    if tensor.n_elements() == 0 {
-        return writer.write_tensor(&tensor.name, &[]);
-    }
     for run in &tensor.source_rows {
         let mut first = run.start;
         while first < run.end {
