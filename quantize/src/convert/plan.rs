@@ -270,15 +270,10 @@ impl Planner<'_> {
         torch_shape: &[usize],
         head_dim: usize,
     ) -> Result<(), ConvertError> {
-        let rows = self.checked_source(source, torch_shape)?;
-        self.push(
-            name,
-            source,
-            torch_shape,
-            Role::Weight,
-            std::iter::once(0..rows).collect(),
-            Some(head_dim),
-        );
+        self.matrix(name, source, torch_shape, Role::Weight)?;
+        if let Some(planned) = self.tensors.last_mut() {
+            planned.rope_head_dim = Some(head_dim);
+        }
         Ok(())
     }
 
