@@ -3,7 +3,16 @@
 //! * [`gguf`]: the GGUF container, read (zero-copy over a memory map) and written (streamed).
 //! * [`blocks`]: the ggml block formats (Q8_0, Q4_0, ...): one struct per format with its reference quantizer.
 //! * [`safetensors`]: reading Hugging Face checkpoints (single file or shards; bf16, f16, f32).
-//! * [`convert`]: the Granite checkpoint -> GGUF conversion.
+//! * [`hf`]: the checked `config.json` of a Granite checkpoint.
+//! * [`convert`](mod@convert): the Granite checkpoint -> GGUF conversion ([`convert()`], [`ConvertOptions`], [`ConvertReport`]).
+//! * [`error`]: [`ConvertError`], the one error type of all of the above except the GGUF reader's own.
 
 pub mod blocks;
+pub mod convert;
+pub mod error;
 pub mod gguf;
+pub mod hf;
+pub mod safetensors;
+
+pub use convert::{ConvertOptions, ConvertReport, TargetType, TensorReport, convert};
+pub use error::ConvertError;

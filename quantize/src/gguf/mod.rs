@@ -145,7 +145,7 @@ mod tests {
         bad[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
         assert!(problem(bad).contains("unknown ggml type id 99"));
         let mut bad = good.clone();
-        bad[at - 8..at].copy_from_slice(&(u64::MAX & !31).to_le_bytes());
+        bad[at - 8..at].copy_from_slice(&(!31u64).to_le_bytes());
         let msg = problem(bad);
         assert!(
             msg.contains("extends past") || msg.contains("overflow"),

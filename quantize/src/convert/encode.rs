@@ -1,0 +1,138 @@
+//! Rows of f32 to the bytes of a GGUF tensor type, in parallel on the rayon pool.
+
+use rayon::prelude::*;
+
+use half::slice::HalfFloatSliceExt;
+
+use crate::blocks::{BLOCK_LEN, BlockQ4_0, BlockQ8_0, quantize_q4_0, quantize_q8_0};
+use crate::gguf::GgmlType;
+
+/// Rows handed to one rayon task: enough work to outweigh the task's overhead even for narrow rows.
+fn rows_per_task(row_len: usize) -> usize {
+    (16 * 1024 / row_len.max(1)).max(1)
+}
+
+/// Reusable output buffers (one chunk of a tensor after another): blocks are quantized straight into typed
+/// buffers, which are always suitably aligned, and handed out as bytes.
+pub struct RowEncoder {
+    ty: GgmlType,
+    bytes: Vec<u8>,
+    halves: Vec<half::f16>,
+    q8: Vec<BlockQ8_0>,
+    q4: Vec<BlockQ4_0>,
+}
+
+impl RowEncoder {
+    /// `ty` must be F32, F16, Q8_0 or Q4_0 (the plan only produces those).
+    pub fn new(ty: GgmlType) -> RowEncoder {
+        RowEncoder {
+            ty,
+            bytes: Vec::new(),
+            halves: Vec::new(),
+            q8: Vec::new(),
+            q4: Vec::new(),
+        }
+    }
+
+    /// Encodes whole rows of `row_len` values; for block types `row_len` must be a multiple of 32.
+    pub fn encode(&mut self, values: &[f32], row_len: usize) -> &[u8] {
+        let task = rows_per_task(row_len) * row_len;
+        match self.ty {
+            GgmlType::Q8_0 => {
+                self.q8
+                    .resize(values.len() / BLOCK_LEN, bytemuck::Zeroable::zeroed());
+                self.q8
+                    .par_chunks_mut(task / BLOCK_LEN)
+                    .zip(values.par_chunks(task))
+                    .for_each(|(blocks, x)| quantize_q8_0(x, blocks));
+                bytemuck::cast_slice(&self.q8)
+            }
+            GgmlType::Q4_0 => {
+                self.q4
+                    .resize(values.len() / BLOCK_LEN, bytemuck::Zeroable::zeroed());
+                self.q4
+                    .par_chunks_mut(task / BLOCK_LEN)
+                    .zip(values.par_chunks(task))
+                    .for_each(|(blocks, x)| quantize_q4_0(x, blocks));
+                bytemuck::cast_slice(&self.q4)
+            }
+            GgmlType::F16 => {
+                // half's slice conversion rounds to nearest even like `f16::from_f32`, with F16C where present.
+                self.halves.resize(values.len(), half::f16::ZERO);
+                self.halves
+                    .par_chunks_mut(task)
+                    .zip(values.par_chunks(task))
+                    .for_each(|(out, x)| out.convert_from_f32_slice(x));
+                bytemuck::cast_slice(&self.halves)
+            }
+            GgmlType::F32 => {
+                self.bytes.clear();
+                self.bytes
+                    .extend(values.iter().flat_map(|v| v.to_le_bytes()));
+                &self.bytes
+            }
+            other => unreachable!("the conversion plan never asks for {other}"),
+        }
+    }
+}
+
+/// Reorders the rows of whole attention heads from HF's rotate-half RoPE layout (pairs `(i, i + hd/2)`) to
+/// llama.cpp's adjacent pairs `(2i, 2i + 1)`: output row `2i + j` of a head is input row `j * hd/2 + i`.
+/// `values` must hold whole heads of `head_dim` rows.
+pub fn permute_rope_rows(values: &[f32], row_len: usize, head_dim: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.reserve(values.len());
+    let half = head_dim / 2;
+    for head in values.chunks_exact(head_dim * row_len) {
+        for i in 0..half {
+            for j in 0..2 {
+                let row = j * half + i;
+                out.extend_from_slice(&head[row * row_len..(row + 1) * row_len]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_interleaves_the_two_halves_of_each_head() {
+        // two heads of 4 rows, rows of one value = the row index
+        let values: Vec<f32> = (0..8).map(|r| r as f32).collect();
+        let mut out = Vec::new();
+        permute_rope_rows(&values, 1, 4, &mut out);
+        assert_eq!(out, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+        // rows of two values move together
+        let values: Vec<f32> = (0..8).map(|v| v as f32).collect();
+        permute_rope_rows(&values, 2, 4, &mut out);
+        assert_eq!(out, vec![0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn encodes_each_type_like_the_reference() {
+        let values: Vec<f32> = (0..192)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let mut q8 = vec![bytemuck::Zeroable::zeroed(); 6];
+        quantize_q8_0(&values, &mut q8);
+        assert_eq!(
+            RowEncoder::new(GgmlType::Q8_0).encode(&values, 64),
+            bytemuck::cast_slice::<BlockQ8_0, u8>(&q8)
+        );
+        let mut q4 = vec![bytemuck::Zeroable::zeroed(); 6];
+        quantize_q4_0(&values, &mut q4);
+        assert_eq!(
+            RowEncoder::new(GgmlType::Q4_0).encode(&values, 96),
+            bytemuck::cast_slice::<BlockQ4_0, u8>(&q4)
+        );
+        let f32_bytes = RowEncoder::new(GgmlType::F32).encode(&values, 64).to_vec();
+        assert_eq!(&f32_bytes[4..8], &values[1].to_le_bytes());
+        let f16_bytes = RowEncoder::new(GgmlType::F16).encode(&values, 64).to_vec();
+        assert_eq!(
+            &f16_bytes[2..4],
+            &half::f16::from_f32(values[1]).to_le_bytes()
+        );
+    }
+}

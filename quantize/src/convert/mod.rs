@@ -1,0 +1,363 @@
+//! Granite checkpoint (Hugging Face folder) -> one GGUF file that llama.cpp and Quarry load.
+//!
+//! The conversion is planned completely first (config, weights, tokenizer all checked; every tensor's name, shape
+//! and type decided), then streamed: each output tensor is produced a chunk of rows at a time from the mapped
+//! checkpoint (converted to f32, RoPE rows permuted, encoded in parallel) and written straight to `OUT.part`.
+//! Peak memory is a few chunk buffers plus the tokenizer metadata, whatever the model size.
+
+mod encode;
+mod metadata;
+mod output;
+mod plan;
+mod vocab;
+
+use std::fmt;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use metadata::QUANTIZATION_VERSION;
+pub use plan::{Role, choose_type};
+pub use vocab::pre_tokenizer_name;
+
+use self::encode::{RowEncoder, permute_rope_rows};
+use self::output::PartFile;
+use self::plan::PlannedTensor;
+use self::vocab::Vocab;
+use crate::error::ConvertError;
+use crate::gguf::{GgmlType, GgufWriter, TensorSpec};
+use crate::hf::{Architecture, HfConfig};
+use crate::safetensors::{Checkpoint, TensorView};
+
+/// f32 values converted per chunk: 16 MiB, so a chunk and its encoding stay small next to any model.
+const CHUNK_VALUES: usize = 4 << 20;
+
+/// The file types `quarry quantize` makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
+pub enum TargetType {
+    F32,
+    F16,
+    Q8_0,
+    Q4_0,
+}
+
+impl TargetType {
+    pub const ALL: [TargetType; 4] = [
+        TargetType::F32,
+        TargetType::F16,
+        TargetType::Q8_0,
+        TargetType::Q4_0,
+    ];
+
+    pub fn ggml_type(self) -> GgmlType {
+        match self {
+            TargetType::F32 => GgmlType::F32,
+            TargetType::F16 => GgmlType::F16,
+            TargetType::Q8_0 => GgmlType::Q8_0,
+            TargetType::Q4_0 => GgmlType::Q4_0,
+        }
+    }
+
+    /// `general.file_type` (llama.cpp's `llama_ftype`: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q4_0 2, MOSTLY_Q8_0 7).
+    pub fn file_type(self) -> u32 {
+        match self {
+            TargetType::F32 => 0,
+            TargetType::F16 => 1,
+            TargetType::Q4_0 => 2,
+            TargetType::Q8_0 => 7,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.ggml_type().name()
+    }
+}
+
+impl fmt::Display for TargetType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for TargetType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<TargetType, String> {
+        TargetType::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown type {s:?}: choose f32, f16, q8_0 or q4_0"))
+    }
+}
+
+/// What to convert, into what.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// The Hugging Face snapshot folder.
+    pub input: PathBuf,
+    /// The GGUF file to write (replaced only once the new one is complete).
+    pub output: PathBuf,
+    pub target: TargetType,
+    /// Type of the output head (tied `token_embd`, or `output.weight`) and of an untied input embedding; `None`
+    /// takes the recipe's default (see [`choose_type`]).
+    pub embedding_type: Option<TargetType>,
+    /// Draw a progress bar on stderr; indicatif hides it when stderr is not a terminal.
+    pub progress: bool,
+    /// Worker threads; `None` uses rayon's global pool (one per core).
+    pub threads: Option<usize>,
+    /// `general.name`; `None` derives it from the folder (the repository name for a HF cache snapshot).
+    pub model_name: Option<String>,
+}
+
+impl ConvertOptions {
+    pub fn new(
+        input: impl Into<PathBuf>,
+        output: impl Into<PathBuf>,
+        target: TargetType,
+    ) -> ConvertOptions {
+        ConvertOptions {
+            input: input.into(),
+            output: output.into(),
+            target,
+            embedding_type: None,
+            progress: false,
+            threads: None,
+            model_name: None,
+        }
+    }
+}
+
+/// One tensor as written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorReport {
+    pub name: String,
+    /// ggml order.
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+    /// Set when the recipe's block type could not hold rows of this length and F16 was written instead.
+    pub fell_back_from: Option<GgmlType>,
+}
+
+/// What [`convert`] wrote.
+#[derive(Clone, Debug)]
+pub struct ConvertReport {
+    pub output: PathBuf,
+    pub architecture: Architecture,
+    pub target: TargetType,
+    pub tensors: Vec<TensorReport>,
+    /// Checkpoint tensors the GGUF has no use for (e.g. `lm_head.weight` of a tied model).
+    pub unused_source_tensors: Vec<String>,
+    pub parameters: u64,
+    pub file_bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl ConvertReport {
+    /// Tensors written at F16 because their rows are not whole 32-weight blocks.
+    pub fn fallbacks(&self) -> impl Iterator<Item = &TensorReport> {
+        self.tensors.iter().filter(|t| t.fell_back_from.is_some())
+    }
+
+    /// How many tensors of each type, in first-seen order.
+    pub fn type_counts(&self) -> Vec<(GgmlType, usize)> {
+        let mut counts: Vec<(GgmlType, usize)> = Vec::new();
+        for t in &self.tensors {
+            match counts.iter_mut().find(|(ty, _)| *ty == t.ty) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((t.ty, 1)),
+            }
+        }
+        counts
+    }
+}
+
+/// Converts the snapshot `opts.input` to the GGUF file `opts.output`.
+pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
+    match opts.threads {
+        None => convert_on_current_pool(opts),
+        Some(threads) => rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| ConvertError::Threads {
+                threads,
+                problem: e.to_string(),
+            })?
+            .install(|| convert_on_current_pool(opts)),
+    }
+}
+
+fn convert_on_current_pool(opts: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
+    let started = Instant::now();
+    let config = HfConfig::load(&opts.input)?;
+    let checkpoint = Checkpoint::open(&opts.input)?;
+    let tensors = plan::plan(&config, &checkpoint, opts.target, opts.embedding_type)?;
+    let vocab = Vocab::load(&opts.input, config.vocab_size)?;
+    let name = opts
+        .model_name
+        .clone()
+        .unwrap_or_else(|| model_name(&opts.input));
+    let metadata = metadata::build(&config, &vocab, &tensors, opts.target, &name);
+    drop(vocab);
+    let specs = tensors
+        .iter()
+        .map(|t| TensorSpec::new(t.name.clone(), &t.dims, t.ty))
+        .collect();
+
+    let (part, file) = PartFile::create(&opts.output)?;
+    let write_error = |source| ConvertError::Write {
+        path: part.path().to_path_buf(),
+        source,
+    };
+    let mut writer = GgufWriter::new(BufWriter::with_capacity(8 << 20, file), &metadata, specs)
+        .map_err(write_error)?;
+    drop(metadata);
+    let bar = progress_bar(
+        opts.progress,
+        tensors.iter().map(PlannedTensor::n_elements).sum(),
+    );
+    for tensor in &tensors {
+        bar.set_message(tensor.name.clone());
+        let source = checkpoint.tensor(&tensor.source)?;
+        write_tensor(&mut writer, &source, tensor, &bar).map_err(write_error)?;
+    }
+    bar.finish_and_clear();
+    let file = writer
+        .finish()
+        .and_then(|buffered| buffered.into_inner().map_err(|e| e.into_error()))
+        .map_err(write_error)?;
+    part.commit(file)?;
+
+    let used: std::collections::HashSet<&str> = tensors.iter().map(|t| t.source.as_str()).collect();
+    Ok(ConvertReport {
+        file_bytes: std::fs::metadata(&opts.output)
+            .map(|m| m.len())
+            .unwrap_or(0),
+        output: opts.output.clone(),
+        architecture: config.architecture,
+        target: opts.target,
+        parameters: tensors.iter().map(PlannedTensor::n_elements).sum(),
+        unused_source_tensors: checkpoint
+            .tensor_names()
+            .into_iter()
+            .filter(|n| !used.contains(n))
+            .map(String::from)
+            .collect(),
+        tensors: tensors
+            .into_iter()
+            .map(|t| TensorReport {
+                name: t.name,
+                dims: t.dims,
+                ty: t.ty,
+                fell_back_from: t.fell_back_from,
+            })
+            .collect(),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Streams one tensor: chunks of source rows -> f32 -> (RoPE permutation) -> encoded bytes -> the writer.
+fn write_tensor<W: Write>(
+    writer: &mut GgufWriter<W>,
+    source: &TensorView<'_>,
+    tensor: &PlannedTensor,
+    bar: &ProgressBar,
+) -> std::io::Result<()> {
+    let row_len = tensor.row_len();
+    // Chunks hold whole heads when rows are permuted within heads.
+    let group = tensor.rope_head_dim.unwrap_or(1);
+    let rows_per_chunk = ((CHUNK_VALUES / row_len.max(1)) / group).max(1) * group;
+    let mut values = Vec::new();
+    let mut permuted = Vec::new();
+    let mut encoder = RowEncoder::new(tensor.ty);
+    for run in &tensor.source_rows {
+        let mut first = run.start;
+        while first < run.end {
+            let rows = rows_per_chunk.min(run.end - first);
+            values.resize(rows * row_len, 0.0);
+            read_rows_parallel(source, first, row_len, &mut values);
+            let chunk = match tensor.rope_head_dim {
+                Some(head_dim) => {
+                    permute_rope_rows(&values, row_len, head_dim, &mut permuted);
+                    &permuted
+                }
+                None => &values,
+            };
+            writer.write_data(encoder.encode(chunk, row_len))?;
+            source.release_rows(first, rows);
+            bar.inc(chunk.len() as u64);
+            first += rows;
+        }
+    }
+    // The kernel maps a few pages around each fault, some outside the rows just released; drop them too.
+    source.release_rows(0, source.n_rows());
+    Ok(())
+}
+
+fn read_rows_parallel(source: &TensorView<'_>, first_row: usize, row_len: usize, out: &mut [f32]) {
+    use rayon::prelude::*;
+    let rows_per_task = (64 * 1024 / row_len.max(1)).max(1);
+    out.par_chunks_mut(rows_per_task * row_len)
+        .enumerate()
+        .for_each(|(task, values)| source.read_rows_f32(first_row + task * rows_per_task, values));
+}
+
+fn progress_bar(show: bool, total: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg:30!} [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// `general.name` from the snapshot folder: its own name, or for a Hugging Face cache snapshot
+/// (`models--ORG--NAME/snapshots/HASH`) the repository name.
+fn model_name(input: &Path) -> String {
+    let dir = input.canonicalize().unwrap_or_else(|_| input.to_path_buf());
+    let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let parent = dir.parent();
+    let cache_repo = parent
+        .filter(|p| file_name(p).as_deref() == Some("snapshots"))
+        .and_then(Path::parent)
+        .and_then(file_name)
+        .filter(|n| n.starts_with("models--"))
+        .and_then(|n| n.rsplit("--").next().map(String::from));
+    cache_repo
+        .or_else(|| file_name(&dir))
+        .unwrap_or_else(|| "model".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_type_names() {
+        assert_eq!("Q4_0".parse::<TargetType>(), Ok(TargetType::Q4_0));
+        assert_eq!(TargetType::Q8_0.to_string(), "q8_0");
+        assert!(
+            "q5_k"
+                .parse::<TargetType>()
+                .unwrap_err()
+                .contains("choose f32, f16, q8_0 or q4_0")
+        );
+    }
+
+    #[test]
+    fn model_names() {
+        assert_eq!(model_name(Path::new("/x/granite-3.0-1b")), "granite-3.0-1b");
+        assert_eq!(
+            model_name(Path::new(
+                "/c/models--ibm-granite--granite-3.1-1b-a400m-instruct/snapshots/abc123"
+            )),
+            "granite-3.1-1b-a400m-instruct"
+        );
+    }
+}

@@ -1,0 +1,69 @@
+//! The converter's one error type. Every message names the file it is about, says what is wrong with it, and says
+//! what the user can do, because the usual reader is someone at a terminal with a half-downloaded snapshot.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::hf::SUPPORTED_ARCHITECTURES;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("{}: cannot read it: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+
+    #[error("{}: missing; {hint}", path.display())]
+    MissingFile { path: PathBuf, hint: &'static str },
+
+    #[error("{}: not valid JSON ({source}); re-download the file", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+
+    #[error("{}: {problem}; fix config.json or use the checkpoint's original one", path.display())]
+    Config { path: PathBuf, problem: String },
+
+    #[error(
+        "{}: architecture {architecture} is not supported; quarry converts {SUPPORTED_ARCHITECTURES}",
+        path.display()
+    )]
+    UnsupportedArchitecture { path: PathBuf, architecture: String },
+
+    #[error("{}: {problem}; the file is truncated or corrupt: re-download it", path.display())]
+    CorruptSafetensors { path: PathBuf, problem: String },
+
+    #[error(
+        "{}: names shard {shard}, which is missing from the folder; download every shard of the checkpoint",
+        index.display()
+    )]
+    MissingShard { index: PathBuf, shard: String },
+
+    #[error("{}: {problem}; the weights do not match config.json: re-download the checkpoint", path.display())]
+    Checkpoint { path: PathBuf, problem: String },
+
+    #[error(
+        "{}: tensor '{name}' is {dtype}; only BF16, F16 and F32 checkpoints can be converted",
+        path.display()
+    )]
+    TensorDtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+
+    #[error("{}: {problem}; re-download the tokenizer files", path.display())]
+    Tokenizer { path: PathBuf, problem: String },
+
+    #[error("{}: cannot write the output: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+
+    #[error("cannot start {threads} worker threads ({problem}); try a smaller --threads")]
+    Threads { threads: usize, problem: String },
+}
+
+impl ConvertError {
+    pub(crate) fn read(path: impl Into<PathBuf>, source: io::Error) -> ConvertError {
+        let path = path.into();
+        ConvertError::Read { path, source }
+    }
+}
