@@ -1,1 +1,4 @@
 //! Quarry runtime.
+
+pub mod chat_template;
+pub mod tokenizer;
