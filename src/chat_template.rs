@@ -347,6 +347,10 @@ impl ChatTemplate {
         self
     }
 
+    pub fn special_tokens(&self) -> &SpecialTokens {
+        &self.special_tokens
+    }
+
     /// Makes `strftime_now` report `now` instead of the local time (reproducible prompts, tests).
     pub fn with_now(mut self, now: NaiveDateTime) -> ChatTemplate {
         set_clock(&mut self.env, Clock::Fixed(now));
