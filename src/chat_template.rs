@@ -29,8 +29,8 @@ pub enum ChatTemplateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{origin}: no chat template (`{GGUF_CHAT_TEMPLATE_KEY}` is missing)")]
-    Missing { origin: String },
+    #[error("{origin}: no chat template (`{key}` is missing)")]
+    Missing { origin: String, key: &'static str },
     #[error("{origin}: `{key}` {problem}")]
     BadMetadata {
         origin: String,
@@ -87,6 +87,9 @@ pub struct Conversation {
 
 /// Template variables the renderer sets itself; a conversation may not set them through `extra`.
 const RESERVED_VARIABLES: &[&str] = &[
+    "messages",
+    "tools",
+    "documents",
     "add_generation_prompt",
     "bos_token",
     "eos_token",
@@ -126,24 +129,16 @@ impl Conversation {
         let value: serde_json::Value =
             serde_json::from_str(json).map_err(|e| problem(format!("invalid JSON: {e}")))?;
         let conversation = match value {
-            serde_json::Value::Array(messages) => {
-                Conversation::from_messages(parse_messages(messages).map_err(problem)?)
+            serde_json::Value::Array(_) => {
+                Conversation::from_messages(parse_messages(value).map_err(problem)?)
             }
             serde_json::Value::Object(fields) if fields.contains_key("messages") => {
                 let mut conversation = Conversation::default();
                 for (key, value) in fields {
                     match key.as_str() {
-                        "messages" => match value {
-                            serde_json::Value::Array(messages) => {
-                                conversation.messages =
-                                    parse_messages(messages).map_err(problem)?;
-                            }
-                            other => {
-                                return Err(problem(format!(
-                                    "\"messages\" must be a list, not {other}"
-                                )));
-                            }
-                        },
+                        "messages" => {
+                            conversation.messages = parse_messages(value).map_err(problem)?
+                        }
                         "tools" => {
                             conversation.tools = optional_list(&key, value).map_err(problem)?
                         }
@@ -187,7 +182,10 @@ impl Conversation {
     }
 }
 
-fn parse_messages(messages: Vec<serde_json::Value>) -> Result<Vec<Message>, String> {
+fn parse_messages(messages: serde_json::Value) -> Result<Vec<Message>, String> {
+    let serde_json::Value::Array(messages) = messages else {
+        return Err(format!("\"messages\" must be a list, not {messages}"));
+    };
     messages
         .into_iter()
         .enumerate()
@@ -273,7 +271,12 @@ impl ChatTemplate {
     pub fn from_gguf(gguf: &GgufFile) -> Result<ChatTemplate, ChatTemplateError> {
         let file = gguf.path().display().to_string();
         let source = match gguf.get(GGUF_CHAT_TEMPLATE_KEY) {
-            None => return Err(ChatTemplateError::Missing { origin: file }),
+            None => {
+                return Err(ChatTemplateError::Missing {
+                    origin: file,
+                    key: GGUF_CHAT_TEMPLATE_KEY,
+                });
+            }
             Some(value) => value
                 .as_str()
                 .ok_or_else(|| ChatTemplateError::BadMetadata {
@@ -316,6 +319,7 @@ impl ChatTemplate {
             None | Some(serde_json::Value::Null) => {
                 return Err(ChatTemplateError::Missing {
                     origin: origin.to_string(),
+                    key: "chat_template",
                 });
             }
             Some(serde_json::Value::String(s)) => s.as_str(),
@@ -412,14 +416,15 @@ impl ChatTemplate {
     }
 }
 
-/// minijinja's message with the template line it points at.
+/// minijinja's message, with the template line it points at instead of the internal template name.
 fn describe(e: &Error) -> String {
+    let what = match e.detail() {
+        Some(detail) => format!("{}: {detail}", e.kind()),
+        None => e.kind().to_string(),
+    };
     match e.line() {
-        Some(line) => format!(
-            "{} (line {line})",
-            e.detail().unwrap_or(&e.kind().to_string())
-        ),
-        None => e.to_string(),
+        Some(line) => format!("{what} (line {line})"),
+        None => what,
     }
 }
 
@@ -500,13 +505,20 @@ fn tojson(value: &Value, positional: Rest<Value>, kwargs: Kwargs) -> Result<Valu
         Some(v) => Some(if let Some(s) = v.as_str() {
             s.to_string()
         } else {
-            let width = i64::try_from(v.clone()).map_err(|_| {
-                Error::new(
-                    ErrorKind::InvalidOperation,
-                    format!("tojson: indent must be a number or a string, not {v}"),
-                )
-            })?;
-            " ".repeat(usize::try_from(width).unwrap_or(0))
+            // Python repeats a space `indent` times (none when negative); a template asking for more than
+            // MAX_INDENT is broken or hostile, and would only make a huge allocation.
+            const MAX_INDENT: i64 = 64;
+            match i64::try_from(v.clone()) {
+                Ok(width) if width <= MAX_INDENT => " ".repeat(usize::try_from(width).unwrap_or(0)),
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!(
+                            "tojson: indent must be a string or a number up to {MAX_INDENT}, not {v}"
+                        ),
+                    ));
+                }
+            }
         }),
     };
     let (item_separator, key_separator) = match arg("separators")? {
@@ -783,6 +795,7 @@ mod tests {
         assert_eq!(tojson_of(r#"[[], {}]"#, "indent=0"), "[\n[],\n{}\n]");
         assert_eq!(tojson_of(r#"[1]"#, "indent='\t'"), "[\n\t1\n]");
         assert_eq!(tojson_of(r#"[1]"#, "false, 1"), "[\n 1\n]");
+        assert_eq!(tojson_of(r#"[1]"#, "indent=-2"), "[\n1\n]");
     }
 
     #[test]
@@ -791,6 +804,12 @@ mod tests {
         assert!(err.to_string().contains("not JSON serializable"), "{err}");
         let err = render("{{ [1] | tojson(colour=1) }}", &Conversation::default()).unwrap_err();
         assert!(matches!(err, ChatTemplateError::Render { .. }), "{err}");
+        let err = render(
+            "{{ [1] | tojson(indent=10**12) }}",
+            &Conversation::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("indent must be"), "{err}");
     }
 
     #[test]

@@ -613,7 +613,7 @@ fn malformed_template_error_names_the_problem() {
         .to_string();
     assert_eq!(
         err,
-        "cfg.json: no chat template (`tokenizer.chat_template` is missing)"
+        "cfg.json: no chat template (`chat_template` is missing)"
     );
 }
 
