@@ -415,6 +415,42 @@ mod tests {
         assert_eq!(stream.finish().unwrap(), "\u{FFFD}");
     }
 
+    /// A small deterministic generator (64-bit LCG), so the random cases are the same on every run.
+    fn pseudo_random_ids(seed: u64, len: usize, below: u32) -> Vec<u32> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) % u64::from(below)) as u32
+            })
+            .collect()
+    }
+
+    /// Arbitrary byte sequences (most are not valid UTF-8, as a model can produce): the stream must never fail,
+    /// and what it prints, plus `finish`, must be exactly what decoding everything at once gives.
+    #[test]
+    fn stream_of_arbitrary_ids_adds_up_to_decode() {
+        let t = byte_tokenizer();
+        for seed in 0..300 {
+            let ids = pseudo_random_ids(seed, 1 + (seed as usize % 17), 259);
+            for skip_special in [false, true] {
+                let mut stream = t.stream(skip_special);
+                let mut streamed = String::new();
+                for &id in &ids {
+                    streamed += &stream.push(id).unwrap();
+                }
+                streamed += &stream.finish().unwrap();
+                assert_eq!(
+                    streamed,
+                    t.decode(&ids, skip_special).unwrap(),
+                    "{ids:?} skip {skip_special}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn unknown_ids_are_errors() {
         let t = byte_tokenizer();

@@ -233,6 +233,41 @@ fn streaming_decode_adds_up_to_the_full_decode() {
     );
 }
 
+/// What a model may emit: arbitrary ids, many of them byte pieces that do not form valid UTF-8. The stream must
+/// not fail and must add up to decoding everything at once (specials kept or skipped).
+#[test]
+fn streaming_arbitrary_ids_adds_up_to_the_full_decode() {
+    if shared_path(&format!("{GRANITE_30}/tokenizer.json")).is_none() {
+        return;
+    }
+    let tokenizer = granite_tokenizer();
+    let mut state = 0x5eed_u64;
+    let mut next = |below: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % below) as u32
+    };
+    for case in 0..200 {
+        // Half the ids from the low range, where the single-byte and special tokens are.
+        let ids: Vec<u32> = (0..1 + case % 30)
+            .map(|_| if next(2) == 0 { next(600) } else { next(49155) })
+            .collect();
+        for skip_special in [false, true] {
+            let mut stream = tokenizer.stream(skip_special);
+            let mut streamed = String::new();
+            for &id in &ids {
+                streamed += &stream.push(id).unwrap_or_else(|e| panic!("{ids:?}: {e}"));
+            }
+            streamed += &stream.finish().unwrap_or_else(|e| panic!("{ids:?}: {e}"));
+            let full = tokenizer
+                .decode(&ids, skip_special)
+                .unwrap_or_else(|e| panic!("{ids:?}: {e}"));
+            assert_eq!(streamed, full, "{ids:?} (skip_special {skip_special})");
+        }
+    }
+}
+
 /// Renders each recorded conversation with `template`, then checks the text and its token ids.
 fn check_chat_cases(template: &ChatTemplate, chat_cases: &[Value]) -> Vec<String> {
     let tokenizer = granite_tokenizer();
