@@ -5,6 +5,10 @@
 //! minijinja, set up the way Hugging Face transformers sets up jinja2 for `apply_chat_template`: `trim_blocks`
 //! and `lstrip_blocks`, no auto-escaping, a `tojson` that is Python's `json.dumps` (not minijinja's
 //! HTML-escaping one), `raise_exception`, `strftime_now`, and Python string and dict methods.
+//!
+//! Known differences from jinja2, none of which the Granite 3.x templates touch: a list or dict printed directly
+//! (`{{ message }}`, `x | string`) comes out JSON-like (`{"a": 1}`) where Python prints its repr (`{'a': 1}`);
+//! floats of 1e16 and more print positionally; transformers' `{% generation %}` block tag is not supported.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -741,6 +745,13 @@ mod tests {
         let mut conversation = Conversation::default();
         conversation.extra.insert("x".into(), value);
         render(&format!("{{{{ x | tojson({args}) }}}}"), &conversation).unwrap()
+    }
+
+    #[test]
+    fn templates_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<ChatTemplate>();
+        shareable::<crate::tokenizer::Tokenizer>();
     }
 
     #[test]
