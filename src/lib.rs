@@ -1,14 +1,17 @@
 //! Quarry runtime: loads a Granite GGUF by memory map and generates text from it on the CPU.
 //!
 //! Layers, bottom up: [`kernels`] (matrix products over ggml blocks, scalar and SIMD), [`model`] (the Granite
-//! network and its forward pass), [`sampling`], [`generate`] (prompt processing and the decode loop).
+//! network and its forward pass), [`tokenizer`] and [`chat_template`] (text in and out), [`sampling`],
+//! [`generate`] (prompt processing and the decode loop), [`engine`] (a model file opened for use), [`bench`].
 
-pub mod kernels;
-pub mod model;
-
-pub use quarry_quantize::gguf;
 pub mod bench;
+pub mod chat_template;
 pub mod engine;
 pub mod generate;
+pub mod kernels;
+pub mod model;
 pub mod npy;
 pub mod sampling;
+pub mod tokenizer;
+
+pub use quarry_quantize::gguf;
