@@ -19,6 +19,13 @@ pub fn dot_f32_scalar(w: &[f32], x: &[f32]) -> f32 {
     sum
 }
 
+/// `y += alpha * x`.
+pub fn axpy_f32_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (acc, &v) in y.iter_mut().zip(x) {
+        *acc += alpha * v;
+    }
+}
+
 pub fn dot_f16_scalar(w: &[f16], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
 }

@@ -9,6 +9,8 @@ mod matmul;
 pub mod ops;
 pub mod q4_0;
 pub mod q8_0;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use matmul::{ActivationBatch, WeightRows, gemm_rows, matmul, supported, wants_q8_0};
 
@@ -26,7 +28,8 @@ use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
 #[derive(Clone, Copy)]
 pub struct Kernels {
     pub name: &'static str,
-    /// Activation row to Q8_0 (round half to even; SIMD versions must give the same bytes).
+    /// Activation row to Q8_0 (round half to even; SIMD versions must give the same bytes). Its quants are in
+    /// -127..=127, which the Q8_0 product relies on (AVX2's sign trick would overflow on -128).
     pub quantize_q8_0: fn(&[f32], &mut [BlockQ8_0]),
     pub gemm_q8_0: fn(w: &[BlockQ8_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32]),
     pub gemm_q4_0: fn(w: &[BlockQ4_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32]),
@@ -35,6 +38,8 @@ pub struct Kernels {
     pub gemm_bf16: fn(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]),
     /// Plain f32 dot product (attention scores).
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
+    /// `y += alpha * x` (the attention's weighted sum of values), rounded as `y[i] + alpha * x[i]` in every set.
+    pub axpy_f32: fn(alpha: f32, x: &[f32], y: &mut [f32]),
 }
 
 pub const SCALAR: Kernels = Kernels {
@@ -46,11 +51,26 @@ pub const SCALAR: Kernels = Kernels {
     gemm_f16: float::gemm_f16_scalar,
     gemm_bf16: float::gemm_bf16_scalar,
     dot_f32: float::dot_f32_scalar,
+    axpy_f32: float::axpy_f32_scalar,
 };
 
 /// Every kernel set this CPU can run, best last.
 pub fn available() -> Vec<Kernels> {
-    vec![SCALAR]
+    #[allow(unused_mut)]
+    let mut all = vec![SCALAR];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::avx2::detected() {
+            all.push(x86::avx2::SET);
+        }
+        if x86::avx2::detected_vnni() {
+            all.push(x86::avx2::SET_VNNI);
+        }
+        if x86::avx512::detected() {
+            all.push(x86::avx512::SET);
+        }
+    }
+    all
 }
 
 /// The kernel set for this process: `QUARRY_KERNEL=<name>` if set (and available), else the best available.
