@@ -288,7 +288,10 @@ unsafe fn few_tile<D: BlockDot, const RT: usize, const TT: usize>(
             }
             for (i, acc_i) in acc.iter_mut().enumerate() {
                 let blk = wp.add(i * bpr + b);
-                _mm_prefetch::<_MM_HINT_T0>((blk as *const i8).wrapping_add(PREFETCH_BYTES));
+                // The same block two row tiles ahead, into L2. The hardware prefetchers do not follow 4
+                // interleaved row streams well (about 9 GB/s here against 25 for one stream); requesting the
+                // tiles ahead into L2 (T1: more misses in flight than L1 allows) reaches the one-stream speed.
+                _mm_prefetch::<_MM_HINT_T1>(blk.wrapping_add(2 * RT * bpr) as *const i8);
                 let wv = D::load(blk);
                 let dw = f16_bits_to_f32(D::d_bits(&*blk));
                 for j in 0..TT {

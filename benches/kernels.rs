@@ -1,0 +1,254 @@
+//! Kernel micro-benchmarks, one thread: `cargo bench --bench kernels [-- FILTER]`.
+//!
+//! - gemv: one token, GB/s of weight bytes. "dram" streams 256 MiB of weights as consecutive 1024-column
+//!   matrices, so nothing is reused from any cache (this VM's L3 does not hold large buffers); "l2" repeats one
+//!   256 x 1024 matrix (at most 1 MiB of weights).
+//! - gemm: 1024 x 1024 weights against 16, 64 and 256 tokens, in G multiply-accumulates per second.
+//!
+//! Each figure is the median of several timed runs of about 50 ms.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use half::{bf16, f16};
+use quarry::kernels::{self, Kernels};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+
+const COLS: usize = 1024;
+const BPR: usize = COLS / 32;
+const DRAM_BYTES: usize = 256 << 20;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+}
+
+/// Median seconds per call of `f`, over runs of about 50 ms each.
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64().max(1e-7);
+    let iters = ((0.05 / once) as usize).max(1);
+    let mut runs: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            t.elapsed().as_secs_f64() / iters as f64
+        })
+        .collect();
+    runs.sort_by(|a, b| a.total_cmp(b));
+    runs[runs.len() / 2]
+}
+
+/// Weight formats as the benchmark sees them: bytes per row, a random matrix, and the kernel call.
+trait Format: Copy + 'static {
+    const NAME: &'static str;
+    const ROW_BYTES: usize;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self>;
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]);
+}
+
+struct Acts {
+    x: Vec<f32>,
+    q: Vec<BlockQ8_0>,
+}
+
+impl Acts {
+    fn new(rng: &mut Rng, n: usize, k: &Kernels) -> Acts {
+        let x: Vec<f32> = (0..n * COLS).map(|_| rng.f32()).collect();
+        let mut q = vec![
+            BlockQ8_0 {
+                d: f16::ZERO,
+                qs: [0; 32]
+            };
+            n * BPR
+        ];
+        for (xs, qs) in x.chunks(COLS).zip(q.chunks_mut(BPR)) {
+            (k.quantize_q8_0)(xs, qs);
+        }
+        Acts { x, q }
+    }
+}
+
+impl Format for BlockQ8_0 {
+    const NAME: &'static str = "q8_0";
+    const ROW_BYTES: usize = BPR * 34;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * BPR)
+            .map(|_| BlockQ8_0 {
+                d: f16::from_f32(rng.f32() * 0.01),
+                qs: std::array::from_fn(|_| rng.next() as i8),
+            })
+            .collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
+        (k.gemm_q8_0)(w, &a.q, BPR, out)
+    }
+}
+
+impl Format for BlockQ4_0 {
+    const NAME: &'static str = "q4_0";
+    const ROW_BYTES: usize = BPR * 18;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * BPR)
+            .map(|_| BlockQ4_0 {
+                d: f16::from_f32(rng.f32() * 0.01),
+                qs: std::array::from_fn(|_| rng.next() as u8),
+            })
+            .collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
+        (k.gemm_q4_0)(w, &a.q, BPR, out)
+    }
+}
+
+impl Format for f32 {
+    const NAME: &'static str = "f32";
+    const ROW_BYTES: usize = COLS * 4;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * COLS).map(|_| rng.f32()).collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
+        (k.gemm_f32)(w, &a.x, COLS, out)
+    }
+}
+
+impl Format for f16 {
+    const NAME: &'static str = "f16";
+    const ROW_BYTES: usize = COLS * 2;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * COLS).map(|_| f16::from_f32(rng.f32())).collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
+        (k.gemm_f16)(w, &a.x, COLS, out)
+    }
+}
+
+impl Format for bf16 {
+    const NAME: &'static str = "bf16";
+    const ROW_BYTES: usize = COLS * 2;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * COLS)
+            .map(|_| bf16::from_f32(rng.f32()))
+            .collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
+        (k.gemm_bf16)(w, &a.x, COLS, out)
+    }
+}
+
+/// One table row: gemv GB/s out of cache and in L2, then gemm G-MAC/s at each token count.
+fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) -> Vec<String> {
+    let mut cells = vec![];
+    let a1 = Acts::new(rng, 1, k);
+    let mut out = vec![0.0f32; 4096];
+
+    // gemv over 256 MiB: one 1024-row matrix after another.
+    let rows_total = DRAM_BYTES / F::ROW_BYTES;
+    let big = F::random(rng, rows_total);
+    let per = 1024 * big.len() / rows_total;
+    let s = time(|| {
+        for m in big.chunks(per) {
+            F::run(
+                k,
+                black_box(m),
+                &a1,
+                &mut out[..m.len() / (big.len() / rows_total)],
+            );
+        }
+    });
+    cells.push(format!(
+        "{:.1}",
+        (rows_total * F::ROW_BYTES) as f64 / s / 1e9
+    ));
+    drop(big);
+
+    let small = F::random(rng, 256);
+    let s = time(|| F::run(k, black_box(&small), &a1, &mut out[..256]));
+    cells.push(format!("{:.1}", (256 * F::ROW_BYTES) as f64 / s / 1e9));
+
+    let w = F::random(rng, 1024);
+    for &n in gemm_tokens {
+        let a = Acts::new(rng, n, k);
+        let mut out = vec![0.0f32; 1024 * n];
+        let s = time(|| F::run(k, black_box(&w), &a, &mut out));
+        cells.push(format!("{:.1}", (1024 * COLS * n) as f64 / s / 1e9));
+    }
+    cells
+}
+
+fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let tokens = [16, 64, 256];
+    println!(
+        "one thread; gemv in GB/s of weight bytes (dram: 256 MiB streamed; l2: 256 x 1024), gemm 1024 x 1024 in G-MAC/s"
+    );
+    println!(
+        "{:<11} {:<5} {:>10} {:>8} {:>9} {:>9} {:>10}",
+        "set", "type", "gemv dram", "gemv l2", "gemm 16", "gemm 64", "gemm 256"
+    );
+    // The ceiling for "gemv dram": a plain sum over the same 256 MiB.
+    let buf: Vec<u64> = (0..DRAM_BYTES / 8).map(|i| i as u64).collect();
+    let s = time(|| {
+        let mut acc = [0u64; 8];
+        for c in black_box(&buf).chunks_exact(8) {
+            for i in 0..8 {
+                acc[i] = acc[i].wrapping_add(c[i]);
+            }
+        }
+        black_box(acc);
+    });
+    println!(
+        "(plain read of 256 MiB: {:.1} GB/s)",
+        DRAM_BYTES as f64 / s / 1e9
+    );
+    drop(buf);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for k in kernels::available() {
+        let rows: Vec<(&str, fn(&Kernels, &mut Rng, &[usize]) -> Vec<String>)> = vec![
+            (BlockQ4_0::NAME, bench_format::<BlockQ4_0>),
+            (BlockQ8_0::NAME, bench_format::<BlockQ8_0>),
+            (f32::NAME, bench_format::<f32>),
+            (f16::NAME, bench_format::<f16>),
+            (bf16::NAME, bench_format::<bf16>),
+        ];
+        for (name, f) in rows {
+            let label = format!("{} {}", k.name, name);
+            if !filter.is_empty() && !filter.iter().any(|p| label.contains(p.as_str())) {
+                continue;
+            }
+            // The scalar set is a reference, not a contender: skip its slow many-token runs.
+            let t: &[usize] = if k.name == "scalar" {
+                &tokens[..1]
+            } else {
+                &tokens
+            };
+            let c = f(&k, &mut rng, t);
+            let get = |i: usize| c.get(i).cloned().unwrap_or_else(|| "-".into());
+            println!(
+                "{:<11} {:<5} {:>10} {:>8} {:>9} {:>9} {:>10}",
+                k.name,
+                name,
+                get(0),
+                get(1),
+                get(2),
+                get(3),
+                get(4)
+            );
+        }
+    }
+}
