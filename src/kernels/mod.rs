@@ -7,6 +7,7 @@
 pub mod float;
 mod matmul;
 pub mod ops;
+mod portable;
 pub mod q4_0;
 pub mod q8_0;
 #[cfg(target_arch = "x86_64")]
@@ -57,7 +58,7 @@ pub const SCALAR: Kernels = Kernels {
 /// Every kernel set this CPU can run, best last.
 pub fn available() -> Vec<Kernels> {
     #[allow(unused_mut)]
-    let mut all = vec![SCALAR];
+    let mut all = vec![SCALAR, portable::SET];
     #[cfg(target_arch = "x86_64")]
     {
         if x86::avx2::detected() {
