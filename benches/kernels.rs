@@ -188,6 +188,8 @@ fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) ->
     cells
 }
 
+type BenchFn = fn(&Kernels, &mut Rng, &[usize]) -> Vec<String>;
+
 fn main() {
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -219,7 +221,7 @@ fn main() {
     drop(buf);
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     for k in kernels::available() {
-        let rows: Vec<(&str, fn(&Kernels, &mut Rng, &[usize]) -> Vec<String>)> = vec![
+        let rows: Vec<(&str, BenchFn)> = vec![
             (BlockQ4_0::NAME, bench_format::<BlockQ4_0>),
             (BlockQ8_0::NAME, bench_format::<BlockQ8_0>),
             (f32::NAME, bench_format::<f32>),

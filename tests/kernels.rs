@@ -523,3 +523,83 @@ fn dot_and_axpy_match_scalar() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The f32 operations.
+
+use quarry::kernels::ops;
+
+/// Within 1e-6 relative, or below f32's normal range (where f32 itself has no relative precision left).
+fn close(got: &[f32], want: &[f32], what: &str) {
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ok = (g - w).abs() <= 1e-6 * w.abs() || (g - w).abs() <= f32::MIN_POSITIVE || g == w;
+        assert!(ok, "{what}: [{i}] got {g}, scalar {w}");
+    }
+}
+
+/// Softmax: within 1e-6 relative of the scalar version, or, for long rows, where the scalar's own sequential
+/// f32 sum drifts by more than that, no further from the exact (f64) softmax than the scalar is, plus 1e-6.
+fn softmax_close(x: &[f32], got: &[f32], want: &[f32], what: &str) {
+    let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+    for (i, ((&g, &w), &v)) in got.iter().zip(want).zip(x).enumerate() {
+        let exact = (v as f64 - max).exp() / sum;
+        let (eg, ew) = ((g as f64 - exact).abs(), (w as f64 - exact).abs());
+        let ok = (g - w).abs() <= 1e-6 * w.abs()
+            || (g - w).abs() <= f32::MIN_POSITIVE
+            || eg <= ew + 1e-6 * exact;
+        assert!(ok, "{what}: [{i}] got {g}, scalar {w}, exact {exact}");
+    }
+}
+
+#[test]
+fn ops_match_scalar() {
+    let mut rng = Rng(6);
+    for len in (1..40).chain([64, 100, 1024, 4097]) {
+        for mag in [1.0f32, 10.0, 100.0] {
+            let x: Vec<f32> = (0..len).map(|_| rng.f32() * mag).collect();
+            let u: Vec<f32> = (0..len).map(|_| rng.f32() * 3.0).collect();
+
+            let (mut got, mut want) = (x.clone(), x.clone());
+            ops::softmax(&mut got);
+            ops::scalar::softmax(&mut want);
+            softmax_close(&x, &got, &want, &format!("softmax len {len} mag {mag}"));
+
+            let (mut got, mut want) = (x.clone(), x.clone());
+            ops::silu_mul(&mut got, &u);
+            ops::scalar::silu_mul(&mut want, &u);
+            close(&got, &want, &format!("silu_mul len {len} mag {mag}"));
+
+            let (mut got, mut want) = (vec![0.0; len], vec![0.0; len]);
+            ops::rms_norm(&x, &u, 1e-6, &mut got);
+            ops::scalar::rms_norm(&x, &u, 1e-6, &mut want);
+            close(&got, &want, &format!("rms_norm len {len}"));
+        }
+    }
+    // Extremes of exp: overflow to infinity in silu's denominator, underflow to 0 and subnormals in softmax.
+    let mut x: Vec<f32> = (0..64).map(|i| -110.0 + i as f32 * 3.5).collect();
+    x.extend([-88.0, -87.0, -100.0, -103.5, 0.0, 88.5, 88.7, -0.0]);
+    let (mut got, mut want) = (x.clone(), x.clone());
+    ops::silu_mul(&mut got, &vec![1.0; x.len()]);
+    ops::scalar::silu_mul(&mut want, &vec![1.0; x.len()]);
+    close(&got, &want, "silu_mul extremes");
+    let (mut got, mut want) = (x.clone(), x.clone());
+    ops::softmax(&mut got);
+    ops::scalar::softmax(&mut want);
+    softmax_close(&x, &got, &want, "softmax extremes");
+}
+
+#[test]
+fn rope_is_bit_identical() {
+    let mut rng = Rng(7);
+    for head_dim in [2, 6, 8, 10, 64, 128] {
+        let cs: Vec<(f32, f32)> = (0..head_dim / 2)
+            .map(|i| ((i as f32 * 0.3).cos(), (i as f32 * 0.3).sin()))
+            .collect();
+        let x: Vec<f32> = (0..head_dim * 3).map(|_| rng.f32() * 5.0).collect();
+        let (mut got, mut want) = (x.clone(), x.clone());
+        ops::rope_adjacent_pairs(&mut got, head_dim, &cs);
+        ops::scalar::rope_adjacent_pairs(&mut want, head_dim, &cs);
+        assert_eq!(got, want, "head_dim {head_dim}");
+    }
+}

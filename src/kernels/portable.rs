@@ -164,8 +164,8 @@ fn dot_with(
         i += 16;
     }
     let mut s = (a0 + a1).reduce_add();
-    for k in body..len {
-        s += tail(k) * y[k];
+    for (k, &yk) in y.iter().enumerate().take(len).skip(body) {
+        s += tail(k) * yk;
     }
     s
 }
@@ -236,7 +236,7 @@ fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
         let r = load8(&y[i..]) + al * load8(&x[i..]);
         y[i..i + 8].copy_from_slice(&r.to_array());
     }
-    for k in body..len {
-        y[k] += alpha * x[k];
+    for (acc, &v) in y[body..len].iter_mut().zip(&x[body..len]) {
+        *acc += alpha * v;
     }
 }
