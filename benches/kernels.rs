@@ -195,13 +195,13 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let tokens = [16, 64, 256];
+    let tokens = [8, 16, 64, 256];
     println!(
         "one thread; gemv in GB/s of weight bytes (dram: 256 MiB streamed; l2: 256 x 1024), gemm 1024 x 1024 in G-MAC/s"
     );
     println!(
-        "{:<11} {:<5} {:>10} {:>8} {:>9} {:>9} {:>10}",
-        "set", "type", "gemv dram", "gemv l2", "gemm 16", "gemm 64", "gemm 256"
+        "{:<11} {:<5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "set", "type", "gemv dram", "gemv l2", "gemm 8", "gemm 16", "gemm 64", "gemm 256"
     );
     // The ceiling for "gemv dram": a plain sum over the same 256 MiB.
     let buf: Vec<u64> = (0..DRAM_BYTES / 8).map(|i| i as u64).collect();
@@ -242,14 +242,15 @@ fn main() {
             let c = f(&k, &mut rng, t);
             let get = |i: usize| c.get(i).cloned().unwrap_or_else(|| "-".into());
             println!(
-                "{:<11} {:<5} {:>10} {:>8} {:>9} {:>9} {:>10}",
+                "{:<11} {:<5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9}",
                 k.name,
                 name,
                 get(0),
                 get(1),
                 get(2),
                 get(3),
-                get(4)
+                get(4),
+                get(5)
             );
         }
     }

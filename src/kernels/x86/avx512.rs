@@ -130,6 +130,92 @@ macro_rules! zmm_lanes {
     };
 }
 
+/// The same lane kernel on 8 tokens per ymm (AVX-512 VL encoding of `vpdpbusd`), for batches of 6 to 15 tokens
+/// past the last whole zmm.
+macro_rules! ymm_lanes {
+    () => {
+        type I = __m256i;
+        type F = __m256;
+        const N: usize = 8;
+        const RW: usize = 8;
+        const W_BYTES: usize = 32;
+        #[inline(always)]
+        unsafe fn block(acc: __m256i, w: *const u8, s: *const u32) -> __m256i {
+            unsafe {
+                let mut acc = acc;
+                for k in 0..8 {
+                    let u = _mm256_set1_epi32((w.add(4 * k) as *const i32).read_unaligned());
+                    acc = _mm256_dpbusd_epi32(
+                        acc,
+                        u,
+                        _mm256_loadu_si256(s.add(8 * k) as *const __m256i),
+                    );
+                }
+                acc
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_i(p: *const i32) -> __m256i {
+            unsafe { _mm256_loadu_si256(p as *const __m256i) }
+        }
+        #[inline(always)]
+        unsafe fn load_f(p: *const f32) -> __m256 {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn zero_f() -> __m256 {
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat_f(x: f32) -> __m256 {
+            unsafe { _mm256_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn scale_acc(i: __m256i, s: __m256, acc: __m256) -> __m256 {
+            unsafe { _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, acc) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn store_f(p: *mut f32, v: __m256) {
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+    };
+}
+
+pub(crate) struct Q8Y;
+pub(crate) struct Q4Y;
+
+impl LaneDot for Q8Y {
+    type W = BlockQ8_0;
+    const BIAS: i32 = 128;
+    ymm_lanes!();
+    #[inline(always)]
+    unsafe fn d_bits(w: &BlockQ8_0) -> u16 {
+        w.d.to_bits()
+    }
+    #[inline(always)]
+    unsafe fn prep(w: &BlockQ8_0, dst: *mut u8) {
+        unsafe { <Q8 as LaneDot>::prep(w, dst) }
+    }
+}
+
+impl LaneDot for Q4Y {
+    type W = BlockQ4_0;
+    const BIAS: i32 = 8;
+    ymm_lanes!();
+    #[inline(always)]
+    unsafe fn d_bits(w: &BlockQ4_0) -> u16 {
+        w.d.to_bits()
+    }
+    #[inline(always)]
+    unsafe fn prep(w: &BlockQ4_0, dst: *mut u8) {
+        unsafe { <Q4 as LaneDot>::prep(w, dst) }
+    }
+}
+
 impl LaneDot for Q8 {
     type W = BlockQ8_0;
     const BIAS: i32 = 128;
@@ -217,11 +303,11 @@ unsafe fn quantize_q8_0_tf(x: &[f32], out: &mut [BlockQ8_0]) {
 }
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn gemm_q8_0_tf(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { super::gemm_quant::<Q8, Q8, 8, 4>(w, a, bpr, out) }
+    unsafe { gemm_quant::<Q8, Q8Y>(w, a, bpr, out) }
 }
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn gemm_q4_0_tf(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { super::gemm_quant::<Q4, Q4, 8, 4>(w, a, bpr, out) }
+    unsafe { gemm_quant::<Q4, Q4Y>(w, a, bpr, out) }
 }
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn gemm_f32_tf(w: &[f32], a: &[f32], cols: usize, out: &mut [f32]) {
@@ -269,4 +355,259 @@ fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
 }
 fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
     unsafe { axpy_f32_tf(alpha, x, y) }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Few tokens, two blocks per zmm.
+//
+// The 256-bit few-token kernel spends about 13 instructions per row and block, so Q4_0 (18 bytes a block) was
+// compute-bound below DRAM speed. Two blocks per zmm halve the integer and float work per block, and the
+// activation side (lane order, corrections, scales already in lane layout) is prepared once per call.
+
+/// A format's two-block unsigned operand, and the lane layout its activations must follow.
+trait Pair: BlockDot {
+    /// Which of the two blocks each of the 16 i32 lanes belongs to.
+    const LANES: [i32; 16];
+    /// The unsigned weight operand of blocks `w` and `w + 1`.
+    unsafe fn weights2(w: *const Self::W) -> __m512i;
+    /// Activation bytes of blocks `a` and `a + 1`, in the lane order of `weights2`.
+    unsafe fn acts2(a: *const BlockQ8_0) -> __m512i;
+}
+
+impl Pair for Q8 {
+    const LANES: [i32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
+    #[inline(always)]
+    unsafe fn weights2(w: *const BlockQ8_0) -> __m512i {
+        unsafe { _mm512_xor_si512(Self::acts2(w), _mm512_set1_epi8(-128)) }
+    }
+    #[inline(always)]
+    unsafe fn acts2(a: *const BlockQ8_0) -> __m512i {
+        unsafe {
+            let lo = _mm256_loadu_si256((*a).qs.as_ptr() as *const __m256i);
+            let hi = _mm256_loadu_si256((*a.add(1)).qs.as_ptr() as *const __m256i);
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        }
+    }
+}
+
+impl Pair for Q4 {
+    /// Low nibbles of both blocks, then high nibbles of both.
+    const LANES: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1];
+    #[inline(always)]
+    unsafe fn weights2(w: *const BlockQ4_0) -> __m512i {
+        unsafe {
+            let b0 = _mm_loadu_si128((*w).qs.as_ptr() as *const __m128i);
+            let b1 = _mm_loadu_si128((*w.add(1)).qs.as_ptr() as *const __m128i);
+            let y = _mm256_set_m128i(b1, b0);
+            let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y), _mm256_srli_epi16::<4>(y));
+            _mm512_and_si512(z, _mm512_set1_epi8(0x0f))
+        }
+    }
+    #[inline(always)]
+    unsafe fn acts2(a: *const BlockQ8_0) -> __m512i {
+        unsafe {
+            let (p0, p1) = ((*a).qs.as_ptr(), (*a.add(1)).qs.as_ptr());
+            let lo = _mm256_set_m128i(
+                _mm_loadu_si128(p1 as *const __m128i),
+                _mm_loadu_si128(p0 as *const __m128i),
+            );
+            let hi = _mm256_set_m128i(
+                _mm_loadu_si128(p1.add(16) as *const __m128i),
+                _mm_loadu_si128(p0.add(16) as *const __m128i),
+            );
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        }
+    }
+}
+
+/// Both block scales of a pair as f32 in the format's lane layout.
+#[inline(always)]
+unsafe fn scales2(d0: u16, d1: u16, lanes: __m512i) -> __m512 {
+    unsafe {
+        let h = _mm_cvtsi32_si128((d0 as u32 | (d1 as u32) << 16) as i32);
+        _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_cvtph_ps(h)))
+    }
+}
+
+/// `out[r * n + t] = W[r] . A[t]` for tokens `t0..t1`: 4 rows x up to 4 tokens, two blocks per step (an odd last
+/// block on the 256-bit path).
+#[inline(always)]
+unsafe fn gemm_few_pairs<D: Pair>(
+    w: &[D::W],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    t0: usize,
+    t1: usize,
+    out: &mut [f32],
+) {
+    let n = a.len() / bpr;
+    let rows = w.len() / bpr;
+    assert!(t0 <= t1 && t1 <= n && out.len() >= rows * n && bpr > 0);
+    let (nt, pairs) = (t1 - t0, bpr / 2);
+    // SAFETY: see `super::scratch`.
+    let s = unsafe { &mut *super::scratch() };
+    // Per token and pair: activation bytes, lane corrections and activation scales, 16 lanes each.
+    super::grow(&mut s.act, nt * pairs * 16);
+    super::grow(&mut s.corr, nt * pairs * 16);
+    super::grow(&mut s.da, nt * pairs * 16);
+    // SAFETY: each store writes 16 lanes at index (t * pairs + p) * 16 < nt * pairs * 16, as grown above; the
+    // loads read blocks 2p and 2p + 1 < bpr of token t0 + t < n.
+    unsafe {
+        let lanes = _mm512_loadu_si512(D::LANES.as_ptr() as *const _);
+        for t in 0..nt {
+            for p in 0..pairs {
+                let blk = a.as_ptr().add((t0 + t) * bpr + 2 * p);
+                let av = D::acts2(blk);
+                let sums = _mm512_dpbusd_epi32(
+                    _mm512_setzero_si512(),
+                    _mm512_set1_epi8(D::BIAS as i8),
+                    av,
+                );
+                let o = (t * pairs + p) * 16;
+                _mm512_storeu_si512(s.act.as_mut_ptr().add(o) as *mut _, av);
+                _mm512_storeu_si512(
+                    s.corr.as_mut_ptr().add(o) as *mut _,
+                    _mm512_sub_epi32(_mm512_setzero_si512(), sums),
+                );
+                _mm512_storeu_ps(
+                    s.da.as_mut_ptr().add(o),
+                    scales2((*blk).d.to_bits(), (*blk.add(1)).d.to_bits(), lanes),
+                );
+            }
+        }
+        let mut r = 0;
+        while r < rows {
+            let rt = if rows - r >= 4 { 4 } else { 1 };
+            let mut t = t0;
+            while t < t1 {
+                let left = t1 - t;
+                match (rt, left) {
+                    (4, 4..) => pair_tile::<D, 4, 4>(w, a, bpr, r, t, t0, s, lanes, out),
+                    (4, 2..) => pair_tile::<D, 4, 2>(w, a, bpr, r, t, t0, s, lanes, out),
+                    (4, _) => pair_tile::<D, 4, 1>(w, a, bpr, r, t, t0, s, lanes, out),
+                    (_, 4..) => pair_tile::<D, 1, 4>(w, a, bpr, r, t, t0, s, lanes, out),
+                    (_, 2..) => pair_tile::<D, 1, 2>(w, a, bpr, r, t, t0, s, lanes, out),
+                    (_, _) => pair_tile::<D, 1, 1>(w, a, bpr, r, t, t0, s, lanes, out),
+                }
+                t += if left >= 4 {
+                    4
+                } else if left >= 2 {
+                    2
+                } else {
+                    1
+                };
+            }
+            r += rt;
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pair_tile<D: Pair, const RT: usize, const TT: usize>(
+    w: &[D::W],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    r0: usize,
+    t: usize,
+    t0: usize,
+    s: &super::Scratch,
+    lanes: __m512i,
+    out: &mut [f32],
+) {
+    let n = a.len() / bpr;
+    let pairs = bpr / 2;
+    debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
+    // SAFETY (bounds): rows r0..r0 + RT and tokens t..t + TT exist (the caller's tiling); blocks index below bpr;
+    // the prepared activations hold (t1 - t0) * pairs * 16 lanes.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); TT]; RT];
+        let wp = w.as_ptr().add(r0 * bpr);
+        let base = (t - t0) * pairs * 16;
+        for p in 0..pairs {
+            let mut av = [_mm512_setzero_si512(); TT];
+            let mut cv = [_mm512_setzero_si512(); TT];
+            let mut dv = [_mm512_setzero_ps(); TT];
+            for j in 0..TT {
+                let o = base + (j * pairs + p) * 16;
+                av[j] = _mm512_loadu_si512(s.act.as_ptr().add(o) as *const _);
+                cv[j] = _mm512_loadu_si512(s.corr.as_ptr().add(o) as *const _);
+                dv[j] = _mm512_loadu_ps(s.da.as_ptr().add(o));
+            }
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let blk = wp.add(i * bpr + 2 * p);
+                // Two row tiles ahead into L2, as in the 256-bit kernel; a Q8_0 pair spans 68 bytes, so both ends.
+                let ahead = blk.wrapping_add(2 * RT * bpr) as *const i8;
+                _mm_prefetch::<_MM_HINT_T1>(ahead);
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(2 * size_of::<D::W>() - 1));
+                let u = D::weights2(blk);
+                let dw = scales2(D::d_bits(&*blk), D::d_bits(&*blk.add(1)), lanes);
+                for j in 0..TT {
+                    let isum = _mm512_dpbusd_epi32(cv[j], u, av[j]);
+                    acc_i[j] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(isum),
+                        _mm512_mul_ps(dw, dv[j]),
+                        acc_i[j],
+                    );
+                }
+            }
+        }
+        for (i, acc_i) in acc.iter().enumerate() {
+            for (j, &acc_ij) in acc_i.iter().enumerate() {
+                let mut sum = _mm512_reduce_add_ps(acc_ij);
+                if bpr % 2 == 1 {
+                    // The odd last block, one 256-bit step.
+                    let b = bpr - 1;
+                    let blk = wp.add(i * bpr + b);
+                    let ab = &*a.as_ptr().add((t + j) * bpr + b);
+                    let q = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                    let c = _mm256_sub_epi32(
+                        _mm256_setzero_si256(),
+                        _mm256_dpbusd_epi32(
+                            _mm256_setzero_si256(),
+                            _mm256_set1_epi8(D::BIAS as i8),
+                            q,
+                        ),
+                    );
+                    let isum = D::dot(c, D::load(blk), q);
+                    let dw = super::f16_bits_to_f32(D::d_bits(&*blk));
+                    let da = super::f16_bits_to_f32(ab.d.to_bits());
+                    sum += super::hsum_ps_256(_mm256_mul_ps(
+                        _mm256_cvtepi32_ps(isum),
+                        _mm256_set1_ps(dw * da),
+                    ));
+                }
+                out[(r0 + i) * n + t + j] = sum;
+            }
+        }
+    }
+}
+
+/// The whole product: whole zmm of tokens on the lane kernel; a remainder of 6 or more tokens on the ymm lane
+/// kernel (padded to whole ymm), a smaller one on the pair kernel.
+#[inline(always)]
+unsafe fn gemm_quant<
+    D: Pair + LaneDot<W = <D as BlockDot>::W>,
+    Y: LaneDot<W = <D as BlockDot>::W>,
+>(
+    w: &[<D as BlockDot>::W],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    out: &mut [f32],
+) {
+    if bpr == 0 || a.is_empty() || w.is_empty() {
+        return;
+    }
+    let n = a.len() / bpr;
+    let lane_tokens = n / 16 * 16;
+    unsafe {
+        if lane_tokens > 0 {
+            super::gemm_lanes::<D, 8>(w, a, bpr, 0, lane_tokens, out);
+        }
+        if n - lane_tokens >= 6 {
+            super::gemm_lanes::<Y, 8>(w, a, bpr, lane_tokens, n, out);
+        } else if lane_tokens < n {
+            gemm_few_pairs::<D>(w, a, bpr, lane_tokens, n, out);
+        }
+    }
 }
