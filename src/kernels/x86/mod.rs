@@ -249,10 +249,6 @@ unsafe fn few_rows<D: BlockDot, const RT: usize, const TMAX: usize>(
     }
 }
 
-/// Bytes ahead of the current block to prefetch on each weight row: far enough to cover DRAM latency at one
-/// thread's bandwidth, near enough to stay in L1.
-const PREFETCH_BYTES: usize = 1024;
-
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn few_tile<D: BlockDot, const RT: usize, const TT: usize>(
@@ -637,7 +633,8 @@ unsafe fn float_tile<L: FloatLanes, W: FloatWeight, const RT: usize, const TT: u
             }
             for (i, acc_i) in acc.iter_mut().enumerate() {
                 let p = wp.add(i * cols + c);
-                _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_BYTES));
+                // Two row tiles ahead into L2, as in the quantized kernels.
+                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(2 * RT * cols) as *const i8);
                 let wv = W::load::<L>(p);
                 for j in 0..TT {
                     acc_i[j] = L::fma(wv, av[j], acc_i[j]);
