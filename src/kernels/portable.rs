@@ -9,7 +9,7 @@
 
 use half::{bf16, f16};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
-use wide::{f32x8, i8x16, i16x16, i32x8};
+use wide::{f32x8, i8x16, i16x16, i32x8, u16x8};
 
 use super::Kernels;
 
@@ -37,6 +37,31 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
         f32::from_bits(em << 13) * f32::from_bits(0x7780_0000) // 2^112
     };
     f32::from_bits(mag.to_bits() | sign)
+}
+
+/// Eight f16 as f32: `f16_to_f32` on 8 lanes.
+#[inline]
+fn f16x8(h: &[f16]) -> f32x8 {
+    let x = i32x8::from_u16x8(u16x8::new(bytemuck::cast(
+        *<&[f16; 8]>::try_from(&h[..8]).unwrap(),
+    )));
+    let em = x & i32x8::splat(0x7fff);
+    let sign = (x & i32x8::splat(0x8000)) << 16;
+    let shifted = em << 13;
+    let finite: i32x8 = bytemuck::cast(
+        bytemuck::cast::<i32x8, f32x8>(shifted) * f32x8::splat(f32::from_bits(0x7780_0000)),
+    );
+    let special = shifted | i32x8::splat(0x7f80_0000);
+    bytemuck::cast(em.simd_gt(i32x8::splat(0x7bff)).select(special, finite) | sign)
+}
+
+/// Eight bf16 as f32: the top half of an f32.
+#[inline]
+fn bf16x8(h: &[bf16]) -> f32x8 {
+    let x = i32x8::from_u16x8(u16x8::new(bytemuck::cast(
+        *<&[bf16; 8]>::try_from(&h[..8]).unwrap(),
+    )));
+    bytemuck::cast(x << 16)
 }
 
 fn load8(x: &[f32]) -> f32x8 {
@@ -207,7 +232,7 @@ fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]) {
         dot_with(
             cols,
             act,
-            |i| f32x8::new(std::array::from_fn(|j| f16_to_f32(row[i + j].to_bits()))),
+            |i| f16x8(&row[i..]),
             |k| f16_to_f32(row[k].to_bits()),
         )
     })
@@ -218,12 +243,7 @@ fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]) {
     let conv = |b: bf16| f32::from_bits((b.to_bits() as u32) << 16);
     gemm_float(rows, cols, a, out, |r, act| {
         let row = &w[r * cols..(r + 1) * cols];
-        dot_with(
-            cols,
-            act,
-            |i| f32x8::new(std::array::from_fn(|j| conv(row[i + j]))),
-            |k| conv(row[k]),
-        )
+        dot_with(cols, act, |i| bf16x8(&row[i..]), |k| conv(row[k]))
     })
 }
 
