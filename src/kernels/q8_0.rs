@@ -1,4 +1,5 @@
-//! Q8_0 weights (32 x i8 + an f16 scale) against Q8_0-quantized activations.
+//! Q8_0 weights (32 x i8 + an f16 scale) against Q8_0-quantized activations: the scalar reference. The SIMD
+//! versions are in `portable.rs` and `x86/` (one loop structure for both quantized formats there).
 
 use half::f16;
 use quarry_quantize::blocks::BlockQ8_0;
