@@ -3,7 +3,8 @@
 //! - gemv: one token, GB/s of weight bytes. "dram" streams 256 MiB of weights as consecutive 1024-column
 //!   matrices, so nothing is reused from any cache (this VM's L3 does not hold large buffers); "l2" repeats one
 //!   256 x 1024 matrix (at most 1 MiB of weights).
-//! - gemm: 1024 x 1024 weights against 16, 64 and 256 tokens, in G multiply-accumulates per second.
+//! - gemm: 1024 x 1024 weights against 8, 16, 64 and 256 tokens, in G multiply-accumulates per second; and
+//!   a 128-row share of it against 64 tokens (a thread's part of a small matrix, where per-call work shows).
 //!
 //! Each figure is the fastest of 7 timed runs of about 50 ms.
 
@@ -186,6 +187,13 @@ fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) ->
         let s = time(|| F::run(k, black_box(&w), &a, &mut out));
         cells.push(format!("{:.1}", (1024 * COLS * n) as f64 / s / 1e9));
     }
+    // A small thread's share: 128 rows at 64 tokens, where per-call activation work shows.
+    if gemm_tokens.len() > 1 {
+        let a = Acts::new(rng, 64, k);
+        let mut out = vec![0.0f32; 128 * 64];
+        let s = time(|| F::run(k, black_box(&w[..w.len() / 8]), &a, &mut out));
+        cells.push(format!("{:.1}", (128 * COLS * 64) as f64 / s / 1e9));
+    }
     cells
 }
 
@@ -201,8 +209,16 @@ fn main() {
         "one thread; gemv in GB/s of weight bytes (dram: 256 MiB streamed; l2: 256 x 1024), gemm 1024 x 1024 in G-MAC/s"
     );
     println!(
-        "{:<11} {:<5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9}",
-        "set", "type", "gemv dram", "gemv l2", "gemm 8", "gemm 16", "gemm 64", "gemm 256"
+        "{:<11} {:<5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>12}",
+        "set",
+        "type",
+        "gemv dram",
+        "gemv l2",
+        "gemm 8",
+        "gemm 16",
+        "gemm 64",
+        "gemm 256",
+        "64 x 128 rows"
     );
     // The ceiling for "gemv dram": a plain sum over the same 256 MiB.
     let buf: Vec<u64> = (0..DRAM_BYTES / 8).map(|i| i as u64).collect();
@@ -243,7 +259,7 @@ fn main() {
             let c = f(&k, &mut rng, t);
             let get = |i: usize| c.get(i).cloned().unwrap_or_else(|| "-".into());
             println!(
-                "{:<11} {:<5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9}",
+                "{:<11} {:<5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>12}",
                 k.name,
                 name,
                 get(0),
@@ -251,7 +267,8 @@ fn main() {
                 get(2),
                 get(3),
                 get(4),
-                get(5)
+                get(5),
+                get(6)
             );
         }
     }
