@@ -8,7 +8,9 @@
 //! - **few tokens** (decode, and the last tokens of a batch): one 32-byte block at a time, rows and tokens
 //!   tiled so an activation block is loaded once for several rows and a weight block transformed once for
 //!   several tokens; the 8 lanes of a block's integer dot are scaled and accumulated as floats and summed
-//!   horizontally once per output. Memory-bound: the work per weight byte only has to stay below DRAM speed.
+//!   horizontally once per output. Memory-bound: the work per weight byte only has to stay below DRAM speed,
+//!   and the rows are prefetched two tiles ahead into L2 (see `few_tile`). AVX-512 has its own version with two
+//!   blocks per zmm (`avx512.rs`).
 //! - **many tokens** (prompt processing): one lane per token. Activations are transposed once per call so that
 //!   lane `j` of vector `k` holds bytes `4k..4k + 4` of token `j`'s block; a weight block is then 8 broadcast
 //!   dwords. Each lane's integer sum is a whole block's dot product, so the float work per block (convert,
@@ -17,7 +19,12 @@
 //! Both formats run on unsigned-by-signed byte dots (`vpdpbusd`, or `vpmaddubsw` + `vpmaddwd`): Q4_0 nibbles are
 //! used as they are (0..15) and corrected by `-8 * sum(activation block)`; Q8_0 weights are offset by 128 for
 //! VNNI and corrected by `-128 * sum`, or (AVX2, where `vpmaddubsw` saturates at i16) split into `|w|` and the
-//! sign moved onto the activation. Every per-block integer sum is exact.
+//! sign moved onto the activation. Every per-block integer sum is exact; in the few-token kernels the correction
+//! is spread over the lanes (each lane gets `-bias` times the sum of its own 4 activation bytes), so every float
+//! lane is a true partial dot product and no larger than the terms it sums.
+//!
+//! Which shape runs is decided per call from the token count: whole vectors of tokens on the lane kernel, the
+//! rest on the few-token kernel.
 
 pub mod avx2;
 pub mod avx512;
