@@ -197,6 +197,46 @@ fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) ->
     cells
 }
 
+/// The f32 operations: each compiled copy against the scalar reference, in ns per call.
+fn bench_ops() {
+    use quarry::kernels::ops;
+    let mut rng = Rng(7);
+    let x: Vec<f32> = (0..4096).map(|_| rng.f32() * 8.0).collect();
+    let wgt: Vec<f32> = (0..4096).map(|_| rng.f32()).collect();
+    let cs: Vec<(f32, f32)> = (0..32)
+        .map(|i| ((i as f32).cos(), (i as f32).sin()))
+        .collect();
+    let mut buf = x.clone();
+    let mut out = vec![0.0f32; 4096];
+    let reference = ops::Table {
+        rms_norm: ops::scalar::rms_norm,
+        rope: ops::scalar::rope_adjacent_pairs,
+        softmax: ops::scalar::softmax,
+        silu_mul: ops::scalar::silu_mul,
+    };
+    println!("\nops, ns per call (softmax and silu_mul include copying in 4096 fresh inputs)");
+    println!(
+        "{:<10} {:>14} {:>13} {:>13} {:>14}",
+        "copy", "rms_norm 1024", "rope 16 x 64", "softmax 4096", "silu_mul 4096"
+    );
+    let mut all = ops::copies();
+    all.insert(0, ("scalar", reference));
+    for (name, t) in all {
+        let a = time(|| (t.rms_norm)(black_box(&x[..1024]), &wgt[..1024], 1e-6, &mut out[..1024]))
+            * 1e9;
+        let b = time(|| (t.rope)(black_box(&mut buf[..1024]), 64, &cs)) * 1e9;
+        let c = time(|| {
+            buf.copy_from_slice(&x);
+            (t.softmax)(black_box(&mut buf))
+        }) * 1e9;
+        let d = time(|| {
+            buf.copy_from_slice(&x);
+            (t.silu_mul)(black_box(&mut buf), &wgt)
+        }) * 1e9;
+        println!("{name:<10} {a:>14.0} {b:>13.0} {c:>13.0} {d:>14.0}");
+    }
+}
+
 type BenchFn = fn(&Kernels, &mut Rng, &[usize]) -> Vec<String>;
 
 fn main() {
@@ -271,5 +311,8 @@ fn main() {
                 get(6)
             );
         }
+    }
+    if filter.is_empty() || filter.iter().any(|p| p == "ops") {
+        bench_ops();
     }
 }

@@ -554,39 +554,63 @@ fn softmax_close(x: &[f32], got: &[f32], want: &[f32], what: &str) {
 
 #[test]
 fn ops_match_scalar() {
+    let copies = ops::copies();
+    eprintln!(
+        "ops copies: {}",
+        copies.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+    );
     let mut rng = Rng(6);
+    let mut cases: Vec<(Vec<f32>, Vec<f32>)> = vec![];
     for len in (1..40).chain([64, 100, 1024, 4097]) {
         for mag in [1.0f32, 10.0, 100.0] {
             let x: Vec<f32> = (0..len).map(|_| rng.f32() * mag).collect();
             let u: Vec<f32> = (0..len).map(|_| rng.f32() * 3.0).collect();
-
-            let (mut got, mut want) = (x.clone(), x.clone());
-            ops::softmax(&mut got);
-            ops::scalar::softmax(&mut want);
-            softmax_close(&x, &got, &want, &format!("softmax len {len} mag {mag}"));
-
-            let (mut got, mut want) = (x.clone(), x.clone());
-            ops::silu_mul(&mut got, &u);
-            ops::scalar::silu_mul(&mut want, &u);
-            close(&got, &want, &format!("silu_mul len {len} mag {mag}"));
-
-            let (mut got, mut want) = (vec![0.0; len], vec![0.0; len]);
-            ops::rms_norm(&x, &u, 1e-6, &mut got);
-            ops::scalar::rms_norm(&x, &u, 1e-6, &mut want);
-            close(&got, &want, &format!("rms_norm len {len}"));
+            cases.push((x, u));
         }
     }
     // Extremes of exp: overflow to infinity in silu's denominator, underflow to 0 and subnormals in softmax.
     let mut x: Vec<f32> = (0..64).map(|i| -110.0 + i as f32 * 3.5).collect();
     x.extend([-88.0, -87.0, -100.0, -103.5, 0.0, 88.5, 88.7, -0.0]);
-    let (mut got, mut want) = (x.clone(), x.clone());
-    ops::silu_mul(&mut got, &vec![1.0; x.len()]);
-    ops::scalar::silu_mul(&mut want, &vec![1.0; x.len()]);
-    close(&got, &want, "silu_mul extremes");
-    let (mut got, mut want) = (x.clone(), x.clone());
-    ops::softmax(&mut got);
-    ops::scalar::softmax(&mut want);
-    softmax_close(&x, &got, &want, "softmax extremes");
+    let ones = vec![1.0; x.len()];
+    cases.push((x, ones));
+
+    for (x, u) in &cases {
+        let len = x.len();
+        let mut want_sm = x.clone();
+        ops::scalar::softmax(&mut want_sm);
+        let mut want_silu = x.clone();
+        ops::scalar::silu_mul(&mut want_silu, u);
+        let mut want_rms = vec![0.0; len];
+        ops::scalar::rms_norm(x, u, 1e-6, &mut want_rms);
+        let mut first: Option<Vec<f32>> = None;
+        for (name, t) in &copies {
+            let mut got = x.clone();
+            (t.softmax)(&mut got);
+            softmax_close(x, &got, &want_sm, &format!("softmax {name} len {len}"));
+            let mut all = got;
+
+            let mut got = x.clone();
+            (t.silu_mul)(&mut got, u);
+            close(&got, &want_silu, &format!("silu_mul {name} len {len}"));
+            all.extend(got);
+
+            let mut got = vec![0.0; len];
+            (t.rms_norm)(x, u, 1e-6, &mut got);
+            close(&got, &want_rms, &format!("rms_norm {name} len {len}"));
+            all.extend(got);
+
+            // Every compiled copy is the same arithmetic, so the same bits.
+            let bits: Vec<u32> = all.iter().map(|v| v.to_bits()).collect();
+            match &first {
+                None => first = Some(all),
+                Some(f) => assert_eq!(
+                    bits,
+                    f.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{name}"
+                ),
+            }
+        }
+    }
 }
 
 #[test]
@@ -597,9 +621,15 @@ fn rope_is_bit_identical() {
             .map(|i| ((i as f32 * 0.3).cos(), (i as f32 * 0.3).sin()))
             .collect();
         let x: Vec<f32> = (0..head_dim * 3).map(|_| rng.f32() * 5.0).collect();
-        let (mut got, mut want) = (x.clone(), x.clone());
-        ops::rope_adjacent_pairs(&mut got, head_dim, &cs);
+        let mut want = x.clone();
         ops::scalar::rope_adjacent_pairs(&mut want, head_dim, &cs);
-        assert_eq!(got, want, "head_dim {head_dim}");
+        for (name, t) in ops::copies() {
+            let mut got = x.clone();
+            (t.rope)(&mut got, head_dim, &cs);
+            assert_eq!(got, want, "{name}: head_dim {head_dim}");
+        }
+        let mut got = x.clone();
+        ops::rope_adjacent_pairs(&mut got, head_dim, &cs);
+        assert_eq!(got, want, "selected: head_dim {head_dim}");
     }
 }
