@@ -33,12 +33,14 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     (table().silu_mul)(gate, up)
 }
 
+type RopeFn = fn(&mut [f32], usize, &[(f32, f32)]);
+
 /// One compiled copy of the operations.
 #[doc(hidden)]
 #[derive(Clone, Copy)]
 pub struct Table {
     pub rms_norm: fn(&[f32], &[f32], f32, &mut [f32]),
-    pub rope: fn(&mut [f32], usize, &[(f32, f32)]),
+    pub rope: RopeFn,
     pub softmax: fn(&mut [f32]),
     pub silu_mul: fn(&mut [f32], &[f32]),
 }
