@@ -66,6 +66,7 @@ pub(crate) struct Q4;
 pub(crate) struct VnniQ8;
 pub(crate) struct VnniQ4;
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl BlockDot for Q8 {
     type W = BlockQ8_0;
     const BIAS: i32 = 0;
@@ -89,6 +90,7 @@ impl BlockDot for Q8 {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl BlockDot for Q4 {
     type W = BlockQ4_0;
     const BIAS: i32 = 8;
@@ -109,6 +111,7 @@ impl BlockDot for Q4 {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl BlockDot for VnniQ8 {
     type W = BlockQ8_0;
     const BIAS: i32 = 128;
@@ -129,6 +132,7 @@ impl BlockDot for VnniQ8 {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl BlockDot for VnniQ4 {
     type W = BlockQ4_0;
     const BIAS: i32 = 8;
@@ -150,6 +154,7 @@ impl BlockDot for VnniQ4 {
 }
 
 /// The lane-kernel methods every format shares on 8 tokens per ymm.
+// SAFETY (every method generated): as for the trait impls, see `x86/mod.rs`.
 macro_rules! ymm_lanes {
     () => {
         type I = __m256i;
@@ -187,6 +192,7 @@ macro_rules! ymm_lanes {
     };
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl LaneDot for Q8 {
     type W = BlockQ8_0;
     const BIAS: i32 = 0;
@@ -222,6 +228,7 @@ impl LaneDot for Q8 {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl LaneDot for Q4 {
     type W = BlockQ4_0;
     const BIAS: i32 = 8;
@@ -249,6 +256,7 @@ impl LaneDot for Q4 {
     }
 }
 
+// SAFETY (every method generated): as for the trait impls, see `x86/mod.rs`.
 macro_rules! vnni_block {
     () => {
         const W_BYTES: usize = 32;
@@ -266,6 +274,7 @@ macro_rules! vnni_block {
     };
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl LaneDot for VnniQ8 {
     type W = BlockQ8_0;
     const BIAS: i32 = 128;
@@ -284,6 +293,7 @@ impl LaneDot for VnniQ8 {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl LaneDot for VnniQ4 {
     type W = BlockQ4_0;
     const BIAS: i32 = 8;
@@ -301,6 +311,7 @@ impl LaneDot for VnniQ4 {
 
 pub(crate) struct Y;
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl FloatLanes for Y {
     type F = __m256;
     const N: usize = 8;

@@ -38,6 +38,7 @@ pub(in crate::kernels) const SET: Kernels = Kernels {
 pub(crate) struct Q8;
 pub(crate) struct Q4;
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl BlockDot for Q8 {
     type W = BlockQ8_0;
     const BIAS: i32 = 128;
@@ -59,6 +60,7 @@ impl BlockDot for Q8 {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl BlockDot for Q4 {
     type W = BlockQ4_0;
     const BIAS: i32 = 8;
@@ -80,6 +82,7 @@ impl BlockDot for Q4 {
 }
 
 /// The lane-kernel methods shared by both formats (they differ only in how a block is prepared).
+// SAFETY (every method generated): as for the trait impls, see `x86/mod.rs`.
 macro_rules! zmm_lanes {
     () => {
         type I = __m512i;
@@ -132,6 +135,7 @@ macro_rules! zmm_lanes {
 
 /// The same lane kernel on 8 tokens per ymm (AVX-512 VL encoding of `vpdpbusd`), for batches of 6 to 15 tokens
 /// past the last whole zmm.
+// SAFETY (every method generated): as for the trait impls, see `x86/mod.rs`.
 macro_rules! ymm_lanes {
     () => {
         type I = __m256i;
@@ -188,6 +192,7 @@ macro_rules! ymm_lanes {
 pub(crate) struct Q8Y;
 pub(crate) struct Q4Y;
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl LaneDot for Q8Y {
     type W = BlockQ8_0;
     const BIAS: i32 = 128;
@@ -202,6 +207,7 @@ impl LaneDot for Q8Y {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl LaneDot for Q4Y {
     type W = BlockQ4_0;
     const BIAS: i32 = 8;
@@ -216,6 +222,7 @@ impl LaneDot for Q4Y {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl LaneDot for Q8 {
     type W = BlockQ8_0;
     const BIAS: i32 = 128;
@@ -233,6 +240,7 @@ impl LaneDot for Q8 {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl LaneDot for Q4 {
     type W = BlockQ4_0;
     const BIAS: i32 = 8;
@@ -249,6 +257,7 @@ impl LaneDot for Q4 {
 
 pub(crate) struct Z;
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl FloatLanes for Z {
     type F = __m512;
     const N: usize = 16;
@@ -374,6 +383,7 @@ trait Pair: BlockDot {
     unsafe fn acts2(a: *const BlockQ8_0) -> __m512i;
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl Pair for Q8 {
     const LANES: [i32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
     #[inline(always)]
@@ -390,6 +400,7 @@ impl Pair for Q8 {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl Pair for Q4 {
     /// Low nibbles of both blocks, then high nibbles of both.
     const LANES: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1];

@@ -25,6 +25,14 @@
 //!
 //! Which shape runs is decided per call from the token count: whole vectors of tokens on the lane kernel, the
 //! rest on the few-token kernel.
+//!
+//! # Safety
+//! Every `unsafe fn` here and in the two ISA files has one contract: it runs inside a `#[target_feature]`
+//! wrapper of a set whose features `kernels::available` detected (AVX2, FMA and F16C for all; AVX-VNNI or
+//! AVX-512 F/BW/VL/VNNI for those sets' own code), and every pointer it is given points at the bytes its doc
+//! names (a whole block, 32 prepared bytes, 8 or 16 lanes). The `unsafe` blocks inside the small helpers and
+//! trait methods only call intrinsics under that contract; the loops that compute pointers check lengths first
+//! and say so where they do.
 
 pub mod avx2;
 pub mod avx512;
@@ -581,6 +589,7 @@ pub(crate) trait FloatWeight: Copy {
     fn to_f32(self) -> f32;
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl FloatWeight for f32 {
     #[inline(always)]
     unsafe fn load<L: FloatLanes>(p: *const f32) -> L::F {
@@ -592,6 +601,7 @@ impl FloatWeight for f32 {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl FloatWeight for f16 {
     #[inline(always)]
     unsafe fn load<L: FloatLanes>(p: *const f16) -> L::F {
@@ -604,6 +614,7 @@ impl FloatWeight for f16 {
     }
 }
 
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl FloatWeight for bf16 {
     #[inline(always)]
     unsafe fn load<L: FloatLanes>(p: *const bf16) -> L::F {
