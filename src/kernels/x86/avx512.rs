@@ -371,7 +371,9 @@ fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
 //
 // The 256-bit few-token kernel spends about 13 instructions per row and block, so Q4_0 (18 bytes a block) was
 // compute-bound below DRAM speed. Two blocks per zmm halve the integer and float work per block, and the
-// activation side (lane order, corrections, scales already in lane layout) is prepared once per call.
+// activation side (lane order, corrections, scales already in lane layout) is prepared once per call. Q8_0 keeps
+// the 256-bit kernel: it is not compute-bound, and streams a little faster from DRAM with it (23 against 20 GB/s
+// in alternating runs).
 
 /// A format's two-block unsigned operand, and the lane layout its activations must follow.
 trait Pair: BlockDot {
@@ -381,23 +383,6 @@ trait Pair: BlockDot {
     unsafe fn weights2(w: *const Self::W) -> __m512i;
     /// Activation bytes of blocks `a` and `a + 1`, in the lane order of `weights2`.
     unsafe fn acts2(a: *const BlockQ8_0) -> __m512i;
-}
-
-// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl Pair for Q8 {
-    const LANES: [i32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
-    #[inline(always)]
-    unsafe fn weights2(w: *const BlockQ8_0) -> __m512i {
-        unsafe { _mm512_xor_si512(Self::acts2(w), _mm512_set1_epi8(-128)) }
-    }
-    #[inline(always)]
-    unsafe fn acts2(a: *const BlockQ8_0) -> __m512i {
-        unsafe {
-            let lo = _mm256_loadu_si256((*a).qs.as_ptr() as *const __m256i);
-            let hi = _mm256_loadu_si256((*a.add(1)).qs.as_ptr() as *const __m256i);
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-        }
-    }
 }
 
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
@@ -594,11 +579,53 @@ unsafe fn pair_tile<D: Pair, const RT: usize, const TT: usize>(
     }
 }
 
+/// Each format's few-token kernel.
+trait Few: BlockDot {
+    unsafe fn few(
+        w: &[Self::W],
+        a: &[BlockQ8_0],
+        bpr: usize,
+        t0: usize,
+        t1: usize,
+        out: &mut [f32],
+    );
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`.
+impl Few for Q8 {
+    #[inline(always)]
+    unsafe fn few(
+        w: &[BlockQ8_0],
+        a: &[BlockQ8_0],
+        bpr: usize,
+        t0: usize,
+        t1: usize,
+        out: &mut [f32],
+    ) {
+        unsafe { super::gemm_few::<Q8, 4>(w, a, bpr, t0, t1, out) }
+    }
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`.
+impl Few for Q4 {
+    #[inline(always)]
+    unsafe fn few(
+        w: &[BlockQ4_0],
+        a: &[BlockQ8_0],
+        bpr: usize,
+        t0: usize,
+        t1: usize,
+        out: &mut [f32],
+    ) {
+        unsafe { gemm_few_pairs::<Q4>(w, a, bpr, t0, t1, out) }
+    }
+}
+
 /// The whole product: whole zmm of tokens on the lane kernel; a remainder of 6 or more tokens on the ymm lane
-/// kernel (padded to whole ymm), a smaller one on the pair kernel.
+/// kernel (padded to whole ymm), a smaller one on the few-token kernel (pairs of blocks, or one block).
 #[inline(always)]
 unsafe fn gemm_quant<
-    D: Pair + LaneDot<W = <D as BlockDot>::W>,
+    D: Few + LaneDot<W = <D as BlockDot>::W>,
     Y: LaneDot<W = <D as BlockDot>::W>,
 >(
     w: &[<D as BlockDot>::W],
@@ -618,7 +645,7 @@ unsafe fn gemm_quant<
         if n - lane_tokens >= 6 {
             super::gemm_lanes::<Y, 8>(w, a, bpr, lane_tokens, n, out);
         } else if lane_tokens < n {
-            gemm_few_pairs::<D>(w, a, bpr, lane_tokens, n, out);
+            D::few(w, a, bpr, lane_tokens, n, out);
         }
     }
 }
