@@ -54,7 +54,7 @@ fn time(mut f: impl FnMut()) -> f64 {
 }
 
 /// Weight formats as the benchmark sees them: bytes per row, a random matrix, and the kernel call.
-trait Format: Copy + 'static {
+trait Format: Copy + Send + Sync + 'static {
     const NAME: &'static str;
     const ROW_BYTES: usize;
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self>;
@@ -237,6 +237,42 @@ fn bench_ops() {
     }
 }
 
+/// The ceiling the decode step can aim at: the selected set's gemv over 256 MiB with both cores, each thread
+/// taking half the rows of every matrix (no synchronisation between matrices, so an upper bound).
+fn bench_two_threads() {
+    let k = kernels::selected();
+    println!(
+        "\ngemv dram with 2 threads ({}), GB/s of weight bytes",
+        k.name
+    );
+    let mut rng = Rng(9);
+    fn run<F: Format>(k: &Kernels, rng: &mut Rng) -> f64 {
+        let rows_total = DRAM_BYTES / F::ROW_BYTES;
+        let big = F::random(rng, rows_total);
+        let a1 = Acts::new(rng, 1, k);
+        let per_row = big.len() / rows_total;
+        let s = time(|| {
+            std::thread::scope(|sc| {
+                for half in 0..2 {
+                    let (big, a1) = (&big, &a1);
+                    sc.spawn(move || {
+                        let mut out = vec![0.0f32; 512];
+                        for m in big.chunks(1024 * per_row) {
+                            let h = m.len() / 2 / per_row * per_row;
+                            let part = if half == 0 { &m[..h] } else { &m[h..] };
+                            F::run(k, black_box(part), a1, &mut out[..part.len() / per_row]);
+                        }
+                    });
+                }
+            })
+        });
+        (rows_total * F::ROW_BYTES) as f64 / s / 1e9
+    }
+    println!("q4_0 {:.1}", run::<BlockQ4_0>(k, &mut rng));
+    println!("q8_0 {:.1}", run::<BlockQ8_0>(k, &mut rng));
+    println!("f16  {:.1}", run::<f16>(k, &mut rng));
+}
+
 type BenchFn = fn(&Kernels, &mut Rng, &[usize]) -> Vec<String>;
 
 fn main() {
@@ -311,6 +347,9 @@ fn main() {
                 get(6)
             );
         }
+    }
+    if filter.is_empty() || filter.iter().any(|p| p == "threads") {
+        bench_two_threads();
     }
     if filter.is_empty() || filter.iter().any(|p| p == "ops") {
         bench_ops();
