@@ -4,7 +4,7 @@
 use half::{bf16, f16};
 
 pub fn dot_f32_scalar(w: &[f32], x: &[f32]) -> f32 {
-    // Four partial sums: the same association the SIMD versions use, and fewer dependent adds.
+    // Four partial sums: fewer dependent adds (the SIMD sets use 8 or 16 lanes and agree to rounding).
     let mut acc = [0.0f32; 4];
     let chunks = w.len() / 4 * 4;
     for (wc, xc) in w[..chunks].chunks_exact(4).zip(x[..chunks].chunks_exact(4)) {
@@ -17,6 +17,13 @@ pub fn dot_f32_scalar(w: &[f32], x: &[f32]) -> f32 {
         sum += a * b;
     }
     sum
+}
+
+/// `y += alpha * x`.
+pub fn axpy_f32_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (acc, &v) in y.iter_mut().zip(x) {
+        *acc += alpha * v;
+    }
 }
 
 pub fn dot_f16_scalar(w: &[f16], x: &[f32]) -> f32 {

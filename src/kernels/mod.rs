@@ -1,15 +1,30 @@
 //! Matrix products over weights stored in ggml blocks, and the f32 operations around them.
 //!
-//! Each weight format has a module with a plain scalar reference; SIMD versions sit beside it and are chosen
-//! once per process by CPU feature detection (or `QUARRY_KERNEL`). The model never sees which one runs: it
-//! hands [`WeightRows`] views and [`ActivationBatch`]es to [`parallel::parallel_gemm`].
+//! Each weight format has a module with a plain scalar reference (`q8_0`, `q4_0`, `float`); the SIMD sets sit
+//! beside them, one module per instruction set, and one set is chosen once per process by CPU feature detection
+//! (or `QUARRY_KERNEL`). The model never sees which one runs: it hands
+//! [`WeightRows`] views and [`ActivationBatch`]es to [`parallel::parallel_gemm`].
+//!
+//! The sets, from slowest to fastest:
+//! - `scalar`: the references everything is tested against.
+//! - `portable` (`portable.rs`): the `wide` crate, SIMD width chosen at compile time (SSE2 / NEON); integer
+//!   block sums widened to i16. Runs everywhere.
+//! - `avx2` (`x86/avx2.rs`): AVX2 + FMA + F16C, byte dots with `vpmaddubsw` + `vpmaddwd`.
+//! - `avxvnni` (same file): the 256-bit `vpdpbusd` of CPUs with AVX-VNNI but no AVX-512.
+//! - `avx512vnni` (`x86/avx512.rs`): AVX-512 F/BW/VL + VNNI, `vpdpbusd` on 512 bits.
+//!
+//! The x86 sets share their loop structure (`x86/mod.rs`): per-block dots for few tokens, one lane per token for
+//! many. The shape of a call decides which runs, so callers need not care.
 
 pub mod float;
 mod matmul;
 pub mod ops;
 pub mod parallel;
+mod portable;
 pub mod q4_0;
 pub mod q8_0;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use matmul::{ActivationBatch, ActivationRows, WeightRows, gemm_rows, supported, wants_q8_0};
 
@@ -24,10 +39,16 @@ use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
 /// `cols` weights each) and a block of activation rows `A` (one per token, contiguous): the row count is
 /// `w.len() / blocks_per_row`, the token count `a.len() / blocks_per_row`. One call covers one thread's share
 /// of a product, so implementations may tile rows and tokens however their registers suit.
+///
+/// Every set computes each 32-block's integer dot exactly; the float sums over blocks (and over f32/f16/bf16
+/// products) may be associated differently from the scalar reference, so results agree to rounding: within
+/// `1e-5 * |result| + 1e-6 * sum(|terms|)` (`tests/kernels.rs`). The portable set's quantized products, the
+/// `quantize_q8_0` bytes, `axpy_f32` and `ops::rope_adjacent_pairs` are bit-identical in every set.
 #[derive(Clone, Copy)]
 pub struct Kernels {
     pub name: &'static str,
-    /// Activation row to Q8_0 (round half to even; SIMD versions must give the same bytes).
+    /// Activation row to Q8_0 (round half to even; SIMD versions must give the same bytes). Its quants are in
+    /// -127..=127, which the Q8_0 product relies on (AVX2's sign trick would overflow on -128).
     pub quantize_q8_0: fn(&[f32], &mut [BlockQ8_0]),
     pub gemm_q8_0: fn(w: &[BlockQ8_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32]),
     pub gemm_q4_0: fn(w: &[BlockQ4_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32]),
@@ -36,6 +57,8 @@ pub struct Kernels {
     pub gemm_bf16: fn(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]),
     /// Plain f32 dot product (attention scores).
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
+    /// `y += alpha * x` (the attention's weighted sum of values), rounded as `y[i] + alpha * x[i]` in every set.
+    pub axpy_f32: fn(alpha: f32, x: &[f32], y: &mut [f32]),
 }
 
 pub const SCALAR: Kernels = Kernels {
@@ -47,14 +70,31 @@ pub const SCALAR: Kernels = Kernels {
     gemm_f16: float::gemm_f16_scalar,
     gemm_bf16: float::gemm_bf16_scalar,
     dot_f32: float::dot_f32_scalar,
+    axpy_f32: float::axpy_f32_scalar,
 };
 
-/// Every kernel set this CPU can run, best last.
+/// Every kernel set this CPU can run, best last. The x86 sets are only ever handed out from here, after the
+/// feature checks their `#[target_feature]` code relies on.
 pub fn available() -> Vec<Kernels> {
-    vec![SCALAR]
+    #[allow(unused_mut)]
+    let mut all = vec![SCALAR, portable::SET];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::avx2::detected() {
+            all.push(x86::avx2::SET);
+        }
+        if x86::avx2::detected_vnni() {
+            all.push(x86::avx2::SET_VNNI);
+        }
+        if x86::avx512::detected() {
+            all.push(x86::avx512::SET);
+        }
+    }
+    all
 }
 
 /// The kernel set for this process: `QUARRY_KERNEL=<name>` if set (and available), else the best available.
+/// Its `name` is what `quarry info` and `bench` print.
 pub fn selected() -> &'static Kernels {
     static SELECTED: OnceLock<Kernels> = OnceLock::new();
     SELECTED.get_or_init(|| {

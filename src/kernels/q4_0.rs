@@ -1,4 +1,5 @@
-//! Q4_0 weights (32 nibbles + an f16 scale, offset 8) against Q8_0-quantized activations.
+//! Q4_0 weights (32 nibbles + an f16 scale, offset 8) against Q8_0-quantized activations: the scalar reference.
+//! The SIMD versions are in `portable.rs` and `x86/`.
 
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
 

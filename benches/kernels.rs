@@ -1,0 +1,357 @@
+//! Kernel micro-benchmarks, one thread: `cargo bench --bench kernels [-- FILTER]`.
+//!
+//! - gemv: one token, GB/s of weight bytes. "dram" streams 256 MiB of weights as consecutive 1024-column
+//!   matrices, so nothing is reused from any cache (this VM's L3 does not hold large buffers); "l2" repeats one
+//!   256 x 1024 matrix (at most 1 MiB of weights).
+//! - gemm: 1024 x 1024 weights against 8, 16, 64 and 256 tokens, in G multiply-accumulates per second; and
+//!   a 128-row share of it against 64 tokens (a thread's part of a small matrix, where per-call work shows).
+//!
+//! Each figure is the fastest of 7 timed runs of about 50 ms.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use half::{bf16, f16};
+use quarry::kernels::{self, Kernels};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+
+const COLS: usize = 1024;
+const BPR: usize = COLS / 32;
+const DRAM_BYTES: usize = 256 << 20;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+}
+
+/// Seconds per call of `f`: the fastest of several runs of about 50 ms each (the least disturbed by whatever
+/// else the machine is doing; this VM shares its 2 cores with builds).
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64().max(1e-7);
+    let iters = ((0.05 / once) as usize).max(1);
+    let mut runs: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            t.elapsed().as_secs_f64() / iters as f64
+        })
+        .collect();
+    runs.sort_by(|a, b| a.total_cmp(b));
+    runs[0]
+}
+
+/// Weight formats as the benchmark sees them: bytes per row, a random matrix, and the kernel call.
+trait Format: Copy + Send + Sync + 'static {
+    const NAME: &'static str;
+    const ROW_BYTES: usize;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self>;
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]);
+}
+
+struct Acts {
+    x: Vec<f32>,
+    q: Vec<BlockQ8_0>,
+}
+
+impl Acts {
+    fn new(rng: &mut Rng, n: usize, k: &Kernels) -> Acts {
+        let x: Vec<f32> = (0..n * COLS).map(|_| rng.f32()).collect();
+        let mut q = vec![
+            BlockQ8_0 {
+                d: f16::ZERO,
+                qs: [0; 32]
+            };
+            n * BPR
+        ];
+        for (xs, qs) in x.chunks(COLS).zip(q.chunks_mut(BPR)) {
+            (k.quantize_q8_0)(xs, qs);
+        }
+        Acts { x, q }
+    }
+}
+
+impl Format for BlockQ8_0 {
+    const NAME: &'static str = "q8_0";
+    const ROW_BYTES: usize = BPR * 34;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * BPR)
+            .map(|_| BlockQ8_0 {
+                d: f16::from_f32(rng.f32() * 0.01),
+                qs: std::array::from_fn(|_| rng.next() as i8),
+            })
+            .collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
+        (k.gemm_q8_0)(w, &a.q, BPR, out)
+    }
+}
+
+impl Format for BlockQ4_0 {
+    const NAME: &'static str = "q4_0";
+    const ROW_BYTES: usize = BPR * 18;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * BPR)
+            .map(|_| BlockQ4_0 {
+                d: f16::from_f32(rng.f32() * 0.01),
+                qs: std::array::from_fn(|_| rng.next() as u8),
+            })
+            .collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
+        (k.gemm_q4_0)(w, &a.q, BPR, out)
+    }
+}
+
+impl Format for f32 {
+    const NAME: &'static str = "f32";
+    const ROW_BYTES: usize = COLS * 4;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * COLS).map(|_| rng.f32()).collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
+        (k.gemm_f32)(w, &a.x, COLS, out)
+    }
+}
+
+impl Format for f16 {
+    const NAME: &'static str = "f16";
+    const ROW_BYTES: usize = COLS * 2;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * COLS).map(|_| f16::from_f32(rng.f32())).collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
+        (k.gemm_f16)(w, &a.x, COLS, out)
+    }
+}
+
+impl Format for bf16 {
+    const NAME: &'static str = "bf16";
+    const ROW_BYTES: usize = COLS * 2;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * COLS)
+            .map(|_| bf16::from_f32(rng.f32()))
+            .collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
+        (k.gemm_bf16)(w, &a.x, COLS, out)
+    }
+}
+
+/// One table row: gemv GB/s out of cache and in L2, then gemm G-MAC/s at each token count.
+fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) -> Vec<String> {
+    let mut cells = vec![];
+    let a1 = Acts::new(rng, 1, k);
+    let mut out = vec![0.0f32; 4096];
+
+    // gemv over 256 MiB: one 1024-row matrix after another.
+    let rows_total = DRAM_BYTES / F::ROW_BYTES;
+    let big = F::random(rng, rows_total);
+    let per = 1024 * big.len() / rows_total;
+    let s = time(|| {
+        for m in big.chunks(per) {
+            F::run(
+                k,
+                black_box(m),
+                &a1,
+                &mut out[..m.len() / (big.len() / rows_total)],
+            );
+        }
+    });
+    cells.push(format!(
+        "{:.1}",
+        (rows_total * F::ROW_BYTES) as f64 / s / 1e9
+    ));
+    drop(big);
+
+    let small = F::random(rng, 256);
+    let s = time(|| F::run(k, black_box(&small), &a1, &mut out[..256]));
+    cells.push(format!("{:.1}", (256 * F::ROW_BYTES) as f64 / s / 1e9));
+
+    let w = F::random(rng, 1024);
+    for &n in gemm_tokens {
+        let a = Acts::new(rng, n, k);
+        let mut out = vec![0.0f32; 1024 * n];
+        let s = time(|| F::run(k, black_box(&w), &a, &mut out));
+        cells.push(format!("{:.1}", (1024 * COLS * n) as f64 / s / 1e9));
+    }
+    // A small thread's share: 128 rows at 64 tokens, where per-call activation work shows.
+    if gemm_tokens.len() > 1 {
+        let a = Acts::new(rng, 64, k);
+        let mut out = vec![0.0f32; 128 * 64];
+        let s = time(|| F::run(k, black_box(&w[..w.len() / 8]), &a, &mut out));
+        cells.push(format!("{:.1}", (128 * COLS * 64) as f64 / s / 1e9));
+    }
+    cells
+}
+
+/// The f32 operations: each compiled copy against the scalar reference, in ns per call.
+fn bench_ops() {
+    use quarry::kernels::ops;
+    let mut rng = Rng(7);
+    let x: Vec<f32> = (0..4096).map(|_| rng.f32() * 8.0).collect();
+    let wgt: Vec<f32> = (0..4096).map(|_| rng.f32()).collect();
+    let cs: Vec<(f32, f32)> = (0..32)
+        .map(|i| ((i as f32).cos(), (i as f32).sin()))
+        .collect();
+    let mut buf = x.clone();
+    let mut out = vec![0.0f32; 4096];
+    let reference = ops::Table {
+        rms_norm: ops::scalar::rms_norm,
+        rope: ops::scalar::rope_adjacent_pairs,
+        softmax: ops::scalar::softmax,
+        silu_mul: ops::scalar::silu_mul,
+    };
+    println!("\nops, ns per call (softmax and silu_mul include copying in 4096 fresh inputs)");
+    println!(
+        "{:<10} {:>14} {:>13} {:>13} {:>14}",
+        "copy", "rms_norm 1024", "rope 16 x 64", "softmax 4096", "silu_mul 4096"
+    );
+    let mut all = ops::copies();
+    all.insert(0, ("scalar", reference));
+    for (name, t) in all {
+        let a = time(|| (t.rms_norm)(black_box(&x[..1024]), &wgt[..1024], 1e-6, &mut out[..1024]))
+            * 1e9;
+        let b = time(|| (t.rope)(black_box(&mut buf[..1024]), 64, &cs)) * 1e9;
+        let c = time(|| {
+            buf.copy_from_slice(&x);
+            (t.softmax)(black_box(&mut buf))
+        }) * 1e9;
+        let d = time(|| {
+            buf.copy_from_slice(&x);
+            (t.silu_mul)(black_box(&mut buf), &wgt)
+        }) * 1e9;
+        println!("{name:<10} {a:>14.0} {b:>13.0} {c:>13.0} {d:>14.0}");
+    }
+}
+
+/// The ceiling the decode step can aim at: the selected set's gemv over 256 MiB with both cores, each thread
+/// taking half the rows of every matrix (no synchronisation between matrices, so an upper bound).
+fn bench_two_threads() {
+    let k = kernels::selected();
+    println!(
+        "\ngemv dram with 2 threads ({}), GB/s of weight bytes",
+        k.name
+    );
+    let mut rng = Rng(9);
+    fn run<F: Format>(k: &Kernels, rng: &mut Rng) -> f64 {
+        let rows_total = DRAM_BYTES / F::ROW_BYTES;
+        let big = F::random(rng, rows_total);
+        let a1 = Acts::new(rng, 1, k);
+        let per_row = big.len() / rows_total;
+        let s = time(|| {
+            std::thread::scope(|sc| {
+                for half in 0..2 {
+                    let (big, a1) = (&big, &a1);
+                    sc.spawn(move || {
+                        let mut out = vec![0.0f32; 512];
+                        for m in big.chunks(1024 * per_row) {
+                            let h = m.len() / 2 / per_row * per_row;
+                            let part = if half == 0 { &m[..h] } else { &m[h..] };
+                            F::run(k, black_box(part), a1, &mut out[..part.len() / per_row]);
+                        }
+                    });
+                }
+            })
+        });
+        (rows_total * F::ROW_BYTES) as f64 / s / 1e9
+    }
+    println!("q4_0 {:.1}", run::<BlockQ4_0>(k, &mut rng));
+    println!("q8_0 {:.1}", run::<BlockQ8_0>(k, &mut rng));
+    println!("f16  {:.1}", run::<f16>(k, &mut rng));
+}
+
+type BenchFn = fn(&Kernels, &mut Rng, &[usize]) -> Vec<String>;
+
+fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let tokens = [8, 16, 64, 256];
+    println!(
+        "one thread; gemv in GB/s of weight bytes (dram: 256 MiB streamed; l2: 256 x 1024), gemm 1024 x 1024 in G-MAC/s"
+    );
+    println!(
+        "{:<11} {:<5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>12}",
+        "set",
+        "type",
+        "gemv dram",
+        "gemv l2",
+        "gemm 8",
+        "gemm 16",
+        "gemm 64",
+        "gemm 256",
+        "64 x 128 rows"
+    );
+    // The ceiling for "gemv dram": a plain sum over the same 256 MiB.
+    let buf: Vec<u64> = (0..DRAM_BYTES / 8).map(|i| i as u64).collect();
+    let s = time(|| {
+        let mut acc = [0u64; 8];
+        for c in black_box(&buf).chunks_exact(8) {
+            for i in 0..8 {
+                acc[i] = acc[i].wrapping_add(c[i]);
+            }
+        }
+        black_box(acc);
+    });
+    println!(
+        "(plain read of 256 MiB: {:.1} GB/s)",
+        DRAM_BYTES as f64 / s / 1e9
+    );
+    drop(buf);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for k in kernels::available() {
+        let rows: Vec<(&str, BenchFn)> = vec![
+            (BlockQ4_0::NAME, bench_format::<BlockQ4_0>),
+            (BlockQ8_0::NAME, bench_format::<BlockQ8_0>),
+            (f32::NAME, bench_format::<f32>),
+            (f16::NAME, bench_format::<f16>),
+            (bf16::NAME, bench_format::<bf16>),
+        ];
+        for (name, f) in rows {
+            let label = format!("{} {}", k.name, name);
+            if !filter.is_empty() && !filter.iter().any(|p| label.contains(p.as_str())) {
+                continue;
+            }
+            // The scalar set is a reference, not a contender: skip its slow many-token runs.
+            let t: &[usize] = if k.name == "scalar" {
+                &tokens[..1]
+            } else {
+                &tokens
+            };
+            let c = f(&k, &mut rng, t);
+            let get = |i: usize| c.get(i).cloned().unwrap_or_else(|| "-".into());
+            println!(
+                "{:<11} {:<5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>12}",
+                k.name,
+                name,
+                get(0),
+                get(1),
+                get(2),
+                get(3),
+                get(4),
+                get(5),
+                get(6)
+            );
+        }
+    }
+    if filter.is_empty() || filter.iter().any(|p| p == "threads") {
+        bench_two_threads();
+    }
+    if filter.is_empty() || filter.iter().any(|p| p == "ops") {
+        bench_ops();
+    }
+}

@@ -1,0 +1,262 @@
+//! Kernels on the `wide` crate: 128-bit SIMD chosen at compile time (SSE2 on a default x86-64 build, NEON on
+//! aarch64), so this set runs on any CPU the binary runs on and is the fast path where no `std::arch` set
+//! exists. No `unsafe`.
+//!
+//! `wide` has no u8 x i8 multiply-add, so the quantized dots widen bytes to i16 and use its i16 dot
+//! (`pmaddwd` / `smull` + `sadalp` class instructions): exact for every byte value. Each block's integer sum is
+//! then scaled and accumulated exactly as the scalar reference does, so the quantized products give the
+//! reference's bits.
+
+use half::{bf16, f16};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+use wide::{f32x8, i8x16, i16x16, i32x8, u16x8};
+
+use super::Kernels;
+
+pub const SET: Kernels = Kernels {
+    name: "portable",
+    quantize_q8_0,
+    gemm_q8_0,
+    gemm_q4_0,
+    gemm_f32,
+    gemm_f16,
+    gemm_bf16,
+    dot_f32,
+    axpy_f32,
+};
+
+/// f16 bits to f32 without `half`'s per-call feature check: the exponent is rebased by a multiply, which is
+/// exact for normals and subnormals alike; infinities and NaNs keep an all-ones exponent.
+#[inline]
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let em = (h & 0x7fff) as u32;
+    let sign = ((h & 0x8000) as u32) << 16;
+    let mag = if em >= 0x7c00 {
+        f32::from_bits((em << 13) | 0x7f80_0000)
+    } else {
+        f32::from_bits(em << 13) * f32::from_bits(0x7780_0000) // 2^112
+    };
+    f32::from_bits(mag.to_bits() | sign)
+}
+
+/// Eight f16 as f32: `f16_to_f32` on 8 lanes.
+#[inline]
+fn f16x8(h: &[f16]) -> f32x8 {
+    let x = i32x8::from_u16x8(u16x8::new(bytemuck::cast(
+        *<&[f16; 8]>::try_from(&h[..8]).unwrap(),
+    )));
+    let em = x & i32x8::splat(0x7fff);
+    let sign = (x & i32x8::splat(0x8000)) << 16;
+    let shifted = em << 13;
+    let finite: i32x8 = bytemuck::cast(
+        bytemuck::cast::<i32x8, f32x8>(shifted) * f32x8::splat(f32::from_bits(0x7780_0000)),
+    );
+    let special = shifted | i32x8::splat(0x7f80_0000);
+    bytemuck::cast(em.simd_gt(i32x8::splat(0x7bff)).select(special, finite) | sign)
+}
+
+/// Eight bf16 as f32: the top half of an f32.
+#[inline]
+fn bf16x8(h: &[bf16]) -> f32x8 {
+    let x = i32x8::from_u16x8(u16x8::new(bytemuck::cast(
+        *<&[bf16; 8]>::try_from(&h[..8]).unwrap(),
+    )));
+    bytemuck::cast(x << 16)
+}
+
+fn load8(x: &[f32]) -> f32x8 {
+    f32x8::new(x[..8].try_into().unwrap())
+}
+
+/// Same bytes as the scalar reference: amax over non-NaN values, the same f32 `d` and `1/d`, and round half to
+/// even by adding and subtracting 1.5 * 2^23 (exact for |x| < 2^22, and IEEE addition rounds to even), with NaN
+/// mapped to 0 and the clamp to +-127 before the conversion.
+fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    let magic = f32x8::splat(12_582_912.0);
+    let lim = f32x8::splat(127.0);
+    for (xs, block) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let v = [
+            load8(xs),
+            load8(&xs[8..]),
+            load8(&xs[16..]),
+            load8(&xs[24..]),
+        ];
+        let mut m = f32x8::ZERO;
+        for vi in v {
+            let a = vi.abs();
+            m = m.max(a.is_nan().select(f32x8::ZERO, a));
+        }
+        let amax = m.to_array().into_iter().fold(0.0f32, f32::max);
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        block.d = f16::from_f32(d);
+        let idv = f32x8::splat(id);
+        for (k, vi) in v.into_iter().enumerate() {
+            let y = vi * idv;
+            let y = y.is_nan().select(f32x8::ZERO, y).max(-lim).min(lim);
+            let r = ((y + magic) - magic).round_int().to_array();
+            for (q, r) in block.qs[k * 8..k * 8 + 8].iter_mut().zip(r) {
+                *q = r as i8;
+            }
+        }
+    }
+}
+
+#[inline]
+fn i16s(q: &[i8]) -> i16x16 {
+    i16x16::from_i8x16(i8x16::new(q[..16].try_into().unwrap()))
+}
+
+#[inline]
+fn isum_q8(w: &BlockQ8_0, a: &BlockQ8_0) -> i32 {
+    let s: i32x8 = i16s(&w.qs).dot(i16s(&a.qs)) + i16s(&w.qs[16..]).dot(i16s(&a.qs[16..]));
+    s.reduce_add()
+}
+
+#[inline]
+fn isum_q4(w: &BlockQ4_0, a: &BlockQ8_0) -> i32 {
+    // Sign-extended bytes: `& 15` is the low nibble, the arithmetic `>> 4` then `& 15` the high one.
+    let x = i16x16::from_i8x16(i8x16::new(bytemuck::cast(w.qs)));
+    let m = i16x16::splat(15);
+    let eight = i16x16::splat(8);
+    let lo = (x & m) - eight;
+    let hi = ((x >> 4i32) & m) - eight;
+    let s: i32x8 = lo.dot(i16s(&a.qs)) + hi.dot(i16s(&a.qs[16..]));
+    s.reduce_add()
+}
+
+/// Row pairs share each activation block; the float accumulation is the reference's, block by block.
+fn gemm_blocks<W>(
+    w: &[W],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    out: &mut [f32],
+    d: impl Fn(&W) -> u16,
+    isum: impl Fn(&W, &BlockQ8_0) -> i32,
+) {
+    if bpr == 0 {
+        return;
+    }
+    let n = a.len() / bpr;
+    let rows = w.len() / bpr;
+    for t in 0..n {
+        let act = &a[t * bpr..(t + 1) * bpr];
+        let mut r = 0;
+        while r + 2 <= rows {
+            let (w0, w1) = (&w[r * bpr..(r + 1) * bpr], &w[(r + 1) * bpr..(r + 2) * bpr]);
+            let (mut s0, mut s1) = (0.0f32, 0.0f32);
+            for ((b0, b1), ba) in w0.iter().zip(w1).zip(act) {
+                let da = f16_to_f32(ba.d.to_bits());
+                s0 += f16_to_f32(d(b0)) * da * isum(b0, ba) as f32;
+                s1 += f16_to_f32(d(b1)) * da * isum(b1, ba) as f32;
+            }
+            out[r * n + t] = s0;
+            out[(r + 1) * n + t] = s1;
+            r += 2;
+        }
+        if r < rows {
+            let mut s = 0.0f32;
+            for (bw, ba) in w[r * bpr..(r + 1) * bpr].iter().zip(act) {
+                s += f16_to_f32(d(bw)) * f16_to_f32(ba.d.to_bits()) * isum(bw, ba) as f32;
+            }
+            out[r * n + t] = s;
+        }
+    }
+}
+
+fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
+    gemm_blocks(w, a, bpr, out, |b| b.d.to_bits(), isum_q8)
+}
+
+fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
+    gemm_blocks(w, a, bpr, out, |b| b.d.to_bits(), isum_q4)
+}
+
+/// Dot product of `x` with a weight row converted 8 at a time by `conv`.
+#[inline]
+fn dot_with(
+    len: usize,
+    y: &[f32],
+    conv: impl Fn(usize) -> f32x8,
+    tail: impl Fn(usize) -> f32,
+) -> f32 {
+    let body = len / 16 * 16;
+    let (mut a0, mut a1) = (f32x8::ZERO, f32x8::ZERO);
+    let mut i = 0;
+    while i < body {
+        a0 = conv(i).mul_add(load8(&y[i..]), a0);
+        a1 = conv(i + 8).mul_add(load8(&y[i + 8..]), a1);
+        i += 16;
+    }
+    let mut s = (a0 + a1).reduce_add();
+    for (k, &yk) in y.iter().enumerate().take(len).skip(body) {
+        s += tail(k) * yk;
+    }
+    s
+}
+
+fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    let len = x.len().min(y.len());
+    dot_with(len, y, |i| load8(&x[i..]), |k| x[k])
+}
+
+fn gemm_float(
+    rows: usize,
+    cols: usize,
+    a: &[f32],
+    out: &mut [f32],
+    dot: impl Fn(usize, &[f32]) -> f32,
+) {
+    if cols == 0 {
+        return;
+    }
+    let n = a.len() / cols;
+    for r in 0..rows {
+        for (t, act) in a.chunks_exact(cols).enumerate() {
+            out[r * n + t] = dot(r, act);
+        }
+    }
+}
+
+fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32]) {
+    let rows = w.len().checked_div(cols).unwrap_or(0);
+    gemm_float(rows, cols, a, out, |r, act| {
+        dot_f32(&w[r * cols..(r + 1) * cols], act)
+    })
+}
+
+fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]) {
+    let rows = w.len().checked_div(cols).unwrap_or(0);
+    gemm_float(rows, cols, a, out, |r, act| {
+        let row = &w[r * cols..(r + 1) * cols];
+        dot_with(
+            cols,
+            act,
+            |i| f16x8(&row[i..]),
+            |k| f16_to_f32(row[k].to_bits()),
+        )
+    })
+}
+
+fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]) {
+    let rows = w.len().checked_div(cols).unwrap_or(0);
+    let conv = |b: bf16| f32::from_bits((b.to_bits() as u32) << 16);
+    gemm_float(rows, cols, a, out, |r, act| {
+        let row = &w[r * cols..(r + 1) * cols];
+        dot_with(cols, act, |i| bf16x8(&row[i..]), |k| conv(row[k]))
+    })
+}
+
+/// `y += alpha * x`, a product then a sum per element like the scalar loop (no fused multiply-add).
+fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
+    let len = x.len().min(y.len());
+    let body = len / 8 * 8;
+    let al = f32x8::splat(alpha);
+    for i in (0..body).step_by(8) {
+        let r = load8(&y[i..]) + al * load8(&x[i..]);
+        y[i..i + 8].copy_from_slice(&r.to_array());
+    }
+    for (acc, &v) in y[body..len].iter_mut().zip(&x[body..len]) {
+        *acc += alpha * v;
+    }
+}

@@ -1,0 +1,665 @@
+//! AVX-512 (F, BW, VL) with VNNI: `vpdpbusd` sums four u8 x i8 products per i32 lane with no intermediate
+//! saturation, so both formats are exact for every byte value. Many-token products put 16 tokens in a zmm;
+//! few-token products use the 256-bit form on one block at a time.
+
+use std::arch::x86_64::*;
+
+use half::{bf16, f16};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+
+use super::{BlockDot, FloatLanes, LaneDot};
+use crate::kernels::Kernels;
+
+/// The features every function here is compiled with; `available` checks them all.
+pub fn detected() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// Only handed out by `kernels::available` after `detected()`: that check is the safety condition of every
+/// `unsafe` call to a `#[target_feature]` function below.
+pub(in crate::kernels) const SET: Kernels = Kernels {
+    name: "avx512vnni",
+    quantize_q8_0,
+    gemm_q8_0,
+    gemm_q4_0,
+    gemm_f32,
+    gemm_f16,
+    gemm_bf16,
+    dot_f32,
+    axpy_f32,
+};
+
+pub(crate) struct Q8;
+pub(crate) struct Q4;
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl BlockDot for Q8 {
+    type W = BlockQ8_0;
+    const BIAS: i32 = 128;
+    #[inline(always)]
+    unsafe fn d_bits(w: &BlockQ8_0) -> u16 {
+        w.d.to_bits()
+    }
+    #[inline(always)]
+    unsafe fn load(w: *const BlockQ8_0) -> (__m256i, __m256i) {
+        // w + 128 as unsigned bytes.
+        unsafe {
+            let x = super::q8_bytes(&*w);
+            (_mm256_xor_si256(x, _mm256_set1_epi8(-128)), x)
+        }
+    }
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, w: (__m256i, __m256i), a: __m256i) -> __m256i {
+        unsafe { _mm256_dpbusd_epi32(acc, w.0, a) }
+    }
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl BlockDot for Q4 {
+    type W = BlockQ4_0;
+    const BIAS: i32 = 8;
+    #[inline(always)]
+    unsafe fn d_bits(w: &BlockQ4_0) -> u16 {
+        w.d.to_bits()
+    }
+    #[inline(always)]
+    unsafe fn load(w: *const BlockQ4_0) -> (__m256i, __m256i) {
+        unsafe {
+            let x = super::q4_nibbles(&*w);
+            (x, x)
+        }
+    }
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, w: (__m256i, __m256i), a: __m256i) -> __m256i {
+        unsafe { _mm256_dpbusd_epi32(acc, w.0, a) }
+    }
+}
+
+/// The lane-kernel methods shared by both formats (they differ only in how a block is prepared).
+// SAFETY (every method generated): as for the trait impls, see `x86/mod.rs`.
+macro_rules! zmm_lanes {
+    () => {
+        type I = __m512i;
+        type F = __m512;
+        const N: usize = 16;
+        const RW: usize = 8;
+        const W_BYTES: usize = 32;
+        #[inline(always)]
+        unsafe fn block(acc: __m512i, w: *const u8, s: *const u32) -> __m512i {
+            unsafe {
+                let mut acc = acc;
+                for k in 0..8 {
+                    let u = _mm512_set1_epi32((w.add(4 * k) as *const i32).read_unaligned());
+                    acc =
+                        _mm512_dpbusd_epi32(acc, u, _mm512_loadu_si512(s.add(16 * k) as *const _));
+                }
+                acc
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_i(p: *const i32) -> __m512i {
+            unsafe { _mm512_loadu_si512(p as *const _) }
+        }
+        #[inline(always)]
+        unsafe fn load_f(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn zero_f() -> __m512 {
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat_f(x: f32) -> __m512 {
+            unsafe { _mm512_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn scale_acc(i: __m512i, s: __m512, acc: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), s, acc) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn store_f(p: *mut f32, v: __m512) {
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
+    };
+}
+
+/// The same lane kernel on 8 tokens per ymm (AVX-512 VL encoding of `vpdpbusd`), for batches of 6 to 15 tokens
+/// past the last whole zmm.
+// SAFETY (every method generated): as for the trait impls, see `x86/mod.rs`.
+macro_rules! ymm_lanes {
+    () => {
+        type I = __m256i;
+        type F = __m256;
+        const N: usize = 8;
+        const RW: usize = 8;
+        const W_BYTES: usize = 32;
+        #[inline(always)]
+        unsafe fn block(acc: __m256i, w: *const u8, s: *const u32) -> __m256i {
+            unsafe {
+                let mut acc = acc;
+                for k in 0..8 {
+                    let u = _mm256_set1_epi32((w.add(4 * k) as *const i32).read_unaligned());
+                    acc = _mm256_dpbusd_epi32(
+                        acc,
+                        u,
+                        _mm256_loadu_si256(s.add(8 * k) as *const __m256i),
+                    );
+                }
+                acc
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_i(p: *const i32) -> __m256i {
+            unsafe { _mm256_loadu_si256(p as *const __m256i) }
+        }
+        #[inline(always)]
+        unsafe fn load_f(p: *const f32) -> __m256 {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn zero_f() -> __m256 {
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat_f(x: f32) -> __m256 {
+            unsafe { _mm256_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn scale_acc(i: __m256i, s: __m256, acc: __m256) -> __m256 {
+            unsafe { _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, acc) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn store_f(p: *mut f32, v: __m256) {
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+    };
+}
+
+pub(crate) struct Q8Y;
+pub(crate) struct Q4Y;
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl LaneDot for Q8Y {
+    type W = BlockQ8_0;
+    const BIAS: i32 = 128;
+    ymm_lanes!();
+    #[inline(always)]
+    unsafe fn d_bits(w: &BlockQ8_0) -> u16 {
+        w.d.to_bits()
+    }
+    #[inline(always)]
+    unsafe fn prep(w: &BlockQ8_0, dst: *mut u8) {
+        unsafe { <Q8 as LaneDot>::prep(w, dst) }
+    }
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl LaneDot for Q4Y {
+    type W = BlockQ4_0;
+    const BIAS: i32 = 8;
+    ymm_lanes!();
+    #[inline(always)]
+    unsafe fn d_bits(w: &BlockQ4_0) -> u16 {
+        w.d.to_bits()
+    }
+    #[inline(always)]
+    unsafe fn prep(w: &BlockQ4_0, dst: *mut u8) {
+        unsafe { <Q4 as LaneDot>::prep(w, dst) }
+    }
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl LaneDot for Q8 {
+    type W = BlockQ8_0;
+    const BIAS: i32 = 128;
+    zmm_lanes!();
+    #[inline(always)]
+    unsafe fn d_bits(w: &BlockQ8_0) -> u16 {
+        w.d.to_bits()
+    }
+    #[inline(always)]
+    unsafe fn prep(w: &BlockQ8_0, dst: *mut u8) {
+        unsafe {
+            let u = _mm256_xor_si256(super::q8_bytes(w), _mm256_set1_epi8(-128));
+            _mm256_storeu_si256(dst as *mut __m256i, u);
+        }
+    }
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl LaneDot for Q4 {
+    type W = BlockQ4_0;
+    const BIAS: i32 = 8;
+    zmm_lanes!();
+    #[inline(always)]
+    unsafe fn d_bits(w: &BlockQ4_0) -> u16 {
+        w.d.to_bits()
+    }
+    #[inline(always)]
+    unsafe fn prep(w: &BlockQ4_0, dst: *mut u8) {
+        unsafe { _mm256_storeu_si256(dst as *mut __m256i, super::q4_nibbles(w)) }
+    }
+}
+
+pub(crate) struct Z;
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl FloatLanes for Z {
+    type F = __m512;
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m512 {
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m512 {
+        unsafe {
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        unsafe { _mm512_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sum(v: __m512) -> f32 {
+        unsafe { _mm512_reduce_add_ps(v) }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn quantize_q8_0_tf(x: &[f32], out: &mut [BlockQ8_0]) {
+    unsafe { super::quantize_q8_0_avx2(x, out) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemm_q8_0_tf(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
+    unsafe { gemm_quant::<Q8, Q8Y>(w, a, bpr, out) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemm_q4_0_tf(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
+    unsafe { gemm_quant::<Q4, Q4Y>(w, a, bpr, out) }
+}
+/// Float products: one token on ymm, more on zmm. Streaming a matrix from DRAM for one token, the ymm loop
+/// reaches 23-27 GB/s of f16 weights where the zmm loop reaches 18-22 (alternating runs on this machine); with
+/// weights reused across tokens or in cache, zmm is faster.
+#[inline(always)]
+unsafe fn gemm_float<W: super::FloatWeight>(w: &[W], a: &[f32], cols: usize, out: &mut [f32]) {
+    unsafe {
+        if a.len() == cols {
+            super::gemm_float::<super::avx2::Y, W>(w, a, cols, out)
+        } else {
+            super::gemm_float::<Z, W>(w, a, cols, out)
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemm_f32_tf(w: &[f32], a: &[f32], cols: usize, out: &mut [f32]) {
+    unsafe { gemm_float::<f32>(w, a, cols, out) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemm_f16_tf(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]) {
+    unsafe { gemm_float::<f16>(w, a, cols, out) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemm_bf16_tf(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]) {
+    unsafe { gemm_float::<bf16>(w, a, cols, out) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_f32_tf(x: &[f32], y: &[f32]) -> f32 {
+    unsafe { super::dot_f32::<Z>(x, y) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn axpy_f32_tf(alpha: f32, x: &[f32], y: &mut [f32]) {
+    unsafe { super::axpy_f32::<Z>(alpha, x, y) }
+}
+
+// The entries of `SET`. SAFETY (all): `SET` is only reachable through `available()`, which lists it only when
+// `detected()` saw every feature enabled on the `_tf` functions; the bodies check slice lengths before any pointer load.
+fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    unsafe { quantize_q8_0_tf(x, out) }
+}
+fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
+    unsafe { gemm_q8_0_tf(w, a, bpr, out) }
+}
+fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
+    unsafe { gemm_q4_0_tf(w, a, bpr, out) }
+}
+fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32]) {
+    unsafe { gemm_f32_tf(w, a, cols, out) }
+}
+fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]) {
+    unsafe { gemm_f16_tf(w, a, cols, out) }
+}
+fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]) {
+    unsafe { gemm_bf16_tf(w, a, cols, out) }
+}
+fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    unsafe { dot_f32_tf(x, y) }
+}
+fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
+    unsafe { axpy_f32_tf(alpha, x, y) }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Few tokens, two blocks per zmm.
+//
+// The 256-bit few-token kernel spends about 13 instructions per row and block, so Q4_0 (18 bytes a block) was
+// compute-bound below DRAM speed. Two blocks per zmm halve the integer and float work per block, and the
+// activation side (lane order, corrections, scales already in lane layout) is prepared once per call. Q8_0 keeps
+// the 256-bit kernel: it is not compute-bound, and streams a little faster from DRAM with it (23 against 20 GB/s
+// in alternating runs).
+
+/// A format's two-block unsigned operand, and the lane layout its activations must follow.
+trait Pair: BlockDot {
+    /// Which of the two blocks each of the 16 i32 lanes belongs to.
+    const LANES: [i32; 16];
+    /// The unsigned weight operand of blocks `w` and `w + 1`.
+    unsafe fn weights2(w: *const Self::W) -> __m512i;
+    /// Activation bytes of blocks `a` and `a + 1`, in the lane order of `weights2`.
+    unsafe fn acts2(a: *const BlockQ8_0) -> __m512i;
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl Pair for Q4 {
+    /// Low nibbles of both blocks, then high nibbles of both.
+    const LANES: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1];
+    #[inline(always)]
+    unsafe fn weights2(w: *const BlockQ4_0) -> __m512i {
+        unsafe {
+            let b0 = _mm_loadu_si128((*w).qs.as_ptr() as *const __m128i);
+            let b1 = _mm_loadu_si128((*w.add(1)).qs.as_ptr() as *const __m128i);
+            let y = _mm256_set_m128i(b1, b0);
+            let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y), _mm256_srli_epi16::<4>(y));
+            _mm512_and_si512(z, _mm512_set1_epi8(0x0f))
+        }
+    }
+    #[inline(always)]
+    unsafe fn acts2(a: *const BlockQ8_0) -> __m512i {
+        unsafe {
+            let (p0, p1) = ((*a).qs.as_ptr(), (*a.add(1)).qs.as_ptr());
+            let lo = _mm256_set_m128i(
+                _mm_loadu_si128(p1 as *const __m128i),
+                _mm_loadu_si128(p0 as *const __m128i),
+            );
+            let hi = _mm256_set_m128i(
+                _mm_loadu_si128(p1.add(16) as *const __m128i),
+                _mm_loadu_si128(p0.add(16) as *const __m128i),
+            );
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        }
+    }
+}
+
+/// Both block scales of a pair as f32 in the format's lane layout.
+#[inline(always)]
+unsafe fn scales2(d0: u16, d1: u16, lanes: __m512i) -> __m512 {
+    unsafe {
+        let h = _mm_cvtsi32_si128((d0 as u32 | (d1 as u32) << 16) as i32);
+        _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_cvtph_ps(h)))
+    }
+}
+
+/// `out[r * n + t] = W[r] . A[t]` for tokens `t0..t1`: 4 rows x up to 4 tokens, two blocks per step (an odd last
+/// block on the 256-bit path).
+#[inline(always)]
+unsafe fn gemm_few_pairs<D: Pair>(
+    w: &[D::W],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    t0: usize,
+    t1: usize,
+    out: &mut [f32],
+) {
+    let n = a.len() / bpr;
+    let rows = w.len() / bpr;
+    assert!(t0 <= t1 && t1 <= n && out.len() >= rows * n && bpr > 0);
+    let (nt, pairs) = (t1 - t0, bpr / 2);
+    // SAFETY: see `super::scratch`.
+    let s = unsafe { &mut *super::scratch() };
+    // Per token and pair: activation bytes, lane corrections and activation scales, 16 lanes each.
+    super::grow(&mut s.act, nt * pairs * 16);
+    super::grow(&mut s.corr, nt * pairs * 16);
+    super::grow(&mut s.da, nt * pairs * 16);
+    // SAFETY: each store writes 16 lanes at index (t * pairs + p) * 16 < nt * pairs * 16, as grown above; the
+    // loads read blocks 2p and 2p + 1 < bpr of token t0 + t < n.
+    unsafe {
+        let lanes = _mm512_loadu_si512(D::LANES.as_ptr() as *const _);
+        for t in 0..nt {
+            for p in 0..pairs {
+                let blk = a.as_ptr().add((t0 + t) * bpr + 2 * p);
+                let av = D::acts2(blk);
+                let sums = _mm512_dpbusd_epi32(
+                    _mm512_setzero_si512(),
+                    _mm512_set1_epi8(D::BIAS as i8),
+                    av,
+                );
+                let o = (t * pairs + p) * 16;
+                _mm512_storeu_si512(s.act.as_mut_ptr().add(o) as *mut _, av);
+                _mm512_storeu_si512(
+                    s.corr.as_mut_ptr().add(o) as *mut _,
+                    _mm512_sub_epi32(_mm512_setzero_si512(), sums),
+                );
+                _mm512_storeu_ps(
+                    s.da.as_mut_ptr().add(o),
+                    scales2((*blk).d.to_bits(), (*blk.add(1)).d.to_bits(), lanes),
+                );
+            }
+        }
+        let mut r = 0;
+        while r < rows {
+            let rt = if rows - r >= 4 { 4 } else { 1 };
+            let mut t = t0;
+            while t < t1 {
+                let left = t1 - t;
+                match (rt, left) {
+                    (4, 4..) => pair_tile::<D, 4, 4>(w, a, bpr, r, t, t0, s, lanes, out),
+                    (4, 2..) => pair_tile::<D, 4, 2>(w, a, bpr, r, t, t0, s, lanes, out),
+                    (4, _) => pair_tile::<D, 4, 1>(w, a, bpr, r, t, t0, s, lanes, out),
+                    (_, 4..) => pair_tile::<D, 1, 4>(w, a, bpr, r, t, t0, s, lanes, out),
+                    (_, 2..) => pair_tile::<D, 1, 2>(w, a, bpr, r, t, t0, s, lanes, out),
+                    (_, _) => pair_tile::<D, 1, 1>(w, a, bpr, r, t, t0, s, lanes, out),
+                }
+                t += if left >= 4 {
+                    4
+                } else if left >= 2 {
+                    2
+                } else {
+                    1
+                };
+            }
+            r += rt;
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pair_tile<D: Pair, const RT: usize, const TT: usize>(
+    w: &[D::W],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    r0: usize,
+    t: usize,
+    t0: usize,
+    s: &super::Scratch,
+    lanes: __m512i,
+    out: &mut [f32],
+) {
+    let n = a.len() / bpr;
+    let pairs = bpr / 2;
+    debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
+    // SAFETY (bounds): rows r0..r0 + RT and tokens t..t + TT exist (the caller's tiling); blocks index below bpr;
+    // the prepared activations hold (t1 - t0) * pairs * 16 lanes.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); TT]; RT];
+        let wp = w.as_ptr().add(r0 * bpr);
+        let base = (t - t0) * pairs * 16;
+        for p in 0..pairs {
+            let mut av = [_mm512_setzero_si512(); TT];
+            let mut cv = [_mm512_setzero_si512(); TT];
+            let mut dv = [_mm512_setzero_ps(); TT];
+            for j in 0..TT {
+                let o = base + (j * pairs + p) * 16;
+                av[j] = _mm512_loadu_si512(s.act.as_ptr().add(o) as *const _);
+                cv[j] = _mm512_loadu_si512(s.corr.as_ptr().add(o) as *const _);
+                dv[j] = _mm512_loadu_ps(s.da.as_ptr().add(o));
+            }
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let blk = wp.add(i * bpr + 2 * p);
+                // Two row tiles ahead into L2, as in the 256-bit kernel; a Q8_0 pair spans 68 bytes, so both ends.
+                let ahead = blk.wrapping_add(2 * RT * bpr) as *const i8;
+                _mm_prefetch::<_MM_HINT_T1>(ahead);
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(2 * size_of::<D::W>() - 1));
+                let u = D::weights2(blk);
+                let dw = scales2(D::d_bits(&*blk), D::d_bits(&*blk.add(1)), lanes);
+                for j in 0..TT {
+                    let isum = _mm512_dpbusd_epi32(cv[j], u, av[j]);
+                    acc_i[j] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(isum),
+                        _mm512_mul_ps(dw, dv[j]),
+                        acc_i[j],
+                    );
+                }
+            }
+        }
+        for (i, acc_i) in acc.iter().enumerate() {
+            for (j, &acc_ij) in acc_i.iter().enumerate() {
+                let mut sum = _mm512_reduce_add_ps(acc_ij);
+                if bpr % 2 == 1 {
+                    // The odd last block, one 256-bit step.
+                    let b = bpr - 1;
+                    let blk = wp.add(i * bpr + b);
+                    let ab = &*a.as_ptr().add((t + j) * bpr + b);
+                    let q = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                    let c = _mm256_sub_epi32(
+                        _mm256_setzero_si256(),
+                        _mm256_dpbusd_epi32(
+                            _mm256_setzero_si256(),
+                            _mm256_set1_epi8(D::BIAS as i8),
+                            q,
+                        ),
+                    );
+                    let isum = D::dot(c, D::load(blk), q);
+                    let dw = super::f16_bits_to_f32(D::d_bits(&*blk));
+                    let da = super::f16_bits_to_f32(ab.d.to_bits());
+                    sum += super::hsum_ps_256(_mm256_mul_ps(
+                        _mm256_cvtepi32_ps(isum),
+                        _mm256_set1_ps(dw * da),
+                    ));
+                }
+                out[(r0 + i) * n + t + j] = sum;
+            }
+        }
+    }
+}
+
+/// Each format's few-token kernel.
+trait Few: BlockDot {
+    unsafe fn few(
+        w: &[Self::W],
+        a: &[BlockQ8_0],
+        bpr: usize,
+        t0: usize,
+        t1: usize,
+        out: &mut [f32],
+    );
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`.
+impl Few for Q8 {
+    #[inline(always)]
+    unsafe fn few(
+        w: &[BlockQ8_0],
+        a: &[BlockQ8_0],
+        bpr: usize,
+        t0: usize,
+        t1: usize,
+        out: &mut [f32],
+    ) {
+        unsafe { super::gemm_few::<Q8, 4>(w, a, bpr, t0, t1, out) }
+    }
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`.
+impl Few for Q4 {
+    #[inline(always)]
+    unsafe fn few(
+        w: &[BlockQ4_0],
+        a: &[BlockQ8_0],
+        bpr: usize,
+        t0: usize,
+        t1: usize,
+        out: &mut [f32],
+    ) {
+        unsafe { gemm_few_pairs::<Q4>(w, a, bpr, t0, t1, out) }
+    }
+}
+
+/// The whole product: whole zmm of tokens on the lane kernel; a remainder of 6 or more tokens on the ymm lane
+/// kernel (padded to whole ymm), a smaller one on the few-token kernel (pairs of blocks, or one block).
+#[inline(always)]
+unsafe fn gemm_quant<
+    D: Few + LaneDot<W = <D as BlockDot>::W>,
+    Y: LaneDot<W = <D as BlockDot>::W>,
+>(
+    w: &[<D as BlockDot>::W],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    out: &mut [f32],
+) {
+    if bpr == 0 || a.is_empty() || w.is_empty() {
+        return;
+    }
+    let n = a.len() / bpr;
+    let lane_tokens = n / 16 * 16;
+    unsafe {
+        if lane_tokens > 0 {
+            super::gemm_lanes::<D, 8>(w, a, bpr, 0, lane_tokens, out);
+        }
+        if n - lane_tokens >= 6 {
+            super::gemm_lanes::<Y, 8>(w, a, bpr, lane_tokens, n, out);
+        } else if lane_tokens < n {
+            D::few(w, a, bpr, lane_tokens, n, out);
+        }
+    }
+}

@@ -1,0 +1,635 @@
+//! Every kernel set this CPU can run, against the scalar reference, on random and extreme blocks of many shapes.
+//!
+//! Integer block sums must be exact: with every scale 1.0 the float result is the integer sum itself, as long
+//! as all partial sums stay below 2^24 (checked per case; then any difference is an integer error).
+//! Float results must be within `1e-5 * |reference| + 1e-6 * sum(|terms|)`: a float sum is only defined up to
+//! rounding relative to the magnitude of its terms (the scalar's own error bound is about `len * 2^-24 *
+//! sum|terms|`), so near-zero results of large cancelling terms need that floor; 1e-6 is far below any real
+//! kernel mistake, which changes at least one whole term.
+
+use half::{bf16, f16};
+use quarry::kernels::{self, Kernels, SCALAR};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+
+/// SplitMix64: small, seeded, good enough to spread test values.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn i8(&mut self) -> i8 {
+        self.next() as i8
+    }
+}
+
+fn sets() -> Vec<Kernels> {
+    let all = kernels::available();
+    assert_eq!(all[0].name, "scalar");
+    eprintln!(
+        "kernel sets: {}",
+        all.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+    );
+    all.into_iter().skip(1).collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Block generators.
+
+#[derive(Clone, Copy, Debug)]
+enum Scales {
+    One,
+    Random,
+    /// Zero, -0.0, subnormal and large f16 scales mixed in.
+    Odd,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Values {
+    Random,
+    /// Only the extremes (-128/127 weights, -127/127 activations, 0/15 nibbles).
+    Extreme,
+    Small,
+}
+
+fn scale(rng: &mut Rng, s: Scales) -> f16 {
+    match s {
+        Scales::One => f16::ONE,
+        Scales::Random => f16::from_f32(rng.f32() * 0.1),
+        Scales::Odd => match rng.below(6) {
+            0 => f16::ZERO,
+            1 => f16::NEG_ZERO,
+            2 => f16::from_bits(1 + rng.below(0x3ff) as u16),
+            3 => f16::from_bits(0x8000 | (1 + rng.below(0x3ff) as u16)),
+            4 => f16::from_f32(1000.0 * rng.f32()),
+            _ => f16::from_f32(rng.f32()),
+        },
+    }
+}
+
+fn q8_weights(rng: &mut Rng, n: usize, s: Scales, v: Values) -> Vec<BlockQ8_0> {
+    (0..n)
+        .map(|_| {
+            let mut qs = [0i8; 32];
+            for q in &mut qs {
+                *q = match v {
+                    Values::Random => rng.i8(),
+                    Values::Extreme => [-128, 127][rng.below(2) as usize],
+                    Values::Small => rng.below(5) as i8 - 2,
+                };
+            }
+            BlockQ8_0 {
+                d: scale(rng, s),
+                qs,
+            }
+        })
+        .collect()
+}
+
+/// Activation blocks: quants in -127..=127, as `quantize_q8_0` makes them.
+fn q8_acts(rng: &mut Rng, n: usize, s: Scales, v: Values) -> Vec<BlockQ8_0> {
+    let mut b = q8_weights(rng, n, s, v);
+    for blk in &mut b {
+        for q in &mut blk.qs {
+            *q = (*q).max(-127);
+        }
+    }
+    b
+}
+
+fn q4_weights(rng: &mut Rng, n: usize, s: Scales, v: Values) -> Vec<BlockQ4_0> {
+    (0..n)
+        .map(|_| {
+            let mut qs = [0u8; 16];
+            for q in &mut qs {
+                *q = match v {
+                    Values::Random => rng.next() as u8,
+                    Values::Extreme => [0x00, 0xff, 0x0f, 0xf0][rng.below(4) as usize],
+                    Values::Small => 0x77 + 0x11 * rng.below(3) as u8,
+                };
+            }
+            BlockQ4_0 {
+                d: scale(rng, s),
+                qs,
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Exact references.
+
+fn isum_q8(w: &BlockQ8_0, a: &BlockQ8_0) -> i64 {
+    w.qs.iter()
+        .zip(&a.qs)
+        .map(|(&x, &y)| x as i64 * y as i64)
+        .sum()
+}
+
+fn isum_q4(w: &BlockQ4_0, a: &BlockQ8_0) -> i64 {
+    (0..16)
+        .map(|j| {
+            ((w.qs[j] & 15) as i64 - 8) * a.qs[j] as i64
+                + ((w.qs[j] >> 4) as i64 - 8) * a.qs[j + 16] as i64
+        })
+        .sum()
+}
+
+/// Checks `got` against the scalar `want`, with each output's exact integer sum and the magnitude of its terms.
+#[allow(clippy::too_many_arguments)]
+fn check_quant(
+    what: &str,
+    set: &str,
+    rows: usize,
+    n: usize,
+    bpr: usize,
+    got: &[f32],
+    want: &[f32],
+    term: impl Fn(usize, usize, usize) -> (i64, f32, f32),
+) {
+    for r in 0..rows {
+        for t in 0..n {
+            let (mut exact, mut bound, mut mag) = (0i64, 0i64, 0.0f32);
+            let mut all_one = true;
+            for b in 0..bpr {
+                let (isum, scale, abs) = term(r, t, b);
+                exact += isum;
+                bound += abs as i64;
+                mag += scale.abs() * abs;
+                all_one &= scale == 1.0;
+            }
+            let (g, w) = (got[r * n + t], want[r * n + t]);
+            let ctx =
+                || format!("{what} on {set}: rows {rows}, tokens {n}, blocks {bpr}: out[{r}][{t}]");
+            if all_one && bound < 1 << 24 {
+                assert_eq!(g, exact as f32, "{} not the exact integer sum", ctx());
+                assert_eq!(w, exact as f32, "{}: scalar reference not exact", ctx());
+            } else {
+                let tol = 1e-5 * w.abs() + 1e-6 * mag;
+                assert!(
+                    (g - w).abs() <= tol,
+                    "{}: got {g}, scalar {w}, tolerance {tol}",
+                    ctx()
+                );
+            }
+        }
+    }
+}
+
+const ROWS: [usize; 5] = [1, 3, 5, 8, 17];
+const TOKENS: [usize; 10] = [1, 2, 3, 4, 7, 8, 9, 16, 17, 33];
+const BLOCKS: [usize; 6] = [1, 2, 3, 5, 32, 48];
+const KINDS: [(Scales, Values); 6] = [
+    (Scales::One, Values::Random),
+    (Scales::One, Values::Extreme),
+    (Scales::One, Values::Small),
+    (Scales::Random, Values::Random),
+    (Scales::Odd, Values::Random),
+    (Scales::Odd, Values::Extreme),
+];
+
+/// Shapes: the grid above, plus a batch past the many-token kernel's 128-token chunk.
+fn shapes() -> Vec<(usize, usize, usize)> {
+    let mut v = vec![];
+    for &rows in &ROWS {
+        for &n in &TOKENS {
+            for &bpr in &BLOCKS {
+                v.push((rows, n, bpr));
+            }
+        }
+    }
+    v.push((9, 300, 5));
+    v.push((4, 129, 2));
+    v
+}
+
+#[test]
+fn gemm_q8_0_matches_scalar() {
+    let mut rng = Rng(1);
+    for k in sets() {
+        for (rows, n, bpr) in shapes() {
+            for (s, v) in KINDS {
+                let w = q8_weights(&mut rng, rows * bpr, s, v);
+                let a = q8_acts(&mut rng, n * bpr, s, v);
+                let mut want = vec![f32::NAN; rows * n];
+                let mut got = vec![f32::NAN; rows * n];
+                (SCALAR.gemm_q8_0)(&w, &a, bpr, &mut want);
+                (k.gemm_q8_0)(&w, &a, bpr, &mut got);
+                check_quant("gemm_q8_0", k.name, rows, n, bpr, &got, &want, |r, t, b| {
+                    let (bw, ba) = (&w[r * bpr + b], &a[t * bpr + b]);
+                    let abs: i64 = bw
+                        .qs
+                        .iter()
+                        .zip(&ba.qs)
+                        .map(|(&x, &y)| (x as i64 * y as i64).abs())
+                        .sum();
+                    (isum_q8(bw, ba), bw.d.to_f32() * ba.d.to_f32(), abs as f32)
+                });
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_q4_0_matches_scalar() {
+    let mut rng = Rng(2);
+    for k in sets() {
+        for (rows, n, bpr) in shapes() {
+            for (s, v) in KINDS {
+                let w = q4_weights(&mut rng, rows * bpr, s, v);
+                let a = q8_acts(&mut rng, n * bpr, s, v);
+                let mut want = vec![f32::NAN; rows * n];
+                let mut got = vec![f32::NAN; rows * n];
+                (SCALAR.gemm_q4_0)(&w, &a, bpr, &mut want);
+                (k.gemm_q4_0)(&w, &a, bpr, &mut got);
+                check_quant("gemm_q4_0", k.name, rows, n, bpr, &got, &want, |r, t, b| {
+                    let (bw, ba) = (&w[r * bpr + b], &a[t * bpr + b]);
+                    let abs: i64 = (0..16)
+                        .map(|j| {
+                            (((bw.qs[j] & 15) as i64 - 8) * ba.qs[j] as i64).abs()
+                                + (((bw.qs[j] >> 4) as i64 - 8) * ba.qs[j + 16] as i64).abs()
+                        })
+                        .sum();
+                    (isum_q4(bw, ba), bw.d.to_f32() * ba.d.to_f32(), abs as f32)
+                });
+            }
+        }
+    }
+}
+
+/// Extreme blocks where the exact sum is known in closed form, so the reference itself is checked too.
+#[test]
+fn extreme_blocks_give_known_sums() {
+    for k in kernels::available() {
+        for bpr in [1, 2, 5] {
+            let w8 = vec![
+                BlockQ8_0 {
+                    d: f16::ONE,
+                    qs: [-128; 32]
+                };
+                3 * bpr
+            ];
+            let w4 = vec![
+                BlockQ4_0 {
+                    d: f16::ONE,
+                    qs: [0x00; 16]
+                };
+                3 * bpr
+            ];
+            for n in [1, 9, 16, 20] {
+                for av in [-127i8, 127] {
+                    let a = vec![
+                        BlockQ8_0 {
+                            d: f16::ONE,
+                            qs: [av; 32]
+                        };
+                        n * bpr
+                    ];
+                    let mut out = vec![0.0; 3 * n];
+                    (k.gemm_q8_0)(&w8, &a, bpr, &mut out);
+                    let want = (-128 * av as i64 * 32 * bpr as i64) as f32;
+                    assert!(
+                        out.iter().all(|&o| o == want),
+                        "{}: q8 {out:?} != {want}",
+                        k.name
+                    );
+                    (k.gemm_q4_0)(&w4, &a, bpr, &mut out);
+                    let want = (-8 * av as i64 * 32 * bpr as i64) as f32;
+                    assert!(
+                        out.iter().all(|&o| o == want),
+                        "{}: q4 {out:?} != {want}",
+                        k.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Activation quantization.
+
+fn quantize_rows() -> Vec<Vec<f32>> {
+    let mut rng = Rng(3);
+    let mut rows = vec![];
+    for len in [32, 64, 96, 1024] {
+        for mag in [1.0f32, 1e-3, 1e3, 1e-20, 1e-38, 1e30] {
+            rows.push((0..len).map(|_| rng.f32() * mag).collect::<Vec<_>>());
+        }
+    }
+    // Ties: with amax 127 the scale is exactly 1, with amax 63.5 exactly 1/2, so these are x.5 after scaling.
+    let mut ties: Vec<f32> = (0..32).map(|i| i as f32 - 15.5).collect();
+    ties[0] = 127.0;
+    rows.push(ties.clone());
+    rows.push(ties.iter().map(|v| -v).collect());
+    let mut halves: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 0.25 + 0.125).collect();
+    halves[5] = 63.5;
+    rows.push(halves);
+    rows.push((0..64).map(|i| (i as f32 - 32.0) + 0.5).collect());
+    // Zeros, negative zeros, one non-zero value, denormals.
+    rows.push(vec![0.0; 32]);
+    rows.push(vec![-0.0; 64]);
+    let mut one = vec![0.0f32; 32];
+    one[7] = -3.0;
+    rows.push(one);
+    rows.push((0..32).map(|i| f32::from_bits(i * 3)).collect());
+    rows.push((0..32).map(|i| -f32::from_bits(0x0080_0000 + i)).collect());
+    rows
+}
+
+#[test]
+fn quantize_q8_0_is_byte_identical() {
+    for k in sets() {
+        for x in quantize_rows() {
+            let nb = x.len() / 32;
+            let mut want = vec![
+                BlockQ8_0 {
+                    d: f16::ZERO,
+                    qs: [0; 32]
+                };
+                nb
+            ];
+            let mut got = vec![
+                BlockQ8_0 {
+                    d: f16::from_f32(9.0),
+                    qs: [9; 32]
+                };
+                nb
+            ];
+            (SCALAR.quantize_q8_0)(&x, &mut want);
+            (k.quantize_q8_0)(&x, &mut got);
+            let (w, g): (&[u8], &[u8]) = (bytemuck::cast_slice(&want), bytemuck::cast_slice(&got));
+            assert_eq!(
+                w,
+                g,
+                "quantize_q8_0 on {} differs for {:?}",
+                k.name,
+                &x[..8]
+            );
+        }
+    }
+}
+
+#[test]
+fn quantize_q8_0_rounds_half_to_even() {
+    let mut x: Vec<f32> = (0..32).map(|i| i as f32 - 15.5).collect();
+    x[0] = 127.0;
+    let mut out = [BlockQ8_0 {
+        d: f16::ZERO,
+        qs: [0; 32],
+    }];
+    for k in kernels::available() {
+        (k.quantize_q8_0)(&x, &mut out);
+        assert_eq!(out[0].d, f16::ONE);
+        assert_eq!(out[0].qs[1], -14, "{}: -14.5 -> -14", k.name);
+        assert_eq!(out[0].qs[2], -14, "{}: -13.5 -> -14", k.name);
+        assert_eq!(out[0].qs[16], 0, "{}: 0.5 -> 0", k.name);
+        assert_eq!(out[0].qs[17], 2, "{}: 1.5 -> 2", k.name);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Float kernels.
+
+const COLS: [usize; 11] = [1, 3, 7, 8, 15, 16, 17, 33, 64, 100, 1024];
+
+fn check_float(what: &str, set: &str, got: &[f32], want: &[f32], mags: &[f32]) {
+    for (i, ((&g, &w), &m)) in got.iter().zip(want).zip(mags).enumerate() {
+        let tol = 1e-5 * w.abs() + 1e-6 * m;
+        assert!(
+            (g - w).abs() <= tol,
+            "{what} on {set}: out[{i}] got {g}, scalar {w}, tolerance {tol}"
+        );
+    }
+}
+
+fn float_case<W: Copy>(
+    what: &str,
+    conv: impl Fn(f32) -> W,
+    back: impl Fn(W) -> f32,
+    gemm: impl Fn(&Kernels) -> fn(&[W], &[f32], usize, &mut [f32]),
+) {
+    let mut rng = Rng(4);
+    for k in sets() {
+        for &rows in &[1, 3, 5, 17] {
+            for &n in &[1, 2, 3, 7] {
+                for &cols in &COLS {
+                    let w: Vec<W> = (0..rows * cols).map(|_| conv(rng.f32() * 4.0)).collect();
+                    let a: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+                    let mut want = vec![f32::NAN; rows * n];
+                    let mut got = vec![f32::NAN; rows * n];
+                    gemm(&SCALAR)(&w, &a, cols, &mut want);
+                    gemm(&k)(&w, &a, cols, &mut got);
+                    let mags: Vec<f32> = (0..rows * n)
+                        .map(|i| {
+                            let (r, t) = (i / n, i % n);
+                            (0..cols)
+                                .map(|c| (back(w[r * cols + c]) * a[t * cols + c]).abs())
+                                .sum()
+                        })
+                        .collect();
+                    check_float(what, k.name, &got, &want, &mags);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_f32_matches_scalar() {
+    float_case("gemm_f32", |x| x, |x| x, |k| k.gemm_f32);
+}
+
+#[test]
+fn gemm_f16_matches_scalar() {
+    float_case("gemm_f16", f16::from_f32, f16::to_f32, |k| k.gemm_f16);
+}
+
+#[test]
+fn gemm_bf16_matches_scalar() {
+    float_case("gemm_bf16", bf16::from_f32, bf16::to_f32, |k| k.gemm_bf16);
+}
+
+#[test]
+fn f16_and_bf16_special_values_convert_exactly() {
+    // Every finite f16 bit pattern, as one row against unit activations at each position in turn.
+    let all: Vec<f16> = (0..=u16::MAX)
+        .map(f16::from_bits)
+        .filter(|v| v.is_finite())
+        .collect();
+    let allb: Vec<bf16> = (0..=u16::MAX)
+        .map(bf16::from_bits)
+        .filter(|v| v.is_finite())
+        .collect();
+    for k in sets() {
+        for chunk in all.chunks(64).filter(|c| c.len() == 64) {
+            for pos in [0, 13, 63] {
+                let mut a = vec![0.0f32; 64];
+                a[pos] = 1.0;
+                let mut out = [0.0f32];
+                (k.gemm_f16)(chunk, &a, 64, &mut out);
+                assert_eq!(
+                    out[0],
+                    chunk[pos].to_f32(),
+                    "{} f16 {:?}",
+                    k.name,
+                    chunk[pos]
+                );
+            }
+        }
+        for chunk in allb.chunks(64).filter(|c| c.len() == 64) {
+            let mut a = vec![0.0f32; 64];
+            a[21] = 1.0;
+            let mut out = [0.0f32];
+            (k.gemm_bf16)(chunk, &a, 64, &mut out);
+            assert_eq!(out[0], chunk[21].to_f32(), "{} bf16", k.name);
+        }
+    }
+}
+
+#[test]
+fn dot_and_axpy_match_scalar() {
+    let mut rng = Rng(5);
+    for k in sets() {
+        for len in (0..70).chain([64, 128, 1000, 1024, 4099]) {
+            let x: Vec<f32> = (0..len).map(|_| rng.f32()).collect();
+            let y: Vec<f32> = (0..len).map(|_| rng.f32()).collect();
+            let want = (SCALAR.dot_f32)(&x, &y);
+            let got = (k.dot_f32)(&x, &y);
+            let mag: f32 = x.iter().zip(&y).map(|(a, b)| (a * b).abs()).sum();
+            check_float("dot_f32", k.name, &[got], &[want], &[mag]);
+
+            let alpha = rng.f32();
+            let mut want = y.clone();
+            let mut got = y.clone();
+            (SCALAR.axpy_f32)(alpha, &x, &mut want);
+            (k.axpy_f32)(alpha, &x, &mut got);
+            assert_eq!(
+                got, want,
+                "axpy_f32 on {} (len {len}) must round as the scalar loop",
+                k.name
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The f32 operations.
+
+use quarry::kernels::ops;
+
+/// Within 1e-6 relative, or below f32's normal range (where f32 itself has no relative precision left).
+fn close(got: &[f32], want: &[f32], what: &str) {
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ok = (g - w).abs() <= 1e-6 * w.abs() || (g - w).abs() <= f32::MIN_POSITIVE || g == w;
+        assert!(ok, "{what}: [{i}] got {g}, scalar {w}");
+    }
+}
+
+/// Softmax: within 1e-6 relative of the scalar version, or, for long rows, where the scalar's own sequential
+/// f32 sum drifts by more than that, no further from the exact (f64) softmax than the scalar is, plus 1e-6.
+fn softmax_close(x: &[f32], got: &[f32], want: &[f32], what: &str) {
+    let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+    for (i, ((&g, &w), &v)) in got.iter().zip(want).zip(x).enumerate() {
+        let exact = (v as f64 - max).exp() / sum;
+        let (eg, ew) = ((g as f64 - exact).abs(), (w as f64 - exact).abs());
+        let ok = (g - w).abs() <= 1e-6 * w.abs()
+            || (g - w).abs() <= f32::MIN_POSITIVE
+            || eg <= ew + 1e-6 * exact;
+        assert!(ok, "{what}: [{i}] got {g}, scalar {w}, exact {exact}");
+    }
+}
+
+#[test]
+fn ops_match_scalar() {
+    let copies = ops::copies();
+    eprintln!(
+        "ops copies: {}",
+        copies.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+    );
+    let mut rng = Rng(6);
+    let mut cases: Vec<(Vec<f32>, Vec<f32>)> = vec![];
+    for len in (1..40).chain([64, 100, 1024, 4097]) {
+        for mag in [1.0f32, 10.0, 100.0] {
+            let x: Vec<f32> = (0..len).map(|_| rng.f32() * mag).collect();
+            let u: Vec<f32> = (0..len).map(|_| rng.f32() * 3.0).collect();
+            cases.push((x, u));
+        }
+    }
+    // Extremes of exp: overflow to infinity in silu's denominator, underflow to 0 and subnormals in softmax.
+    let mut x: Vec<f32> = (0..64).map(|i| -110.0 + i as f32 * 3.5).collect();
+    x.extend([-88.0, -87.0, -100.0, -103.5, 0.0, 88.5, 88.7, -0.0]);
+    let ones = vec![1.0; x.len()];
+    cases.push((x, ones));
+
+    for (x, u) in &cases {
+        let len = x.len();
+        let mut want_sm = x.clone();
+        ops::scalar::softmax(&mut want_sm);
+        let mut want_silu = x.clone();
+        ops::scalar::silu_mul(&mut want_silu, u);
+        let mut want_rms = vec![0.0; len];
+        ops::scalar::rms_norm(x, u, 1e-6, &mut want_rms);
+        let mut first: Option<Vec<f32>> = None;
+        for (name, t) in &copies {
+            let mut got = x.clone();
+            (t.softmax)(&mut got);
+            softmax_close(x, &got, &want_sm, &format!("softmax {name} len {len}"));
+            let mut all = got;
+
+            let mut got = x.clone();
+            (t.silu_mul)(&mut got, u);
+            close(&got, &want_silu, &format!("silu_mul {name} len {len}"));
+            all.extend(got);
+
+            let mut got = vec![0.0; len];
+            (t.rms_norm)(x, u, 1e-6, &mut got);
+            close(&got, &want_rms, &format!("rms_norm {name} len {len}"));
+            all.extend(got);
+
+            // Every compiled copy is the same arithmetic, so the same bits.
+            let bits: Vec<u32> = all.iter().map(|v| v.to_bits()).collect();
+            match &first {
+                None => first = Some(all),
+                Some(f) => assert_eq!(
+                    bits,
+                    f.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{name}"
+                ),
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_is_bit_identical() {
+    let mut rng = Rng(7);
+    for head_dim in [2, 6, 8, 10, 64, 128] {
+        let cs: Vec<(f32, f32)> = (0..head_dim / 2)
+            .map(|i| ((i as f32 * 0.3).cos(), (i as f32 * 0.3).sin()))
+            .collect();
+        let x: Vec<f32> = (0..head_dim * 3).map(|_| rng.f32() * 5.0).collect();
+        let mut want = x.clone();
+        ops::scalar::rope_adjacent_pairs(&mut want, head_dim, &cs);
+        for (name, t) in ops::copies() {
+            let mut got = x.clone();
+            (t.rope)(&mut got, head_dim, &cs);
+            assert_eq!(got, want, "{name}: head_dim {head_dim}");
+        }
+        let mut got = x.clone();
+        ops::rope_adjacent_pairs(&mut got, head_dim, &cs);
+        assert_eq!(got, want, "selected: head_dim {head_dim}");
+    }
+}
