@@ -1,24 +1,77 @@
-//! A model file opened for use: the memory map, the network, and (when present) its tokenizer and chat template.
+//! A model file opened for use: the memory map, the network, and (for commands that handle text) its tokenizer
+//! and chat template.
 
 use std::path::Path;
 
 use quarry_quantize::gguf::GgufFile;
 
+use crate::chat_template::{ChatTemplate, ChatTemplateError, GGUF_CHAT_TEMPLATE_KEY};
 use crate::model::{Model, ModelError};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    ChatTemplate(#[from] ChatTemplateError),
+}
 
 /// Everything `run`, `chat`, `logits` and `bench` need from one GGUF file.
 pub struct Engine {
     pub file: GgufFile,
     pub model: Model,
+    /// Loaded by [`Engine::open_for_text`].
+    pub tokenizer: Option<Tokenizer>,
+    /// The file's own Jinja chat template, when it has one.
+    pub chat_template: Option<ChatTemplate>,
 }
 
 impl Engine {
     /// Maps the file, checks its header and every tensor the architecture needs. Nothing is copied: the weights
     /// stay in the page cache and are read where they lie.
-    pub fn open(path: &Path) -> Result<Engine, ModelError> {
-        let file = GgufFile::open(path)?;
+    pub fn open(path: &Path) -> Result<Engine, EngineError> {
+        let file = GgufFile::open(path).map_err(ModelError::from)?;
         let model = Model::from_gguf(&file)?;
-        Ok(Engine { file, model })
+        file.advise_will_need();
+        Ok(Engine {
+            file,
+            model,
+            tokenizer: None,
+            chat_template: None,
+        })
+    }
+
+    /// [`Engine::open`], plus the tokenizer (required) and the chat template (if the file has one).
+    pub fn open_for_text(path: &Path) -> Result<Engine, EngineError> {
+        let mut engine = Self::open(path)?;
+        let tokenizer = Tokenizer::from_gguf(&engine.file)?;
+        if tokenizer.vocab_size() > engine.model.config.n_vocab {
+            return Err(TokenizerError::BadMetadata {
+                origin: path.display().to_string(),
+                key: "tokenizer.huggingface.json",
+                problem: format!(
+                    "has {} tokens but the model's output has only {}; the file is inconsistent",
+                    tokenizer.vocab_size(),
+                    engine.model.config.n_vocab
+                ),
+            }
+            .into());
+        }
+        engine.tokenizer = Some(tokenizer);
+        if engine.file.get(GGUF_CHAT_TEMPLATE_KEY).is_some() {
+            engine.chat_template = Some(ChatTemplate::from_gguf(&engine.file)?);
+        }
+        Ok(engine)
+    }
+
+    /// The tokenizer of an engine opened with [`Engine::open_for_text`].
+    pub fn tokenizer(&self) -> &Tokenizer {
+        self.tokenizer
+            .as_ref()
+            .expect("open_for_text loads the tokenizer")
     }
 
     /// The context a session gets by default: the model's own, capped so that the f32 KV cache of a long-context

@@ -81,3 +81,78 @@ pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
         .build_global()
         .context("starting the worker threads")
 }
+
+impl ModelArgs {
+    /// The context size for a prompt of `prompt_len` tokens: `--ctx-size`, else the engine's default; a prompt
+    /// that does not fit is an error here, before any work.
+    pub fn context_for(
+        &self,
+        engine: &quarry::engine::Engine,
+        prompt_len: usize,
+    ) -> anyhow::Result<usize> {
+        let max = engine.model.config.context_length;
+        let ctx = self.ctx_size.unwrap_or_else(|| engine.default_context());
+        if ctx == 0 || ctx > max {
+            bail!("--ctx-size {ctx} is outside 1..={max}, the context this model was trained for");
+        }
+        if prompt_len > ctx {
+            bail!(
+                "the prompt has {prompt_len} tokens but the context holds {ctx}{}; shorten the prompt",
+                if ctx < max {
+                    format!(" (raise --ctx-size, up to {max})")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        Ok(ctx)
+    }
+}
+
+/// Sampling options shared by `run` and `chat`; defaults are llama.cpp's.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// 0 = greedy (always the most likely token).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the most likely tokens up to this total probability (1 = all).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one (0 = none).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalty for repeating recent tokens (1 = none).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty considers.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed: the same seed gives the same text (default: a new one each run).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> anyhow::Result<quarry::sampling::SamplingParams> {
+        let seed = self.seed.unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+        });
+        let p = quarry::sampling::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed,
+        };
+        p.validate().map_err(anyhow::Error::msg)?;
+        Ok(p)
+    }
+}

@@ -5,6 +5,8 @@ mod common;
 mod info;
 mod logits;
 mod quantize;
+mod run;
+mod tokenize;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +22,10 @@ pub struct Cli {
 pub enum Command {
     /// Convert a Hugging Face snapshot folder (config.json, safetensors, tokenizer) into one GGUF file.
     Quantize(quantize::Args),
+    /// Generate a reply to a prompt (chat template applied) and stream it to stdout.
+    Run(run::Args),
+    /// Show the token ids of a text or of a rendered conversation.
+    Tokenize(tokenize::Args),
     /// Show a model file's architecture, sizes, tensor types and memory needs.
     Info(info::Args),
     /// Write the logits of every prompt position to a .npy file.
@@ -33,6 +39,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Run(a) => {
+            common::init_threads(a.model.threads)?;
+            run::run(a)
+        }
+        Command::Tokenize(a) => tokenize::run(a),
         Command::Logits(a) => {
             common::init_threads(a.model.threads)?;
             logits::run(a)
