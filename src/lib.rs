@@ -11,6 +11,7 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod npy;
+pub mod registry;
 pub mod sampling;
 pub mod tokenizer;
 
