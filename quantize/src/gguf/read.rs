@@ -300,7 +300,7 @@ impl<'a> Cursor<'a> {
         let most = (self.remaining() / min_bytes.max(1)) as u64;
         if n > most {
             return Err(GgufProblem::Corrupt(format!(
-                "{what} is {n}, but the {} bytes left in the file can hold at most {most}",
+                "{what} is {n}, but the {} bytes left in the file can hold at most {most} (truncated or corrupt)",
                 self.remaining()
             )));
         }

@@ -1,0 +1,234 @@
+//! Corrupt, truncated or hostile inputs through the command line: each gives an error that names the file and
+//! the problem, a non-zero exit that is not a panic, and leaves no output file behind.
+
+mod support;
+
+use std::path::Path;
+
+use support::*;
+
+/// Runs quarry and checks it failed cleanly with a message containing every one of `needles`.
+fn fails_cleanly(args: &[&str], needles: &[&str]) -> String {
+    let out = quarry("scalar", args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "quarry {args:?} succeeded on bad input"
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "quarry {args:?} panicked: {err}"
+    );
+    assert!(
+        out.status.code().is_some(),
+        "quarry {args:?} was killed by a signal: {err}"
+    );
+    assert!(!err.contains("panicked"), "quarry {args:?} panicked: {err}");
+    for n in needles {
+        assert!(
+            err.contains(n),
+            "quarry {args:?}: error {err:?} does not mention {n:?}"
+        );
+    }
+    err
+}
+
+fn good_gguf() -> (Vec<u8>, quarry::gguf::GgufFile) {
+    let dir = fixture_dir("granitemoe-dev-1").unwrap();
+    let path = gguf("granitemoe-dev-1", &dir, "q8_0");
+    (
+        std::fs::read(&path).unwrap(),
+        quarry::gguf::GgufFile::open(&path).unwrap(),
+    )
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// Byte offset of a tensor's info record (its name's length prefix) in the header.
+fn tensor_info_at(bytes: &[u8], name: &str) -> usize {
+    let mut needle = (name.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(name.as_bytes());
+    needle.extend_from_slice(&2u32.to_le_bytes()); // n_dims of a matrix
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_slice())
+        .expect("tensor info in the header")
+}
+
+#[test]
+fn corrupt_gguf_files_are_refused_with_a_named_problem() {
+    let (good, file) = good_gguf();
+    let dir = temp_dir("bad-gguf");
+    let run = |path: &str, needles: &[&str]| {
+        fails_cleanly(
+            &["run", path, "--raw", "--prompt", "hi", "-n", "2"],
+            &[&[path][..], needles].concat(),
+        );
+    };
+    run(&write(&dir, "empty.gguf", b""), &["empty"]);
+    run(
+        &write(&dir, "truncated.gguf", &good[..good.len() / 2]),
+        &["truncated"],
+    );
+    run(
+        &write(&dir, "header-only.gguf", &good[..64]),
+        &["truncated"],
+    );
+    let mut bad = good.clone();
+    bad[..4].copy_from_slice(b"GGUX");
+    run(&write(&dir, "magic.gguf", &bad), &["not a GGUF file"]);
+    let mut bad = good.clone();
+    bad[4..8].copy_from_slice(&9u32.to_le_bytes());
+    run(&write(&dir, "version.gguf", &bad), &["version 9"]);
+    let mut bad = good.clone();
+    bad[8..16].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    run(&write(&dir, "tensor-count.gguf", &bad), &["tensor count"]);
+    let mut bad = good.clone();
+    bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+    run(&write(&dir, "kv-count.gguf", &bad), &["key-value count"]);
+
+    // The output projection of layer 0: its type id, then its offset, follow the two dimensions.
+    let info = tensor_info_at(&good, "blk.0.attn_output.weight");
+    let type_at = info + 8 + "blk.0.attn_output.weight".len() + 4 + 16;
+    let mut bad = good.clone();
+    bad[type_at..type_at + 4].copy_from_slice(&77u32.to_le_bytes());
+    run(
+        &write(&dir, "type-id.gguf", &bad),
+        &["unknown ggml type id 77"],
+    );
+    let mut bad = good.clone();
+    let beyond = (file.file_len() - file.data_offset + 64).next_multiple_of(32);
+    bad[type_at + 4..type_at + 12].copy_from_slice(&beyond.to_le_bytes());
+    run(
+        &write(&dir, "past-end.gguf", &bad),
+        &["extends past the end"],
+    );
+    let mut bad = good.clone();
+    let dims_at = info + 8 + "blk.0.attn_output.weight".len() + 4;
+    bad[dims_at..dims_at + 8].copy_from_slice(&(!31u64).to_le_bytes());
+    run(
+        &write(&dir, "huge-dims.gguf", &bad),
+        &["blk.0.attn_output.weight"],
+    );
+
+    // Random bytes and a GGUF of another architecture.
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    run(&write(&dir, "random.gguf", &noise), &["not a GGUF file"]);
+}
+
+#[test]
+fn wrong_architecture_and_missing_files_are_clear() {
+    let dir = temp_dir("bad-arch");
+    let meta = vec![(
+        "general.architecture".to_string(),
+        quarry::gguf::Value::String("llama".into()),
+    )];
+    let mut w = quarry::gguf::GgufWriter::new(Vec::new(), &meta, vec![]).unwrap();
+    w.write_data(&[]).ok();
+    let bytes = w.finish().unwrap();
+    let path = write(&dir, "llama.gguf", &bytes);
+    fails_cleanly(
+        &["run", &path, "--raw", "--prompt", "hi"],
+        &[&path, "architecture 'llama' is not supported"],
+    );
+    let missing = dir.join("nope.gguf");
+    fails_cleanly(
+        &["info", missing.to_str().unwrap()],
+        &["nope.gguf", "No such file"],
+    );
+}
+
+#[test]
+fn prompts_longer_than_the_context_and_bad_ids_are_refused() {
+    let dir = fixture_dir("granitemoe-dev-1").unwrap();
+    let model = gguf("granitemoe-dev-1", &dir, "q8_0");
+    let m = model.to_str().unwrap();
+    let long = vec!["5"; 40].join(",");
+    fails_cleanly(
+        &[
+            "run",
+            m,
+            "--prompt-ids",
+            &long,
+            "--ctx-size",
+            "16",
+            "-n",
+            "1",
+        ],
+        &["40 tokens", "16"],
+    );
+    fails_cleanly(
+        &["logits", m, "--prompt-ids", "1,99999", "--out", "/dev/null"],
+        &["99999", "outside the vocabulary"],
+    );
+    fails_cleanly(
+        &["run", m, "--prompt-ids", "1,x"],
+        &["'x' is not a token id"],
+    );
+    fails_cleanly(
+        &["run", m, "--prompt-ids", "1", "--ctx-size", "999999"],
+        &["--ctx-size"],
+    );
+}
+
+/// Each broken checkpoint folder: the converter names the file and the problem and leaves neither the output
+/// nor its `.part` behind.
+#[test]
+fn broken_checkpoints_are_refused_without_leaving_output() {
+    let src = fixture_dir("granitemoe-dev-2").unwrap();
+    let copy = |tag: &str| {
+        let d = temp_dir(tag);
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+        d
+    };
+    let check = |dir: &Path, needles: &[&str]| {
+        let out = dir.join("out.gguf");
+        fails_cleanly(
+            &[
+                "quantize",
+                dir.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--type",
+                "q8_0",
+            ],
+            needles,
+        );
+        assert!(!out.exists(), "{} left behind", out.display());
+        assert!(
+            !dir.join("out.gguf.part").exists(),
+            "a .part file left behind in {}",
+            dir.display()
+        );
+    };
+    let d = copy("truncated-st");
+    let st = d.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    check(&d, &["model.safetensors"]);
+    let d = copy("no-config");
+    std::fs::remove_file(d.join("config.json")).unwrap();
+    check(&d, &["config.json"]);
+    let d = copy("bad-config");
+    std::fs::write(d.join("config.json"), "{ not json").unwrap();
+    check(&d, &["config.json"]);
+    let d = copy("llama-config");
+    let cfg = std::fs::read_to_string(d.join("config.json"))
+        .unwrap()
+        .replace("GraniteMoeForCausalLM", "LlamaForCausalLM");
+    std::fs::write(d.join("config.json"), cfg).unwrap();
+    check(&d, &["config.json", "LlamaForCausalLM"]);
+    let d = copy("no-tokenizer");
+    std::fs::remove_file(d.join("tokenizer.json")).unwrap();
+    check(&d, &["tokenizer.json"]);
+}

@@ -1,0 +1,318 @@
+//! Shared helpers of the runtime's integration tests: the fixture models, converted once per test process, and
+//! the `quarry` binary driven the way users drive it.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+use quarry_quantize::{ConvertOptions, TargetType, convert};
+use serde_json::Value;
+
+/// The model fixtures committed with the project (tiny random-weight Granite checkpoints with HF references).
+pub const COMMITTED_MODELS: [&str; 4] = [
+    "granitemoe-dev-1",
+    "granitemoe-dev-2",
+    "granite-dense-dev",
+    "granitemoe-kquant-dev",
+];
+/// Carries the real Granite tokenizer, which must not be committed: read from `../shared` when present.
+pub const SHARED_MODEL: &str = "granitemoe-realvocab-dev";
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn shared() -> PathBuf {
+    root().join("../shared")
+}
+
+/// The folder of a model fixture: committed ones from `tests/fixtures`, the real-vocabulary one from
+/// `../shared/fixtures`; `None`, with a SKIPPED line on stderr, when that is absent.
+pub fn fixture_dir(name: &str) -> Option<PathBuf> {
+    let committed = root().join("tests/fixtures").join(name);
+    if committed.is_dir() {
+        return Some(committed);
+    }
+    let shared = shared().join("fixtures").join(name);
+    if shared.is_dir() {
+        return Some(shared);
+    }
+    skipped(&format!("fixture {name}"), &shared);
+    None
+}
+
+/// Every model fixture available here.
+pub fn all_fixtures() -> Vec<(String, PathBuf)> {
+    COMMITTED_MODELS
+        .iter()
+        .chain([&SHARED_MODEL])
+        .filter_map(|n| fixture_dir(n).map(|d| (n.to_string(), d)))
+        .collect()
+}
+
+/// Says, where cargo's test harness does not swallow it, that a test did not run for want of `../shared`.
+pub fn skipped(what: &str, missing: &Path) {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED {what}: {} not found (the real Granite tokenizer and llama.cpp files are not committed)",
+        missing.display()
+    );
+}
+
+pub fn reference(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("reference.json parses")
+}
+
+/// `(name, input ids, logits file, greedy ids)` of each reference prompt.
+pub fn prompts(reference: &Value) -> Vec<(String, Vec<u32>, String, Vec<u32>)> {
+    let ids = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
+    reference["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                ids(&p["input_ids"]),
+                p["logits_file"].as_str().unwrap().to_string(),
+                ids(&p["greedy_new_ids"]),
+            )
+        })
+        .collect()
+}
+
+fn scratch() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // Under cargo's per-project scratch folder; folders of earlier runs older than an hour are removed.
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            for e in entries.flatten() {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
+                if e.file_name().to_string_lossy().starts_with("run-")
+                    && old.is_some_and(|a| a.as_secs() > 3600)
+                {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let d = base.join(format!("run-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+}
+
+/// A fresh temporary folder for one test.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let d = scratch().join(format!(
+        "{tag}-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The fixture converted to `ty` (`f32`, `f16`, `q8_0`, `q4_0`), once per process.
+pub fn gguf(name: &str, dir: &Path, ty: &str) -> PathBuf {
+    static DONE: OnceLock<Mutex<HashMap<(String, String), PathBuf>>> = OnceLock::new();
+    let done = DONE.get_or_init(Default::default);
+    let key = (name.to_string(), ty.to_string());
+    // Held while converting, so two tests wanting the same file do not write it at once.
+    let mut done = done.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(p) = done.get(&key) {
+        return p.clone();
+    }
+    let out = scratch().join(format!("{name}-{ty}.gguf"));
+    let target: TargetType = ty.parse().unwrap();
+    convert(&ConvertOptions::new(dir, &out, target))
+        .unwrap_or_else(|e| panic!("converting {name} to {ty}: {e}"));
+    done.insert(key, out.clone());
+    out
+}
+
+/// Runs the `quarry` binary with `QUARRY_KERNEL` set to `kernel`.
+pub fn quarry(kernel: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .env("QUARRY_KERNEL", kernel)
+        .args(args)
+        .output()
+        .expect("quarry runs")
+}
+
+/// Runs `quarry`, insisting on success, and returns its stdout.
+pub fn quarry_ok(kernel: &str, args: &[&str]) -> String {
+    let out = quarry(kernel, args);
+    assert!(
+        out.status.success(),
+        "quarry {args:?} (kernel {kernel}) failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The names of the kernel sets this CPU can run.
+pub fn kernel_sets() -> Vec<&'static str> {
+    quarry::kernels::available()
+        .iter()
+        .map(|k| k.name)
+        .collect()
+}
+
+pub fn ids_arg(ids: &[u32]) -> String {
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `quarry logits` of `ids` with the given kernel set: `[tokens][vocab]`.
+pub fn logits(kernel: &str, model: &Path, ids: &[u32], extra: &[&str]) -> (Vec<usize>, Vec<f32>) {
+    let out = temp_dir("logits").join("l.npy");
+    let ids_text = ids_arg(ids);
+    let mut args = vec![
+        "logits",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        &ids_text,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    quarry_ok(kernel, &args);
+    quarry::npy::read_f32(std::fs::File::open(&out).unwrap()).unwrap()
+}
+
+pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    quarry::npy::read_f32(std::fs::File::open(path).unwrap()).unwrap()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(
+            0.0,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        )
+}
+
+/// Mean KL(reference || got) over positions, and top-1 agreement, of two `[positions][vocab]` logit arrays.
+pub fn kl_and_top1(reference: &[f32], got: &[f32], vocab: usize) -> (f64, f64) {
+    let softmax = |row: &[f32]| -> Vec<f64> {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let e: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.into_iter().map(|v| v / s).collect()
+    };
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .fold(0, |b, (i, &v)| if v > row[b] { i } else { b })
+    };
+    let n = reference.len() / vocab;
+    let (mut kl, mut agree) = (0.0, 0usize);
+    for (r, g) in reference.chunks_exact(vocab).zip(got.chunks_exact(vocab)) {
+        let (p, q) = (softmax(r), softmax(g));
+        kl += p
+            .iter()
+            .zip(&q)
+            .filter(|(p, _)| **p > 0.0)
+            .map(|(p, q)| p * (p.ln() - q.max(1e-30).ln()))
+            .sum::<f64>();
+        agree += usize::from(argmax(r) == argmax(g));
+    }
+    (kl / n as f64, agree as f64 / n as f64)
+}
+
+/// `quarry run --prompt-ids ... --temperature 0 --format json`: the greedy continuation, decoded token by token
+/// through the KV cache.
+pub fn greedy(kernel: &str, model: &Path, ids: &[u32], n: usize) -> Vec<u32> {
+    let ids_text = ids_arg(ids);
+    let n_text = n.to_string();
+    let out = quarry_ok(
+        kernel,
+        &[
+            "run",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            &ids_text,
+            "--temperature",
+            "0",
+            "-n",
+            &n_text,
+            "--format",
+            "json",
+        ],
+    );
+    let v: Value =
+        serde_json::from_str(out.trim()).expect("run --format json prints one JSON object");
+    v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// A copy of `model` with every tensor dequantized to F32 and the same metadata: the exact math of the
+/// quantized weights, for telling weight rounding apart from the engine's own arithmetic.
+pub fn dequantized_copy(model: &Path) -> PathBuf {
+    use quarry::gguf::{GgmlType, GgufFile, GgufWriter, TensorSpec};
+    use quarry::kernels::WeightRows;
+    let file = GgufFile::open(model).unwrap();
+    let specs: Vec<TensorSpec> = file
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec::new(&t.name, &t.dims, GgmlType::F32))
+        .collect();
+    let meta: Vec<_> = file
+        .metadata()
+        .iter()
+        .filter(|(k, _)| k != "general.file_type")
+        .cloned()
+        .chain([("general.file_type".to_string(), quarry::gguf::Value::U32(0))])
+        .collect();
+    let out_path = temp_dir("dequantized").join("f32.gguf");
+    let mut w = GgufWriter::new(
+        std::io::BufWriter::new(std::fs::File::create(&out_path).unwrap()),
+        &meta,
+        specs,
+    )
+    .unwrap();
+    for t in file.tensors() {
+        let cols = t.dims[0] as usize;
+        let rows = (t.n_elements() / t.dims[0]) as usize;
+        let data = file.tensor_data(t);
+        let view = WeightRows {
+            ty: t.ty,
+            rows,
+            cols,
+            data: &data,
+        };
+        let mut row = vec![0.0f32; cols];
+        let mut bytes = Vec::with_capacity(rows * cols * 4);
+        for r in 0..rows {
+            view.dequantize_row(r, &mut row);
+            bytes.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        w.write_tensor(&t.name, &bytes).unwrap();
+    }
+    w.finish().unwrap();
+    out_path
+}
