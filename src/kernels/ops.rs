@@ -33,7 +33,26 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     (table().silu_mul)(gate, up)
 }
 
+/// One query head attending over `len` cached positions: `scores[s] = scale * q . k_s`, softmax over them, then
+/// `out = sum_s p_s v_s`. Keys come transposed (`kt[d * kt_stride + s]`) and values row-major
+/// (`v[s * head_dim + d]`), so both loops run along contiguous memory without per-position reductions.
+/// `scores` must hold at least `len` values; it is left holding the probabilities.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_head(
+    q: &[f32],
+    kt: &[f32],
+    kt_stride: usize,
+    v: &[f32],
+    len: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    (table().attend)(q, kt, kt_stride, v, len, scale, scores, out)
+}
+
 type RopeFn = fn(&mut [f32], usize, &[(f32, f32)]);
+type AttendFn = fn(&[f32], &[f32], usize, &[f32], usize, f32, &mut [f32], &mut [f32]);
 
 /// One compiled copy of the operations.
 #[doc(hidden)]
@@ -43,6 +62,7 @@ pub struct Table {
     pub rope: RopeFn,
     pub softmax: fn(&mut [f32]),
     pub silu_mul: fn(&mut [f32], &[f32]),
+    pub attend: AttendFn,
 }
 
 const BASELINE: Table = Table {
@@ -50,6 +70,7 @@ const BASELINE: Table = Table {
     rope: body::rope,
     softmax: body::softmax,
     silu_mul: body::silu_mul,
+    attend: body::attend,
 };
 
 fn table() -> &'static Table {
@@ -60,6 +81,7 @@ fn table() -> &'static Table {
             rope: scalar::rope_adjacent_pairs,
             softmax: scalar::softmax,
             silu_mul: scalar::silu_mul,
+            attend: scalar::attend_head,
         },
         #[cfg(target_arch = "x86_64")]
         "avx512vnni" => x86::AVX512,
@@ -143,6 +165,39 @@ mod body {
     }
 
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        q: &[f32],
+        kt: &[f32],
+        kt_stride: usize,
+        v: &[f32],
+        len: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = q.len();
+        let scores = &mut scores[..len];
+        scores.fill(0.0);
+        for (d, &qd) in q.iter().enumerate() {
+            let a = qd * scale;
+            for (s, &k) in scores
+                .iter_mut()
+                .zip(&kt[d * kt_stride..d * kt_stride + len])
+            {
+                *s += a * k;
+            }
+        }
+        softmax(scores);
+        out.fill(0.0);
+        for (&p, row) in scores.iter().zip(v[..len * hd].chunks_exact(hd)) {
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o += p * x;
+            }
+        }
+    }
+
+    #[inline(always)]
     fn pairwise(mut a: [f32; L]) -> f32 {
         let mut n = L;
         while n > 1 {
@@ -205,6 +260,34 @@ mod x86 {
     fn silu_mul_avx2(g: &mut [f32], u: &[f32]) {
         body::silu_mul(g, u)
     }
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn attend_avx2(
+        q: &[f32],
+        kt: &[f32],
+        ks: usize,
+        v: &[f32],
+        len: usize,
+        sc: f32,
+        s: &mut [f32],
+        o: &mut [f32],
+    ) {
+        body::attend(q, kt, ks, v, len, sc, s, o)
+    }
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn attend_avx512(
+        q: &[f32],
+        kt: &[f32],
+        ks: usize,
+        v: &[f32],
+        len: usize,
+        sc: f32,
+        s: &mut [f32],
+        o: &mut [f32],
+    ) {
+        body::attend(q, kt, ks, v, len, sc, s, o)
+    }
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn rms_norm_avx512(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         body::rms_norm(x, w, eps, out)
@@ -227,6 +310,7 @@ mod x86 {
         rope: |x, hd, cs| unsafe { rope_avx2(x, hd, cs) },
         softmax: |x| unsafe { softmax_avx2(x) },
         silu_mul: |g, u| unsafe { silu_mul_avx2(g, u) },
+        attend: |q, kt, ks, v, len, sc, s, o| unsafe { attend_avx2(q, kt, ks, v, len, sc, s, o) },
     };
 
     pub(super) const AVX512: Table = Table {
@@ -234,6 +318,7 @@ mod x86 {
         rope: |x, hd, cs| unsafe { rope_avx512(x, hd, cs) },
         softmax: |x| unsafe { softmax_avx512(x) },
         silu_mul: |g, u| unsafe { silu_mul_avx512(g, u) },
+        attend: |q, kt, ks, v, len, sc, s, o| unsafe { attend_avx512(q, kt, ks, v, len, sc, s, o) },
     };
 }
 
@@ -273,6 +358,36 @@ pub mod scalar {
     pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
         for (g, &u) in gate.iter_mut().zip(up) {
             *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    }
+
+    /// Attention of one head the textbook way: a dot product per position, softmax, weighted sum of values.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_head(
+        q: &[f32],
+        kt: &[f32],
+        kt_stride: usize,
+        v: &[f32],
+        len: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = q.len();
+        for (s, score) in scores[..len].iter_mut().enumerate() {
+            *score = q
+                .iter()
+                .enumerate()
+                .map(|(d, &qd)| qd * kt[d * kt_stride + s])
+                .sum::<f32>()
+                * scale;
+        }
+        softmax(&mut scores[..len]);
+        out.fill(0.0);
+        for (s, &p) in scores[..len].iter().enumerate() {
+            for (d, o) in out.iter_mut().enumerate() {
+                *o += p * v[s * hd + d];
+            }
         }
     }
 }

@@ -92,15 +92,24 @@ pub fn parallel_gemm(k: &Kernels, jobs: &[GemmJob]) {
     });
 }
 
-/// Copies a row-major `[rows][n]` product into token-major `dst[t * stride + r]`.
+/// Copies a row-major `[rows][n]` product into token-major `dst[t * stride + r]`, in 16 x 16 tiles so that
+/// both the reads and the strided writes stay within a few cache lines at a time.
 pub fn scatter_token_major(src: &[f32], rows: usize, n: usize, dst: &mut [f32], stride: usize) {
     if n == 1 {
         dst[..rows].copy_from_slice(&src[..rows]);
         return;
     }
-    for r in 0..rows {
-        for t in 0..n {
-            dst[t * stride + r] = src[r * n + t];
+    const TILE: usize = 16;
+    for r0 in (0..rows).step_by(TILE) {
+        let r1 = (r0 + TILE).min(rows);
+        for t0 in (0..n).step_by(TILE) {
+            let t1 = (t0 + TILE).min(n);
+            for r in r0..r1 {
+                let row = &src[r * n..(r + 1) * n];
+                for t in t0..t1 {
+                    dst[t * stride + r] = row[t];
+                }
+            }
         }
     }
 }

@@ -15,8 +15,10 @@ use crate::kernels::parallel::{
 };
 use crate::kernels::{self, ActivationBatch, Kernels, gemm_rows, ops};
 
-/// Keys and values of every processed position, per layer and KV head: `[layer][kv_head][position][head_dim]`,
-/// so attention reads each head's history contiguously.
+/// Keys and values of every processed position, per layer and KV head. Keys are stored transposed,
+/// `[layer][kv_head][head_dim][position]`, values as `[layer][kv_head][position][head_dim]`: a query's scores are
+/// then `head_dim` runs along contiguous positions, and its output `len` runs along contiguous dimensions, with
+/// no per-position horizontal sums.
 pub struct KvCache {
     n_kv_head: usize,
     head_dim: usize,
@@ -59,8 +61,9 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    fn offset(&self, layer: usize, head: usize, pos: usize) -> usize {
-        ((layer * self.n_kv_head + head) * self.capacity + pos) * self.head_dim
+    /// Start of one layer's KV head: `head_dim * capacity` values in both `k` and `v`.
+    fn head_base(&self, layer: usize, head: usize) -> usize {
+        (layer * self.n_kv_head + head) * self.capacity * self.head_dim
     }
 }
 
@@ -122,6 +125,8 @@ pub struct ForwardBuffers {
     hidden: ActivationBatch,
     /// Per slot, row-major `[n_embd][slot tokens]`: the down projection before the gate weight is applied.
     down_rows: Vec<f32>,
+    /// One slot's down projection token-major, `[slot tokens][n_embd]`.
+    expert_out: Vec<f32>,
     /// Logits of the last position, or of every position with [`Logits::All`].
     logits: Vec<f32>,
     logits_rows: Vec<f32>,
@@ -166,6 +171,7 @@ impl ForwardBuffers {
             up_rows: vec![0.0; routed * cfg.n_ff],
             hidden: ActivationBatch::new(cfg.n_ff, routed),
             down_rows: vec![0.0; routed * cfg.n_embd],
+            expert_out: vec![0.0; b * cfg.n_embd],
             logits: vec![0.0; cfg.n_vocab],
             logits_rows: vec![0.0; cfg.n_vocab],
             expert_reads: vec![vec![0; cfg.n_expert]; cfg.n_layer],
@@ -249,7 +255,7 @@ impl Model {
                 n,
             );
             self.project_qkv(k, il, bufs);
-            self.attention(k, il, n, pos0, cache, bufs);
+            self.attention(il, n, pos0, cache, bufs);
             project(
                 k,
                 &layer.wo,
@@ -257,10 +263,10 @@ impl Model {
                 &mut bufs.proj_rows,
                 &mut bufs.proj,
             );
-            add_scaled(
-                &mut bufs.x[..n * h],
-                &bufs.proj[..n * h],
+            (k.axpy_f32)(
                 cfg.residual_scale,
+                &bufs.proj[..n * h],
+                &mut bufs.x[..n * h],
             );
 
             // Feed-forward block: x += ffn(h) * residual_multiplier.
@@ -275,10 +281,10 @@ impl Model {
                 FeedForward::Experts(experts) => self.moe(k, il, experts, n, bufs),
                 FeedForward::Dense(mlp) => dense_mlp(k, mlp, n, bufs),
             }
-            add_scaled(
-                &mut bufs.x[..n * h],
-                &bufs.proj[..n * h],
+            (k.axpy_f32)(
                 cfg.residual_scale,
+                &bufs.proj[..n * h],
+                &mut bufs.x[..n * h],
             );
         }
         cache.len = pos0 + n;
@@ -352,7 +358,6 @@ impl Model {
     /// query head attends over its KV head's positions up to its own (one parallel region over tokens x heads).
     fn attention(
         &self,
-        k: &Kernels,
         layer: usize,
         n: usize,
         pos0: usize,
@@ -368,10 +373,14 @@ impl Model {
             ops::rope_adjacent_pairs(&mut bufs.q[t * q_dim..(t + 1) * q_dim], hd, cos_sin);
             ops::rope_adjacent_pairs(&mut bufs.k[t * kv_dim..(t + 1) * kv_dim], hd, cos_sin);
             for kvh in 0..cfg.n_head_kv {
-                let at = cache.offset(layer, kvh, pos0 + t);
+                let base = cache.head_base(layer, kvh);
+                let (pos, cap) = (pos0 + t, cache.capacity);
                 let src = t * kv_dim + kvh * hd;
-                cache.k[at..at + hd].copy_from_slice(&bufs.k[src..src + hd]);
-                cache.v[at..at + hd].copy_from_slice(&bufs.v[src..src + hd]);
+                for (d, &x) in bufs.k[src..src + hd].iter().enumerate() {
+                    cache.k[base + d * cap + pos] = x;
+                }
+                cache.v[base + pos * hd..base + (pos + 1) * hd]
+                    .copy_from_slice(&bufs.v[src..src + hd]);
             }
         }
         let cache = &*cache;
@@ -380,9 +389,8 @@ impl Model {
         parallel_items(n * cfg.n_head, |item| {
             let (t, head) = (item / cfg.n_head, item % cfg.n_head);
             let len = pos0 + t + 1;
-            let base = cache.offset(layer, head / group, 0);
-            let keys = &cache.k[base..base + len * hd];
-            let values = &cache.v[base..base + len * hd];
+            let base = cache.head_base(layer, head / group);
+            let size = cache.capacity * hd;
             let q = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
             // SAFETY: item (t, head) owns exactly this head's output slice of token t.
             let o = unsafe { out.range_mut(t * q_dim + head * hd, hd) };
@@ -390,17 +398,17 @@ impl Model {
                 if scores.len() < len {
                     scores.resize(cache.capacity.max(len), 0.0);
                 }
-                let scores = &mut scores[..len];
-                for (s, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-                    *s = (k.dot_f32)(q, key) * cfg.attention_scale;
-                }
-                ops::softmax(scores);
-                o.fill(0.0);
-                for (&p, value) in scores.iter().zip(values.chunks_exact(hd)) {
-                    for (acc, &x) in o.iter_mut().zip(value) {
-                        *acc += p * x;
-                    }
-                }
+                let (kt, v) = (&cache.k[base..base + size], &cache.v[base..base + size]);
+                ops::attend_head(
+                    q,
+                    kt,
+                    cache.capacity,
+                    v,
+                    len,
+                    cfg.attention_scale,
+                    scores,
+                    o,
+                );
             });
         });
     }
@@ -528,11 +536,14 @@ impl Model {
         bufs.proj[..n * h].fill(0.0);
         for slot in slots {
             let down = &bufs.down_rows[slot.first * h..(slot.first + slot.len) * h];
+            let tokens_out = &mut bufs.expert_out[..slot.len * h];
+            scatter_token_major(down, h, slot.len, tokens_out, h);
             for (i, &(t, w)) in bufs.expert_tokens[slot.expert].iter().enumerate() {
-                let out = &mut bufs.proj[t * h..(t + 1) * h];
-                for (r, o) in out.iter_mut().enumerate() {
-                    *o += w * down[r * slot.len + i];
-                }
+                (k.axpy_f32)(
+                    w,
+                    &tokens_out[i * h..(i + 1) * h],
+                    &mut bufs.proj[t * h..(t + 1) * h],
+                );
             }
         }
     }
@@ -621,11 +632,5 @@ fn rms_norm_batch(x: &[f32], weight: &[f32], eps: f32, out: &mut ActivationBatch
     let dst = out.start(n);
     for (src, dst) in x.chunks_exact(h).zip(dst.chunks_exact_mut(h)) {
         ops::rms_norm(src, weight, eps, dst);
-    }
-}
-
-fn add_scaled(acc: &mut [f32], x: &[f32], scale: f32) {
-    for (a, &b) in acc.iter_mut().zip(x) {
-        *a += b * scale;
     }
 }
