@@ -213,6 +213,7 @@ fn bench_ops() {
         rope: ops::scalar::rope_adjacent_pairs,
         softmax: ops::scalar::softmax,
         silu_mul: ops::scalar::silu_mul,
+        attend: ops::scalar::attend_head,
     };
     println!("\nops, ns per call (softmax and silu_mul include copying in 4096 fresh inputs)");
     println!(

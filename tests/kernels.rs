@@ -552,6 +552,34 @@ fn softmax_close(x: &[f32], got: &[f32], want: &[f32], what: &str) {
     }
 }
 
+/// One head's attention (transposed keys, row-major values) in every compiled copy against the textbook
+/// reference: the summation order differs, so outputs agree to 1e-5 of the largest value magnitude.
+#[test]
+fn attend_head_matches_scalar() {
+    let mut rng = Rng(11);
+    for hd in [8usize, 16, 64, 128] {
+        for len in [1usize, 2, 7, 16, 33, 100, 300] {
+            let stride = len + 5;
+            let q: Vec<f32> = (0..hd).map(|_| rng.f32()).collect();
+            let kt: Vec<f32> = (0..hd * stride).map(|_| rng.f32()).collect();
+            let v: Vec<f32> = (0..len * hd).map(|_| rng.f32() * 2.0).collect();
+            let (mut want_s, mut want) = (vec![0.0; len], vec![0.0; hd]);
+            ops::scalar::attend_head(&q, &kt, stride, &v, len, 0.3, &mut want_s, &mut want);
+            let bound = 1e-5 * v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            for (name, t) in ops::copies() {
+                let (mut s, mut got) = (vec![0.0; len + 3], vec![f32::NAN; hd]);
+                (t.attend)(&q, &kt, stride, &v, len, 0.3, &mut s, &mut got);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= bound,
+                        "attend {name} hd {hd} len {len}: [{i}] {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn ops_match_scalar() {
     let copies = ops::copies();

@@ -189,8 +189,25 @@ mod body {
             }
         }
         softmax(scores);
+        // Four positions per pass over `out`: one load and store of `out` per four values instead of per value,
+        // which would chain every position's add through a store-to-load round trip.
         out.fill(0.0);
-        for (&p, row) in scores.iter().zip(v[..len * hd].chunks_exact(hd)) {
+        let v = &v[..len * hd];
+        let mut rows = v.chunks_exact(4 * hd);
+        let mut probs = scores.chunks_exact(4);
+        for (p, r) in (&mut probs).zip(&mut rows) {
+            let (r0, rest) = r.split_at(hd);
+            let (r1, rest) = rest.split_at(hd);
+            let (r2, r3) = rest.split_at(hd);
+            for d in 0..hd {
+                out[d] += (p[0] * r0[d] + p[1] * r1[d]) + (p[2] * r2[d] + p[3] * r3[d]);
+            }
+        }
+        for (&p, row) in probs
+            .remainder()
+            .iter()
+            .zip(rows.remainder().chunks_exact(hd))
+        {
             for (o, &x) in out.iter_mut().zip(row) {
                 *o += p * x;
             }
