@@ -40,9 +40,29 @@ pub struct Vocab {
     pub tokenizer_json: String,
 }
 
-impl Vocab {
-    /// Reads the tokenizer files of `dir` for a model whose embedding has `vocab_size` rows.
-    pub fn load(dir: &Path, vocab_size: usize) -> Result<Vocab, ConvertError> {
+/// The tokenizer files a [`Vocab`] is made from: read from a snapshot folder by [`TokenizerSources::read`], or
+/// made up in memory (`synth`'s byte-level vocabulary), so both go through the same checks and layout.
+#[derive(Clone, Debug)]
+pub struct TokenizerSources {
+    /// Where `tokenizer_json` came from; errors name it.
+    pub tokenizer_path: PathBuf,
+    /// The text of `tokenizer.json`, embedded as is.
+    pub tokenizer_json: String,
+    /// Where `tokenizer_config` came from; errors name it.
+    pub tokenizer_config_path: PathBuf,
+    /// `tokenizer_config.json` (empty when absent).
+    pub tokenizer_config: Map<String, Value>,
+    /// `generation_config.json` (empty when absent): a fallback for the special token ids.
+    pub generation_config: Map<String, Value>,
+    /// `config.json` (empty when absent): the last fallback for the special token ids.
+    pub model_config: Map<String, Value>,
+    /// `chat_template.jinja`, which newer transformers write instead of `chat_template` in tokenizer_config.json.
+    pub chat_template_jinja: Option<String>,
+}
+
+impl TokenizerSources {
+    /// Reads the tokenizer files of a snapshot folder; only `tokenizer.json` is required.
+    pub fn read(dir: &Path) -> Result<TokenizerSources, ConvertError> {
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ConvertError::MissingFile {
@@ -51,12 +71,51 @@ impl Vocab {
             },
             _ => ConvertError::read(&tokenizer_path, e),
         })?;
+        let tokenizer_config_path = dir.join("tokenizer_config.json");
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template_jinja = match std::fs::read_to_string(&jinja) {
+            Ok(template) => Some(template),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(ConvertError::read(jinja, e)),
+        };
+        Ok(TokenizerSources {
+            tokenizer_path,
+            tokenizer_json,
+            tokenizer_config: read_optional_object(&tokenizer_config_path)?.unwrap_or_default(),
+            tokenizer_config_path,
+            generation_config: read_optional_object(&dir.join("generation_config.json"))?
+                .unwrap_or_default(),
+            model_config: read_optional_object(&dir.join("config.json"))?.unwrap_or_default(),
+            chat_template_jinja,
+        })
+    }
+}
+
+impl Vocab {
+    /// Reads the tokenizer files of `dir` for a model whose embedding has `vocab_size` rows.
+    pub fn load(dir: &Path, vocab_size: usize) -> Result<Vocab, ConvertError> {
+        Vocab::from_sources(TokenizerSources::read(dir)?, vocab_size)
+    }
+
+    /// The metadata of tokenizer files for a model whose embedding has `vocab_size` rows.
+    pub fn from_sources(
+        sources: TokenizerSources,
+        vocab_size: usize,
+    ) -> Result<Vocab, ConvertError> {
+        let TokenizerSources {
+            tokenizer_path,
+            tokenizer_json,
+            tokenizer_config_path,
+            tokenizer_config,
+            generation_config,
+            model_config,
+            chat_template_jinja,
+        } = sources;
         let tokenizer = parse_object(&tokenizer_path, &tokenizer_json)?;
         let problem = |problem: String| ConvertError::Tokenizer {
             path: tokenizer_path.clone(),
             problem,
         };
-
         let model = tokenizer
             .get("model")
             .and_then(Value::as_object)
@@ -135,12 +194,6 @@ impl Vocab {
         };
         let pre = pre_tokenizer_name(vocab.keys().map(String::as_str));
 
-        let config_path = dir.join("tokenizer_config.json");
-        let tokenizer_config = read_optional_object(&config_path)?.unwrap_or_default();
-        let generation_config =
-            read_optional_object(&dir.join("generation_config.json"))?.unwrap_or_default();
-        let model_config = read_optional_object(&dir.join("config.json"))?.unwrap_or_default();
-
         let mut special_ids = Vec::new();
         for (hf, gguf) in [
             ("bos", "bos"),
@@ -167,8 +220,11 @@ impl Vocab {
         }
 
         let flag = |key: &str| tokenizer_config.get(key).and_then(Value::as_bool);
-        let (chat_template, named_chat_templates) =
-            chat_templates(dir, &config_path, &tokenizer_config)?;
+        let (chat_template, named_chat_templates) = chat_templates(
+            chat_template_jinja,
+            &tokenizer_config_path,
+            &tokenizer_config,
+        )?;
         Ok(Vocab {
             tokens,
             token_types,
@@ -371,15 +427,12 @@ type ChatTemplates = (Option<String>, Vec<(String, String)>);
 /// `chat_template.jinja` (where newer transformers save the template) wins; else `chat_template` of
 /// tokenizer_config.json, a string or a list of `{name, template}` whose `default` becomes the main template.
 fn chat_templates(
-    dir: &Path,
+    jinja: Option<String>,
     config_path: &Path,
     config: &Map<String, Value>,
 ) -> Result<ChatTemplates, ConvertError> {
-    let jinja: PathBuf = dir.join("chat_template.jinja");
-    match std::fs::read_to_string(&jinja) {
-        Ok(template) => return Ok((Some(template), Vec::new())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(ConvertError::read(jinja, e)),
+    if let Some(template) = jinja {
+        return Ok((Some(template), Vec::new()));
     }
     let bad = || ConvertError::Tokenizer {
         path: config_path.to_path_buf(),
