@@ -37,6 +37,8 @@ pub struct PlannedTensor {
     pub source: String,
     /// The torch shape `source` must have (for the expert halves, the whole `[E, 2I, H]` tensor).
     pub source_shape: Vec<usize>,
+    /// What the tensor is for; its type was chosen from it, and synthetic values are drawn by it.
+    pub role: Role,
     /// ggml order: contiguous dimension first.
     pub dims: Vec<u64>,
     /// The type written.
@@ -245,6 +247,7 @@ impl Planner {
             name: name.to_string(),
             source: source.to_string(),
             source_shape: source_shape.to_vec(),
+            role,
             dims,
             ty,
             fell_back_from,
