@@ -1,12 +1,12 @@
 //! Random-weight GGUF files with exactly the layout the converter writes for a config: the same tensor names,
-//! shapes and types (the same [`plan`](crate::convert::plan) and type recipe), the same metadata (the same
+//! shapes and types (the same `convert::plan` and type recipe), the same metadata (the same
 //! builder), only the values are drawn at random. They let speed be measured, and regressions caught, for a model
 //! whose weights are not at hand; llama.cpp loads them like any converted file.
 //!
 //! The tokenizer is either a real one (a folder with `tokenizer.json`, embedded exactly as the converter embeds
-//! it) or a synthetic byte-level BPE vocabulary of the model's size (see [`vocab`]). Values are drawn per tensor
+//! it) or a synthetic byte-level BPE vocabulary of the model's size (module `vocab`). Values are drawn per tensor
 //! and per fixed-size task from a seed, so a file depends on the seed alone, not on the thread count, and blocks
-//! are written straight as random quants with a plausible scale (see [`values`]) instead of quantizing floats.
+//! are written straight as random quants with a plausible scale (module `values`) instead of quantizing floats.
 
 mod values;
 mod vocab;

@@ -138,14 +138,14 @@ pub struct TensorReport {
     pub fell_back_from: Option<GgmlType>,
 }
 
-/// What [`convert`] wrote.
+/// What [`convert`] (or [`synthesize`](crate::synthesize)) wrote.
 #[derive(Clone, Debug)]
 pub struct ConvertReport {
     pub output: PathBuf,
     pub architecture: Architecture,
     pub target: TargetType,
     pub tensors: Vec<TensorReport>,
-    /// Checkpoint tensors the GGUF has no use for (e.g. `lm_head.weight` of a tied model).
+    /// Checkpoint tensors the GGUF has no use for (e.g. `lm_head.weight` of a tied model); none for `synthesize`.
     pub unused_source_tensors: Vec<String>,
     pub parameters: u64,
     pub file_bytes: u64,
