@@ -57,6 +57,16 @@ pub enum ConvertError {
     #[error("{}: cannot write the output: {source}", path.display())]
     Write { path: PathBuf, source: io::Error },
 
+    #[error(
+        "vocab_size {vocab_size} cannot hold a synthetic byte-level vocabulary ({min} to {max} tokens: \
+         256 bytes, 4 special tokens and two-byte merges); pass the model's tokenizer folder with --tokenizer DIR"
+    )]
+    SyntheticVocab {
+        vocab_size: usize,
+        min: usize,
+        max: usize,
+    },
+
     #[error("cannot start {threads} worker threads ({problem}); try a smaller --threads")]
     Threads { threads: usize, problem: String },
 }

@@ -5,6 +5,7 @@
 //! * [`safetensors`]: reading Hugging Face checkpoints (single file or shards; bf16, f16, f32).
 //! * [`hf`]: the checked `config.json` of a Granite checkpoint.
 //! * [`convert`](mod@convert): the Granite checkpoint -> GGUF conversion ([`convert()`], [`ConvertOptions`], [`ConvertReport`]).
+//! * [`synth`]: random-weight files with exactly the converter's layout for a config ([`synthesize`], [`SynthOptions`]).
 //! * [`error`]: [`ConvertError`], the one error type of all of the above except the GGUF reader's own.
 
 pub mod blocks;
@@ -13,6 +14,8 @@ pub mod error;
 pub mod gguf;
 pub mod hf;
 pub mod safetensors;
+pub mod synth;
 
 pub use convert::{ConvertOptions, ConvertReport, TargetType, TensorReport, convert};
 pub use error::ConvertError;
+pub use synth::{SynthOptions, synthesize};

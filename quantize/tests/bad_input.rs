@@ -187,6 +187,24 @@ fn missing_tokenizer() {
     );
 }
 
+/// A pre-tokenizer llama.cpp has no exact equivalent for would make a GGUF that tokenizes differently there.
+#[test]
+fn pre_tokenizer_without_a_llama_cpp_equivalent() {
+    let dir = snapshot();
+    let path = dir.path().join("tokenizer.json");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    tokenizer["pre_tokenizer"]["use_regex"] = false.into();
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let (err, message) = failure(dir.path());
+    assert!(matches!(err, ConvertError::Tokenizer { .. }), "{err:?}");
+    assert_names(
+        &message,
+        &path,
+        &["\"use_regex\":false", "only ByteLevel with use_regex true"],
+    );
+}
+
 #[test]
 fn missing_shard() {
     let dir = snapshot();

@@ -6,6 +6,7 @@ mod info;
 mod logits;
 mod quantize;
 mod run;
+mod synth;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ pub enum Command {
     Logits(logits::Args),
     /// Measure prompt and generation speed like llama-bench (same JSON records with -o json).
     Bench(bench::Args),
+    /// Write a random-weight GGUF with the exact layout of a registry model, to measure speed without its weights.
+    Synth(synth::Args),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -39,6 +42,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Synth(a) => synth::run(a),
         Command::Run(a) => {
             common::init_threads(a.model.threads)?;
             run::run(a)

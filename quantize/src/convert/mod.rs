@@ -5,30 +5,27 @@
 //! checkpoint (converted to f32, RoPE rows permuted, encoded in parallel) and written straight to `OUT.part`.
 //! Peak memory is a few chunk buffers plus the tokenizer metadata, whatever the model size.
 
-mod encode;
-mod metadata;
-mod output;
-mod plan;
-mod vocab;
+pub(crate) mod encode;
+pub(crate) mod metadata;
+pub(crate) mod output;
+pub(crate) mod plan;
+pub(crate) mod vocab;
 
 use std::fmt;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
-
-use indicatif::{ProgressBar, ProgressStyle};
 
 pub use metadata::QUANTIZATION_VERSION;
 pub use plan::{Role, choose_type};
 pub use vocab::pre_tokenizer_name;
 
 use self::encode::{RowEncoder, permute_rope_rows};
-use self::output::PartFile;
+use self::output::{TensorSink, write_gguf};
 use self::plan::PlannedTensor;
 use self::vocab::Vocab;
 use crate::error::ConvertError;
-use crate::gguf::{GgmlType, GgufWriter, TensorSpec};
+use crate::gguf::GgmlType;
 use crate::hf::{Architecture, HfConfig};
 use crate::safetensors::{Checkpoint, TensorView};
 
@@ -141,14 +138,14 @@ pub struct TensorReport {
     pub fell_back_from: Option<GgmlType>,
 }
 
-/// What [`convert`] wrote.
+/// What [`convert`] (or [`synthesize`](crate::synthesize)) wrote.
 #[derive(Clone, Debug)]
 pub struct ConvertReport {
     pub output: PathBuf,
     pub architecture: Architecture,
     pub target: TargetType,
     pub tensors: Vec<TensorReport>,
-    /// Checkpoint tensors the GGUF has no use for (e.g. `lm_head.weight` of a tied model).
+    /// Checkpoint tensors the GGUF has no use for (e.g. `lm_head.weight` of a tied model); none for `synthesize`.
     pub unused_source_tensors: Vec<String>,
     pub parameters: u64,
     pub file_bytes: u64,
@@ -156,6 +153,35 @@ pub struct ConvertReport {
 }
 
 impl ConvertReport {
+    /// The report of a file written from `tensors`, started at `started`.
+    pub(crate) fn new(
+        output: &Path,
+        config: &HfConfig,
+        target: TargetType,
+        tensors: Vec<PlannedTensor>,
+        file_bytes: u64,
+        started: Instant,
+    ) -> ConvertReport {
+        ConvertReport {
+            output: output.to_path_buf(),
+            architecture: config.architecture,
+            target,
+            parameters: tensors.iter().map(PlannedTensor::n_elements).sum(),
+            tensors: tensors
+                .into_iter()
+                .map(|t| TensorReport {
+                    name: t.name,
+                    dims: t.dims,
+                    ty: t.ty,
+                    fell_back_from: t.fell_back_from,
+                })
+                .collect(),
+            unused_source_tensors: Vec::new(),
+            file_bytes,
+            elapsed: started.elapsed(),
+        }
+    }
+
     /// Tensors written at F16 because their rows are not whole 32-weight blocks.
     pub fn fallbacks(&self) -> impl Iterator<Item = &TensorReport> {
         self.tensors.iter().filter(|t| t.fell_back_from.is_some())
@@ -174,10 +200,13 @@ impl ConvertReport {
     }
 }
 
-/// Converts the snapshot `opts.input` to the GGUF file `opts.output`.
-pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
-    match opts.threads {
-        None => convert_on_current_pool(opts),
+/// Runs `work` on a rayon pool of `threads` workers, or on the current (global) pool when `None`.
+pub(crate) fn on_pool<T: Send>(
+    threads: Option<usize>,
+    work: impl FnOnce() -> Result<T, ConvertError> + Send,
+) -> Result<T, ConvertError> {
+    match threads {
+        None => work(),
         Some(threads) => rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -185,15 +214,21 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
                 threads,
                 problem: e.to_string(),
             })?
-            .install(|| convert_on_current_pool(opts)),
+            .install(work),
     }
+}
+
+/// Converts the snapshot `opts.input` to the GGUF file `opts.output`.
+pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
+    on_pool(opts.threads, || convert_on_current_pool(opts))
 }
 
 fn convert_on_current_pool(opts: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
     let started = Instant::now();
     let config = HfConfig::load(&opts.input)?;
     let checkpoint = Checkpoint::open(&opts.input)?;
-    let tensors = plan::plan(&config, &checkpoint, opts.target, opts.embedding_type)?;
+    let tensors = plan::plan(&config, opts.target, opts.embedding_type);
+    plan::check_sources(&tensors, &checkpoint)?;
     let vocab = Vocab::load(&opts.input, config.vocab_size)?;
     let name = opts
         .model_name
@@ -201,70 +236,44 @@ fn convert_on_current_pool(opts: &ConvertOptions) -> Result<ConvertReport, Conve
         .unwrap_or_else(|| model_name(&opts.input));
     let metadata = metadata::build(&config, &vocab, &tensors, opts.target, &name);
     drop(vocab);
-    let specs = tensors
-        .iter()
-        .map(|t| TensorSpec::new(t.name.clone(), &t.dims, t.ty))
-        .collect();
 
-    let (part, file) = PartFile::create(&opts.output)?;
-    let write_error = |source| ConvertError::Write {
-        path: part.path().to_path_buf(),
-        source,
-    };
-    let mut writer = GgufWriter::new(BufWriter::with_capacity(8 << 20, file), &metadata, specs)
-        .map_err(write_error)?;
-    drop(metadata);
-    let bar = progress_bar(
+    let file_bytes = write_gguf(
+        &opts.output,
+        metadata,
+        &tensors,
         opts.progress,
-        tensors.iter().map(PlannedTensor::n_elements).sum(),
-    );
-    for tensor in &tensors {
-        bar.set_message(tensor.name.clone());
-        let source = checkpoint.tensor(&tensor.source)?;
-        write_tensor(&mut writer, &source, tensor, &bar).map_err(write_error)?;
-    }
-    bar.finish_and_clear();
-    let file = writer
-        .finish()
-        .and_then(|buffered| buffered.into_inner().map_err(|e| e.into_error()))
-        .map_err(write_error)?;
-    part.commit(file)?;
+        |tensor, sink| {
+            let source = checkpoint.tensor(&tensor.source)?;
+            write_tensor(sink, &source, tensor)
+        },
+    )?;
 
     let used: std::collections::HashSet<&str> = tensors.iter().map(|t| t.source.as_str()).collect();
+    let unused_source_tensors = checkpoint
+        .tensor_names()
+        .into_iter()
+        .filter(|n| !used.contains(n))
+        .map(String::from)
+        .collect();
     Ok(ConvertReport {
-        file_bytes: std::fs::metadata(&opts.output)
-            .map(|m| m.len())
-            .unwrap_or(0),
-        output: opts.output.clone(),
-        architecture: config.architecture,
-        target: opts.target,
-        parameters: tensors.iter().map(PlannedTensor::n_elements).sum(),
-        unused_source_tensors: checkpoint
-            .tensor_names()
-            .into_iter()
-            .filter(|n| !used.contains(n))
-            .map(String::from)
-            .collect(),
-        tensors: tensors
-            .into_iter()
-            .map(|t| TensorReport {
-                name: t.name,
-                dims: t.dims,
-                ty: t.ty,
-                fell_back_from: t.fell_back_from,
-            })
-            .collect(),
-        elapsed: started.elapsed(),
+        unused_source_tensors,
+        ..ConvertReport::new(
+            &opts.output,
+            &config,
+            opts.target,
+            tensors,
+            file_bytes,
+            started,
+        )
     })
 }
 
-/// Streams one tensor: chunks of source rows -> f32 -> (RoPE permutation) -> encoded bytes -> the writer.
-fn write_tensor<W: Write>(
-    writer: &mut GgufWriter<W>,
+/// Streams one tensor: chunks of source rows -> f32 -> (RoPE permutation) -> encoded bytes -> the sink.
+fn write_tensor(
+    sink: &mut TensorSink<'_>,
     source: &TensorView<'_>,
     tensor: &PlannedTensor,
-    bar: &ProgressBar,
-) -> std::io::Result<()> {
+) -> Result<(), ConvertError> {
     let row_len = tensor.row_len();
     // Chunks hold whole heads when rows are permuted within heads.
     let group = tensor.rope_head_dim.unwrap_or(1);
@@ -285,9 +294,8 @@ fn write_tensor<W: Write>(
                 }
                 None => &values,
             };
-            writer.write_data(encoder.encode(chunk, row_len))?;
+            sink.write(encoder.encode(chunk, row_len), chunk.len() as u64)?;
             source.release_rows(first, rows);
-            bar.inc(chunk.len() as u64);
             first += rows;
         }
     }
@@ -302,19 +310,6 @@ fn read_rows_parallel(source: &TensorView<'_>, first_row: usize, row_len: usize,
     out.par_chunks_mut(rows_per_task * row_len)
         .enumerate()
         .for_each(|(task, values)| source.read_rows_f32(first_row + task * rows_per_task, values));
-}
-
-fn progress_bar(show: bool, total: u64) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg:30!} [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
 }
 
 /// `general.name` from the snapshot folder: its own name, or for a Hugging Face cache snapshot

@@ -1,6 +1,7 @@
-//! Which GGUF tensors a Granite checkpoint becomes: names, ggml shapes, element types, and which rows of which
-//! checkpoint tensor feed each of them (in output order), all decided and checked against the checkpoint before a
-//! byte of output is written.
+//! Which GGUF tensors a Granite model becomes: names, ggml shapes, element types, and which rows of which
+//! checkpoint tensor feed each of them (in output order). The plan depends on the config alone, so the converter
+//! (which checks it against the checkpoint before writing a byte) and `synth` (which has no checkpoint) write
+//! exactly the same layout.
 
 use std::ops::Range;
 
@@ -34,6 +35,10 @@ pub struct PlannedTensor {
     pub name: String,
     /// The checkpoint tensor it is made from.
     pub source: String,
+    /// The torch shape `source` must have (for the expert halves, the whole `[E, 2I, H]` tensor).
+    pub source_shape: Vec<usize>,
+    /// What the tensor is for; its type was chosen from it, and synthetic values are drawn by it.
+    pub role: Role,
     /// ggml order: contiguous dimension first.
     pub dims: Vec<u64>,
     /// The type written.
@@ -83,15 +88,13 @@ pub fn choose_type(
     }
 }
 
-/// Plans every tensor and checks each source's presence, dtype and shape against the config.
+/// Plans every tensor of the output file, in file order.
 pub fn plan(
     config: &HfConfig,
-    checkpoint: &Checkpoint,
     target: TargetType,
     embedding_type: Option<TargetType>,
-) -> Result<Vec<PlannedTensor>, ConvertError> {
+) -> Vec<PlannedTensor> {
     let mut planner = Planner {
-        checkpoint,
         target,
         embedding_type,
         tensors: Vec::new(),
@@ -117,7 +120,7 @@ pub fn plan(
         "model.embed_tokens.weight",
         &[v, h],
         embedding_role,
-    )?;
+    );
     for layer in 0..config.num_hidden_layers {
         let hf = |name: &str| format!("model.layers.{layer}.{name}");
         let gguf = |name: &str| format!("blk.{layer}.{name}.weight");
@@ -126,42 +129,42 @@ pub fn plan(
             &hf("input_layernorm.weight"),
             &[h],
             Role::Norm,
-        )?;
+        );
         planner.permuted(
             &gguf("attn_q"),
             &hf("self_attn.q_proj.weight"),
             &[q_dim, h],
             hd,
-        )?;
+        );
         planner.permuted(
             &gguf("attn_k"),
             &hf("self_attn.k_proj.weight"),
             &[kv_dim, h],
             hd,
-        )?;
+        );
         planner.matrix(
             &gguf("attn_v"),
             &hf("self_attn.v_proj.weight"),
             &[kv_dim, h],
             Role::Weight,
-        )?;
+        );
         planner.matrix(
             &gguf("attn_output"),
             &hf("self_attn.o_proj.weight"),
             &[h, q_dim],
             Role::Weight,
-        )?;
+        );
         planner.matrix(
             &gguf("ffn_norm"),
             &hf("post_attention_layernorm.weight"),
             &[h],
             Role::Norm,
-        )?;
+        );
         match config.moe {
             Some(moe) => {
                 let e = moe.num_local_experts;
                 let router = hf("block_sparse_moe.router.layer.weight");
-                planner.matrix(&gguf("ffn_gate_inp"), &router, &[e, h], Role::Router)?;
+                planner.matrix(&gguf("ffn_gate_inp"), &router, &[e, h], Role::Router);
                 // input_linear [E, 2I, H] holds each expert's gate rows, then its up rows.
                 let input = hf("block_sparse_moe.input_linear.weight");
                 planner.expert_halves(
@@ -171,9 +174,9 @@ pub fn plan(
                     e,
                     i,
                     h,
-                )?;
+                );
                 let output = hf("block_sparse_moe.output_linear.weight");
-                planner.matrix(&gguf("ffn_down_exps"), &output, &[e, h, i], Role::Weight)?;
+                planner.matrix(&gguf("ffn_down_exps"), &output, &[e, h, i], Role::Weight);
             }
             None => {
                 planner.matrix(
@@ -181,48 +184,57 @@ pub fn plan(
                     &hf("mlp.gate_proj.weight"),
                     &[i, h],
                     Role::Weight,
-                )?;
+                );
                 planner.matrix(
                     &gguf("ffn_up"),
                     &hf("mlp.up_proj.weight"),
                     &[i, h],
                     Role::Weight,
-                )?;
+                );
                 planner.matrix(
                     &gguf("ffn_down"),
                     &hf("mlp.down_proj.weight"),
                     &[h, i],
                     Role::Weight,
-                )?;
+                );
             }
         }
     }
-    planner.matrix("output_norm.weight", "model.norm.weight", &[h], Role::Norm)?;
+    planner.matrix("output_norm.weight", "model.norm.weight", &[h], Role::Norm);
     if !config.tie_word_embeddings {
-        planner.matrix("output.weight", "lm_head.weight", &[v, h], Role::OutputHead)?;
+        planner.matrix("output.weight", "lm_head.weight", &[v, h], Role::OutputHead);
     }
-    Ok(planner.tensors)
+    planner.tensors
 }
 
-struct Planner<'a> {
-    checkpoint: &'a Checkpoint,
+/// Checks that every source tensor of the plan is in the checkpoint with the shape the config implies (and a dtype
+/// the converter reads), in plan order, so the first problem reported is the first tensor that would fail.
+pub fn check_sources(
+    tensors: &[PlannedTensor],
+    checkpoint: &Checkpoint,
+) -> Result<(), ConvertError> {
+    for tensor in tensors {
+        checkpoint
+            .tensor(&tensor.source)?
+            .expect_shape(&tensor.source_shape)?;
+    }
+    Ok(())
+}
+
+struct Planner {
     target: TargetType,
     embedding_type: Option<TargetType>,
     tensors: Vec<PlannedTensor>,
 }
 
-impl Planner<'_> {
-    /// Checks the source tensor and returns its row count in the `[rows, row_len]` view.
-    fn checked_source(&self, source: &str, torch_shape: &[usize]) -> Result<usize, ConvertError> {
-        let view = self.checkpoint.tensor(source)?;
-        view.expect_shape(torch_shape)?;
-        Ok(view.n_rows())
-    }
-
+impl Planner {
+    /// Adds one output tensor of torch shape `torch_shape` made from `rows` of `source` (of shape `source_shape`).
+    #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         name: &str,
         source: &str,
+        source_shape: &[usize],
         torch_shape: &[usize],
         role: Role,
         rows: Vec<Range<usize>>,
@@ -234,6 +246,8 @@ impl Planner<'_> {
         self.tensors.push(PlannedTensor {
             name: name.to_string(),
             source: source.to_string(),
+            source_shape: source_shape.to_vec(),
+            role,
             dims,
             ty,
             fell_back_from,
@@ -243,38 +257,26 @@ impl Planner<'_> {
     }
 
     /// A tensor copied as is (ggml dims are the torch shape reversed, so the bytes keep their order).
-    fn matrix(
+    fn matrix(&mut self, name: &str, source: &str, torch_shape: &[usize], role: Role) {
+        self.with_rows(name, source, torch_shape, role, None);
+    }
+
+    /// q_proj / k_proj: rows reordered within each head for llama.cpp's RoPE.
+    fn permuted(&mut self, name: &str, source: &str, torch_shape: &[usize], head_dim: usize) {
+        self.with_rows(name, source, torch_shape, Role::Weight, Some(head_dim));
+    }
+
+    fn with_rows(
         &mut self,
         name: &str,
         source: &str,
         torch_shape: &[usize],
         role: Role,
-    ) -> Result<(), ConvertError> {
-        let rows = self.checked_source(source, torch_shape)?;
-        self.push(
-            name,
-            source,
-            torch_shape,
-            role,
-            std::iter::once(0..rows).collect(),
-            None,
-        );
-        Ok(())
-    }
-
-    /// q_proj / k_proj: rows reordered within each head for llama.cpp's RoPE.
-    fn permuted(
-        &mut self,
-        name: &str,
-        source: &str,
-        torch_shape: &[usize],
-        head_dim: usize,
-    ) -> Result<(), ConvertError> {
-        self.matrix(name, source, torch_shape, Role::Weight)?;
-        if let Some(planned) = self.tensors.last_mut() {
-            planned.rope_head_dim = Some(head_dim);
-        }
-        Ok(())
+        rope: Option<usize>,
+    ) {
+        let rows = torch_shape.iter().rev().skip(1).product();
+        let all_rows = std::iter::once(0..rows).collect();
+        self.push(name, source, torch_shape, torch_shape, role, all_rows, rope);
     }
 
     /// Splits `[E, 2I, H]` into gate `{H, I, E}` (rows `0..I` of each expert) and up (rows `I..2I`).
@@ -286,8 +288,8 @@ impl Planner<'_> {
         experts: usize,
         intermediate: usize,
         hidden: usize,
-    ) -> Result<(), ConvertError> {
-        self.checked_source(source, &[experts, 2 * intermediate, hidden])?;
+    ) {
+        let source_shape = [experts, 2 * intermediate, hidden];
         let half = |offset: usize| -> Vec<Range<usize>> {
             (0..experts)
                 .map(|e| {
@@ -297,9 +299,17 @@ impl Planner<'_> {
                 .collect()
         };
         let shape = [experts, intermediate, hidden];
-        self.push(gate, source, &shape, Role::Weight, half(0), None);
-        self.push(up, source, &shape, Role::Weight, half(intermediate), None);
-        Ok(())
+        for (name, offset) in [(gate, 0), (up, intermediate)] {
+            self.push(
+                name,
+                source,
+                &source_shape,
+                &shape,
+                Role::Weight,
+                half(offset),
+                None,
+            );
+        }
     }
 }
 

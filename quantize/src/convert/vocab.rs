@@ -40,9 +40,29 @@ pub struct Vocab {
     pub tokenizer_json: String,
 }
 
-impl Vocab {
-    /// Reads the tokenizer files of `dir` for a model whose embedding has `vocab_size` rows.
-    pub fn load(dir: &Path, vocab_size: usize) -> Result<Vocab, ConvertError> {
+/// The tokenizer files a [`Vocab`] is made from: read from a snapshot folder by [`TokenizerSources::read`], or
+/// made up in memory (`synth`'s byte-level vocabulary), so both go through the same checks and layout.
+#[derive(Clone, Debug)]
+pub struct TokenizerSources {
+    /// Where `tokenizer_json` came from; errors name it.
+    pub tokenizer_path: PathBuf,
+    /// The text of `tokenizer.json`, embedded as is.
+    pub tokenizer_json: String,
+    /// Where `tokenizer_config` came from; errors name it.
+    pub tokenizer_config_path: PathBuf,
+    /// `tokenizer_config.json` (empty when absent).
+    pub tokenizer_config: Map<String, Value>,
+    /// `generation_config.json` (empty when absent): a fallback for the special token ids.
+    pub generation_config: Map<String, Value>,
+    /// `config.json` (empty when absent): the last fallback for the special token ids.
+    pub model_config: Map<String, Value>,
+    /// `chat_template.jinja`, which newer transformers write instead of `chat_template` in tokenizer_config.json.
+    pub chat_template_jinja: Option<String>,
+}
+
+impl TokenizerSources {
+    /// Reads the tokenizer files of a snapshot folder; only `tokenizer.json` is required.
+    pub fn read(dir: &Path) -> Result<TokenizerSources, ConvertError> {
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ConvertError::MissingFile {
@@ -51,11 +71,52 @@ impl Vocab {
             },
             _ => ConvertError::read(&tokenizer_path, e),
         })?;
+        let tokenizer_config_path = dir.join("tokenizer_config.json");
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template_jinja = match std::fs::read_to_string(&jinja) {
+            Ok(template) => Some(template),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(ConvertError::read(jinja, e)),
+        };
+        Ok(TokenizerSources {
+            tokenizer_path,
+            tokenizer_json,
+            tokenizer_config: read_optional_object(&tokenizer_config_path)?.unwrap_or_default(),
+            tokenizer_config_path,
+            generation_config: read_optional_object(&dir.join("generation_config.json"))?
+                .unwrap_or_default(),
+            model_config: read_optional_object(&dir.join("config.json"))?.unwrap_or_default(),
+            chat_template_jinja,
+        })
+    }
+}
+
+impl Vocab {
+    /// Reads the tokenizer files of `dir` for a model whose embedding has `vocab_size` rows.
+    pub fn load(dir: &Path, vocab_size: usize) -> Result<Vocab, ConvertError> {
+        Vocab::from_sources(TokenizerSources::read(dir)?, vocab_size)
+    }
+
+    /// The metadata of tokenizer files for a model whose embedding has `vocab_size` rows.
+    pub fn from_sources(
+        sources: TokenizerSources,
+        vocab_size: usize,
+    ) -> Result<Vocab, ConvertError> {
+        let TokenizerSources {
+            tokenizer_path,
+            tokenizer_json,
+            tokenizer_config_path,
+            tokenizer_config,
+            generation_config,
+            model_config,
+            chat_template_jinja,
+        } = sources;
         let tokenizer = parse_object(&tokenizer_path, &tokenizer_json)?;
         let problem = |problem: String| ConvertError::Tokenizer {
             path: tokenizer_path.clone(),
             problem,
         };
+        let pre = pre_tokenizer_name(tokenizer.get("pre_tokenizer")).map_err(problem)?;
 
         let model = tokenizer
             .get("model")
@@ -133,13 +194,6 @@ impl Vocab {
             })?,
             _ => return Err(problem("its BPE model has no \"merges\" list".into())),
         };
-        let pre = pre_tokenizer_name(vocab.keys().map(String::as_str));
-
-        let config_path = dir.join("tokenizer_config.json");
-        let tokenizer_config = read_optional_object(&config_path)?.unwrap_or_default();
-        let generation_config =
-            read_optional_object(&dir.join("generation_config.json"))?.unwrap_or_default();
-        let model_config = read_optional_object(&dir.join("config.json"))?.unwrap_or_default();
 
         let mut special_ids = Vec::new();
         for (hf, gguf) in [
@@ -167,8 +221,11 @@ impl Vocab {
         }
 
         let flag = |key: &str| tokenizer_config.get(key).and_then(Value::as_bool);
-        let (chat_template, named_chat_templates) =
-            chat_templates(dir, &config_path, &tokenizer_config)?;
+        let (chat_template, named_chat_templates) = chat_templates(
+            chat_template_jinja,
+            &tokenizer_config_path,
+            &tokenizer_config,
+        )?;
         Ok(Vocab {
             tokens,
             token_types,
@@ -262,53 +319,35 @@ impl Vocab {
     }
 }
 
-/// llama.cpp's name for the pre-tokenizer (the regex split before BPE) that reproduces this vocabulary's
-/// tokenization: `"refact"` when no token joins a digit to anything else, `"gpt-2"` otherwise.
+/// llama.cpp's name for the pre-tokenizer (the regex split before BPE) that reproduces the `pre_tokenizer` of a
+/// tokenizer.json: `"gpt-2"` for Hugging Face's `ByteLevel` with `use_regex` (the GPT-2 regex, Granite's), the one
+/// kind a byte-level BPE GGUF can promise to tokenize exactly as the original; anything else is refused.
 ///
-/// Why: HF Granite tokenizers split with the GPT-2 regex (`ByteLevel`), which keeps a run of digits (and a leading
-/// space) together, then BPE merges inside it. llama.cpp's own converter identifies Granite's tokenizer as
-/// `"refact"`, whose regex first cuts every digit out on its own. When no token contains a digit together with
-/// another character, BPE can never merge across a digit, so cutting digits out first gives the same digit tokens
-/// as the GPT-2 split; the real Granite vocabularies are like that, and writing `"refact"` then matches what
-/// llama.cpp writes for them. Otherwise `"gpt-2"` is the faithful choice.
+/// Why not `"refact"`, which llama.cpp's own converter writes for Granite (it recognises the tokenizer by a hash of
+/// its output on a test text, and Granite's hashes like Refact's): refact's regex first cuts every digit out on its
+/// own, which gives the same digits as the GPT-2 split for Granite's vocabulary (no token joins a digit to anything
+/// else) but splits whitespace before a digit differently: for `"x  123"` HF gives `Ġ Ġ 1 2 3` and llama.cpp with
+/// refact `ĠĠ 1 2 3`. With `"gpt-2"` llama.cpp runs the exact HF regex.
 ///
-/// Known limit of `"refact"` in llama.cpp (not of this rule): whitespace right before a digit is split
-/// differently: for `"x  1"` the GPT-2 regex gives `"x" " " " 1"` but refact gives `"x" "  " "1"`, and Granite's
-/// vocabulary has a `"ĠĠ"` token, so llama.cpp then tokenizes differently from HF. Runtimes that load
-/// `tokenizer.huggingface.json` are not affected.
-pub fn pre_tokenizer_name<'a>(vocab: impl IntoIterator<Item = &'a str>) -> &'static str {
-    let joins_a_digit = |token: &str| {
-        let text = byte_level_decode(token);
-        text.chars().count() > 1 && text.chars().any(char::is_numeric)
+/// `add_prefix_space` must be false: llama.cpp's `gpt-2` never adds a leading space.
+pub fn pre_tokenizer_name(pre_tokenizer: Option<&Value>) -> Result<&'static str, String> {
+    let refuse = |found: String| {
+        Err(format!(
+            "its pre_tokenizer is {found}; only ByteLevel with use_regex true and add_prefix_space false \
+             (the GPT-2 split that Granite uses) has an exact llama.cpp equivalent"
+        ))
     };
-    if vocab.into_iter().any(joins_a_digit) {
-        "gpt-2"
+    let Some(Value::Object(pre)) = pre_tokenizer else {
+        return refuse(pre_tokenizer.map_or("missing".into(), |v| v.to_string()));
+    };
+    // The tokenizers library defaults both flags when they are absent: use_regex to true, add_prefix_space to true.
+    let flag = |key: &str, default: bool| pre.get(key).and_then(Value::as_bool).unwrap_or(default);
+    let byte_level = pre.get("type").and_then(Value::as_str) == Some("ByteLevel");
+    if byte_level && flag("use_regex", true) && !flag("add_prefix_space", true) {
+        Ok("gpt-2")
     } else {
-        "refact"
+        refuse(Value::Object(pre.clone()).to_string())
     }
-}
-
-/// The text a byte-level BPE token stands for: GPT-2 maps every byte to a printable character (bytes that are
-/// printable Latin-1 map to themselves, the other 68 to U+0100..U+0143 in byte order). Bytes that do not form
-/// valid UTF-8 on their own become U+FFFD, which is not numeric.
-fn byte_level_decode(token: &str) -> String {
-    let bytes: Vec<u8> = token.chars().filter_map(byte_of_char).collect();
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-fn byte_of_char(c: char) -> Option<u8> {
-    let printable = |b: u32| {
-        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
-    };
-    let code = c as u32;
-    if printable(code) {
-        return u8::try_from(code).ok();
-    }
-    let rank = code.checked_sub(0x100)?;
-    (0u32..=255)
-        .filter(|&b| !printable(b))
-        .nth(rank as usize)
-        .and_then(|b| u8::try_from(b).ok())
 }
 
 fn token_id(id: &Value, vocab_size: usize) -> Result<usize, &'static str> {
@@ -371,15 +410,12 @@ type ChatTemplates = (Option<String>, Vec<(String, String)>);
 /// `chat_template.jinja` (where newer transformers save the template) wins; else `chat_template` of
 /// tokenizer_config.json, a string or a list of `{name, template}` whose `default` becomes the main template.
 fn chat_templates(
-    dir: &Path,
+    jinja: Option<String>,
     config_path: &Path,
     config: &Map<String, Value>,
 ) -> Result<ChatTemplates, ConvertError> {
-    let jinja: PathBuf = dir.join("chat_template.jinja");
-    match std::fs::read_to_string(&jinja) {
-        Ok(template) => return Ok((Some(template), Vec::new())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(ConvertError::read(jinja, e)),
+    if let Some(template) = jinja {
+        return Ok((Some(template), Vec::new()));
     }
     let bad = || ConvertError::Tokenizer {
         path: config_path.to_path_buf(),
@@ -420,24 +456,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn byte_level_characters_decode_to_their_bytes() {
-        assert_eq!(byte_of_char('a'), Some(b'a'));
-        assert_eq!(byte_of_char('\u{0120}'), Some(b' ')); // 'Ġ'
-        assert_eq!(byte_of_char('\u{0100}'), Some(0));
-        assert_eq!(byte_of_char('\u{010A}'), Some(b'\n')); // 'Ċ'
-        assert_eq!(byte_of_char('\u{0143}'), Some(0xAD));
-        assert_eq!(byte_of_char('\u{0144}'), None);
-        assert_eq!(byte_level_decode("\u{0120}hello"), " hello");
-    }
-
-    #[test]
     fn pre_tokenizer_rule() {
-        assert_eq!(pre_tokenizer_name(["a", "1", "\u{0120}the", "7"]), "refact");
-        assert_eq!(pre_tokenizer_name(["a", "12"]), "gpt-2");
-        assert_eq!(pre_tokenizer_name(["\u{0120}1"]), "gpt-2");
-        // "²" is numeric too (\p{N}); as bytes C2 B2 it is written "Â²"
-        assert_eq!(pre_tokenizer_name(["x\u{00C2}\u{00B2}"]), "gpt-2");
-        assert_eq!(pre_tokenizer_name(["\u{00C2}\u{00B2}"]), "refact");
+        use serde_json::json;
+        let name = |v: Value| pre_tokenizer_name(Some(&v));
+        let granite = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        assert_eq!(name(granite), Ok("gpt-2"));
+        // use_regex defaults to true in the tokenizers library
+        assert_eq!(
+            name(json!({"type": "ByteLevel", "add_prefix_space": false})),
+            Ok("gpt-2")
+        );
+        for refused in [
+            json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": false}),
+            json!({"type": "ByteLevel", "add_prefix_space": true, "use_regex": true}),
+            json!({"type": "ByteLevel", "use_regex": true}),
+            json!({"type": "Metaspace", "replacement": "\u{2581}"}),
+            json!({"type": "Sequence", "pretokenizers": [{"type": "ByteLevel", "add_prefix_space": false}]}),
+            json!(null),
+        ] {
+            let err = name(refused.clone()).unwrap_err();
+            assert!(
+                err.contains("only ByteLevel with use_regex true"),
+                "{refused}: {err}"
+            );
+        }
+        assert!(pre_tokenizer_name(None).unwrap_err().contains("missing"));
     }
 
     #[test]
