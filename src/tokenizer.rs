@@ -3,13 +3,18 @@
 //! The work is done by Hugging Face's `tokenizers` crate, loaded from the `tokenizer.json` that the converter
 //! embeds in the GGUF file (`tokenizer.huggingface.json`): the reference ids were made with that same library,
 //! so matching them is a matter of loading the same file, not of re-implementing BPE and its pre-tokenizer regex.
-//! Files made by llama.cpp carry only `tokenizer.ggml.*`; [`Tokenizer::from_gguf`] has one place where building
-//! from those will go.
+//!
+//! Files made by llama.cpp carry only `tokenizer.ggml.*` (tokens, token types, merges and the name of a
+//! pre-tokenizer). From those, [`Tokenizer::from_gguf`] writes the equivalent `tokenizer.json` and loads it the
+//! same way, so there is still one implementation of encoding, decoding and streaming. See
+//! [`Tokenizer::from_gguf`] for which `tokenizer.ggml.pre` values are understood and why `refact` is read as
+//! Granite's Hugging Face split rather than as llama.cpp's.
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::OnceLock;
 
-use quarry_quantize::gguf::{GgufFile, Value};
+use quarry_quantize::gguf::{Array, GgufFile, Value};
 use tokenizers::{
     DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
 };
@@ -20,6 +25,24 @@ pub const GGUF_HF_JSON_KEY: &str = "tokenizer.huggingface.json";
 pub const GGUF_EOS_KEY: &str = "tokenizer.ggml.eos_token_id";
 /// Granite's `<|end_of_text|>`: BOS, EOS, PAD and UNK at once; used when a file does not say otherwise.
 pub const DEFAULT_EOS_ID: u32 = 0;
+/// GGUF key naming the tokenizer family; only `gpt2` (byte-level BPE, Granite's) is built from metadata.
+pub const GGUF_GGML_MODEL_KEY: &str = "tokenizer.ggml.model";
+/// GGUF key naming llama.cpp's pre-tokenizer (the regex split applied before BPE).
+pub const GGUF_GGML_PRE_KEY: &str = "tokenizer.ggml.pre";
+const GGUF_GGML_TOKENS_KEY: &str = "tokenizer.ggml.tokens";
+const GGUF_GGML_TOKEN_TYPE_KEY: &str = "tokenizer.ggml.token_type";
+const GGUF_GGML_MERGES_KEY: &str = "tokenizer.ggml.merges";
+const GGUF_GGML_ADD_BOS_KEY: &str = "tokenizer.ggml.add_bos_token";
+const GGUF_GGML_ADD_EOS_KEY: &str = "tokenizer.ggml.add_eos_token";
+
+/// The `tokenizer.ggml.pre` values [`Tokenizer::from_gguf`] understands, for error messages.
+const SUPPORTED_PRE: &str = "`gpt-2`, `refact` (Granite) and `starcoder`";
+
+/// llama.cpp's `token_type` values that are matched in text as whole tokens (`llama_token_type`): 2 unknown and
+/// 3 control become special added tokens, 4 user-defined a plain added token.
+const TOKEN_TYPE_UNKNOWN: i64 = 2;
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// A tokenizer problem, naming where the tokenizer came from (a file, or a GGUF key inside a file).
 #[derive(Debug, thiserror::Error)]
@@ -31,10 +54,17 @@ pub enum TokenizerError {
         source: std::io::Error,
     },
     #[error(
-        "{origin}: this GGUF file has no `{GGUF_HF_JSON_KEY}`; building the tokenizer from `tokenizer.ggml.*` \
-         alone (as in files made by llama.cpp) is not supported yet: convert the model with `quarry quantize`"
+        "{origin}: this GGUF file has no `{GGUF_HF_JSON_KEY}` and no `{GGUF_GGML_MODEL_KEY}`: it carries no \
+         tokenizer; convert the model with `quarry quantize`"
     )]
     NoEmbeddedTokenizer { origin: String },
+    #[error("{origin}: metadata `{key}` = {value:?} is not supported: {supported}")]
+    Unsupported {
+        origin: String,
+        key: &'static str,
+        value: String,
+        supported: String,
+    },
     #[error("{origin}: metadata `{key}` {problem}")]
     BadMetadata {
         origin: String,
@@ -59,6 +89,9 @@ pub enum TokenizerError {
 /// so load it once per model, not per request.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// A copy of `inner` that reads special-token strings as ordinary text, made on first use by
+    /// [`Tokenizer::encode_as_text`] (a copy because the switch is a setting of the whole `tokenizers` object).
+    text_only: OnceLock<tokenizers::Tokenizer>,
     /// Where it was loaded from, for error messages.
     origin: String,
     /// Number of ids, added tokens included (49155 for Granite); cached because `tokenizers` recounts on each call.
@@ -79,7 +112,29 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// The tokenizer embedded in a GGUF file, with its end-of-text id (`tokenizer.ggml.eos_token_id`, else 0).
+    /// The tokenizer of a GGUF file, with its end-of-text id (`tokenizer.ggml.eos_token_id`, else 0).
+    ///
+    /// The embedded `tokenizer.huggingface.json` is used when present (files made by `quarry quantize`). Otherwise
+    /// the tokenizer is rebuilt from `tokenizer.ggml.*` (files made by llama.cpp): `tokenizer.ggml.model` must be
+    /// `gpt2`, and `tokenizer.ggml.pre` names the regex split done before BPE:
+    ///
+    /// * `gpt-2`: the GPT-2 regex, Hugging Face's `ByteLevel(use_regex)`.
+    /// * `refact`: what llama.cpp's converter writes for Granite, because Granite's tokenizer gives the same ids
+    ///   as Refact's on the converter's check text. llama.cpp then cuts every digit out on its own before the
+    ///   GPT-2 regex. Granite's own `tokenizer.json` does not: it is plain `ByteLevel(use_regex)`, and its
+    ///   vocabulary has no token joining a digit to anything, which is why the two agree on that check text and
+    ///   on every reference case. They differ only where whitespace comes right before a number. A run of
+    ///   whitespace before a digit: for `"x  123"` Hugging Face gives `x Ġ Ġ 1 2 3` (the GPT-2 regex keeps one
+    ///   space for `" 123"`) and llama.cpp `x ĠĠ 1 2 3` (the digit split leaves `"x  "`, whose spaces the GPT-2
+    ///   regex keeps together); `"\n\n42"` likewise. A space before a non-ASCII numeral: for `"x ²"` Hugging Face
+    ///   merges the space with the numeral's first byte (`x ĠÂ ²`), which llama.cpp's digit split prevents.
+    ///   Granite was trained on the Hugging Face ids, so `refact` is read as the GPT-2 split here. Quarry runs only
+    ///   Granite architectures, so a file it can run that says `refact` holds Granite's tokenizer.
+    /// * `starcoder`: llama.cpp's definition, every digit alone and then the GPT-2 regex (which is also how
+    ///   StarCoder's own `tokenizer.json` splits).
+    ///
+    /// Other tokenizer families and pre-tokenizers, a missing `tokenizer.ggml.pre`, and tokenizers that add BOS or
+    /// EOS tokens are refused with an error naming the file and the value.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         let file = gguf.path().display().to_string();
         let tokenizer = match gguf.get(GGUF_HF_JSON_KEY) {
@@ -116,12 +171,155 @@ impl Tokenizer {
         })
     }
 
-    /// The seam for GGUF files without an embedded `tokenizer.json` (llama.cpp's converter writes only
-    /// `tokenizer.ggml.tokens`, `merges`, `token_type` and `pre`): a byte-level BPE can be rebuilt from those.
+    /// Builds the tokenizer from llama.cpp's `tokenizer.ggml.*` keys by writing the `tokenizer.json` that says the
+    /// same thing (BPE over the byte-level alphabet, the same ids, merges in rank order, control tokens as special
+    /// added tokens) and loading it like any other, so encoding, decoding and streaming keep one implementation.
     fn from_ggml_metadata(gguf: &GgufFile) -> Result<Tokenizer, TokenizerError> {
-        Err(TokenizerError::NoEmbeddedTokenizer {
-            origin: gguf.path().display().to_string(),
-        })
+        let file = gguf.path().display().to_string();
+        let bad = |key: &'static str, problem: String| TokenizerError::BadMetadata {
+            origin: file.clone(),
+            key,
+            problem,
+        };
+        let unsupported =
+            |key: &'static str, value: &str, supported: String| TokenizerError::Unsupported {
+                origin: file.clone(),
+                key,
+                value: value.to_string(),
+                supported,
+            };
+        let string = |key: &'static str| match gguf.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| bad(key, format!("is {}, not a string", v.summary()))),
+        };
+
+        let Some(model) = string(GGUF_GGML_MODEL_KEY)? else {
+            return Err(TokenizerError::NoEmbeddedTokenizer { origin: file });
+        };
+        if model != "gpt2" {
+            return Err(unsupported(
+                GGUF_GGML_MODEL_KEY,
+                model,
+                "only `gpt2` (byte-level BPE, Granite's tokenizer) can be built from metadata"
+                    .into(),
+            ));
+        }
+        let pre = string(GGUF_GGML_PRE_KEY)?.ok_or_else(|| {
+            bad(
+                GGUF_GGML_PRE_KEY,
+                format!(
+                    "is missing, so the regex split before BPE is unknown (supported: {SUPPORTED_PRE}); \
+                     llama.cpp would guess and warn that quality is degraded"
+                ),
+            )
+        })?;
+        let pre_tokenizer = pre_tokenizer_json(pre).ok_or_else(|| {
+            unsupported(
+                GGUF_GGML_PRE_KEY,
+                pre,
+                format!("supported: {SUPPORTED_PRE}"),
+            )
+        })?;
+        // Granite's tokenizer adds nothing around the text; one that adds BOS or EOS is not a Granite tokenizer,
+        // and silently encoding without them would shift every position the model was trained on.
+        for key in [GGUF_GGML_ADD_BOS_KEY, GGUF_GGML_ADD_EOS_KEY] {
+            if gguf.get(key).and_then(Value::as_bool) == Some(true) {
+                return Err(unsupported(
+                    key,
+                    "true",
+                    "a tokenizer that adds BOS/EOS tokens is not Granite's and is not built from metadata".into(),
+                ));
+            }
+        }
+
+        let tokens =
+            string_array(gguf, GGUF_GGML_TOKENS_KEY).map_err(|p| bad(GGUF_GGML_TOKENS_KEY, p))?;
+        if tokens.is_empty() {
+            return Err(bad(GGUF_GGML_TOKENS_KEY, "is empty".into()));
+        }
+        // llama.cpp reads a missing type list as "all normal": nothing is matched as a whole token in text.
+        let token_types = match gguf.get(GGUF_GGML_TOKEN_TYPE_KEY) {
+            None => vec![1; tokens.len()],
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.to_i64_vec())
+                .filter(|types| types.len() == tokens.len())
+                .ok_or_else(|| {
+                    bad(
+                        GGUF_GGML_TOKEN_TYPE_KEY,
+                        format!(
+                            "is {}, not one integer per token ({} tokens)",
+                            v.summary(),
+                            tokens.len()
+                        ),
+                    )
+                })?,
+        };
+        let merges =
+            string_array(gguf, GGUF_GGML_MERGES_KEY).map_err(|p| bad(GGUF_GGML_MERGES_KEY, p))?;
+
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut added_tokens = Vec::new();
+        for (id, (token, &token_type)) in tokens.iter().zip(&token_types).enumerate() {
+            if let Some(first) = vocab.insert(token.clone(), id.into()) {
+                return Err(bad(
+                    GGUF_GGML_TOKENS_KEY,
+                    format!("has {token:?} at both id {first} and id {id}"),
+                ));
+            }
+            let special = match token_type {
+                TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL => true,
+                TOKEN_TYPE_USER_DEFINED => false,
+                _ => continue,
+            };
+            added_tokens.push(serde_json::json!({
+                "id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": special
+            }));
+        }
+        let merges = merges
+            .iter()
+            .enumerate()
+            .map(|(rank, merge)| {
+                // llama.cpp splits at the first space after the first character; byte-level pieces hold no space.
+                merge
+                    .char_indices()
+                    .nth(1)
+                    .and_then(|(second, _)| merge[second..].find(' ').map(|at| at + second))
+                    .map(|at| [&merge[..at], &merge[at + 1..]])
+                    .ok_or_else(|| {
+                        bad(
+                            GGUF_GGML_MERGES_KEY,
+                            format!(
+                                "entry {rank} ({merge:?}) is not two tokens separated by a space"
+                            ),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let json = serde_json::json!({
+            "version": "1.0",
+            "added_tokens": added_tokens,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+                "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges
+            }
+        });
+        let origin = format!("{file} (tokenizer.ggml.*)");
+        let inner = serde_json::from_value(json).map_err(|e| TokenizerError::Parse {
+            origin: origin.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Self::from_hf(inner, origin))
     }
 
     /// A Hugging Face `tokenizer.json` read from disk (tests, and Hugging Face folders).
@@ -147,6 +345,10 @@ impl Tokenizer {
                     origin: origin.clone(),
                     message: e.to_string(),
                 })?;
+        Ok(Self::from_hf(inner, origin))
+    }
+
+    fn from_hf(inner: tokenizers::Tokenizer, origin: String) -> Tokenizer {
         let vocab_size = inner.get_vocab_size(true);
         let special_ids = inner
             .get_added_tokens_decoder()
@@ -154,13 +356,14 @@ impl Tokenizer {
             .filter(|(_, token)| token.special)
             .map(|(id, _)| id)
             .collect();
-        Ok(Tokenizer {
+        Tokenizer {
             inner,
+            text_only: OnceLock::new(),
             origin,
             vocab_size,
             special_ids,
             eos_id: DEFAULT_EOS_ID,
-        })
+        }
     }
 
     /// Sets the id that ends generation; it must be in the vocabulary.
@@ -176,6 +379,25 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let encoding = self
             .inner
+            .encode_fast(text, true)
+            .map_err(|e| TokenizerError::Encode {
+                origin: self.origin.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` read as plain text: a special token written in it (`<|end_of_text|>`) is tokenized like
+    /// any other characters, not turned into its id. This is how llama.cpp's tools read data files
+    /// (`llama-perplexity` tokenizes with `parse_special = false`), so a corpus that happens to contain such a
+    /// string is scored as the text it is.
+    pub fn encode_as_text(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let text_only = self.text_only.get_or_init(|| {
+            let mut copy = self.inner.clone();
+            copy.set_encode_special_tokens(true);
+            copy
+        });
+        let encoding = text_only
             .encode_fast(text, true)
             .map_err(|e| TokenizerError::Encode {
                 origin: self.origin.clone(),
@@ -249,6 +471,34 @@ impl Tokenizer {
                 vocab_size: self.vocab_size,
             })
         }
+    }
+}
+
+/// The strings of a string-array key, or what is wrong with it.
+fn string_array<'a>(gguf: &'a GgufFile, key: &str) -> Result<&'a [String], String> {
+    match gguf.get(key) {
+        None => Err("is missing".into()),
+        Some(Value::Array(Array::String(strings))) => Ok(strings),
+        Some(other) => Err(format!("is {}, not an array of strings", other.summary())),
+    }
+}
+
+/// The Hugging Face pre-tokenizer equivalent to llama.cpp's `tokenizer.ggml.pre` (see [`Tokenizer::from_gguf`]).
+fn pre_tokenizer_json(pre: &str) -> Option<serde_json::Value> {
+    // The GPT-2 regex split and the byte-to-character mapping, exactly as Granite's tokenizer.json has them.
+    let gpt2 = serde_json::json!({
+        "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
+    });
+    match pre {
+        "gpt-2" | "refact" => Some(gpt2),
+        "starcoder" => Some(serde_json::json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": "\\p{N}"}, "behavior": "Isolated", "invert": false},
+                gpt2
+            ]
+        })),
+        _ => None,
     }
 }
 
@@ -513,6 +763,142 @@ mod tests {
         .to_string();
         assert!(
             err.contains("mem.gguf: metadata `tokenizer.ggml.eos_token_id` is 4000, outside"),
+            "{err}"
+        );
+    }
+
+    /// `byte_tokenizer` described as llama.cpp describes it, plus a `ĠĠ` merge that shows the pre-tokenizer.
+    fn ggml_metadata(pre: &str) -> Vec<(String, Value)> {
+        let mut tokens = vec!["<|end_of_text|>".to_string()];
+        tokens.extend(gpt2_alphabet().into_iter().map(String::from));
+        tokens.extend(["ab", "<|start_of_role|>", "ĠĠ"].map(String::from));
+        let mut types = vec![1; tokens.len()];
+        (types[0], types[258]) = (3, 3);
+        vec![
+            (GGUF_GGML_MODEL_KEY.into(), Value::String("gpt2".into())),
+            (GGUF_GGML_PRE_KEY.into(), Value::String(pre.into())),
+            (
+                GGUF_GGML_TOKENS_KEY.into(),
+                Value::Array(Array::String(tokens)),
+            ),
+            (
+                GGUF_GGML_TOKEN_TYPE_KEY.into(),
+                Value::Array(Array::I32(types)),
+            ),
+            (
+                GGUF_GGML_MERGES_KEY.into(),
+                Value::Array(Array::String(vec!["a b".into(), "Ġ Ġ".into()])),
+            ),
+            (GGUF_EOS_KEY.into(), Value::U32(0)),
+        ]
+    }
+
+    #[test]
+    fn from_ggml_metadata_encodes_like_the_json_tokenizer() {
+        let json = byte_tokenizer();
+        let rebuilt = Tokenizer::from_gguf(&gguf_with(ggml_metadata("gpt-2"))).unwrap();
+        assert_eq!(rebuilt.vocab_size(), 260);
+        assert_eq!(rebuilt.origin(), "mem.gguf (tokenizer.ggml.*)");
+        for text in [
+            "ab",
+            "<|start_of_role|>a",
+            "é",
+            "x🎉 ab<|end_of_text|>",
+            "a  1",
+        ] {
+            let ids = rebuilt.encode(text).unwrap();
+            if !text.contains("  ") {
+                assert_eq!(ids, json.encode(text).unwrap(), "{text:?}");
+            }
+            assert_eq!(rebuilt.decode(&ids, false).unwrap(), text);
+        }
+        assert!(rebuilt.is_special(0) && rebuilt.is_special(258) && !rebuilt.is_special(257));
+        assert_eq!(rebuilt.decode(&[258, 257, 0], true).unwrap(), "ab");
+        // Special-token text read as text: byte by byte here, as there are no merges for it.
+        assert_eq!(rebuilt.encode_as_text("<|end_of_text|>").unwrap().len(), 15);
+        assert_eq!(json.encode_as_text("a<|start_of_role|>").unwrap().len(), 18);
+    }
+
+    #[test]
+    fn pre_tokenizers_split_whitespace_before_digits_as_named() {
+        let piece_ids = |pre: &str, text: &str| {
+            Tokenizer::from_gguf(&gguf_with(ggml_metadata(pre)))
+                .unwrap()
+                .encode(text)
+                .unwrap()
+        };
+        // Byte b is id b + 1 in `ggml_metadata`.
+        let (space, pair, x, y, one, two) = (33, 259, 121, 122, 50, 51);
+        // GPT-2 (Granite's HF split): `"x  12"` is `x`, `" "`, `" 12"`, so the two spaces never meet.
+        assert_eq!(piece_ids("gpt-2", "x  12"), [x, space, space, one, two]);
+        assert_eq!(piece_ids("refact", "x  12"), [x, space, space, one, two]);
+        // llama.cpp's refact/starcoder split: digits first leaves `"x  "`, whose spaces stay together.
+        assert_eq!(piece_ids("starcoder", "x  12"), [x, pair, one, two]);
+        // Before a letter, GPT-2 keeps all but the last space of a run together too.
+        assert_eq!(piece_ids("gpt-2", "x  y"), [x, space, space, y]);
+        assert_eq!(piece_ids("gpt-2", "x   y"), [x, pair, space, y]);
+    }
+
+    #[test]
+    fn unsupported_ggml_metadata_is_a_clear_error() {
+        let with = |key: &str, value: Value| {
+            let mut meta = ggml_metadata("gpt-2");
+            meta.retain(|(k, _)| k != key);
+            meta.push((key.to_string(), value));
+            Tokenizer::from_gguf(&gguf_with(meta))
+                .unwrap_err()
+                .to_string()
+        };
+        let err = with(GGUF_GGML_PRE_KEY, Value::String("qwen2".into()));
+        assert_eq!(
+            err,
+            "mem.gguf: metadata `tokenizer.ggml.pre` = \"qwen2\" is not supported: supported: \
+             `gpt-2`, `refact` (Granite) and `starcoder`"
+        );
+        let err = with(GGUF_GGML_MODEL_KEY, Value::String("llama".into()));
+        assert!(
+            err.contains("`tokenizer.ggml.model` = \"llama\" is not supported: only `gpt2`"),
+            "{err}"
+        );
+        let err = with(GGUF_GGML_MODEL_KEY, Value::U32(3));
+        assert!(
+            err.contains("`tokenizer.ggml.model` is 3, not a string"),
+            "{err}"
+        );
+        let mut tokens = vec!["<|end_of_text|>".to_string()];
+        tokens.extend(gpt2_alphabet().into_iter().map(String::from));
+        tokens.extend(["ab", "<|start_of_role|>", "a"].map(String::from));
+        let err = with(GGUF_GGML_TOKENS_KEY, Value::Array(Array::String(tokens)));
+        assert!(err.contains("has \"a\" at both id 98 and id 259"), "{err}");
+        let err = with(
+            GGUF_GGML_TOKEN_TYPE_KEY,
+            Value::Array(Array::I32(vec![1; 3])),
+        );
+        assert!(
+            err.contains("is [I32; 3], not one integer per token (260 tokens)"),
+            "{err}"
+        );
+        let err = with(
+            GGUF_GGML_MERGES_KEY,
+            Value::Array(Array::String(vec!["a z".into()])),
+        );
+        assert!(
+            err.starts_with("mem.gguf (tokenizer.ggml.*): not a valid"),
+            "{err}"
+        );
+        let err = with(GGUF_GGML_MERGES_KEY, Value::U8(0));
+        assert!(
+            err.contains("`tokenizer.ggml.merges` is 0, not an array of strings"),
+            "{err}"
+        );
+        let err = with("tokenizer.ggml.add_eos_token", Value::Bool(true));
+        assert!(
+            err.contains("`tokenizer.ggml.add_eos_token` = \"true\" is not supported"),
+            "{err}"
+        );
+        let err = with(GGUF_EOS_KEY, Value::U32(260));
+        assert!(
+            err.contains("is 260, outside the vocabulary of 260 tokens"),
             "{err}"
         );
     }
