@@ -2,7 +2,8 @@
 //!
 //! Layers, bottom up: [`kernels`] (matrix products over ggml blocks, scalar and SIMD), [`model`] (the Granite
 //! network and its forward pass), [`tokenizer`] and [`chat_template`] (text in and out), [`sampling`],
-//! [`generate`] (prompt processing and the decode loop), [`engine`] (a model file opened for use), [`bench`].
+//! [`generate`] (prompt processing and the decode loop), [`engine`] (a model file opened for use), [`bench`],
+//! [`perplexity`] (what a quantization costs: perplexity and KL divergence from a base model).
 
 pub mod bench;
 pub mod chat_template;
@@ -11,6 +12,7 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod npy;
+pub mod perplexity;
 pub mod registry;
 pub mod sampling;
 pub mod tokenizer;

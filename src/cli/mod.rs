@@ -4,6 +4,7 @@ mod bench;
 mod common;
 mod info;
 mod logits;
+mod perplexity;
 mod quantize;
 mod run;
 mod synth;
@@ -33,6 +34,8 @@ pub enum Command {
     Logits(logits::Args),
     /// Measure prompt and generation speed like llama-bench (same JSON records with -o json).
     Bench(bench::Args),
+    /// Measure perplexity over a text, and the KL divergence from a base model, like llama-perplexity.
+    Perplexity(perplexity::Args),
     /// Write a random-weight GGUF with the exact layout of a registry model, to measure speed without its weights.
     Synth(synth::Args),
 }
@@ -51,6 +54,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => {
             common::init_threads(a.model.threads)?;
             logits::run(a)
+        }
+        Command::Perplexity(a) => {
+            common::init_threads(a.threads)?;
+            perplexity::run(a)
         }
     }
 }
