@@ -70,7 +70,7 @@ pub struct Report {
     /// Chunks evaluated so far, and in all.
     pub chunks: usize,
     pub chunks_total: usize,
-    /// Tokens of the whole text (those after the last whole chunk are not evaluated).
+    /// Tokens given (those after the last whole chunk are not evaluated).
     pub tokens: usize,
     /// Predictions scored so far.
     pub scored: usize,

@@ -58,7 +58,7 @@ pub enum TokenizerError {
          tokenizer; convert the model with `quarry quantize`"
     )]
     NoEmbeddedTokenizer { origin: String },
-    #[error("{origin}: metadata `{key}` = {value:?} is not supported: {supported}")]
+    #[error("{origin}: metadata `{key}` = {value:?} is not supported; {supported}")]
     Unsupported {
         origin: String,
         key: &'static str,
@@ -211,7 +211,7 @@ impl Tokenizer {
             bad(
                 GGUF_GGML_PRE_KEY,
                 format!(
-                    "is missing, so the regex split before BPE is unknown (supported: {SUPPORTED_PRE}); \
+                    "is missing, so the regex split before BPE is unknown (Quarry knows {SUPPORTED_PRE}); \
                      llama.cpp would guess and warn that quality is degraded"
                 ),
             )
@@ -220,7 +220,7 @@ impl Tokenizer {
             unsupported(
                 GGUF_GGML_PRE_KEY,
                 pre,
-                format!("supported: {SUPPORTED_PRE}"),
+                format!("Quarry knows {SUPPORTED_PRE}"),
             )
         })?;
         // Granite's tokenizer adds nothing around the text; one that adds BOS or EOS is not a Granite tokenizer,
@@ -852,12 +852,12 @@ mod tests {
         let err = with(GGUF_GGML_PRE_KEY, Value::String("qwen2".into()));
         assert_eq!(
             err,
-            "mem.gguf: metadata `tokenizer.ggml.pre` = \"qwen2\" is not supported: supported: \
+            "mem.gguf: metadata `tokenizer.ggml.pre` = \"qwen2\" is not supported; Quarry knows \
              `gpt-2`, `refact` (Granite) and `starcoder`"
         );
         let err = with(GGUF_GGML_MODEL_KEY, Value::String("llama".into()));
         assert!(
-            err.contains("`tokenizer.ggml.model` = \"llama\" is not supported: only `gpt2`"),
+            err.contains("`tokenizer.ggml.model` = \"llama\" is not supported; only `gpt2`"),
             "{err}"
         );
         let err = with(GGUF_GGML_MODEL_KEY, Value::U32(3));

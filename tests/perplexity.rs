@@ -310,6 +310,16 @@ fn cli_bad_inputs_are_clear_errors() {
     // The default context is 512 tokens: the ~1060-token text gives two chunks.
     assert!(quarry_ok(kernel(), &["perplexity", m, "--file", f]).contains("2 chunks of 512"));
 
+    let out = quarry_ok(
+        kernel(),
+        &["perplexity", m, "--file", f, "--ctx", "64", "--chunks", "3"],
+    );
+    assert!(
+        out.contains("3 chunks of 64 tokens, 93 tokens scored"),
+        "{out}"
+    );
+    let err = cli_error(&[m, "--file", f, "--chunks", "1"]);
+    assert!(err.contains("--chunks 1: at least two chunks"), "{err}");
     let err = cli_error(&[m, "--file", f, "--ctx", "2000"]);
     assert!(
         err.contains("--ctx 2000 is more than the 1024 tokens"),

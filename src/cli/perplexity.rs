@@ -29,6 +29,9 @@ pub struct Args {
     /// model's context].
     #[arg(long, short = 'c', visible_alias = "ctx-size", value_name = "N")]
     pub ctx: Option<usize>,
+    /// Evaluate at most N chunks, from the start of the text (default: every whole chunk).
+    #[arg(long, value_name = "N")]
+    pub chunks: Option<usize>,
     /// Tokens per forward pass.
     #[arg(long, short = 'b', value_name = "N", default_value_t = DEFAULT_BATCH)]
     pub batch: usize,
@@ -44,6 +47,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(limit) = args.chunks
+        && limit < 2
+    {
+        bail!("--chunks {limit}: at least two chunks are evaluated, as llama-perplexity requires");
+    }
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
@@ -80,21 +88,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    let tokens = engine.tokenizer().encode_as_text(&text)?;
-    let chunks = chunk_count(tokens.len(), ctx)?;
+    let mut tokens = engine.tokenizer().encode_as_text(&text)?;
+    let in_text = tokens.len();
+    let mut chunks = chunk_count(in_text, ctx)?;
+    if let Some(limit) = args.chunks {
+        chunks = chunks.min(limit);
+        tokens.truncate(chunks * ctx);
+    }
     eprintln!(
-        "{}: {} tokens; {chunks} chunks of {ctx}, the last {} of each scored{}",
+        "{}: {in_text} tokens; {chunks} chunks of {ctx} evaluated ({} tokens left out), the last {} of each \
+         chunk scored",
         args.file.display(),
-        tokens.len(),
+        in_text - chunks * ctx,
         ctx - 1 - ctx / 2,
-        if tokens.len() > chunks * ctx {
-            format!(
-                " ({} tokens after the last chunk left out)",
-                tokens.len() - chunks * ctx
-            )
-        } else {
-            String::new()
-        }
     );
     let mut session = Session::new(&engine.model, ctx, args.batch);
     let mut base_session = base
@@ -125,6 +131,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let mut v = serde_json::to_value(&report)?;
             v["model"] = args.model.display().to_string().into();
             v["file"] = args.file.display().to_string().into();
+            v["text_tokens"] = in_text.into();
             v["kl_base"] = args
                 .kl_base
                 .as_deref()
@@ -138,14 +145,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// llama-perplexity's labels and layout, so the two tools' outputs read the same.
+/// llama-perplexity's labels and layout, so the two tools' outputs read the same; values too small for six
+/// decimals (a KL divergence of 1e-6 between nearly identical files) are written in scientific notation instead of
+/// as zeros.
 fn print_text(report: &Report, model: &Path, base: Option<&Path>) {
+    let number = |v: f64, digits: usize| {
+        if v != 0.0 && v.abs() < 0.5 * 10f64.powi(-(digits as i32)) {
+            format!("{v:>w$.3e}", w = digits + 4)
+        } else {
+            format!("{v:>w$.digits$}", w = digits + 4)
+        }
+    };
     let pm = |e: Estimate, digits: usize| {
         format!(
-            "{:>w$.digits$} ± {:>w$.digits$}",
-            e.value,
-            e.uncertainty,
-            w = digits + 4
+            "{} ± {}",
+            number(e.value, digits),
+            number(e.uncertainty, digits)
         )
     };
     let percent = |e: Estimate| {
@@ -186,9 +201,9 @@ fn print_text(report: &Report, model: &Path, base: Option<&Path>) {
     );
     println!("====== KL divergence statistics ======");
     println!("Mean    KLD: {}", pm(d.kl_mean, 6));
-    println!("Maximum KLD: {:>10.6}", d.kl_max);
-    println!("99.0%   KLD: {:>10.6}", d.kl_p99);
-    println!("Median  KLD: {:>10.6}", d.kl_median);
+    println!("Maximum KLD: {}", number(d.kl_max, 6));
+    println!("99.0%   KLD: {}", number(d.kl_p99, 6));
+    println!("Median  KLD: {}", number(d.kl_median, 6));
     println!("====== Token probability statistics ======");
     println!("RMS Δp    : {}", percent(d.delta_p_rms));
     println!("Same top p: {}", percent(d.same_top));
