@@ -1,10 +1,15 @@
 //! Subcommands: one module each, holding its clap arguments and a `run` that calls the library.
 
 mod bench;
+mod chat;
 mod common;
+mod import;
 mod info;
+mod list;
 mod logits;
+mod pull;
 mod quantize;
+mod rm;
 mod run;
 mod synth;
 mod tokenize;
@@ -33,6 +38,16 @@ pub enum Command {
     Logits(logits::Args),
     /// Measure prompt and generation speed like llama-bench (same JSON records with -o json).
     Bench(bench::Args),
+    /// Chat with a model in the terminal (replies stream; Ctrl-C stops one; /help lists the commands).
+    Chat(chat::Args),
+    /// Download a model from Hugging Face, verify it, convert it and install it.
+    Pull(pull::Args),
+    /// Install a model from a Hugging Face folder on this machine (no network needed).
+    Import(import::Args),
+    /// List the registry's models and the installed ones.
+    List(list::Args),
+    /// Remove an installed model.
+    Rm(rm::Args),
     /// Write a random-weight GGUF with the exact layout of a registry model, to measure speed without its weights.
     Synth(synth::Args),
 }
@@ -40,17 +55,33 @@ pub enum Command {
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Quantize(a) => quantize::run(a),
-        Command::Info(a) => info::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Info(mut a) => {
+            a.model = common::resolve_model(&a.model)?;
+            info::run(a)
+        }
+        Command::Bench(mut a) => {
+            a.model = common::resolve_model(&a.model)?;
+            bench::run(a)
+        }
         Command::Synth(a) => synth::run(a),
-        Command::Run(a) => {
+        Command::Run(mut a) => {
+            a.model.model = common::resolve_model(&a.model.model)?;
             common::init_threads(a.model.threads)?;
             run::run(a)
         }
-        Command::Tokenize(a) => tokenize::run(a),
-        Command::Logits(a) => {
+        Command::Tokenize(mut a) => {
+            a.model = common::resolve_model(&a.model)?;
+            tokenize::run(a)
+        }
+        Command::Logits(mut a) => {
+            a.model.model = common::resolve_model(&a.model.model)?;
             common::init_threads(a.model.threads)?;
             logits::run(a)
         }
+        Command::Chat(a) => chat::run(a),
+        Command::Pull(a) => pull::run(a),
+        Command::Import(a) => import::run(a),
+        Command::List(a) => list::run(a),
+        Command::Rm(a) => rm::run(a),
     }
 }
