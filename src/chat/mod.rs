@@ -178,6 +178,11 @@ impl<'e> ChatSession<'e> {
         self.session.history().len()
     }
 
+    /// The prompt [`ChatSession::submit`] prepared (for tests and `tokenize`-style inspection).
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.prompt_ids
+    }
+
     pub fn last_turn(&self) -> Option<&TurnStats> {
         self.last.as_ref()
     }
@@ -278,33 +283,42 @@ impl<'e> ChatSession<'e> {
     /// conversation and room for a reply fit the context. A message that cannot fit even alone is refused and the
     /// conversation is left as it was.
     pub fn submit(&mut self, text: &str) -> Result<Prepared, ChatError> {
-        self.messages.push(Message::new("user", text));
+        let message = Message::new("user", text);
         let context = self.context_size();
         let reserve = self.reply_reserve();
+        // First the message with nothing but the system message: if that does not fit, no turn is dropped for it.
+        let mut alone = self.conversation();
+        alone.messages.truncate(usize::from(self.system.is_some()));
+        alone.messages.push(message.clone());
+        let needed = self
+            .tokenizer
+            .encode(&self.template.render(&alone, true)?)?
+            .len()
+            + reserve;
+        if needed > context {
+            let model_max = self.session.model().config.context_length;
+            let hint = if context < model_max {
+                format!(", or start the chat with a larger --ctx-size (up to {model_max})")
+            } else {
+                String::new()
+            };
+            return Err(ChatError::MessageTooLong {
+                needed,
+                reserve,
+                context,
+                hint,
+            });
+        }
+        self.messages.push(message);
         let mut dropped = 0;
         loop {
             if let Err(e) = self.render_prompt() {
                 self.messages.pop();
                 return Err(e);
             }
-            let needed = self.prompt_ids.len() + reserve;
-            if needed <= context {
+            // The message alone fits (checked above), so this ends by the time only it is left.
+            if self.prompt_ids.len() + reserve <= context || self.messages.len() <= 1 {
                 break;
-            }
-            if self.messages.len() <= 1 {
-                self.messages.pop();
-                let model_max = self.session.model().config.context_length;
-                let hint = if context < model_max {
-                    format!(", or start the chat with a larger --ctx-size (up to {model_max})")
-                } else {
-                    String::new()
-                };
-                return Err(ChatError::MessageTooLong {
-                    needed,
-                    reserve,
-                    context,
-                    hint,
-                });
             }
             self.drop_oldest_turn();
             dropped += 1;

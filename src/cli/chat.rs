@@ -299,18 +299,17 @@ impl Repl<'_> {
                 "(the context of {} tokens is full: the reply was cut; the next message drops the oldest turns)",
                 self.chat.context_size()
             )),
-            StopReason::MaxTokens => {
-                if self.chat.settings().verbose {
-                    self.style
-                        .note("(reply limit reached: /set max_tokens raises it)");
-                }
-            }
-            StopReason::EndOfText => {}
+            StopReason::MaxTokens | StopReason::EndOfText => {}
         }
         if self.chat.settings().verbose {
             self.style.note(&format!(
-                "{} tokens, {:.1} tok/s · prompt: {} new, {} cached · context {}/{}",
+                "{} tokens{}, {:.1} tok/s · prompt: {} new, {} cached · context {}/{}",
                 g.generated_tokens,
+                if g.stop == StopReason::MaxTokens {
+                    " (the reply limit)"
+                } else {
+                    ""
+                },
                 g.generation_tokens_per_second(),
                 g.prompt_tokens_computed,
                 stats.reused_tokens,
@@ -412,8 +411,8 @@ impl Repl<'_> {
             String::new()
         };
         println!(
-            "       {:.2} B parameters, mostly {main_type}; {} layers, {} wide{experts}",
-            parameters as f64 / 1e9,
+            "       {} parameters, mostly {main_type}; {} layers, {} wide{experts}",
+            count(parameters),
             cfg.n_layer,
             cfg.n_embd,
         );
@@ -490,6 +489,16 @@ impl Repl<'_> {
             rate(tot.prompt_tokens_computed, tot.prompt_time),
             tot.prompt_tokens_reused
         );
+    }
+}
+
+/// 1.33 B, 412.3 M, 49.2 K.
+fn count(n: u64) -> String {
+    let n = n as f64;
+    match n {
+        _ if n >= 1e9 => format!("{:.2} B", n / 1e9),
+        _ if n >= 1e6 => format!("{:.1} M", n / 1e6),
+        _ => format!("{:.1} K", n / 1e3),
     }
 }
 
