@@ -206,6 +206,9 @@ struct WantedFile {
     name: String,
     size: Option<u64>,
     sha256: Option<String>,
+    /// models.toml gave the size or the checksum (errors then say so).
+    from_registry: bool,
+    /// `sha256` is the registry's (not the Hub's).
     sha256_from_registry: bool,
 }
 
@@ -385,6 +388,7 @@ impl Hub {
                     size: lfs.and_then(|l| l.size).or(s.size),
                     sha256: lfs.and_then(|l| l.sha256.clone()).filter(|h| is_hex(h, 64)),
                     name: s.rfilename,
+                    from_registry: false,
                     sha256_from_registry: false,
                 }
             })
@@ -432,7 +436,7 @@ impl Hub {
                 Err(Attempt::Fail(e)) => return Err(e),
                 Err(Attempt::Retry(detail)) if attempt < ATTEMPTS => {
                     progress.retry(&file.name, attempt, &detail);
-                    std::thread::sleep(Duration::from_millis(250 << attempt));
+                    std::thread::sleep(Duration::from_millis(250 << (attempt - 1)));
                 }
                 Err(Attempt::Retry(detail)) => {
                     return Err(PullError::Interrupted {
@@ -596,11 +600,18 @@ fn verify(
     headers: &FileHeaders,
 ) -> Result<(u64, String, Verification), String> {
     let size = fs::metadata(path).map_err(|e| e.to_string())?.len();
+    let registry_note = if file.from_registry {
+        "; models.toml records the file this way: if this happens again, the file on the Hub has changed since"
+    } else {
+        ""
+    };
     let expected_size = file.size.or(headers.linked_size).or(headers.total_size);
     if let Some(expected) = expected_size
         && expected != size
     {
-        return Err(format!("{size} bytes where {expected} were expected"));
+        return Err(format!(
+            "{size} bytes where {expected} were expected{registry_note}"
+        ));
     }
     let (sha256, git_sha1) = hash_file(path).map_err(|e| e.to_string())?;
     let etag = headers.etag.as_deref();
@@ -620,9 +631,9 @@ fn verify(
         _ => (None, Verification::SizeOnly),
     };
     match expected {
-        Some(e) if !e.eq_ignore_ascii_case(&sha256) => {
-            Err(format!("sha256 {sha256}, expected {e} ({how})"))
-        }
+        Some(e) if !e.eq_ignore_ascii_case(&sha256) => Err(format!(
+            "sha256 {sha256}, expected {e} ({how}){registry_note}"
+        )),
         _ => Ok((size, sha256, how)),
     }
 }
@@ -918,10 +929,12 @@ fn with_registry_checksums(
             if let Some(known) = entry.and_then(|m| m.file(&f.name)) {
                 if let Some(sha) = &known.sha256 {
                     f.sha256 = Some(sha.to_ascii_lowercase());
+                    f.from_registry = true;
                     f.sha256_from_registry = true;
                 }
                 if known.size.is_some() {
                     f.size = known.size;
+                    f.from_registry = true;
                 }
             }
             f
@@ -938,6 +951,7 @@ fn registry_files(entry: Option<&RegistryModel>) -> Vec<WantedFile> {
                     name: f.name.clone(),
                     size: f.size,
                     sha256: f.sha256.clone(),
+                    from_registry: f.sha256.is_some() || f.size.is_some(),
                     sha256_from_registry: f.sha256.is_some(),
                 })
                 .collect()
@@ -1078,6 +1092,66 @@ mod tests {
         ] {
             assert!(!is_snapshot_file(no), "{no}");
         }
+    }
+
+    #[test]
+    fn verification_against_each_kind_of_checksum() {
+        let dir = std::env::temp_dir().join(format!("quarry-verify-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        fs::write(&path, b"hello\n").unwrap();
+        // `git hash-object` of "hello\n", and its sha256.
+        let git = "ce013625030ba8dba906f756967f9e9ca394464a";
+        let sha = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03";
+        let file = |sha256: Option<&str>, registry: bool| WantedFile {
+            name: "f".into(),
+            size: Some(6),
+            sha256: sha256.map(String::from),
+            from_registry: registry,
+            sha256_from_registry: registry,
+        };
+        let etag = |t: &str| FileHeaders {
+            etag: Some(t.into()),
+            ..FileHeaders::default()
+        };
+        let none = FileHeaders::default();
+        assert_eq!(
+            verify(&path, &file(Some(sha), true), &none).unwrap().2,
+            Verification::RegistrySha256
+        );
+        assert_eq!(
+            verify(&path, &file(Some(sha), false), &none).unwrap().2,
+            Verification::HubSha256
+        );
+        assert_eq!(
+            verify(&path, &file(None, false), &etag(sha)).unwrap().2,
+            Verification::HubSha256
+        );
+        assert_eq!(
+            verify(&path, &file(None, false), &etag(git)).unwrap().2,
+            Verification::HubGitSha1
+        );
+        assert_eq!(
+            verify(&path, &file(None, false), &etag("xyz")).unwrap().2,
+            Verification::SizeOnly
+        );
+        let wrong_sha = "0".repeat(64);
+        let wrong_git = "0".repeat(40);
+        assert!(
+            verify(&path, &file(Some(&wrong_sha), true), &none)
+                .unwrap_err()
+                .contains("models.toml")
+        );
+        assert!(verify(&path, &file(None, false), &etag(&wrong_sha)).is_err());
+        assert!(verify(&path, &file(None, false), &etag(&wrong_git)).is_err());
+        let mut long = file(None, false);
+        long.size = Some(7);
+        assert!(
+            verify(&path, &long, &none)
+                .unwrap_err()
+                .contains("6 bytes where 7")
+        );
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
