@@ -93,7 +93,7 @@ pub enum ResolveError {
         path.display()
     )]
     SnapshotFolder { path: PathBuf },
-    #[error("{}: no such file", path.display())]
+    #[error("{}: No such file or directory", path.display())]
     MissingFile { path: PathBuf },
     #[error(
         "'{arg}' is neither a GGUF file nor an installed model; `quarry list` shows the installed and downloadable ones"

@@ -215,7 +215,7 @@ fn names_that_are_not_installed_say_what_to_do() {
     );
     fails(
         quarry(&home, &["bench", "missing.gguf"]),
-        &["missing.gguf", "no such file"],
+        &["missing.gguf", "No such file"],
     );
     let dir = fixture_dir("granitemoe-dev-2").unwrap();
     fails(
