@@ -77,12 +77,6 @@ impl Registry {
             .find(|m| m.repo.eq_ignore_ascii_case(repo))
     }
 
-    /// The model `quarry chat` starts when none is named.
-    pub fn default_model(&self) -> &RegistryModel {
-        // `parse` refuses a registry whose default is not listed.
-        self.find(&self.default).unwrap_or(&self.models[0])
-    }
-
     pub fn get(&self, name: &str) -> Result<&RegistryModel, RegistryError> {
         self.find(name).ok_or_else(|| RegistryError::Unknown {
             name: name.to_string(),

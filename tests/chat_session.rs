@@ -290,3 +290,28 @@ fn clear_keeps_the_system_message_and_the_cached_system_prefix() {
     // The system turn is still in the cache.
     assert!(chat.last_turn().unwrap().reused_tokens >= 5);
 }
+
+#[test]
+fn with_the_real_granite_tokenizer_the_second_turn_computes_only_the_new_message() {
+    let Some(dir) = fixture_dir(SHARED_MODEL) else {
+        return;
+    };
+    let engine = Engine::open_for_text(&gguf(SHARED_MODEL, &dir, "q8_0")).unwrap();
+    let mut chat = ChatSession::new(&engine, 1024, 64, settings(24)).unwrap();
+    chat.set_system(Some("Be brief.".into()));
+    turn(&mut chat, "Name two uses of copper.");
+    let t1 = chat.last_turn().unwrap().clone();
+    let cached = chat.context_used();
+    let p2 = chat.submit("And of granite?").unwrap();
+    chat.reply(&AtomicBool::new(false), |_| {}).unwrap();
+    let t2 = chat.last_turn().unwrap();
+    let new_message = engine
+        .tokenizer()
+        .encode("<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>And of granite?<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>")
+        .unwrap()
+        .len();
+    let expected = new_message + 1 - usize::from(t1.generation.stop == StopReason::EndOfText);
+    assert_eq!(t2.reused_tokens, cached);
+    assert_eq!(t2.generation.prompt_tokens_computed, expected);
+    assert_eq!(p2.prompt_tokens, cached + expected);
+}
