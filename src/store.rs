@@ -151,14 +151,14 @@ impl InstalledModel {
         self.dir.join(MODEL_FILE)
     }
 
-    /// `org/repo@revision` for a pulled model.
+    /// `org/repo@revision` for a pulled model, the folder for an imported one.
     pub fn origin(&self) -> String {
         match (&self.manifest.repo, &self.manifest.imported_from) {
             (Some(repo), _) => format!(
                 "{repo}@{}",
                 self.manifest.revision.as_deref().unwrap_or("main")
             ),
-            (None, Some(dir)) => format!("imported from {}", dir.display()),
+            (None, Some(dir)) => dir.display().to_string(),
             (None, None) => String::from("-"),
         }
     }

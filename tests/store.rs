@@ -175,7 +175,7 @@ fn import_installs_a_folder_that_every_command_then_finds_by_name() {
 
     let list = ok(quarry(&home, &["list"]));
     assert!(
-        list.contains("dense") && list.contains("imported from"),
+        list.contains("dense") && list.contains("granite-dense-dev"),
         "{list}"
     );
 

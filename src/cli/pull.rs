@@ -120,15 +120,14 @@ impl PullProgress for Bars {
             old.finish_and_clear();
         }
         if !std::io::stderr().is_terminal() {
-            let resume = if resumed_from > 0 {
-                format!(", resuming after {}", human_bytes(resumed_from))
-            } else {
-                String::new()
-            };
-            let size = size
-                .map(human_bytes)
-                .unwrap_or_else(|| "size unknown".into());
-            eprintln!("  {name} ({size}{resume})");
+            // One line per file (when it is done), plus one when a transfer continues an earlier one.
+            if resumed_from > 0 {
+                let size = size.map(human_bytes).unwrap_or_else(|| "?".into());
+                eprintln!(
+                    "  {name}: resuming after {} of {size}",
+                    human_bytes(resumed_from)
+                );
+            }
             return;
         }
         let bar = match size {
