@@ -3,9 +3,12 @@
 //! Layers, bottom up: [`kernels`] (matrix products over ggml blocks, scalar and SIMD), [`model`] (the Granite
 //! network and its forward pass), [`tokenizer`] and [`chat_template`] (text in and out), [`sampling`],
 //! [`generate`] (prompt processing and the decode loop), [`engine`] (a model file opened for use), [`bench`],
-//! [`perplexity`] (what a quantization costs: perplexity and KL divergence from a base model).
+//! [`perplexity`] (what a quantization costs: perplexity and KL divergence from a base model);
+//! [`chat`] (a conversation over a session: turns, context trimming, REPL commands), [`registry`] (models.toml),
+//! [`store`] (installed models) and [`pull`] (downloading and importing them).
 
 pub mod bench;
+pub mod chat;
 pub mod chat_template;
 pub mod engine;
 pub mod generate;
@@ -13,8 +16,10 @@ pub mod kernels;
 pub mod model;
 pub mod npy;
 pub mod perplexity;
+pub mod pull;
 pub mod registry;
 pub mod sampling;
+pub mod store;
 pub mod tokenizer;
 
 pub use quarry_quantize::gguf;

@@ -32,6 +32,10 @@ pub struct RegistryModel {
     pub description: String,
     /// The type `pull` converts to (`q4_0`, `q8_0`, ...).
     pub default_type: String,
+    /// Positions the model was trained for (config.json `max_position_embeddings`; a test keeps them equal).
+    pub context_length: usize,
+    /// Files of the snapshot with what is known about them. `pull` takes the file list from the Hub when it can
+    /// (sharded weights are not listed here) and uses these entries for their checksums.
     pub files: Vec<RegistryFile>,
     /// The fields of the model's config.json that fix its shape, under their config.json names.
     pub config: toml::Table,
@@ -65,6 +69,14 @@ impl Registry {
         self.models.iter().find(|m| m.name == name)
     }
 
+    /// The entry for a Hugging Face repo id (`ibm-granite/granite-3.0-2b-instruct`), so that pulling a registry
+    /// model by its repo id still checks the registry's checksums.
+    pub fn find_repo(&self, repo: &str) -> Option<&RegistryModel> {
+        self.models
+            .iter()
+            .find(|m| m.repo.eq_ignore_ascii_case(repo))
+    }
+
     pub fn get(&self, name: &str) -> Result<&RegistryModel, RegistryError> {
         self.find(name).ok_or_else(|| RegistryError::Unknown {
             name: name.to_string(),
@@ -79,6 +91,11 @@ impl Registry {
 }
 
 impl RegistryModel {
+    /// What the registry knows about one file of the snapshot.
+    pub fn file(&self, name: &str) -> Option<&RegistryFile> {
+        self.files.iter().find(|f| f.name == name)
+    }
+
     /// The architecture summary as config.json text, for the converter's config parser.
     pub fn config_json(&self) -> String {
         serde_json::to_string_pretty(&self.config).expect("a TOML table serializes as JSON")
@@ -95,8 +112,89 @@ mod tests {
         assert!(r.find(&r.default).is_some());
         for m in &r.models {
             let path = std::path::PathBuf::from(format!("models.toml[{}]", m.name));
-            quarry_quantize::hf::HfConfig::parse(&path, &m.config_json())
+            let config = quarry_quantize::hf::HfConfig::parse(&path, &m.config_json())
                 .unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            assert_eq!(
+                config.max_position_embeddings, m.context_length,
+                "{}: context_length differs from max_position_embeddings",
+                m.name
+            );
+        }
+    }
+
+    #[test]
+    fn builtin_registry_entries_are_consistent() {
+        let r = Registry::builtin();
+        let mut names = std::collections::HashSet::new();
+        for m in &r.models {
+            assert!(names.insert(&m.name), "{} is listed twice", m.name);
+            assert!(
+                m.default_type
+                    .parse::<quarry_quantize::TargetType>()
+                    .is_ok(),
+                "{}: default_type {}",
+                m.name,
+                m.default_type
+            );
+            assert!(
+                m.repo.split('/').count() == 2 && !m.revision.is_empty(),
+                "{}: repo {} revision {}",
+                m.name,
+                m.repo,
+                m.revision
+            );
+            assert!(
+                m.file("config.json").is_some(),
+                "{}: no config.json",
+                m.name
+            );
+            for f in &m.files {
+                if let Some(sha) = &f.sha256 {
+                    assert!(
+                        sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()),
+                        "{}: {} has a malformed sha256",
+                        m.name,
+                        f.name
+                    );
+                    assert!(
+                        f.size.is_some(),
+                        "{}: {} has a sha256 but no size",
+                        m.name,
+                        f.name
+                    );
+                }
+            }
+            assert_eq!(r.find_repo(&m.repo).map(|x| &x.name), Some(&m.name));
+        }
+    }
+
+    /// The checksums of the 1B models' small files are those of the real files kept in `../shared` (copies of the
+    /// Hugging Face repos without the weights); checked here when that folder is present.
+    #[test]
+    fn registry_checksums_match_the_real_files_when_present() {
+        use sha2::Digest;
+        let r = Registry::builtin();
+        let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+        let mut checked = 0;
+        for m in &r.models {
+            let dir = shared.join(&m.name);
+            if !dir.is_dir() {
+                continue;
+            }
+            for f in &m.files {
+                let (Some(size), Some(sha)) = (f.size, &f.sha256) else {
+                    continue;
+                };
+                let bytes = std::fs::read(dir.join(&f.name))
+                    .unwrap_or_else(|e| panic!("{}/{}: {e}", m.name, f.name));
+                assert_eq!(bytes.len() as u64, size, "{}/{} size", m.name, f.name);
+                let got = format!("{:x}", sha2::Sha256::digest(&bytes));
+                assert_eq!(&got, sha, "{}/{} sha256", m.name, f.name);
+                checked += 1;
+            }
+        }
+        if checked == 0 {
+            eprintln!("SKIPPED registry checksums: {} not found", shared.display());
         }
     }
 }

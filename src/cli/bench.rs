@@ -12,7 +12,7 @@ use super::info::human_bytes;
 /// Measure prompt processing (pp) and generation (tg) speed like llama-bench, whose output formats it shares.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF model file.
+    /// A GGUF model file, or the name of an installed model (`quarry list`).
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
     /// Prompt lengths to test, comma-separated (0 skips the prompt test).

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 /// Which model file and how much room to give it.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A GGUF model file.
+    /// A GGUF model file, or the name of an installed model (`quarry list`).
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
     /// Context size in tokens (default: the model's, at most 4096).
@@ -21,6 +21,19 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't', value_name = "N")]
     pub threads: Option<usize>,
+}
+
+/// A MODEL argument to the GGUF file it names: a path, an installed model's name (or the repo id it was pulled
+/// from); a registry model that is not installed yet is an error saying which `quarry pull` to run.
+pub fn resolve_model(arg: &Path) -> anyhow::Result<PathBuf> {
+    // Without a store folder (no $QUARRY_HOME, no cache folder), paths still work.
+    let store = quarry::store::Store::from_env().ok();
+    let registry = quarry::registry::Registry::builtin();
+    Ok(quarry::store::resolve_model(
+        arg,
+        store.as_ref(),
+        &registry,
+    )?)
 }
 
 /// Parses `1,2,3` (spaces allowed) into token ids.

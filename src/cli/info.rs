@@ -12,7 +12,7 @@ use super::common::OutputFormat;
 /// Show a model file's architecture, sizes, tensor types, metadata and the memory it needs.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF model file.
+    /// A GGUF model file, or the name of an installed model (`quarry list`).
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]

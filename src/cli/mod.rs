@@ -1,11 +1,16 @@
 //! Subcommands: one module each, holding its clap arguments and a `run` that calls the library.
 
 mod bench;
+mod chat;
 mod common;
+mod import;
 mod info;
+mod list;
 mod logits;
 mod perplexity;
+mod pull;
 mod quantize;
+mod rm;
 mod run;
 mod synth;
 mod tokenize;
@@ -36,6 +41,16 @@ pub enum Command {
     Bench(bench::Args),
     /// Measure perplexity over a text, and the KL divergence from a base model, like llama-perplexity.
     Perplexity(perplexity::Args),
+    /// Chat with a model in the terminal (replies stream; Ctrl-C stops one; /help lists the commands).
+    Chat(chat::Args),
+    /// Download a model from Hugging Face, verify it, convert it and install it.
+    Pull(pull::Args),
+    /// Install a model from a Hugging Face folder on this machine (no network needed).
+    Import(import::Args),
+    /// List the registry's models and the installed ones.
+    List(list::Args),
+    /// Remove an installed model.
+    Rm(rm::Args),
     /// Write a random-weight GGUF with the exact layout of a registry model, to measure speed without its weights.
     Synth(synth::Args),
 }
@@ -43,21 +58,41 @@ pub enum Command {
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Quantize(a) => quantize::run(a),
-        Command::Info(a) => info::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Info(mut a) => {
+            a.model = common::resolve_model(&a.model)?;
+            info::run(a)
+        }
+        Command::Bench(mut a) => {
+            a.model = common::resolve_model(&a.model)?;
+            bench::run(a)
+        }
         Command::Synth(a) => synth::run(a),
-        Command::Run(a) => {
+        Command::Run(mut a) => {
+            a.model.model = common::resolve_model(&a.model.model)?;
             common::init_threads(a.model.threads)?;
             run::run(a)
         }
-        Command::Tokenize(a) => tokenize::run(a),
-        Command::Logits(a) => {
+        Command::Tokenize(mut a) => {
+            a.model = common::resolve_model(&a.model)?;
+            tokenize::run(a)
+        }
+        Command::Logits(mut a) => {
+            a.model.model = common::resolve_model(&a.model.model)?;
             common::init_threads(a.model.threads)?;
             logits::run(a)
         }
-        Command::Perplexity(a) => {
+        Command::Perplexity(mut a) => {
+            a.model = common::resolve_model(&a.model)?;
+            if let Some(base) = &a.kl_base {
+                a.kl_base = Some(common::resolve_model(base)?);
+            }
             common::init_threads(a.threads)?;
             perplexity::run(a)
         }
+        Command::Chat(a) => chat::run(a),
+        Command::Pull(a) => pull::run(a),
+        Command::Import(a) => import::run(a),
+        Command::List(a) => list::run(a),
+        Command::Rm(a) => rm::run(a),
     }
 }

@@ -18,7 +18,7 @@ use super::common::OutputFormat;
 /// llama-perplexity --kl-divergence reports them. Progress goes to stderr, the result to stdout.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF model file.
+    /// A GGUF model file, or the name of an installed model (`quarry list`).
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
     /// The text to score (UTF-8). Special-token strings in it, like <|end_of_text|>, are read as plain text, as
@@ -38,7 +38,8 @@ pub struct Args {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't', value_name = "N")]
     pub threads: Option<usize>,
-    /// A base model with the same vocabulary (the F16 file, say): also report the KL divergence from it.
+    /// A base model with the same vocabulary (the F16 file, say; a file or an installed model's name): also report
+    /// the KL divergence from it.
     #[arg(long, value_name = "BASE.gguf")]
     pub kl_base: Option<PathBuf>,
     /// text: llama-perplexity's figures; json: one object with every figure and its uncertainty.

@@ -57,6 +57,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     std::io::stdin()
                         .read_to_string(&mut s)
                         .context("reading the prompt from stdin")?;
+                    if s.trim().is_empty() {
+                        bail!("stdin was empty: pipe the prompt in, or give --prompt TEXT");
+                    }
+                    // `echo text | quarry run` ends the message with a newline nobody typed; raw text stays exact.
+                    if !args.raw {
+                        s.truncate(s.trim_end().len());
+                    }
                     s
                 }
                 None => bail!(

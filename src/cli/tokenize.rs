@@ -12,7 +12,7 @@ use super::common::OutputFormat;
 /// Show the token ids of a text, or of a conversation rendered with the model's chat template.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF model file.
+    /// A GGUF model file, or the name of an installed model (`quarry list`).
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
     /// The text to tokenize (special tokens written in it, like <|end_of_text|>, are matched). A text that

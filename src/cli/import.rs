@@ -1,0 +1,45 @@
+//! `quarry import DIR [--name NAME]`: install a model from a Hugging Face folder on this machine (air-gapped).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use quarry::pull::{ImportRequest, import};
+use quarry::registry::Registry;
+use quarry::store::Store;
+use quarry_quantize::TargetType;
+
+use super::pull::{Bars, parse_type, print_installed};
+
+/// Convert a Hugging Face snapshot folder already on this machine (config.json, *.safetensors, tokenizer files,
+/// copied from a machine with network access) and install it under `$QUARRY_HOME`, as `pull` would. The folder
+/// is only read.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The snapshot folder.
+    pub dir: PathBuf,
+    /// Name to install it under (default: the folder's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Weight type: q4_0, q8_0, f16 or f32 (default: the registry's type for NAME, else q4_0).
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_type)]
+    pub target: Option<TargetType>,
+    /// Worker threads for the conversion (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let store = Store::from_env()?;
+    let request = ImportRequest {
+        dir: args.dir.clone(),
+        name: args.name,
+        target: args.target,
+        threads: args.threads.map(usize::from),
+        progress_bars: std::io::stderr().is_terminal(),
+    };
+    let model = import(&store, &Registry::builtin(), &request, &mut Bars::default())
+        .with_context(|| format!("quarry import {} failed", args.dir.display()))?;
+    print_installed(&model);
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! `quarry rm NAME`: remove an installed model.
+
+use quarry::store::Store;
+
+use super::pull::human_bytes;
+
+/// Remove an installed model (by name, or by the repo id it was pulled from) and its files.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(value_name = "NAME")]
+    pub name: String,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let store = Store::from_env()?;
+    let size = store
+        .find(&args.name)
+        .ok()
+        .flatten()
+        .map(|m| m.manifest.size);
+    let dir = store.remove(&args.name)?;
+    match size {
+        Some(s) => println!("removed {} ({} freed)", dir.display(), human_bytes(s)),
+        None => println!("removed {}", dir.display()),
+    }
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! The model store through the command line, with no network: `import` of a local folder, MODEL names in every
+//! command that takes one, `list`, `rm`, and the errors for names that are not installed.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use support::{fixture_dir, gguf, temp_dir};
+
+fn quarry(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .args(args)
+        .env("QUARRY_HOME", home)
+        // Any attempt to reach the network would fail at once.
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .expect("quarry runs")
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "quarry failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails(o: Output, needles: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "expected a clean failure: {err}");
+    for n in needles {
+        assert!(err.contains(n), "error does not mention {n:?}: {err}");
+    }
+    err
+}
+
+#[test]
+fn import_installs_a_folder_that_every_command_then_finds_by_name() {
+    let home = temp_dir("store-import");
+    let dir = fixture_dir("granite-dense-dev").unwrap();
+    let out = ok(quarry(
+        &home,
+        &[
+            "import",
+            dir.to_str().unwrap(),
+            "--name",
+            "dense",
+            "--type",
+            "q8_0",
+        ],
+    ));
+    assert!(out.contains("installed dense"), "{out}");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(home.join("models/dense/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["type"], "q8_0");
+    assert_eq!(manifest["architecture"], "granite");
+    assert!(manifest["repo"].is_null());
+    assert!(
+        manifest["imported_from"]
+            .as_str()
+            .unwrap()
+            .ends_with("granite-dense-dev")
+    );
+    let sha = |name: &str| {
+        manifest["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .map(|f| f["sha256"].as_str().unwrap().to_string())
+    };
+    use sha2::Digest;
+    assert_eq!(
+        sha("model.safetensors"),
+        Some(format!(
+            "{:x}",
+            sha2::Sha256::digest(std::fs::read(dir.join("model.safetensors")).unwrap())
+        ))
+    );
+    assert_eq!(
+        sha("logits_chat.npy"),
+        None,
+        "only the files a conversion reads"
+    );
+
+    // The installed file is the converter's output for that folder (named after the model).
+    let reference = quarry::gguf::GgufFile::open(gguf("granite-dense-dev", &dir, "q8_0")).unwrap();
+    let installed = quarry::gguf::GgufFile::open(home.join("models/dense/model.gguf")).unwrap();
+    assert_eq!(reference.tensors().len(), installed.tensors().len());
+    for (a, b) in reference.tensors().iter().zip(installed.tensors()) {
+        assert_eq!((&a.name, &a.dims, a.ty), (&b.name, &b.dims, b.ty));
+        assert!(
+            *reference.tensor_data(a) == *installed.tensor_data(b),
+            "{}",
+            a.name
+        );
+    }
+
+    // Every command that takes a MODEL finds it by name.
+    ok(quarry(
+        &home,
+        &[
+            "run",
+            "dense",
+            "--prompt",
+            "Hi",
+            "-n",
+            "3",
+            "--temperature",
+            "0",
+        ],
+    ));
+    ok(quarry(&home, &["info", "dense"]));
+    ok(quarry(&home, &["tokenize", "dense", "--text", "Hello"]));
+    let npy = home.join("l.npy");
+    ok(quarry(
+        &home,
+        &[
+            "logits",
+            "dense",
+            "--prompt-ids",
+            "1,2,3",
+            "--out",
+            npy.to_str().unwrap(),
+        ],
+    ));
+    ok(quarry(
+        &home,
+        &["bench", "dense", "-p", "8", "-n", "4", "-r", "1"],
+    ));
+
+    // Piped stdin is the prompt; the newline `echo` adds is not part of the message.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .args([
+            "run",
+            "dense",
+            "-n",
+            "3",
+            "--temperature",
+            "0",
+            "--format",
+            "json",
+        ])
+        .env("QUARRY_HOME", &home)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"Hi\n").unwrap();
+    let piped = child.wait_with_output().unwrap();
+    assert!(piped.status.success());
+    let piped: serde_json::Value = serde_json::from_slice(&piped.stdout).unwrap();
+    let direct: serde_json::Value = serde_json::from_str(&ok(quarry(
+        &home,
+        &[
+            "run",
+            "dense",
+            "--prompt",
+            "Hi",
+            "-n",
+            "3",
+            "--temperature",
+            "0",
+            "--format",
+            "json",
+        ],
+    )))
+    .unwrap();
+    assert_eq!(piped["prompt_ids"], direct["prompt_ids"]);
+
+    let list = ok(quarry(&home, &["list"]));
+    assert!(
+        list.contains("dense") && list.contains("granite-dense-dev"),
+        "{list}"
+    );
+
+    // Importing over an installed name replaces it whole.
+    ok(quarry(
+        &home,
+        &["import", dir.to_str().unwrap(), "--name", "dense"],
+    ));
+    assert!(
+        std::fs::read_to_string(home.join("models/dense/manifest.json"))
+            .unwrap()
+            .contains("\"type\": \"q4_0\"")
+    );
+
+    let removed = ok(quarry(&home, &["rm", "dense"]));
+    assert!(removed.contains("removed"), "{removed}");
+    assert!(!home.join("models/dense").exists());
+    fails(
+        quarry(&home, &["run", "dense", "--prompt", "Hi"]),
+        &["'dense'", "quarry list"],
+    );
+}
+
+#[test]
+fn names_that_are_not_installed_say_what_to_do() {
+    let home = temp_dir("store-missing");
+    fails(
+        quarry(
+            &home,
+            &["run", "granite-3.1-1b-a400m-instruct", "--prompt", "Hi"],
+        ),
+        &["quarry pull granite-3.1-1b-a400m-instruct", "quarry import"],
+    );
+    fails(
+        quarry(&home, &["info", "ibm-granite/granite-3.0-8b-instruct"]),
+        &["quarry pull ibm-granite/granite-3.0-8b-instruct"],
+    );
+    fails(
+        quarry(&home, &["bench", "missing.gguf"]),
+        &["missing.gguf", "No such file"],
+    );
+    let dir = fixture_dir("granitemoe-dev-2").unwrap();
+    fails(
+        quarry(&home, &["run", dir.to_str().unwrap(), "--prompt", "Hi"]),
+        &["Hugging Face model folder", "quarry import"],
+    );
+    fails(
+        quarry(&home, &["rm", "nothing"]),
+        &["no installed model", "nothing"],
+    );
+    fails(
+        quarry(
+            &home,
+            &["import", dir.to_str().unwrap(), "--name", "../evil"],
+        ),
+        &["cannot be a model name"],
+    );
+    let empty = temp_dir("store-empty-folder");
+    fails(
+        quarry(&home, &["import", empty.to_str().unwrap(), "--name", "x"]),
+        &["config.json"],
+    );
+    assert!(
+        !home.join("models").exists()
+            || std::fs::read_dir(home.join("models"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}
+
+#[test]
+fn list_shows_the_registry_and_where_the_store_is() {
+    let home = temp_dir("store-list");
+    let text = ok(quarry(&home, &["list"]));
+    for name in [
+        "granite-3.0-1b-a400m-instruct",
+        "granite-3.1-1b-a400m-instruct",
+        "granite-3.0-3b-a800m-instruct",
+        "granite-3.1-8b-instruct",
+    ] {
+        assert!(text.contains(name), "{text}");
+    }
+    assert!(text.contains(home.to_str().unwrap()), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(quarry(&home, &["list", "--format", "json"]))).unwrap();
+    assert_eq!(json["registry"].as_array().unwrap().len(), 8);
+    assert!(json["registry"][0]["installed"].is_null());
+    assert_eq!(json["installed"].as_array().unwrap().len(), 0);
+}
