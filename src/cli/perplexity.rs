@@ -146,12 +146,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// llama-perplexity's labels and layout, so the two tools' outputs read the same; values too small for six
-/// decimals (a KL divergence of 1e-6 between nearly identical files) are written in scientific notation instead of
-/// as zeros.
+/// llama-perplexity's labels and layout, so the two tools' outputs read the same; values below 0.001 (a KL
+/// divergence of 1e-6 between nearly identical files) are written in scientific notation, where fixed decimals
+/// would show a zero or a single digit.
 fn print_text(report: &Report, model: &Path, base: Option<&Path>) {
     let number = |v: f64, digits: usize| {
-        if v != 0.0 && v.abs() < 0.5 * 10f64.powi(-(digits as i32)) {
+        if v != 0.0 && v.abs() < 1e-3 {
             format!("{v:>w$.3e}", w = digits + 4)
         } else {
             format!("{v:>w$.digits$}", w = digits + 4)
