@@ -89,6 +89,9 @@ fn llamacpp_files_match_the_reference_at_least_as_well_as_llamacpp() {
             ours += (top1 * shape[0] as f64).round() as u64;
             theirs += llama_agree.iter().find(|(p, _)| *p == prompt).unwrap().1;
         }
-        assert!(ours as f64 >= 0.98 * theirs as f64, "{file}: argmax agrees at {ours} positions, llama.cpp at {theirs}");
+        assert!(
+            ours as f64 >= 0.98 * theirs as f64,
+            "{file}: argmax agrees at {ours} positions, llama.cpp at {theirs}"
+        );
     }
 }
