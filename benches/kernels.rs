@@ -58,7 +58,8 @@ trait Format: Copy + Send + Sync + 'static {
     const NAME: &'static str;
     const ROW_BYTES: usize;
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self>;
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]);
+    /// The product token-major at row stride `ldo`.
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize);
 }
 
 struct Acts {
@@ -94,8 +95,8 @@ impl Format for BlockQ8_0 {
             })
             .collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
-        (k.gemm_q8_0)(w, &a.q, BPR, out)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_q8_0)(w, &a.q, BPR, out, ldo)
     }
 }
 
@@ -110,8 +111,8 @@ impl Format for BlockQ4_0 {
             })
             .collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
-        (k.gemm_q4_0)(w, &a.q, BPR, out)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_q4_0)(w, &a.q, BPR, out, ldo)
     }
 }
 
@@ -121,8 +122,8 @@ impl Format for f32 {
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
         (0..rows * COLS).map(|_| rng.f32()).collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
-        (k.gemm_f32)(w, &a.x, COLS, out)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_f32)(w, &a.x, COLS, out, ldo)
     }
 }
 
@@ -132,8 +133,8 @@ impl Format for f16 {
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
         (0..rows * COLS).map(|_| f16::from_f32(rng.f32())).collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
-        (k.gemm_f16)(w, &a.x, COLS, out)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_f16)(w, &a.x, COLS, out, ldo)
     }
 }
 
@@ -145,8 +146,8 @@ impl Format for bf16 {
             .map(|_| bf16::from_f32(rng.f32()))
             .collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
-        (k.gemm_bf16)(w, &a.x, COLS, out)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_bf16)(w, &a.x, COLS, out, ldo)
     }
 }
 
@@ -162,12 +163,8 @@ fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) ->
     let per = 1024 * big.len() / rows_total;
     let s = time(|| {
         for m in big.chunks(per) {
-            F::run(
-                k,
-                black_box(m),
-                &a1,
-                &mut out[..m.len() / (big.len() / rows_total)],
-            );
+            let rows = m.len() / (big.len() / rows_total);
+            F::run(k, black_box(m), &a1, &mut out[..rows], rows);
         }
     });
     cells.push(format!(
@@ -177,21 +174,22 @@ fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) ->
     drop(big);
 
     let small = F::random(rng, 256);
-    let s = time(|| F::run(k, black_box(&small), &a1, &mut out[..256]));
+    let s = time(|| F::run(k, black_box(&small), &a1, &mut out[..256], 256));
     cells.push(format!("{:.1}", (256 * F::ROW_BYTES) as f64 / s / 1e9));
 
     let w = F::random(rng, 1024);
     for &n in gemm_tokens {
         let a = Acts::new(rng, n, k);
         let mut out = vec![0.0f32; 1024 * n];
-        let s = time(|| F::run(k, black_box(&w), &a, &mut out));
+        let s = time(|| F::run(k, black_box(&w), &a, &mut out, 1024));
         cells.push(format!("{:.1}", (1024 * COLS * n) as f64 / s / 1e9));
     }
-    // A small thread's share: 128 rows at 64 tokens, where per-call activation work shows.
+    // A small thread's share: 128 rows at 64 tokens, where per-call activation work shows, written into its
+    // columns of the whole token-major 1024-row output.
     if gemm_tokens.len() > 1 {
         let a = Acts::new(rng, 64, k);
-        let mut out = vec![0.0f32; 128 * 64];
-        let s = time(|| F::run(k, black_box(&w[..w.len() / 8]), &a, &mut out));
+        let mut out = vec![0.0f32; 1024 * 64];
+        let s = time(|| F::run(k, black_box(&w[..w.len() / 8]), &a, &mut out, 1024));
         cells.push(format!("{:.1}", (128 * COLS * 64) as f64 / s / 1e9));
     }
     cells
@@ -261,7 +259,8 @@ fn bench_two_threads() {
                         for m in big.chunks(1024 * per_row) {
                             let h = m.len() / 2 / per_row * per_row;
                             let part = if half == 0 { &m[..h] } else { &m[h..] };
-                            F::run(k, black_box(part), a1, &mut out[..part.len() / per_row]);
+                            let rows = part.len() / per_row;
+                            F::run(k, black_box(part), a1, &mut out[..rows], rows);
                         }
                     });
                 }

@@ -81,6 +81,42 @@ impl BlockDot for Q4 {
     }
 }
 
+/// Eight rows of 16 tokens (`r[i]`, one zmm each) stored token-major, `p[j * ldo + i] = r[i][j]`: 4 x 4
+/// transposes within the 128-bit lanes, then one two-source permute per two tokens, 16 stores of 8 floats.
+#[inline(always)]
+unsafe fn store_tile_8x16(r: &[__m512], p: *mut f32, ldo: usize) {
+    unsafe {
+        let quads = |r0, r1, r2, r3| {
+            let t0 = _mm512_unpacklo_ps(r0, r1);
+            let t1 = _mm512_unpackhi_ps(r0, r1);
+            let t2 = _mm512_unpacklo_ps(r2, r3);
+            let t3 = _mm512_unpackhi_ps(r2, r3);
+            [
+                _mm512_shuffle_ps::<0x44>(t0, t2),
+                _mm512_shuffle_ps::<0xee>(t0, t2),
+                _mm512_shuffle_ps::<0x44>(t1, t3),
+                _mm512_shuffle_ps::<0xee>(t1, t3),
+            ]
+        };
+        // Lane l of lo[k] (hi[k]) holds token 4l + k of rows 0..4 (4..8).
+        let lo = quads(r[0], r[1], r[2], r[3]);
+        let hi = quads(r[4], r[5], r[6], r[7]);
+        // Lanes 0 and 1 of both, interleaved: tokens k and 4 + k; lanes 2 and 3: tokens 8 + k and 12 + k.
+        let first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+        let second =
+            _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+        let top = |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        for k in 0..4 {
+            let a = _mm512_permutex2var_ps(lo[k], first, hi[k]);
+            let b = _mm512_permutex2var_ps(lo[k], second, hi[k]);
+            _mm256_storeu_ps(p.add(k * ldo), _mm512_castps512_ps256(a));
+            _mm256_storeu_ps(p.add((k + 4) * ldo), top(a));
+            _mm256_storeu_ps(p.add((k + 8) * ldo), _mm512_castps512_ps256(b));
+            _mm256_storeu_ps(p.add((k + 12) * ldo), top(b));
+        }
+    }
+}
+
 /// The lane-kernel methods shared by both formats (they differ only in how a block is prepared).
 // SAFETY (every method generated): as for the trait impls, see `x86/mod.rs`.
 macro_rules! zmm_lanes {
@@ -129,6 +165,10 @@ macro_rules! zmm_lanes {
         #[inline(always)]
         unsafe fn store_f(p: *mut f32, v: __m512) {
             unsafe { _mm512_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn store_tile(acc: &[__m512], p: *mut f32, ldo: usize) {
+            unsafe { store_tile_8x16(acc, p, ldo) }
         }
     };
 }
@@ -185,6 +225,10 @@ macro_rules! ymm_lanes {
         #[inline(always)]
         unsafe fn store_f(p: *mut f32, v: __m256) {
             unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn store_tile(acc: &[__m256], p: *mut f32, ldo: usize) {
+            unsafe { super::store_tile_8x8(acc, p, ldo) }
         }
     };
 }
@@ -311,38 +355,44 @@ unsafe fn quantize_q8_0_tf(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { super::quantize_q8_0_avx2(x, out) }
 }
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_q8_0_tf(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { gemm_quant::<Q8, Q8Y>(w, a, bpr, out) }
+unsafe fn gemm_q8_0_tf(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_quant::<Q8, Q8Y>(w, a, bpr, out, ldo) }
 }
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_q4_0_tf(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { gemm_quant::<Q4, Q4Y>(w, a, bpr, out) }
+unsafe fn gemm_q4_0_tf(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_quant::<Q4, Q4Y>(w, a, bpr, out, ldo) }
 }
 /// Float products: one token on ymm, more on zmm. Streaming a matrix from DRAM for one token, the ymm loop
 /// reaches 23-27 GB/s of f16 weights where the zmm loop reaches 18-22 (alternating runs on this machine); with
 /// weights reused across tokens or in cache, zmm is faster.
 #[inline(always)]
-unsafe fn gemm_float<W: super::FloatWeight>(w: &[W], a: &[f32], cols: usize, out: &mut [f32]) {
+unsafe fn gemm_float<W: super::FloatWeight>(
+    w: &[W],
+    a: &[f32],
+    cols: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
     unsafe {
         if a.len() == cols {
-            super::gemm_float::<super::avx2::Y, W>(w, a, cols, out)
+            super::gemm_float::<super::avx2::Y, W>(w, a, cols, out, ldo)
         } else {
-            super::gemm_float::<Z, W>(w, a, cols, out)
+            super::gemm_float::<Z, W>(w, a, cols, out, ldo)
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_f32_tf(w: &[f32], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { gemm_float::<f32>(w, a, cols, out) }
+unsafe fn gemm_f32_tf(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_float::<f32>(w, a, cols, out, ldo) }
 }
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_f16_tf(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { gemm_float::<f16>(w, a, cols, out) }
+unsafe fn gemm_f16_tf(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_float::<f16>(w, a, cols, out, ldo) }
 }
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_bf16_tf(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { gemm_float::<bf16>(w, a, cols, out) }
+unsafe fn gemm_bf16_tf(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_float::<bf16>(w, a, cols, out, ldo) }
 }
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn dot_f32_tf(x: &[f32], y: &[f32]) -> f32 {
@@ -358,20 +408,20 @@ unsafe fn axpy_f32_tf(alpha: f32, x: &[f32], y: &mut [f32]) {
 fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { quantize_q8_0_tf(x, out) }
 }
-fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { gemm_q8_0_tf(w, a, bpr, out) }
+fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q8_0_tf(w, a, bpr, out, ldo) }
 }
-fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { gemm_q4_0_tf(w, a, bpr, out) }
+fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q4_0_tf(w, a, bpr, out, ldo) }
 }
-fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { gemm_f32_tf(w, a, cols, out) }
+fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_f32_tf(w, a, cols, out, ldo) }
 }
-fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { gemm_f16_tf(w, a, cols, out) }
+fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_f16_tf(w, a, cols, out, ldo) }
 }
-fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { gemm_bf16_tf(w, a, cols, out) }
+fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_bf16_tf(w, a, cols, out, ldo) }
 }
 fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     unsafe { dot_f32_tf(x, y) }
@@ -439,8 +489,8 @@ unsafe fn scales2(d0: u16, d1: u16, lanes: __m512i) -> __m512 {
     }
 }
 
-/// `out[r * n + t] = W[r] . A[t]` for tokens `t0..t1`: 4 rows x up to 4 tokens, two blocks per step (an odd last
-/// block on the 256-bit path).
+/// `out[t * ldo + r] = W[r] . A[t]` for tokens `t0..t1`: 4 rows x up to 4 tokens, two blocks per step (an odd
+/// last block on the 256-bit path).
 #[inline(always)]
 unsafe fn gemm_few_pairs<D: Pair>(
     w: &[D::W],
@@ -449,10 +499,13 @@ unsafe fn gemm_few_pairs<D: Pair>(
     t0: usize,
     t1: usize,
     out: &mut [f32],
+    ldo: usize,
 ) {
+    assert!(bpr > 0);
     let n = a.len() / bpr;
     let rows = w.len() / bpr;
-    assert!(t0 <= t1 && t1 <= n && out.len() >= rows * n && bpr > 0);
+    assert!(t0 <= t1 && t1 <= n);
+    crate::kernels::check_out(out.len(), rows, n, ldo);
     let (nt, pairs) = (t1 - t0, bpr / 2);
     // SAFETY: see `super::scratch`.
     let s = unsafe { &mut *super::scratch() };
@@ -492,12 +545,12 @@ unsafe fn gemm_few_pairs<D: Pair>(
             while t < t1 {
                 let left = t1 - t;
                 match (rt, left) {
-                    (4, 4..) => pair_tile::<D, 4, 4>(w, a, bpr, r, t, t0, s, lanes, out),
-                    (4, 2..) => pair_tile::<D, 4, 2>(w, a, bpr, r, t, t0, s, lanes, out),
-                    (4, _) => pair_tile::<D, 4, 1>(w, a, bpr, r, t, t0, s, lanes, out),
-                    (_, 4..) => pair_tile::<D, 1, 4>(w, a, bpr, r, t, t0, s, lanes, out),
-                    (_, 2..) => pair_tile::<D, 1, 2>(w, a, bpr, r, t, t0, s, lanes, out),
-                    (_, _) => pair_tile::<D, 1, 1>(w, a, bpr, r, t, t0, s, lanes, out),
+                    (4, 4..) => pair_tile::<D, 4, 4>(w, a, bpr, r, t, t0, s, lanes, out, ldo),
+                    (4, 2..) => pair_tile::<D, 4, 2>(w, a, bpr, r, t, t0, s, lanes, out, ldo),
+                    (4, _) => pair_tile::<D, 4, 1>(w, a, bpr, r, t, t0, s, lanes, out, ldo),
+                    (_, 4..) => pair_tile::<D, 1, 4>(w, a, bpr, r, t, t0, s, lanes, out, ldo),
+                    (_, 2..) => pair_tile::<D, 1, 2>(w, a, bpr, r, t, t0, s, lanes, out, ldo),
+                    (_, _) => pair_tile::<D, 1, 1>(w, a, bpr, r, t, t0, s, lanes, out, ldo),
                 }
                 t += if left >= 4 {
                     4
@@ -524,8 +577,8 @@ unsafe fn pair_tile<D: Pair, const RT: usize, const TT: usize>(
     s: &super::Scratch,
     lanes: __m512i,
     out: &mut [f32],
+    ldo: usize,
 ) {
-    let n = a.len() / bpr;
     let pairs = bpr / 2;
     debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
     // SAFETY (bounds): rows r0..r0 + RT and tokens t..t + TT exist (the caller's tiling); blocks index below bpr;
@@ -587,7 +640,7 @@ unsafe fn pair_tile<D: Pair, const RT: usize, const TT: usize>(
                         _mm256_set1_ps(dw * da),
                     ));
                 }
-                out[(r0 + i) * n + t + j] = sum;
+                out[(t + j) * ldo + r0 + i] = sum;
             }
         }
     }
@@ -595,6 +648,7 @@ unsafe fn pair_tile<D: Pair, const RT: usize, const TT: usize>(
 
 /// Each format's few-token kernel.
 trait Few: BlockDot {
+    #[allow(clippy::too_many_arguments)]
     unsafe fn few(
         w: &[Self::W],
         a: &[BlockQ8_0],
@@ -602,6 +656,7 @@ trait Few: BlockDot {
         t0: usize,
         t1: usize,
         out: &mut [f32],
+        ldo: usize,
     );
 }
 
@@ -615,8 +670,9 @@ impl Few for Q8 {
         t0: usize,
         t1: usize,
         out: &mut [f32],
+        ldo: usize,
     ) {
-        unsafe { super::gemm_few::<Q8, 4>(w, a, bpr, t0, t1, out) }
+        unsafe { super::gemm_few::<Q8, 4>(w, a, bpr, t0, t1, out, ldo) }
     }
 }
 
@@ -630,8 +686,9 @@ impl Few for Q4 {
         t0: usize,
         t1: usize,
         out: &mut [f32],
+        ldo: usize,
     ) {
-        unsafe { gemm_few_pairs::<Q4>(w, a, bpr, t0, t1, out) }
+        unsafe { gemm_few_pairs::<Q4>(w, a, bpr, t0, t1, out, ldo) }
     }
 }
 
@@ -646,6 +703,7 @@ unsafe fn gemm_quant<
     a: &[BlockQ8_0],
     bpr: usize,
     out: &mut [f32],
+    ldo: usize,
 ) {
     if bpr == 0 || a.is_empty() || w.is_empty() {
         return;
@@ -654,12 +712,12 @@ unsafe fn gemm_quant<
     let lane_tokens = n / 16 * 16;
     unsafe {
         if lane_tokens > 0 {
-            super::gemm_lanes::<D, 8>(w, a, bpr, 0, lane_tokens, out);
+            super::gemm_lanes::<D, 8>(w, a, bpr, 0, lane_tokens, out, ldo);
         }
         if n - lane_tokens >= 6 {
-            super::gemm_lanes::<Y, 8>(w, a, bpr, lane_tokens, n, out);
+            super::gemm_lanes::<Y, 8>(w, a, bpr, lane_tokens, n, out, ldo);
         } else if lane_tokens < n {
-            D::few(w, a, bpr, lane_tokens, n, out);
+            D::few(w, a, bpr, lane_tokens, n, out, ldo);
         }
     }
 }
