@@ -275,11 +275,39 @@ fn bench_two_threads() {
 
 type BenchFn = fn(&Kernels, &mut Rng, &[usize]) -> Vec<String>;
 
+/// `probe FORMAT ROWS TOKENS LDO ITERS`: a fixed amount of work with the selected set and nothing else, for
+/// `perf stat -e cycles:u` (user cycles of this process only, which a busy machine disturbs far less than
+/// wall time).
+fn probe(args: &[String]) {
+    let num = |i: usize| -> usize { args[i].parse().expect("probe FORMAT ROWS TOKENS LDO ITERS") };
+    let (rows, n, ldo, iters) = (num(2), num(3), num(4), num(5));
+    let k = kernels::selected();
+    let mut rng = Rng(3);
+    fn go<F: Format>(k: &Kernels, rng: &mut Rng, rows: usize, n: usize, ldo: usize, iters: usize) {
+        let w = F::random(rng, rows);
+        let a = Acts::new(rng, n, k);
+        let mut out = vec![0.0f32; (n - 1) * ldo + rows];
+        for _ in 0..iters {
+            F::run(k, black_box(&w), &a, &mut out, ldo);
+        }
+        black_box(&out);
+    }
+    match args[1].as_str() {
+        "q4_0" => go::<BlockQ4_0>(k, &mut rng, rows, n, ldo, iters),
+        "q8_0" => go::<BlockQ8_0>(k, &mut rng, rows, n, ldo, iters),
+        "f16" => go::<f16>(k, &mut rng, rows, n, ldo, iters),
+        other => panic!("probe: unknown format {other}"),
+    }
+}
+
 fn main() {
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    if filter.first().is_some_and(|a| a == "probe") {
+        return probe(&filter);
+    }
     let tokens = [8, 16, 64, 256];
     println!(
         "one thread; gemv in GB/s of weight bytes (dram: 256 MiB streamed; l2: 256 x 1024), gemm 1024 x 1024 in G-MAC/s"

@@ -83,37 +83,48 @@ impl BlockDot for Q4 {
 
 /// Eight rows of 16 tokens (`r[i]`, one zmm each) stored token-major, `p[j * ldo + i] = r[i][j]`: 4 x 4
 /// transposes within the 128-bit lanes, then one two-source permute per two tokens, 16 stores of 8 floats.
+/// (No closures here: they would be compiled without the target features, and every intrinsic in them called.)
 #[inline(always)]
 unsafe fn store_tile_8x16(r: &[__m512], p: *mut f32, ldo: usize) {
     unsafe {
-        let quads = |r0, r1, r2, r3| {
-            let t0 = _mm512_unpacklo_ps(r0, r1);
-            let t1 = _mm512_unpackhi_ps(r0, r1);
-            let t2 = _mm512_unpacklo_ps(r2, r3);
-            let t3 = _mm512_unpackhi_ps(r2, r3);
-            [
-                _mm512_shuffle_ps::<0x44>(t0, t2),
-                _mm512_shuffle_ps::<0xee>(t0, t2),
-                _mm512_shuffle_ps::<0x44>(t1, t3),
-                _mm512_shuffle_ps::<0xee>(t1, t3),
-            ]
-        };
         // Lane l of lo[k] (hi[k]) holds token 4l + k of rows 0..4 (4..8).
-        let lo = quads(r[0], r[1], r[2], r[3]);
-        let hi = quads(r[4], r[5], r[6], r[7]);
+        let lo = transpose_4x4_lanes(r[0], r[1], r[2], r[3]);
+        let hi = transpose_4x4_lanes(r[4], r[5], r[6], r[7]);
         // Lanes 0 and 1 of both, interleaved: tokens k and 4 + k; lanes 2 and 3: tokens 8 + k and 12 + k.
         let first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
         let second =
             _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-        let top = |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
         for k in 0..4 {
             let a = _mm512_permutex2var_ps(lo[k], first, hi[k]);
             let b = _mm512_permutex2var_ps(lo[k], second, hi[k]);
             _mm256_storeu_ps(p.add(k * ldo), _mm512_castps512_ps256(a));
-            _mm256_storeu_ps(p.add((k + 4) * ldo), top(a));
+            _mm256_storeu_ps(p.add((k + 4) * ldo), upper_half(a));
             _mm256_storeu_ps(p.add((k + 8) * ldo), _mm512_castps512_ps256(b));
-            _mm256_storeu_ps(p.add((k + 12) * ldo), top(b));
+            _mm256_storeu_ps(p.add((k + 12) * ldo), upper_half(b));
         }
+    }
+}
+
+#[inline(always)]
+unsafe fn upper_half(v: __m512) -> __m256 {
+    unsafe { _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))) }
+}
+
+/// The 4 x 4 transposes within each 128-bit lane of four rows: lane `l` of result `k` holds token `4l + k` of
+/// rows 0..4.
+#[inline(always)]
+unsafe fn transpose_4x4_lanes(r0: __m512, r1: __m512, r2: __m512, r3: __m512) -> [__m512; 4] {
+    unsafe {
+        let t0 = _mm512_unpacklo_ps(r0, r1);
+        let t1 = _mm512_unpackhi_ps(r0, r1);
+        let t2 = _mm512_unpacklo_ps(r2, r3);
+        let t3 = _mm512_unpackhi_ps(r2, r3);
+        [
+            _mm512_shuffle_ps::<0x44>(t0, t2),
+            _mm512_shuffle_ps::<0xee>(t0, t2),
+            _mm512_shuffle_ps::<0x44>(t1, t3),
+            _mm512_shuffle_ps::<0xee>(t1, t3),
+        ]
     }
 }
 
