@@ -226,7 +226,7 @@ fn check_quant(
 
 const ROWS: [usize; 5] = [1, 3, 5, 8, 17];
 const TOKENS: [usize; 10] = [1, 2, 3, 4, 7, 8, 9, 16, 17, 33];
-const BLOCKS: [usize; 6] = [1, 2, 3, 5, 32, 48];
+const BLOCKS: [usize; 7] = [1, 2, 3, 5, 13, 32, 48];
 const KINDS: [(Scales, Values); 6] = [
     (Scales::One, Values::Random),
     (Scales::One, Values::Extreme),
