@@ -602,6 +602,9 @@ unsafe fn gemm_few_q4(
 /// Rows `r0..r0 + RT` x tokens `t..t + TT` of the Q4_0 few-token product.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
+// Indexed loops over the activation quads: the iterator forms clippy suggests compiled to a 16% slower loop
+// (one token from L2, 32.9 against 27.7 GB/s, alternating runs).
+#[allow(clippy::needless_range_loop)]
 unsafe fn q4_tile<const RT: usize, const TT: usize>(
     w: &[BlockQ4_0],
     a: &[BlockQ8_0],
