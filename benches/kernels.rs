@@ -211,7 +211,7 @@ fn bench_ops() {
         rope: ops::scalar::rope_adjacent_pairs,
         softmax: ops::scalar::softmax,
         silu_mul: ops::scalar::silu_mul,
-        attend: ops::scalar::attend_head,
+        attend_block: ops::scalar::attend_block,
     };
     println!("\nops, ns per call (softmax and silu_mul include copying in 4096 fresh inputs)");
     println!(
@@ -233,6 +233,85 @@ fn bench_ops() {
             (t.silu_mul)(black_box(&mut buf), &wgt)
         }) * 1e9;
         println!("{name:<10} {a:>14.0} {b:>13.0} {c:>13.0} {d:>14.0}");
+    }
+}
+
+/// Attention of a block of queries over one KV head (head size 64, keys transposed at the cache's stride of
+/// 4096 positions), in GFLOP/s counting the two products (4 * head_dim * sum of lengths): `attend_block` with
+/// the whole block, the same queries one at a time (the one-query path, `attend_head`), and the scalar
+/// reference. nq = 2 is one decode step of a GQA group; nq = 16 is 2 query heads x 8 consecutive tokens
+/// (causal: lengths len - 7..=len).
+fn bench_attention() {
+    use quarry::kernels::ops;
+    const HD: usize = 64;
+    const STRIDE: usize = 4096;
+    let mut rng = Rng(11);
+    let kt: Vec<f32> = (0..HD * STRIDE).map(|_| rng.f32()).collect();
+    let v: Vec<f32> = (0..STRIDE * HD).map(|_| rng.f32()).collect();
+    println!("\nattention, head size 64, GFLOP/s (4 * hd * sum of lengths per call)");
+    println!(
+        "{:<10} {:>4} {:>6} {:>10} {:>13} {:>8}",
+        "copy", "nq", "len", "block", "one by one", "scalar"
+    );
+    for (name, t) in ops::copies() {
+        for nq in [2usize, 16] {
+            for len in [128usize, 512, 2048] {
+                let lens: Vec<usize> = (0..nq).map(|j| len - (nq - 1 - j) / 2).collect();
+                let q: Vec<f32> = (0..nq * HD).map(|_| rng.f32()).collect();
+                let mut scratch = vec![0.0f32; ops::attend_block_scratch(&lens)];
+                let mut out = vec![0.0f32; nq * HD];
+                let flops = 4.0 * HD as f64 * lens.iter().sum::<usize>() as f64;
+                let scale = 0.125;
+                let block = time(|| {
+                    (t.attend_block)(
+                        black_box(&q),
+                        &lens,
+                        &kt,
+                        STRIDE,
+                        &v,
+                        scale,
+                        &mut scratch,
+                        &mut out,
+                    )
+                });
+                let single = time(|| {
+                    for (j, &l) in lens.iter().enumerate() {
+                        (t.attend_block)(
+                            black_box(&q[j * HD..(j + 1) * HD]),
+                            &[l],
+                            &kt,
+                            STRIDE,
+                            &v,
+                            scale,
+                            &mut scratch,
+                            &mut out[j * HD..(j + 1) * HD],
+                        )
+                    }
+                });
+                let scalar = if name == "baseline" {
+                    let s = time(|| {
+                        ops::scalar::attend_block(
+                            black_box(&q),
+                            &lens,
+                            &kt,
+                            STRIDE,
+                            &v,
+                            scale,
+                            &mut scratch,
+                            &mut out,
+                        )
+                    });
+                    format!("{:.1}", flops / s / 1e9)
+                } else {
+                    "-".into()
+                };
+                println!(
+                    "{name:<10} {nq:>4} {len:>6} {:>10.1} {:>13.1} {scalar:>8}",
+                    flops / block / 1e9,
+                    flops / single / 1e9
+                );
+            }
+        }
     }
 }
 
@@ -381,5 +460,8 @@ fn main() {
     }
     if filter.is_empty() || filter.iter().any(|p| p == "ops") {
         bench_ops();
+    }
+    if filter.is_empty() || filter.iter().any(|p| p == "attention") {
+        bench_attention();
     }
 }

@@ -648,9 +648,17 @@ fn attend_head_matches_scalar() {
             let (mut want_s, mut want) = (vec![0.0; len], vec![0.0; hd]);
             ops::scalar::attend_head(&q, &kt, stride, &v, len, 0.3, &mut want_s, &mut want);
             let bound = 1e-5 * v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            for (name, t) in ops::copies() {
+            let mut copies: Vec<(&str, ops::AttendBlockFn)> = ops::copies()
+                .into_iter()
+                .map(|(name, t)| (name, t.attend_block))
+                .collect();
+            // The selected copy through the public one-query entry point.
+            copies.push(("selected attend_head", |q, l, kt, ks, v, sc, s, o| {
+                ops::attend_head(q, kt, ks, v, l[0], sc, s, o)
+            }));
+            for (name, f) in copies {
                 let (mut s, mut got) = (vec![0.0; len + 3], vec![f32::NAN; hd]);
-                (t.attend)(&q, &kt, stride, &v, len, 0.3, &mut s, &mut got);
+                f(&q, &[len], &kt, stride, &v, 0.3, &mut s, &mut got);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - w).abs() <= bound,
@@ -660,6 +668,106 @@ fn attend_head_matches_scalar() {
             }
         }
     }
+}
+
+/// Blocks of queries over one KV head in every compiled copy against the scalar reference (each query the
+/// textbook way): many block sizes, head sizes, causal and arbitrary lengths (zero included), key strides
+/// exactly the longest length or wider, and NaN in every key and value slot past the longest length, which
+/// score tiles may load but must drop.
+#[test]
+fn attend_block_matches_scalar() {
+    let mut rng = Rng(12);
+    let copies = ops::copies();
+    let mut cases = 0;
+    for hd in [8usize, 16, 64, 128] {
+        for nq in [1usize, 2, 3, 4, 5, 8, 16, 32] {
+            for lmax in [1usize, 7, 16, 63, 64, 65, 255, 257, 300, 1000] {
+                if hd * lmax * nq > 2_000_000 {
+                    continue;
+                }
+                for pattern in 0..3 {
+                    // Causal: 2 query heads per token, tokens ending at lmax; arbitrary; a zero among them.
+                    let lens: Vec<usize> = (0..nq)
+                        .map(|j| match pattern {
+                            0 => lmax.saturating_sub((nq - 1 - j) / 2).max(1),
+                            1 => 1 + rng.below(lmax as u64) as usize,
+                            _ => [0, lmax, lmax / 2, 1][j % 4],
+                        })
+                        .collect();
+                    let longest = *lens.iter().max().unwrap();
+                    for pad in [0usize, 5] {
+                        let stride = longest + pad;
+                        // Keys: rows of `stride`, the last one cut at `longest` when there is no padding.
+                        let kt_len = (hd - 1) * stride + longest + pad;
+                        let kt: Vec<f32> = (0..kt_len)
+                            .map(|i| {
+                                if i % stride < longest {
+                                    rng.f32()
+                                } else {
+                                    f32::NAN
+                                }
+                            })
+                            .collect();
+                        let v: Vec<f32> = (0..(longest + pad) * hd)
+                            .map(|i| {
+                                if i < longest * hd {
+                                    rng.f32() * 3.0
+                                } else {
+                                    f32::NAN
+                                }
+                            })
+                            .collect();
+                        let q: Vec<f32> = (0..nq * hd).map(|_| rng.f32() * 2.0).collect();
+                        let scale = 1.0 / (hd as f32).sqrt() * [1.0, 8.0][pattern % 2];
+                        let scratch_len = ops::attend_block_scratch(&lens);
+                        let mut want_p = vec![f32::NAN; scratch_len];
+                        let mut want = vec![f32::NAN; nq * hd];
+                        ops::scalar::attend_block(
+                            &q,
+                            &lens,
+                            &kt,
+                            stride,
+                            &v,
+                            scale,
+                            &mut want_p,
+                            &mut want,
+                        );
+                        let vmax = v[..longest * hd].iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                        for (name, t) in &copies {
+                            let mut p = vec![f32::NAN; scratch_len];
+                            let mut got = vec![f32::NAN; nq * hd];
+                            (t.attend_block)(&q, &lens, &kt, stride, &v, scale, &mut p, &mut got);
+                            let ctx = format!(
+                                "attend_block {name}: hd {hd}, nq {nq}, lens {lens:?}, stride {stride}"
+                            );
+                            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                                assert!(
+                                    (g - w).abs() <= 1e-5 * vmax,
+                                    "{ctx}: out[{i}] (query {}) {g} vs {w}",
+                                    i / hd
+                                );
+                            }
+                            for (j, (row, &len)) in
+                                p.chunks_exact(longest.max(1)).zip(&lens).enumerate()
+                            {
+                                let wrow = &want_p[j * longest..(j + 1) * longest];
+                                for (s, (&g, &w)) in row.iter().zip(wrow).enumerate() {
+                                    let ok = if s < len {
+                                        (g - w).abs() <= 1e-5 * w + 1e-7
+                                    } else {
+                                        g == 0.0
+                                    };
+                                    assert!(ok, "{ctx}: probability [{j}][{s}] {g} vs {w}");
+                                }
+                            }
+                        }
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{cases} attend_block cases");
 }
 
 #[test]
