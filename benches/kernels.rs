@@ -84,16 +84,38 @@ impl Acts {
     }
 }
 
-impl Format for BlockQ8_0 {
-    const NAME: &'static str = "q8_0";
-    const ROW_BYTES: usize = BPR * 34;
-    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
-        (0..rows * BPR)
+/// Random quantized blocks, `n` of them.
+trait RandomBlocks: Sized {
+    fn random_n(rng: &mut Rng, n: usize) -> Vec<Self>;
+}
+
+impl RandomBlocks for BlockQ8_0 {
+    fn random_n(rng: &mut Rng, n: usize) -> Vec<Self> {
+        (0..n)
             .map(|_| BlockQ8_0 {
                 d: f16::from_f32(rng.f32() * 0.01),
                 qs: std::array::from_fn(|_| rng.next() as i8),
             })
             .collect()
+    }
+}
+
+impl RandomBlocks for BlockQ4_0 {
+    fn random_n(rng: &mut Rng, n: usize) -> Vec<Self> {
+        (0..n)
+            .map(|_| BlockQ4_0 {
+                d: f16::from_f32(rng.f32() * 0.01),
+                qs: std::array::from_fn(|_| rng.next() as u8),
+            })
+            .collect()
+    }
+}
+
+impl Format for BlockQ8_0 {
+    const NAME: &'static str = "q8_0";
+    const ROW_BYTES: usize = BPR * 34;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        Self::random_n(rng, rows * BPR)
     }
     fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
         (k.gemm_q8_0)(w, &a.q, BPR, out, ldo)
@@ -104,12 +126,7 @@ impl Format for BlockQ4_0 {
     const NAME: &'static str = "q4_0";
     const ROW_BYTES: usize = BPR * 18;
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
-        (0..rows * BPR)
-            .map(|_| BlockQ4_0 {
-                d: f16::from_f32(rng.f32() * 0.01),
-                qs: std::array::from_fn(|_| rng.next() as u8),
-            })
-            .collect()
+        Self::random_n(rng, rows * BPR)
     }
     fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
         (k.gemm_q4_0)(w, &a.q, BPR, out, ldo)
@@ -233,6 +250,69 @@ fn bench_ops() {
             (t.silu_mul)(black_box(&mut buf), &wgt)
         }) * 1e9;
         println!("{name:<10} {a:>14.0} {b:>13.0} {c:>13.0} {d:>14.0}");
+    }
+}
+
+/// One-token products of the model's matrix shapes (Granite 3.0 1B-A400M) from DRAM, one thread, GB/s of
+/// weight bytes: 256 MiB of distinct matrices of one shape, each called in the row shares the forward pass
+/// gives its work items with 2 threads (`rows_per_item`: 32 rows of a 512-row expert matrix, 64 of a 1024-row
+/// one, 3072 of the output head).
+fn bench_decode_shapes() {
+    let k = kernels::selected();
+    println!(
+        "\none-token products of the model's shapes from DRAM ({}, one thread), GB/s",
+        k.name
+    );
+    println!(
+        "{:<24} {:>14} {:>7} {:>7}",
+        "matrix", "rows x cols", "q4_0", "q8_0"
+    );
+    let shapes = [
+        ("expert gate / up", 512usize, 1024usize),
+        ("expert down", 1024, 512),
+        ("attention q / o", 1024, 1024),
+        ("output head", 49155, 1024),
+    ];
+    let mut rng = Rng(21);
+    for (name, rows, cols) in shapes {
+        let chunk = rows.div_ceil(16).next_multiple_of(16).max(16);
+        let bpr = cols / 32;
+        let x: Vec<f32> = (0..cols).map(|_| rng.f32()).collect();
+        let mut a = vec![
+            BlockQ8_0 {
+                d: f16::ZERO,
+                qs: [0; 32]
+            };
+            bpr
+        ];
+        (k.quantize_q8_0)(&x, &mut a);
+        let mut out = vec![0.0f32; rows];
+        let mut cell = |row_bytes: usize, run: &mut dyn FnMut(usize, usize, &mut [f32])| {
+            let mats = (DRAM_BYTES / (rows * row_bytes)).max(2);
+            let s = time(|| {
+                for m in 0..mats {
+                    for r0 in (0..rows).step_by(chunk) {
+                        let n = chunk.min(rows - r0);
+                        run(m * rows + r0, n, &mut out[r0..r0 + n]);
+                    }
+                }
+            });
+            (mats * rows * row_bytes) as f64 / s / 1e9
+        };
+        let total = |row_bytes: usize| (DRAM_BYTES / (rows * row_bytes)).max(2) * rows * bpr;
+        let w4: Vec<BlockQ4_0> = BlockQ4_0::random_n(&mut rng, total(bpr * 18));
+        let g4 = cell(bpr * 18, &mut |r, n, o| {
+            (k.gemm_q4_0)(black_box(&w4[r * bpr..(r + n) * bpr]), &a, bpr, o, n)
+        });
+        drop(w4);
+        let w8: Vec<BlockQ8_0> = BlockQ8_0::random_n(&mut rng, total(bpr * 34));
+        let g8 = cell(bpr * 34, &mut |r, n, o| {
+            (k.gemm_q8_0)(black_box(&w8[r * bpr..(r + n) * bpr]), &a, bpr, o, n)
+        });
+        println!(
+            "{name:<24} {:>14} {g4:>7.1} {g8:>7.1}",
+            format!("{rows} x {cols}")
+        );
     }
 }
 
@@ -460,6 +540,9 @@ fn main() {
     }
     if filter.is_empty() || filter.iter().any(|p| p == "ops") {
         bench_ops();
+    }
+    if filter.is_empty() || filter.iter().any(|p| p == "shapes") {
+        bench_decode_shapes();
     }
     if filter.is_empty() || filter.iter().any(|p| p == "attention") {
         bench_attention();

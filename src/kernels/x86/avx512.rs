@@ -1,6 +1,7 @@
 //! AVX-512 (F, BW, VL) with VNNI: `vpdpbusd` sums four u8 x i8 products per i32 lane with no intermediate
 //! saturation, so both formats are exact for every byte value. Many-token products put 16 tokens in a zmm;
-//! few-token products use the 256-bit form on one block at a time.
+//! few-token Q8_0 products use the 256-bit form on one block at a time, few-token Q4_0 products four blocks per
+//! zmm (see "Q4_0, few tokens" below). Lane tiles are transposed in registers and stored token-major.
 
 use std::arch::x86_64::*;
 
@@ -769,7 +770,7 @@ impl Few for Q4 {
 }
 
 /// The whole product: whole zmm of tokens on the lane kernel; a remainder of 6 or more tokens on the ymm lane
-/// kernel (padded to whole ymm), a smaller one on the few-token kernel (pairs of blocks, or one block).
+/// kernel (padded to whole ymm), a smaller one on the few-token kernel.
 #[inline(always)]
 unsafe fn gemm_quant<
     D: Few + LaneDot<W = <D as BlockDot>::W>,

@@ -9,12 +9,13 @@
 //!   tiled so an activation block is loaded once for several rows and a weight block transformed once for
 //!   several tokens; the 8 lanes of a block's integer dot are scaled and accumulated as floats and summed
 //!   horizontally once per output. Memory-bound: the work per weight byte only has to stay below DRAM speed,
-//!   and the rows are prefetched two tiles ahead into L2 (see `few_tile`). AVX-512 has its own version with two
-//!   blocks per zmm (`avx512.rs`).
+//!   and the rows are prefetched two tiles ahead into L2 (see `few_tile`). AVX-512 has its own Q4_0 version,
+//!   four blocks per zmm (`avx512.rs`).
 //! - **many tokens** (prompt processing): one lane per token. Activations are transposed once per call so that
 //!   lane `j` of vector `k` holds bytes `4k..4k + 4` of token `j`'s block; a weight block is then 8 broadcast
 //!   dwords. Each lane's integer sum is a whole block's dot product, so the float work per block (convert,
-//!   scale, accumulate) is shared by 8 or 16 tokens instead of being repeated per token.
+//!   scale, accumulate) is shared by 8 or 16 tokens instead of being repeated per token. A finished tile (rows
+//!   x tokens) is transposed in registers and stored token-major, one store of its rows per token.
 //!
 //! Both formats run on unsigned-by-signed byte dots (`vpdpbusd`, or `vpmaddubsw` + `vpmaddwd`): Q4_0 nibbles are
 //! used as they are (0..15) and corrected by `-8 * sum(activation block)`; Q8_0 weights are offset by 128 for
