@@ -4,9 +4,15 @@
 //!   matrices, so nothing is reused from any cache (this VM's L3 does not hold large buffers); "l2" repeats one
 //!   256 x 1024 matrix (at most 1 MiB of weights).
 //! - gemm: 1024 x 1024 weights against 8, 16, 64 and 256 tokens, in G multiply-accumulates per second; and
-//!   a 128-row share of it against 64 tokens (a thread's part of a small matrix, where per-call work shows).
+//!   a 128-row share of it against 64 tokens (a thread's part of a small matrix, where per-call work shows),
+//!   written into its columns of the token-major 1024-row output.
+//! - `threads`: gemv from DRAM with both cores; `ops`: the f32 operations; `shapes`: one-token products of the
+//!   model's matrix shapes from DRAM in its row shares; `attention`: `attend_block` in GFLOP/s.
+//! - `probe FORMAT ROWS TOKENS LDO ITERS`: a fixed amount of work and nothing else, for `perf stat -e
+//!   task-clock` (CPU time, which other jobs on a shared machine disturb far less than wall time).
 //!
-//! Each figure is the fastest of 7 timed runs of about 50 ms.
+//! Each figure is the fastest of 7 timed runs of about 50 ms. This VM shares its 2 cores with other builds:
+//! compare builds in alternating runs, several times.
 
 use std::hint::black_box;
 use std::time::Instant;
