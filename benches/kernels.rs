@@ -4,9 +4,15 @@
 //!   matrices, so nothing is reused from any cache (this VM's L3 does not hold large buffers); "l2" repeats one
 //!   256 x 1024 matrix (at most 1 MiB of weights).
 //! - gemm: 1024 x 1024 weights against 8, 16, 64 and 256 tokens, in G multiply-accumulates per second; and
-//!   a 128-row share of it against 64 tokens (a thread's part of a small matrix, where per-call work shows).
+//!   a 128-row share of it against 64 tokens (a thread's part of a small matrix, where per-call work shows),
+//!   written into its columns of the token-major 1024-row output.
+//! - `threads`: gemv from DRAM with both cores; `ops`: the f32 operations; `shapes`: one-token products of the
+//!   model's matrix shapes from DRAM in its row shares; `attention`: `attend_block` in GFLOP/s.
+//! - `probe FORMAT ROWS TOKENS LDO ITERS`: a fixed amount of work and nothing else, for `perf stat -e
+//!   task-clock` (CPU time, which other jobs on a shared machine disturb far less than wall time).
 //!
-//! Each figure is the fastest of 7 timed runs of about 50 ms.
+//! Each figure is the fastest of 7 timed runs of about 50 ms. This VM shares its 2 cores with other builds:
+//! compare builds in alternating runs, several times.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -58,7 +64,8 @@ trait Format: Copy + Send + Sync + 'static {
     const NAME: &'static str;
     const ROW_BYTES: usize;
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self>;
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]);
+    /// The product token-major at row stride `ldo`.
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize);
 }
 
 struct Acts {
@@ -83,19 +90,41 @@ impl Acts {
     }
 }
 
-impl Format for BlockQ8_0 {
-    const NAME: &'static str = "q8_0";
-    const ROW_BYTES: usize = BPR * 34;
-    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
-        (0..rows * BPR)
+/// Random quantized blocks, `n` of them.
+trait RandomBlocks: Sized {
+    fn random_n(rng: &mut Rng, n: usize) -> Vec<Self>;
+}
+
+impl RandomBlocks for BlockQ8_0 {
+    fn random_n(rng: &mut Rng, n: usize) -> Vec<Self> {
+        (0..n)
             .map(|_| BlockQ8_0 {
                 d: f16::from_f32(rng.f32() * 0.01),
                 qs: std::array::from_fn(|_| rng.next() as i8),
             })
             .collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
-        (k.gemm_q8_0)(w, &a.q, BPR, out)
+}
+
+impl RandomBlocks for BlockQ4_0 {
+    fn random_n(rng: &mut Rng, n: usize) -> Vec<Self> {
+        (0..n)
+            .map(|_| BlockQ4_0 {
+                d: f16::from_f32(rng.f32() * 0.01),
+                qs: std::array::from_fn(|_| rng.next() as u8),
+            })
+            .collect()
+    }
+}
+
+impl Format for BlockQ8_0 {
+    const NAME: &'static str = "q8_0";
+    const ROW_BYTES: usize = BPR * 34;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        Self::random_n(rng, rows * BPR)
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_q8_0)(w, &a.q, BPR, out, ldo)
     }
 }
 
@@ -103,15 +132,10 @@ impl Format for BlockQ4_0 {
     const NAME: &'static str = "q4_0";
     const ROW_BYTES: usize = BPR * 18;
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
-        (0..rows * BPR)
-            .map(|_| BlockQ4_0 {
-                d: f16::from_f32(rng.f32() * 0.01),
-                qs: std::array::from_fn(|_| rng.next() as u8),
-            })
-            .collect()
+        Self::random_n(rng, rows * BPR)
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
-        (k.gemm_q4_0)(w, &a.q, BPR, out)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_q4_0)(w, &a.q, BPR, out, ldo)
     }
 }
 
@@ -121,8 +145,8 @@ impl Format for f32 {
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
         (0..rows * COLS).map(|_| rng.f32()).collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
-        (k.gemm_f32)(w, &a.x, COLS, out)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_f32)(w, &a.x, COLS, out, ldo)
     }
 }
 
@@ -132,8 +156,8 @@ impl Format for f16 {
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
         (0..rows * COLS).map(|_| f16::from_f32(rng.f32())).collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
-        (k.gemm_f16)(w, &a.x, COLS, out)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_f16)(w, &a.x, COLS, out, ldo)
     }
 }
 
@@ -145,8 +169,8 @@ impl Format for bf16 {
             .map(|_| bf16::from_f32(rng.f32()))
             .collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32]) {
-        (k.gemm_bf16)(w, &a.x, COLS, out)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_bf16)(w, &a.x, COLS, out, ldo)
     }
 }
 
@@ -162,12 +186,8 @@ fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) ->
     let per = 1024 * big.len() / rows_total;
     let s = time(|| {
         for m in big.chunks(per) {
-            F::run(
-                k,
-                black_box(m),
-                &a1,
-                &mut out[..m.len() / (big.len() / rows_total)],
-            );
+            let rows = m.len() / (big.len() / rows_total);
+            F::run(k, black_box(m), &a1, &mut out[..rows], rows);
         }
     });
     cells.push(format!(
@@ -177,21 +197,22 @@ fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) ->
     drop(big);
 
     let small = F::random(rng, 256);
-    let s = time(|| F::run(k, black_box(&small), &a1, &mut out[..256]));
+    let s = time(|| F::run(k, black_box(&small), &a1, &mut out[..256], 256));
     cells.push(format!("{:.1}", (256 * F::ROW_BYTES) as f64 / s / 1e9));
 
     let w = F::random(rng, 1024);
     for &n in gemm_tokens {
         let a = Acts::new(rng, n, k);
         let mut out = vec![0.0f32; 1024 * n];
-        let s = time(|| F::run(k, black_box(&w), &a, &mut out));
+        let s = time(|| F::run(k, black_box(&w), &a, &mut out, 1024));
         cells.push(format!("{:.1}", (1024 * COLS * n) as f64 / s / 1e9));
     }
-    // A small thread's share: 128 rows at 64 tokens, where per-call activation work shows.
+    // A small thread's share: 128 rows at 64 tokens, where per-call activation work shows, written into its
+    // columns of the whole token-major 1024-row output.
     if gemm_tokens.len() > 1 {
         let a = Acts::new(rng, 64, k);
-        let mut out = vec![0.0f32; 128 * 64];
-        let s = time(|| F::run(k, black_box(&w[..w.len() / 8]), &a, &mut out));
+        let mut out = vec![0.0f32; 1024 * 64];
+        let s = time(|| F::run(k, black_box(&w[..w.len() / 8]), &a, &mut out, 1024));
         cells.push(format!("{:.1}", (128 * COLS * 64) as f64 / s / 1e9));
     }
     cells
@@ -213,7 +234,7 @@ fn bench_ops() {
         rope: ops::scalar::rope_adjacent_pairs,
         softmax: ops::scalar::softmax,
         silu_mul: ops::scalar::silu_mul,
-        attend: ops::scalar::attend_head,
+        attend_block: ops::scalar::attend_block,
     };
     println!("\nops, ns per call (softmax and silu_mul include copying in 4096 fresh inputs)");
     println!(
@@ -235,6 +256,148 @@ fn bench_ops() {
             (t.silu_mul)(black_box(&mut buf), &wgt)
         }) * 1e9;
         println!("{name:<10} {a:>14.0} {b:>13.0} {c:>13.0} {d:>14.0}");
+    }
+}
+
+/// One-token products of the model's matrix shapes (Granite 3.0 1B-A400M) from DRAM, one thread, GB/s of
+/// weight bytes: 256 MiB of distinct matrices of one shape, each called in the row shares the forward pass
+/// gives its work items with 2 threads (`rows_per_item`: 32 rows of a 512-row expert matrix, 64 of a 1024-row
+/// one, 3072 of the output head).
+fn bench_decode_shapes() {
+    let k = kernels::selected();
+    println!(
+        "\none-token products of the model's shapes from DRAM ({}, one thread), GB/s",
+        k.name
+    );
+    println!(
+        "{:<24} {:>14} {:>7} {:>7}",
+        "matrix", "rows x cols", "q4_0", "q8_0"
+    );
+    let shapes = [
+        ("expert gate / up", 512usize, 1024usize),
+        ("expert down", 1024, 512),
+        ("attention q / o", 1024, 1024),
+        ("output head", 49155, 1024),
+    ];
+    let mut rng = Rng(21);
+    for (name, rows, cols) in shapes {
+        let chunk = rows.div_ceil(16).next_multiple_of(16).max(16);
+        let bpr = cols / 32;
+        let x: Vec<f32> = (0..cols).map(|_| rng.f32()).collect();
+        let mut a = vec![
+            BlockQ8_0 {
+                d: f16::ZERO,
+                qs: [0; 32]
+            };
+            bpr
+        ];
+        (k.quantize_q8_0)(&x, &mut a);
+        let mut out = vec![0.0f32; rows];
+        let mut cell = |row_bytes: usize, run: &mut dyn FnMut(usize, usize, &mut [f32])| {
+            let mats = (DRAM_BYTES / (rows * row_bytes)).max(2);
+            let s = time(|| {
+                for m in 0..mats {
+                    for r0 in (0..rows).step_by(chunk) {
+                        let n = chunk.min(rows - r0);
+                        run(m * rows + r0, n, &mut out[r0..r0 + n]);
+                    }
+                }
+            });
+            (mats * rows * row_bytes) as f64 / s / 1e9
+        };
+        let total = |row_bytes: usize| (DRAM_BYTES / (rows * row_bytes)).max(2) * rows * bpr;
+        let w4: Vec<BlockQ4_0> = BlockQ4_0::random_n(&mut rng, total(bpr * 18));
+        let g4 = cell(bpr * 18, &mut |r, n, o| {
+            (k.gemm_q4_0)(black_box(&w4[r * bpr..(r + n) * bpr]), &a, bpr, o, n)
+        });
+        drop(w4);
+        let w8: Vec<BlockQ8_0> = BlockQ8_0::random_n(&mut rng, total(bpr * 34));
+        let g8 = cell(bpr * 34, &mut |r, n, o| {
+            (k.gemm_q8_0)(black_box(&w8[r * bpr..(r + n) * bpr]), &a, bpr, o, n)
+        });
+        println!(
+            "{name:<24} {:>14} {g4:>7.1} {g8:>7.1}",
+            format!("{rows} x {cols}")
+        );
+    }
+}
+
+/// Attention of a block of queries over one KV head (head size 64, keys transposed at the cache's stride of
+/// 4096 positions), in GFLOP/s counting the two products (4 * head_dim * sum of lengths): `attend_block` with
+/// the whole block, the same queries one at a time (the one-query path, `attend_head`), and the scalar
+/// reference. nq = 2 is one decode step of a GQA group; nq = 16 is 2 query heads x 8 consecutive tokens
+/// (causal: lengths len - 7..=len).
+fn bench_attention() {
+    use quarry::kernels::ops;
+    const HD: usize = 64;
+    const STRIDE: usize = 4096;
+    let mut rng = Rng(11);
+    let kt: Vec<f32> = (0..HD * STRIDE).map(|_| rng.f32()).collect();
+    let v: Vec<f32> = (0..STRIDE * HD).map(|_| rng.f32()).collect();
+    println!("\nattention, head size 64, GFLOP/s (4 * hd * sum of lengths per call)");
+    println!(
+        "{:<10} {:>4} {:>6} {:>10} {:>13} {:>8}",
+        "copy", "nq", "len", "block", "one by one", "scalar"
+    );
+    for (name, t) in ops::copies() {
+        for nq in [2usize, 16] {
+            for len in [128usize, 512, 2048] {
+                let lens: Vec<usize> = (0..nq).map(|j| len - (nq - 1 - j) / 2).collect();
+                let q: Vec<f32> = (0..nq * HD).map(|_| rng.f32()).collect();
+                let mut scratch = vec![0.0f32; ops::attend_block_scratch(&lens)];
+                let mut out = vec![0.0f32; nq * HD];
+                let flops = 4.0 * HD as f64 * lens.iter().sum::<usize>() as f64;
+                let scale = 0.125;
+                let block = time(|| {
+                    (t.attend_block)(
+                        black_box(&q),
+                        &lens,
+                        &kt,
+                        STRIDE,
+                        &v,
+                        scale,
+                        &mut scratch,
+                        &mut out,
+                    )
+                });
+                let single = time(|| {
+                    for (j, &l) in lens.iter().enumerate() {
+                        (t.attend_block)(
+                            black_box(&q[j * HD..(j + 1) * HD]),
+                            &[l],
+                            &kt,
+                            STRIDE,
+                            &v,
+                            scale,
+                            &mut scratch,
+                            &mut out[j * HD..(j + 1) * HD],
+                        )
+                    }
+                });
+                let scalar = if name == "baseline" {
+                    let s = time(|| {
+                        ops::scalar::attend_block(
+                            black_box(&q),
+                            &lens,
+                            &kt,
+                            STRIDE,
+                            &v,
+                            scale,
+                            &mut scratch,
+                            &mut out,
+                        )
+                    });
+                    format!("{:.1}", flops / s / 1e9)
+                } else {
+                    "-".into()
+                };
+                println!(
+                    "{name:<10} {nq:>4} {len:>6} {:>10.1} {:>13.1} {scalar:>8}",
+                    flops / block / 1e9,
+                    flops / single / 1e9
+                );
+            }
+        }
     }
 }
 
@@ -261,7 +424,8 @@ fn bench_two_threads() {
                         for m in big.chunks(1024 * per_row) {
                             let h = m.len() / 2 / per_row * per_row;
                             let part = if half == 0 { &m[..h] } else { &m[h..] };
-                            F::run(k, black_box(part), a1, &mut out[..part.len() / per_row]);
+                            let rows = part.len() / per_row;
+                            F::run(k, black_box(part), a1, &mut out[..rows], rows);
                         }
                     });
                 }
@@ -276,11 +440,39 @@ fn bench_two_threads() {
 
 type BenchFn = fn(&Kernels, &mut Rng, &[usize]) -> Vec<String>;
 
+/// `probe FORMAT ROWS TOKENS LDO ITERS`: a fixed amount of work with the selected set and nothing else, for
+/// `perf stat -e cycles:u` (user cycles of this process only, which a busy machine disturbs far less than
+/// wall time).
+fn probe(args: &[String]) {
+    let num = |i: usize| -> usize { args[i].parse().expect("probe FORMAT ROWS TOKENS LDO ITERS") };
+    let (rows, n, ldo, iters) = (num(2), num(3), num(4), num(5));
+    let k = kernels::selected();
+    let mut rng = Rng(3);
+    fn go<F: Format>(k: &Kernels, rng: &mut Rng, rows: usize, n: usize, ldo: usize, iters: usize) {
+        let w = F::random(rng, rows);
+        let a = Acts::new(rng, n, k);
+        let mut out = vec![0.0f32; (n - 1) * ldo + rows];
+        for _ in 0..iters {
+            F::run(k, black_box(&w), &a, &mut out, ldo);
+        }
+        black_box(&out);
+    }
+    match args[1].as_str() {
+        "q4_0" => go::<BlockQ4_0>(k, &mut rng, rows, n, ldo, iters),
+        "q8_0" => go::<BlockQ8_0>(k, &mut rng, rows, n, ldo, iters),
+        "f16" => go::<f16>(k, &mut rng, rows, n, ldo, iters),
+        other => panic!("probe: unknown format {other}"),
+    }
+}
+
 fn main() {
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    if filter.first().is_some_and(|a| a == "probe") {
+        return probe(&filter);
+    }
     let tokens = [8, 16, 64, 256];
     println!(
         "one thread; gemv in GB/s of weight bytes (dram: 256 MiB streamed; l2: 256 x 1024), gemm 1024 x 1024 in G-MAC/s"
@@ -354,5 +546,11 @@ fn main() {
     }
     if filter.is_empty() || filter.iter().any(|p| p == "ops") {
         bench_ops();
+    }
+    if filter.is_empty() || filter.iter().any(|p| p == "shapes") {
+        bench_decode_shapes();
+    }
+    if filter.is_empty() || filter.iter().any(|p| p == "attention") {
+        bench_attention();
     }
 }

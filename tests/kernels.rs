@@ -146,7 +146,39 @@ fn isum_q4(w: &BlockQ4_0, a: &BlockQ8_0) -> i64 {
         .sum()
 }
 
-/// Checks `got` against the scalar `want`, with each output's exact integer sum and the magnitude of its terms.
+/// A value no kernel computes (a NaN with a payload): output positions a kernel must not write are filled with
+/// it and compared by bits afterwards.
+const UNTOUCHED: u32 = 0x7fc0_2a2a;
+
+/// The row strides each product is checked with: compact (`ldo == rows`) and with gaps between token rows.
+fn strides(rows: usize) -> [usize; 2] {
+    [rows, rows + 3]
+}
+
+/// An output buffer for `n` tokens x `rows` rows at stride `ldo`: exactly the `(n - 1) * ldo + rows` values the
+/// contract asks for when `tight`, else with a few more, all holding `UNTOUCHED`.
+fn out_buf(rows: usize, n: usize, ldo: usize, tight: bool) -> Vec<f32> {
+    let len = (n - 1) * ldo + rows + if tight { 0 } else { 7 };
+    vec![f32::from_bits(UNTOUCHED); len]
+}
+
+/// Every position of `out` that is not an output (between token rows, past the last) still holds `UNTOUCHED`.
+fn check_untouched(what: &str, out: &[f32], rows: usize, ldo: usize) {
+    for (i, v) in out.iter().enumerate() {
+        if i % ldo >= rows {
+            assert_eq!(
+                v.to_bits(),
+                UNTOUCHED,
+                "{what}: wrote out[{i}] (token {}, position {} of a row of {rows} at stride {ldo})",
+                i / ldo,
+                i % ldo
+            );
+        }
+    }
+}
+
+/// Checks `got` (token-major at stride `ldo`) against the scalar `want` (token-major, compact), with each
+/// output's exact integer sum and the magnitude of its terms.
 #[allow(clippy::too_many_arguments)]
 fn check_quant(
     what: &str,
@@ -155,9 +187,11 @@ fn check_quant(
     n: usize,
     bpr: usize,
     got: &[f32],
+    ldo: usize,
     want: &[f32],
     term: impl Fn(usize, usize, usize) -> (i64, f32, f32),
 ) {
+    check_untouched(&format!("{what} on {set}"), got, rows, ldo);
     for r in 0..rows {
         for t in 0..n {
             let (mut exact, mut bound, mut mag) = (0i64, 0i64, 0.0f32);
@@ -169,9 +203,12 @@ fn check_quant(
                 mag += scale.abs() * abs;
                 all_one &= scale == 1.0;
             }
-            let (g, w) = (got[r * n + t], want[r * n + t]);
-            let ctx =
-                || format!("{what} on {set}: rows {rows}, tokens {n}, blocks {bpr}: out[{r}][{t}]");
+            let (g, w) = (got[t * ldo + r], want[t * rows + r]);
+            let ctx = || {
+                format!(
+                    "{what} on {set}: rows {rows}, tokens {n}, blocks {bpr}, stride {ldo}: token {t}, row {r}"
+                )
+            };
             if all_one && bound < 1 << 24 {
                 assert_eq!(g, exact as f32, "{} not the exact integer sum", ctx());
                 assert_eq!(w, exact as f32, "{}: scalar reference not exact", ctx());
@@ -189,7 +226,7 @@ fn check_quant(
 
 const ROWS: [usize; 5] = [1, 3, 5, 8, 17];
 const TOKENS: [usize; 10] = [1, 2, 3, 4, 7, 8, 9, 16, 17, 33];
-const BLOCKS: [usize; 6] = [1, 2, 3, 5, 32, 48];
+const BLOCKS: [usize; 7] = [1, 2, 3, 5, 13, 32, 48];
 const KINDS: [(Scales, Values); 6] = [
     (Scales::One, Values::Random),
     (Scales::One, Values::Extreme),
@@ -222,20 +259,32 @@ fn gemm_q8_0_matches_scalar() {
             for (s, v) in KINDS {
                 let w = q8_weights(&mut rng, rows * bpr, s, v);
                 let a = q8_acts(&mut rng, n * bpr, s, v);
-                let mut want = vec![f32::NAN; rows * n];
-                let mut got = vec![f32::NAN; rows * n];
-                (SCALAR.gemm_q8_0)(&w, &a, bpr, &mut want);
-                (k.gemm_q8_0)(&w, &a, bpr, &mut got);
-                check_quant("gemm_q8_0", k.name, rows, n, bpr, &got, &want, |r, t, b| {
-                    let (bw, ba) = (&w[r * bpr + b], &a[t * bpr + b]);
-                    let abs: i64 = bw
-                        .qs
-                        .iter()
-                        .zip(&ba.qs)
-                        .map(|(&x, &y)| (x as i64 * y as i64).abs())
-                        .sum();
-                    (isum_q8(bw, ba), bw.d.to_f32() * ba.d.to_f32(), abs as f32)
-                });
+                let mut want = out_buf(rows, n, rows, true);
+                (SCALAR.gemm_q8_0)(&w, &a, bpr, &mut want, rows);
+                for (i, ldo) in strides(rows).into_iter().enumerate() {
+                    let mut got = out_buf(rows, n, ldo, i == 0);
+                    (k.gemm_q8_0)(&w, &a, bpr, &mut got, ldo);
+                    check_quant(
+                        "gemm_q8_0",
+                        k.name,
+                        rows,
+                        n,
+                        bpr,
+                        &got,
+                        ldo,
+                        &want,
+                        |r, t, b| {
+                            let (bw, ba) = (&w[r * bpr + b], &a[t * bpr + b]);
+                            let abs: i64 = bw
+                                .qs
+                                .iter()
+                                .zip(&ba.qs)
+                                .map(|(&x, &y)| (x as i64 * y as i64).abs())
+                                .sum();
+                            (isum_q8(bw, ba), bw.d.to_f32() * ba.d.to_f32(), abs as f32)
+                        },
+                    );
+                }
             }
         }
     }
@@ -249,20 +298,33 @@ fn gemm_q4_0_matches_scalar() {
             for (s, v) in KINDS {
                 let w = q4_weights(&mut rng, rows * bpr, s, v);
                 let a = q8_acts(&mut rng, n * bpr, s, v);
-                let mut want = vec![f32::NAN; rows * n];
-                let mut got = vec![f32::NAN; rows * n];
-                (SCALAR.gemm_q4_0)(&w, &a, bpr, &mut want);
-                (k.gemm_q4_0)(&w, &a, bpr, &mut got);
-                check_quant("gemm_q4_0", k.name, rows, n, bpr, &got, &want, |r, t, b| {
-                    let (bw, ba) = (&w[r * bpr + b], &a[t * bpr + b]);
-                    let abs: i64 = (0..16)
-                        .map(|j| {
-                            (((bw.qs[j] & 15) as i64 - 8) * ba.qs[j] as i64).abs()
-                                + (((bw.qs[j] >> 4) as i64 - 8) * ba.qs[j + 16] as i64).abs()
-                        })
-                        .sum();
-                    (isum_q4(bw, ba), bw.d.to_f32() * ba.d.to_f32(), abs as f32)
-                });
+                let mut want = out_buf(rows, n, rows, true);
+                (SCALAR.gemm_q4_0)(&w, &a, bpr, &mut want, rows);
+                for (i, ldo) in strides(rows).into_iter().enumerate() {
+                    let mut got = out_buf(rows, n, ldo, i == 0);
+                    (k.gemm_q4_0)(&w, &a, bpr, &mut got, ldo);
+                    check_quant(
+                        "gemm_q4_0",
+                        k.name,
+                        rows,
+                        n,
+                        bpr,
+                        &got,
+                        ldo,
+                        &want,
+                        |r, t, b| {
+                            let (bw, ba) = (&w[r * bpr + b], &a[t * bpr + b]);
+                            let abs: i64 = (0..16)
+                                .map(|j| {
+                                    (((bw.qs[j] & 15) as i64 - 8) * ba.qs[j] as i64).abs()
+                                        + (((bw.qs[j] >> 4) as i64 - 8) * ba.qs[j + 16] as i64)
+                                            .abs()
+                                })
+                                .sum();
+                            (isum_q4(bw, ba), bw.d.to_f32() * ba.d.to_f32(), abs as f32)
+                        },
+                    );
+                }
             }
         }
     }
@@ -297,14 +359,14 @@ fn extreme_blocks_give_known_sums() {
                         n * bpr
                     ];
                     let mut out = vec![0.0; 3 * n];
-                    (k.gemm_q8_0)(&w8, &a, bpr, &mut out);
+                    (k.gemm_q8_0)(&w8, &a, bpr, &mut out, 3);
                     let want = (-128 * av as i64 * 32 * bpr as i64) as f32;
                     assert!(
                         out.iter().all(|&o| o == want),
                         "{}: q8 {out:?} != {want}",
                         k.name
                     );
-                    (k.gemm_q4_0)(&w4, &a, bpr, &mut out);
+                    (k.gemm_q4_0)(&w4, &a, bpr, &mut out, 3);
                     let want = (-8 * av as i64 * 32 * bpr as i64) as f32;
                     assert!(
                         out.iter().all(|&o| o == want),
@@ -414,32 +476,52 @@ fn check_float(what: &str, set: &str, got: &[f32], want: &[f32], mags: &[f32]) {
     }
 }
 
+type FloatGemm<W> = fn(&[W], &[f32], usize, &mut [f32], usize);
+
 fn float_case<W: Copy>(
     what: &str,
     conv: impl Fn(f32) -> W,
     back: impl Fn(W) -> f32,
-    gemm: impl Fn(&Kernels) -> fn(&[W], &[f32], usize, &mut [f32]),
+    gemm: impl Fn(&Kernels) -> FloatGemm<W>,
 ) {
     let mut rng = Rng(4);
-    for k in sets() {
-        for &rows in &[1, 3, 5, 17] {
-            for &n in &[1, 2, 3, 7] {
-                for &cols in &COLS {
-                    let w: Vec<W> = (0..rows * cols).map(|_| conv(rng.f32() * 4.0)).collect();
-                    let a: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
-                    let mut want = vec![f32::NAN; rows * n];
-                    let mut got = vec![f32::NAN; rows * n];
-                    gemm(&SCALAR)(&w, &a, cols, &mut want);
-                    gemm(&k)(&w, &a, cols, &mut got);
-                    let mags: Vec<f32> = (0..rows * n)
-                        .map(|i| {
-                            let (r, t) = (i / n, i % n);
-                            (0..cols)
-                                .map(|c| (back(w[r * cols + c]) * a[t * cols + c]).abs())
-                                .sum()
-                        })
-                        .collect();
-                    check_float(what, k.name, &got, &want, &mags);
+    let all = sets();
+    for &rows in &[1, 3, 5, 17] {
+        for &n in &[1, 2, 3, 7, 16, 19] {
+            for &cols in &COLS {
+                let w: Vec<W> = (0..rows * cols).map(|_| conv(rng.f32() * 4.0)).collect();
+                let a: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+                // Token-major, compact: exact (f64) products and their magnitudes, then the scalar kernel,
+                // which must agree with them (this pins its layout), and every set against the scalar one.
+                let (mut exact, mut mags) = (vec![], vec![]);
+                for t in 0..n {
+                    for r in 0..rows {
+                        let terms = (0..cols)
+                            .map(|c| back(w[r * cols + c]) as f64 * a[t * cols + c] as f64);
+                        exact.push(terms.clone().sum::<f64>() as f32);
+                        mags.push(terms.map(f64::abs).sum::<f64>() as f32);
+                    }
+                }
+                let mut want = out_buf(rows, n, rows, true);
+                gemm(&SCALAR)(&w, &a, cols, &mut want, rows);
+                for (i, ((&g, &e), &m)) in want.iter().zip(&exact).zip(&mags).enumerate() {
+                    // The scalar's own rounding is up to about cols / 4 * 2^-24 of the magnitude.
+                    assert!(
+                        (g - e).abs() <= 1e-4 * m,
+                        "{what} scalar: out[{i}] {g}, exact {e}"
+                    );
+                }
+                for k in &all {
+                    for (i, ldo) in strides(rows).into_iter().enumerate() {
+                        let mut got = out_buf(rows, n, ldo, i == 0);
+                        gemm(k)(&w, &a, cols, &mut got, ldo);
+                        let ctx = format!("{what} on {}, stride {ldo}", k.name);
+                        check_untouched(&ctx, &got, rows, ldo);
+                        let compact: Vec<f32> = (0..n)
+                            .flat_map(|t| got[t * ldo..t * ldo + rows].to_vec())
+                            .collect();
+                        check_float(what, &ctx, &compact, &want, &mags);
+                    }
                 }
             }
         }
@@ -478,7 +560,7 @@ fn f16_and_bf16_special_values_convert_exactly() {
                 let mut a = vec![0.0f32; 64];
                 a[pos] = 1.0;
                 let mut out = [0.0f32];
-                (k.gemm_f16)(chunk, &a, 64, &mut out);
+                (k.gemm_f16)(chunk, &a, 64, &mut out, 1);
                 assert_eq!(
                     out[0],
                     chunk[pos].to_f32(),
@@ -492,7 +574,7 @@ fn f16_and_bf16_special_values_convert_exactly() {
             let mut a = vec![0.0f32; 64];
             a[21] = 1.0;
             let mut out = [0.0f32];
-            (k.gemm_bf16)(chunk, &a, 64, &mut out);
+            (k.gemm_bf16)(chunk, &a, 64, &mut out, 1);
             assert_eq!(out[0], chunk[21].to_f32(), "{} bf16", k.name);
         }
     }
@@ -566,9 +648,17 @@ fn attend_head_matches_scalar() {
             let (mut want_s, mut want) = (vec![0.0; len], vec![0.0; hd]);
             ops::scalar::attend_head(&q, &kt, stride, &v, len, 0.3, &mut want_s, &mut want);
             let bound = 1e-5 * v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            for (name, t) in ops::copies() {
+            let mut copies: Vec<(&str, ops::AttendBlockFn)> = ops::copies()
+                .into_iter()
+                .map(|(name, t)| (name, t.attend_block))
+                .collect();
+            // The selected copy through the public one-query entry point.
+            copies.push(("selected attend_head", |q, l, kt, ks, v, sc, s, o| {
+                ops::attend_head(q, kt, ks, v, l[0], sc, s, o)
+            }));
+            for (name, f) in copies {
                 let (mut s, mut got) = (vec![0.0; len + 3], vec![f32::NAN; hd]);
-                (t.attend)(&q, &kt, stride, &v, len, 0.3, &mut s, &mut got);
+                f(&q, &[len], &kt, stride, &v, 0.3, &mut s, &mut got);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - w).abs() <= bound,
@@ -578,6 +668,106 @@ fn attend_head_matches_scalar() {
             }
         }
     }
+}
+
+/// Blocks of queries over one KV head in every compiled copy against the scalar reference (each query the
+/// textbook way): many block sizes, head sizes, causal and arbitrary lengths (zero included), key strides
+/// exactly the longest length or wider, and NaN in every key and value slot past the longest length, which
+/// score tiles may load but must drop.
+#[test]
+fn attend_block_matches_scalar() {
+    let mut rng = Rng(12);
+    let copies = ops::copies();
+    let mut cases = 0;
+    for hd in [8usize, 16, 64, 128] {
+        for nq in [1usize, 2, 3, 4, 5, 8, 16, 32] {
+            for lmax in [1usize, 7, 16, 63, 64, 65, 255, 257, 300, 1000] {
+                if hd * lmax * nq > 2_000_000 {
+                    continue;
+                }
+                for pattern in 0..3 {
+                    // Causal: 2 query heads per token, tokens ending at lmax; arbitrary; a zero among them.
+                    let lens: Vec<usize> = (0..nq)
+                        .map(|j| match pattern {
+                            0 => lmax.saturating_sub((nq - 1 - j) / 2).max(1),
+                            1 => 1 + rng.below(lmax as u64) as usize,
+                            _ => [0, lmax, lmax / 2, 1][j % 4],
+                        })
+                        .collect();
+                    let longest = *lens.iter().max().unwrap();
+                    for pad in [0usize, 5] {
+                        let stride = longest + pad;
+                        // Keys: rows of `stride`, the last one cut at `longest` when there is no padding.
+                        let kt_len = (hd - 1) * stride + longest + pad;
+                        let kt: Vec<f32> = (0..kt_len)
+                            .map(|i| {
+                                if i % stride < longest {
+                                    rng.f32()
+                                } else {
+                                    f32::NAN
+                                }
+                            })
+                            .collect();
+                        let v: Vec<f32> = (0..(longest + pad) * hd)
+                            .map(|i| {
+                                if i < longest * hd {
+                                    rng.f32() * 3.0
+                                } else {
+                                    f32::NAN
+                                }
+                            })
+                            .collect();
+                        let q: Vec<f32> = (0..nq * hd).map(|_| rng.f32() * 2.0).collect();
+                        let scale = 1.0 / (hd as f32).sqrt() * [1.0, 8.0][pattern % 2];
+                        let scratch_len = ops::attend_block_scratch(&lens);
+                        let mut want_p = vec![f32::NAN; scratch_len];
+                        let mut want = vec![f32::NAN; nq * hd];
+                        ops::scalar::attend_block(
+                            &q,
+                            &lens,
+                            &kt,
+                            stride,
+                            &v,
+                            scale,
+                            &mut want_p,
+                            &mut want,
+                        );
+                        let vmax = v[..longest * hd].iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                        for (name, t) in &copies {
+                            let mut p = vec![f32::NAN; scratch_len];
+                            let mut got = vec![f32::NAN; nq * hd];
+                            (t.attend_block)(&q, &lens, &kt, stride, &v, scale, &mut p, &mut got);
+                            let ctx = format!(
+                                "attend_block {name}: hd {hd}, nq {nq}, lens {lens:?}, stride {stride}"
+                            );
+                            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                                assert!(
+                                    (g - w).abs() <= 1e-5 * vmax,
+                                    "{ctx}: out[{i}] (query {}) {g} vs {w}",
+                                    i / hd
+                                );
+                            }
+                            for (j, (row, &len)) in
+                                p.chunks_exact(longest.max(1)).zip(&lens).enumerate()
+                            {
+                                let wrow = &want_p[j * longest..(j + 1) * longest];
+                                for (s, (&g, &w)) in row.iter().zip(wrow).enumerate() {
+                                    let ok = if s < len {
+                                        (g - w).abs() <= 1e-5 * w + 1e-7
+                                    } else {
+                                        g == 0.0
+                                    };
+                                    assert!(ok, "{ctx}: probability [{j}][{s}] {g} vs {w}");
+                                }
+                            }
+                        }
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{cases} attend_block cases");
 }
 
 #[test]

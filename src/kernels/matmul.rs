@@ -226,12 +226,13 @@ impl ActivationBatch {
     }
 }
 
-/// `out[r * n + t] = W[r] . x[t]` for one share of rows and all `n` activation rows: the kernel call.
-pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: &mut [f32]) {
-    debug_assert_eq!(out.len(), w.rows * acts.n);
+/// `out[t * ldo + r] = W[r] . x[t]` for one share of rows and all `n` activation rows, token-major (`ldo >= rows`;
+/// `out` holds at least `(n - 1) * ldo + rows` values, and only those positions are written): the kernel call.
+pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: &mut [f32], ldo: usize) {
     if acts.n == 0 || w.rows == 0 {
         return;
     }
+    super::check_out(out.len(), w.rows, acts.n, ldo);
     match w.ty {
         GgmlType::Q8_0 | GgmlType::Q4_0 => {
             assert!(!acts.q8.is_empty(), "activations not prepared for {}", w.ty)
@@ -239,11 +240,15 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: &mut [f
         _ => {}
     }
     match w.ty {
-        GgmlType::Q8_0 => (k.gemm_q8_0)(bytemuck::cast_slice(w.data), acts.q8, w.cols / 32, out),
-        GgmlType::Q4_0 => (k.gemm_q4_0)(bytemuck::cast_slice(w.data), acts.q8, w.cols / 32, out),
-        GgmlType::F32 => (k.gemm_f32)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out),
-        GgmlType::F16 => (k.gemm_f16)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out),
-        GgmlType::BF16 => (k.gemm_bf16)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out),
+        GgmlType::Q8_0 => {
+            (k.gemm_q8_0)(bytemuck::cast_slice(w.data), acts.q8, w.cols / 32, out, ldo)
+        }
+        GgmlType::Q4_0 => {
+            (k.gemm_q4_0)(bytemuck::cast_slice(w.data), acts.q8, w.cols / 32, out, ldo)
+        }
+        GgmlType::F32 => (k.gemm_f32)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out, ldo),
+        GgmlType::F16 => (k.gemm_f16)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out, ldo),
+        GgmlType::BF16 => (k.gemm_bf16)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out, ldo),
         other => unreachable!("weight type {other} was refused at load"),
     }
 }

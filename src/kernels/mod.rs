@@ -35,9 +35,12 @@ use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
 
 /// One set of kernels, all for the same instruction set.
 ///
-/// The matrix kernels compute `out[r * n_tokens + t] = W[r] . A[t]` for a block of weight rows `W` (row-major,
+/// The matrix kernels compute `out[t * ldo + r] = W[r] . A[t]` for a block of weight rows `W` (row-major,
 /// `cols` weights each) and a block of activation rows `A` (one per token, contiguous): the row count is
-/// `w.len() / blocks_per_row`, the token count `a.len() / blocks_per_row`. One call covers one thread's share
+/// `w.len() / blocks_per_row`, the token count `a.len() / blocks_per_row`. The output is token-major, the layout
+/// everything after a product reads: token `t`'s results are `out[t * ldo..t * ldo + rows]`, and `ldo >= rows`
+/// lets a call fill a column range of a wider token-major matrix. Only those positions are written; `out` must
+/// hold at least `(n_tokens - 1) * ldo + rows` values (see [`check_out`]). One call covers one thread's share
 /// of a product, so implementations may tile rows and tokens however their registers suit.
 ///
 /// Every set computes each 32-block's integer dot exactly; the float sums over blocks (and over f32/f16/bf16
@@ -50,15 +53,31 @@ pub struct Kernels {
     /// Activation row to Q8_0 (round half to even; SIMD versions must give the same bytes). Its quants are in
     /// -127..=127, which the Q8_0 product relies on (AVX2's sign trick would overflow on -128).
     pub quantize_q8_0: fn(&[f32], &mut [BlockQ8_0]),
-    pub gemm_q8_0: fn(w: &[BlockQ8_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32]),
-    pub gemm_q4_0: fn(w: &[BlockQ4_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32]),
-    pub gemm_f32: fn(w: &[f32], a: &[f32], cols: usize, out: &mut [f32]),
-    pub gemm_f16: fn(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]),
-    pub gemm_bf16: fn(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]),
+    pub gemm_q8_0:
+        fn(w: &[BlockQ8_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32], ldo: usize),
+    pub gemm_q4_0:
+        fn(w: &[BlockQ4_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32], ldo: usize),
+    pub gemm_f32: fn(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize),
+    pub gemm_f16: fn(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize),
+    pub gemm_bf16: fn(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize),
     /// Plain f32 dot product (attention scores).
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     /// `y += alpha * x` (the attention's weighted sum of values), rounded as `y[i] + alpha * x[i]` in every set.
     pub axpy_f32: fn(alpha: f32, x: &[f32], y: &mut [f32]),
+}
+
+/// Checks the output contract of the matrix kernels: a token-major `[n_tokens][ldo]` product of `rows` rows
+/// fits in `out_len` values and rows do not overlap (`ldo >= rows`). Every kernel calls it before writing, so
+/// the SIMD stores behind it may rely on it.
+///
+/// # Panics
+/// When the contract does not hold.
+#[inline]
+pub fn check_out(out_len: usize, rows: usize, n_tokens: usize, ldo: usize) {
+    assert!(
+        ldo >= rows && (n_tokens == 0 || rows == 0 || out_len >= (n_tokens - 1) * ldo + rows),
+        "output of {out_len} values cannot hold {n_tokens} tokens x {rows} rows at row stride {ldo}"
+    );
 }
 
 pub const SCALAR: Kernels = Kernels {

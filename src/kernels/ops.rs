@@ -1,4 +1,4 @@
-//! The f32 operations around the matrix products: normalisation, rotary embedding, softmax, SiLU.
+//! The f32 operations around the matrix products: normalisation, rotary embedding, softmax, SiLU, attention.
 //!
 //! Each is written once, in plain Rust shaped for the auto-vectoriser (branch-free element maps; sums and
 //! maxima over 16 explicit partial lanes, since LLVM will not reassociate a float reduction by itself), and
@@ -7,7 +7,9 @@
 //! same IEEE operations in every copy (Rust never fuses a multiply and an add by itself), so every copy gives the
 //! same bits; against the references, `rope_adjacent_pairs` is bit-identical, `rms_norm` differs in the order
 //! of the mean-square sum, and `softmax` / `silu_mul` use a polynomial `exp` within about 2 ulp of `f32::exp`,
-//! which keeps them within 1e-6 relative of the references (`tests/kernels.rs`).
+//! which keeps them within 1e-6 relative of the references (`tests/kernels.rs`). Attention is the exception:
+//! its register tiles are sized per copy and the x86 copies fuse multiply-adds, so copies differ in rounding;
+//! each stays within 1e-5 of the largest value magnitude of the reference.
 
 use std::sync::OnceLock;
 
@@ -37,6 +39,9 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// `out = sum_s p_s v_s`. Keys come transposed (`kt[d * kt_stride + s]`) and values row-major
 /// (`v[s * head_dim + d]`), so both loops run along contiguous memory without per-position reductions.
 /// `scores` must hold at least `len` values; it is left holding the probabilities.
+///
+/// The one-query case of [`attend_block`]; with grouped-query attention, prefer that with all the query heads
+/// of a KV head at once (each key and value is then read once for all of them).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_head(
     q: &[f32],
@@ -48,11 +53,45 @@ pub fn attend_head(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    (table().attend)(q, kt, kt_stride, v, len, scale, scores, out)
+    (table().attend_block)(q, &[len], kt, kt_stride, v, scale, scores, out)
+}
+
+/// A block of `nq = lens.len()` queries attending over one KV head, causally: query `j` (`q[j * hd..(j + 1) *
+/// hd]`, `hd = q.len() / nq`) sees positions `0..lens[j]`, and gets `out[j * hd..(j + 1) * hd] = sum_s p_js v_s`
+/// with `p_j = softmax_s(scale * q_j . k_s)` over those positions. Meant for all the query heads of a KV head
+/// and a block of consecutive tokens at once (e.g. 2 heads x 16 tokens): every key and value loaded feeds up to
+/// four queries from registers.
+///
+/// - `kt`: keys transposed, `kt[d * kt_stride + s]` (`kt_stride >= max(lens)`); `v`: values row-major,
+///   `v[s * hd + d]`. Only positions below `max(lens)` are used, and they must be finite (values past a
+///   query's own length are multiplied by exactly 0). Score tiles may load up to 63 key values past a row's
+///   last used position when the slice reaches that far, and drop them.
+/// - `scratch`: at least `nq * max(lens)` values ([`attend_block_scratch`]); left holding the probabilities,
+///   row `j` at `j * max(lens)`, zero past `lens[j]`.
+/// - A query with `lens[j] == 0` gets zeros. `hd` is at most 256.
+///
+/// Results match the textbook order of operations to rounding: within `1e-5 * max |v|` (`tests/kernels.rs`).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_block(
+    q: &[f32],
+    lens: &[usize],
+    kt: &[f32],
+    kt_stride: usize,
+    v: &[f32],
+    scale: f32,
+    scratch: &mut [f32],
+    out: &mut [f32],
+) {
+    (table().attend_block)(q, lens, kt, kt_stride, v, scale, scratch, out)
+}
+
+/// The scratch [`attend_block`] needs for these query lengths.
+pub fn attend_block_scratch(lens: &[usize]) -> usize {
+    lens.len() * lens.iter().copied().max().unwrap_or(0)
 }
 
 type RopeFn = fn(&mut [f32], usize, &[(f32, f32)]);
-type AttendFn = fn(&[f32], &[f32], usize, &[f32], usize, f32, &mut [f32], &mut [f32]);
+pub type AttendBlockFn = fn(&[f32], &[usize], &[f32], usize, &[f32], f32, &mut [f32], &mut [f32]);
 
 /// One compiled copy of the operations.
 #[doc(hidden)]
@@ -62,7 +101,7 @@ pub struct Table {
     pub rope: RopeFn,
     pub softmax: fn(&mut [f32]),
     pub silu_mul: fn(&mut [f32], &[f32]),
-    pub attend: AttendFn,
+    pub attend_block: AttendBlockFn,
 }
 
 const BASELINE: Table = Table {
@@ -70,7 +109,7 @@ const BASELINE: Table = Table {
     rope: body::rope,
     softmax: body::softmax,
     silu_mul: body::silu_mul,
-    attend: body::attend,
+    attend_block: body::attend_block::<body::Separate, 32, 16, 8, 32, 16, 8>,
 };
 
 fn table() -> &'static Table {
@@ -81,7 +120,7 @@ fn table() -> &'static Table {
             rope: scalar::rope_adjacent_pairs,
             softmax: scalar::softmax,
             silu_mul: scalar::silu_mul,
-            attend: scalar::attend_head,
+            attend_block: scalar::attend_block,
         },
         #[cfg(target_arch = "x86_64")]
         "avx512vnni" => x86::AVX512,
@@ -164,53 +203,258 @@ mod body {
         }
     }
 
+    /// How a copy multiplies and adds: fused where the instruction set has FMA (the x86 copies), as a product
+    /// and a sum where `mul_add` would be a library call (the baseline copy).
+    pub trait Madd {
+        fn madd(a: f32, b: f32, c: f32) -> f32;
+    }
+
+    pub struct Fused;
+    pub struct Separate;
+
+    impl Madd for Fused {
+        #[inline(always)]
+        fn madd(a: f32, b: f32, c: f32) -> f32 {
+            a.mul_add(b, c)
+        }
+    }
+
+    impl Madd for Separate {
+        #[inline(always)]
+        fn madd(a: f32, b: f32, c: f32) -> f32 {
+            a * b + c
+        }
+    }
+
+    /// Positions per cache chunk: the keys (then values) of one chunk stay in L1/L2 while every query tile of
+    /// the block uses them.
+    const CHUNK: usize = 256;
+
+    /// The largest head size [`attend_block`] takes (Granite's are 64 and 128).
+    pub const MAX_HEAD_DIM: usize = 256;
+
+    /// [`super::attend_block`]. Queries are taken 4 at a time (then 2, 1). Scores: a register tile of 4
+    /// queries x `P4` positions (`P2`, `P1` for 2 and 1 queries), one run of keys per head dimension feeding
+    /// all of them. Values: 4 queries x `D4` dimensions (`D2`, `D1`), one value row chunk per position feeding
+    /// all of them, accumulated in registers across a whole chunk of positions (no store-to-load chain per
+    /// position). Each copy picks the widths so that a tile is whole registers and has enough independent
+    /// accumulators to hide the multiply-add latency (at least 8 on AVX2 and baseline, 4 zmm on AVX-512)
+    /// within its register file; with fewer queries, wider tiles.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub fn attend(
+    pub fn attend_block<
+        M: Madd,
+        const P1: usize,
+        const P2: usize,
+        const P4: usize,
+        const D1: usize,
+        const D2: usize,
+        const D4: usize,
+    >(
         q: &[f32],
+        lens: &[usize],
         kt: &[f32],
         kt_stride: usize,
         v: &[f32],
-        len: usize,
         scale: f32,
-        scores: &mut [f32],
+        scratch: &mut [f32],
         out: &mut [f32],
     ) {
-        let hd = q.len();
-        let scores = &mut scores[..len];
-        scores.fill(0.0);
-        for (d, &qd) in q.iter().enumerate() {
-            let a = qd * scale;
-            for (s, &k) in scores
-                .iter_mut()
-                .zip(&kt[d * kt_stride..d * kt_stride + len])
-            {
-                *s += a * k;
-            }
+        let nq = lens.len();
+        if nq == 0 {
+            return;
         }
-        softmax(scores);
-        // Four positions per pass over `out`: one load and store of `out` per four values instead of per value,
-        // which would chain every position's add through a store-to-load round trip.
+        let hd = q.len() / nq;
+        assert!(hd > 0 && hd <= MAX_HEAD_DIM && q.len() == nq * hd && out.len() == nq * hd);
+        let lmax = lens.iter().copied().max().unwrap_or(0);
         out.fill(0.0);
-        let v = &v[..len * hd];
-        let mut rows = v.chunks_exact(4 * hd);
-        let mut probs = scores.chunks_exact(4);
-        for (p, r) in (&mut probs).zip(&mut rows) {
-            let (r0, rest) = r.split_at(hd);
-            let (r1, rest) = rest.split_at(hd);
-            let (r2, r3) = rest.split_at(hd);
-            for d in 0..hd {
-                out[d] += (p[0] * r0[d] + p[1] * r1[d]) + (p[2] * r2[d] + p[3] * r3[d]);
+        if lmax == 0 {
+            return;
+        }
+        assert!(kt_stride >= lmax && kt.len() >= (hd - 1) * kt_stride + lmax);
+        assert!(v.len() >= lmax * hd && scratch.len() >= nq * lmax);
+        let p = &mut scratch[..nq * lmax];
+        // Query tiles: 4, then 2, then 1, each with the longest length among its queries.
+        let tiles = || {
+            let mut j = 0;
+            std::iter::from_fn(move || {
+                if j >= nq {
+                    return None;
+                }
+                let jt = if nq - j >= 4 {
+                    4
+                } else if nq - j >= 2 {
+                    2
+                } else {
+                    1
+                };
+                let tile = (j, jt, lens[j..j + jt].iter().copied().max().unwrap_or(0));
+                j += jt;
+                Some(tile)
+            })
+        };
+
+        // Scores, chunk by chunk of positions.
+        for c0 in (0..lmax).step_by(CHUNK) {
+            for (j, jt, lt) in tiles() {
+                let c1 = lt.min(c0 + CHUNK);
+                if c1 <= c0 {
+                    continue;
+                }
+                let q = &q[j * hd..(j + jt) * hd];
+                let p = &mut p[j * lmax..(j + jt) * lmax];
+                match jt {
+                    4 => scores::<M, 4, P4>(q, kt, kt_stride, c0, c1, scale, p, lmax),
+                    2 => scores::<M, 2, P2>(q, kt, kt_stride, c0, c1, scale, p, lmax),
+                    _ => scores::<M, 1, P1>(q, kt, kt_stride, c0, c1, scale, p, lmax),
+                }
             }
         }
-        for (&p, row) in probs
-            .remainder()
-            .iter()
-            .zip(rows.remainder().chunks_exact(hd))
-        {
-            for (o, &x) in out.iter_mut().zip(row) {
-                *o += p * x;
+
+        // Each query's softmax over its own positions; zero probability past them (up to its tile's length).
+        for (row, &len) in p.chunks_exact_mut(lmax).zip(lens) {
+            if len > 0 {
+                softmax(&mut row[..len]);
             }
+            row[len..].fill(0.0);
+        }
+
+        // Weighted sum of values, chunk by chunk of positions, a register tile of dimensions at a time.
+        for c0 in (0..lmax).step_by(CHUNK) {
+            for (j, jt, lt) in tiles() {
+                let c1 = lt.min(c0 + CHUNK);
+                if c1 <= c0 {
+                    continue;
+                }
+                let p = &p[j * lmax..(j + jt) * lmax];
+                let out = &mut out[j * hd..(j + jt) * hd];
+                let dt = match jt {
+                    4 => D4,
+                    2 => D2,
+                    _ => D1,
+                };
+                let mut d0 = 0;
+                while d0 < hd {
+                    // Whole register tiles, then 16 and 8 dimensions, then single ones.
+                    let (width, step) = if hd - d0 >= dt {
+                        (0, dt)
+                    } else if hd - d0 >= 16 {
+                        (1, 16)
+                    } else if hd - d0 >= 8 {
+                        (2, 8)
+                    } else {
+                        (3, 1)
+                    };
+                    match (jt, width) {
+                        (4, 0) => values::<M, 4, D4>(p, lmax, v, hd, d0, c0, c1, out),
+                        (2, 0) => values::<M, 2, D2>(p, lmax, v, hd, d0, c0, c1, out),
+                        (_, 0) => values::<M, 1, D1>(p, lmax, v, hd, d0, c0, c1, out),
+                        (4, 1) => values::<M, 4, 16>(p, lmax, v, hd, d0, c0, c1, out),
+                        (2, 1) => values::<M, 2, 16>(p, lmax, v, hd, d0, c0, c1, out),
+                        (_, 1) => values::<M, 1, 16>(p, lmax, v, hd, d0, c0, c1, out),
+                        (4, 2) => values::<M, 4, 8>(p, lmax, v, hd, d0, c0, c1, out),
+                        (2, 2) => values::<M, 2, 8>(p, lmax, v, hd, d0, c0, c1, out),
+                        (_, 2) => values::<M, 1, 8>(p, lmax, v, hd, d0, c0, c1, out),
+                        (4, _) => values::<M, 4, 1>(p, lmax, v, hd, d0, c0, c1, out),
+                        (2, _) => values::<M, 2, 1>(p, lmax, v, hd, d0, c0, c1, out),
+                        (_, _) => values::<M, 1, 1>(p, lmax, v, hd, d0, c0, c1, out),
+                    }
+                    d0 += step;
+                }
+            }
+        }
+    }
+
+    /// `p[jj * ps + s] = scale * q_jj . k_s` for the `JT` queries in `q` and positions `s0..s1`: `PT` positions
+    /// at a time; a last partial tile loads a whole one when the key slice reaches that far (the extra scores
+    /// are dropped), else runs one position at a time.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn scores<M: Madd, const JT: usize, const PT: usize>(
+        q: &[f32],
+        kt: &[f32],
+        stride: usize,
+        s0: usize,
+        s1: usize,
+        scale: f32,
+        p: &mut [f32],
+        ps: usize,
+    ) {
+        let hd = q.len() / JT;
+        // The queries transposed, `qt[d][jj]`: the tile loop then indexes nothing that can panic, which
+        // keeps its accumulators in registers.
+        let mut qt = [[0.0f32; JT]; MAX_HEAD_DIM];
+        for (d, qd) in qt[..hd].iter_mut().enumerate() {
+            for (jj, x) in qd.iter_mut().enumerate() {
+                *x = q[jj * hd + d];
+            }
+        }
+        let qt = &qt[..hd];
+        let mut s = s0;
+        while s < s1 {
+            let n = (s1 - s).min(PT);
+            // A partial tile may read into the next key row or past `max(lens)`: in bounds, and dropped.
+            if n == PT || (hd - 1) * stride + s + PT <= kt.len() {
+                let mut acc = [[0.0f32; PT]; JT];
+                for (d, qd) in qt.iter().enumerate() {
+                    let k: &[f32; PT] = kt[d * stride + s..d * stride + s + PT].try_into().unwrap();
+                    for (acc_j, &x) in acc.iter_mut().zip(qd) {
+                        for (a, &kv) in acc_j.iter_mut().zip(k) {
+                            *a = M::madd(x, kv, *a);
+                        }
+                    }
+                }
+                for (jj, acc_j) in acc.iter().enumerate() {
+                    for (o, &a) in p[jj * ps + s..jj * ps + s + n].iter_mut().zip(acc_j) {
+                        *o = a * scale;
+                    }
+                }
+            } else {
+                for t in s..s + n {
+                    for jj in 0..JT {
+                        let mut a = 0.0f32;
+                        for (d, qd) in qt.iter().enumerate() {
+                            a = M::madd(qd[jj], kt[d * stride + t], a);
+                        }
+                        p[jj * ps + t] = a * scale;
+                    }
+                }
+            }
+            s += n;
+        }
+    }
+
+    /// `out[jj * hd + d] += sum_{s0 <= s < s1} p[jj * ps + s] * v[s * hd + d]` for the `JT` queries and
+    /// dimensions `d0..d0 + DT`, accumulated in registers.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn values<M: Madd, const JT: usize, const DT: usize>(
+        p: &[f32],
+        ps: usize,
+        v: &[f32],
+        hd: usize,
+        d0: usize,
+        s0: usize,
+        s1: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [[0.0f32; DT]; JT];
+        for (jj, acc_j) in acc.iter_mut().enumerate() {
+            acc_j.copy_from_slice(&out[jj * hd + d0..jj * hd + d0 + DT]);
+        }
+        let rows: [&[f32]; JT] = std::array::from_fn(|jj| &p[jj * ps + s0..jj * ps + s1]);
+        let v = &v[s0 * hd..s1 * hd];
+        for (i, vrow) in v.chunks_exact(hd).enumerate() {
+            let x: &[f32; DT] = vrow[d0..d0 + DT].try_into().unwrap();
+            for (acc_j, row) in acc.iter_mut().zip(&rows) {
+                let pj = row[i];
+                for (a, &xv) in acc_j.iter_mut().zip(x) {
+                    *a = M::madd(pj, xv, *a);
+                }
+            }
+        }
+        for (jj, acc_j) in acc.iter().enumerate() {
+            out[jj * hd + d0..jj * hd + d0 + DT].copy_from_slice(acc_j);
         }
     }
 
@@ -279,31 +523,31 @@ mod x86 {
     }
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    fn attend_avx2(
+    fn attend_block_avx2(
         q: &[f32],
+        lens: &[usize],
         kt: &[f32],
         ks: usize,
         v: &[f32],
-        len: usize,
         sc: f32,
         s: &mut [f32],
         o: &mut [f32],
     ) {
-        body::attend(q, kt, ks, v, len, sc, s, o)
+        body::attend_block::<body::Fused, 64, 32, 16, 64, 32, 16>(q, lens, kt, ks, v, sc, s, o)
     }
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    fn attend_avx512(
+    fn attend_block_avx512(
         q: &[f32],
+        lens: &[usize],
         kt: &[f32],
         ks: usize,
         v: &[f32],
-        len: usize,
         sc: f32,
         s: &mut [f32],
         o: &mut [f32],
     ) {
-        body::attend(q, kt, ks, v, len, sc, s, o)
+        body::attend_block::<body::Fused, 128, 64, 64, 128, 64, 64>(q, lens, kt, ks, v, sc, s, o)
     }
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn rms_norm_avx512(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -327,7 +571,9 @@ mod x86 {
         rope: |x, hd, cs| unsafe { rope_avx2(x, hd, cs) },
         softmax: |x| unsafe { softmax_avx2(x) },
         silu_mul: |g, u| unsafe { silu_mul_avx2(g, u) },
-        attend: |q, kt, ks, v, len, sc, s, o| unsafe { attend_avx2(q, kt, ks, v, len, sc, s, o) },
+        attend_block: |q, l, kt, ks, v, sc, s, o| unsafe {
+            attend_block_avx2(q, l, kt, ks, v, sc, s, o)
+        },
     };
 
     pub(super) const AVX512: Table = Table {
@@ -335,7 +581,9 @@ mod x86 {
         rope: |x, hd, cs| unsafe { rope_avx512(x, hd, cs) },
         softmax: |x| unsafe { softmax_avx512(x) },
         silu_mul: |g, u| unsafe { silu_mul_avx512(g, u) },
-        attend: |q, kt, ks, v, len, sc, s, o| unsafe { attend_avx512(q, kt, ks, v, len, sc, s, o) },
+        attend_block: |q, l, kt, ks, v, sc, s, o| unsafe {
+            attend_block_avx512(q, l, kt, ks, v, sc, s, o)
+        },
     };
 }
 
@@ -405,6 +653,46 @@ pub mod scalar {
             for (d, o) in out.iter_mut().enumerate() {
                 *o += p * v[s * hd + d];
             }
+        }
+    }
+
+    /// A block of queries, each the textbook way ([`attend_head`]) over its own length; `scratch` as in
+    /// [`super::attend_block`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_block(
+        q: &[f32],
+        lens: &[usize],
+        kt: &[f32],
+        kt_stride: usize,
+        v: &[f32],
+        scale: f32,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let nq = lens.len();
+        if nq == 0 {
+            return;
+        }
+        let hd = q.len() / nq;
+        let lmax = lens.iter().copied().max().unwrap_or(0);
+        for (j, &len) in lens.iter().enumerate() {
+            let row = &mut scratch[j * lmax..(j + 1) * lmax];
+            let o = &mut out[j * hd..(j + 1) * hd];
+            if len == 0 {
+                o.fill(0.0);
+            } else {
+                attend_head(
+                    &q[j * hd..(j + 1) * hd],
+                    kt,
+                    kt_stride,
+                    v,
+                    len,
+                    scale,
+                    row,
+                    o,
+                );
+            }
+            row[len..].fill(0.0);
         }
     }
 }

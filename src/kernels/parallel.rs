@@ -62,7 +62,8 @@ impl<'a> SharedOut<'a> {
     }
 }
 
-/// One matrix product of a region: `out[r * n + t] = W[r] . A[t]` (row-major output).
+/// One matrix product of a region. Each work item (a share of `rows_per_item(rows, n)` rows starting at `r0`)
+/// writes its part token-major, `[n][share rows]`, at `out[r0 * n..]`; `scatter_token_major` assembles them.
 pub struct GemmJob<'a> {
     pub w: WeightRows<'a>,
     pub acts: ActivationRows<'a>,
@@ -84,7 +85,7 @@ pub fn parallel_gemm(k: &Kernels, jobs: &[GemmJob]) {
                 // SAFETY: item `item` of this job owns rows r0..r0+rows, i.e. out[r0*n..(r0+rows)*n]; items
                 // partition the rows, so no two items write the same range.
                 let out = unsafe { job.out.range_mut(r0 * n, rows * n) };
-                gemm_rows(k, &job.w.sub_rows(r0, rows), job.acts, out);
+                gemm_rows(k, &job.w.sub_rows(r0, rows), job.acts, out, rows);
                 return;
             }
             item -= items;
@@ -92,24 +93,26 @@ pub fn parallel_gemm(k: &Kernels, jobs: &[GemmJob]) {
     });
 }
 
-/// Copies a row-major `[rows][n]` product into token-major `dst[t * stride + r]`, in 16 x 16 tiles so that
-/// both the reads and the strided writes stay within a few cache lines at a time.
-pub fn scatter_token_major(src: &[f32], rows: usize, n: usize, dst: &mut [f32], stride: usize) {
+/// Assembles a product of `rows` rows and `n` tokens that was computed in row shares of `chunk` rows (the last
+/// one shorter), share after share in `src`, each share token-major (`[n][share rows]` at `src[r0 * n..]`),
+/// into token-major `dst[t * stride + r]`: one contiguous copy per share and token.
+pub fn scatter_token_major(
+    src: &[f32],
+    rows: usize,
+    n: usize,
+    chunk: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
     if n == 1 {
         dst[..rows].copy_from_slice(&src[..rows]);
         return;
     }
-    const TILE: usize = 16;
-    for r0 in (0..rows).step_by(TILE) {
-        let r1 = (r0 + TILE).min(rows);
-        for t0 in (0..n).step_by(TILE) {
-            let t1 = (t0 + TILE).min(n);
-            for r in r0..r1 {
-                let row = &src[r * n..(r + 1) * n];
-                for t in t0..t1 {
-                    dst[t * stride + r] = row[t];
-                }
-            }
+    for r0 in (0..rows).step_by(chunk) {
+        let len = chunk.min(rows - r0);
+        let share = &src[r0 * n..(r0 + len) * n];
+        for (t, part) in share.chunks_exact(len).enumerate() {
+            dst[t * stride + r0..t * stride + r0 + len].copy_from_slice(part);
         }
     }
 }

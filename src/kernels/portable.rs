@@ -126,11 +126,14 @@ fn isum_q4(w: &BlockQ4_0, a: &BlockQ8_0) -> i32 {
 }
 
 /// Row pairs share each activation block; the float accumulation is the reference's, block by block.
+/// Output token-major, `out[t * ldo + r]`.
+#[allow(clippy::too_many_arguments)]
 fn gemm_blocks<W>(
     w: &[W],
     a: &[BlockQ8_0],
     bpr: usize,
     out: &mut [f32],
+    ldo: usize,
     d: impl Fn(&W) -> u16,
     isum: impl Fn(&W, &BlockQ8_0) -> i32,
 ) {
@@ -139,6 +142,7 @@ fn gemm_blocks<W>(
     }
     let n = a.len() / bpr;
     let rows = w.len() / bpr;
+    super::check_out(out.len(), rows, n, ldo);
     for t in 0..n {
         let act = &a[t * bpr..(t + 1) * bpr];
         let mut r = 0;
@@ -150,8 +154,8 @@ fn gemm_blocks<W>(
                 s0 += f16_to_f32(d(b0)) * da * isum(b0, ba) as f32;
                 s1 += f16_to_f32(d(b1)) * da * isum(b1, ba) as f32;
             }
-            out[r * n + t] = s0;
-            out[(r + 1) * n + t] = s1;
+            out[t * ldo + r] = s0;
+            out[t * ldo + r + 1] = s1;
             r += 2;
         }
         if r < rows {
@@ -159,17 +163,17 @@ fn gemm_blocks<W>(
             for (bw, ba) in w[r * bpr..(r + 1) * bpr].iter().zip(act) {
                 s += f16_to_f32(d(bw)) * f16_to_f32(ba.d.to_bits()) * isum(bw, ba) as f32;
             }
-            out[r * n + t] = s;
+            out[t * ldo + r] = s;
         }
     }
 }
 
-fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    gemm_blocks(w, a, bpr, out, |b| b.d.to_bits(), isum_q8)
+fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    gemm_blocks(w, a, bpr, out, ldo, |b| b.d.to_bits(), isum_q8)
 }
 
-fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    gemm_blocks(w, a, bpr, out, |b| b.d.to_bits(), isum_q4)
+fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    gemm_blocks(w, a, bpr, out, ldo, |b| b.d.to_bits(), isum_q4)
 }
 
 /// Dot product of `x` with a weight row converted 8 at a time by `conv`.
@@ -205,29 +209,31 @@ fn gemm_float(
     cols: usize,
     a: &[f32],
     out: &mut [f32],
+    ldo: usize,
     dot: impl Fn(usize, &[f32]) -> f32,
 ) {
     if cols == 0 {
         return;
     }
     let n = a.len() / cols;
-    for r in 0..rows {
-        for (t, act) in a.chunks_exact(cols).enumerate() {
-            out[r * n + t] = dot(r, act);
+    super::check_out(out.len(), rows, n, ldo);
+    for (t, act) in a.chunks_exact(cols).enumerate() {
+        for (r, o) in out[t * ldo..t * ldo + rows].iter_mut().enumerate() {
+            *o = dot(r, act);
         }
     }
 }
 
-fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32]) {
+fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
     let rows = w.len().checked_div(cols).unwrap_or(0);
-    gemm_float(rows, cols, a, out, |r, act| {
+    gemm_float(rows, cols, a, out, ldo, |r, act| {
         dot_f32(&w[r * cols..(r + 1) * cols], act)
     })
 }
 
-fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]) {
+fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
     let rows = w.len().checked_div(cols).unwrap_or(0);
-    gemm_float(rows, cols, a, out, |r, act| {
+    gemm_float(rows, cols, a, out, ldo, |r, act| {
         let row = &w[r * cols..(r + 1) * cols];
         dot_with(
             cols,
@@ -238,10 +244,10 @@ fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]) {
     })
 }
 
-fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]) {
+fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
     let rows = w.len().checked_div(cols).unwrap_or(0);
     let conv = |b: bf16| f32::from_bits((b.to_bits() as u32) << 16);
-    gemm_float(rows, cols, a, out, |r, act| {
+    gemm_float(rows, cols, a, out, ldo, |r, act| {
         let row = &w[r * cols..(r + 1) * cols];
         dot_with(cols, act, |i| bf16x8(&row[i..]), |k| conv(row[k]))
     })

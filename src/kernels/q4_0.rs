@@ -18,12 +18,19 @@ pub fn dot_scalar(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
     sum
 }
 
-/// Reference matrix product: one dot product per (row, token).
-pub fn gemm_scalar(w: &[BlockQ4_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32]) {
-    let n = a.len() / blocks_per_row;
-    for (r, row) in w.chunks_exact(blocks_per_row).enumerate() {
-        for (t, act) in a.chunks_exact(blocks_per_row).enumerate() {
-            out[r * n + t] = dot_scalar(row, act);
+/// Reference matrix product: one dot product per (row, token), written token-major `out[t * ldo + r]`.
+pub fn gemm_scalar(
+    w: &[BlockQ4_0],
+    a: &[BlockQ8_0],
+    blocks_per_row: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let (rows, n) = (w.len() / blocks_per_row, a.len() / blocks_per_row);
+    super::check_out(out.len(), rows, n, ldo);
+    for (t, act) in a.chunks_exact(blocks_per_row).enumerate() {
+        for (r, row) in w.chunks_exact(blocks_per_row).enumerate() {
+            out[t * ldo + r] = dot_scalar(row, act);
         }
     }
 }

@@ -349,9 +349,13 @@ impl Model {
             },
         ];
         parallel_gemm(k, &jobs);
-        scatter_token_major(&bufs.q_rows, l.wq.rows, n, &mut bufs.q, l.wq.rows);
-        scatter_token_major(&bufs.k_rows, l.wk.rows, n, &mut bufs.k, l.wk.rows);
-        scatter_token_major(&bufs.v_rows, l.wv.rows, n, &mut bufs.v, l.wv.rows);
+        for (src, rows, dst) in [
+            (&bufs.q_rows, l.wq.rows, &mut bufs.q),
+            (&bufs.k_rows, l.wk.rows, &mut bufs.k),
+            (&bufs.v_rows, l.wv.rows, &mut bufs.v),
+        ] {
+            scatter_token_major(src, rows, n, rows_per_item(rows, n), dst, rows);
+        }
     }
 
     /// Causal grouped-query attention of the batch: RoPE on q and k, k and v appended to the cache, then each
@@ -491,12 +495,14 @@ impl Model {
                     &experts.gate.expert(slot.expert).sub_rows(r0, rows),
                     acts,
                     gate,
+                    rows,
                 );
                 gemm_rows(
                     k,
                     &experts.up.expert(slot.expert).sub_rows(r0, rows),
                     acts,
                     up,
+                    rows,
                 );
                 ops::silu_mul(gate, up);
             });
@@ -506,7 +512,7 @@ impl Model {
         let hidden = bufs.hidden.start(bufs.expert_in.len());
         for slot in slots {
             let src = &bufs.gate_rows[slot.first * ff..(slot.first + slot.len) * ff];
-            scatter_token_major(src, ff, slot.len, &mut hidden[slot.first * ff..], ff);
+            scatter_token_major(src, ff, slot.len, chunk, &mut hidden[slot.first * ff..], ff);
         }
         bufs.hidden.prepare_for(experts.down.ty, k);
 
@@ -528,6 +534,7 @@ impl Model {
                     &experts.down.expert(slot.expert).sub_rows(r0, rows),
                     hidden.rows(slot.first, slot.len),
                     out,
+                    rows,
                 );
             });
         }
@@ -537,7 +544,7 @@ impl Model {
         for slot in slots {
             let down = &bufs.down_rows[slot.first * h..(slot.first + slot.len) * h];
             let tokens_out = &mut bufs.expert_out[..slot.len * h];
-            scatter_token_major(down, h, slot.len, tokens_out, h);
+            scatter_token_major(down, h, slot.len, chunk, tokens_out, h);
             for (i, &(t, w)) in bufs.expert_tokens[slot.expert].iter().enumerate() {
                 (k.axpy_f32)(
                     w,
@@ -598,7 +605,7 @@ fn dense_mlp(k: &Kernels, mlp: &DenseMlp, n: usize, bufs: &mut ForwardBuffers) {
     parallel_gemm(k, &jobs);
     ops::silu_mul(&mut bufs.gate_rows[..ff * n], &bufs.up_rows[..ff * n]);
     let hidden = bufs.hidden.start(n);
-    scatter_token_major(&bufs.gate_rows, ff, n, hidden, ff);
+    scatter_token_major(&bufs.gate_rows, ff, n, rows_per_item(ff, n), hidden, ff);
     project(
         k,
         &mlp.down,
@@ -624,7 +631,7 @@ fn project(
         out: SharedOut::new(&mut rows[..w.rows * n]),
     };
     parallel_gemm(k, std::slice::from_ref(&job));
-    scatter_token_major(rows, w.rows, n, out, w.rows);
+    scatter_token_major(rows, w.rows, n, rows_per_item(w.rows, n), out, w.rows);
 }
 
 fn rms_norm_batch(x: &[f32], weight: &[f32], eps: f32, out: &mut ActivationBatch, n: usize) {

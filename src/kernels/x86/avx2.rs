@@ -189,6 +189,10 @@ macro_rules! ymm_lanes {
         unsafe fn store_f(p: *mut f32, v: __m256) {
             unsafe { _mm256_storeu_ps(p, v) }
         }
+        #[inline(always)]
+        unsafe fn store_tile(acc: &[__m256], p: *mut f32, ldo: usize) {
+            unsafe { super::store_tile_4x8(acc, p, ldo) }
+        }
     };
 }
 
@@ -365,32 +369,44 @@ unsafe fn quantize_q8_0_tf(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { super::quantize_q8_0_avx2(x, out) }
 }
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_q8_0_tf(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { super::gemm_quant::<Q8, Q8, 4, 2>(w, a, bpr, out) }
+unsafe fn gemm_q8_0_tf(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { super::gemm_quant::<Q8, Q8, 4, 2>(w, a, bpr, out, ldo) }
 }
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_q4_0_tf(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { super::gemm_quant::<Q4, Q4, 4, 2>(w, a, bpr, out) }
+unsafe fn gemm_q4_0_tf(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { super::gemm_quant::<Q4, Q4, 4, 2>(w, a, bpr, out, ldo) }
 }
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-unsafe fn gemm_q8_0_vnni_tf(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { super::gemm_quant::<VnniQ8, VnniQ8, 4, 2>(w, a, bpr, out) }
+unsafe fn gemm_q8_0_vnni_tf(
+    w: &[BlockQ8_0],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    unsafe { super::gemm_quant::<VnniQ8, VnniQ8, 4, 2>(w, a, bpr, out, ldo) }
 }
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-unsafe fn gemm_q4_0_vnni_tf(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { super::gemm_quant::<VnniQ4, VnniQ4, 4, 2>(w, a, bpr, out) }
+unsafe fn gemm_q4_0_vnni_tf(
+    w: &[BlockQ4_0],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    unsafe { super::gemm_quant::<VnniQ4, VnniQ4, 4, 2>(w, a, bpr, out, ldo) }
 }
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_f32_tf(w: &[f32], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { super::gemm_float::<Y, f32>(w, a, cols, out) }
+unsafe fn gemm_f32_tf(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { super::gemm_float::<Y, f32>(w, a, cols, out, ldo) }
 }
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_f16_tf(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { super::gemm_float::<Y, f16>(w, a, cols, out) }
+unsafe fn gemm_f16_tf(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { super::gemm_float::<Y, f16>(w, a, cols, out, ldo) }
 }
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_bf16_tf(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { super::gemm_float::<Y, bf16>(w, a, cols, out) }
+unsafe fn gemm_bf16_tf(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { super::gemm_float::<Y, bf16>(w, a, cols, out, ldo) }
 }
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_f32_tf(x: &[f32], y: &[f32]) -> f32 {
@@ -407,26 +423,26 @@ unsafe fn axpy_f32_tf(alpha: f32, x: &[f32], y: &mut [f32]) {
 fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { quantize_q8_0_tf(x, out) }
 }
-fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { gemm_q8_0_tf(w, a, bpr, out) }
+fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q8_0_tf(w, a, bpr, out, ldo) }
 }
-fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { gemm_q4_0_tf(w, a, bpr, out) }
+fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q4_0_tf(w, a, bpr, out, ldo) }
 }
-fn gemm_q8_0_vnni(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { gemm_q8_0_vnni_tf(w, a, bpr, out) }
+fn gemm_q8_0_vnni(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q8_0_vnni_tf(w, a, bpr, out, ldo) }
 }
-fn gemm_q4_0_vnni(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32]) {
-    unsafe { gemm_q4_0_vnni_tf(w, a, bpr, out) }
+fn gemm_q4_0_vnni(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q4_0_vnni_tf(w, a, bpr, out, ldo) }
 }
-fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { gemm_f32_tf(w, a, cols, out) }
+fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_f32_tf(w, a, cols, out, ldo) }
 }
-fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { gemm_f16_tf(w, a, cols, out) }
+fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_f16_tf(w, a, cols, out, ldo) }
 }
-fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32]) {
-    unsafe { gemm_bf16_tf(w, a, cols, out) }
+fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_bf16_tf(w, a, cols, out, ldo) }
 }
 fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     unsafe { dot_f32_tf(x, y) }

@@ -9,12 +9,13 @@
 //!   tiled so an activation block is loaded once for several rows and a weight block transformed once for
 //!   several tokens; the 8 lanes of a block's integer dot are scaled and accumulated as floats and summed
 //!   horizontally once per output. Memory-bound: the work per weight byte only has to stay below DRAM speed,
-//!   and the rows are prefetched two tiles ahead into L2 (see `few_tile`). AVX-512 has its own version with two
-//!   blocks per zmm (`avx512.rs`).
+//!   and the rows are prefetched two tiles ahead into L2 (see `few_tile`). AVX-512 has its own Q4_0 version,
+//!   four blocks per zmm (`avx512.rs`).
 //! - **many tokens** (prompt processing): one lane per token. Activations are transposed once per call so that
 //!   lane `j` of vector `k` holds bytes `4k..4k + 4` of token `j`'s block; a weight block is then 8 broadcast
 //!   dwords. Each lane's integer sum is a whole block's dot product, so the float work per block (convert,
-//!   scale, accumulate) is shared by 8 or 16 tokens instead of being repeated per token.
+//!   scale, accumulate) is shared by 8 or 16 tokens instead of being repeated per token. A finished tile (rows
+//!   x tokens) is transposed in registers and stored token-major, one store of its rows per token.
 //!
 //! Both formats run on unsigned-by-signed byte dots (`vpdpbusd`, or `vpmaddubsw` + `vpmaddwd`): Q4_0 nibbles are
 //! used as they are (0..15) and corrected by `-8 * sum(activation block)`; Q8_0 weights are offset by 128 for
@@ -162,7 +163,7 @@ pub(crate) trait BlockDot {
     unsafe fn dot(acc: __m256i, w: (__m256i, __m256i), a: __m256i) -> __m256i;
 }
 
-/// `out[r * n + t] = W[r] . A[t]` for tokens `t0..t1`, tiling 4 rows x up to `TMAX` tokens.
+/// `out[t * ldo + r] = W[r] . A[t]` for tokens `t0..t1`, tiling 4 rows x up to `TMAX` tokens.
 #[inline(always)]
 unsafe fn gemm_few<D: BlockDot, const TMAX: usize>(
     w: &[D::W],
@@ -171,10 +172,13 @@ unsafe fn gemm_few<D: BlockDot, const TMAX: usize>(
     t0: usize,
     t1: usize,
     out: &mut [f32],
+    ldo: usize,
 ) {
+    assert!(bpr > 0);
     let n = a.len() / bpr;
     let rows = w.len() / bpr;
-    assert!(t0 <= t1 && t1 <= n && out.len() >= rows * n && bpr > 0);
+    assert!(t0 <= t1 && t1 <= n);
+    crate::kernels::check_out(out.len(), rows, n, ldo);
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };
     unsafe {
@@ -208,10 +212,10 @@ unsafe fn gemm_few<D: BlockDot, const TMAX: usize>(
         let mut r = 0;
         while r < rows {
             if rows - r >= 4 {
-                few_rows::<D, 4, TMAX>(w, a, bpr, r, t0, t1, da, corr, out);
+                few_rows::<D, 4, TMAX>(w, a, bpr, r, t0, t1, da, corr, out, ldo);
                 r += 4;
             } else {
-                few_rows::<D, 1, TMAX>(w, a, bpr, r, t0, t1, da, corr, out);
+                few_rows::<D, 1, TMAX>(w, a, bpr, r, t0, t1, da, corr, out, ldo);
                 r += 1;
             }
         }
@@ -230,19 +234,20 @@ unsafe fn few_rows<D: BlockDot, const RT: usize, const TMAX: usize>(
     da: &[f32],
     corr: &[i32],
     out: &mut [f32],
+    ldo: usize,
 ) {
     let mut t = t0;
     while t < t1 {
         let left = t1 - t;
         unsafe {
             if left >= 4 && TMAX >= 4 {
-                few_tile::<D, RT, 4>(w, a, bpr, r0, t, t0, da, corr, out);
+                few_tile::<D, RT, 4>(w, a, bpr, r0, t, t0, da, corr, out, ldo);
                 t += 4;
             } else if left >= 2 {
-                few_tile::<D, RT, 2>(w, a, bpr, r0, t, t0, da, corr, out);
+                few_tile::<D, RT, 2>(w, a, bpr, r0, t, t0, da, corr, out, ldo);
                 t += 2;
             } else {
-                few_tile::<D, RT, 1>(w, a, bpr, r0, t, t0, da, corr, out);
+                few_tile::<D, RT, 1>(w, a, bpr, r0, t, t0, da, corr, out, ldo);
                 t += 1;
             }
         }
@@ -261,8 +266,8 @@ unsafe fn few_tile<D: BlockDot, const RT: usize, const TT: usize>(
     da: &[f32],
     corr: &[i32],
     out: &mut [f32],
+    ldo: usize,
 ) {
-    let n = a.len() / bpr;
     // SAFETY (bounds): the caller keeps r0 + RT <= rows and t + TT <= n; every pointer below indexes block b < bpr
     // of one of those rows or tokens; `da` holds (t1 - t0) * bpr entries and `corr` 8 per entry.
     debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
@@ -302,7 +307,7 @@ unsafe fn few_tile<D: BlockDot, const RT: usize, const TT: usize>(
         }
         for (i, acc_i) in acc.iter().enumerate() {
             for j in 0..TT {
-                out[(r0 + i) * n + t + j] = hsum_ps_256(acc_i[j]);
+                out[(t + j) * ldo + r0 + i] = hsum_ps_256(acc_i[j]);
             }
         }
     }
@@ -336,6 +341,10 @@ pub(crate) trait LaneDot {
     unsafe fn scale_acc(i: Self::I, s: Self::F, acc: Self::F) -> Self::F;
     unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
     unsafe fn store_f(p: *mut f32, v: Self::F);
+    /// Stores a whole tile token-major: `acc[i]` holds row `i`'s `N` tokens (`acc.len() == RW`), written as
+    /// `p[j * ldo + i]` for every token `j < N` and row `i < RW`, by a transpose in registers and one `RW`-float
+    /// store per token.
+    unsafe fn store_tile(acc: &[Self::F], p: *mut f32, ldo: usize);
 }
 
 /// Tokens per pass over a row tile: the transposed activations of one pass (about 40 bytes per token and
@@ -437,8 +446,56 @@ unsafe fn transpose_8x8(r: [__m256i; 8]) -> [__m256i; 8] {
     }
 }
 
-/// `out[r * n + t] = W[r] . A[t]` for tokens `t0..t1` (whole vectors of `N` tokens, the last one padded).
+/// Four rows of 8 tokens (`r[i]`, one ymm each) stored token-major: `p[j * ldo + i] = r[i][j]`, 8 stores of 4
+/// floats.
 #[inline(always)]
+unsafe fn store_tile_4x8(r: &[__m256], p: *mut f32, ldo: usize) {
+    unsafe {
+        let s = transpose_4x4_lanes(r[0], r[1], r[2], r[3]);
+        for (k, &sk) in s.iter().enumerate() {
+            _mm_storeu_ps(p.add(k * ldo), _mm256_castps256_ps128(sk));
+            _mm_storeu_ps(p.add((k + 4) * ldo), _mm256_extractf128_ps::<1>(sk));
+        }
+    }
+}
+
+/// Eight rows of 8 tokens stored token-major: 8 stores of 8 floats.
+#[inline(always)]
+unsafe fn store_tile_8x8(r: &[__m256], p: *mut f32, ldo: usize) {
+    unsafe {
+        let lo = transpose_4x4_lanes(r[0], r[1], r[2], r[3]);
+        let hi = transpose_4x4_lanes(r[4], r[5], r[6], r[7]);
+        for k in 0..4 {
+            _mm256_storeu_ps(p.add(k * ldo), _mm256_permute2f128_ps::<0x20>(lo[k], hi[k]));
+            _mm256_storeu_ps(
+                p.add((k + 4) * ldo),
+                _mm256_permute2f128_ps::<0x31>(lo[k], hi[k]),
+            );
+        }
+    }
+}
+
+/// The 4 x 4 transposes within each 128-bit lane of four rows: lane `l` of result `k` holds token `4l + k` of
+/// rows 0..4.
+#[inline(always)]
+unsafe fn transpose_4x4_lanes(r0: __m256, r1: __m256, r2: __m256, r3: __m256) -> [__m256; 4] {
+    unsafe {
+        let t0 = _mm256_unpacklo_ps(r0, r1);
+        let t1 = _mm256_unpackhi_ps(r0, r1);
+        let t2 = _mm256_unpacklo_ps(r2, r3);
+        let t3 = _mm256_unpackhi_ps(r2, r3);
+        [
+            _mm256_shuffle_ps::<0x44>(t0, t2),
+            _mm256_shuffle_ps::<0xee>(t0, t2),
+            _mm256_shuffle_ps::<0x44>(t1, t3),
+            _mm256_shuffle_ps::<0xee>(t1, t3),
+        ]
+    }
+}
+
+/// `out[t * ldo + r] = W[r] . A[t]` for tokens `t0..t1` (whole vectors of `N` tokens, the last one padded).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_lanes<L: LaneDot, const RW: usize>(
     w: &[L::W],
     a: &[BlockQ8_0],
@@ -446,10 +503,13 @@ unsafe fn gemm_lanes<L: LaneDot, const RW: usize>(
     t0: usize,
     t1: usize,
     out: &mut [f32],
+    ldo: usize,
 ) {
+    assert!(bpr > 0 && RW == L::RW && L::N <= 16 && RW <= 8);
     let n = a.len() / bpr;
     let rows = w.len() / bpr;
-    assert!(t0 <= t1 && t1 <= n && out.len() >= rows * n && bpr > 0 && RW == L::RW);
+    assert!(t0 <= t1 && t1 <= n);
+    crate::kernels::check_out(out.len(), rows, n, ldo);
     let nn = L::N;
     let chunk_groups = CHUNK_TOKENS.div_ceil(nn);
     // SAFETY: see `scratch`.
@@ -509,12 +569,24 @@ unsafe fn gemm_lanes<L: LaneDot, const RW: usize>(
                         acc
                     };
                     let valid = (t1 - tg).min(nn);
-                    let mut tmp = [0.0f32; 16];
-                    for (i, acc_i) in acc.iter().enumerate().take(nr) {
-                        // SAFETY: `tmp` holds 16 >= N floats.
-                        unsafe { L::store_f(tmp.as_mut_ptr(), *acc_i) };
-                        let o = (r0 + i) * n + tg;
-                        out[o..o + valid].copy_from_slice(&tmp[..valid]);
+                    if valid == nn && nr == RW {
+                        // SAFETY: tokens tg..tg + N <= t1 <= n and rows r0..r0 + RW <= rows, so the largest
+                        // index written, (tg + N - 1) * ldo + r0 + RW - 1, is below (n - 1) * ldo + rows, which
+                        // `check_out` found within `out`.
+                        unsafe { L::store_tile(&acc, out.as_mut_ptr().add(tg * ldo + r0), ldo) };
+                    } else {
+                        // A partial tile (the last rows or tokens): through a buffer, writing only what exists.
+                        let mut tmp = [0.0f32; 16 * 8];
+                        for (acc_i, row) in acc.iter().zip(tmp.chunks_exact_mut(16)).take(nr) {
+                            // SAFETY: `row` holds 16 >= N floats.
+                            unsafe { L::store_f(row.as_mut_ptr(), *acc_i) };
+                        }
+                        for j in 0..valid {
+                            let o = (tg + j) * ldo + r0;
+                            for (i, o) in out[o..o + nr].iter_mut().enumerate() {
+                                *o = tmp[i * 16 + j];
+                            }
+                        }
                     }
                 }
                 r0 += RW;
@@ -531,6 +603,7 @@ unsafe fn gemm_quant<F: BlockDot, L: LaneDot<W = F::W>, const RW: usize, const T
     a: &[BlockQ8_0],
     bpr: usize,
     out: &mut [f32],
+    ldo: usize,
 ) {
     if bpr == 0 || a.is_empty() || w.is_empty() {
         return;
@@ -539,10 +612,10 @@ unsafe fn gemm_quant<F: BlockDot, L: LaneDot<W = F::W>, const RW: usize, const T
     let lane_tokens = if n >= L::N { n / L::N * L::N } else { 0 };
     unsafe {
         if lane_tokens > 0 {
-            gemm_lanes::<L, RW>(w, a, bpr, 0, lane_tokens, out);
+            gemm_lanes::<L, RW>(w, a, bpr, 0, lane_tokens, out, ldo);
         }
         if lane_tokens < n {
-            gemm_few::<F, TMAX>(w, a, bpr, lane_tokens, n, out);
+            gemm_few::<F, TMAX>(w, a, bpr, lane_tokens, n, out, ldo);
         }
     }
 }
@@ -626,20 +699,21 @@ impl FloatWeight for bf16 {
     }
 }
 
-/// `out[r * n + t] = W[r] . A[t]`, tiling 4 rows x 2 tokens (one accumulator each), remainders by 1.
+/// `out[t * ldo + r] = W[r] . A[t]`, tiling 4 rows x 2 tokens (one accumulator each), remainders by 1.
 #[inline(always)]
 unsafe fn gemm_float<L: FloatLanes, W: FloatWeight>(
     w: &[W],
     a: &[f32],
     cols: usize,
     out: &mut [f32],
+    ldo: usize,
 ) {
     if cols == 0 {
         return;
     }
     let n = a.len() / cols;
     let rows = w.len() / cols;
-    assert!(out.len() >= rows * n);
+    crate::kernels::check_out(out.len(), rows, n, ldo);
     let mut r = 0;
     while r < rows {
         let rt = if rows - r >= 4 { 4 } else { 1 };
@@ -648,10 +722,10 @@ unsafe fn gemm_float<L: FloatLanes, W: FloatWeight>(
             // SAFETY: r + rt <= rows, t + tt <= n; the tile reads whole rows of `w` and `a` within bounds.
             unsafe {
                 match (rt, n - t >= 2) {
-                    (4, true) => float_tile::<L, W, 4, 2>(w, a, cols, r, t, n, out),
-                    (4, false) => float_tile::<L, W, 4, 1>(w, a, cols, r, t, n, out),
-                    (_, true) => float_tile::<L, W, 1, 2>(w, a, cols, r, t, n, out),
-                    (_, false) => float_tile::<L, W, 1, 1>(w, a, cols, r, t, n, out),
+                    (4, true) => float_tile::<L, W, 4, 2>(w, a, cols, r, t, out, ldo),
+                    (4, false) => float_tile::<L, W, 4, 1>(w, a, cols, r, t, out, ldo),
+                    (_, true) => float_tile::<L, W, 1, 2>(w, a, cols, r, t, out, ldo),
+                    (_, false) => float_tile::<L, W, 1, 1>(w, a, cols, r, t, out, ldo),
                 }
             }
             t += if n - t >= 2 { 2 } else { 1 };
@@ -667,8 +741,8 @@ unsafe fn float_tile<L: FloatLanes, W: FloatWeight, const RT: usize, const TT: u
     cols: usize,
     r0: usize,
     t0: usize,
-    n: usize,
     out: &mut [f32],
+    ldo: usize,
 ) {
     debug_assert!((r0 + RT) * cols <= w.len() && (t0 + TT) * cols <= a.len());
     let body = cols / L::N * L::N;
@@ -699,7 +773,7 @@ unsafe fn float_tile<L: FloatLanes, W: FloatWeight, const RT: usize, const TT: u
                 for k in body..cols {
                     s += (*wp.add(i * cols + k)).to_f32() * *ap.add(j * cols + k);
                 }
-                out[(r0 + i) * n + t0 + j] = s;
+                out[(t0 + j) * ldo + r0 + i] = s;
             }
         }
     }
