@@ -188,9 +188,23 @@ impl ForwardBuffers {
     }
 }
 
+/// Tokens whose queries attend together in one work item of prompt processing.
+const ATTENTION_TOKEN_BLOCK: usize = 16;
+
+/// One worker's attention buffers: the gathered queries of a work item, their causal lengths, the scores and
+/// the outputs.
+struct AttentionScratch {
+    q: Vec<f32>,
+    lens: Vec<usize>,
+    scratch: Vec<f32>,
+    out: Vec<f32>,
+}
+
 thread_local! {
-    /// Attention scores of one head, per worker thread; grows to the longest context seen, then stays.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Attention buffers per worker thread; they grow to the longest context seen, then stay.
+    static ATTENTION: RefCell<AttentionScratch> = const {
+        RefCell::new(AttentionScratch { q: Vec::new(), lens: Vec::new(), scratch: Vec::new(), out: Vec::new() })
+    };
 }
 
 impl Model {
@@ -387,32 +401,49 @@ impl Model {
                     .copy_from_slice(&bufs.v[src..src + hd]);
             }
         }
+        // One work item per KV head and block of tokens: its group of query heads for those tokens attend
+        // together, so each cached key and value is loaded once for all of them.
         let cache = &*cache;
         let q = &bufs.q;
+        let block = ATTENTION_TOKEN_BLOCK.min(n);
+        let blocks = n.div_ceil(block);
         let out = SharedOut::new(bufs.attn.start(n));
-        parallel_items(n * cfg.n_head, |item| {
-            let (t, head) = (item / cfg.n_head, item % cfg.n_head);
-            let len = pos0 + t + 1;
-            let base = cache.head_base(layer, head / group);
+        parallel_items(cfg.n_head_kv * blocks, |item| {
+            let (kvh, t0) = (item % cfg.n_head_kv, (item / cfg.n_head_kv) * block);
+            let tokens = t0..(t0 + block).min(n);
+            let base = cache.head_base(layer, kvh);
             let size = cache.capacity * hd;
-            let q = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
-            // SAFETY: item (t, head) owns exactly this head's output slice of token t.
-            let o = unsafe { out.range_mut(t * q_dim + head * hd, hd) };
-            SCORES.with_borrow_mut(|scores| {
-                if scores.len() < len {
-                    scores.resize(cache.capacity.max(len), 0.0);
+            let (kt, v) = (&cache.k[base..base + size], &cache.v[base..base + size]);
+            let heads = kvh * group * hd..(kvh + 1) * group * hd;
+            ATTENTION.with_borrow_mut(|w| {
+                w.q.clear();
+                w.lens.clear();
+                for t in tokens.clone() {
+                    w.q.extend_from_slice(&q[t * q_dim..][heads.clone()]);
+                    w.lens.extend(std::iter::repeat_n(pos0 + t + 1, group));
                 }
-                let (kt, v) = (&cache.k[base..base + size], &cache.v[base..base + size]);
-                ops::attend_head(
-                    q,
+                let need = ops::attend_block_scratch(&w.lens);
+                if w.scratch.len() < need {
+                    // Grows to the longest context seen, once per thread.
+                    w.scratch
+                        .resize(need.max(group * block * cache.capacity), 0.0);
+                }
+                w.out.resize(w.q.len(), 0.0);
+                ops::attend_block(
+                    &w.q,
+                    &w.lens,
                     kt,
                     cache.capacity,
                     v,
-                    len,
                     cfg.attention_scale,
-                    scores,
-                    o,
+                    &mut w.scratch,
+                    &mut w.out,
                 );
+                for (i, t) in tokens.clone().enumerate() {
+                    // SAFETY: item (kvh, token block) owns this group's heads of these tokens in the output.
+                    let o = unsafe { out.range_mut(t * q_dim + heads.start, group * hd) };
+                    o.copy_from_slice(&w.out[i * group * hd..(i + 1) * group * hd]);
+                }
             });
         });
     }
