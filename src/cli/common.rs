@@ -81,7 +81,8 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Sizes rayon's global pool once, before any work: `--threads`, else every core.
+/// Sizes the forward pass's worker pool and rayon's global pool (used by conversion) once, before any work:
+/// `--threads`, else every core.
 pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
     let mut builder = rayon::ThreadPoolBuilder::new();
     if let Some(n) = threads {
@@ -92,7 +93,11 @@ pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
     }
     builder
         .build_global()
-        .context("starting the worker threads")
+        .context("starting the worker threads")?;
+    quarry::kernels::parallel::set_threads(
+        threads.unwrap_or_else(quarry::kernels::parallel::threads),
+    );
+    Ok(())
 }
 
 impl ModelArgs {
