@@ -122,7 +122,8 @@ mod tests {
                 .zip(&back)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
-            assert!(worst < 0.6, "{ty}: {worst}");
+            // Q4_0's coarsest: a step of max/8, and the negated maximum clamped a whole step (50/7/8 = 0.89)
+            assert!(worst <= 0.9, "{ty}: {worst}");
         }
         let bf16: Vec<u8> = values
             .iter()
