@@ -4,6 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::gguf::{GgmlType, GgufError};
 use crate::hf::SUPPORTED_ARCHITECTURES;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,25 @@ pub enum ConvertError {
         vocab_size: usize,
         min: usize,
         max: usize,
+    },
+
+    /// A GGUF input (of `quarry quantize MODEL.gguf`) that cannot be read; the message names the file.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+
+    #[error("{}: {problem}", path.display())]
+    GgufInput { path: PathBuf, problem: String },
+
+    #[error(
+        "{}: tensor '{tensor}' is already quantized ({ty}); quantizing it again adds a second rounding error to the \
+         first: requantize an F16, BF16 or F32 file (or convert the Hugging Face folder), or pass \
+         --allow-requantize to dequantize it first",
+        path.display()
+    )]
+    AlreadyQuantized {
+        path: PathBuf,
+        tensor: String,
+        ty: GgmlType,
     },
 
     #[error("cannot start {threads} worker threads ({problem}); try a smaller --threads")]

@@ -4,7 +4,8 @@
 //! * [`blocks`]: the ggml block formats (Q8_0, Q4_0, ...): one struct per format with its reference quantizer.
 //! * [`safetensors`]: reading Hugging Face checkpoints (single file or shards; bf16, f16, f32).
 //! * [`hf`]: the checked `config.json` of a Granite checkpoint.
-//! * [`convert`](mod@convert): the Granite checkpoint -> GGUF conversion ([`convert()`], [`ConvertOptions`], [`ConvertReport`]).
+//! * [`convert`](mod@convert): the Granite checkpoint -> GGUF conversion ([`convert()`], [`ConvertOptions`], [`ConvertReport`]),
+//!   and GGUF -> GGUF at another type ([`requantize()`], [`RequantizeOptions`]).
 //! * [`synth`]: random-weight files with exactly the converter's layout for a config ([`synthesize`], [`SynthOptions`]).
 //! * [`error`]: [`ConvertError`], the one error type of all of the above except the GGUF reader's own.
 
@@ -16,6 +17,8 @@ pub mod hf;
 pub mod safetensors;
 pub mod synth;
 
-pub use convert::{ConvertOptions, ConvertReport, TargetType, TensorReport, convert};
+pub use convert::{
+    ConvertOptions, ConvertReport, RequantizeOptions, TargetType, TensorReport, convert, requantize,
+};
 pub use error::ConvertError;
 pub use synth::{SynthOptions, synthesize};

@@ -6,7 +6,11 @@ mod support;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0, quantize_q4_0, quantize_q8_0};
+use bytemuck::Zeroable;
+use quarry_quantize::blocks::{
+    BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, quantize_q4_0, quantize_q4_k,
+    quantize_q5_k, quantize_q6_k, quantize_q8_0,
+};
 use quarry_quantize::gguf::{Array, GgmlType, GgufFile, Value};
 use quarry_quantize::{ConvertOptions, ConvertReport, TargetType, convert};
 use support::RawTensor;
@@ -140,24 +144,58 @@ impl Dims {
         out
     }
 
-    /// The recipe, restated: norms and routers F32; the output head Q8_0 in a Q4_0 file; block types need rows
-    /// that are a multiple of 32, else F16.
-    fn expected_type(&self, name: &str, row_len: u64, target: TargetType) -> GgmlType {
+    /// The recipe, restated: norms and routers F32; the output head Q8_0 in a Q4_0 file, Q6_K in a k-quant file
+    /// (Q8_0 for rows that are not a multiple of 256); in Q4_K_M / Q5_K_M, attn_v and ffn_down of llama.cpp's
+    /// `use_more_bits` layers at Q6_K; 8-expert models: attn_k / attn_v Q8_0, Q4_K_M attn_output Q5_K; rows that
+    /// are not whole blocks: Q8_0 for a k-quant when they are whole 32-blocks, else F16.
+    /// Returns the type and whether it is a fallback from the one wanted.
+    fn expected_type(&self, name: &str, row_len: u64, target: TargetType) -> (GgmlType, bool) {
+        use GgmlType::*;
         if name.ends_with("_norm.weight") || name.contains("ffn_gate_inp") {
-            return GgmlType::F32;
+            return (F32, false);
         }
         let head = name == "output.weight" || (self.tied && name == "token_embd.weight");
-        let wanted = match target {
-            TargetType::F32 => GgmlType::F32,
-            TargetType::F16 => GgmlType::F16,
-            TargetType::Q8_0 => GgmlType::Q8_0,
-            TargetType::Q4_0 if head => GgmlType::Q8_0,
-            TargetType::Q4_0 => GgmlType::Q4_0,
+        let layer: Option<u64> = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse().ok());
+        let n = self.layers;
+        let more_bits = layer.is_some_and(|i| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2);
+        let eight = self.experts == Some(8);
+        let k_quant = |base: GgmlType, mixed: bool| {
+            if head {
+                return if row_len % 256 == 0 { Q6_K } else { Q8_0 };
+            }
+            if name == "token_embd.weight" {
+                return base;
+            }
+            if name.contains("attn_v.") && eight || name.contains("attn_k.") && eight {
+                Q8_0
+            } else if (name.contains("attn_v.") || name.contains("ffn_down")) && mixed && more_bits
+            {
+                Q6_K
+            } else if name.contains("attn_output.") && eight && base == Q4_K {
+                Q5_K
+            } else {
+                base
+            }
         };
-        if wanted.block_len() == 32 && !row_len.is_multiple_of(32) {
-            GgmlType::F16
+        let wanted = match target {
+            TargetType::F32 => F32,
+            TargetType::F16 => F16,
+            TargetType::Q8_0 => Q8_0,
+            TargetType::Q4_0 if head => Q8_0,
+            TargetType::Q4_0 => Q4_0,
+            TargetType::Q4_K_M => k_quant(Q4_K, true),
+            TargetType::Q5_K_M => k_quant(Q5_K, true),
+            TargetType::Q6_K => k_quant(Q6_K, false),
+        };
+        if row_len % wanted.block_len() as u64 == 0 {
+            (wanted, false)
+        } else if wanted.block_len() == 256 && row_len % 32 == 0 {
+            (Q8_0, true)
         } else {
-            wanted
+            (F16, true)
         }
     }
 }
@@ -215,6 +253,9 @@ fn metadata_and_tensor_layout_of_every_model_at_every_type() {
                 TargetType::F16 => 1.0,
                 TargetType::Q4_0 => 2.0,
                 TargetType::Q8_0 => 7.0,
+                TargetType::Q4_K_M => 15.0,
+                TargetType::Q5_K_M => 17.0,
+                TargetType::Q6_K => 18.0,
             };
             assert_eq!(num(f, "general.file_type"), file_type, "{what}");
             assert_eq!(num(f, "general.quantization_version"), 2.0);
@@ -332,9 +373,9 @@ fn metadata_and_tensor_layout_of_every_model_at_every_type() {
             assert_eq!(got, dims.tensors(), "{what}");
             let mut expected_fallbacks = Vec::new();
             for t in f.tensors() {
-                let want = dims.expected_type(&t.name, t.dims[0], target);
+                let (want, fallback) = dims.expected_type(&t.name, t.dims[0], target);
                 assert_eq!(t.ty, want, "{what} {}", t.name);
-                if want == GgmlType::F16 && target != TargetType::F16 {
+                if fallback {
                     expected_fallbacks.push(t.name.clone());
                 }
             }
@@ -482,6 +523,21 @@ fn encode_f32_as(ty: GgmlType, x: &[f32]) -> Vec<u8> {
             quantize_q4_0(x, &mut blocks);
             bytemuck::cast_slice(&blocks).to_vec()
         }
+        GgmlType::Q4_K => {
+            let mut blocks = vec![BlockQ4K::zeroed(); x.len() / 256];
+            quantize_q4_k(x, &mut blocks);
+            bytemuck::cast_slice(&blocks).to_vec()
+        }
+        GgmlType::Q5_K => {
+            let mut blocks = vec![BlockQ5K::zeroed(); x.len() / 256];
+            quantize_q5_k(x, &mut blocks);
+            bytemuck::cast_slice(&blocks).to_vec()
+        }
+        GgmlType::Q6_K => {
+            let mut blocks = vec![BlockQ6K::zeroed(); x.len() / 256];
+            quantize_q6_k(x, &mut blocks);
+            bytemuck::cast_slice(&blocks).to_vec()
+        }
         other => panic!("{other}"),
     }
 }
@@ -491,7 +547,7 @@ fn every_tensor_of_every_type_encodes_the_f32_file() {
     for model in MODELS {
         let dir = model_dir(model);
         let reference = convert_to(&dir, TargetType::F32);
-        for target in [TargetType::F16, TargetType::Q8_0, TargetType::Q4_0] {
+        for target in TargetType::ALL.into_iter().skip(1) {
             let c = convert_to(&dir, target);
             let mut seen = HashMap::new();
             for t in c.file.tensors() {
@@ -505,9 +561,17 @@ fn every_tensor_of_every_type_encodes_the_f32_file() {
                 );
                 *seen.entry(t.ty).or_insert(0) += 1;
             }
+            // The target's own block type is used, except in the small fixtures whose rows are too short for
+            // k-quant blocks (all but kquant-dev), which fall back to Q8_0 or F16 entirely.
             let block_type = target.ggml_type();
-            assert!(
+            let fits = c
+                .file
+                .tensors()
+                .iter()
+                .any(|t| t.dims.len() > 1 && t.dims[0] % block_type.block_len() as u64 == 0);
+            assert_eq!(
                 seen.get(&block_type).copied().unwrap_or(0) > 0,
+                fits,
                 "{model} {target}: {seen:?}"
             );
         }
@@ -749,6 +813,56 @@ fn realvocab_files_match_llama_cpp() {
                 *mine_file.tensor_data(mine) == *want,
                 "{target} {}: our bytes",
                 t.name
+            );
+        }
+    }
+}
+
+/// llama-quantize's Q4_K_M and Q6_K files of the kquant fixture (made from llama.cpp's F32 conversion of the same
+/// f32 checkpoint): every tensor has the same type and the same bytes in ours, and the metadata is the same.
+#[test]
+fn kquant_q4_k_m_and_q6_k_are_byte_identical_to_llama_cpp() {
+    let Some(shared) =
+        support::shared_fixtures("comparison with llama.cpp's kquant Q4_K_M and Q6_K files")
+    else {
+        return;
+    };
+    for (target, file, file_type) in [
+        (
+            TargetType::Q4_K_M,
+            "granitemoe-kquant-dev.q4_k_m.gguf",
+            15.0,
+        ),
+        (TargetType::Q6_K, "granitemoe-kquant-dev.q6_k.gguf", 18.0),
+    ] {
+        let theirs = GgufFile::open(shared.join("llamacpp-gguf").join(file)).unwrap();
+        let ours = convert_to(&model_dir("granitemoe-kquant-dev"), target);
+        assert_eq!(num(&ours.file, "general.file_type"), file_type);
+        assert_same_metadata(&ours.file, &theirs, &["general.name"]);
+        assert_same_tensor_layout(&ours.file, &theirs);
+        let mut q6_k = Vec::new();
+        for t in theirs.tensors() {
+            let mine = ours.file.tensor(&t.name).unwrap();
+            assert_eq!(mine.ty, t.ty, "{target} {}", t.name);
+            assert!(
+                *ours.file.tensor_data(mine) == *theirs.tensor_data(t),
+                "{target} {}: bytes differ from llama.cpp's",
+                t.name
+            );
+            if t.ty == GgmlType::Q6_K {
+                q6_k.push(t.name.as_str());
+            }
+        }
+        q6_k.sort();
+        if target == TargetType::Q4_K_M {
+            // The tied embedding (the output head) and, of 2 layers, layer 1's attn_v and ffn_down_exps.
+            assert_eq!(
+                q6_k,
+                [
+                    "blk.1.attn_v.weight",
+                    "blk.1.ffn_down_exps.weight",
+                    "token_embd.weight"
+                ]
             );
         }
     }

@@ -27,7 +27,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Convert a Hugging Face snapshot folder (config.json, safetensors, tokenizer) into one GGUF file.
+    /// Convert a Hugging Face snapshot folder (config.json, safetensors, tokenizer) into one GGUF file, or
+    /// requantize a GGUF file.
     Quantize(quantize::Args),
     /// Generate a reply to a prompt (chat template applied) and stream it to stdout.
     Run(run::Args),

@@ -4,7 +4,12 @@ use rayon::prelude::*;
 
 use half::slice::HalfFloatSliceExt;
 
-use crate::blocks::{BLOCK_LEN, BlockQ4_0, BlockQ8_0, quantize_q4_0, quantize_q8_0};
+use bytemuck::{Pod, Zeroable};
+
+use crate::blocks::{
+    BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, quantize_q4_0, quantize_q4_k,
+    quantize_q5_k, quantize_q6_k, quantize_q8_0,
+};
 use crate::gguf::GgmlType;
 
 /// Rows handed to one rayon task: enough work to outweigh the task's overhead even for narrow rows.
@@ -20,10 +25,29 @@ pub struct RowEncoder {
     halves: Vec<half::f16>,
     q8: Vec<BlockQ8_0>,
     q4: Vec<BlockQ4_0>,
+    q4k: Vec<BlockQ4K>,
+    q5k: Vec<BlockQ5K>,
+    q6k: Vec<BlockQ6K>,
+}
+
+/// Quantizes `values` into `blocks` (resized to fit) on the rayon pool, `task` values (whole rows) per task.
+fn quantize_parallel<'a, B: Pod + Zeroable + Send>(
+    blocks: &'a mut Vec<B>,
+    values: &[f32],
+    task: usize,
+    block_len: usize,
+    quantize: fn(&[f32], &mut [B]),
+) -> &'a [u8] {
+    blocks.resize(values.len() / block_len, B::zeroed());
+    blocks
+        .par_chunks_mut(task / block_len)
+        .zip(values.par_chunks(task))
+        .for_each(|(blocks, x)| quantize(x, blocks));
+    bytemuck::cast_slice(blocks)
 }
 
 impl RowEncoder {
-    /// `ty` must be F32, F16, Q8_0 or Q4_0 (the plan only produces those).
+    /// `ty` must be F32, F16, Q8_0, Q4_0, Q4_K, Q5_K or Q6_K (the recipe only produces those).
     pub fn new(ty: GgmlType) -> RowEncoder {
         RowEncoder {
             ty,
@@ -31,30 +55,31 @@ impl RowEncoder {
             halves: Vec::new(),
             q8: Vec::new(),
             q4: Vec::new(),
+            q4k: Vec::new(),
+            q5k: Vec::new(),
+            q6k: Vec::new(),
         }
     }
 
-    /// Encodes whole rows of `row_len` values; for block types `row_len` must be a multiple of 32.
+    /// Encodes whole rows of `row_len` values; for block types `row_len` must be a multiple of the block length.
     pub fn encode(&mut self, values: &[f32], row_len: usize) -> &[u8] {
         let task = rows_per_task(row_len) * row_len;
+        let block_len = self.ty.block_len();
         match self.ty {
             GgmlType::Q8_0 => {
-                self.q8
-                    .resize(values.len() / BLOCK_LEN, bytemuck::Zeroable::zeroed());
-                self.q8
-                    .par_chunks_mut(task / BLOCK_LEN)
-                    .zip(values.par_chunks(task))
-                    .for_each(|(blocks, x)| quantize_q8_0(x, blocks));
-                bytemuck::cast_slice(&self.q8)
+                quantize_parallel(&mut self.q8, values, task, block_len, quantize_q8_0)
             }
             GgmlType::Q4_0 => {
-                self.q4
-                    .resize(values.len() / BLOCK_LEN, bytemuck::Zeroable::zeroed());
-                self.q4
-                    .par_chunks_mut(task / BLOCK_LEN)
-                    .zip(values.par_chunks(task))
-                    .for_each(|(blocks, x)| quantize_q4_0(x, blocks));
-                bytemuck::cast_slice(&self.q4)
+                quantize_parallel(&mut self.q4, values, task, block_len, quantize_q4_0)
+            }
+            GgmlType::Q4_K => {
+                quantize_parallel(&mut self.q4k, values, task, block_len, quantize_q4_k)
+            }
+            GgmlType::Q5_K => {
+                quantize_parallel(&mut self.q5k, values, task, block_len, quantize_q5_k)
+            }
+            GgmlType::Q6_K => {
+                quantize_parallel(&mut self.q6k, values, task, block_len, quantize_q6_k)
             }
             GgmlType::F16 => {
                 // half's slice conversion rounds to nearest even like `f16::from_f32`, with F16C where present.
@@ -71,7 +96,7 @@ impl RowEncoder {
                     .extend(values.iter().flat_map(|v| v.to_le_bytes()));
                 &self.bytes
             }
-            other => unreachable!("the conversion plan never asks for {other}"),
+            other => unreachable!("the type recipe never asks for {other}"),
         }
     }
 }
@@ -129,6 +154,27 @@ mod tests {
         );
         let f32_bytes = RowEncoder::new(GgmlType::F32).encode(&values, 64).to_vec();
         assert_eq!(&f32_bytes[4..8], &values[1].to_le_bytes());
+        let mut x6 = vec![BlockQ6K::zeroed(); 3];
+        let values: Vec<f32> = (0..768)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        quantize_q6_k(&values, &mut x6);
+        assert_eq!(
+            RowEncoder::new(GgmlType::Q6_K).encode(&values, 256),
+            bytemuck::cast_slice::<BlockQ6K, u8>(&x6)
+        );
+        let mut x4 = vec![BlockQ4K::zeroed(); 3];
+        quantize_q4_k(&values, &mut x4);
+        assert_eq!(
+            RowEncoder::new(GgmlType::Q4_K).encode(&values, 256),
+            bytemuck::cast_slice::<BlockQ4K, u8>(&x4)
+        );
+        let mut x5 = vec![BlockQ5K::zeroed(); 3];
+        quantize_q5_k(&values, &mut x5);
+        assert_eq!(
+            RowEncoder::new(GgmlType::Q5_K).encode(&values, 768),
+            bytemuck::cast_slice::<BlockQ5K, u8>(&x5)
+        );
         let f16_bytes = RowEncoder::new(GgmlType::F16).encode(&values, 64).to_vec();
         assert_eq!(
             &f16_bytes[2..4],

@@ -1,14 +1,17 @@
-//! Granite checkpoint (Hugging Face folder) -> one GGUF file that llama.cpp and Quarry load.
+//! Granite checkpoint (Hugging Face folder) -> one GGUF file that llama.cpp and Quarry load; and a GGUF file -> the
+//! same model at another type ([`requantize()`]).
 //!
 //! The conversion is planned completely first (config, weights, tokenizer all checked; every tensor's name, shape
 //! and type decided), then streamed: each output tensor is produced a chunk of rows at a time from the mapped
 //! checkpoint (converted to f32, RoPE rows permuted, encoded in parallel) and written straight to `OUT.part`.
 //! Peak memory is a few chunk buffers plus the tokenizer metadata, whatever the model size.
 
+pub(crate) mod decode;
 pub(crate) mod encode;
 pub(crate) mod metadata;
 pub(crate) mod output;
 pub(crate) mod plan;
+pub(crate) mod requantize;
 pub(crate) mod vocab;
 
 use std::fmt;
@@ -17,7 +20,8 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 pub use metadata::QUANTIZATION_VERSION;
-pub use plan::{Role, choose_type};
+pub use plan::{Recipe, Role, layer_of, role_of_gguf_tensor, use_more_bits};
+pub use requantize::{RequantizeOptions, requantize};
 pub use vocab::pre_tokenizer_name;
 
 use self::encode::{RowEncoder, permute_rope_rows};
@@ -32,7 +36,8 @@ use crate::safetensors::{Checkpoint, TensorView};
 /// f32 values converted per chunk: 16 MiB, so a chunk and its encoding stay small next to any model.
 const CHUNK_VALUES: usize = 4 << 20;
 
-/// The file types `quarry quantize` makes.
+/// The file types `quarry quantize` makes: one block type for (almost) every matrix, or one of llama.cpp's k-quant
+/// mixes, which give the most sensitive matrices more bits (see [`Recipe`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)]
 pub enum TargetType {
@@ -40,37 +45,71 @@ pub enum TargetType {
     F16,
     Q8_0,
     Q4_0,
+    /// llama-quantize's `Q4_K_M`: Q4_K, with Q6_K for the output head and for attn_v / ffn_down in half the layers.
+    Q4_K_M,
+    /// llama-quantize's `Q5_K_M`: Q5_K, with Q6_K for the output head and for attn_v / ffn_down in half the layers.
+    Q5_K_M,
+    /// llama-quantize's `Q6_K`: Q6_K for every matrix.
+    Q6_K,
 }
 
 impl TargetType {
-    pub const ALL: [TargetType; 4] = [
+    pub const ALL: [TargetType; 7] = [
         TargetType::F32,
         TargetType::F16,
         TargetType::Q8_0,
         TargetType::Q4_0,
+        TargetType::Q4_K_M,
+        TargetType::Q5_K_M,
+        TargetType::Q6_K,
     ];
 
+    /// The block type of most matrices (for a k-quant mix, the type the recipe starts from).
     pub fn ggml_type(self) -> GgmlType {
         match self {
             TargetType::F32 => GgmlType::F32,
             TargetType::F16 => GgmlType::F16,
             TargetType::Q8_0 => GgmlType::Q8_0,
             TargetType::Q4_0 => GgmlType::Q4_0,
+            TargetType::Q4_K_M => GgmlType::Q4_K,
+            TargetType::Q5_K_M => GgmlType::Q5_K,
+            TargetType::Q6_K => GgmlType::Q6_K,
         }
     }
 
-    /// `general.file_type` (llama.cpp's `llama_ftype`: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q4_0 2, MOSTLY_Q8_0 7).
+    /// `general.file_type` (llama.cpp's `llama_ftype`: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q4_0 2, MOSTLY_Q8_0 7,
+    /// MOSTLY_Q4_K_M 15, MOSTLY_Q5_K_M 17, MOSTLY_Q6_K 18).
     pub fn file_type(self) -> u32 {
         match self {
             TargetType::F32 => 0,
             TargetType::F16 => 1,
             TargetType::Q4_0 => 2,
             TargetType::Q8_0 => 7,
+            TargetType::Q4_K_M => 15,
+            TargetType::Q5_K_M => 17,
+            TargetType::Q6_K => 18,
         }
     }
 
+    /// The name users type (`--type`), lower case; parsing ignores case, so llama-quantize's `Q4_K_M` works too.
     pub fn name(self) -> &'static str {
-        self.ggml_type().name()
+        match self {
+            TargetType::F32 => "f32",
+            TargetType::F16 => "f16",
+            TargetType::Q8_0 => "q8_0",
+            TargetType::Q4_0 => "q4_0",
+            TargetType::Q4_K_M => "q4_k_m",
+            TargetType::Q5_K_M => "q5_k_m",
+            TargetType::Q6_K => "q6_k",
+        }
+    }
+
+    /// One of llama.cpp's k-quant file types, whose recipe depends on the tensor's name and layer.
+    pub fn is_k_quant(self) -> bool {
+        matches!(
+            self,
+            TargetType::Q4_K_M | TargetType::Q5_K_M | TargetType::Q6_K
+        )
     }
 }
 
@@ -86,7 +125,9 @@ impl FromStr for TargetType {
         TargetType::ALL
             .into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown type {s:?}: choose f32, f16, q8_0 or q4_0"))
+            .ok_or_else(|| {
+                format!("unknown type {s:?}: choose f32, f16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0")
+            })
     }
 }
 
@@ -99,7 +140,7 @@ pub struct ConvertOptions {
     pub output: PathBuf,
     pub target: TargetType,
     /// Type of the output head (tied `token_embd`, or `output.weight`) and of an untied input embedding; `None`
-    /// takes the recipe's default (see [`choose_type`]).
+    /// takes the recipe's default (see [`Recipe`]). A k-quant mix stands for its base type (`q4_k_m`: Q4_K).
     pub embedding_type: Option<TargetType>,
     /// Draw a progress bar on stderr; indicatif hides it when stderr is not a terminal.
     pub progress: bool,
@@ -134,7 +175,8 @@ pub struct TensorReport {
     /// ggml order.
     pub dims: Vec<u64>,
     pub ty: GgmlType,
-    /// Set when the recipe's block type could not hold rows of this length and F16 was written instead.
+    /// Set when the recipe's block type could not hold rows of this length and `ty` (Q8_0 or F16) was written
+    /// instead.
     pub fell_back_from: Option<GgmlType>,
 }
 
@@ -147,13 +189,16 @@ pub struct ConvertReport {
     pub tensors: Vec<TensorReport>,
     /// Checkpoint tensors the GGUF has no use for (e.g. `lm_head.weight` of a tied model); none for `synthesize`.
     pub unused_source_tensors: Vec<String>,
+    /// Input tensors that were already quantized and were dequantized before being quantized again (only
+    /// [`requantize()`] with `allow_requantize`), with their input type.
+    pub dequantized: Vec<(String, GgmlType)>,
     pub parameters: u64,
     pub file_bytes: u64,
     pub elapsed: Duration,
 }
 
 impl ConvertReport {
-    /// The report of a file written from `tensors`, started at `started`.
+    /// The report of a file of `config`'s model written from `tensors`, started at `started`.
     pub(crate) fn new(
         output: &Path,
         config: &HfConfig,
@@ -162,9 +207,28 @@ impl ConvertReport {
         file_bytes: u64,
         started: Instant,
     ) -> ConvertReport {
+        ConvertReport::from_plan(
+            output,
+            config.architecture,
+            target,
+            tensors,
+            file_bytes,
+            started,
+        )
+    }
+
+    /// The report of a file written from `tensors`, started at `started`.
+    pub(crate) fn from_plan(
+        output: &Path,
+        architecture: Architecture,
+        target: TargetType,
+        tensors: Vec<PlannedTensor>,
+        file_bytes: u64,
+        started: Instant,
+    ) -> ConvertReport {
         ConvertReport {
             output: output.to_path_buf(),
-            architecture: config.architecture,
+            architecture,
             target,
             parameters: tensors.iter().map(PlannedTensor::n_elements).sum(),
             tensors: tensors
@@ -177,12 +241,13 @@ impl ConvertReport {
                 })
                 .collect(),
             unused_source_tensors: Vec::new(),
+            dequantized: Vec::new(),
             file_bytes,
             elapsed: started.elapsed(),
         }
     }
 
-    /// Tensors written at F16 because their rows are not whole 32-weight blocks.
+    /// Tensors written at another type than the recipe's because their rows are not whole blocks of it.
     pub fn fallbacks(&self) -> impl Iterator<Item = &TensorReport> {
         self.tensors.iter().filter(|t| t.fell_back_from.is_some())
     }
@@ -337,11 +402,16 @@ mod tests {
     fn target_type_names() {
         assert_eq!("Q4_0".parse::<TargetType>(), Ok(TargetType::Q4_0));
         assert_eq!(TargetType::Q8_0.to_string(), "q8_0");
+        assert_eq!("Q4_K_M".parse::<TargetType>(), Ok(TargetType::Q4_K_M));
+        assert_eq!(TargetType::Q6_K.to_string(), "q6_k");
+        for t in TargetType::ALL {
+            assert_eq!(t.name().parse::<TargetType>(), Ok(t));
+        }
         assert!(
             "q5_k"
                 .parse::<TargetType>()
                 .unwrap_err()
-                .contains("choose f32, f16, q8_0 or q4_0")
+                .contains("choose f32, f16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0")
         );
     }
 

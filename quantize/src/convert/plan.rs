@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use super::TargetType;
-use crate::blocks::BLOCK_LEN;
+use crate::blocks::{BLOCK_LEN, QK_K};
 use crate::error::ConvertError;
 use crate::gguf::GgmlType;
 use crate::hf::HfConfig;
@@ -43,7 +43,8 @@ pub struct PlannedTensor {
     pub dims: Vec<u64>,
     /// The type written.
     pub ty: GgmlType,
-    /// The type the recipe asked for when it could not be used (rows not a multiple of 32): `ty` is then F16.
+    /// The type the recipe asked for when it could not be used (rows not whole blocks of it): `ty` is then Q8_0
+    /// or F16.
     pub fell_back_from: Option<GgmlType>,
     /// Rows of the source viewed as `[rows, row_len]`, concatenated in output order.
     pub source_rows: Vec<Range<usize>>,
@@ -62,29 +63,140 @@ impl PlannedTensor {
     }
 }
 
-/// The type recipe: norms and routers F32; the output head (tied embedding or `output.weight`) at Q8_0 in a Q4_0
-/// file unless `embedding_type` says otherwise; `embedding_type` also sets an untied input embedding; every other
-/// matrix at the target type. Block types need rows that are whole 32-blocks; other rows fall back to F16.
-pub fn choose_type(
-    role: Role,
-    row_len: usize,
-    target: TargetType,
-    embedding_type: Option<TargetType>,
-) -> (GgmlType, Option<GgmlType>) {
-    let wanted = match role {
-        Role::Norm | Role::Router => TargetType::F32,
-        Role::OutputHead => embedding_type.unwrap_or(match target {
-            TargetType::Q4_0 => TargetType::Q8_0,
-            other => other,
-        }),
-        Role::InputEmbedding => embedding_type.unwrap_or(target),
-        Role::Weight => target,
+/// The type recipe: which ggml type each tensor of a file of `target` gets.
+///
+/// * Norms and routers: F32 always (llama.cpp requires F32 norms and never quantizes routers).
+/// * The output head (`output.weight`, or the tied `token_embd`): `embedding_type` when given; else Q8_0 in a Q4_0
+///   file (Quarry's choice: llama.cpp would use Q6_K), Q6_K in a k-quant file (Q8_0 when its rows are not a
+///   multiple of 256, as llama.cpp), the target type otherwise. An untied input embedding gets `embedding_type`
+///   or the target's base type.
+/// * Other matrices: the target's base type, except in the k-quant mixes, which follow b4748's
+///   `llama_tensor_get_type` for these architectures (by tensor name, like llama.cpp): in Q4_K_M and Q5_K_M,
+///   `attn_v` and `ffn_down`/`ffn_down_exps` get Q6_K in the layers [`use_more_bits`] picks; in a model with
+///   exactly 8 experts, `attn_v` and `attn_k` get Q8_0 (any k-quant mix) and in Q4_K_M `attn_output` gets Q5_K.
+/// * Rows that are not whole blocks of the chosen type fall back (see [`Recipe::choose`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recipe {
+    pub target: TargetType,
+    pub embedding_type: Option<TargetType>,
+    /// Layers of the model (`{arch}.block_count`): [`use_more_bits`] spreads the Q6_K tensors over them.
+    pub n_layers: usize,
+    /// Experts per layer, 0 for a dense model: llama.cpp treats 8-expert models specially.
+    pub n_experts: usize,
+}
+
+/// llama.cpp's `use_more_bits(i_layer, n_layers)`: the first and last eighth of the layers and every third layer
+/// in between (for 24 layers: 0-2, 5, 8, 11, 14, 17, 20, 21-23).
+pub fn use_more_bits(layer: usize, n_layers: usize) -> bool {
+    layer < n_layers / 8 || layer >= 7 * n_layers / 8 || (layer - n_layers / 8) % 3 == 2
+}
+
+/// The layer of a `blk.N.*` tensor.
+pub fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+impl Recipe {
+    /// The recipe of a model with `config`'s layers and experts.
+    pub fn for_config(
+        config: &HfConfig,
+        target: TargetType,
+        embedding_type: Option<TargetType>,
+    ) -> Recipe {
+        Recipe {
+            target,
+            embedding_type,
+            n_layers: config.num_hidden_layers,
+            n_experts: config.moe.map_or(0, |m| m.num_local_experts),
+        }
     }
-    .ggml_type();
-    if wanted.block_len() == BLOCK_LEN && !row_len.is_multiple_of(BLOCK_LEN) {
-        (GgmlType::F16, Some(wanted))
+
+    /// The type of tensor `name` (GGUF name) of `role` with rows of `row_len` weights, and the type the recipe
+    /// wanted when it had to fall back: rows that are not whole blocks of Q4_K, Q5_K or Q6_K fall back to Q8_0
+    /// (when they are whole 32-blocks) or F16; rows that are not whole blocks of Q8_0 or Q4_0 fall back to F16.
+    /// llama.cpp falls back from Q4_K to Q5_0 and from Q5_K to Q5_1, which Quarry's runtime does not run, and it
+    /// refuses rows that fit no 32-block at all.
+    pub fn choose(&self, name: &str, role: Role, row_len: usize) -> (GgmlType, Option<GgmlType>) {
+        let wanted = self.wanted(name, role, row_len);
+        if row_len.is_multiple_of(wanted.block_len()) {
+            return (wanted, None);
+        }
+        let instead = match wanted {
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
+                if row_len.is_multiple_of(BLOCK_LEN) =>
+            {
+                GgmlType::Q8_0
+            }
+            _ => GgmlType::F16,
+        };
+        (instead, Some(wanted))
+    }
+
+    fn wanted(&self, name: &str, role: Role, row_len: usize) -> GgmlType {
+        let base = self.target.ggml_type();
+        match role {
+            Role::Norm | Role::Router => GgmlType::F32,
+            Role::OutputHead => match (self.embedding_type, self.target) {
+                (Some(t), _) => t.ggml_type(),
+                (None, TargetType::Q4_0) => GgmlType::Q8_0,
+                (None, t) if t.is_k_quant() => {
+                    if row_len.is_multiple_of(QK_K) {
+                        GgmlType::Q6_K
+                    } else {
+                        GgmlType::Q8_0
+                    }
+                }
+                (None, _) => base,
+            },
+            Role::InputEmbedding => self.embedding_type.map_or(base, TargetType::ggml_type),
+            Role::Weight if self.target.is_k_quant() => self.k_quant_weight(name, base),
+            Role::Weight => base,
+        }
+    }
+
+    /// `llama_tensor_get_type`'s rules for Q4_K_M, Q5_K_M and Q6_K, as far as Granite's tensors go.
+    fn k_quant_weight(&self, name: &str, base: GgmlType) -> GgmlType {
+        let mixed = matches!(self.target, TargetType::Q4_K_M | TargetType::Q5_K_M);
+        let more_bits = || mixed && layer_of(name).is_some_and(|l| use_more_bits(l, self.n_layers));
+        let eight_experts = self.n_experts == 8;
+        if name.contains("attn_v.weight") {
+            if eight_experts {
+                GgmlType::Q8_0
+            } else if more_bits() {
+                GgmlType::Q6_K
+            } else {
+                base
+            }
+        } else if name.contains("attn_k.weight") {
+            if eight_experts { GgmlType::Q8_0 } else { base }
+        } else if name.contains("ffn_down") {
+            if more_bits() { GgmlType::Q6_K } else { base }
+        } else if name.contains("attn_output.weight") {
+            if eight_experts && self.target == TargetType::Q4_K_M {
+                GgmlType::Q5_K
+            } else {
+                base
+            }
+        } else {
+            base
+        }
+    }
+}
+
+/// The role of a tensor of a GGUF file from its name and dimensions, as llama-quantize decides what to quantize:
+/// 1-D tensors and `*_norm.weight` are norms, `ffn_gate_inp` the router, `output.weight` (or `token_embd` when the
+/// file has no `output.weight`) the output head.
+pub fn role_of_gguf_tensor(name: &str, n_dims: usize, has_output: bool) -> Role {
+    if n_dims < 2 || name.ends_with("_norm.weight") {
+        Role::Norm
+    } else if name.contains("ffn_gate_inp.weight") {
+        Role::Router
+    } else if name == "output.weight" || (name == "token_embd.weight" && !has_output) {
+        Role::OutputHead
+    } else if name == "token_embd.weight" {
+        Role::InputEmbedding
     } else {
-        (wanted, None)
+        Role::Weight
     }
 }
 
@@ -95,8 +207,7 @@ pub fn plan(
     embedding_type: Option<TargetType>,
 ) -> Vec<PlannedTensor> {
     let mut planner = Planner {
-        target,
-        embedding_type,
+        recipe: Recipe::for_config(config, target, embedding_type),
         tensors: Vec::new(),
     };
     let (v, h, i) = (
@@ -222,8 +333,7 @@ pub fn check_sources(
 }
 
 struct Planner {
-    target: TargetType,
-    embedding_type: Option<TargetType>,
+    recipe: Recipe,
     tensors: Vec<PlannedTensor>,
 }
 
@@ -242,7 +352,7 @@ impl Planner {
     ) {
         let dims: Vec<u64> = torch_shape.iter().rev().map(|&d| d as u64).collect();
         let row_len = torch_shape.last().copied().unwrap_or(1);
-        let (ty, fell_back_from) = choose_type(role, row_len, self.target, self.embedding_type);
+        let (ty, fell_back_from) = self.recipe.choose(name, role, row_len);
         self.tensors.push(PlannedTensor {
             name: name.to_string(),
             source: source.to_string(),
@@ -317,11 +427,27 @@ impl Planner {
 mod tests {
     use super::*;
 
+    fn recipe(
+        target: TargetType,
+        emb: Option<TargetType>,
+        layers: usize,
+        experts: usize,
+    ) -> Recipe {
+        Recipe {
+            target,
+            embedding_type: emb,
+            n_layers: layers,
+            n_experts: experts,
+        }
+    }
+
     #[test]
     fn type_recipe() {
         use GgmlType::*;
         use TargetType as T;
-        let t = |role, row, target, emb| choose_type(role, row, target, emb);
+        let t = |role, row, target, emb| {
+            recipe(target, emb, 2, 0).choose("blk.0.attn_q.weight", role, row)
+        };
         assert_eq!(t(Role::Weight, 64, T::Q4_0, None), (Q4_0, None));
         assert_eq!(t(Role::Weight, 24, T::Q4_0, None), (F16, Some(Q4_0)));
         assert_eq!(t(Role::Weight, 24, T::F32, None), (F32, None));
@@ -340,5 +466,116 @@ mod tests {
             t(Role::InputEmbedding, 64, T::Q4_0, Some(T::F16)),
             (F16, None)
         );
+        // k-quants: base types, fallbacks, the head
+        assert_eq!(t(Role::Weight, 512, T::Q4_K_M, None), (Q4_K, None));
+        assert_eq!(t(Role::Weight, 512, T::Q5_K_M, None), (Q5_K, None));
+        assert_eq!(t(Role::Weight, 512, T::Q6_K, None), (Q6_K, None));
+        assert_eq!(t(Role::Weight, 96, T::Q4_K_M, None), (Q8_0, Some(Q4_K)));
+        assert_eq!(t(Role::Weight, 96, T::Q6_K, None), (Q8_0, Some(Q6_K)));
+        assert_eq!(t(Role::Weight, 40, T::Q5_K_M, None), (F16, Some(Q5_K)));
+        assert_eq!(t(Role::OutputHead, 512, T::Q4_K_M, None), (Q6_K, None));
+        assert_eq!(t(Role::OutputHead, 96, T::Q4_K_M, None), (Q8_0, None));
+        assert_eq!(t(Role::OutputHead, 40, T::Q6_K, None), (F16, Some(Q8_0)));
+        assert_eq!(
+            t(Role::OutputHead, 512, T::Q6_K, Some(T::Q8_0)),
+            (Q8_0, None)
+        );
+        assert_eq!(
+            t(Role::OutputHead, 512, T::Q8_0, Some(T::Q4_K_M)),
+            (Q4_K, None)
+        );
+        assert_eq!(t(Role::InputEmbedding, 512, T::Q4_K_M, None), (Q4_K, None));
+        assert_eq!(t(Role::Norm, 512, T::Q6_K, None), (F32, None));
+    }
+
+    #[test]
+    fn use_more_bits_matches_llama_cpp() {
+        let picked = |n: usize| (0..n).filter(|&l| use_more_bits(l, n)).collect::<Vec<_>>();
+        assert_eq!(picked(2), vec![1]);
+        assert_eq!(picked(24), vec![0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23]);
+        assert_eq!(
+            picked(40),
+            vec![
+                0, 1, 2, 3, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 35, 36, 37, 38, 39
+            ]
+        );
+        assert_eq!(picked(1), vec![0]);
+    }
+
+    #[test]
+    fn k_quant_mixes_by_name_and_layer() {
+        use GgmlType::*;
+        use TargetType as T;
+        let ty = |target, experts, name: &str| {
+            recipe(target, None, 24, experts)
+                .choose(name, Role::Weight, 1024)
+                .0
+        };
+        for (name, more, less) in [
+            ("blk.0.attn_v.weight", Q6_K, Q4_K),
+            ("blk.5.ffn_down_exps.weight", Q6_K, Q4_K),
+            ("blk.23.ffn_down.weight", Q6_K, Q4_K),
+        ] {
+            assert_eq!(ty(T::Q4_K_M, 32, name), more, "{name}");
+            let other = name
+                .replace(|c: char| c.is_ascii_digit(), "")
+                .replace("blk..", "blk.4.");
+            assert_eq!(ty(T::Q4_K_M, 32, &other), less, "{other}");
+            assert_eq!(ty(T::Q5_K_M, 0, name), Q6_K, "{name}");
+            assert_eq!(ty(T::Q5_K_M, 0, &other), Q5_K, "{other}");
+            assert_eq!(ty(T::Q6_K, 32, name), Q6_K, "{name}");
+        }
+        for name in [
+            "blk.0.attn_q.weight",
+            "blk.0.attn_k.weight",
+            "blk.0.attn_output.weight",
+            "blk.0.ffn_gate_exps.weight",
+            "blk.0.ffn_up.weight",
+        ] {
+            assert_eq!(ty(T::Q4_K_M, 32, name), Q4_K, "{name}");
+        }
+        // 8 experts: llama.cpp's Mixtral rules
+        assert_eq!(ty(T::Q4_K_M, 8, "blk.0.attn_v.weight"), Q8_0);
+        assert_eq!(ty(T::Q4_K_M, 8, "blk.4.attn_k.weight"), Q8_0);
+        assert_eq!(ty(T::Q6_K, 8, "blk.4.attn_k.weight"), Q8_0);
+        assert_eq!(ty(T::Q4_K_M, 8, "blk.4.attn_output.weight"), Q5_K);
+        assert_eq!(ty(T::Q5_K_M, 8, "blk.4.attn_output.weight"), Q5_K);
+        assert_eq!(ty(T::Q6_K, 8, "blk.4.attn_output.weight"), Q6_K);
+        // the non-k-quant recipes do not look at names
+        assert_eq!(
+            recipe(T::Q4_0, None, 24, 8)
+                .choose("blk.0.attn_v.weight", Role::Weight, 64)
+                .0,
+            Q4_0
+        );
+    }
+
+    #[test]
+    fn roles_of_gguf_tensors() {
+        assert_eq!(
+            role_of_gguf_tensor("token_embd.weight", 2, false),
+            Role::OutputHead
+        );
+        assert_eq!(
+            role_of_gguf_tensor("token_embd.weight", 2, true),
+            Role::InputEmbedding
+        );
+        assert_eq!(
+            role_of_gguf_tensor("output.weight", 2, true),
+            Role::OutputHead
+        );
+        assert_eq!(
+            role_of_gguf_tensor("blk.0.attn_norm.weight", 1, true),
+            Role::Norm
+        );
+        assert_eq!(
+            role_of_gguf_tensor("blk.0.ffn_gate_inp.weight", 2, true),
+            Role::Router
+        );
+        assert_eq!(
+            role_of_gguf_tensor("blk.0.ffn_down_exps.weight", 3, true),
+            Role::Weight
+        );
+        assert_eq!(role_of_gguf_tensor("blk.0.some_bias", 1, true), Role::Norm);
     }
 }
