@@ -83,7 +83,7 @@ fn stddev(v: &[f64]) -> f64 {
     (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
 }
 
-/// Runs one test with the forward pass's current thread count (`kernels::parallel::set_threads`).
+/// Runs one test on the current rayon pool (call it inside `ThreadPool::install` to choose the thread count).
 /// The session is made once, so its buffers and KV cache are not part of the timing.
 pub fn run_test(
     model: &Model,
@@ -118,7 +118,7 @@ pub fn run_test(
     Ok(BenchResult {
         n_prompt,
         n_gen,
-        n_threads: crate::kernels::parallel::threads(),
+        n_threads: rayon::current_num_threads(),
         n_batch: batch,
         samples_ns,
     })

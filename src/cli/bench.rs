@@ -90,8 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|&p| (p, 0))
             .chain(args.n_gen.iter().filter(|&&g| g > 0).map(|&g| (0, g)));
         for (p, g) in tests {
-            quarry::kernels::parallel::set_threads(t);
-            let r = run_test(model, p, g, args.batch, args.reps)?;
+            let r = pool.install(|| run_test(model, p, g, args.batch, args.reps))?;
             if args.output == BenchFormat::Md {
                 println!(
                     "| {model_type} | {} | {:.2} B | CPU ({kernels}) | {t} | {} | {:.2} ± {:.2} |",

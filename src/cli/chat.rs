@@ -421,7 +421,7 @@ impl Repl<'_> {
             self.chat.context_size(),
             self.chat.context_used(),
             cfg.context_length,
-            quarry::kernels::parallel::threads(),
+            rayon::current_num_threads(),
             quarry::kernels::selected().name
         );
         match self.chat.system() {

@@ -81,8 +81,7 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Sizes the forward pass's worker pool and rayon's global pool (used by conversion) once, before any work:
-/// `--threads`, else every core.
+/// Sizes rayon's global pool once, before any work: `--threads`, else every core.
 pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
     let mut builder = rayon::ThreadPoolBuilder::new();
     if let Some(n) = threads {
@@ -93,11 +92,7 @@ pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
     }
     builder
         .build_global()
-        .context("starting the worker threads")?;
-    quarry::kernels::parallel::set_threads(
-        threads.unwrap_or_else(quarry::kernels::parallel::threads),
-    );
-    Ok(())
+        .context("starting the worker threads")
 }
 
 impl ModelArgs {
