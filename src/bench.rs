@@ -102,12 +102,16 @@ pub fn run_test(
             tokens.extend((0..n_prompt.max(n_gen)).map(|_| (rng.next_u64() % vocab) as u32));
             session.truncate(0);
             let start = Instant::now();
-            if n_prompt > 0 {
-                session.feed(&tokens[..n_prompt])?;
-            }
-            for &t in &tokens[..n_gen] {
-                session.feed(&[t])?;
-            }
+            // On a pool worker, as `generate` runs (its regions then go to the worker's own queue).
+            rayon::scope(|_| -> Result<(), ModelError> {
+                if n_prompt > 0 {
+                    session.feed(&tokens[..n_prompt])?;
+                }
+                for &t in &tokens[..n_gen] {
+                    session.feed(&[t])?;
+                }
+                Ok(())
+            })?;
             Ok(start.elapsed().as_nanos() as u64)
         };
     one(&mut session, &mut rng, &mut tokens)?; // warm-up: page in the weights, size the thread-local buffers

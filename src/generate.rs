@@ -23,6 +23,7 @@ impl<'m> Session<'m> {
     /// A session with room for `context` tokens, processing prompts `batch` tokens at a time.
     pub fn new(model: &'m Model, context: usize, batch: usize) -> Session<'m> {
         let context = context.max(1);
+        crate::model::reserve_thread_scratch(&model.config, context);
         Session {
             model,
             cache: KvCache::new(&model.config, context),
@@ -188,7 +189,22 @@ fn rate(n: usize, t: Duration) -> f64 {
 
 /// Generates after `prompt`: samples up to `max_tokens` tokens, stopping after any of `stop_ids` (which is
 /// passed to `on_token` like any other token). `on_token` may return `Break` to stop early.
+///
+/// The whole loop runs on one of rayon's worker threads, so the forward pass's parallel regions are pushed to
+/// that worker's own queue: started from outside the pool, each region would go through rayon's global
+/// injector, which allocates a block every 63 jobs — the only allocation left on the per-token path.
 pub fn generate(
+    session: &mut Session,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+    max_tokens: usize,
+    stop_ids: &[u32],
+    on_token: impl FnMut(u32) -> ControlFlow<()> + Send,
+) -> Result<GenerationStats, ModelError> {
+    rayon::scope(|_| generate_here(session, prompt, sampler, max_tokens, stop_ids, on_token))
+}
+
+fn generate_here(
     session: &mut Session,
     prompt: &[u32],
     sampler: &mut Sampler,

@@ -366,7 +366,7 @@ impl<'e> ChatSession<'e> {
     pub fn reply(
         &mut self,
         stop: &AtomicBool,
-        mut on_text: impl FnMut(&str),
+        mut on_text: impl FnMut(&str) + Send,
     ) -> Result<&TurnStats, ChatError> {
         let tokenizer = self.tokenizer;
         let eos = tokenizer.eos_id();

@@ -276,14 +276,14 @@ impl Repl<'_> {
             ));
         }
         self.stop.store(false, Ordering::SeqCst);
-        let mut out = std::io::stdout().lock();
+        // Not locked across the reply: generation runs on a worker thread (see `generate`).
+        let mut out = std::io::stdout();
         let result = self.chat.reply(&self.stop, |piece| {
             // A closed stdout ends nothing here: the reply still goes into the conversation.
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
         });
         let _ = writeln!(out);
-        drop(out);
         self.stop.store(false, Ordering::SeqCst);
         let stats = match result {
             Ok(s) => s.clone(),

@@ -99,7 +99,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let eos = tokenizer.eos_id();
     let mut generated = Vec::new();
     let mut stream = tokenizer.stream(true);
-    let mut stdout = std::io::stdout().lock();
+    // Not locked across the loop: generation runs on a worker thread (see `quarry::generate::generate`).
+    let mut stdout = std::io::stdout();
     let streaming = args.format == OutputFormat::Text;
     let mut write_error = None;
     let stats = generate(

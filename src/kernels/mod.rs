@@ -92,6 +92,16 @@ pub const SCALAR: Kernels = Kernels {
     axpy_f32: float::axpy_f32_scalar,
 };
 
+/// Sizes every pool thread's kernel buffers for products over rows of up to `max_cols` weights, so that decoding
+/// allocates nothing on whichever thread happens to run a share first. Prompt-sized products may still grow them
+/// once per thread.
+pub fn reserve_thread_scratch(max_cols: usize) {
+    #[cfg(target_arch = "x86_64")]
+    rayon::broadcast(|_| x86::reserve_few_token_scratch(max_cols.div_ceil(32)));
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = max_cols;
+}
+
 /// Every kernel set this CPU can run, best last. The x86 sets are only ever handed out from here, after the
 /// feature checks their `#[target_feature]` code relies on.
 pub fn available() -> Vec<Kernels> {

@@ -207,6 +207,26 @@ thread_local! {
     };
 }
 
+/// Sizes every pool thread's attention and kernel buffers for a cache of `capacity` tokens now, so that no
+/// thread grows them later on the per-token path (which thread runs which work item is up to the scheduler, so
+/// a thread may meet its first one long after the warm-up).
+pub fn reserve_thread_scratch(cfg: &ModelConfig, capacity: usize) {
+    crate::kernels::reserve_thread_scratch(cfg.n_embd.max(cfg.n_ff));
+    let group = cfg.n_head / cfg.n_head_kv;
+    let rows = group * ATTENTION_TOKEN_BLOCK;
+    let hd = cfg.head_dim;
+    rayon::broadcast(|_| {
+        ATTENTION.with_borrow_mut(|w| {
+            w.q.reserve(rows * hd);
+            w.lens.reserve(rows);
+            w.out.reserve(rows * hd);
+            if w.scratch.len() < rows * capacity {
+                w.scratch.resize(rows * capacity, 0.0);
+            }
+        })
+    });
+}
+
 impl Model {
     /// Runs `tokens` (at most `bufs.max_batch()`) at the positions after those in `cache`, appends their keys
     /// and values to it, and returns the requested logits (`[n_vocab]` or `[tokens][n_vocab]`).

@@ -7,7 +7,7 @@ mod weights;
 use std::path::PathBuf;
 
 pub use config::{Architecture, ModelConfig};
-pub use forward::{ForwardBuffers, KvCache, Logits};
+pub use forward::{ForwardBuffers, KvCache, Logits, reserve_thread_scratch};
 pub use weights::{
     DenseMlp, ExpertMatrices, ExpertWeights, FeedForward, LayerWeights, Matrix, ModelWeights,
 };

@@ -71,6 +71,21 @@ fn scratch() -> *mut Scratch {
     SCRATCH.with(|s| s.get())
 }
 
+/// Sizes this thread's few-token buffers for rows of up to `max_blocks_per_row` blocks (see
+/// [`crate::kernels::reserve_thread_scratch`]).
+pub fn reserve_few_token_scratch(max_blocks_per_row: usize) {
+    // Fewer tokens than one lane vector (16 at most) go to the few-token kernels: `gemm_few` here needs `da`
+    // per token and block and `corr` 8 per block; AVX-512's Q4_0 `gemm_few_q4` 8 activation dwords per block and
+    // 16 corrections and scales per started octet of blocks.
+    let (tokens, bpr) = (16, max_blocks_per_row);
+    let octet_lanes = bpr.div_ceil(8) * 16;
+    // SAFETY: see `scratch`; no kernel is running on this thread.
+    let s = unsafe { &mut *scratch() };
+    grow(&mut s.da, tokens * bpr.max(octet_lanes));
+    grow(&mut s.corr, tokens * (bpr * 8).max(octet_lanes));
+    grow(&mut s.act, tokens * bpr * 8);
+}
+
 fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
     if v.len() < len {
         v.resize(len, T::default());
