@@ -49,8 +49,7 @@ fn every_fixture_shape_at_every_type_runs_with_finite_logits_and_varied_routing(
     let tmp = TempDir::new("run");
     for model in MODELS {
         let config = fixture_config(model);
-        // The k-quant types are left out until the runtime computes with them (issue 5).
-        for target in TargetType::ALL.into_iter().filter(|t| !t.is_k_quant()) {
+        for target in TargetType::ALL {
             let what = format!("{model} {target}");
             let path = tmp.0.join(format!("{model}-{target}.gguf"));
             synthesize(&SynthOptions::new(config.clone(), &path, target)).unwrap();

@@ -1,8 +1,12 @@
 //! Matrix products of model weights with a batch of activations: the layer between the model and the kernels.
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+use quarry_quantize::blocks::{
+    BlockQ4_0, BlockQ8_0, BlockQ8K, QK_K, dequantize_q4_k, dequantize_q5_k, dequantize_q6_k,
+};
 use quarry_quantize::gguf::GgmlType;
+
+use bytemuck::Zeroable;
 
 use super::Kernels;
 
@@ -11,11 +15,23 @@ pub fn wants_q8_0(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0)
 }
 
+/// Whether activations must be quantized to Q8_K (256 per block, f32 scale) for a weight type's dot product.
+pub fn wants_q8_k(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
+}
+
 /// Weight types the kernels can multiply with.
 pub fn supported(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0
+        GgmlType::F32
+            | GgmlType::F16
+            | GgmlType::BF16
+            | GgmlType::Q8_0
+            | GgmlType::Q4_0
+            | GgmlType::Q4_K
+            | GgmlType::Q5_K
+            | GgmlType::Q6_K
     )
 }
 
@@ -88,26 +104,35 @@ impl<'a> WeightRows<'a> {
                     }
                 }
             }
+            GgmlType::Q4_K => dequantize_q4_k(bytemuck::cast_slice(row), out),
+            GgmlType::Q5_K => dequantize_q5_k(bytemuck::cast_slice(row), out),
+            GgmlType::Q6_K => dequantize_q6_k(bytemuck::cast_slice(row), out),
             other => unreachable!("weight type {other} was refused at load"),
         }
     }
 }
 
-/// Activations of a batch of tokens (token-major, `dim` values each), with their Q8_0 form computed on demand.
+/// Activations of a batch of tokens (token-major, `dim` values each), with their Q8_0 and Q8_K forms computed
+/// on demand (a layer whose matrices mix Q4_K and Q6_K, or a Q4_0 file with Q8_0 fallbacks, shares one each).
 pub struct ActivationBatch {
     dim: usize,
     n: usize,
     x: Vec<f32>,
     q8: Vec<BlockQ8_0>,
     q8_ready: bool,
+    /// Empty when `dim` is not a multiple of 256 (no k-quant matrix can have such rows).
+    q8k: Vec<BlockQ8K>,
+    q8k_ready: bool,
 }
 
-/// Rows of an [`ActivationBatch`] as the kernels read them: the f32 values and, when prepared, the Q8_0 blocks.
+/// Rows of an [`ActivationBatch`] as the kernels read them: the f32 values and, when prepared, the Q8_0 and
+/// Q8_K blocks.
 #[derive(Clone, Copy)]
 pub struct ActivationRows<'a> {
     pub n: usize,
     pub f32: &'a [f32],
     pub q8: &'a [BlockQ8_0],
+    pub q8k: &'a [BlockQ8K],
 }
 
 impl ActivationBatch {
@@ -125,6 +150,15 @@ impl ActivationBatch {
                 dim.div_ceil(32) * max_tokens
             ],
             q8_ready: false,
+            q8k: vec![
+                BlockQ8K::zeroed();
+                if dim.is_multiple_of(QK_K) {
+                    dim / QK_K * max_tokens
+                } else {
+                    0
+                }
+            ],
+            q8k_ready: false,
         }
     }
 
@@ -148,6 +182,7 @@ impl ActivationBatch {
         );
         self.n = n;
         self.q8_ready = false;
+        self.q8k_ready = false;
         &mut self.x[..n * self.dim]
     }
 
@@ -157,11 +192,26 @@ impl ActivationBatch {
 
     pub fn values_mut(&mut self) -> &mut [f32] {
         self.q8_ready = false;
+        self.q8k_ready = false;
         &mut self.x[..self.n * self.dim]
     }
 
-    /// Makes the Q8_0 form current if `ty` needs it (once per batch, however many matrices use it).
+    /// Makes the Q8_0 or Q8_K form current if `ty` needs it (once per batch, however many matrices use it).
     pub fn prepare_for(&mut self, ty: GgmlType, k: &Kernels) {
+        if wants_q8_k(ty) && !self.q8k_ready {
+            let (d, blocks) = (self.dim, self.dim / QK_K);
+            assert!(
+                d.is_multiple_of(QK_K),
+                "{ty} rows of {d} values (the loader checks they are whole blocks)"
+            );
+            for (x, q) in self.x[..self.n * d]
+                .chunks_exact(d)
+                .zip(self.q8k.chunks_exact_mut(blocks))
+            {
+                (k.quantize_q8_k)(x, q);
+            }
+            self.q8k_ready = true;
+        }
         if wants_q8_0(ty) && !self.q8_ready {
             let (d, blocks) = (self.dim, self.dim / 32);
             for (x, q) in self.x[..self.n * d]
@@ -174,7 +224,7 @@ impl ActivationBatch {
         }
     }
 
-    /// Rows `start..start + n` for the kernels (the Q8_0 part is empty unless prepared).
+    /// Rows `start..start + n` for the kernels (the Q8_0 and Q8_K parts are empty unless prepared).
     pub fn rows(&self, start: usize, n: usize) -> ActivationRows<'_> {
         assert!(
             start + n <= self.n,
@@ -191,6 +241,12 @@ impl ActivationBatch {
             } else {
                 &[]
             },
+            q8k: if self.q8k_ready {
+                let kb = self.dim / QK_K;
+                &self.q8k[start * kb..(start + n) * kb]
+            } else {
+                &[]
+            },
         }
     }
 
@@ -204,12 +260,13 @@ impl ActivationBatch {
         assert_eq!(self.dim, src.dim);
         if self.n == 0 {
             self.q8_ready = src.q8_ready;
+            self.q8k_ready = src.q8k_ready;
         }
-        assert_eq!(
-            self.q8_ready, src.q8_ready,
-            "appending rows with and without their Q8_0 form"
+        assert!(
+            self.q8_ready == src.q8_ready && self.q8k_ready == src.q8k_ready,
+            "appending rows with and without their quantized forms"
         );
-        let (d, blocks) = (self.dim, self.dim / 32);
+        let (d, blocks, kb) = (self.dim, self.dim / 32, self.dim / QK_K);
         for t in tokens {
             let i = self.n;
             assert!(
@@ -220,6 +277,9 @@ impl ActivationBatch {
             if src.q8_ready {
                 self.q8[i * blocks..(i + 1) * blocks]
                     .copy_from_slice(&src.q8[t * blocks..(t + 1) * blocks]);
+            }
+            if src.q8k_ready {
+                self.q8k[i * kb..(i + 1) * kb].copy_from_slice(&src.q8k[t * kb..(t + 1) * kb]);
             }
             self.n += 1;
         }
@@ -237,6 +297,13 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: &mut [f
         GgmlType::Q8_0 | GgmlType::Q4_0 => {
             assert!(!acts.q8.is_empty(), "activations not prepared for {}", w.ty)
         }
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            assert!(
+                !acts.q8k.is_empty(),
+                "activations not prepared for {}",
+                w.ty
+            )
+        }
         _ => {}
     }
     match w.ty {
@@ -246,6 +313,27 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: &mut [f
         GgmlType::Q4_0 => {
             (k.gemm_q4_0)(bytemuck::cast_slice(w.data), acts.q8, w.cols / 32, out, ldo)
         }
+        GgmlType::Q4_K => (k.gemm_q4_k)(
+            bytemuck::cast_slice(w.data),
+            acts.q8k,
+            w.cols / QK_K,
+            out,
+            ldo,
+        ),
+        GgmlType::Q5_K => (k.gemm_q5_k)(
+            bytemuck::cast_slice(w.data),
+            acts.q8k,
+            w.cols / QK_K,
+            out,
+            ldo,
+        ),
+        GgmlType::Q6_K => (k.gemm_q6_k)(
+            bytemuck::cast_slice(w.data),
+            acts.q8k,
+            w.cols / QK_K,
+            out,
+            ldo,
+        ),
         GgmlType::F32 => (k.gemm_f32)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out, ldo),
         GgmlType::F16 => (k.gemm_f16)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out, ldo),
         GgmlType::BF16 => (k.gemm_bf16)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out, ldo),

@@ -22,16 +22,21 @@ pub mod ops;
 pub mod parallel;
 mod portable;
 pub mod q4_0;
+pub mod q4_k;
+pub mod q5_k;
+pub mod q6_k;
 pub mod q8_0;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use matmul::{ActivationBatch, ActivationRows, WeightRows, gemm_rows, supported, wants_q8_0};
+pub use matmul::{
+    ActivationBatch, ActivationRows, WeightRows, gemm_rows, supported, wants_q8_0, wants_q8_k,
+};
 
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
 /// One set of kernels, all for the same instruction set.
 ///
@@ -57,6 +62,15 @@ pub struct Kernels {
         fn(w: &[BlockQ8_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32], ldo: usize),
     pub gemm_q4_0:
         fn(w: &[BlockQ4_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32], ldo: usize),
+    /// Activation row to Q8_K for the k-quant products: exactly ggml's `quantize_row_q8_K` (which is also what
+    /// llama.cpp runs), so every set must give the same bytes.
+    pub quantize_q8_k: fn(&[f32], &mut [BlockQ8K]),
+    pub gemm_q4_k:
+        fn(w: &[BlockQ4K], a: &[BlockQ8K], blocks_per_row: usize, out: &mut [f32], ldo: usize),
+    pub gemm_q5_k:
+        fn(w: &[BlockQ5K], a: &[BlockQ8K], blocks_per_row: usize, out: &mut [f32], ldo: usize),
+    pub gemm_q6_k:
+        fn(w: &[BlockQ6K], a: &[BlockQ8K], blocks_per_row: usize, out: &mut [f32], ldo: usize),
     pub gemm_f32: fn(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize),
     pub gemm_f16: fn(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize),
     pub gemm_bf16: fn(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize),
@@ -80,11 +94,34 @@ pub fn check_out(out_len: usize, rows: usize, n_tokens: usize, ldo: usize) {
     );
 }
 
+/// A matrix product as one dot product per (row, token), written token-major `out[t * ldo + r]`: the scalar
+/// references' loop, whatever the block types.
+fn gemm_by_dots<W, A>(
+    w: &[W],
+    a: &[A],
+    blocks_per_row: usize,
+    out: &mut [f32],
+    ldo: usize,
+    dot: impl Fn(&[W], &[A]) -> f32,
+) {
+    let (rows, n) = (w.len() / blocks_per_row, a.len() / blocks_per_row);
+    check_out(out.len(), rows, n, ldo);
+    for (t, act) in a.chunks_exact(blocks_per_row).enumerate() {
+        for (r, row) in w.chunks_exact(blocks_per_row).enumerate() {
+            out[t * ldo + r] = dot(row, act);
+        }
+    }
+}
+
 pub const SCALAR: Kernels = Kernels {
     name: "scalar",
     quantize_q8_0: q8_0::quantize_activations_scalar,
     gemm_q8_0: q8_0::gemm_scalar,
     gemm_q4_0: q4_0::gemm_scalar,
+    quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
+    gemm_q4_k: q4_k::gemm_scalar,
+    gemm_q5_k: q5_k::gemm_scalar,
+    gemm_q6_k: q6_k::gemm_scalar,
     gemm_f32: float::gemm_f32_scalar,
     gemm_f16: float::gemm_f16_scalar,
     gemm_bf16: float::gemm_bf16_scalar,

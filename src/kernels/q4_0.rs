@@ -18,7 +18,7 @@ pub fn dot_scalar(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
     sum
 }
 
-/// Reference matrix product: one dot product per (row, token), written token-major `out[t * ldo + r]`.
+/// Reference matrix product, token-major `out[t * ldo + r]`.
 pub fn gemm_scalar(
     w: &[BlockQ4_0],
     a: &[BlockQ8_0],
@@ -26,11 +26,5 @@ pub fn gemm_scalar(
     out: &mut [f32],
     ldo: usize,
 ) {
-    let (rows, n) = (w.len() / blocks_per_row, a.len() / blocks_per_row);
-    super::check_out(out.len(), rows, n, ldo);
-    for (t, act) in a.chunks_exact(blocks_per_row).enumerate() {
-        for (r, row) in w.chunks_exact(blocks_per_row).enumerate() {
-            out[t * ldo + r] = dot_scalar(row, act);
-        }
-    }
+    super::gemm_by_dots(w, a, blocks_per_row, out, ldo, dot_scalar);
 }

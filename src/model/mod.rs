@@ -24,7 +24,7 @@ pub enum ModelError {
     )]
     UnsupportedArchitecture { path: PathBuf, arch: String },
     #[error(
-        "{}: tensor '{tensor}' is stored as {ty}, which quarry cannot compute with yet (supported: f32, f16, bf16, q8_0, q4_0); re-quantize the model with `quarry quantize`",
+        "{}: tensor '{tensor}' is stored as {ty}, which quarry cannot compute with (supported: f32, f16, bf16, q8_0, q4_0, q4_K, q5_K, q6_K); re-quantize the model with `quarry quantize`",
         path.display()
     )]
     UnsupportedTensorType {

@@ -1,0 +1,41 @@
+//! Q4_K weights (8 groups of 32 four-bit quants with 6-bit scales and mins per 256) against Q8_K-quantized
+//! activations: the scalar reference. The SIMD versions are in `portable.rs` and `x86/`.
+
+use quarry_quantize::blocks::{BlockQ4K, BlockQ8K};
+
+/// Reference dot product. Per block two exact integer sums: the quants times the activation bytes weighted by
+/// the group scales, and the group mins times the activation group sums (`bsums`, so the `- dmin * m` term
+/// never touches the quants), then `d * da * dots - dmin * da * mins` in f32.
+pub fn dot_scalar(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    let mut sum = 0.0f32;
+    for (bw, ba) in w.iter().zip(a) {
+        let (mut dots, mut mins) = (0i32, 0i32);
+        for c in 0..4 {
+            let (sc_lo, m_lo) = bw.scale_min(2 * c);
+            let (sc_hi, m_hi) = bw.scale_min(2 * c + 1);
+            let (mut lo, mut hi) = (0i32, 0i32);
+            for l in 0..32 {
+                let byte = bw.qs[32 * c + l];
+                lo += (byte & 0x0f) as i32 * ba.qs[64 * c + l] as i32;
+                hi += (byte >> 4) as i32 * ba.qs[64 * c + 32 + l] as i32;
+            }
+            dots += sc_lo as i32 * lo + sc_hi as i32 * hi;
+            let bs = &ba.bsums[4 * c..4 * c + 4];
+            mins += m_lo as i32 * (bs[0] as i32 + bs[1] as i32)
+                + m_hi as i32 * (bs[2] as i32 + bs[3] as i32);
+        }
+        sum += bw.d.to_f32() * ba.d * dots as f32 - bw.dmin.to_f32() * ba.d * mins as f32;
+    }
+    sum
+}
+
+/// Reference matrix product, token-major `out[t * ldo + r]`.
+pub fn gemm_scalar(
+    w: &[BlockQ4K],
+    a: &[BlockQ8K],
+    blocks_per_row: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    super::gemm_by_dots(w, a, blocks_per_row, out, ldo, dot_scalar);
+}
