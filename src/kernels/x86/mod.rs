@@ -58,6 +58,8 @@ struct Scratch {
     w: Vec<u8>,
     /// Weight block scales as f32 (many-token kernel).
     dw: Vec<f32>,
+    /// Prepared k-quant group scales and min (or offset) pairs as integers (many-token kernel).
+    wi: Vec<i32>,
 }
 
 thread_local! {

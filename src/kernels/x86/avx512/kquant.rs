@@ -1,0 +1,676 @@
+//! Q4_K and Q6_K against Q8_K on AVX-512 VNNI.
+//!
+//! Both formats come down to unsigned quants in natural weight order (Q4_K 0..=15, Q6_K 0..=63) against the Q8_K
+//! activation bytes, with one integer scale per group (Q4_K: 8 groups of 32, 6-bit; Q6_K: 16 groups of 16, i8),
+//! plus a term from the activation group sums (`bsums`): Q4_K's mins (own float scale `dmin`), Q6_K's `-32`
+//! offset (folded into the integer sum). Every per-block integer sum is computed exactly, as the scalar
+//! reference computes it.
+//!
+//! - **Few tokens** (decode): each weight block is unpacked in registers into 4 zmm of quant bytes, and each
+//!   `vpdpbusd` against 64 activation bytes gives 16 lanes that each hold 4 products of one group. Two such
+//!   vectors are packed to words (exact: at most `4 * 63 * 127 = 32004`), and one `vpmaddwd` against the group
+//!   scales spread as words over the lanes applies the scales and sums in pairs: 8 `vpdpbusd`, 4 packs and 4
+//!   word multiplies per block, then one convert and one FMA per block and token. Rows are tiled 4 at a time
+//!   and prefetched ahead into L2, as the Q4_0 kernel does.
+//! - **Many tokens** (prompt): one lane per token, as `x86::gemm_lanes` does for the 32-blocks. A tile of 8
+//!   rows is unpacked once into scratch (quant bytes, scales and min pairs as integers); each group's lanes are
+//!   summed by `vpdpbusd` against transposed activations and multiplied by the group's scale (`vpmulld`), the
+//!   `bsums` term is one `vpdpwssd` per two groups against pairs of transposed sums.
+
+use std::arch::x86_64::*;
+
+use quarry_quantize::blocks::{BlockQ4K, BlockQ6K, BlockQ8K};
+
+use super::super::{CHUNK_TOKENS, Scratch, f16_bits_to_f32, grow, scratch, transpose_8x8};
+
+/// Bytes of weights requested ahead of the ones being read (as in the Q4_0 kernel).
+const PREFETCH_BYTES: usize = 8192;
+
+/// `vpshufb` controls spreading Q4_K scale bytes (broadcast to every qword) over the words of a packed pair of
+/// dot vectors: for half `p`, 128-bit lane `k` holds 4 words of group `4p + (k >= 2)`, then 4 of group
+/// `4p + 2 + (k >= 2)` (see `Q4K::acc`). High bytes are zero.
+const fn q4k_scale_ctrl(p: usize) -> [u8; 64] {
+    let mut c = [0x80u8; 64];
+    let mut k = 0;
+    while k < 4 {
+        let mut i = 0;
+        while i < 8 {
+            let g = 4 * p + (k >= 2) as usize + if i < 4 { 0 } else { 2 };
+            c[16 * k + 2 * i] = g as u8;
+            i += 1;
+        }
+        k += 1;
+    }
+    c
+}
+const Q4K_SCALE_CTRL: [[u8; 64]; 2] = [q4k_scale_ctrl(0), q4k_scale_ctrl(1)];
+
+/// `vpshufb` control turning the 8 Q4_K min bytes (broadcast to every qword) into 16
+/// words, each min twice: `vpmaddwd` against the 16 `bsums` then gives `min_g * (bsums[2g] + bsums[2g + 1])`.
+const Q4K_MIN_CTRL: [u8; 32] = {
+    let mut c = [0x80u8; 32];
+    let mut i = 0;
+    while i < 16 {
+        c[2 * i] = (i / 2) as u8;
+        i += 1;
+    }
+    c
+};
+
+/// `vpshufb` controls putting Q6_K scale bytes (broadcast to every 128-bit lane) into the high byte of each word
+/// (sign-extended afterwards by an arithmetic shift): for half `h`, lane `k` holds 4 words of group `8h + k`,
+/// then 4 of group `8h + 4 + k`.
+const fn q6k_scale_ctrl(h: usize) -> [u8; 64] {
+    let mut c = [0x80u8; 64];
+    let mut k = 0;
+    while k < 4 {
+        let mut i = 0;
+        while i < 8 {
+            c[16 * k + 2 * i + 1] = (8 * h + k + if i < 4 { 0 } else { 4 }) as u8;
+            i += 1;
+        }
+        k += 1;
+    }
+    c
+}
+const Q6K_SCALE_CTRL: [[u8; 64]; 2] = [q6k_scale_ctrl(0), q6k_scale_ctrl(1)];
+
+/// The 6-bit scales and mins of a Q4_K/Q5_K block, one byte per group (byte `g` of each word is group `g`): the
+/// layout of `BlockQ4K::scales` undone on three words at once instead of per group.
+#[inline(always)]
+pub(crate) fn q4k_scales_mins(p: &[u8; 12]) -> (u64, u64) {
+    let lo = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+    let mid = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
+    let hi = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
+    let sc_hi = (hi & 0x0f0f_0f0f) | ((lo >> 2) & 0x3030_3030);
+    let m_hi = ((hi >> 4) & 0x0f0f_0f0f) | ((mid >> 2) & 0x3030_3030);
+    (
+        (lo & 0x3f3f_3f3f) as u64 | (sc_hi as u64) << 32,
+        (mid & 0x3f3f_3f3f) as u64 | (m_hi as u64) << 32,
+    )
+}
+
+/// A k-quant format on AVX-512 for both kernels.
+pub(crate) trait KQuant {
+    type W: Copy;
+    /// A weight block unpacked in registers.
+    type Row: Copy;
+    /// Groups per block (scales) and words of `bsums` pairs the second term needs (as dwords).
+    const GROUPS: usize;
+    const PAIRS: usize;
+    /// Whether the `bsums` term is Q6_K's `-32` offset (integer) rather than Q4_K's mins (scaled by `-dmin`).
+    const OFFSET32: bool;
+    unsafe fn decode(w: *const Self::W) -> Self::Row;
+    /// `acc +` the block's partial sums with activation block `a` (16 lanes whose sum is the dot product).
+    unsafe fn acc(row: &Self::Row, a: *const BlockQ8K, acc: __m512) -> __m512;
+    /// Writes the 256 quant bytes, `GROUPS` scales, `PAIRS` dwords of two word-sized factors for the `bsums`
+    /// pairs, and `[d, dmin]`.
+    unsafe fn prep(w: *const Self::W, q: *mut u8, wi: *mut i32, f: *mut f32);
+    /// The activation side of the `bsums` term: `PAIRS` dwords of two words each.
+    fn act_pairs(a: &BlockQ8K, out: &mut [i32; 8]);
+}
+
+pub(crate) struct Q4K;
+pub(crate) struct Q6K;
+
+#[derive(Clone, Copy)]
+pub(crate) struct Q4KRow {
+    /// Quant bytes of weights `64c..64c + 64`.
+    q: [__m512i; 4],
+    /// Scale words for the two packed halves.
+    sc: [__m512i; 2],
+    /// Each min twice, as words.
+    m: __m256i,
+    d: f32,
+    dmin: f32,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct Q6KRow {
+    q: [__m512i; 4],
+    sc: [__m512i; 2],
+    /// The 16 scales as words.
+    sc16: __m256i,
+    d: f32,
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl KQuant for Q4K {
+    type W = BlockQ4K;
+    type Row = Q4KRow;
+    const GROUPS: usize = 8;
+    const PAIRS: usize = 4;
+    const OFFSET32: bool = false;
+    #[inline(always)]
+    unsafe fn decode(w: *const BlockQ4K) -> Q4KRow {
+        unsafe {
+            let b = &*w;
+            let low4 = _mm512_set1_epi8(0x0f);
+            let mut q = [_mm512_setzero_si512(); 4];
+            for (c, qc) in q.iter_mut().enumerate() {
+                // Byte 32c + l holds weight 64c + l (low nibble) and 64c + 32 + l (high): the 32 bytes twice,
+                // the upper copy shifted, give the 64 weights in order.
+                let x = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    b.qs.as_ptr().add(32 * c) as *const __m256i
+                ));
+                let x = _mm512_mask_srli_epi16::<4>(x, 0xffff_0000, x);
+                *qc = _mm512_and_si512(x, low4);
+            }
+            let (sc, m) = q4k_scales_mins(&b.scales);
+            let scv = _mm512_set1_epi64(sc as i64);
+            let mv = _mm256_set1_epi64x(m as i64);
+            Q4KRow {
+                q,
+                sc: [
+                    _mm512_shuffle_epi8(
+                        scv,
+                        _mm512_loadu_si512(Q4K_SCALE_CTRL[0].as_ptr() as *const _),
+                    ),
+                    _mm512_shuffle_epi8(
+                        scv,
+                        _mm512_loadu_si512(Q4K_SCALE_CTRL[1].as_ptr() as *const _),
+                    ),
+                ],
+                m: _mm256_shuffle_epi8(
+                    mv,
+                    _mm256_loadu_si256(Q4K_MIN_CTRL.as_ptr() as *const __m256i),
+                ),
+                d: f16_bits_to_f32(b.d.to_bits()),
+                dmin: f16_bits_to_f32(b.dmin.to_bits()),
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn acc(r: &Q4KRow, a: *const BlockQ8K, acc: __m512) -> __m512 {
+        unsafe {
+            let a = &*a;
+            let qa = a.qs.as_ptr();
+            let z = _mm512_setzero_si512();
+            let mut isum = z;
+            for p in 0..2 {
+                // Lanes 0..8 of d0 are group 4p, 8..16 group 4p + 1; of d1 groups 4p + 2 and 4p + 3.
+                let d0 = _mm512_dpbusd_epi32(
+                    z,
+                    r.q[2 * p],
+                    _mm512_loadu_si512(qa.add(128 * p) as *const _),
+                );
+                let d1 = _mm512_dpbusd_epi32(
+                    z,
+                    r.q[2 * p + 1],
+                    _mm512_loadu_si512(qa.add(128 * p + 64) as *const _),
+                );
+                isum =
+                    _mm512_add_epi32(isum, _mm512_madd_epi16(_mm512_packs_epi32(d0, d1), r.sc[p]));
+            }
+            let mins =
+                _mm256_madd_epi16(r.m, _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i));
+            let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(r.d * a.d), acc);
+            _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(_mm512_zextsi256_si512(mins)),
+                _mm512_set1_ps(-(r.dmin * a.d)),
+                acc,
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn prep(w: *const BlockQ4K, q: *mut u8, wi: *mut i32, f: *mut f32) {
+        unsafe {
+            let r = Self::decode(w);
+            for (c, &qc) in r.q.iter().enumerate() {
+                _mm512_storeu_si512(q.add(64 * c) as *mut _, qc);
+            }
+            let (sc, m) = q4k_scales_mins(&(*w).scales);
+            for g in 0..8 {
+                *wi.add(g) = (sc >> (8 * g)) as u8 as i32;
+            }
+            for k in 0..4 {
+                let (m0, m1) = (
+                    (m >> (16 * k)) as u8 as u32,
+                    (m >> (16 * k + 8)) as u8 as u32,
+                );
+                *wi.add(8 + k) = (m0 | m1 << 16) as i32;
+            }
+            *f = r.d;
+            *f.add(1) = r.dmin;
+        }
+    }
+    #[inline(always)]
+    fn act_pairs(a: &BlockQ8K, out: &mut [i32; 8]) {
+        for (k, o) in out.iter_mut().take(4).enumerate() {
+            let bs = &a.bsums[4 * k..4 * k + 4];
+            // Group sums of 32 quants: at most 32 * 127, a word.
+            let g0 = bs[0].wrapping_add(bs[1]) as u16 as u32;
+            let g1 = bs[2].wrapping_add(bs[3]) as u16 as u32;
+            *o = (g0 | g1 << 16) as i32;
+        }
+    }
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl KQuant for Q6K {
+    type W = BlockQ6K;
+    type Row = Q6KRow;
+    const GROUPS: usize = 16;
+    const PAIRS: usize = 8;
+    const OFFSET32: bool = true;
+    #[inline(always)]
+    unsafe fn decode(w: *const BlockQ6K) -> Q6KRow {
+        unsafe {
+            let b = &*w;
+            let low4 = _mm512_set1_epi8(0x0f);
+            let bits45 = _mm512_set1_epi8(0x30);
+            let mut q = [_mm512_setzero_si512(); 4];
+            for h in 0..2 {
+                let ql = _mm512_loadu_si512(b.ql.as_ptr().add(64 * h) as *const _);
+                let qh = _mm256_loadu_si256(b.qh.as_ptr().add(32 * h) as *const __m256i);
+                // High-bit pairs 0-1 and 2-3 of each byte at bits 0-1 (lower and upper 32 bytes), then pairs
+                // 4-5 and 6-7 at bits 4-5: weights 128h..128h + 64 take the first, + 64.. the second.
+                let qhz =
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
+                q[2 * h] = _mm512_or_si512(
+                    _mm512_and_si512(ql, low4),
+                    _mm512_and_si512(_mm512_slli_epi16::<4>(qhz), bits45),
+                );
+                q[2 * h + 1] = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low4),
+                    _mm512_and_si512(qhz, bits45),
+                );
+            }
+            let xs = _mm_loadu_si128(b.scales.as_ptr() as *const __m128i);
+            let bc = _mm512_broadcast_i32x4(xs);
+            // No closure: it would be compiled without the target features.
+            let mut sc = [_mm512_setzero_si512(); 2];
+            for (h, sch) in sc.iter_mut().enumerate() {
+                *sch = _mm512_srai_epi16::<8>(_mm512_shuffle_epi8(
+                    bc,
+                    _mm512_loadu_si512(Q6K_SCALE_CTRL[h].as_ptr() as *const _),
+                ));
+            }
+            Q6KRow {
+                q,
+                sc,
+                sc16: _mm256_cvtepi8_epi16(xs),
+                d: f16_bits_to_f32(b.d.to_bits()),
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn acc(r: &Q6KRow, a: *const BlockQ8K, acc: __m512) -> __m512 {
+        unsafe {
+            let a = &*a;
+            let qa = a.qs.as_ptr();
+            let z = _mm512_setzero_si512();
+            let mut isum = z;
+            for h in 0..2 {
+                // 4 groups of 16 per vector: d0 groups 8h..8h + 4, d1 groups 8h + 4..8h + 8.
+                let d0 = _mm512_dpbusd_epi32(
+                    z,
+                    r.q[2 * h],
+                    _mm512_loadu_si512(qa.add(128 * h) as *const _),
+                );
+                let d1 = _mm512_dpbusd_epi32(
+                    z,
+                    r.q[2 * h + 1],
+                    _mm512_loadu_si512(qa.add(128 * h + 64) as *const _),
+                );
+                isum =
+                    _mm512_add_epi32(isum, _mm512_madd_epi16(_mm512_packs_epi32(d0, d1), r.sc[h]));
+            }
+            // - 32 * sum(scale_g * bsum_g), exact in i32.
+            let off = _mm256_madd_epi16(
+                r.sc16,
+                _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i),
+            );
+            let isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(_mm256_slli_epi32::<5>(off)));
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(r.d * a.d), acc)
+        }
+    }
+    #[inline(always)]
+    unsafe fn prep(w: *const BlockQ6K, q: *mut u8, wi: *mut i32, f: *mut f32) {
+        unsafe {
+            let r = Self::decode(w);
+            for (c, &qc) in r.q.iter().enumerate() {
+                _mm512_storeu_si512(q.add(64 * c) as *mut _, qc);
+            }
+            let sc = &(*w).scales;
+            for (g, &scg) in sc.iter().enumerate() {
+                *wi.add(g) = scg as i32;
+            }
+            for k in 0..8 {
+                let (s0, s1) = (
+                    sc[2 * k] as i16 as u16 as u32,
+                    sc[2 * k + 1] as i16 as u16 as u32,
+                );
+                *wi.add(16 + k) = (s0 | s1 << 16) as i32;
+            }
+            *f = r.d;
+            *f.add(1) = 0.0;
+        }
+    }
+    #[inline(always)]
+    fn act_pairs(a: &BlockQ8K, out: &mut [i32; 8]) {
+        for (k, o) in out.iter_mut().enumerate() {
+            *o = (a.bsums[2 * k] as u16 as u32 | (a.bsums[2 * k + 1] as u16 as u32) << 16) as i32;
+        }
+    }
+}
+
+/// Integers per prepared row block in `Scratch::wi`: up to 16 scales, then up to 8 pairs.
+const WI: usize = 24;
+
+/// `out[t * ldo + r] = W[r] . A[t]`: whole vectors of 16 tokens (and a remainder of 6 or more, padded) on the lane
+/// kernel, fewer on the few-token kernel.
+#[inline(always)]
+pub(crate) unsafe fn gemm<K: KQuant>(
+    w: &[K::W],
+    a: &[BlockQ8K],
+    bpr: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if bpr == 0 || a.is_empty() || w.is_empty() {
+        return;
+    }
+    let n = a.len() / bpr;
+    let lanes = if n % 16 >= 6 { n } else { n / 16 * 16 };
+    unsafe {
+        if lanes > 0 {
+            gemm_lanes::<K>(w, a, bpr, 0, lanes, out, ldo);
+        }
+        if lanes < n {
+            gemm_few::<K>(w, a, bpr, lanes, n, out, ldo);
+        }
+    }
+}
+
+/// Tokens `t0..t1`: 4 rows x up to 4 tokens, each weight block unpacked once per tile.
+#[inline(always)]
+unsafe fn gemm_few<K: KQuant>(
+    w: &[K::W],
+    a: &[BlockQ8K],
+    bpr: usize,
+    t0: usize,
+    t1: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert!(bpr > 0);
+    let n = a.len() / bpr;
+    let rows = w.len() / bpr;
+    assert!(t0 <= t1 && t1 <= n);
+    crate::kernels::check_out(out.len(), rows, n, ldo);
+    // SAFETY: the tiles stay within rows and tokens (below); prefetches never fault.
+    unsafe {
+        // The first tiles are not covered by the loop's prefetches (they request PREFETCH_BYTES ahead).
+        let head = w.as_ptr() as *const i8;
+        let bytes = (rows * bpr * size_of::<K::W>()).min(PREFETCH_BYTES);
+        for off in (0..bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T1>(head.wrapping_add(off));
+        }
+        let mut r = 0;
+        while r < rows {
+            let rt = if rows - r >= 4 { 4 } else { 1 };
+            let mut t = t0;
+            while t < t1 {
+                let left = t1 - t;
+                match (rt, left) {
+                    (4, 4..) => few_tile::<K, 4, 4>(w, a, bpr, r, t, out, ldo),
+                    (4, 2..) => few_tile::<K, 4, 2>(w, a, bpr, r, t, out, ldo),
+                    (4, _) => few_tile::<K, 4, 1>(w, a, bpr, r, t, out, ldo),
+                    (_, 4..) => few_tile::<K, 1, 4>(w, a, bpr, r, t, out, ldo),
+                    (_, 2..) => few_tile::<K, 1, 2>(w, a, bpr, r, t, out, ldo),
+                    (_, _) => few_tile::<K, 1, 1>(w, a, bpr, r, t, out, ldo),
+                }
+                t += if left >= 4 {
+                    4
+                } else if left >= 2 {
+                    2
+                } else {
+                    1
+                };
+            }
+            r += rt;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn few_tile<K: KQuant, const RT: usize, const TT: usize>(
+    w: &[K::W],
+    a: &[BlockQ8K],
+    bpr: usize,
+    r0: usize,
+    t: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let bb = size_of::<K::W>();
+    let ahead = PREFETCH_BYTES.next_multiple_of(RT * bpr * bb);
+    debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
+    // SAFETY (bounds): rows r0..r0 + RT and tokens t..t + TT exist (the caller's tiling), every pointer indexes
+    // block b < bpr of one of them. Prefetch addresses wrap and are never dereferenced.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); TT]; RT];
+        let wp = w.as_ptr().add(r0 * bpr);
+        let ap = a.as_ptr().add(t * bpr);
+        for b in 0..bpr {
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let blk = wp.add(i * bpr + b);
+                let pf = (blk as *const i8).wrapping_add(ahead);
+                let mut off = 0;
+                while off < bb {
+                    _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(off));
+                    off += 64;
+                }
+                let row = K::decode(blk);
+                for (j, acc_ij) in acc_i.iter_mut().enumerate() {
+                    *acc_ij = K::acc(&row, ap.add(j * bpr + b), *acc_ij);
+                }
+            }
+        }
+        for (i, acc_i) in acc.iter().enumerate() {
+            for (j, &acc_ij) in acc_i.iter().enumerate() {
+                out[(t + j) * ldo + r0 + i] = _mm512_reduce_add_ps(acc_ij);
+            }
+        }
+    }
+}
+
+/// Transposes the activations of tokens `t0..t0 + 16 * groups` (zero past `t1`) into scratch: per group `g` and
+/// block `b` (`gb = g * bpr + b`), `act[(gb * 64 + k) * 16 + j]` is dword `k` of token `j`'s quants,
+/// `da[gb * 16 + j]` its scale and `corr[(gb * 8 + k) * 16 + j]` its `k`th `bsums` pair.
+#[inline(always)]
+unsafe fn prep_acts<K: KQuant>(
+    a: &[BlockQ8K],
+    bpr: usize,
+    t0: usize,
+    t1: usize,
+    groups: usize,
+    s: &mut Scratch,
+) {
+    grow(&mut s.act, groups * bpr * 64 * 16);
+    grow(&mut s.da, groups * bpr * 16);
+    grow(&mut s.corr, groups * bpr * 8 * 16);
+    // SAFETY: loads read block b < bpr of token < t1 <= n; stores stay below the sizes grown above.
+    unsafe {
+        for g in 0..groups {
+            for b in 0..bpr {
+                let gb = g * bpr + b;
+                for h in 0..2 {
+                    let tb = t0 + 16 * g + 8 * h;
+                    for kk in 0..8 {
+                        let mut r = [_mm256_setzero_si256(); 8];
+                        for (j, rj) in r.iter_mut().enumerate() {
+                            if tb + j < t1 {
+                                let blk = &a[(tb + j) * bpr + b];
+                                *rj = _mm256_loadu_si256(
+                                    blk.qs.as_ptr().add(32 * kk) as *const __m256i
+                                );
+                            }
+                        }
+                        let cols = transpose_8x8(r);
+                        for (k, &c) in cols.iter().enumerate() {
+                            _mm256_storeu_si256(
+                                s.act.as_mut_ptr().add((gb * 64 + 8 * kk + k) * 16 + 8 * h)
+                                    as *mut __m256i,
+                                c,
+                            );
+                        }
+                    }
+                }
+                for j in 0..16 {
+                    let tok = t0 + 16 * g + j;
+                    let mut pairs = [0i32; 8];
+                    let mut d = 0.0;
+                    if tok < t1 {
+                        let blk = &a[tok * bpr + b];
+                        K::act_pairs(blk, &mut pairs);
+                        d = blk.d;
+                    }
+                    s.da[gb * 16 + j] = d;
+                    for (k, &p) in pairs.iter().enumerate() {
+                        s.corr[(gb * 8 + k) * 16 + j] = p;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Tokens `t0..t1` in vectors of 16 (the last one padded), 8 rows per tile.
+#[inline(always)]
+unsafe fn gemm_lanes<K: KQuant>(
+    w: &[K::W],
+    a: &[BlockQ8K],
+    bpr: usize,
+    t0: usize,
+    t1: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    const N: usize = 16;
+    const RW: usize = 8;
+    assert!(bpr > 0);
+    let n = a.len() / bpr;
+    let rows = w.len() / bpr;
+    assert!(t0 <= t1 && t1 <= n);
+    crate::kernels::check_out(out.len(), rows, n, ldo);
+    let gd = 64 / K::GROUPS;
+    // SAFETY: see `scratch`.
+    let s = unsafe { &mut *scratch() };
+    let mut c0 = t0;
+    while c0 < t1 {
+        let groups = (t1 - c0).div_ceil(N).min(CHUNK_TOKENS / N);
+        let c1 = (c0 + groups * N).min(t1);
+        // SAFETY: the set's features are enabled; `prep_acts` sizes its buffers.
+        unsafe { prep_acts::<K>(a, bpr, c0, c1, groups, s) };
+        grow(&mut s.w, RW * bpr * 256);
+        grow(&mut s.wi, RW * bpr * WI);
+        grow(&mut s.dw, RW * bpr * 2);
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(RW);
+            for i in 0..RW {
+                for b in 0..bpr {
+                    let ib = i * bpr + b;
+                    if i < nr {
+                        // SAFETY: 256 bytes, WI integers and 2 floats at these offsets were grown above.
+                        unsafe {
+                            K::prep(
+                                &w[(r0 + i) * bpr + b],
+                                s.w.as_mut_ptr().add(ib * 256),
+                                s.wi.as_mut_ptr().add(ib * WI),
+                                s.dw.as_mut_ptr().add(ib * 2),
+                            )
+                        };
+                    } else {
+                        // Missing rows of the last tile: zero quants, scales and factors.
+                        s.w[ib * 256..(ib + 1) * 256].fill(0);
+                        s.wi[ib * WI..(ib + 1) * WI].fill(0);
+                        s.dw[ib * 2..ib * 2 + 2].fill(0.0);
+                    }
+                }
+            }
+            for g in 0..groups {
+                let tg = c0 + g * N;
+                // SAFETY: scratch indices are within the sizes grown above: group g < groups, block b < bpr,
+                // row i < RW, dword k < 64, pair k < PAIRS <= 8.
+                let acc = unsafe {
+                    let mut acc = [_mm512_setzero_ps(); RW];
+                    for b in 0..bpr {
+                        let gb = g * bpr + b;
+                        let ap = s.act.as_ptr().add(gb * 64 * N);
+                        let mut iacc = [_mm512_setzero_si512(); RW];
+                        for grp in 0..K::GROUPS {
+                            for (i, iacc_i) in iacc.iter_mut().enumerate() {
+                                let ib = i * bpr + b;
+                                let wq = s.w.as_ptr().add(ib * 256 + grp * gd * 4);
+                                let mut t = _mm512_setzero_si512();
+                                for k in 0..gd {
+                                    let u = _mm512_set1_epi32(
+                                        (wq.add(4 * k) as *const i32).read_unaligned(),
+                                    );
+                                    t = _mm512_dpbusd_epi32(
+                                        t,
+                                        u,
+                                        _mm512_loadu_si512(ap.add((grp * gd + k) * N) as *const _),
+                                    );
+                                }
+                                let sc = _mm512_set1_epi32(*s.wi.as_ptr().add(ib * WI + grp));
+                                *iacc_i = _mm512_add_epi32(*iacc_i, _mm512_mullo_epi32(t, sc));
+                            }
+                        }
+                        let cp = s.corr.as_ptr().add(gb * 8 * N);
+                        let da = _mm512_loadu_ps(s.da.as_ptr().add(gb * N));
+                        for (i, (acc_i, &iacc_i)) in acc.iter_mut().zip(&iacc).enumerate() {
+                            let ib = i * bpr + b;
+                            let mut m = _mm512_setzero_si512();
+                            for k in 0..K::PAIRS {
+                                m = _mm512_dpwssd_epi32(
+                                    m,
+                                    _mm512_set1_epi32(*s.wi.as_ptr().add(ib * WI + K::GROUPS + k)),
+                                    _mm512_loadu_si512(cp.add(k * N) as *const _),
+                                );
+                            }
+                            let d = _mm512_mul_ps(da, _mm512_set1_ps(*s.dw.as_ptr().add(ib * 2)));
+                            if K::OFFSET32 {
+                                let isum = _mm512_sub_epi32(iacc_i, _mm512_slli_epi32::<5>(m));
+                                *acc_i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, *acc_i);
+                            } else {
+                                let dm = _mm512_mul_ps(
+                                    da,
+                                    _mm512_set1_ps(-*s.dw.as_ptr().add(ib * 2 + 1)),
+                                );
+                                *acc_i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc_i), d, *acc_i);
+                                *acc_i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), dm, *acc_i);
+                            }
+                        }
+                    }
+                    acc
+                };
+                let valid = (t1 - tg).min(N);
+                if valid == N && nr == RW {
+                    // SAFETY: tokens tg..tg + 16 <= t1 <= n and rows r0..r0 + 8 <= rows, within what `check_out`
+                    // accepted.
+                    unsafe {
+                        super::store_tile_8x16(&acc, out.as_mut_ptr().add(tg * ldo + r0), ldo)
+                    };
+                } else {
+                    let mut tmp = [0.0f32; N * RW];
+                    for (acc_i, row) in acc.iter().zip(tmp.chunks_exact_mut(N)).take(nr) {
+                        // SAFETY: `row` holds 16 floats.
+                        unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *acc_i) };
+                    }
+                    for j in 0..valid {
+                        let o = (tg + j) * ldo + r0;
+                        for (i, o) in out[o..o + nr].iter_mut().enumerate() {
+                            *o = tmp[i * N + j];
+                        }
+                    }
+                }
+            }
+            r0 += RW;
+        }
+        c0 = c1;
+    }
+}
