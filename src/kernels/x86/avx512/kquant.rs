@@ -27,15 +27,15 @@ use super::super::{CHUNK_TOKENS, Scratch, f16_bits_to_f32, grow, scratch, transp
 const PREFETCH_BYTES: usize = 8192;
 
 /// `vpshufb` controls spreading Q4_K scale bytes (broadcast to every qword) over the words of a packed pair of
-/// dot vectors: for half `p`, 128-bit lane `k` holds 4 words of group `4p + (k >= 2)`, then 4 of group
-/// `4p + 2 + (k >= 2)` (see `Q4K::acc`). High bytes are zero.
+/// dot vectors: for half `p`, 128-bit lane `k` holds 4 words of group `4p + 2 * (k >= 2)`, then 4 of group
+/// `4p + 1 + 2 * (k >= 2)` (see `Q4K::acc`). High bytes are zero.
 const fn q4k_scale_ctrl(p: usize) -> [u8; 64] {
     let mut c = [0x80u8; 64];
     let mut k = 0;
     while k < 4 {
         let mut i = 0;
         while i < 8 {
-            let g = 4 * p + (k >= 2) as usize + if i < 4 { 0 } else { 2 };
+            let g = 4 * p + 2 * (k >= 2) as usize + (i >= 4) as usize;
             c[16 * k + 2 * i] = g as u8;
             i += 1;
         }
@@ -100,9 +100,12 @@ pub(crate) trait KQuant {
     const PAIRS: usize;
     /// Whether the `bsums` term is Q6_K's `-32` offset (integer) rather than Q4_K's mins (scaled by `-dmin`).
     const OFFSET32: bool;
+    /// Whether `decode` leaves the quants in the order of `permute_act` rather than in weight order.
+    const PERMUTED: bool;
     unsafe fn decode(w: *const Self::W) -> Self::Row;
-    /// `acc +` the block's partial sums with activation block `a` (16 lanes whose sum is the dot product).
-    unsafe fn acc(row: &Self::Row, a: *const BlockQ8K, acc: __m512) -> __m512;
+    /// `acc +` the block's partial sums with activation block `a`, whose 256 quant bytes are read from `qa`
+    /// (`a.qs` itself, or its permuted copy): 16 lanes whose sum is the dot product.
+    unsafe fn acc(row: &Self::Row, qa: *const i8, a: *const BlockQ8K, acc: __m512) -> __m512;
     /// Writes the 256 quant bytes, `GROUPS` scales, `PAIRS` dwords of two word-sized factors for the `bsums`
     /// pairs, and `[d, dmin]`.
     unsafe fn prep(w: *const Self::W, q: *mut u8, wi: *mut i32, f: *mut f32);
@@ -141,20 +144,20 @@ impl KQuant for Q4K {
     const GROUPS: usize = 8;
     const PAIRS: usize = 4;
     const OFFSET32: bool = false;
+    const PERMUTED: bool = true;
     #[inline(always)]
     unsafe fn decode(w: *const BlockQ4K) -> Q4KRow {
         unsafe {
             let b = &*w;
             let low4 = _mm512_set1_epi8(0x0f);
             let mut q = [_mm512_setzero_si512(); 4];
-            for (c, qc) in q.iter_mut().enumerate() {
-                // Byte 32c + l holds weight 64c + l (low nibble) and 64c + 32 + l (high): the 32 bytes twice,
-                // the upper copy shifted, give the 64 weights in order.
-                let x = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                    b.qs.as_ptr().add(32 * c) as *const __m256i
-                ));
-                let x = _mm512_mask_srli_epi16::<4>(x, 0xffff_0000, x);
-                *qc = _mm512_and_si512(x, low4);
+            for p in 0..2 {
+                // Byte 32c + l holds weights 64c + l (low nibble) and 64c + 32 + l (high): 64 bytes give weights
+                // [128p.., 128p + 64..] (low) and [128p + 32.., 128p + 96..] (high), 32 each, the order
+                // `permute_act` puts the activations in.
+                let x = _mm512_loadu_si512(b.qs.as_ptr().add(64 * p) as *const _);
+                q[2 * p] = _mm512_and_si512(x, low4);
+                q[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), low4);
             }
             let (sc, m) = q4k_scales_mins(&b.scales);
             let scv = _mm512_set1_epi64(sc as i64);
@@ -181,14 +184,13 @@ impl KQuant for Q4K {
         }
     }
     #[inline(always)]
-    unsafe fn acc(r: &Q4KRow, a: *const BlockQ8K, acc: __m512) -> __m512 {
+    unsafe fn acc(r: &Q4KRow, qa: *const i8, a: *const BlockQ8K, acc: __m512) -> __m512 {
         unsafe {
             let a = &*a;
-            let qa = a.qs.as_ptr();
             let z = _mm512_setzero_si512();
             let mut isum = z;
             for p in 0..2 {
-                // Lanes 0..8 of d0 are group 4p, 8..16 group 4p + 1; of d1 groups 4p + 2 and 4p + 3.
+                // Lanes 0..8 of d0 are group 4p, 8..16 group 4p + 2; of d1 groups 4p + 1 and 4p + 3.
                 let d0 = _mm512_dpbusd_epi32(
                     z,
                     r.q[2 * p],
@@ -216,8 +218,17 @@ impl KQuant for Q4K {
     unsafe fn prep(w: *const BlockQ4K, q: *mut u8, wi: *mut i32, f: *mut f32) {
         unsafe {
             let r = Self::decode(w);
-            for (c, &qc) in r.q.iter().enumerate() {
-                _mm512_storeu_si512(q.add(64 * c) as *mut _, qc);
+            // Back to weight order: vector 2p + h holds weights 128p + 32h.. and 128p + 64 + 32h...
+            for (v, &qv) in r.q.iter().enumerate() {
+                let (p, h) = (v / 2, v % 2);
+                _mm256_storeu_si256(
+                    q.add(128 * p + 32 * h) as *mut __m256i,
+                    _mm512_castsi512_si256(qv),
+                );
+                _mm256_storeu_si256(
+                    q.add(128 * p + 64 + 32 * h) as *mut __m256i,
+                    _mm512_extracti64x4_epi64::<1>(qv),
+                );
             }
             let (sc, m) = q4k_scales_mins(&(*w).scales);
             for g in 0..8 {
@@ -253,6 +264,7 @@ impl KQuant for Q6K {
     const GROUPS: usize = 16;
     const PAIRS: usize = 8;
     const OFFSET32: bool = true;
+    const PERMUTED: bool = false;
     #[inline(always)]
     unsafe fn decode(w: *const BlockQ6K) -> Q6KRow {
         unsafe {
@@ -295,10 +307,9 @@ impl KQuant for Q6K {
         }
     }
     #[inline(always)]
-    unsafe fn acc(r: &Q6KRow, a: *const BlockQ8K, acc: __m512) -> __m512 {
+    unsafe fn acc(r: &Q6KRow, qa: *const i8, a: *const BlockQ8K, acc: __m512) -> __m512 {
         unsafe {
             let a = &*a;
-            let qa = a.qs.as_ptr();
             let z = _mm512_setzero_si512();
             let mut isum = z;
             for h in 0..2 {
@@ -383,6 +394,25 @@ pub(crate) unsafe fn gemm<K: KQuant>(
     }
 }
 
+/// Copies the quants of each activation block in the order Q4_K's nibbles come out of a 64-byte load: per half
+/// `p`, weights `128p..+32`, `128p + 64..+32`, `128p + 32..+32`, `128p + 96..+32`.
+#[inline(always)]
+unsafe fn permute_act(a: &[BlockQ8K], dst: *mut i8) {
+    unsafe {
+        for (i, blk) in a.iter().enumerate() {
+            let (src, d) = (blk.qs.as_ptr(), dst.add(256 * i));
+            for p in 0..2 {
+                for (k, from) in [0, 64, 32, 96].into_iter().enumerate() {
+                    _mm256_storeu_si256(
+                        d.add(128 * p + 32 * k) as *mut __m256i,
+                        _mm256_loadu_si256(src.add(128 * p + from) as *const __m256i),
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Tokens `t0..t1`: 4 rows x up to 4 tokens, each weight block unpacked once per tile.
 #[inline(always)]
 unsafe fn gemm_few<K: KQuant>(
@@ -399,6 +429,17 @@ unsafe fn gemm_few<K: KQuant>(
     let rows = w.len() / bpr;
     assert!(t0 <= t1 && t1 <= n);
     crate::kernels::check_out(out.len(), rows, n, ldo);
+    // SAFETY: see `scratch`.
+    let s = unsafe { &mut *scratch() };
+    let perm = if K::PERMUTED {
+        // `reserve_few_token_scratch` sizes `act` for this (16 tokens x 256 bytes per block) up front.
+        grow(&mut s.act, (t1 - t0) * bpr * 64);
+        // SAFETY: reads blocks of tokens t0..t1 < n, writes 256 bytes per block within the size grown above.
+        unsafe { permute_act(&a[t0 * bpr..t1 * bpr], s.act.as_mut_ptr() as *mut i8) };
+        s.act.as_ptr() as *const i8
+    } else {
+        std::ptr::null()
+    };
     // SAFETY: the tiles stay within rows and tokens (below); prefetches never fault.
     unsafe {
         // The first tiles are not covered by the loop's prefetches (they request PREFETCH_BYTES ahead).
@@ -414,12 +455,12 @@ unsafe fn gemm_few<K: KQuant>(
             while t < t1 {
                 let left = t1 - t;
                 match (rt, left) {
-                    (4, 4..) => few_tile::<K, 4, 4>(w, a, bpr, r, t, out, ldo),
-                    (4, 2..) => few_tile::<K, 4, 2>(w, a, bpr, r, t, out, ldo),
-                    (4, _) => few_tile::<K, 4, 1>(w, a, bpr, r, t, out, ldo),
-                    (_, 4..) => few_tile::<K, 1, 4>(w, a, bpr, r, t, out, ldo),
-                    (_, 2..) => few_tile::<K, 1, 2>(w, a, bpr, r, t, out, ldo),
-                    (_, _) => few_tile::<K, 1, 1>(w, a, bpr, r, t, out, ldo),
+                    (4, 4..) => few_tile::<K, 4, 4>(w, a, bpr, r, t, t0, perm, out, ldo),
+                    (4, 2..) => few_tile::<K, 4, 2>(w, a, bpr, r, t, t0, perm, out, ldo),
+                    (4, _) => few_tile::<K, 4, 1>(w, a, bpr, r, t, t0, perm, out, ldo),
+                    (_, 4..) => few_tile::<K, 1, 4>(w, a, bpr, r, t, t0, perm, out, ldo),
+                    (_, 2..) => few_tile::<K, 1, 2>(w, a, bpr, r, t, t0, perm, out, ldo),
+                    (_, _) => few_tile::<K, 1, 1>(w, a, bpr, r, t, t0, perm, out, ldo),
                 }
                 t += if left >= 4 {
                     4
@@ -435,44 +476,82 @@ unsafe fn gemm_few<K: KQuant>(
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn few_tile<K: KQuant, const RT: usize, const TT: usize>(
     w: &[K::W],
     a: &[BlockQ8K],
     bpr: usize,
     r0: usize,
     t: usize,
+    t0: usize,
+    perm: *const i8,
     out: &mut [f32],
     ldo: usize,
 ) {
     let bb = size_of::<K::W>();
-    let ahead = PREFETCH_BYTES.next_multiple_of(RT * bpr * bb);
     debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
     // SAFETY (bounds): rows r0..r0 + RT and tokens t..t + TT exist (the caller's tiling), every pointer indexes
     // block b < bpr of one of them. Prefetch addresses wrap and are never dereferenced.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); TT]; RT];
-        let wp = w.as_ptr().add(r0 * bpr);
+        // One row at a time, its accumulators in registers: the rows of a tile are consecutive in memory, so this
+        // is one sequential stream. (Four rows interleaved, as the Q4_0 kernel does, kept the accumulators of
+        // the not-unrolled row loop on the stack.)
         let ap = a.as_ptr().add(t * bpr);
-        for b in 0..bpr {
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                let blk = wp.add(i * bpr + b);
-                let pf = (blk as *const i8).wrapping_add(ahead);
+        let mut fin = [[_mm512_setzero_ps(); TT]; RT];
+        for (i, fin_i) in fin.iter_mut().enumerate() {
+            let wp = w.as_ptr().add((r0 + i) * bpr);
+            let mut acc = [_mm512_setzero_ps(); TT];
+            for b in 0..bpr {
+                let blk = wp.add(b);
+                let pf = (blk as *const i8).wrapping_add(PREFETCH_BYTES);
                 let mut off = 0;
                 while off < bb {
                     _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(off));
                     off += 64;
                 }
                 let row = K::decode(blk);
-                for (j, acc_ij) in acc_i.iter_mut().enumerate() {
-                    *acc_ij = K::acc(&row, ap.add(j * bpr + b), *acc_ij);
+                for (j, acc_j) in acc.iter_mut().enumerate() {
+                    let blk = ap.add(j * bpr + b);
+                    let qa = if K::PERMUTED {
+                        perm.add(((t - t0 + j) * bpr + b) * 256)
+                    } else {
+                        (*blk).qs.as_ptr()
+                    };
+                    *acc_j = K::acc(&row, qa, blk, *acc_j);
+                }
+            }
+            *fin_i = acc;
+        }
+        // Rows are only a few blocks long (4 at 1024 columns), so the horizontal sums matter: four rows are
+        // reduced together and stored as one 4-float vector.
+        for j in 0..TT {
+            let o = out.as_mut_ptr().add((t + j) * ldo + r0);
+            if RT == 4 {
+                // SAFETY: rows r0..r0 + 4 of token t + j are within what `check_out` accepted.
+                _mm_storeu_ps(o, hsum4(fin[0][j], fin[1][j], fin[2][j], fin[3][j]));
+            } else {
+                for (i, fin_i) in fin.iter().enumerate() {
+                    *o.add(i) = _mm512_reduce_add_ps(fin_i[j]);
                 }
             }
         }
-        for (i, acc_i) in acc.iter().enumerate() {
-            for (j, &acc_ij) in acc_i.iter().enumerate() {
-                out[(t + j) * ldo + r0 + i] = _mm512_reduce_add_ps(acc_ij);
-            }
-        }
+    }
+}
+
+/// The sums of four vectors, as one vector `[sum(a), sum(b), sum(c), sum(d)]`.
+#[inline(always)]
+unsafe fn hsum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+    unsafe {
+        let a = _mm256_add_ps(_mm512_castps512_ps256(a), super::upper_half(a));
+        let b = _mm256_add_ps(_mm512_castps512_ps256(b), super::upper_half(b));
+        let c = _mm256_add_ps(_mm512_castps512_ps256(c), super::upper_half(c));
+        let d = _mm256_add_ps(_mm512_castps512_ps256(d), super::upper_half(d));
+        // Per 128-bit lane: [a01, a23, b01, b23], [c01, c23, d01, d23], then [a0..4, b0..4, c0..4, d0..4].
+        let abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+        _mm_add_ps(
+            _mm256_castps256_ps128(abcd),
+            _mm256_extractf128_ps::<1>(abcd),
+        )
     }
 }
 
