@@ -37,6 +37,7 @@
 
 pub mod avx2;
 pub mod avx512;
+mod kquant;
 
 use std::arch::x86_64::*;
 use std::cell::UnsafeCell;

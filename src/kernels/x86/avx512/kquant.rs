@@ -21,7 +21,10 @@ use std::arch::x86_64::*;
 
 use quarry_quantize::blocks::{BlockQ4K, BlockQ6K, BlockQ8K};
 
-use super::super::{CHUNK_TOKENS, Scratch, f16_bits_to_f32, grow, scratch, transpose_8x8};
+use super::super::kquant::{
+    Q4K_MIN_CTRL, WI, prep_acts, q4k_act_pairs, q4k_scales_mins, q6k_act_pairs,
+};
+use super::super::{CHUNK_TOKENS, f16_bits_to_f32, grow, scratch};
 
 /// Bytes of weights requested ahead of the ones being read (as in the Q4_0 kernel).
 const PREFETCH_BYTES: usize = 8192;
@@ -45,18 +48,6 @@ const fn q4k_scale_ctrl(p: usize) -> [u8; 64] {
 }
 const Q4K_SCALE_CTRL: [[u8; 64]; 2] = [q4k_scale_ctrl(0), q4k_scale_ctrl(1)];
 
-/// `vpshufb` control turning the 8 Q4_K min bytes (broadcast to every qword) into 16
-/// words, each min twice: `vpmaddwd` against the 16 `bsums` then gives `min_g * (bsums[2g] + bsums[2g + 1])`.
-const Q4K_MIN_CTRL: [u8; 32] = {
-    let mut c = [0x80u8; 32];
-    let mut i = 0;
-    while i < 16 {
-        c[2 * i] = (i / 2) as u8;
-        i += 1;
-    }
-    c
-};
-
 /// `vpshufb` controls putting Q6_K scale bytes (broadcast to every 128-bit lane) into the high byte of each word
 /// (sign-extended afterwards by an arithmetic shift): for half `h`, lane `k` holds 4 words of group `8h + k`,
 /// then 4 of group `8h + 4 + k`.
@@ -74,21 +65,6 @@ const fn q6k_scale_ctrl(h: usize) -> [u8; 64] {
     c
 }
 const Q6K_SCALE_CTRL: [[u8; 64]; 2] = [q6k_scale_ctrl(0), q6k_scale_ctrl(1)];
-
-/// The 6-bit scales and mins of a Q4_K/Q5_K block, one byte per group (byte `g` of each word is group `g`): the
-/// layout of `BlockQ4K::scales` undone on three words at once instead of per group.
-#[inline(always)]
-pub(crate) fn q4k_scales_mins(p: &[u8; 12]) -> (u64, u64) {
-    let lo = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
-    let mid = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
-    let hi = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
-    let sc_hi = (hi & 0x0f0f_0f0f) | ((lo >> 2) & 0x3030_3030);
-    let m_hi = ((hi >> 4) & 0x0f0f_0f0f) | ((mid >> 2) & 0x3030_3030);
-    (
-        (lo & 0x3f3f_3f3f) as u64 | (sc_hi as u64) << 32,
-        (mid & 0x3f3f_3f3f) as u64 | (m_hi as u64) << 32,
-    )
-}
 
 /// A k-quant format on AVX-512 for both kernels.
 pub(crate) trait KQuant {
@@ -110,7 +86,7 @@ pub(crate) trait KQuant {
     /// pairs, and `[d, dmin]`.
     unsafe fn prep(w: *const Self::W, q: *mut u8, wi: *mut i32, f: *mut f32);
     /// The activation side of the `bsums` term: `PAIRS` dwords of two words each.
-    fn act_pairs(a: &BlockQ8K, out: &mut [i32; 8]);
+    const ACT_PAIRS: fn(&BlockQ8K, &mut [i32; 8]);
 }
 
 pub(crate) struct Q4K;
@@ -145,6 +121,7 @@ impl KQuant for Q4K {
     const PAIRS: usize = 4;
     const OFFSET32: bool = false;
     const PERMUTED: bool = true;
+    const ACT_PAIRS: fn(&BlockQ8K, &mut [i32; 8]) = q4k_act_pairs;
     #[inline(always)]
     unsafe fn decode(w: *const BlockQ4K) -> Q4KRow {
         unsafe {
@@ -245,16 +222,6 @@ impl KQuant for Q4K {
             *f.add(1) = r.dmin;
         }
     }
-    #[inline(always)]
-    fn act_pairs(a: &BlockQ8K, out: &mut [i32; 8]) {
-        for (k, o) in out.iter_mut().take(4).enumerate() {
-            let bs = &a.bsums[4 * k..4 * k + 4];
-            // Group sums of 32 quants: at most 32 * 127, a word.
-            let g0 = bs[0].wrapping_add(bs[1]) as u16 as u32;
-            let g1 = bs[2].wrapping_add(bs[3]) as u16 as u32;
-            *o = (g0 | g1 << 16) as i32;
-        }
-    }
 }
 
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
@@ -265,6 +232,7 @@ impl KQuant for Q6K {
     const PAIRS: usize = 8;
     const OFFSET32: bool = true;
     const PERMUTED: bool = false;
+    const ACT_PAIRS: fn(&BlockQ8K, &mut [i32; 8]) = q6k_act_pairs;
     #[inline(always)]
     unsafe fn decode(w: *const BlockQ6K) -> Q6KRow {
         unsafe {
@@ -358,16 +326,7 @@ impl KQuant for Q6K {
             *f.add(1) = 0.0;
         }
     }
-    #[inline(always)]
-    fn act_pairs(a: &BlockQ8K, out: &mut [i32; 8]) {
-        for (k, o) in out.iter_mut().enumerate() {
-            *o = (a.bsums[2 * k] as u16 as u32 | (a.bsums[2 * k + 1] as u16 as u32) << 16) as i32;
-        }
-    }
 }
-
-/// Integers per prepared row block in `Scratch::wi`: up to 16 scales, then up to 8 pairs.
-const WI: usize = 24;
 
 /// `out[t * ldo + r] = W[r] . A[t]`: whole vectors of 16 tokens (and a remainder of 6 or more, padded) on the lane
 /// kernel, fewer on the few-token kernel.
@@ -555,67 +514,6 @@ unsafe fn hsum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
     }
 }
 
-/// Transposes the activations of tokens `t0..t0 + 16 * groups` (zero past `t1`) into scratch: per group `g` and
-/// block `b` (`gb = g * bpr + b`), `act[(gb * 64 + k) * 16 + j]` is dword `k` of token `j`'s quants,
-/// `da[gb * 16 + j]` its scale and `corr[(gb * 8 + k) * 16 + j]` its `k`th `bsums` pair.
-#[inline(always)]
-unsafe fn prep_acts<K: KQuant>(
-    a: &[BlockQ8K],
-    bpr: usize,
-    t0: usize,
-    t1: usize,
-    groups: usize,
-    s: &mut Scratch,
-) {
-    grow(&mut s.act, groups * bpr * 64 * 16);
-    grow(&mut s.da, groups * bpr * 16);
-    grow(&mut s.corr, groups * bpr * 8 * 16);
-    // SAFETY: loads read block b < bpr of token < t1 <= n; stores stay below the sizes grown above.
-    unsafe {
-        for g in 0..groups {
-            for b in 0..bpr {
-                let gb = g * bpr + b;
-                for h in 0..2 {
-                    let tb = t0 + 16 * g + 8 * h;
-                    for kk in 0..8 {
-                        let mut r = [_mm256_setzero_si256(); 8];
-                        for (j, rj) in r.iter_mut().enumerate() {
-                            if tb + j < t1 {
-                                let blk = &a[(tb + j) * bpr + b];
-                                *rj = _mm256_loadu_si256(
-                                    blk.qs.as_ptr().add(32 * kk) as *const __m256i
-                                );
-                            }
-                        }
-                        let cols = transpose_8x8(r);
-                        for (k, &c) in cols.iter().enumerate() {
-                            _mm256_storeu_si256(
-                                s.act.as_mut_ptr().add((gb * 64 + 8 * kk + k) * 16 + 8 * h)
-                                    as *mut __m256i,
-                                c,
-                            );
-                        }
-                    }
-                }
-                for j in 0..16 {
-                    let tok = t0 + 16 * g + j;
-                    let mut pairs = [0i32; 8];
-                    let mut d = 0.0;
-                    if tok < t1 {
-                        let blk = &a[tok * bpr + b];
-                        K::act_pairs(blk, &mut pairs);
-                        d = blk.d;
-                    }
-                    s.da[gb * 16 + j] = d;
-                    for (k, &p) in pairs.iter().enumerate() {
-                        s.corr[(gb * 8 + k) * 16 + j] = p;
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Tokens `t0..t1` in vectors of 16 (the last one padded), 8 rows per tile.
 #[inline(always)]
 unsafe fn gemm_lanes<K: KQuant>(
@@ -642,7 +540,7 @@ unsafe fn gemm_lanes<K: KQuant>(
         let groups = (t1 - c0).div_ceil(N).min(CHUNK_TOKENS / N);
         let c1 = (c0 + groups * N).min(t1);
         // SAFETY: the set's features are enabled; `prep_acts` sizes its buffers.
-        unsafe { prep_acts::<K>(a, bpr, c0, c1, groups, s) };
+        unsafe { prep_acts::<N>(a, bpr, c0, c1, groups, s, K::ACT_PAIRS) };
         grow(&mut s.w, RW * bpr * 256);
         grow(&mut s.wi, RW * bpr * WI);
         grow(&mut s.dw, RW * bpr * 2);
