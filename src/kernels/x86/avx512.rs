@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8K};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
 use super::{BlockDot, FloatLanes, LaneDot};
 
@@ -33,7 +33,7 @@ pub(in crate::kernels) const SET: Kernels = Kernels {
     gemm_q4_0,
     quantize_q8_k: crate::kernels::SCALAR.quantize_q8_k,
     gemm_q4_k,
-    gemm_q5_k: crate::kernels::SCALAR.gemm_q5_k,
+    gemm_q5_k,
     gemm_q6_k,
     gemm_f32,
     gemm_f16,
@@ -385,6 +385,10 @@ unsafe fn gemm_q4_k_tf(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f3
     unsafe { kquant::gemm::<kquant::Q4K>(w, a, bpr, out, ldo) }
 }
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemm_q5_k_tf(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { kquant::gemm::<kquant::Q5K>(w, a, bpr, out, ldo) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn gemm_q6_k_tf(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
     unsafe { kquant::gemm::<kquant::Q6K>(w, a, bpr, out, ldo) }
 }
@@ -442,6 +446,9 @@ fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo:
 }
 fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
     unsafe { gemm_q4_k_tf(w, a, bpr, out, ldo) }
+}
+fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q5_k_tf(w, a, bpr, out, ldo) }
 }
 fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
     unsafe { gemm_q6_k_tf(w, a, bpr, out, ldo) }

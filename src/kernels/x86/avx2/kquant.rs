@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use quarry_quantize::blocks::{BlockQ4K, BlockQ6K, BlockQ8K};
+use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 
 use super::super::kquant::{
     Q4K_MIN_CTRL, WI, prep_acts, q4k_act_pairs, q4k_scales_mins, q6k_act_pairs,
@@ -73,12 +73,15 @@ pub(crate) trait KQuant {
 }
 
 pub(crate) struct Q4K;
+pub(crate) struct Q5K;
 pub(crate) struct Q6K;
 
 #[derive(Clone, Copy)]
 pub(crate) struct Q4KRow {
     /// The raw nibble bytes, 32 per two groups.
     qs: [__m256i; 4],
+    /// Q5_K's fifth bits (bit `g` of byte `l`: weight `32g + l`); zero for Q4_K.
+    qh: __m256i,
     /// The scale bytes in every qword.
     scv: __m256i,
     /// Each min twice, as words.
@@ -98,97 +101,127 @@ pub(crate) struct Q6KRow {
     d: f32,
 }
 
+/// The `qh` bytes of a Q5_K block (zero for Q4_K, which has none).
+macro_rules! k4_qh {
+    ($b:ident) => {
+        _mm256_setzero_si256()
+    };
+    ($b:ident, $qh:ident) => {
+        _mm256_loadu_si256($b.$qh.as_ptr() as *const __m256i)
+    };
+}
+
+/// Q4_K and Q5_K share everything but the fifth bit (`qh`, Q5_K only). `RUN`: words of `vpmaddubsw` summed in
+/// i16, at most `2 * 15 * 127` each for Q4_K (8 of them: 30480), `2 * 31 * 127` for Q5_K (4: 31496).
+macro_rules! k4_impl {
+    ($name:ident, $w:ty, $run:literal $(, $qh:ident)?) => {
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl KQuant for Q4K {
-    type W = BlockQ4K;
-    type Row = Q4KRow;
-    const GROUPS: usize = 8;
-    const PAIRS: usize = 4;
-    const OFFSET32: bool = false;
-    /// Eight words of at most `2 * 15 * 127`: 30480.
-    const RUN: usize = 8;
-    const ACT_PAIRS: fn(&BlockQ8K, &mut [i32; 8]) = q4k_act_pairs;
-    #[inline(always)]
-    unsafe fn decode(w: *const BlockQ4K) -> Q4KRow {
-        unsafe {
-            let b = &*w;
-            let mut qs = [_mm256_setzero_si256(); 4];
-            for (c, qc) in qs.iter_mut().enumerate() {
-                *qc = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c) as *const __m256i);
-            }
-            let (sc, m) = q4k_scales_mins(&b.scales);
-            Q4KRow {
-                qs,
-                scv: _mm256_set1_epi64x(sc as i64),
-                m: _mm256_shuffle_epi8(
-                    _mm256_set1_epi64x(m as i64),
-                    _mm256_loadu_si256(Q4K_MIN_CTRL.as_ptr() as *const __m256i),
-                ),
-                d: f16_bits_to_f32(b.d.to_bits()),
-                dmin: f16_bits_to_f32(b.dmin.to_bits()),
-            }
-        }
-    }
-    #[inline(always)]
-    unsafe fn acc(r: &Q4KRow, a: *const BlockQ8K, acc: __m256) -> __m256 {
-        unsafe {
-            let a = &*a;
-            let qa = a.qs.as_ptr();
-            let low4 = _mm256_set1_epi8(0x0f);
-            let mut isum = _mm256_setzero_si256();
-            for (c, &x) in r.qs.iter().enumerate() {
-                // Byte 32c + l: weight 64c + l (group 2c) low, 64c + 32 + l (group 2c + 1) high.
-                let lo = _mm256_and_si256(x, low4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), low4);
-                for (h, q) in [lo, hi].into_iter().enumerate() {
-                    let g = 2 * c + h;
-                    let p = _mm256_maddubs_epi16(
-                        q,
-                        _mm256_loadu_si256(qa.add(32 * g) as *const __m256i),
-                    );
-                    let sc = _mm256_shuffle_epi8(
-                        r.scv,
-                        _mm256_loadu_si256(Q4K_SCALE_CTRL[g].as_ptr() as *const __m256i),
-                    );
-                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, sc));
+        impl KQuant for $name {
+            type W = $w;
+            type Row = Q4KRow;
+            const GROUPS: usize = 8;
+            const PAIRS: usize = 4;
+            const OFFSET32: bool = false;
+            const RUN: usize = $run;
+            const ACT_PAIRS: fn(&BlockQ8K, &mut [i32; 8]) = q4k_act_pairs;
+            #[inline(always)]
+            unsafe fn decode(w: *const $w) -> Q4KRow {
+                unsafe {
+                    let b = &*w;
+                    let mut qs = [_mm256_setzero_si256(); 4];
+                    for (c, qc) in qs.iter_mut().enumerate() {
+                        *qc = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c) as *const __m256i);
+                    }
+                    let (sc, m) = q4k_scales_mins(&b.scales);
+                    Q4KRow {
+                        qs,
+                        qh: k4_qh!(b $(, $qh)?),
+                        scv: _mm256_set1_epi64x(sc as i64),
+                        m: _mm256_shuffle_epi8(
+                            _mm256_set1_epi64x(m as i64),
+                            _mm256_loadu_si256(Q4K_MIN_CTRL.as_ptr() as *const __m256i),
+                        ),
+                        d: f16_bits_to_f32(b.d.to_bits()),
+                        dmin: f16_bits_to_f32(b.dmin.to_bits()),
+                    }
                 }
             }
-            let mins =
-                _mm256_madd_epi16(r.m, _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i));
-            let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(r.d * a.d), acc);
-            _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(mins),
-                _mm256_set1_ps(-(r.dmin * a.d)),
-                acc,
-            )
+            #[inline(always)]
+            unsafe fn acc(r: &Q4KRow, a: *const BlockQ8K, acc: __m256) -> __m256 {
+                unsafe {
+                    let a = &*a;
+                    let qa = a.qs.as_ptr();
+                    let low4 = _mm256_set1_epi8(0x0f);
+                    let mut isum = _mm256_setzero_si256();
+                    for (c, &x) in r.qs.iter().enumerate() {
+                        // Byte 32c + l: weight 64c + l (group 2c) low, 64c + 32 + l (group 2c + 1) high.
+                        let lo = _mm256_and_si256(x, low4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), low4);
+                        for (h, q) in [lo, hi].into_iter().enumerate() {
+                            let g = 2 * c + h;
+                            $(let q = high_bit(q, r.$qh, g);)?
+                            let p = _mm256_maddubs_epi16(
+                                q,
+                                _mm256_loadu_si256(qa.add(32 * g) as *const __m256i),
+                            );
+                            let sc = _mm256_shuffle_epi8(
+                                r.scv,
+                                _mm256_loadu_si256(Q4K_SCALE_CTRL[g].as_ptr() as *const __m256i),
+                            );
+                            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, sc));
+                        }
+                    }
+                    let mins =
+                        _mm256_madd_epi16(r.m, _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i));
+                    let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(r.d * a.d), acc);
+                    _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(mins),
+                        _mm256_set1_ps(-(r.dmin * a.d)),
+                        acc,
+                    )
+                }
+            }
+            #[inline(always)]
+            unsafe fn prep(w: *const $w, q: *mut u8, wi: *mut i32, f: *mut f32) {
+                unsafe {
+                    let r = Self::decode(w);
+                    let low4 = _mm256_set1_epi8(0x0f);
+                    for (c, &x) in r.qs.iter().enumerate() {
+                        let lo = _mm256_and_si256(x, low4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), low4);
+                        $(let (lo, hi) = (high_bit(lo, r.$qh, 2 * c), high_bit(hi, r.$qh, 2 * c + 1));)?
+                        _mm256_storeu_si256(q.add(64 * c) as *mut __m256i, lo);
+                        _mm256_storeu_si256(q.add(64 * c + 32) as *mut __m256i, hi);
+                    }
+                    let (sc, m) = q4k_scales_mins(&(*w).scales);
+                    for g in 0..8 {
+                        *wi.add(g) = (sc >> (8 * g)) as u8 as i32;
+                    }
+                    for k in 0..4 {
+                        let (m0, m1) = (
+                            (m >> (16 * k)) as u8 as u32,
+                            (m >> (16 * k + 8)) as u8 as u32,
+                        );
+                        *wi.add(8 + k) = (m0 | m1 << 16) as i32;
+                    }
+                    *f = r.d;
+                    *f.add(1) = r.dmin;
+                }
+            }
         }
-    }
-    #[inline(always)]
-    unsafe fn prep(w: *const BlockQ4K, q: *mut u8, wi: *mut i32, f: *mut f32) {
-        unsafe {
-            let r = Self::decode(w);
-            let low4 = _mm256_set1_epi8(0x0f);
-            for (c, &x) in r.qs.iter().enumerate() {
-                _mm256_storeu_si256(q.add(64 * c) as *mut __m256i, _mm256_and_si256(x, low4));
-                _mm256_storeu_si256(
-                    q.add(64 * c + 32) as *mut __m256i,
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(x), low4),
-                );
-            }
-            let (sc, m) = q4k_scales_mins(&(*w).scales);
-            for g in 0..8 {
-                *wi.add(g) = (sc >> (8 * g)) as u8 as i32;
-            }
-            for k in 0..4 {
-                let (m0, m1) = (
-                    (m >> (16 * k)) as u8 as u32,
-                    (m >> (16 * k + 8)) as u8 as u32,
-                );
-                *wi.add(8 + k) = (m0 | m1 << 16) as i32;
-            }
-            *f = r.d;
-            *f.add(1) = r.dmin;
-        }
+    };
+}
+
+k4_impl!(Q4K, BlockQ4K, 8);
+k4_impl!(Q5K, BlockQ5K, 4, qh);
+
+/// Group `g`'s quants `q` (32 bytes, 0..=15) with their fifth bit from bit `g` of the `qh` bytes.
+#[inline(always)]
+unsafe fn high_bit(q: __m256i, qh: __m256i, g: usize) -> __m256i {
+    unsafe {
+        let bit = _mm256_set1_epi8((1u8 << g) as i8);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+        _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)))
     }
 }
 

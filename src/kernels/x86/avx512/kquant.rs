@@ -19,7 +19,7 @@
 
 use std::arch::x86_64::*;
 
-use quarry_quantize::blocks::{BlockQ4K, BlockQ6K, BlockQ8K};
+use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 
 use super::super::kquant::{
     Q4K_MIN_CTRL, WI, prep_acts, q4k_act_pairs, q4k_scales_mins, q6k_act_pairs,
@@ -47,6 +47,23 @@ const fn q4k_scale_ctrl(p: usize) -> [u8; 64] {
     c
 }
 const Q4K_SCALE_CTRL: [[u8; 64]; 2] = [q4k_scale_ctrl(0), q4k_scale_ctrl(1)];
+
+/// The `qh` bit of each byte of the four Q5_K quant vectors (order of `Q4K::decode`): vector `2p + h` holds
+/// weights `128p + 32h + l` (bit `4p + h`) in its lower 32 bytes, `128p + 64 + 32h + l` (bit `4p + 2 + h`) above.
+const Q5K_BITS: [[u8; 64]; 4] = {
+    let mut c = [[0u8; 64]; 4];
+    let mut v = 0;
+    while v < 4 {
+        let (p, h) = (v / 2, v % 2);
+        let mut i = 0;
+        while i < 64 {
+            c[v][i] = 1 << (4 * p + h + if i < 32 { 0 } else { 2 });
+            i += 1;
+        }
+        v += 1;
+    }
+    c
+};
 
 /// `vpshufb` controls putting Q6_K scale bytes (broadcast to every 128-bit lane) into the high byte of each word
 /// (sign-extended afterwards by an arithmetic shift): for half `h`, lane `k` holds 4 words of group `8h + k`,
@@ -90,6 +107,7 @@ pub(crate) trait KQuant {
 }
 
 pub(crate) struct Q4K;
+pub(crate) struct Q5K;
 pub(crate) struct Q6K;
 
 #[derive(Clone, Copy)]
@@ -113,116 +131,134 @@ pub(crate) struct Q6KRow {
     d: f32,
 }
 
+/// Q4_K and Q5_K share everything but the fifth bit (`qh`, Q5_K only).
+macro_rules! k4_impl {
+    ($name:ident, $w:ty $(, $qh:ident)?) => {
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl KQuant for Q4K {
-    type W = BlockQ4K;
-    type Row = Q4KRow;
-    const GROUPS: usize = 8;
-    const PAIRS: usize = 4;
-    const OFFSET32: bool = false;
-    const PERMUTED: bool = true;
-    const ACT_PAIRS: fn(&BlockQ8K, &mut [i32; 8]) = q4k_act_pairs;
-    #[inline(always)]
-    unsafe fn decode(w: *const BlockQ4K) -> Q4KRow {
-        unsafe {
-            let b = &*w;
-            let low4 = _mm512_set1_epi8(0x0f);
-            let mut q = [_mm512_setzero_si512(); 4];
-            for p in 0..2 {
-                // Byte 32c + l holds weights 64c + l (low nibble) and 64c + 32 + l (high): 64 bytes give weights
-                // [128p.., 128p + 64..] (low) and [128p + 32.., 128p + 96..] (high), 32 each, the order
-                // `permute_act` puts the activations in.
-                let x = _mm512_loadu_si512(b.qs.as_ptr().add(64 * p) as *const _);
-                q[2 * p] = _mm512_and_si512(x, low4);
-                q[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), low4);
+        impl KQuant for $name {
+            type W = $w;
+            type Row = Q4KRow;
+            const GROUPS: usize = 8;
+            const PAIRS: usize = 4;
+            const OFFSET32: bool = false;
+            const PERMUTED: bool = true;
+            const ACT_PAIRS: fn(&BlockQ8K, &mut [i32; 8]) = q4k_act_pairs;
+            #[inline(always)]
+            unsafe fn decode(w: *const $w) -> Q4KRow {
+                unsafe {
+                    let b = &*w;
+                    let low4 = _mm512_set1_epi8(0x0f);
+                    let mut q = [_mm512_setzero_si512(); 4];
+                    for p in 0..2 {
+                        // Byte 32c + l holds weights 64c + l (low nibble) and 64c + 32 + l (high): 64 bytes give weights
+                        // [128p.., 128p + 64..] (low) and [128p + 32.., 128p + 96..] (high), 32 each, the order
+                        // `permute_act` puts the activations in.
+                        let x = _mm512_loadu_si512(b.qs.as_ptr().add(64 * p) as *const _);
+                        q[2 * p] = _mm512_and_si512(x, low4);
+                        q[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), low4);
+                    }
+                    $(
+                        // Q5_K: bit 2c (2c + 1) of qh byte l is the fifth bit of weight 64c + l (64c + 32 + l); a byte
+                        // test against the bit each vector's half needs selects the bytes that get 16 added.
+                        let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.$qh.as_ptr() as *const __m256i));
+                        let sixteen = _mm512_set1_epi8(16);
+                        for (v, qv) in q.iter_mut().enumerate() {
+                            let k = _mm512_test_epi8_mask(qh, _mm512_loadu_si512(Q5K_BITS[v].as_ptr() as *const _));
+                            *qv = _mm512_mask_add_epi8(*qv, k, *qv, sixteen);
+                        }
+                    )?
+                    let (sc, m) = q4k_scales_mins(&b.scales);
+                    let scv = _mm512_set1_epi64(sc as i64);
+                    let mv = _mm256_set1_epi64x(m as i64);
+                    Q4KRow {
+                        q,
+                        sc: [
+                            _mm512_shuffle_epi8(
+                                scv,
+                                _mm512_loadu_si512(Q4K_SCALE_CTRL[0].as_ptr() as *const _),
+                            ),
+                            _mm512_shuffle_epi8(
+                                scv,
+                                _mm512_loadu_si512(Q4K_SCALE_CTRL[1].as_ptr() as *const _),
+                            ),
+                        ],
+                        m: _mm256_shuffle_epi8(
+                            mv,
+                            _mm256_loadu_si256(Q4K_MIN_CTRL.as_ptr() as *const __m256i),
+                        ),
+                        d: f16_bits_to_f32(b.d.to_bits()),
+                        dmin: f16_bits_to_f32(b.dmin.to_bits()),
+                    }
+                }
             }
-            let (sc, m) = q4k_scales_mins(&b.scales);
-            let scv = _mm512_set1_epi64(sc as i64);
-            let mv = _mm256_set1_epi64x(m as i64);
-            Q4KRow {
-                q,
-                sc: [
-                    _mm512_shuffle_epi8(
-                        scv,
-                        _mm512_loadu_si512(Q4K_SCALE_CTRL[0].as_ptr() as *const _),
-                    ),
-                    _mm512_shuffle_epi8(
-                        scv,
-                        _mm512_loadu_si512(Q4K_SCALE_CTRL[1].as_ptr() as *const _),
-                    ),
-                ],
-                m: _mm256_shuffle_epi8(
-                    mv,
-                    _mm256_loadu_si256(Q4K_MIN_CTRL.as_ptr() as *const __m256i),
-                ),
-                d: f16_bits_to_f32(b.d.to_bits()),
-                dmin: f16_bits_to_f32(b.dmin.to_bits()),
+            #[inline(always)]
+            unsafe fn acc(r: &Q4KRow, qa: *const i8, a: *const BlockQ8K, acc: __m512) -> __m512 {
+                unsafe {
+                    let a = &*a;
+                    let z = _mm512_setzero_si512();
+                    let mut isum = z;
+                    for p in 0..2 {
+                        // Lanes 0..8 of d0 are group 4p, 8..16 group 4p + 2; of d1 groups 4p + 1 and 4p + 3.
+                        let d0 = _mm512_dpbusd_epi32(
+                            z,
+                            r.q[2 * p],
+                            _mm512_loadu_si512(qa.add(128 * p) as *const _),
+                        );
+                        let d1 = _mm512_dpbusd_epi32(
+                            z,
+                            r.q[2 * p + 1],
+                            _mm512_loadu_si512(qa.add(128 * p + 64) as *const _),
+                        );
+                        isum =
+                            _mm512_add_epi32(isum, _mm512_madd_epi16(_mm512_packs_epi32(d0, d1), r.sc[p]));
+                    }
+                    let mins =
+                        _mm256_madd_epi16(r.m, _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i));
+                    let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(r.d * a.d), acc);
+                    _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(_mm512_zextsi256_si512(mins)),
+                        _mm512_set1_ps(-(r.dmin * a.d)),
+                        acc,
+                    )
+                }
+            }
+            #[inline(always)]
+            unsafe fn prep(w: *const $w, q: *mut u8, wi: *mut i32, f: *mut f32) {
+                unsafe {
+                    let r = Self::decode(w);
+                    // Back to weight order: vector 2p + h holds weights 128p + 32h.. and 128p + 64 + 32h...
+                    for (v, &qv) in r.q.iter().enumerate() {
+                        let (p, h) = (v / 2, v % 2);
+                        _mm256_storeu_si256(
+                            q.add(128 * p + 32 * h) as *mut __m256i,
+                            _mm512_castsi512_si256(qv),
+                        );
+                        _mm256_storeu_si256(
+                            q.add(128 * p + 64 + 32 * h) as *mut __m256i,
+                            _mm512_extracti64x4_epi64::<1>(qv),
+                        );
+                    }
+                    let (sc, m) = q4k_scales_mins(&(*w).scales);
+                    for g in 0..8 {
+                        *wi.add(g) = (sc >> (8 * g)) as u8 as i32;
+                    }
+                    for k in 0..4 {
+                        let (m0, m1) = (
+                            (m >> (16 * k)) as u8 as u32,
+                            (m >> (16 * k + 8)) as u8 as u32,
+                        );
+                        *wi.add(8 + k) = (m0 | m1 << 16) as i32;
+                    }
+                    *f = r.d;
+                    *f.add(1) = r.dmin;
+                }
             }
         }
-    }
-    #[inline(always)]
-    unsafe fn acc(r: &Q4KRow, qa: *const i8, a: *const BlockQ8K, acc: __m512) -> __m512 {
-        unsafe {
-            let a = &*a;
-            let z = _mm512_setzero_si512();
-            let mut isum = z;
-            for p in 0..2 {
-                // Lanes 0..8 of d0 are group 4p, 8..16 group 4p + 2; of d1 groups 4p + 1 and 4p + 3.
-                let d0 = _mm512_dpbusd_epi32(
-                    z,
-                    r.q[2 * p],
-                    _mm512_loadu_si512(qa.add(128 * p) as *const _),
-                );
-                let d1 = _mm512_dpbusd_epi32(
-                    z,
-                    r.q[2 * p + 1],
-                    _mm512_loadu_si512(qa.add(128 * p + 64) as *const _),
-                );
-                isum =
-                    _mm512_add_epi32(isum, _mm512_madd_epi16(_mm512_packs_epi32(d0, d1), r.sc[p]));
-            }
-            let mins =
-                _mm256_madd_epi16(r.m, _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i));
-            let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(r.d * a.d), acc);
-            _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(_mm512_zextsi256_si512(mins)),
-                _mm512_set1_ps(-(r.dmin * a.d)),
-                acc,
-            )
-        }
-    }
-    #[inline(always)]
-    unsafe fn prep(w: *const BlockQ4K, q: *mut u8, wi: *mut i32, f: *mut f32) {
-        unsafe {
-            let r = Self::decode(w);
-            // Back to weight order: vector 2p + h holds weights 128p + 32h.. and 128p + 64 + 32h...
-            for (v, &qv) in r.q.iter().enumerate() {
-                let (p, h) = (v / 2, v % 2);
-                _mm256_storeu_si256(
-                    q.add(128 * p + 32 * h) as *mut __m256i,
-                    _mm512_castsi512_si256(qv),
-                );
-                _mm256_storeu_si256(
-                    q.add(128 * p + 64 + 32 * h) as *mut __m256i,
-                    _mm512_extracti64x4_epi64::<1>(qv),
-                );
-            }
-            let (sc, m) = q4k_scales_mins(&(*w).scales);
-            for g in 0..8 {
-                *wi.add(g) = (sc >> (8 * g)) as u8 as i32;
-            }
-            for k in 0..4 {
-                let (m0, m1) = (
-                    (m >> (16 * k)) as u8 as u32,
-                    (m >> (16 * k + 8)) as u8 as u32,
-                );
-                *wi.add(8 + k) = (m0 | m1 << 16) as i32;
-            }
-            *f = r.d;
-            *f.add(1) = r.dmin;
-        }
-    }
+    };
 }
+
+k4_impl!(Q4K, BlockQ4K);
+k4_impl!(Q5K, BlockQ5K, qh);
 
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl KQuant for Q6K {
