@@ -10,21 +10,6 @@ use super::{Scratch, grow, transpose_8x8};
 /// Integers per prepared row block in `Scratch::wi` (lane kernels): up to 16 scales, then up to 8 pairs.
 pub(crate) const WI: usize = 24;
 
-/// The 6-bit scales and mins of a Q4_K/Q5_K block, one byte per group (byte `g` of each word is group `g`): the
-/// layout of `BlockQ4K::scales` undone on three words at once instead of per group.
-#[inline(always)]
-pub(crate) fn q4k_scales_mins(p: &[u8; 12]) -> (u64, u64) {
-    let lo = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
-    let mid = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
-    let hi = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
-    let sc_hi = (hi & 0x0f0f_0f0f) | ((lo >> 2) & 0x3030_3030);
-    let m_hi = ((hi >> 4) & 0x0f0f_0f0f) | ((mid >> 2) & 0x3030_3030);
-    (
-        (lo & 0x3f3f_3f3f) as u64 | (sc_hi as u64) << 32,
-        (mid & 0x3f3f_3f3f) as u64 | (m_hi as u64) << 32,
-    )
-}
-
 /// `vpshufb` control turning the 8 Q4_K min bytes (broadcast to every qword) into 16
 /// words, each min twice: `vpmaddwd` against the 16 `bsums` then gives `min_g * (bsums[2g] + bsums[2g + 1])`.
 pub(crate) const Q4K_MIN_CTRL: [u8; 32] = {

@@ -10,11 +10,10 @@
 
 use std::arch::x86_64::*;
 
+use crate::kernels::q4_k::q4k_scales_mins;
 use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 
-use super::super::kquant::{
-    Q4K_MIN_CTRL, WI, prep_acts, q4k_act_pairs, q4k_scales_mins, q6k_act_pairs,
-};
+use super::super::kquant::{Q4K_MIN_CTRL, WI, prep_acts, q4k_act_pairs, q6k_act_pairs};
 use super::super::{CHUNK_TOKENS, f16_bits_to_f32, grow, scratch, store_tile_4x8};
 
 /// Bytes of weights requested ahead of the ones being read (as in the other kernels).
