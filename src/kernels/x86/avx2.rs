@@ -33,7 +33,7 @@ pub(in crate::kernels) const SET: Kernels = Kernels {
     quantize_q8_0,
     gemm_q8_0,
     gemm_q4_0,
-    quantize_q8_k: crate::kernels::SCALAR.quantize_q8_k,
+    quantize_q8_k,
     gemm_q4_k,
     gemm_q5_k,
     gemm_q6_k,
@@ -50,7 +50,7 @@ pub(in crate::kernels) const SET_VNNI: Kernels = Kernels {
     quantize_q8_0,
     gemm_q8_0: gemm_q8_0_vnni,
     gemm_q4_0: gemm_q4_0_vnni,
-    quantize_q8_k: crate::kernels::SCALAR.quantize_q8_k,
+    quantize_q8_k,
     gemm_q4_k,
     gemm_q5_k,
     gemm_q6_k,
@@ -375,6 +375,10 @@ impl FloatLanes for Y {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8_k_tf(x: &[f32], out: &mut [BlockQ8K]) {
+    unsafe { super::quantize_q8_k_avx2(x, out) }
+}
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_q8_0_tf(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { super::quantize_q8_0_avx2(x, out) }
 }
@@ -442,6 +446,9 @@ unsafe fn axpy_f32_tf(alpha: f32, x: &[f32], y: &mut [f32]) {
 // The entries of `SET` and `SET_VNNI`. SAFETY (all): those sets are only reachable through `available()`, which
 // lists them only when `detected()` (and for the VNNI entries `detected_vnni()`) saw every feature enabled on
 // the `_tf` function called; the bodies check slice lengths before any pointer load.
+fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    unsafe { quantize_q8_k_tf(x, out) }
+}
 fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { quantize_q8_0_tf(x, out) }
 }

@@ -31,7 +31,7 @@ pub(in crate::kernels) const SET: Kernels = Kernels {
     quantize_q8_0,
     gemm_q8_0,
     gemm_q4_0,
-    quantize_q8_k: crate::kernels::SCALAR.quantize_q8_k,
+    quantize_q8_k,
     gemm_q4_k,
     gemm_q5_k,
     gemm_q6_k,
@@ -369,6 +369,10 @@ impl FloatLanes for Z {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn quantize_q8_k_tf(x: &[f32], out: &mut [BlockQ8K]) {
+    unsafe { super::quantize_q8_k_avx2(x, out) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn quantize_q8_0_tf(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { super::quantize_q8_0_avx2(x, out) }
 }
@@ -435,6 +439,9 @@ unsafe fn axpy_f32_tf(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 // The entries of `SET`. SAFETY (all): `SET` is only reachable through `available()`, which lists it only when
 // `detected()` saw every feature enabled on the `_tf` functions; the bodies check slice lengths before any pointer load.
+fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    unsafe { quantize_q8_k_tf(x, out) }
+}
 fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { quantize_q8_0_tf(x, out) }
 }
