@@ -27,6 +27,10 @@
 //! Which shape runs is decided per call from the token count: whole vectors of tokens on the lane kernel, the
 //! rest on the few-token kernel.
 //!
+//! The k-quant products (Q4_K, Q5_K, Q6_K against Q8_K) have the same two shapes but their own bodies, since a
+//! 256-block carries per-group integer scales and a `bsums` term: `avx512/kquant.rs` and `avx2/kquant.rs`, with
+//! what they share (scale unpacking, transposed activations) in `kquant.rs`.
+//!
 //! # Safety
 //! Every `unsafe fn` here and in the two ISA files has one contract: it runs inside a `#[target_feature]`
 //! wrapper of a set whose features `kernels::available` detected (AVX2, FMA and F16C for all; AVX-VNNI or
@@ -79,7 +83,8 @@ fn scratch() -> *mut Scratch {
 pub fn reserve_few_token_scratch(max_blocks_per_row: usize) {
     // Fewer tokens than one lane vector (16 at most) go to the few-token kernels: `gemm_few` here needs `da`
     // per token and block and `corr` 8 per block; AVX-512's Q4_0 `gemm_few_q4` 8 activation dwords per block and
-    // 16 corrections and scales per started octet of blocks.
+    // 16 corrections and scales per started octet of blocks; AVX-512's Q4_K/Q5_K permuted activation copy 64
+    // dwords per 256-block, which is the same 8 per 32 columns.
     let (tokens, bpr) = (16, max_blocks_per_row);
     let octet_lanes = bpr.div_ceil(8) * 16;
     // SAFETY: see `scratch`; no kernel is running on this thread.
