@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use half::{bf16, f16};
 use quarry::kernels::{self, Kernels};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
 const COLS: usize = 1024;
 const BPR: usize = COLS / 32;
@@ -71,6 +71,8 @@ trait Format: Copy + Send + Sync + 'static {
 struct Acts {
     x: Vec<f32>,
     q: Vec<BlockQ8_0>,
+    /// The same activations as Q8_K, for the k-quant formats.
+    qk: Vec<BlockQ8K>,
 }
 
 impl Acts {
@@ -86,7 +88,9 @@ impl Acts {
         for (xs, qs) in x.chunks(COLS).zip(q.chunks_mut(BPR)) {
             (k.quantize_q8_0)(xs, qs);
         }
-        Acts { x, q }
+        let mut qk = vec![bytemuck::Zeroable::zeroed(); n * COLS / 256];
+        (k.quantize_q8_k)(&x, &mut qk);
+        Acts { x, q, qk }
     }
 }
 
@@ -136,6 +140,65 @@ impl Format for BlockQ4_0 {
     }
     fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
         (k.gemm_q4_0)(w, &a.q, BPR, out, ldo)
+    }
+}
+
+fn small_f16(rng: &mut Rng) -> f16 {
+    f16::from_f32(rng.f32() * 0.01)
+}
+
+impl Format for BlockQ4K {
+    const NAME: &'static str = "q4_k";
+    const ROW_BYTES: usize = COLS / 256 * 144;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * COLS / 256)
+            .map(|_| BlockQ4K {
+                d: small_f16(rng),
+                dmin: small_f16(rng),
+                scales: std::array::from_fn(|_| rng.next() as u8),
+                qs: std::array::from_fn(|_| rng.next() as u8),
+            })
+            .collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_q4_k)(w, &a.qk, COLS / 256, out, ldo)
+    }
+}
+
+impl Format for BlockQ5K {
+    const NAME: &'static str = "q5_k";
+    const ROW_BYTES: usize = COLS / 256 * 176;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * COLS / 256)
+            .map(|_| BlockQ5K {
+                d: small_f16(rng),
+                dmin: small_f16(rng),
+                scales: std::array::from_fn(|_| rng.next() as u8),
+                qh: std::array::from_fn(|_| rng.next() as u8),
+                qs: std::array::from_fn(|_| rng.next() as u8),
+            })
+            .collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_q5_k)(w, &a.qk, COLS / 256, out, ldo)
+    }
+}
+
+impl Format for BlockQ6K {
+    const NAME: &'static str = "q6_k";
+    const ROW_BYTES: usize = COLS / 256 * 210;
+    fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
+        (0..rows * COLS / 256)
+            .map(|_| BlockQ6K {
+                ql: std::array::from_fn(|_| rng.next() as u8),
+                qh: std::array::from_fn(|_| rng.next() as u8),
+                scales: std::array::from_fn(|_| rng.next() as i8),
+                d: small_f16(rng),
+            })
+            .collect()
+    }
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
+        (k.gemm_q6_k)(w, &a.qk, COLS / 256, out, ldo)
     }
 }
 
@@ -435,6 +498,8 @@ fn bench_two_threads() {
     }
     println!("q4_0 {:.1}", run::<BlockQ4_0>(k, &mut rng));
     println!("q8_0 {:.1}", run::<BlockQ8_0>(k, &mut rng));
+    println!("q4_k {:.1}", run::<BlockQ4K>(k, &mut rng));
+    println!("q6_k {:.1}", run::<BlockQ6K>(k, &mut rng));
     println!("f16  {:.1}", run::<f16>(k, &mut rng));
 }
 
@@ -460,6 +525,9 @@ fn probe(args: &[String]) {
     match args[1].as_str() {
         "q4_0" => go::<BlockQ4_0>(k, &mut rng, rows, n, ldo, iters),
         "q8_0" => go::<BlockQ8_0>(k, &mut rng, rows, n, ldo, iters),
+        "q4_k" => go::<BlockQ4K>(k, &mut rng, rows, n, ldo, iters),
+        "q5_k" => go::<BlockQ5K>(k, &mut rng, rows, n, ldo, iters),
+        "q6_k" => go::<BlockQ6K>(k, &mut rng, rows, n, ldo, iters),
         "f16" => go::<f16>(k, &mut rng, rows, n, ldo, iters),
         other => panic!("probe: unknown format {other}"),
     }
@@ -510,6 +578,9 @@ fn main() {
         let rows: Vec<(&str, BenchFn)> = vec![
             (BlockQ4_0::NAME, bench_format::<BlockQ4_0>),
             (BlockQ8_0::NAME, bench_format::<BlockQ8_0>),
+            (BlockQ4K::NAME, bench_format::<BlockQ4K>),
+            (BlockQ5K::NAME, bench_format::<BlockQ5K>),
+            (BlockQ6K::NAME, bench_format::<BlockQ6K>),
             (f32::NAME, bench_format::<f32>),
             (f16::NAME, bench_format::<f16>),
             (bf16::NAME, bench_format::<bf16>),

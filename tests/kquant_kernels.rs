@@ -2,7 +2,8 @@
 //! against the scalar references, on random and extreme blocks of many shapes; and the Q8_K activation
 //! quantizer of every set against ggml's (byte-identical).
 //!
-//! Integer sums must be exact: with `d = dmin = 1` and activation scale 1 the float result is the integer
+//! The portable set's products must be bit-identical to the references (it adds the same block terms in the
+//! same order). Integer sums must be exact: with `d = dmin = 1` and activation scale 1 the float result is the integer
 //! `sum(scale * q * a) - sum(min * bsum)` itself while the magnitudes stay below 2^24. Otherwise results must be
 //! within `1e-5 * |reference| + 1e-6 * sum(|terms|)`, as for the 32-blocks (`tests/kernels.rs`).
 
@@ -271,6 +272,14 @@ fn check_product<W>(
                                     g,
                                     sum as f32,
                                     "{}: not the exact integer result",
+                                    ctx(t, r)
+                                );
+                            } else if k.name == "portable" {
+                                // The portable set adds the same block terms in the same order.
+                                assert_eq!(
+                                    g.to_bits(),
+                                    want.to_bits(),
+                                    "{}: portable differs from scalar ({g} vs {want})",
                                     ctx(t, r)
                                 );
                             } else {

@@ -1,8 +1,8 @@
 //! Matrix products over weights stored in ggml blocks, and the f32 operations around them.
 //!
-//! Each weight format has a module with a plain scalar reference (`q8_0`, `q4_0`, `float`); the SIMD sets sit
-//! beside them, one module per instruction set, and one set is chosen once per process by CPU feature detection
-//! (or `QUARRY_KERNEL`). The model never sees which one runs: it hands
+//! Each weight format has a module with a plain scalar reference (`q8_0`, `q4_0`, `q4_k`, `q5_k`, `q6_k`,
+//! `float`); the SIMD sets sit beside them, one module per instruction set, and one set is chosen once per
+//! process by CPU feature detection (or `QUARRY_KERNEL`). The model never sees which one runs: it hands
 //! [`WeightRows`] views and [`ActivationBatch`]es to [`parallel::parallel_gemm`].
 //!
 //! The sets, from slowest to fastest:

@@ -8,7 +8,7 @@
 //! reference's bits.
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 use wide::{f32x8, i8x16, i16x16, i32x8, u16x8};
 
 use super::Kernels;
@@ -19,9 +19,9 @@ pub const SET: Kernels = Kernels {
     gemm_q8_0,
     gemm_q4_0,
     quantize_q8_k: crate::kernels::SCALAR.quantize_q8_k,
-    gemm_q4_k: crate::kernels::SCALAR.gemm_q4_k,
-    gemm_q5_k: crate::kernels::SCALAR.gemm_q5_k,
-    gemm_q6_k: crate::kernels::SCALAR.gemm_q6_k,
+    gemm_q4_k,
+    gemm_q5_k,
+    gemm_q6_k,
     gemm_f32,
     gemm_f16,
     gemm_bf16,
@@ -178,6 +178,152 @@ fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo:
 
 fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
     gemm_blocks(w, a, bpr, out, ldo, |b| b.d.to_bits(), isum_q4)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// k-quants against Q8_K: per block, the weights widened to i16 and multiplied by their group scale (Q4_K/Q5_K
+// `q * sc` at most 31 * 63; Q6_K `(q - 32) * sc` at most 32 * 128: both words), one i16 dot per 16 weights into
+// i32 lanes (pairs of at most 2 * 4096 * 127), one reduction per block, then the reference's own float
+// expression: the same bits as the scalar products.
+
+/// A token's activation block widened to i16 once, for every row.
+type Wide = [i16x16; 16];
+
+/// Up to this many blocks of a token's activations are widened at a time (on the stack: 512 bytes each).
+const WIDE_BLOCKS: usize = 8;
+
+fn widen(a: &BlockQ8K) -> Wide {
+    std::array::from_fn(|k| i16s(&a.qs[16 * k..]))
+}
+
+/// Token-major `out[t * ldo + r]`, every row's block terms added in block order from 0 as the reference does.
+fn gemm_k<W>(
+    w: &[W],
+    a: &[BlockQ8K],
+    bpr: usize,
+    out: &mut [f32],
+    ldo: usize,
+    term: impl Fn(&W, &BlockQ8K, &Wide) -> f32,
+) {
+    if bpr == 0 {
+        return;
+    }
+    let n = a.len() / bpr;
+    let rows = w.len() / bpr;
+    super::check_out(out.len(), rows, n, ldo);
+    let mut wide = [[i16x16::ZERO; 16]; WIDE_BLOCKS];
+    for t in 0..n {
+        let act = &a[t * bpr..(t + 1) * bpr];
+        for b0 in (0..bpr).step_by(WIDE_BLOCKS) {
+            let nb = (bpr - b0).min(WIDE_BLOCKS);
+            for (wb, ab) in wide.iter_mut().zip(&act[b0..b0 + nb]) {
+                *wb = widen(ab);
+            }
+            for r in 0..rows {
+                let o = &mut out[t * ldo + r];
+                let mut s = if b0 == 0 { 0.0f32 } else { *o };
+                for (k, bw) in w[r * bpr + b0..r * bpr + b0 + nb].iter().enumerate() {
+                    s += term(bw, &act[b0 + k], &wide[k]);
+                }
+                *o = s;
+            }
+        }
+    }
+}
+
+/// Q4_K/Q5_K block: 16 bytes of quants (0..=31) as words.
+#[inline]
+fn scaled(q: i16x16, sc: u8) -> i16x16 {
+    q * i16x16::splat(sc as i16)
+}
+
+/// `d * da * dots - dmin * da * mins` with the exact integer sums, as `q4_k::dot_scalar`; `qh` is Q5_K's.
+#[inline]
+fn k4_term(
+    d: f16,
+    dmin: f16,
+    scales: &[u8; 12],
+    qs: &[u8; 128],
+    qh: Option<&[u8; 32]>,
+    a: &BlockQ8K,
+    wide: &Wide,
+) -> f32 {
+    let (sc, m) = super::q4_k::q4k_scales_mins(scales);
+    let m15 = i16x16::splat(15);
+    let one = i16x16::splat(1);
+    let h = qh.map(|qh| {
+        [
+            i16s(bytemuck::cast_slice(&qh[..16])),
+            i16s(bytemuck::cast_slice(&qh[16..])),
+        ]
+    });
+    let mut acc = i32x8::ZERO;
+    for c in 0..4 {
+        let (sc_lo, sc_hi) = ((sc >> (16 * c)) as u8, (sc >> (16 * c + 8)) as u8);
+        for half in 0..2 {
+            // Sign-extended bytes: `& 15` is the low nibble, the arithmetic `>> 4` then `& 15` the high one.
+            let x = i16s(bytemuck::cast_slice(&qs[32 * c + 16 * half..]));
+            let (mut lo, mut hi) = (x & m15, (x >> 4i32) & m15);
+            if let Some(h) = h {
+                // Bits 2c and 2c + 1 of each qh byte (sign extension only fills bits above 7).
+                lo |= ((h[half] >> (2 * c) as i32) & one) << 4;
+                hi |= ((h[half] >> (2 * c + 1) as i32) & one) << 4;
+            }
+            acc += scaled(lo, sc_lo).dot(wide[4 * c + half]);
+            acc += scaled(hi, sc_hi).dot(wide[4 * c + 2 + half]);
+        }
+    }
+    let dots = acc.reduce_add();
+    let mut mins = 0i32;
+    for g in 0..8 {
+        let bs = a.bsums[2 * g] as i32 + a.bsums[2 * g + 1] as i32;
+        mins += ((m >> (8 * g)) as u8) as i32 * bs;
+    }
+    d.to_f32() * a.d * dots as f32 - dmin.to_f32() * a.d * mins as f32
+}
+
+fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    gemm_k(w, a, bpr, out, ldo, |b, a, wide| {
+        k4_term(b.d, b.dmin, &b.scales, &b.qs, None, a, wide)
+    })
+}
+
+fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    gemm_k(w, a, bpr, out, ldo, |b, a, wide| {
+        k4_term(b.d, b.dmin, &b.scales, &b.qs, Some(&b.qh), a, wide)
+    })
+}
+
+/// `d * da * sum(scale_g * (q - 32) * a)`, as `q6_k::dot_scalar`.
+fn q6_term(b: &BlockQ6K, a: &BlockQ8K, wide: &Wide) -> f32 {
+    let m15 = i16x16::splat(15);
+    let m3 = i16x16::splat(3);
+    let c32 = i16x16::splat(32);
+    let mut acc = i32x8::ZERO;
+    for h in 0..2 {
+        for s in 0..2 {
+            let ql0 = i16s(bytemuck::cast_slice(&b.ql[64 * h + 16 * s..]));
+            let ql1 = i16s(bytemuck::cast_slice(&b.ql[64 * h + 32 + 16 * s..]));
+            let qh = i16s(bytemuck::cast_slice(&b.qh[32 * h + 16 * s..]));
+            // Quarter `qt` of this half: weights 128h + 32qt + 16s.., group 8h + 2qt + s.
+            let quants: [i16x16; 4] = [
+                (ql0 & m15) | ((qh & m3) << 4),
+                (ql1 & m15) | (((qh >> 2i32) & m3) << 4),
+                ((ql0 >> 4i32) & m15) | (((qh >> 4i32) & m3) << 4),
+                ((ql1 >> 4i32) & m15) | (((qh >> 6i32) & m3) << 4),
+            ];
+            for (qt, q) in quants.into_iter().enumerate() {
+                let g = 8 * h + 2 * qt + s;
+                let wq: i16x16 = (q - c32) * i16x16::splat(b.scales[g] as i16);
+                acc += wq.dot(wide[g]);
+            }
+        }
+    }
+    b.d.to_f32() * a.d * acc.reduce_add() as f32
+}
+
+fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    gemm_k(w, a, bpr, out, ldo, q6_term)
 }
 
 /// Dot product of `x` with a weight row converted 8 at a time by `conv`.

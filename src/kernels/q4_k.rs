@@ -29,6 +29,21 @@ pub fn dot_scalar(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     sum
 }
 
+/// The 6-bit scales and mins of a Q4_K/Q5_K block, one byte per group (byte `g` of each word is group `g`): the
+/// layout of `BlockQ4K::scales` undone on three words at once instead of per group.
+#[inline(always)]
+pub(crate) fn q4k_scales_mins(p: &[u8; 12]) -> (u64, u64) {
+    let lo = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+    let mid = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
+    let hi = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
+    let sc_hi = (hi & 0x0f0f_0f0f) | ((lo >> 2) & 0x3030_3030);
+    let m_hi = ((hi >> 4) & 0x0f0f_0f0f) | ((mid >> 2) & 0x3030_3030);
+    (
+        (lo & 0x3f3f_3f3f) as u64 | (sc_hi as u64) << 32,
+        (mid & 0x3f3f_3f3f) as u64 | (m_hi as u64) << 32,
+    )
+}
+
 /// Reference matrix product, token-major `out[t * ldo + r]`.
 pub fn gemm_scalar(
     w: &[BlockQ4K],

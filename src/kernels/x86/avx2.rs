@@ -10,9 +10,11 @@
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
 use super::{BlockDot, FloatLanes, LaneDot};
+
+mod kquant;
 use crate::kernels::Kernels;
 
 pub fn detected() -> bool {
@@ -31,10 +33,10 @@ pub(in crate::kernels) const SET: Kernels = Kernels {
     quantize_q8_0,
     gemm_q8_0,
     gemm_q4_0,
-    quantize_q8_k: crate::kernels::SCALAR.quantize_q8_k,
-    gemm_q4_k: crate::kernels::SCALAR.gemm_q4_k,
-    gemm_q5_k: crate::kernels::SCALAR.gemm_q5_k,
-    gemm_q6_k: crate::kernels::SCALAR.gemm_q6_k,
+    quantize_q8_k,
+    gemm_q4_k,
+    gemm_q5_k,
+    gemm_q6_k,
     gemm_f32,
     gemm_f16,
     gemm_bf16,
@@ -48,10 +50,10 @@ pub(in crate::kernels) const SET_VNNI: Kernels = Kernels {
     quantize_q8_0,
     gemm_q8_0: gemm_q8_0_vnni,
     gemm_q4_0: gemm_q4_0_vnni,
-    quantize_q8_k: crate::kernels::SCALAR.quantize_q8_k,
-    gemm_q4_k: crate::kernels::SCALAR.gemm_q4_k,
-    gemm_q5_k: crate::kernels::SCALAR.gemm_q5_k,
-    gemm_q6_k: crate::kernels::SCALAR.gemm_q6_k,
+    quantize_q8_k,
+    gemm_q4_k,
+    gemm_q5_k,
+    gemm_q6_k,
     gemm_f32,
     gemm_f16,
     gemm_bf16,
@@ -373,6 +375,10 @@ impl FloatLanes for Y {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8_k_tf(x: &[f32], out: &mut [BlockQ8K]) {
+    unsafe { super::quantize_q8_k_avx2(x, out) }
+}
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_q8_0_tf(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { super::quantize_q8_0_avx2(x, out) }
 }
@@ -421,6 +427,18 @@ unsafe fn dot_f32_tf(x: &[f32], y: &[f32]) -> f32 {
     unsafe { super::dot_f32::<Y>(x, y) }
 }
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_q4_k_tf(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { kquant::gemm::<kquant::Q4K>(w, a, bpr, out, ldo) }
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_q5_k_tf(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { kquant::gemm::<kquant::Q5K>(w, a, bpr, out, ldo) }
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_q6_k_tf(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { kquant::gemm::<kquant::Q6K>(w, a, bpr, out, ldo) }
+}
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn axpy_f32_tf(alpha: f32, x: &[f32], y: &mut [f32]) {
     unsafe { super::axpy_f32::<Y>(alpha, x, y) }
 }
@@ -428,6 +446,9 @@ unsafe fn axpy_f32_tf(alpha: f32, x: &[f32], y: &mut [f32]) {
 // The entries of `SET` and `SET_VNNI`. SAFETY (all): those sets are only reachable through `available()`, which
 // lists them only when `detected()` (and for the VNNI entries `detected_vnni()`) saw every feature enabled on
 // the `_tf` function called; the bodies check slice lengths before any pointer load.
+fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    unsafe { quantize_q8_k_tf(x, out) }
+}
 fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { quantize_q8_0_tf(x, out) }
 }
@@ -442,6 +463,15 @@ fn gemm_q8_0_vnni(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32],
 }
 fn gemm_q4_0_vnni(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
     unsafe { gemm_q4_0_vnni_tf(w, a, bpr, out, ldo) }
+}
+fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q4_k_tf(w, a, bpr, out, ldo) }
+}
+fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q5_k_tf(w, a, bpr, out, ldo) }
+}
+fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q6_k_tf(w, a, bpr, out, ldo) }
 }
 fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
     unsafe { gemm_f32_tf(w, a, cols, out, ldo) }

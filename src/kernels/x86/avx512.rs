@@ -6,9 +6,11 @@
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
 use super::{BlockDot, FloatLanes, LaneDot};
+
+mod kquant;
 use crate::kernels::Kernels;
 
 /// The features every function here is compiled with; `available` checks them all.
@@ -29,10 +31,10 @@ pub(in crate::kernels) const SET: Kernels = Kernels {
     quantize_q8_0,
     gemm_q8_0,
     gemm_q4_0,
-    quantize_q8_k: crate::kernels::SCALAR.quantize_q8_k,
-    gemm_q4_k: crate::kernels::SCALAR.gemm_q4_k,
-    gemm_q5_k: crate::kernels::SCALAR.gemm_q5_k,
-    gemm_q6_k: crate::kernels::SCALAR.gemm_q6_k,
+    quantize_q8_k,
+    gemm_q4_k,
+    gemm_q5_k,
+    gemm_q6_k,
     gemm_f32,
     gemm_f16,
     gemm_bf16,
@@ -367,6 +369,10 @@ impl FloatLanes for Z {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn quantize_q8_k_tf(x: &[f32], out: &mut [BlockQ8K]) {
+    unsafe { super::quantize_q8_k_avx2(x, out) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn quantize_q8_0_tf(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { super::quantize_q8_0_avx2(x, out) }
 }
@@ -377,6 +383,18 @@ unsafe fn gemm_q8_0_tf(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn gemm_q4_0_tf(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
     unsafe { gemm_quant::<Q4, Q4Y>(w, a, bpr, out, ldo) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemm_q4_k_tf(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { kquant::gemm::<kquant::Q4K>(w, a, bpr, out, ldo) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemm_q5_k_tf(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { kquant::gemm::<kquant::Q5K>(w, a, bpr, out, ldo) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemm_q6_k_tf(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { kquant::gemm::<kquant::Q6K>(w, a, bpr, out, ldo) }
 }
 /// Float products: one token on ymm, more on zmm. Streaming a matrix from DRAM for one token, the ymm loop
 /// reaches 23-27 GB/s of f16 weights where the zmm loop reaches 18-22 (alternating runs on this machine); with
@@ -421,6 +439,9 @@ unsafe fn axpy_f32_tf(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 // The entries of `SET`. SAFETY (all): `SET` is only reachable through `available()`, which lists it only when
 // `detected()` saw every feature enabled on the `_tf` functions; the bodies check slice lengths before any pointer load.
+fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    unsafe { quantize_q8_k_tf(x, out) }
+}
 fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     unsafe { quantize_q8_0_tf(x, out) }
 }
@@ -429,6 +450,15 @@ fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo:
 }
 fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
     unsafe { gemm_q4_0_tf(w, a, bpr, out, ldo) }
+}
+fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q4_k_tf(w, a, bpr, out, ldo) }
+}
+fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q5_k_tf(w, a, bpr, out, ldo) }
+}
+fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
+    unsafe { gemm_q6_k_tf(w, a, bpr, out, ldo) }
 }
 fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
     unsafe { gemm_f32_tf(w, a, cols, out, ldo) }

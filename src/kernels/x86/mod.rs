@@ -27,6 +27,10 @@
 //! Which shape runs is decided per call from the token count: whole vectors of tokens on the lane kernel, the
 //! rest on the few-token kernel.
 //!
+//! The k-quant products (Q4_K, Q5_K, Q6_K against Q8_K) have the same two shapes but their own bodies, since a
+//! 256-block carries per-group integer scales and a `bsums` term: `avx512/kquant.rs` and `avx2/kquant.rs`, with
+//! what they share (scale unpacking, transposed activations) in `kquant.rs`.
+//!
 //! # Safety
 //! Every `unsafe fn` here and in the two ISA files has one contract: it runs inside a `#[target_feature]`
 //! wrapper of a set whose features `kernels::available` detected (AVX2, FMA and F16C for all; AVX-VNNI or
@@ -37,12 +41,13 @@
 
 pub mod avx2;
 pub mod avx512;
+mod kquant;
 
 use std::arch::x86_64::*;
 use std::cell::UnsafeCell;
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0, BlockQ8K};
 
 /// Per-thread buffers for transposed activations and prepared weights, reused across calls so that a product
 /// never allocates once warm.
@@ -58,6 +63,8 @@ struct Scratch {
     w: Vec<u8>,
     /// Weight block scales as f32 (many-token kernel).
     dw: Vec<f32>,
+    /// Prepared k-quant group scales and min (or offset) pairs as integers (many-token kernel).
+    wi: Vec<i32>,
 }
 
 thread_local! {
@@ -76,7 +83,8 @@ fn scratch() -> *mut Scratch {
 pub fn reserve_few_token_scratch(max_blocks_per_row: usize) {
     // Fewer tokens than one lane vector (16 at most) go to the few-token kernels: `gemm_few` here needs `da`
     // per token and block and `corr` 8 per block; AVX-512's Q4_0 `gemm_few_q4` 8 activation dwords per block and
-    // 16 corrections and scales per started octet of blocks.
+    // 16 corrections and scales per started octet of blocks; AVX-512's Q4_K/Q5_K permuted activation copy 64
+    // dwords per 256-block, which is the same 8 per 32 columns.
     let (tokens, bpr) = (16, max_blocks_per_row);
     let octet_lanes = bpr.div_ceil(8) * 16;
     // SAFETY: see `scratch`; no kernel is running on this thread.
@@ -159,6 +167,88 @@ unsafe fn quantize_q8_0_avx2(x: &[f32], out: &mut [BlockQ8_0]) {
             let b = _mm256_packs_epi16(w01, w23);
             let b = _mm256_permutevar8x32_epi32(b, order);
             _mm256_storeu_si256(block.qs.as_mut_ptr() as *mut __m256i, b);
+        }
+    }
+}
+
+/// Activation row to Q8_K with exactly the reference's arithmetic (`quarry_quantize::blocks::quantize_q8_k`,
+/// ggml's): the first value of largest magnitude sets `iscale = -127 / max`, each quant is ggml's `nearest_int`
+/// reproduced bit for bit (add 1.5 * 2^23, keep the low mantissa bits) rather than `vcvtps2dq`, so even
+/// non-finite products give the reference's byte, then `min(127)` and the truncation of `as i8` (a shift pair,
+/// after which the saturating packs are exact). The group sums are those of the truncated bytes.
+#[inline(always)]
+unsafe fn quantize_q8_k_avx2(x: &[f32], out: &mut [BlockQ8K]) {
+    assert_eq!(
+        x.len(),
+        out.len() * 256,
+        "Q8_K: {} values for {} blocks",
+        x.len(),
+        out.len()
+    );
+    // SAFETY: every load reads 8 floats inside the 256 of `xs`; every store 16 bytes inside `block.qs`.
+    unsafe {
+        let sign = _mm256_set1_ps(-0.0);
+        for (xs, block) in x.chunks_exact(256).zip(out.iter_mut()) {
+            let p = xs.as_ptr();
+            // |v|, NaN skipped: `maxps` returns its second operand when either is NaN.
+            let mut m = _mm256_setzero_ps();
+            for k in 0..32 {
+                m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(8 * k))), m);
+            }
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+            if amax == 0.0 {
+                *block = bytemuck::Zeroable::zeroed();
+                continue;
+            }
+            // The first value of that magnitude, as the reference's strict `>` keeps it.
+            let av = _mm256_set1_ps(amax);
+            let mut max = amax;
+            for k in 0..32 {
+                let v = _mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(8 * k)));
+                let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(v, av));
+                if hit != 0 {
+                    max = xs[8 * k + hit.trailing_zeros() as usize];
+                    break;
+                }
+            }
+            let iscale = -127.0 / max;
+            let is = _mm256_set1_ps(iscale);
+            let magic = _mm256_set1_ps(12_582_912.0);
+            let mant = _mm256_set1_epi32(0x007f_ffff);
+            let half = _mm256_set1_epi32(0x0040_0000);
+            let lim = _mm256_set1_epi32(127);
+            for g in 0..16 {
+                let mut q = [_mm256_setzero_si256(); 2];
+                for (h, qh) in q.iter_mut().enumerate() {
+                    let y = _mm256_add_ps(
+                        _mm256_mul_ps(is, _mm256_loadu_ps(p.add(16 * g + 8 * h))),
+                        magic,
+                    );
+                    let i = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(y), mant), half);
+                    let i = _mm256_min_epi32(i, lim);
+                    *qh = _mm256_srai_epi32::<24>(_mm256_slli_epi32::<24>(i));
+                }
+                let lo = _mm_packs_epi32(
+                    _mm256_castsi256_si128(q[0]),
+                    _mm256_extracti128_si256::<1>(q[0]),
+                );
+                let hi = _mm_packs_epi32(
+                    _mm256_castsi256_si128(q[1]),
+                    _mm256_extracti128_si256::<1>(q[1]),
+                );
+                _mm_storeu_si128(
+                    block.qs.as_mut_ptr().add(16 * g) as *mut __m128i,
+                    _mm_packs_epi16(lo, hi),
+                );
+                let s = _mm_add_epi16(lo, hi);
+                let s = _mm_add_epi16(s, _mm_unpackhi_epi64(s, s));
+                let s = _mm_add_epi16(s, _mm_srli_epi64::<32>(s));
+                let s = _mm_add_epi16(s, _mm_srli_epi32::<16>(s));
+                block.bsums[g] = _mm_extract_epi16::<0>(s) as i16;
+            }
+            block.d = 1.0 / iscale;
         }
     }
 }
