@@ -54,7 +54,7 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn decoding_allocates_nothing() {
-    for ty in ["f32", "q8_0", "q4_0"] {
+    for ty in ["f32", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"] {
         let dir = fixture_dir("granitemoe-kquant-dev").unwrap();
         let engine = Engine::open(&gguf("granitemoe-kquant-dev", &dir, ty)).unwrap();
         let mut session = Session::new(&engine.model, 256, 64);

@@ -14,7 +14,7 @@ use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0
 
 use super::{BlockDot, FloatLanes, LaneDot};
 
-mod kquant;
+pub(in crate::kernels::x86) mod kquant;
 use crate::kernels::Kernels;
 
 pub fn detected() -> bool {

@@ -472,9 +472,10 @@ unsafe fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
     }
 }
 
-/// Tokens `t0..t1` in vectors of 8 (the last one padded), 4 rows per tile.
+/// Tokens `t0..t1` in vectors of 8 (the last one padded), 4 rows per tile. Also AVX-512's kernel for remainders
+/// of 4 to 8 tokens.
 #[inline(always)]
-unsafe fn gemm_lanes<K: KQuant>(
+pub(crate) unsafe fn gemm_lanes<K: KQuant>(
     w: &[K::W],
     a: &[BlockQ8K],
     bpr: usize,
