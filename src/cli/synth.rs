@@ -17,7 +17,8 @@ pub struct Args {
     #[arg(short, long, value_name = "OUT.gguf")]
     pub output: PathBuf,
 
-    /// Weight type, with the same recipe as `quarry quantize`: q4_0 (output head kept at q8_0), q8_0, f16 or f32.
+    /// Weight type, with the same recipe as `quarry quantize`: q4_0 (output head kept at q8_0), q4_k_m, q5_k_m,
+    /// q6_k, q8_0, f16 or f32.
     #[arg(long = "type", value_name = "TYPE", default_value = "q4_0")]
     pub target: TargetType,
 
