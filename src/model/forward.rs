@@ -503,6 +503,8 @@ impl Model {
         // Gather each chosen expert's tokens into one contiguous batch, quantized once for the expert weights.
         bufs.normed.prepare_for(experts.gate.ty, k);
         bufs.normed.prepare_for(experts.up.ty, k);
+        let quantized = |ty| kernels::wants_q8_0(ty) || kernels::wants_q8_k(ty);
+        let experts_need_values = !(quantized(experts.gate.ty) && quantized(experts.up.ty));
         bufs.slots.clear();
         bufs.expert_in.start(0);
         for (e, routed) in bufs.expert_tokens.iter().enumerate() {
@@ -515,8 +517,11 @@ impl Model {
                 first: bufs.expert_in.len(),
                 len: routed.len(),
             });
-            bufs.expert_in
-                .append_rows_from(&bufs.normed, routed.iter().map(|&(t, _)| t));
+            bufs.expert_in.append_rows_from(
+                &bufs.normed,
+                routed.iter().map(|&(t, _)| t),
+                experts_need_values,
+            );
         }
 
         // Region 1: gate and up rows of every chosen expert, combined as silu(gate) * up.
