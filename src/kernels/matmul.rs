@@ -282,7 +282,10 @@ impl ActivationBatch {
         with_values: bool,
     ) {
         assert_eq!(self.dim, src.dim);
-        assert!(src.values_ready || !with_values, "the source rows have no f32 values");
+        assert!(
+            src.values_ready || !with_values,
+            "the source rows have no f32 values"
+        );
         if self.n == 0 {
             self.q8_ready = src.q8_ready;
             self.q8k_ready = src.q8k_ready;
@@ -334,7 +337,11 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: &mut [f
                 w.ty
             )
         }
-        _ => {}
+        _ => assert!(
+            !acts.f32.is_empty(),
+            "activations gathered without f32 values for {}",
+            w.ty
+        ),
     }
     match w.ty {
         GgmlType::Q8_0 => {
