@@ -536,11 +536,7 @@ unsafe fn gemm_few_q4(
     out: &mut [f32],
     ldo: usize,
 ) {
-    assert!(bpr > 0);
-    let n = a.len() / bpr;
-    let rows = w.len() / bpr;
-    assert!(t0 <= t1 && t1 <= n);
-    crate::kernels::check_out(out.len(), rows, n, ldo);
+    let (_, rows) = super::tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
     let (nt, quads) = (t1 - t0, bpr / 4);
     let octs = quads.div_ceil(2);
     // SAFETY: see `super::scratch`.

@@ -78,6 +78,25 @@ fn scratch() -> *mut Scratch {
     SCRATCH.with(|s| s.get())
 }
 
+/// The checks every product kernel starts with: whole rows of `bpr` blocks, tokens `t0..t1` within the
+/// activations, and room in `out` (`kernels::check_out`). Returns the token and row counts.
+#[inline(always)]
+fn tile_shape(
+    w_blocks: usize,
+    a_blocks: usize,
+    bpr: usize,
+    t0: usize,
+    t1: usize,
+    out_len: usize,
+    ldo: usize,
+) -> (usize, usize) {
+    assert!(bpr > 0);
+    let (n, rows) = (a_blocks / bpr, w_blocks / bpr);
+    assert!(t0 <= t1 && t1 <= n);
+    crate::kernels::check_out(out_len, rows, n, ldo);
+    (n, rows)
+}
+
 /// Sizes this thread's few-token buffers for rows of up to `max_blocks_per_row` blocks (see
 /// [`crate::kernels::reserve_thread_scratch`]).
 pub fn reserve_few_token_scratch(max_blocks_per_row: usize) {
@@ -279,11 +298,7 @@ unsafe fn gemm_few<D: BlockDot, const TMAX: usize>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    assert!(bpr > 0);
-    let n = a.len() / bpr;
-    let rows = w.len() / bpr;
-    assert!(t0 <= t1 && t1 <= n);
-    crate::kernels::check_out(out.len(), rows, n, ldo);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };
     unsafe {
@@ -610,11 +625,8 @@ unsafe fn gemm_lanes<L: LaneDot, const RW: usize>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    assert!(bpr > 0 && RW == L::RW && L::N <= 16 && RW <= 8);
-    let n = a.len() / bpr;
-    let rows = w.len() / bpr;
-    assert!(t0 <= t1 && t1 <= n);
-    crate::kernels::check_out(out.len(), rows, n, ldo);
+    assert!(RW == L::RW && L::N <= 16 && RW <= 8);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
     let nn = L::N;
     let chunk_groups = CHUNK_TOKENS.div_ceil(nn);
     // SAFETY: see `scratch`.

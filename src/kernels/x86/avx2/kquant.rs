@@ -14,7 +14,7 @@ use crate::kernels::q4_k::q4k_scales_mins;
 use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 
 use super::super::kquant::{Q4K_MIN_CTRL, WI, prep_acts, q4k_act_pairs, q6k_act_pairs};
-use super::super::{CHUNK_TOKENS, f16_bits_to_f32, grow, scratch, store_tile_4x8};
+use super::super::{CHUNK_TOKENS, f16_bits_to_f32, grow, scratch, store_tile_4x8, tile_shape};
 
 /// Bytes of weights requested ahead of the ones being read (as in the other kernels).
 const PREFETCH_BYTES: usize = 8192;
@@ -369,11 +369,7 @@ unsafe fn gemm_few<K: KQuant>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    assert!(bpr > 0);
-    let n = a.len() / bpr;
-    let rows = w.len() / bpr;
-    assert!(t0 <= t1 && t1 <= n);
-    crate::kernels::check_out(out.len(), rows, n, ldo);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
     // SAFETY: the tiles stay within rows and tokens (below); prefetches never fault.
     unsafe {
         let head = w.as_ptr() as *const i8;
@@ -486,11 +482,7 @@ pub(crate) unsafe fn gemm_lanes<K: KQuant>(
 ) {
     const N: usize = 8;
     const RW: usize = 4;
-    assert!(bpr > 0);
-    let n = a.len() / bpr;
-    let rows = w.len() / bpr;
-    assert!(t0 <= t1 && t1 <= n);
-    crate::kernels::check_out(out.len(), rows, n, ldo);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
     let gd = 64 / K::GROUPS;
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };

@@ -23,7 +23,7 @@ use crate::kernels::q4_k::q4k_scales_mins;
 use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 
 use super::super::kquant::{Q4K_MIN_CTRL, WI, prep_acts, q4k_act_pairs, q6k_act_pairs};
-use super::super::{CHUNK_TOKENS, f16_bits_to_f32, grow, scratch};
+use super::super::{CHUNK_TOKENS, f16_bits_to_f32, grow, scratch, tile_shape};
 
 /// Bytes of weights requested ahead of the ones being read (as in the Q4_0 kernel).
 const PREFETCH_BYTES: usize = 8192;
@@ -429,11 +429,7 @@ unsafe fn gemm_few<K: KQuant>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    assert!(bpr > 0);
-    let n = a.len() / bpr;
-    let rows = w.len() / bpr;
-    assert!(t0 <= t1 && t1 <= n);
-    crate::kernels::check_out(out.len(), rows, n, ldo);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };
     let perm = if K::PERMUTED {
@@ -573,11 +569,7 @@ unsafe fn gemm_lanes<K: KQuant>(
 ) {
     const N: usize = 16;
     const RW: usize = 8;
-    assert!(bpr > 0);
-    let n = a.len() / bpr;
-    let rows = w.len() / bpr;
-    assert!(t0 <= t1 && t1 <= n);
-    crate::kernels::check_out(out.len(), rows, n, ldo);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
     let gd = 64 / K::GROUPS;
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };
