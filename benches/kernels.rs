@@ -18,7 +18,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use half::{bf16, f16};
-use quarry::kernels::{self, Kernels};
+use quarry::kernels::{self, Kernels, ProductOut};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
 const COLS: usize = 1024;
@@ -64,8 +64,8 @@ trait Format: Copy + Send + Sync + 'static {
     const NAME: &'static str;
     const ROW_BYTES: usize;
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self>;
-    /// The product token-major at row stride `ldo`.
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize);
+    /// The product into `out`.
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: ProductOut);
 }
 
 struct Acts {
@@ -127,8 +127,8 @@ impl Format for BlockQ8_0 {
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
         Self::random_n(rng, rows * BPR)
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
-        (k.gemm_q8_0)(w, &a.q, BPR, out, ldo)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: ProductOut) {
+        (k.gemm_q8_0)(w, &a.q, BPR, out)
     }
 }
 
@@ -138,8 +138,8 @@ impl Format for BlockQ4_0 {
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
         Self::random_n(rng, rows * BPR)
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
-        (k.gemm_q4_0)(w, &a.q, BPR, out, ldo)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: ProductOut) {
+        (k.gemm_q4_0)(w, &a.q, BPR, out)
     }
 }
 
@@ -160,8 +160,8 @@ impl Format for BlockQ4K {
             })
             .collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
-        (k.gemm_q4_k)(w, &a.qk, COLS / 256, out, ldo)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: ProductOut) {
+        (k.gemm_q4_k)(w, &a.qk, COLS / 256, out)
     }
 }
 
@@ -179,8 +179,8 @@ impl Format for BlockQ5K {
             })
             .collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
-        (k.gemm_q5_k)(w, &a.qk, COLS / 256, out, ldo)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: ProductOut) {
+        (k.gemm_q5_k)(w, &a.qk, COLS / 256, out)
     }
 }
 
@@ -197,8 +197,8 @@ impl Format for BlockQ6K {
             })
             .collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
-        (k.gemm_q6_k)(w, &a.qk, COLS / 256, out, ldo)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: ProductOut) {
+        (k.gemm_q6_k)(w, &a.qk, COLS / 256, out)
     }
 }
 
@@ -208,8 +208,8 @@ impl Format for f32 {
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
         (0..rows * COLS).map(|_| rng.f32()).collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
-        (k.gemm_f32)(w, &a.x, COLS, out, ldo)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: ProductOut) {
+        (k.gemm_f32)(w, &a.x, COLS, out)
     }
 }
 
@@ -219,8 +219,8 @@ impl Format for f16 {
     fn random(rng: &mut Rng, rows: usize) -> Vec<Self> {
         (0..rows * COLS).map(|_| f16::from_f32(rng.f32())).collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
-        (k.gemm_f16)(w, &a.x, COLS, out, ldo)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: ProductOut) {
+        (k.gemm_f16)(w, &a.x, COLS, out)
     }
 }
 
@@ -232,8 +232,8 @@ impl Format for bf16 {
             .map(|_| bf16::from_f32(rng.f32()))
             .collect()
     }
-    fn run(k: &Kernels, w: &[Self], a: &Acts, out: &mut [f32], ldo: usize) {
-        (k.gemm_bf16)(w, &a.x, COLS, out, ldo)
+    fn run(k: &Kernels, w: &[Self], a: &Acts, out: ProductOut) {
+        (k.gemm_bf16)(w, &a.x, COLS, out)
     }
 }
 
@@ -250,7 +250,7 @@ fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) ->
     let s = time(|| {
         for m in big.chunks(per) {
             let rows = m.len() / (big.len() / rows_total);
-            F::run(k, black_box(m), &a1, &mut out[..rows], rows);
+            F::run(k, black_box(m), &a1, ProductOut::new(&mut out, 1, rows));
         }
     });
     cells.push(format!(
@@ -260,14 +260,14 @@ fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) ->
     drop(big);
 
     let small = F::random(rng, 256);
-    let s = time(|| F::run(k, black_box(&small), &a1, &mut out[..256], 256));
+    let s = time(|| F::run(k, black_box(&small), &a1, ProductOut::new(&mut out, 1, 256)));
     cells.push(format!("{:.1}", (256 * F::ROW_BYTES) as f64 / s / 1e9));
 
     let w = F::random(rng, 1024);
     for &n in gemm_tokens {
         let a = Acts::new(rng, n, k);
         let mut out = vec![0.0f32; 1024 * n];
-        let s = time(|| F::run(k, black_box(&w), &a, &mut out, 1024));
+        let s = time(|| F::run(k, black_box(&w), &a, ProductOut::new(&mut out, n, 1024)));
         cells.push(format!("{:.1}", (1024 * COLS * n) as f64 / s / 1e9));
     }
     // A small thread's share: 128 rows at 64 tokens, where per-call activation work shows, written into its
@@ -275,15 +275,17 @@ fn bench_format<F: Format>(k: &Kernels, rng: &mut Rng, gemm_tokens: &[usize]) ->
     if gemm_tokens.len() > 1 {
         let a = Acts::new(rng, 64, k);
         let mut out = vec![0.0f32; 1024 * 64];
-        let s = time(|| F::run(k, black_box(&w[..w.len() / 8]), &a, &mut out, 1024));
+        let s = time(|| {
+            let out = ProductOut::with_stride(&mut out, 64, 128, 1024);
+            F::run(k, black_box(&w[..w.len() / 8]), &a, out)
+        });
         cells.push(format!("{:.1}", (128 * COLS * 64) as f64 / s / 1e9));
     }
     cells
 }
 
-/// The f32 operations: each compiled copy against the scalar reference, in ns per call.
+/// The f32 operations of every kernel set (the scalar set is the reference), in ns per call.
 fn bench_ops() {
-    use quarry::kernels::ops;
     let mut rng = Rng(7);
     let x: Vec<f32> = (0..4096).map(|_| rng.f32() * 8.0).collect();
     let wgt: Vec<f32> = (0..4096).map(|_| rng.f32()).collect();
@@ -292,21 +294,13 @@ fn bench_ops() {
         .collect();
     let mut buf = x.clone();
     let mut out = vec![0.0f32; 4096];
-    let reference = ops::Table {
-        rms_norm: ops::scalar::rms_norm,
-        rope: ops::scalar::rope_adjacent_pairs,
-        softmax: ops::scalar::softmax,
-        silu_mul: ops::scalar::silu_mul,
-        attend_block: ops::scalar::attend_block,
-    };
     println!("\nops, ns per call (softmax and silu_mul include copying in 4096 fresh inputs)");
     println!(
         "{:<10} {:>14} {:>13} {:>13} {:>14}",
-        "copy", "rms_norm 1024", "rope 16 x 64", "softmax 4096", "silu_mul 4096"
+        "set", "rms_norm 1024", "rope 16 x 64", "softmax 4096", "silu_mul 4096"
     );
-    let mut all = ops::copies();
-    all.insert(0, ("scalar", reference));
-    for (name, t) in all {
+    for k in kernels::available() {
+        let (name, t) = (k.name, k.ops);
         let a = time(|| (t.rms_norm)(black_box(&x[..1024]), &wgt[..1024], 1e-6, &mut out[..1024]))
             * 1e9;
         let b = time(|| (t.rope)(black_box(&mut buf[..1024]), 64, &cs)) * 1e9;
@@ -371,12 +365,22 @@ fn bench_decode_shapes() {
         let total = |row_bytes: usize| (DRAM_BYTES / (rows * row_bytes)).max(2) * rows * bpr;
         let w4: Vec<BlockQ4_0> = BlockQ4_0::random_n(&mut rng, total(bpr * 18));
         let g4 = cell(bpr * 18, &mut |r, n, o| {
-            (k.gemm_q4_0)(black_box(&w4[r * bpr..(r + n) * bpr]), &a, bpr, o, n)
+            (k.gemm_q4_0)(
+                black_box(&w4[r * bpr..(r + n) * bpr]),
+                &a,
+                bpr,
+                ProductOut::new(o, 1, n),
+            )
         });
         drop(w4);
         let w8: Vec<BlockQ8_0> = BlockQ8_0::random_n(&mut rng, total(bpr * 34));
         let g8 = cell(bpr * 34, &mut |r, n, o| {
-            (k.gemm_q8_0)(black_box(&w8[r * bpr..(r + n) * bpr]), &a, bpr, o, n)
+            (k.gemm_q8_0)(
+                black_box(&w8[r * bpr..(r + n) * bpr]),
+                &a,
+                bpr,
+                ProductOut::new(o, 1, n),
+            )
         });
         println!(
             "{name:<24} {:>14} {g4:>7.1} {g8:>7.1}",
@@ -400,9 +404,10 @@ fn bench_attention() {
     println!("\nattention, head size 64, GFLOP/s (4 * hd * sum of lengths per call)");
     println!(
         "{:<10} {:>4} {:>6} {:>10} {:>13} {:>8}",
-        "copy", "nq", "len", "block", "one by one", "scalar"
+        "set", "nq", "len", "block", "one by one", "scalar"
     );
-    for (name, t) in ops::copies() {
+    for k in kernels::available().into_iter().skip(1) {
+        let (name, t) = (k.name, k.ops);
         for nq in [2usize, 16] {
             for len in [128usize, 512, 2048] {
                 let lens: Vec<usize> = (0..nq).map(|j| len - (nq - 1 - j) / 2).collect();
@@ -488,7 +493,7 @@ fn bench_two_threads() {
                             let h = m.len() / 2 / per_row * per_row;
                             let part = if half == 0 { &m[..h] } else { &m[h..] };
                             let rows = part.len() / per_row;
-                            F::run(k, black_box(part), a1, &mut out[..rows], rows);
+                            F::run(k, black_box(part), a1, ProductOut::new(&mut out, 1, rows));
                         }
                     });
                 }
@@ -518,7 +523,12 @@ fn probe(args: &[String]) {
         let a = Acts::new(rng, n, k);
         let mut out = vec![0.0f32; (n - 1) * ldo + rows];
         for _ in 0..iters {
-            F::run(k, black_box(&w), &a, &mut out, ldo);
+            F::run(
+                k,
+                black_box(&w),
+                &a,
+                ProductOut::with_stride(&mut out, n, rows, ldo),
+            );
         }
         black_box(&out);
     }
@@ -596,7 +606,7 @@ fn main() {
             } else {
                 &tokens
             };
-            let c = f(&k, &mut rng, t);
+            let c = f(k, &mut rng, t);
             let get = |i: usize| c.get(i).cloned().unwrap_or_else(|| "-".into());
             println!(
                 "{:<11} {:<5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>12}",

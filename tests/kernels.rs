@@ -8,7 +8,7 @@
 //! kernel mistake, which changes at least one whole term.
 
 use half::{bf16, f16};
-use quarry::kernels::{self, Kernels, SCALAR};
+use quarry::kernels::{self, Kernels, ProductOut, SCALAR};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
 
 /// SplitMix64: small, seeded, good enough to spread test values.
@@ -34,7 +34,7 @@ impl Rng {
     }
 }
 
-fn sets() -> Vec<Kernels> {
+fn sets() -> Vec<&'static Kernels> {
     let all = kernels::available();
     assert_eq!(all[0].name, "scalar");
     eprintln!(
@@ -260,10 +260,10 @@ fn gemm_q8_0_matches_scalar() {
                 let w = q8_weights(&mut rng, rows * bpr, s, v);
                 let a = q8_acts(&mut rng, n * bpr, s, v);
                 let mut want = out_buf(rows, n, rows, true);
-                (SCALAR.gemm_q8_0)(&w, &a, bpr, &mut want, rows);
+                (SCALAR.gemm_q8_0)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
                 for (i, ldo) in strides(rows).into_iter().enumerate() {
                     let mut got = out_buf(rows, n, ldo, i == 0);
-                    (k.gemm_q8_0)(&w, &a, bpr, &mut got, ldo);
+                    (k.gemm_q8_0)(&w, &a, bpr, ProductOut::with_stride(&mut got, n, rows, ldo));
                     check_quant(
                         "gemm_q8_0",
                         k.name,
@@ -299,10 +299,10 @@ fn gemm_q4_0_matches_scalar() {
                 let w = q4_weights(&mut rng, rows * bpr, s, v);
                 let a = q8_acts(&mut rng, n * bpr, s, v);
                 let mut want = out_buf(rows, n, rows, true);
-                (SCALAR.gemm_q4_0)(&w, &a, bpr, &mut want, rows);
+                (SCALAR.gemm_q4_0)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
                 for (i, ldo) in strides(rows).into_iter().enumerate() {
                     let mut got = out_buf(rows, n, ldo, i == 0);
-                    (k.gemm_q4_0)(&w, &a, bpr, &mut got, ldo);
+                    (k.gemm_q4_0)(&w, &a, bpr, ProductOut::with_stride(&mut got, n, rows, ldo));
                     check_quant(
                         "gemm_q4_0",
                         k.name,
@@ -359,14 +359,14 @@ fn extreme_blocks_give_known_sums() {
                         n * bpr
                     ];
                     let mut out = vec![0.0; 3 * n];
-                    (k.gemm_q8_0)(&w8, &a, bpr, &mut out, 3);
+                    (k.gemm_q8_0)(&w8, &a, bpr, ProductOut::new(&mut out, n, 3));
                     let want = (-128 * av as i64 * 32 * bpr as i64) as f32;
                     assert!(
                         out.iter().all(|&o| o == want),
                         "{}: q8 {out:?} != {want}",
                         k.name
                     );
-                    (k.gemm_q4_0)(&w4, &a, bpr, &mut out, 3);
+                    (k.gemm_q4_0)(&w4, &a, bpr, ProductOut::new(&mut out, n, 3));
                     let want = (-8 * av as i64 * 32 * bpr as i64) as f32;
                     assert!(
                         out.iter().all(|&o| o == want),
@@ -476,7 +476,7 @@ fn check_float(what: &str, set: &str, got: &[f32], want: &[f32], mags: &[f32]) {
     }
 }
 
-type FloatGemm<W> = fn(&[W], &[f32], usize, &mut [f32], usize);
+type FloatGemm<W> = fn(&[W], &[f32], usize, ProductOut);
 
 fn float_case<W: Copy>(
     what: &str,
@@ -503,7 +503,7 @@ fn float_case<W: Copy>(
                     }
                 }
                 let mut want = out_buf(rows, n, rows, true);
-                gemm(&SCALAR)(&w, &a, cols, &mut want, rows);
+                gemm(&SCALAR)(&w, &a, cols, ProductOut::new(&mut want, n, rows));
                 for (i, ((&g, &e), &m)) in want.iter().zip(&exact).zip(&mags).enumerate() {
                     // The scalar's own rounding is up to about cols / 4 * 2^-24 of the magnitude.
                     assert!(
@@ -514,7 +514,12 @@ fn float_case<W: Copy>(
                 for k in &all {
                     for (i, ldo) in strides(rows).into_iter().enumerate() {
                         let mut got = out_buf(rows, n, ldo, i == 0);
-                        gemm(k)(&w, &a, cols, &mut got, ldo);
+                        gemm(k)(
+                            &w,
+                            &a,
+                            cols,
+                            ProductOut::with_stride(&mut got, n, rows, ldo),
+                        );
                         let ctx = format!("{what} on {}, stride {ldo}", k.name);
                         check_untouched(&ctx, &got, rows, ldo);
                         let compact: Vec<f32> = (0..n)
@@ -560,7 +565,7 @@ fn f16_and_bf16_special_values_convert_exactly() {
                 let mut a = vec![0.0f32; 64];
                 a[pos] = 1.0;
                 let mut out = [0.0f32];
-                (k.gemm_f16)(chunk, &a, 64, &mut out, 1);
+                (k.gemm_f16)(chunk, &a, 64, ProductOut::new(&mut out, 1, 1));
                 assert_eq!(
                     out[0],
                     chunk[pos].to_f32(),
@@ -574,24 +579,19 @@ fn f16_and_bf16_special_values_convert_exactly() {
             let mut a = vec![0.0f32; 64];
             a[21] = 1.0;
             let mut out = [0.0f32];
-            (k.gemm_bf16)(chunk, &a, 64, &mut out, 1);
+            (k.gemm_bf16)(chunk, &a, 64, ProductOut::new(&mut out, 1, 1));
             assert_eq!(out[0], chunk[21].to_f32(), "{} bf16", k.name);
         }
     }
 }
 
 #[test]
-fn dot_and_axpy_match_scalar() {
+fn axpy_matches_scalar() {
     let mut rng = Rng(5);
     for k in sets() {
         for len in (0..70).chain([64, 128, 1000, 1024, 4099]) {
             let x: Vec<f32> = (0..len).map(|_| rng.f32()).collect();
             let y: Vec<f32> = (0..len).map(|_| rng.f32()).collect();
-            let want = (SCALAR.dot_f32)(&x, &y);
-            let got = (k.dot_f32)(&x, &y);
-            let mag: f32 = x.iter().zip(&y).map(|(a, b)| (a * b).abs()).sum();
-            check_float("dot_f32", k.name, &[got], &[want], &[mag]);
-
             let alpha = rng.f32();
             let mut want = y.clone();
             let mut got = y.clone();
@@ -610,6 +610,11 @@ fn dot_and_axpy_match_scalar() {
 // The f32 operations.
 
 use quarry::kernels::ops;
+
+/// Every set's compiled copy of the f32 operations but the scalar references, by set name.
+fn ops_copies() -> Vec<(&'static str, ops::Ops)> {
+    sets().into_iter().map(|k| (k.name, k.ops)).collect()
+}
 
 /// Within 1e-6 relative, or below f32's normal range (where f32 itself has no relative precision left).
 fn close(got: &[f32], want: &[f32], what: &str) {
@@ -648,14 +653,10 @@ fn attend_head_matches_scalar() {
             let (mut want_s, mut want) = (vec![0.0; len], vec![0.0; hd]);
             ops::scalar::attend_head(&q, &kt, stride, &v, len, 0.3, &mut want_s, &mut want);
             let bound = 1e-5 * v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            let mut copies: Vec<(&str, ops::AttendBlockFn)> = ops::copies()
+            let copies: Vec<(&str, ops::AttendBlockFn)> = ops_copies()
                 .into_iter()
                 .map(|(name, t)| (name, t.attend_block))
                 .collect();
-            // The selected copy through the public one-query entry point.
-            copies.push(("selected attend_head", |q, l, kt, ks, v, sc, s, o| {
-                ops::attend_head(q, kt, ks, v, l[0], sc, s, o)
-            }));
             for (name, f) in copies {
                 let (mut s, mut got) = (vec![0.0; len + 3], vec![f32::NAN; hd]);
                 f(&q, &[len], &kt, stride, &v, 0.3, &mut s, &mut got);
@@ -677,7 +678,7 @@ fn attend_head_matches_scalar() {
 #[test]
 fn attend_block_matches_scalar() {
     let mut rng = Rng(12);
-    let copies = ops::copies();
+    let copies = ops_copies();
     let mut cases = 0;
     for hd in [8usize, 16, 64, 128] {
         for nq in [1usize, 2, 3, 4, 5, 8, 16, 32] {
@@ -772,7 +773,7 @@ fn attend_block_matches_scalar() {
 
 #[test]
 fn ops_match_scalar() {
-    let copies = ops::copies();
+    let copies = ops_copies();
     eprintln!(
         "ops copies: {}",
         copies.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
@@ -841,13 +842,10 @@ fn rope_is_bit_identical() {
         let x: Vec<f32> = (0..head_dim * 3).map(|_| rng.f32() * 5.0).collect();
         let mut want = x.clone();
         ops::scalar::rope_adjacent_pairs(&mut want, head_dim, &cs);
-        for (name, t) in ops::copies() {
+        for (name, t) in ops_copies() {
             let mut got = x.clone();
             (t.rope)(&mut got, head_dim, &cs);
             assert_eq!(got, want, "{name}: head_dim {head_dim}");
         }
-        let mut got = x.clone();
-        ops::rope_adjacent_pairs(&mut got, head_dim, &cs);
-        assert_eq!(got, want, "selected: head_dim {head_dim}");
     }
 }

@@ -9,7 +9,7 @@
 
 use bytemuck::Zeroable;
 use half::f16;
-use quarry::kernels::{self, Kernels, SCALAR};
+use quarry::kernels::{self, Kernels, ProductOut, SCALAR};
 use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, quantize_q8_k};
 
 /// SplitMix64, as in `tests/kernels.rs`.
@@ -37,7 +37,7 @@ impl Rng {
     }
 }
 
-fn sets() -> Vec<Kernels> {
+fn sets() -> Vec<&'static Kernels> {
     let all = kernels::available();
     assert_eq!(all[0].name, "scalar");
     all.into_iter().skip(1).collect()
@@ -202,7 +202,7 @@ const ROWS: [usize; 5] = [1, 3, 4, 8, 17];
 const TOKENS: [usize; 9] = [1, 2, 3, 4, 7, 8, 9, 16, 33];
 const BLOCKS: [usize; 5] = [1, 2, 3, 4, 7];
 
-type Gemm<W> = fn(&[W], &[BlockQ8K], usize, &mut [f32], usize);
+type Gemm<W> = fn(&[W], &[BlockQ8K], usize, ProductOut);
 
 /// Runs one product on every set for the grid of shapes and checks it as the module doc says.
 fn check_product<W>(
@@ -229,10 +229,10 @@ fn check_product<W>(
                 let w = weights(&mut rng, rows * bpr, kind);
                 let a = q8_k(&mut rng, n * bpr, kind);
                 let mut want = vec![0.0f32; n * rows];
-                gemm(&SCALAR)(&w, &a, bpr, &mut want, rows);
+                gemm(&SCALAR)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
                 for ldo in [rows, rows + 3] {
                     let mut got = vec![f32::from_bits(UNTOUCHED); (n - 1) * ldo + rows + 5];
-                    gemm(&k)(&w, &a, bpr, &mut got, ldo);
+                    gemm(k)(&w, &a, bpr, ProductOut::with_stride(&mut got, n, rows, ldo));
                     let ctx = |t: usize, r: usize| {
                         format!(
                             "{what} on {}: {kind:?}, rows {rows}, tokens {n}, blocks {bpr}, stride {ldo}: token {t}, row {r}",

@@ -71,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         size_label(n_params),
         file_type_name(&engine)
     );
-    let kernels = quarry::kernels::selected().name;
+    let kernels = engine.model.kernels().name;
     let mut results: Vec<BenchResult> = Vec::new();
     if args.output == BenchFormat::Md {
         println!("| model | size | params | backend | threads | test | t/s |");

@@ -422,7 +422,7 @@ impl Repl<'_> {
             self.chat.context_used(),
             cfg.context_length,
             rayon::current_num_threads(),
-            quarry::kernels::selected().name
+            self.engine.model.kernels().name
         );
         match self.chat.system() {
             Some(s) => println!("system: {s}"),

@@ -37,7 +37,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let ctx = engine.default_context();
     let kv_bytes = cfg.kv_bytes_per_token() as u64 * ctx as u64;
     let active = active_params(&engine);
-    let kernels = quarry::kernels::selected().name;
+    let kernels = engine.model.kernels().name;
     match args.format {
         OutputFormat::Json => {
             let mut v = json!({

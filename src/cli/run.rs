@@ -173,7 +173,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             stats.prompt_tokens_per_second(),
             stats.generated_tokens,
             stats.generation_tokens_per_second(),
-            quarry::kernels::selected().name
+            engine.model.kernels().name
         );
     }
     Ok(())

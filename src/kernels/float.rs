@@ -33,33 +33,3 @@ pub fn dot_f16_scalar(w: &[f16], x: &[f32]) -> f32 {
 pub fn dot_bf16_scalar(w: &[bf16], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
 }
-
-/// Reference matrix products: one dot product per (row, token), written token-major `out[t * ldo + r]`.
-pub fn gemm_f32_scalar(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    gemm_with(w, a, cols, out, ldo, dot_f32_scalar)
-}
-
-pub fn gemm_f16_scalar(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    gemm_with(w, a, cols, out, ldo, dot_f16_scalar)
-}
-
-pub fn gemm_bf16_scalar(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    gemm_with(w, a, cols, out, ldo, dot_bf16_scalar)
-}
-
-fn gemm_with<W>(
-    w: &[W],
-    a: &[f32],
-    cols: usize,
-    out: &mut [f32],
-    ldo: usize,
-    dot: impl Fn(&[W], &[f32]) -> f32,
-) {
-    let (rows, n) = (w.len() / cols, a.len() / cols);
-    super::check_out(out.len(), rows, n, ldo);
-    for (t, act) in a.chunks_exact(cols).enumerate() {
-        for (r, row) in w.chunks_exact(cols).enumerate() {
-            out[t * ldo + r] = dot(row, act);
-        }
-    }
-}

@@ -8,7 +8,7 @@ use quarry_quantize::gguf::GgmlType;
 
 use bytemuck::Zeroable;
 
-use super::Kernels;
+use super::{Kernels, ProductOut};
 
 /// Whether activations must be quantized to Q8_0 for a weight type's dot product.
 pub fn wants_q8_0(ty: GgmlType) -> bool {
@@ -319,13 +319,13 @@ impl ActivationBatch {
     }
 }
 
-/// `out[t * ldo + r] = W[r] . x[t]` for one share of rows and all `n` activation rows, token-major (`ldo >= rows`;
-/// `out` holds at least `(n - 1) * ldo + rows` values, and only those positions are written): the kernel call.
-pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: &mut [f32], ldo: usize) {
+/// `W[r] . x[t]` for every row of `w` and activation row of `acts`, into `out` (exactly `acts.n` tokens x
+/// `w.rows` rows): the kernel call, with the activation form the weight type needs.
+pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: ProductOut) {
     if acts.n == 0 || w.rows == 0 {
         return;
     }
-    super::check_out(out.len(), w.rows, acts.n, ldo);
+    super::check_shape(&out, w.rows, acts.n);
     match w.ty {
         GgmlType::Q8_0 | GgmlType::Q4_0 => {
             assert!(!acts.q8.is_empty(), "activations not prepared for {}", w.ty)
@@ -343,37 +343,21 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: &mut [f
             w.ty
         ),
     }
+    let data = w.data;
     match w.ty {
-        GgmlType::Q8_0 => {
-            (k.gemm_q8_0)(bytemuck::cast_slice(w.data), acts.q8, w.cols / 32, out, ldo)
-        }
-        GgmlType::Q4_0 => {
-            (k.gemm_q4_0)(bytemuck::cast_slice(w.data), acts.q8, w.cols / 32, out, ldo)
-        }
-        GgmlType::Q4_K => (k.gemm_q4_k)(
-            bytemuck::cast_slice(w.data),
-            acts.q8k,
-            w.cols / QK_K,
-            out,
-            ldo,
-        ),
-        GgmlType::Q5_K => (k.gemm_q5_k)(
-            bytemuck::cast_slice(w.data),
-            acts.q8k,
-            w.cols / QK_K,
-            out,
-            ldo,
-        ),
-        GgmlType::Q6_K => (k.gemm_q6_k)(
-            bytemuck::cast_slice(w.data),
-            acts.q8k,
-            w.cols / QK_K,
-            out,
-            ldo,
-        ),
-        GgmlType::F32 => (k.gemm_f32)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out, ldo),
-        GgmlType::F16 => (k.gemm_f16)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out, ldo),
-        GgmlType::BF16 => (k.gemm_bf16)(bytemuck::cast_slice(w.data), acts.f32, w.cols, out, ldo),
+        GgmlType::Q8_0 => (k.gemm_q8_0)(cast(data), acts.q8, w.cols / 32, out),
+        GgmlType::Q4_0 => (k.gemm_q4_0)(cast(data), acts.q8, w.cols / 32, out),
+        GgmlType::Q4_K => (k.gemm_q4_k)(cast(data), acts.q8k, w.cols / QK_K, out),
+        GgmlType::Q5_K => (k.gemm_q5_k)(cast(data), acts.q8k, w.cols / QK_K, out),
+        GgmlType::Q6_K => (k.gemm_q6_k)(cast(data), acts.q8k, w.cols / QK_K, out),
+        GgmlType::F32 => (k.gemm_f32)(cast(data), acts.f32, w.cols, out),
+        GgmlType::F16 => (k.gemm_f16)(cast(data), acts.f32, w.cols, out),
+        GgmlType::BF16 => (k.gemm_bf16)(cast(data), acts.f32, w.cols, out),
         other => unreachable!("weight type {other} was refused at load"),
     }
+}
+
+/// The mapped bytes of a weight matrix as its blocks (the loader checked sizes and alignment).
+fn cast<T: bytemuck::Pod>(data: &[u8]) -> &[T] {
+    bytemuck::cast_slice(data)
 }

@@ -1,9 +1,11 @@
 //! Matrix products over weights stored in ggml blocks, and the f32 operations around them.
 //!
 //! Each weight format has a module with a plain scalar reference (`q8_0`, `q4_0`, `q4_k`, `q5_k`, `q6_k`,
-//! `float`); the SIMD sets sit beside them, one module per instruction set, and one set is chosen once per
-//! process by CPU feature detection (or `QUARRY_KERNEL`). The model never sees which one runs: it hands
-//! [`WeightRows`] views and [`ActivationBatch`]es to [`parallel::parallel_gemm`].
+//! `float`); the SIMD sets sit beside them, one module per instruction set, each a [`Kernels`] table (the matrix
+//! products, the activation quantizers, and the f32 operations of `ops`). A model is given one table when it is
+//! loaded ([`selected`]: CPU feature detection, or `QUARRY_KERNEL`) and passes it down; it never asks which set
+//! runs. It hands [`WeightRows`] views, [`ActivationBatch`]es and [`ProductOut`] windows to the regions of
+//! [`parallel`], which decide how the work is split over the threads.
 //!
 //! The sets, from slowest to fastest:
 //! - `scalar`: the references everything is tested against.
@@ -16,11 +18,37 @@
 //! The x86 sets share their loop structure (`x86/mod.rs`): per-block dots for few tokens, one lane per token for
 //! many. The shape of a call decides which runs, so callers need not care.
 
+/// Safe entry points for a kernel set's table: each `fn name(args) = body;` becomes a plain `fn` that runs `body`
+/// compiled inside a `#[target_feature(enable = FEATURES)]` function, so the whole product (every
+/// `#[inline(always)]` helper it calls) is compiled with those features and no vector crosses a feature boundary.
+///
+/// Only for the tables of sets that [`available`] hands out after detecting `FEATURES`: that check is the safety
+/// condition of the call into the feature-enabled function, and the bodies check slice lengths before any pointer
+/// load.
+#[cfg(target_arch = "x86_64")]
+macro_rules! target_feature_entries {
+    ($features:literal; $( fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:expr; )*) => {
+        $(
+            fn $name($($arg: $ty),*) $(-> $ret)? {
+                #[target_feature(enable = $features)]
+                #[allow(unused_unsafe)]
+                unsafe fn with_features($($arg: $ty),*) $(-> $ret)? {
+                    unsafe { $body }
+                }
+                // SAFETY: see the macro's doc: the set holding this entry is only handed out by `available()`
+                // after every feature in `$features` was detected.
+                unsafe { with_features($($arg),*) }
+            }
+        )*
+    };
+}
+
 pub mod float;
 mod matmul;
 pub mod ops;
 pub mod parallel;
 mod portable;
+mod product_out;
 pub mod q4_0;
 pub mod q4_k;
 pub mod q5_k;
@@ -32,6 +60,8 @@ mod x86;
 pub use matmul::{
     ActivationBatch, ActivationRows, WeightRows, gemm_rows, supported, wants_q8_0, wants_q8_k,
 };
+pub use ops::Ops;
+pub use product_out::ProductOut;
 
 use std::sync::OnceLock;
 
@@ -40,93 +70,90 @@ use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0
 
 /// One set of kernels, all for the same instruction set.
 ///
-/// The matrix kernels compute `out[t * ldo + r] = W[r] . A[t]` for a block of weight rows `W` (row-major,
-/// `cols` weights each) and a block of activation rows `A` (one per token, contiguous): the row count is
-/// `w.len() / blocks_per_row`, the token count `a.len() / blocks_per_row`. The output is token-major, the layout
-/// everything after a product reads: token `t`'s results are `out[t * ldo..t * ldo + rows]`, and `ldo >= rows`
-/// lets a call fill a column range of a wider token-major matrix. Only those positions are written; `out` must
-/// hold at least `(n_tokens - 1) * ldo + rows` values (see [`check_out`]). One call covers one thread's share
-/// of a product, so implementations may tile rows and tokens however their registers suit.
+/// The matrix kernels compute `W[r] . A[t]` for a block of weight rows `W` (row-major, `cols` weights each) and a
+/// block of activation rows `A` (one per token, contiguous): the row count is `w.len() / blocks_per_row`, the
+/// token count `a.len() / blocks_per_row`, and the [`ProductOut`] must be exactly that many tokens by rows (see
+/// [`check_shape`]). Results go token-major at the output's stride, the layout everything after a product reads,
+/// so a call can fill a thread's share of a wider matrix in place; nothing outside the window is written. One call
+/// covers one thread's share of a product, so implementations may tile rows and tokens however their registers
+/// suit.
 ///
 /// Every set computes each 32-block's integer dot exactly; the float sums over blocks (and over f32/f16/bf16
 /// products) may be associated differently from the scalar reference, so results agree to rounding: within
 /// `1e-5 * |result| + 1e-6 * sum(|terms|)` (`tests/kernels.rs`). The portable set's quantized products, the
-/// `quantize_q8_0` bytes, `axpy_f32` and `ops::rope_adjacent_pairs` are bit-identical in every set.
+/// `quantize_q8_0` bytes, `axpy_f32` and `ops.rope` are bit-identical in every set.
 #[derive(Clone, Copy)]
 pub struct Kernels {
     pub name: &'static str,
     /// Activation row to Q8_0 (round half to even; SIMD versions must give the same bytes). Its quants are in
     /// -127..=127, which the Q8_0 product relies on (AVX2's sign trick would overflow on -128).
     pub quantize_q8_0: fn(&[f32], &mut [BlockQ8_0]),
-    pub gemm_q8_0:
-        fn(w: &[BlockQ8_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32], ldo: usize),
-    pub gemm_q4_0:
-        fn(w: &[BlockQ4_0], a: &[BlockQ8_0], blocks_per_row: usize, out: &mut [f32], ldo: usize),
+    pub gemm_q8_0: fn(w: &[BlockQ8_0], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut),
+    pub gemm_q4_0: fn(w: &[BlockQ4_0], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut),
     /// Activation row to Q8_K for the k-quant products: exactly ggml's `quantize_row_q8_K` (which is also what
     /// llama.cpp runs), so every set must give the same bytes.
     pub quantize_q8_k: fn(&[f32], &mut [BlockQ8K]),
-    pub gemm_q4_k:
-        fn(w: &[BlockQ4K], a: &[BlockQ8K], blocks_per_row: usize, out: &mut [f32], ldo: usize),
-    pub gemm_q5_k:
-        fn(w: &[BlockQ5K], a: &[BlockQ8K], blocks_per_row: usize, out: &mut [f32], ldo: usize),
-    pub gemm_q6_k:
-        fn(w: &[BlockQ6K], a: &[BlockQ8K], blocks_per_row: usize, out: &mut [f32], ldo: usize),
-    pub gemm_f32: fn(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize),
-    pub gemm_f16: fn(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize),
-    pub gemm_bf16: fn(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize),
-    /// Plain f32 dot product (attention scores).
-    pub dot_f32: fn(&[f32], &[f32]) -> f32,
-    /// `y += alpha * x` (the attention's weighted sum of values), rounded as `y[i] + alpha * x[i]` in every set.
+    pub gemm_q4_k: fn(w: &[BlockQ4K], a: &[BlockQ8K], blocks_per_row: usize, out: ProductOut),
+    pub gemm_q5_k: fn(w: &[BlockQ5K], a: &[BlockQ8K], blocks_per_row: usize, out: ProductOut),
+    pub gemm_q6_k: fn(w: &[BlockQ6K], a: &[BlockQ8K], blocks_per_row: usize, out: ProductOut),
+    pub gemm_f32: fn(w: &[f32], a: &[f32], cols: usize, out: ProductOut),
+    pub gemm_f16: fn(w: &[f16], a: &[f32], cols: usize, out: ProductOut),
+    pub gemm_bf16: fn(w: &[bf16], a: &[f32], cols: usize, out: ProductOut),
+    /// `y += alpha * x` (adding a projection to the residual stream, an expert's output to its token's),
+    /// rounded as `y[i] + alpha * x[i]` in every set.
     pub axpy_f32: fn(alpha: f32, x: &[f32], y: &mut [f32]),
+    /// The f32 operations around the products (norm, RoPE, softmax, SiLU, attention), compiled for this set's
+    /// instruction set.
+    pub ops: Ops,
 }
 
-/// Checks the output contract of the matrix kernels: a token-major `[n_tokens][ldo]` product of `rows` rows
-/// fits in `out_len` values and rows do not overlap (`ldo >= rows`). Every kernel calls it before writing, so
-/// the SIMD stores behind it may rely on it.
+/// Checks the shape contract of the matrix kernels: the output window is exactly `n_tokens` x `rows`. Every kernel
+/// calls it before writing, so the SIMD stores behind it may rely on it.
 ///
 /// # Panics
 /// When the contract does not hold.
 #[inline]
-pub fn check_out(out_len: usize, rows: usize, n_tokens: usize, ldo: usize) {
+pub fn check_shape(out: &ProductOut, rows: usize, n_tokens: usize) {
     assert!(
-        ldo >= rows && (n_tokens == 0 || rows == 0 || out_len >= (n_tokens - 1) * ldo + rows),
-        "output of {out_len} values cannot hold {n_tokens} tokens x {rows} rows at row stride {ldo}"
+        out.rows() == rows && out.tokens() == n_tokens,
+        "a product of {n_tokens} tokens x {rows} rows given an output of {} x {}",
+        out.tokens(),
+        out.rows()
     );
 }
 
-/// A matrix product as one dot product per (row, token), written token-major `out[t * ldo + r]`: the scalar
-/// references' loop, whatever the block types.
+/// A matrix product as one dot product per (row, token): the scalar references' loop, whatever the block types.
 fn gemm_by_dots<W, A>(
     w: &[W],
     a: &[A],
     blocks_per_row: usize,
-    out: &mut [f32],
-    ldo: usize,
+    mut out: ProductOut,
     dot: impl Fn(&[W], &[A]) -> f32,
 ) {
     let (rows, n) = (w.len() / blocks_per_row, a.len() / blocks_per_row);
-    check_out(out.len(), rows, n, ldo);
+    check_shape(&out, rows, n);
     for (t, act) in a.chunks_exact(blocks_per_row).enumerate() {
+        let o = out.token(t);
         for (r, row) in w.chunks_exact(blocks_per_row).enumerate() {
-            out[t * ldo + r] = dot(row, act);
+            o[r] = dot(row, act);
         }
     }
 }
 
-pub const SCALAR: Kernels = Kernels {
+pub static SCALAR: Kernels = Kernels {
     name: "scalar",
     quantize_q8_0: q8_0::quantize_activations_scalar,
-    gemm_q8_0: q8_0::gemm_scalar,
-    gemm_q4_0: q4_0::gemm_scalar,
+    gemm_q8_0: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q8_0::dot_scalar),
+    gemm_q4_0: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q4_0::dot_scalar),
     quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
-    gemm_q4_k: q4_k::gemm_scalar,
-    gemm_q5_k: q5_k::gemm_scalar,
-    gemm_q6_k: q6_k::gemm_scalar,
-    gemm_f32: float::gemm_f32_scalar,
-    gemm_f16: float::gemm_f16_scalar,
-    gemm_bf16: float::gemm_bf16_scalar,
-    dot_f32: float::dot_f32_scalar,
+    gemm_q4_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q4_k::dot_scalar),
+    gemm_q5_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q5_k::dot_scalar),
+    gemm_q6_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q6_k::dot_scalar),
+    gemm_f32: |w, a, cols, out| gemm_by_dots(w, a, cols, out, float::dot_f32_scalar),
+    gemm_f16: |w, a, cols, out| gemm_by_dots(w, a, cols, out, float::dot_f16_scalar),
+    gemm_bf16: |w, a, cols, out| gemm_by_dots(w, a, cols, out, float::dot_bf16_scalar),
     axpy_f32: float::axpy_f32_scalar,
+    ops: ops::SCALAR,
 };
 
 /// Sizes every pool thread's kernel buffers for products over rows of up to `max_cols` weights, so that decoding
@@ -141,34 +168,34 @@ pub fn reserve_thread_scratch(max_cols: usize) {
 
 /// Every kernel set this CPU can run, best last. The x86 sets are only ever handed out from here, after the
 /// feature checks their `#[target_feature]` code relies on.
-pub fn available() -> Vec<Kernels> {
+pub fn available() -> Vec<&'static Kernels> {
     #[allow(unused_mut)]
-    let mut all = vec![SCALAR, portable::SET];
+    let mut all = vec![&SCALAR, &portable::SET];
     #[cfg(target_arch = "x86_64")]
     {
         if x86::avx2::detected() {
-            all.push(x86::avx2::SET);
+            all.push(&x86::avx2::SET);
         }
         if x86::avx2::detected_vnni() {
-            all.push(x86::avx2::SET_VNNI);
+            all.push(&x86::avx2::SET_VNNI);
         }
         if x86::avx512::detected() {
-            all.push(x86::avx512::SET);
+            all.push(&x86::avx512::SET);
         }
     }
     all
 }
 
-/// The kernel set for this process: `QUARRY_KERNEL=<name>` if set (and available), else the best available.
-/// Its `name` is what `quarry info` and `bench` print.
+/// The kernel set a model gets when it is loaded: `QUARRY_KERNEL=<name>` if set (and available), else the best
+/// available. Decided once per process; its `name` is what `quarry info` and `bench` print.
 pub fn selected() -> &'static Kernels {
-    static SELECTED: OnceLock<Kernels> = OnceLock::new();
+    static SELECTED: OnceLock<&'static Kernels> = OnceLock::new();
     SELECTED.get_or_init(|| {
         let all = available();
         let best = all[all.len() - 1];
         match std::env::var("QUARRY_KERNEL") {
             Ok(want) => match all.iter().find(|k| k.name == want) {
-                Some(k) => *k,
+                Some(k) => k,
                 None => {
                     let names: Vec<_> = all.iter().map(|k| k.name).collect();
                     eprintln!(

@@ -2,8 +2,8 @@
 //!
 //! Each is written once, in plain Rust shaped for the auto-vectoriser (branch-free element maps; sums and
 //! maxima over 16 explicit partial lanes, since LLVM will not reassociate a float reduction by itself), and
-//! compiled three times: for the baseline target, with AVX2 + FMA, and with AVX-512. The copy matching the
-//! selected kernel set runs (`QUARRY_KERNEL=scalar` runs the `scalar` references below). The arithmetic is the
+//! compiled three times: for the baseline target, with AVX2 + FMA, and with AVX-512. Each kernel set carries its
+//! copy as an [`Ops`] table (the scalar set carries the `scalar` references below). The arithmetic is the
 //! same IEEE operations in every copy (Rust never fuses a multiply and an add by itself), so every copy gives the
 //! same bits; against the references, `rope_adjacent_pairs` is bit-identical, `rms_norm` differs in the order
 //! of the mean-square sum, and `softmax` / `silu_mul` use a polynomial `exp` within about 2 ulp of `f32::exp`,
@@ -11,68 +11,42 @@
 //! its register tiles are sized per copy and the x86 copies fuse multiply-adds, so copies differ in rounding;
 //! each stays within 1e-5 of the largest value magnitude of the reference.
 
-use std::sync::OnceLock;
-
-/// RMSNorm as Granite computes it: `x / sqrt(mean(x^2) + eps)`, then times the learned weight.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    (table().rms_norm)(x, weight, eps, out)
+/// The f32 operations of one kernel set ([`super::Kernels::ops`]).
+#[derive(Clone, Copy)]
+pub struct Ops {
+    /// RMSNorm as Granite computes it: `x / sqrt(mean(x^2) + eps)`, then times the learned weight:
+    /// `(x, weight, eps, out)`.
+    pub rms_norm: fn(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]),
+    /// Rotary embedding on adjacent pairs `(2i, 2i + 1)` of each head, `(x, head_dim, cos_sin)`: the GGUF
+    /// converter permuted the Q/K rows so that this equals Hugging Face's rotate-half pairing
+    /// `(i, i + head_dim / 2)`. `cos_sin` holds `(cos, sin)` of `position * inv_freq[i]` for each pair `i`.
+    pub rope: RopeFn,
+    /// In-place softmax.
+    pub softmax: fn(x: &mut [f32]),
+    /// `gate <- silu(gate) * up`, the SwiGLU combination of both the dense MLP and every expert.
+    pub silu_mul: fn(gate: &mut [f32], up: &[f32]),
+    /// A block of `nq = lens.len()` queries attending over one KV head, causally: query `j`
+    /// (`q[j * hd..(j + 1) * hd]`, `hd = q.len() / nq`) sees positions `0..lens[j]`, and gets
+    /// `out[j * hd..(j + 1) * hd] = sum_s p_js v_s` with `p_j = softmax_s(scale * q_j . k_s)` over those
+    /// positions. Meant for all the query heads of a KV head and a block of consecutive tokens at once (e.g. 2
+    /// heads x 16 tokens): every key and value loaded feeds up to four queries from registers. Arguments
+    /// `(q, lens, kt, kt_stride, v, scale, scratch, out)`:
+    ///
+    /// - `kt`: keys transposed, `kt[d * kt_stride + s]` (`kt_stride >= max(lens)`); `v`: values row-major,
+    ///   `v[s * hd + d]`. Only positions below `max(lens)` are used, and they must be finite (values past a
+    ///   query's own length are multiplied by exactly 0). Score tiles may load up to 63 key values past a row's
+    ///   last used position when the slice reaches that far, and drop them.
+    /// - `scratch`: at least `nq * max(lens)` values ([`attend_block_scratch`]); left holding the probabilities,
+    ///   row `j` at `j * max(lens)`, zero past `lens[j]`.
+    /// - A query with `lens[j] == 0` gets zeros. `hd` is at most 256.
+    ///
+    /// Results match the textbook order of operations to rounding: within `1e-5 * max |v|` (`tests/kernels.rs`).
+    pub attend_block: AttendBlockFn,
 }
 
-/// Rotary embedding on adjacent pairs `(2i, 2i + 1)` of each head: the GGUF converter permuted the Q/K rows so
-/// that this equals Hugging Face's rotate-half pairing `(i, i + head_dim / 2)`.
-/// `cos_sin` holds `(cos, sin)` of `position * inv_freq[i]` for each pair `i`.
-pub fn rope_adjacent_pairs(x: &mut [f32], head_dim: usize, cos_sin: &[(f32, f32)]) {
-    (table().rope)(x, head_dim, cos_sin)
-}
+pub type RopeFn = fn(x: &mut [f32], head_dim: usize, cos_sin: &[(f32, f32)]);
 
-/// In-place softmax.
-pub fn softmax(x: &mut [f32]) {
-    (table().softmax)(x)
-}
-
-/// `gate <- silu(gate) * up`, the SwiGLU combination of both the dense MLP and every expert.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    (table().silu_mul)(gate, up)
-}
-
-/// One query head attending over `len` cached positions: `scores[s] = scale * q . k_s`, softmax over them, then
-/// `out = sum_s p_s v_s`. Keys come transposed (`kt[d * kt_stride + s]`) and values row-major
-/// (`v[s * head_dim + d]`), so both loops run along contiguous memory without per-position reductions.
-/// `scores` must hold at least `len` values; it is left holding the probabilities.
-///
-/// The one-query case of [`attend_block`]; with grouped-query attention, prefer that with all the query heads
-/// of a KV head at once (each key and value is then read once for all of them).
-#[allow(clippy::too_many_arguments)]
-pub fn attend_head(
-    q: &[f32],
-    kt: &[f32],
-    kt_stride: usize,
-    v: &[f32],
-    len: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    (table().attend_block)(q, &[len], kt, kt_stride, v, scale, scores, out)
-}
-
-/// A block of `nq = lens.len()` queries attending over one KV head, causally: query `j` (`q[j * hd..(j + 1) *
-/// hd]`, `hd = q.len() / nq`) sees positions `0..lens[j]`, and gets `out[j * hd..(j + 1) * hd] = sum_s p_js v_s`
-/// with `p_j = softmax_s(scale * q_j . k_s)` over those positions. Meant for all the query heads of a KV head
-/// and a block of consecutive tokens at once (e.g. 2 heads x 16 tokens): every key and value loaded feeds up to
-/// four queries from registers.
-///
-/// - `kt`: keys transposed, `kt[d * kt_stride + s]` (`kt_stride >= max(lens)`); `v`: values row-major,
-///   `v[s * hd + d]`. Only positions below `max(lens)` are used, and they must be finite (values past a
-///   query's own length are multiplied by exactly 0). Score tiles may load up to 63 key values past a row's
-///   last used position when the slice reaches that far, and drop them.
-/// - `scratch`: at least `nq * max(lens)` values ([`attend_block_scratch`]); left holding the probabilities,
-///   row `j` at `j * max(lens)`, zero past `lens[j]`.
-/// - A query with `lens[j] == 0` gets zeros. `hd` is at most 256.
-///
-/// Results match the textbook order of operations to rounding: within `1e-5 * max |v|` (`tests/kernels.rs`).
-#[allow(clippy::too_many_arguments)]
-pub fn attend_block(
+pub type AttendBlockFn = fn(
     q: &[f32],
     lens: &[usize],
     kt: &[f32],
@@ -81,54 +55,30 @@ pub fn attend_block(
     scale: f32,
     scratch: &mut [f32],
     out: &mut [f32],
-) {
-    (table().attend_block)(q, lens, kt, kt_stride, v, scale, scratch, out)
-}
+);
 
-/// The scratch [`attend_block`] needs for these query lengths.
+/// The scratch [`Ops::attend_block`] needs for these query lengths.
 pub fn attend_block_scratch(lens: &[usize]) -> usize {
     lens.len() * lens.iter().copied().max().unwrap_or(0)
 }
 
-type RopeFn = fn(&mut [f32], usize, &[(f32, f32)]);
-pub type AttendBlockFn = fn(&[f32], &[usize], &[f32], usize, &[f32], f32, &mut [f32], &mut [f32]);
+/// The references: plain loops, `f32::exp`.
+pub(super) const SCALAR: Ops = Ops {
+    rms_norm: scalar::rms_norm,
+    rope: scalar::rope_adjacent_pairs,
+    softmax: scalar::softmax,
+    silu_mul: scalar::silu_mul,
+    attend_block: scalar::attend_block,
+};
 
-/// One compiled copy of the operations.
-#[doc(hidden)]
-#[derive(Clone, Copy)]
-pub struct Table {
-    pub rms_norm: fn(&[f32], &[f32], f32, &mut [f32]),
-    pub rope: RopeFn,
-    pub softmax: fn(&mut [f32]),
-    pub silu_mul: fn(&mut [f32], &[f32]),
-    pub attend_block: AttendBlockFn,
-}
-
-const BASELINE: Table = Table {
+/// The bodies compiled for the baseline target (the portable set's).
+pub(super) const BASELINE: Ops = Ops {
     rms_norm: body::rms_norm,
     rope: body::rope,
     softmax: body::softmax,
     silu_mul: body::silu_mul,
     attend_block: body::attend_block::<body::Separate, 32, 16, 8, 32, 16, 8>,
 };
-
-fn table() -> &'static Table {
-    static TABLE: OnceLock<Table> = OnceLock::new();
-    TABLE.get_or_init(|| match super::selected().name {
-        "scalar" => Table {
-            rms_norm: scalar::rms_norm,
-            rope: scalar::rope_adjacent_pairs,
-            softmax: scalar::softmax,
-            silu_mul: scalar::silu_mul,
-            attend_block: scalar::attend_block,
-        },
-        #[cfg(target_arch = "x86_64")]
-        "avx512vnni" => x86::AVX512,
-        #[cfg(target_arch = "x86_64")]
-        "avx2" | "avxvnni" => x86::AVX2,
-        _ => BASELINE,
-    })
-}
 
 /// The one definition of each operation, inlined into each compiled copy.
 mod body {
@@ -233,7 +183,7 @@ mod body {
     /// The largest head size [`attend_block`] takes (Granite's are 64 and 128).
     pub const MAX_HEAD_DIM: usize = 256;
 
-    /// [`super::attend_block`]. Queries are taken 4 at a time (then 2, 1). Scores: a register tile of 4
+    /// [`super::Ops::attend_block`]. Queries are taken 4 at a time (then 2, 1). Scores: a register tile of 4
     /// queries x `P4` positions (`P2`, `P1` for 2 and 1 queries), one run of keys per head dimension feeding
     /// all of them. Values: 4 queries x `D4` dimensions (`D2`, `D1`), one value row chunk per position feeding
     /// all of them, accumulated in registers across a whole chunk of positions (no store-to-load chain per
@@ -498,13 +448,12 @@ mod body {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{Table, body};
+pub(super) mod x86 {
+    use super::{Ops, body};
 
-    // The `_tf` copies are compiled with the named features. SAFETY (every wrapper): the tables are only chosen
-    // in `super::table` when the selected kernel set is the matching x86 set, which `kernels::available` lists
-    // only after detecting these features (the avx512vnni set requires AVX-512F, the avx2 / avxvnni sets AVX2
-    // and FMA); the bodies are safe code.
+    // The `_tf` copies are compiled with the named features. SAFETY (every wrapper): the tables are only part
+    // of the matching x86 kernel sets, which `kernels::available` hands out only after detecting these features
+    // (the avx512vnni set requires AVX-512F, the avx2 / avxvnni sets AVX2 and FMA); the bodies are safe code.
     #[target_feature(enable = "avx2,fma")]
     fn rms_norm_avx2(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         body::rms_norm(x, w, eps, out)
@@ -566,7 +515,7 @@ mod x86 {
         body::silu_mul(g, u)
     }
 
-    pub(super) const AVX2: Table = Table {
+    pub(in crate::kernels) const AVX2: Ops = Ops {
         rms_norm: |x, w, eps, out| unsafe { rms_norm_avx2(x, w, eps, out) },
         rope: |x, hd, cs| unsafe { rope_avx2(x, hd, cs) },
         softmax: |x| unsafe { softmax_avx2(x) },
@@ -576,7 +525,7 @@ mod x86 {
         },
     };
 
-    pub(super) const AVX512: Table = Table {
+    pub(in crate::kernels) const AVX512: Ops = Ops {
         rms_norm: |x, w, eps, out| unsafe { rms_norm_avx512(x, w, eps, out) },
         rope: |x, hd, cs| unsafe { rope_avx512(x, hd, cs) },
         softmax: |x| unsafe { softmax_avx512(x) },
@@ -657,7 +606,7 @@ pub mod scalar {
     }
 
     /// A block of queries, each the textbook way ([`attend_head`]) over its own length; `scratch` as in
-    /// [`super::attend_block`].
+    /// [`super::Ops::attend_block`].
     #[allow(clippy::too_many_arguments)]
     pub fn attend_block(
         q: &[f32],
@@ -695,21 +644,4 @@ pub mod scalar {
             row[len..].fill(0.0);
         }
     }
-}
-
-/// Every compiled copy this CPU can run, by name, for the tests and benchmarks (the model uses the free
-/// functions above, which run the copy of the selected kernel set).
-#[doc(hidden)]
-pub fn copies() -> Vec<(&'static str, Table)> {
-    #[allow(unused_mut)]
-    let mut v = vec![("baseline", BASELINE)];
-    #[cfg(target_arch = "x86_64")]
-    for k in super::available() {
-        match k.name {
-            "avx2" => v.push(("avx2", x86::AVX2)),
-            "avx512vnni" => v.push(("avx512", x86::AVX512)),
-            _ => {}
-        }
-    }
-    v
 }

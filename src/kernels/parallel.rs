@@ -1,16 +1,21 @@
-//! Parallel regions on the rayon pool. A decode step multiplies ~700 small matrices; paying a fork/join for each
-//! would cost more than the products, so the forward pass groups them: one region for Q, K and V, one for all
-//! chosen experts' gate and up projections, one for their down projections. Each region is a flat list of work
-//! items (a share of one matrix's rows), run by `parallel_items`.
+//! The forward pass's parallel regions on the rayon pool, and how each splits its work.
+//!
+//! A decode step multiplies ~700 small matrices; paying a fork/join for each would cost more than the products, so
+//! the model asks for a few large regions per layer instead: all of Q, K and V ([`products`]); every chosen
+//! expert's gate and up rows with their SwiGLU ([`expert_swiglu`]); every chosen expert's down rows
+//! ([`expert_products`]); attention over every KV head and block of tokens ([`causal_attention`]). Each region is a
+//! flat list of work items, and a product's item is a contiguous block of one matrix's rows, so each thread streams
+//! long runs of memory and writes its share of the token-major output in place. How many rows an item takes is
+//! decided here, once ([`rows_per_item`]); callers only say what to compute.
 
-use std::marker::PhantomData;
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{ActivationRows, Kernels, WeightRows, gemm_rows};
+use super::{ActivationBatch, ActivationRows, Kernels, ProductOut, WeightRows, gemm_rows, ops};
 
 /// Runs `work(i)` for every `i` in `0..n_items` as one rayon region (inline when the pool has one thread).
-pub fn parallel_items(n_items: usize, work: impl Fn(usize) + Sync + Send) {
+fn parallel_items(n_items: usize, work: impl Fn(usize) + Sync + Send) {
     if n_items <= 1 || rayon::current_num_threads() == 1 {
         (0..n_items).for_each(work);
     } else {
@@ -18,61 +23,34 @@ pub fn parallel_items(n_items: usize, work: impl Fn(usize) + Sync + Send) {
     }
 }
 
-/// Rows per work item for a matrix of `rows` rows: enough items that both threads stay busy to the end, few
-/// enough that each is worth scheduling; a multiple of 16 so the kernels' row tiles stay whole.
-pub fn rows_per_item(rows: usize, tokens: usize) -> usize {
+/// Rows per work item for a matrix of `rows` rows multiplied with `tokens` tokens: enough items that both threads
+/// stay busy to the end, few enough that each is worth scheduling; a multiple of 16 so the kernels' row tiles stay
+/// whole. The split never changes a result: every output is computed the same way whichever item holds its row.
+fn rows_per_item(rows: usize, tokens: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     // Aim at ~8 items per thread for one token; fewer, larger ones when many tokens make each row costly.
     let target_items = if tokens > 8 { threads * 4 } else { threads * 8 };
     rows.div_ceil(target_items).next_multiple_of(16).max(16)
 }
 
-/// A buffer that the items of one region write into, each its own disjoint range.
-pub struct SharedOut<'a> {
-    ptr: *mut f32,
-    len: usize,
-    _borrow: PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: `SharedOut` only hands out ranges through the unsafe `range_mut`, whose callers guarantee that no two
-// live ranges overlap; with that, concurrent use from several threads is like holding disjoint `&mut` slices.
-unsafe impl Send for SharedOut<'_> {}
-unsafe impl Sync for SharedOut<'_> {}
-
-impl<'a> SharedOut<'a> {
-    pub fn new(buf: &'a mut [f32]) -> SharedOut<'a> {
-        SharedOut {
-            ptr: buf.as_mut_ptr(),
-            len: buf.len(),
-            _borrow: PhantomData,
-        }
-    }
-
-    /// # Safety
-    /// No other live slice obtained from this `SharedOut` may overlap `start..start + len`.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn range_mut(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(
-            start + len <= self.len,
-            "range {start}+{len} outside a buffer of {}",
-            self.len
-        );
-        // SAFETY: in bounds (checked above) and not aliased (the caller's promise).
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
-    }
-}
-
-/// One matrix product of a region. Each work item (a share of `rows_per_item(rows, n)` rows starting at `r0`)
-/// writes its part token-major, `[n][share rows]`, at `out[r0 * n..]`; `scatter_token_major` assembles them.
-pub struct GemmJob<'a> {
+/// One matrix product of a region: `out[t] = w . acts[t]`, the output exactly `acts.n` tokens by `w.rows`.
+pub struct Product<'a> {
     pub w: WeightRows<'a>,
     pub acts: ActivationRows<'a>,
-    pub out: SharedOut<'a>,
+    pub out: ProductOut<'a>,
 }
 
-/// Runs several products as one region, each split into row shares.
-pub fn parallel_gemm(k: &Kernels, jobs: &[GemmJob]) {
-    let chunk = |j: &GemmJob| rows_per_item(j.w.rows, j.acts.n);
+impl<'a> Product<'a> {
+    /// The product into the first `acts.n * w.rows` values of `out`, token-major and compact.
+    pub fn new(w: WeightRows<'a>, acts: ActivationRows<'a>, out: &'a mut [f32]) -> Product<'a> {
+        let out = ProductOut::new(out, acts.n, w.rows);
+        Product { w, acts, out }
+    }
+}
+
+/// Several products as one region, each split into row shares that write their part of the output in place.
+pub fn products(k: &Kernels, jobs: &[Product]) {
+    let chunk = |j: &Product| rows_per_item(j.w.rows, j.acts.n);
     let n_items: usize = jobs.iter().map(|j| j.w.rows.div_ceil(chunk(j))).sum();
     parallel_items(n_items, |mut item| {
         for job in jobs {
@@ -81,11 +59,10 @@ pub fn parallel_gemm(k: &Kernels, jobs: &[GemmJob]) {
             if item < items {
                 let r0 = item * c;
                 let rows = c.min(job.w.rows - r0);
-                let n = job.acts.n;
-                // SAFETY: item `item` of this job owns rows r0..r0+rows, i.e. out[r0*n..(r0+rows)*n]; items
-                // partition the rows, so no two items write the same range.
-                let out = unsafe { job.out.range_mut(r0 * n, rows * n) };
-                gemm_rows(k, &job.w.sub_rows(r0, rows), job.acts, out, rows);
+                // SAFETY: item `item` of this job owns rows r0..r0 + rows of its output; the items partition the
+                // rows, so no two live windows overlap.
+                let out = unsafe { job.out.window(0, job.acts.n, r0, rows) };
+                gemm_rows(k, &job.w.sub_rows(r0, rows), job.acts, out);
                 return;
             }
             item -= items;
@@ -93,26 +70,219 @@ pub fn parallel_gemm(k: &Kernels, jobs: &[GemmJob]) {
     });
 }
 
-/// Assembles a product of `rows` rows and `n` tokens that was computed in row shares of `chunk` rows (the last
-/// one shorter), share after share in `src`, each share token-major (`[n][share rows]` at `src[r0 * n..]`),
-/// into token-major `dst[t * stride + r]`: one contiguous copy per share and token.
-pub fn scatter_token_major(
-    src: &[f32],
-    rows: usize,
-    n: usize,
+/// One product as a region of its own, into the first `acts.n * w.rows` values of `out`.
+pub fn product(k: &Kernels, w: WeightRows, acts: ActivationRows, out: &mut [f32]) {
+    products(k, &[Product::new(w, acts, out)]);
+}
+
+/// The tokens one expert was chosen by in a batch: rows `first..first + len` of the gathered expert input (and of
+/// the outputs computed from it).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExpertSlot {
+    pub expert: usize,
+    pub first: usize,
+    pub len: usize,
+}
+
+/// Work items of a region over expert slots: each slot's rows in shares, slot after slot.
+struct SlotItems {
     chunk: usize,
-    dst: &mut [f32],
-    stride: usize,
-) {
-    if n == 1 {
-        dst[..rows].copy_from_slice(&src[..rows]);
-        return;
-    }
-    for r0 in (0..rows).step_by(chunk) {
-        let len = chunk.min(rows - r0);
-        let share = &src[r0 * n..(r0 + len) * n];
-        for (t, part) in share.chunks_exact(len).enumerate() {
-            dst[t * stride + r0..t * stride + r0 + len].copy_from_slice(part);
+    per_slot: usize,
+}
+
+impl SlotItems {
+    /// Shares of `rows` rows, sized for the longest slot (how many tokens each row is multiplied with).
+    fn new(rows: usize, slots: &[ExpertSlot]) -> SlotItems {
+        let tokens = slots.iter().map(|s| s.len).max().unwrap_or(0);
+        let chunk = rows_per_item(rows, tokens);
+        SlotItems {
+            chunk,
+            per_slot: rows.div_ceil(chunk),
         }
     }
+
+    fn count(&self, slots: &[ExpertSlot]) -> usize {
+        slots.len() * self.per_slot
+    }
+
+    /// Item `item`'s slot and row range.
+    fn get(&self, slots: &[ExpertSlot], item: usize, rows: usize) -> (ExpertSlot, usize, usize) {
+        let slot = slots[item / self.per_slot];
+        let r0 = (item % self.per_slot) * self.chunk;
+        (slot, r0, self.chunk.min(rows - r0))
+    }
+}
+
+/// For every slot and each of its tokens `i`: `out[first + i] = silu(G . x) * (U . x)` with `x = input[first + i]`,
+/// `G = gate(expert)` and `U = up(expert)`: the SwiGLU of the routed experts, or of a dense MLP as one slot of
+/// every token. One region; gate and up rows are read in one pass over each share's activations, and the SiLU
+/// product is taken while the share is in cache. `up_out` is scratch of `out`'s shape.
+pub fn expert_swiglu<'w>(
+    k: &Kernels,
+    gate: impl Fn(usize) -> WeightRows<'w> + Sync,
+    up: impl Fn(usize) -> WeightRows<'w> + Sync,
+    slots: &[ExpertSlot],
+    input: &ActivationBatch,
+    out: ProductOut,
+    up_out: ProductOut,
+) {
+    let ff = out.rows();
+    assert!(up_out.rows() == ff && up_out.tokens() == out.tokens());
+    let items = SlotItems::new(ff, slots);
+    parallel_items(items.count(slots), |item| {
+        let (slot, r0, rows) = items.get(slots, item, ff);
+        let acts = input.rows(slot.first, slot.len);
+        // SAFETY: slot `s` owns rows first..first + len of both outputs, and this item rows r0..r0 + rows of them;
+        // the items partition those windows.
+        let (mut g, mut u) = unsafe {
+            (
+                out.window(slot.first, slot.len, r0, rows),
+                up_out.window(slot.first, slot.len, r0, rows),
+            )
+        };
+        gemm_rows(k, &gate(slot.expert).sub_rows(r0, rows), acts, g.reborrow());
+        gemm_rows(k, &up(slot.expert).sub_rows(r0, rows), acts, u.reborrow());
+        for t in 0..slot.len {
+            (k.ops.silu_mul)(g.token(t), u.token(t));
+        }
+    });
+}
+
+/// For every slot and each of its tokens `i`: `out[first + i] = w(expert) . input[first + i]` (the experts' down
+/// projections), one region.
+pub fn expert_products<'w>(
+    k: &Kernels,
+    w: impl Fn(usize) -> WeightRows<'w> + Sync,
+    slots: &[ExpertSlot],
+    input: &ActivationBatch,
+    out: ProductOut,
+) {
+    let rows_out = out.rows();
+    let items = SlotItems::new(rows_out, slots);
+    parallel_items(items.count(slots), |item| {
+        let (slot, r0, rows) = items.get(slots, item, rows_out);
+        // SAFETY: as in `expert_swiglu`: the items partition the slots' windows.
+        let o = unsafe { out.window(slot.first, slot.len, r0, rows) };
+        gemm_rows(
+            k,
+            &w(slot.expert).sub_rows(r0, rows),
+            input.rows(slot.first, slot.len),
+            o,
+        );
+    });
+}
+
+/// Tokens whose queries attend together in one work item of prompt processing.
+const ATTENTION_TOKEN_BLOCK: usize = 16;
+
+/// A batch of consecutive tokens' queries for [`causal_attention`].
+pub struct AttentionQueries<'a> {
+    /// Queries after RoPE, token-major `[tokens][n_head * head_dim]`.
+    pub q: &'a [f32],
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// Token `t` attends to the cached positions `0..=pos0 + t`.
+    pub pos0: usize,
+    pub scale: f32,
+}
+
+/// One KV head's cache: keys transposed, `kt[d * stride + s]`, values row-major, `v[s * head_dim + d]`.
+pub struct KvHead<'a> {
+    pub kt: &'a [f32],
+    pub v: &'a [f32],
+    pub stride: usize,
+}
+
+/// One worker's attention buffers: the gathered queries of a work item, their causal lengths, the scores and the
+/// outputs.
+struct AttentionScratch {
+    q: Vec<f32>,
+    lens: Vec<usize>,
+    scratch: Vec<f32>,
+    out: Vec<f32>,
+}
+
+thread_local! {
+    /// Attention buffers per worker thread; they grow to the longest context seen, then stay.
+    static ATTENTION: RefCell<AttentionScratch> = const {
+        RefCell::new(AttentionScratch { q: Vec::new(), lens: Vec::new(), scratch: Vec::new(), out: Vec::new() })
+    };
+}
+
+/// Sizes every pool thread's attention buffers for `group` query heads per KV head of `head_dim` over a cache of
+/// `capacity` positions now, so that no thread grows them on the per-token path (which thread runs which item is
+/// up to the scheduler, so a thread may meet its first one long after the warm-up).
+pub fn reserve_attention_scratch(group: usize, head_dim: usize, capacity: usize) {
+    let rows = group * ATTENTION_TOKEN_BLOCK;
+    rayon::broadcast(|_| {
+        ATTENTION.with_borrow_mut(|w| {
+            w.q.reserve(rows * head_dim);
+            w.lens.reserve(rows);
+            w.out.reserve(rows * head_dim);
+            if w.scratch.len() < rows * capacity {
+                w.scratch.resize(rows * capacity, 0.0);
+            }
+        })
+    });
+}
+
+/// Causal grouped-query attention of a batch of consecutive tokens, into `out` (`[tokens][n_head * head_dim]`):
+/// one work item per KV head and block of tokens, whose group of query heads for those tokens attend together
+/// ([`ops::Ops::attend_block`]), so each cached key and value is loaded once for all of them.
+pub fn causal_attention<'c>(
+    k: &Kernels,
+    queries: &AttentionQueries,
+    kv_head: impl Fn(usize) -> KvHead<'c> + Sync,
+    out: ProductOut,
+) {
+    let AttentionQueries {
+        q,
+        n_head,
+        n_head_kv,
+        head_dim: hd,
+        pos0,
+        scale,
+    } = *queries;
+    let (q_dim, group) = (n_head * hd, n_head / n_head_kv);
+    let n = out.tokens();
+    assert!(out.rows() == q_dim && q.len() >= n * q_dim);
+    let block = ATTENTION_TOKEN_BLOCK.min(n);
+    let blocks = n.div_ceil(block);
+    parallel_items(n_head_kv * blocks, |item| {
+        let (kvh, t0) = (item % n_head_kv, (item / n_head_kv) * block);
+        let t1 = (t0 + block).min(n);
+        let heads = kvh * group * hd..(kvh + 1) * group * hd;
+        let cache = kv_head(kvh);
+        // SAFETY: item (kvh, token block) owns this group's heads of these tokens; the items partition the output.
+        let mut o = unsafe { out.window(t0, t1 - t0, heads.start, heads.len()) };
+        ATTENTION.with_borrow_mut(|w| {
+            w.q.clear();
+            w.lens.clear();
+            for t in t0..t1 {
+                w.q.extend_from_slice(&q[t * q_dim..][heads.clone()]);
+                w.lens.extend(std::iter::repeat_n(pos0 + t + 1, group));
+            }
+            let need = ops::attend_block_scratch(&w.lens);
+            if w.scratch.len() < need {
+                // Grows to the longest context seen, once per thread.
+                w.scratch
+                    .resize(need.max(group * block * cache.stride), 0.0);
+            }
+            w.out.resize(w.q.len(), 0.0);
+            (k.ops.attend_block)(
+                &w.q,
+                &w.lens,
+                cache.kt,
+                cache.stride,
+                cache.v,
+                scale,
+                &mut w.scratch,
+                &mut w.out,
+            );
+            for (i, chunk) in w.out.chunks_exact(group * hd).enumerate() {
+                o.token(i).copy_from_slice(chunk);
+            }
+        });
+    });
 }

@@ -11,22 +11,22 @@ use half::{bf16, f16};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 use wide::{f32x8, i8x16, i16x16, i32x8, u16x8};
 
-use super::Kernels;
+use super::{Kernels, ProductOut, check_shape};
 
-pub const SET: Kernels = Kernels {
+pub static SET: Kernels = Kernels {
     name: "portable",
     quantize_q8_0,
     gemm_q8_0,
     gemm_q4_0,
-    quantize_q8_k: crate::kernels::SCALAR.quantize_q8_k,
+    quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
     gemm_q4_k,
     gemm_q5_k,
     gemm_q6_k,
     gemm_f32,
     gemm_f16,
     gemm_bf16,
-    dot_f32,
     axpy_f32,
+    ops: super::ops::BASELINE,
 };
 
 /// f16 bits to f32 without `half`'s per-call feature check: the exponent is rebased by a multiply, which is
@@ -130,14 +130,11 @@ fn isum_q4(w: &BlockQ4_0, a: &BlockQ8_0) -> i32 {
 }
 
 /// Row pairs share each activation block; the float accumulation is the reference's, block by block.
-/// Output token-major, `out[t * ldo + r]`.
-#[allow(clippy::too_many_arguments)]
 fn gemm_blocks<W>(
     w: &[W],
     a: &[BlockQ8_0],
     bpr: usize,
-    out: &mut [f32],
-    ldo: usize,
+    mut out: ProductOut,
     d: impl Fn(&W) -> u16,
     isum: impl Fn(&W, &BlockQ8_0) -> i32,
 ) {
@@ -146,9 +143,10 @@ fn gemm_blocks<W>(
     }
     let n = a.len() / bpr;
     let rows = w.len() / bpr;
-    super::check_out(out.len(), rows, n, ldo);
+    check_shape(&out, rows, n);
     for t in 0..n {
         let act = &a[t * bpr..(t + 1) * bpr];
+        let out = out.token(t);
         let mut r = 0;
         while r + 2 <= rows {
             let (w0, w1) = (&w[r * bpr..(r + 1) * bpr], &w[(r + 1) * bpr..(r + 2) * bpr]);
@@ -158,8 +156,8 @@ fn gemm_blocks<W>(
                 s0 += f16_to_f32(d(b0)) * da * isum(b0, ba) as f32;
                 s1 += f16_to_f32(d(b1)) * da * isum(b1, ba) as f32;
             }
-            out[t * ldo + r] = s0;
-            out[t * ldo + r + 1] = s1;
+            out[r] = s0;
+            out[r + 1] = s1;
             r += 2;
         }
         if r < rows {
@@ -167,17 +165,17 @@ fn gemm_blocks<W>(
             for (bw, ba) in w[r * bpr..(r + 1) * bpr].iter().zip(act) {
                 s += f16_to_f32(d(bw)) * f16_to_f32(ba.d.to_bits()) * isum(bw, ba) as f32;
             }
-            out[t * ldo + r] = s;
+            out[r] = s;
         }
     }
 }
 
-fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    gemm_blocks(w, a, bpr, out, ldo, |b| b.d.to_bits(), isum_q8)
+fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) {
+    gemm_blocks(w, a, bpr, out, |b| b.d.to_bits(), isum_q8)
 }
 
-fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    gemm_blocks(w, a, bpr, out, ldo, |b| b.d.to_bits(), isum_q4)
+fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) {
+    gemm_blocks(w, a, bpr, out, |b| b.d.to_bits(), isum_q4)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -196,13 +194,12 @@ fn widen(a: &BlockQ8K) -> Wide {
     std::array::from_fn(|k| i16s(&a.qs[16 * k..]))
 }
 
-/// Token-major `out[t * ldo + r]`, every row's block terms added in block order from 0 as the reference does.
+/// Every row's block terms added in block order from 0 as the reference does.
 fn gemm_k<W>(
     w: &[W],
     a: &[BlockQ8K],
     bpr: usize,
-    out: &mut [f32],
-    ldo: usize,
+    mut out: ProductOut,
     term: impl Fn(&W, &BlockQ8K, &Wide) -> f32,
 ) {
     if bpr == 0 {
@@ -210,17 +207,18 @@ fn gemm_k<W>(
     }
     let n = a.len() / bpr;
     let rows = w.len() / bpr;
-    super::check_out(out.len(), rows, n, ldo);
+    check_shape(&out, rows, n);
     let mut wide = [[i16x16::ZERO; 16]; WIDE_BLOCKS];
     for t in 0..n {
         let act = &a[t * bpr..(t + 1) * bpr];
+        let out = out.token(t);
         for b0 in (0..bpr).step_by(WIDE_BLOCKS) {
             let nb = (bpr - b0).min(WIDE_BLOCKS);
             for (wb, ab) in wide.iter_mut().zip(&act[b0..b0 + nb]) {
                 *wb = widen(ab);
             }
             for r in 0..rows {
-                let o = &mut out[t * ldo + r];
+                let o = &mut out[r];
                 let mut s = if b0 == 0 { 0.0f32 } else { *o };
                 for (k, bw) in w[r * bpr + b0..r * bpr + b0 + nb].iter().enumerate() {
                     s += term(bw, &act[b0 + k], &wide[k]);
@@ -282,14 +280,14 @@ fn k4_term(
     d.to_f32() * a.d * dots as f32 - dmin.to_f32() * a.d * mins as f32
 }
 
-fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    gemm_k(w, a, bpr, out, ldo, |b, a, wide| {
+fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) {
+    gemm_k(w, a, bpr, out, |b, a, wide| {
         k4_term(b.d, b.dmin, &b.scales, &b.qs, None, a, wide)
     })
 }
 
-fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    gemm_k(w, a, bpr, out, ldo, |b, a, wide| {
+fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) {
+    gemm_k(w, a, bpr, out, |b, a, wide| {
         k4_term(b.d, b.dmin, &b.scales, &b.qs, Some(&b.qh), a, wide)
     })
 }
@@ -322,8 +320,8 @@ fn q6_term(b: &BlockQ6K, a: &BlockQ8K, wide: &Wide) -> f32 {
     b.d.to_f32() * a.d * acc.reduce_add() as f32
 }
 
-fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    gemm_k(w, a, bpr, out, ldo, q6_term)
+fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: ProductOut) {
+    gemm_k(w, a, bpr, out, q6_term)
 }
 
 /// Dot product of `x` with a weight row converted 8 at a time by `conv`.
@@ -358,32 +356,31 @@ fn gemm_float(
     rows: usize,
     cols: usize,
     a: &[f32],
-    out: &mut [f32],
-    ldo: usize,
+    mut out: ProductOut,
     dot: impl Fn(usize, &[f32]) -> f32,
 ) {
     if cols == 0 {
         return;
     }
     let n = a.len() / cols;
-    super::check_out(out.len(), rows, n, ldo);
+    check_shape(&out, rows, n);
     for (t, act) in a.chunks_exact(cols).enumerate() {
-        for (r, o) in out[t * ldo..t * ldo + rows].iter_mut().enumerate() {
+        for (r, o) in out.token(t).iter_mut().enumerate() {
             *o = dot(r, act);
         }
     }
 }
 
-fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: ProductOut) {
     let rows = w.len().checked_div(cols).unwrap_or(0);
-    gemm_float(rows, cols, a, out, ldo, |r, act| {
+    gemm_float(rows, cols, a, out, |r, act| {
         dot_f32(&w[r * cols..(r + 1) * cols], act)
     })
 }
 
-fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: ProductOut) {
     let rows = w.len().checked_div(cols).unwrap_or(0);
-    gemm_float(rows, cols, a, out, ldo, |r, act| {
+    gemm_float(rows, cols, a, out, |r, act| {
         let row = &w[r * cols..(r + 1) * cols];
         dot_with(
             cols,
@@ -394,10 +391,10 @@ fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
     })
 }
 
-fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
+fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: ProductOut) {
     let rows = w.len().checked_div(cols).unwrap_or(0);
     let conv = |b: bf16| f32::from_bits((b.to_bits() as u32) << 16);
-    gemm_float(rows, cols, a, out, ldo, |r, act| {
+    gemm_float(rows, cols, a, out, |r, act| {
         let row = &w[r * cols..(r + 1) * cols];
         dot_with(cols, act, |i| bf16x8(&row[i..]), |k| conv(row[k]))
     })

@@ -17,14 +17,3 @@ pub fn dot_scalar(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
     }
     sum
 }
-
-/// Reference matrix product, token-major `out[t * ldo + r]`.
-pub fn gemm_scalar(
-    w: &[BlockQ4_0],
-    a: &[BlockQ8_0],
-    blocks_per_row: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    super::gemm_by_dots(w, a, blocks_per_row, out, ldo, dot_scalar);
-}

@@ -43,14 +43,3 @@ pub(crate) fn q4k_scales_mins(p: &[u8; 12]) -> (u64, u64) {
         (mid & 0x3f3f_3f3f) as u64 | (m_hi as u64) << 32,
     )
 }
-
-/// Reference matrix product, token-major `out[t * ldo + r]`.
-pub fn gemm_scalar(
-    w: &[BlockQ4K],
-    a: &[BlockQ8K],
-    blocks_per_row: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    super::gemm_by_dots(w, a, blocks_per_row, out, ldo, dot_scalar);
-}

@@ -20,14 +20,3 @@ pub fn dot_scalar(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     }
     sum
 }
-
-/// Reference matrix product, token-major `out[t * ldo + r]`.
-pub fn gemm_scalar(
-    w: &[BlockQ6K],
-    a: &[BlockQ8K],
-    blocks_per_row: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    super::gemm_by_dots(w, a, blocks_per_row, out, ldo, dot_scalar);
-}

@@ -2,18 +2,15 @@
 //!
 //! Read top to bottom it is the Granite network of the reference: embed and scale, then per layer attention and
 //! the feed-forward block (routed experts or a dense MLP), each added back scaled by the residual multiplier,
-//! then the final norm and the output head divided by the logit scale. Matrix products run as a few parallel
-//! regions per layer (see `kernels::parallel`); everything else is cheap and runs on the calling thread.
-
-use std::cell::RefCell;
+//! then the final norm and the output head divided by the logit scale. The matrix products and attention run as a
+//! few parallel regions per layer (`kernels::parallel` decides how they are split); everything else is cheap and
+//! runs on the calling thread. The kernels are the model's own set, chosen when it was loaded.
 
 use super::config::ModelConfig;
 use super::weights::{DenseMlp, ExpertWeights, FeedForward, Matrix};
 use super::{Model, ModelError};
-use crate::kernels::parallel::{
-    GemmJob, SharedOut, parallel_gemm, parallel_items, rows_per_item, scatter_token_major,
-};
-use crate::kernels::{self, ActivationBatch, Kernels, gemm_rows, ops};
+use crate::kernels::parallel::{self, AttentionQueries, ExpertSlot, KvHead, Product};
+use crate::kernels::{self, ActivationBatch, Kernels, ProductOut};
 
 /// Keys and values of every processed position, per layer and KV head. Keys are stored transposed,
 /// `[layer][kv_head][head_dim][position]`, values as `[layer][kv_head][position][head_dim]`: a query's scores are
@@ -78,14 +75,6 @@ pub enum Logits {
     All,
 }
 
-/// The tokens one expert was chosen by in this batch: rows `first..first + len` of the gathered expert input.
-#[derive(Clone, Copy, Debug, Default)]
-struct ExpertSlot {
-    expert: usize,
-    first: usize,
-    len: usize,
-}
-
 /// Working memory of the forward pass, sized once for the largest batch; the per-token path allocates nothing.
 pub struct ForwardBuffers {
     max_batch: usize,
@@ -93,24 +82,19 @@ pub struct ForwardBuffers {
     x: Vec<f32>,
     /// Normed input of the attention and feed-forward blocks: one quantization serves all the matrices reading it.
     normed: ActivationBatch,
+    /// Queries, keys and values of the batch, token-major.
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// Row-major (`[rows][batch]`) products before they are scattered token-major.
-    q_rows: Vec<f32>,
-    k_rows: Vec<f32>,
-    v_rows: Vec<f32>,
     /// Attention output per token, `[batch][n_head * head_dim]`, the input of the output projection.
     attn: ActivationBatch,
     /// Output of a projection before it is added to the residual stream, `[batch][n_embd]`.
     proj: Vec<f32>,
-    proj_rows: Vec<f32>,
     /// `(cos, sin)` per token and rotary pair.
     rope: Vec<(f32, f32)>,
     inv_freq: Vec<f32>,
     /// Router logits, `[batch][n_expert]`, and each token's chosen experts with their gate weights, `[batch][k]`.
     router: Vec<f32>,
-    router_rows: Vec<f32>,
     chosen: Vec<(usize, f32)>,
     /// For each expert, the batch rows routed to it with their gate weights.
     expert_tokens: Vec<Vec<(usize, f32)>>,
@@ -118,18 +102,14 @@ pub struct ForwardBuffers {
     slots: Vec<ExpertSlot>,
     /// The normed rows of each slot's tokens, slot after slot (`[batch * k][n_embd]`).
     expert_in: ActivationBatch,
-    /// Per slot, row-major `[n_ff][slot tokens]`: gate projection, then `silu(gate) * up` in place; and up.
-    gate_rows: Vec<f32>,
-    up_rows: Vec<f32>,
-    /// `silu(gate) * up` token-major, the input of the down projections (`[batch * k][n_ff]`).
+    /// `silu(gate) * up` of each slot's tokens, the input of the down projections (`[batch * k][n_ff]`); the up
+    /// projections beside it.
     hidden: ActivationBatch,
-    /// Per slot, row-major `[n_embd][slot tokens]`: the down projection before the gate weight is applied.
-    down_rows: Vec<f32>,
-    /// One slot's down projection token-major, `[slot tokens][n_embd]`.
+    up: Vec<f32>,
+    /// The down projections of each slot's tokens before the gate weight is applied, `[batch * k][n_embd]`.
     expert_out: Vec<f32>,
     /// Logits of the last position, or of every position with [`Logits::All`].
     logits: Vec<f32>,
-    logits_rows: Vec<f32>,
     /// How many times each expert's weights were read, per layer; for tests and `bench` statistics.
     pub expert_reads: Vec<Vec<u64>>,
 }
@@ -153,27 +133,19 @@ impl ForwardBuffers {
             q: vec![0.0; b * q_dim],
             k: vec![0.0; b * cfg.kv_dim()],
             v: vec![0.0; b * cfg.kv_dim()],
-            q_rows: vec![0.0; b * q_dim],
-            k_rows: vec![0.0; b * cfg.kv_dim()],
-            v_rows: vec![0.0; b * cfg.kv_dim()],
             attn: ActivationBatch::new(q_dim, b),
             proj: vec![0.0; b * cfg.n_embd],
-            proj_rows: vec![0.0; b * cfg.n_embd],
             rope: vec![(0.0, 0.0); b * half],
             inv_freq,
             router: vec![0.0; b * cfg.n_expert],
-            router_rows: vec![0.0; b * cfg.n_expert],
             chosen: vec![(0, 0.0); b * cfg.n_expert_used],
             expert_tokens: (0..cfg.n_expert).map(|_| Vec::with_capacity(b)).collect(),
             slots: Vec::with_capacity(cfg.n_expert),
             expert_in: ActivationBatch::new(cfg.n_embd, routed),
-            gate_rows: vec![0.0; routed * cfg.n_ff],
-            up_rows: vec![0.0; routed * cfg.n_ff],
             hidden: ActivationBatch::new(cfg.n_ff, routed),
-            down_rows: vec![0.0; routed * cfg.n_embd],
-            expert_out: vec![0.0; b * cfg.n_embd],
+            up: vec![0.0; routed * cfg.n_ff],
+            expert_out: vec![0.0; routed * cfg.n_embd],
             logits: vec![0.0; cfg.n_vocab],
-            logits_rows: vec![0.0; cfg.n_vocab],
             expert_reads: vec![vec![0; cfg.n_expert]; cfg.n_layer],
         }
     }
@@ -188,43 +160,11 @@ impl ForwardBuffers {
     }
 }
 
-/// Tokens whose queries attend together in one work item of prompt processing.
-const ATTENTION_TOKEN_BLOCK: usize = 16;
-
-/// One worker's attention buffers: the gathered queries of a work item, their causal lengths, the scores and
-/// the outputs.
-struct AttentionScratch {
-    q: Vec<f32>,
-    lens: Vec<usize>,
-    scratch: Vec<f32>,
-    out: Vec<f32>,
-}
-
-thread_local! {
-    /// Attention buffers per worker thread; they grow to the longest context seen, then stay.
-    static ATTENTION: RefCell<AttentionScratch> = const {
-        RefCell::new(AttentionScratch { q: Vec::new(), lens: Vec::new(), scratch: Vec::new(), out: Vec::new() })
-    };
-}
-
 /// Sizes every pool thread's attention and kernel buffers for a cache of `capacity` tokens now, so that no
-/// thread grows them later on the per-token path (which thread runs which work item is up to the scheduler, so
-/// a thread may meet its first one long after the warm-up).
+/// thread grows them later on the per-token path.
 pub fn reserve_thread_scratch(cfg: &ModelConfig, capacity: usize) {
-    crate::kernels::reserve_thread_scratch(cfg.n_embd.max(cfg.n_ff));
-    let group = cfg.n_head / cfg.n_head_kv;
-    let rows = group * ATTENTION_TOKEN_BLOCK;
-    let hd = cfg.head_dim;
-    rayon::broadcast(|_| {
-        ATTENTION.with_borrow_mut(|w| {
-            w.q.reserve(rows * hd);
-            w.lens.reserve(rows);
-            w.out.reserve(rows * hd);
-            if w.scratch.len() < rows * capacity {
-                w.scratch.resize(rows * capacity, 0.0);
-            }
-        })
-    });
+    kernels::reserve_thread_scratch(cfg.n_embd.max(cfg.n_ff));
+    parallel::reserve_attention_scratch(cfg.n_head / cfg.n_head_kv, cfg.head_dim, capacity);
 }
 
 impl Model {
@@ -238,7 +178,7 @@ impl Model {
         want: Logits,
     ) -> Result<&'b [f32], ModelError> {
         let cfg = &self.config;
-        let k = kernels::selected();
+        let k = self.kernels;
         let n = tokens.len();
         assert!(
             n <= bufs.max_batch,
@@ -282,21 +222,16 @@ impl Model {
         for (il, layer) in self.weights.layers.iter().enumerate() {
             // Attention block: x += Wo(attention(rope(Wq h), rope(Wk h), Wv h)) * residual_multiplier.
             rms_norm_batch(
+                k,
                 &bufs.x[..n * h],
                 &layer.attn_norm,
                 cfg.rms_eps,
                 &mut bufs.normed,
                 n,
             );
-            self.project_qkv(k, il, bufs);
+            self.project_qkv(il, bufs);
             self.attention(il, n, pos0, cache, bufs);
-            project(
-                k,
-                &layer.wo,
-                &mut bufs.attn,
-                &mut bufs.proj_rows,
-                &mut bufs.proj,
-            );
+            project(k, &layer.wo, &mut bufs.attn, &mut bufs.proj);
             (k.axpy_f32)(
                 cfg.residual_scale,
                 &bufs.proj[..n * h],
@@ -305,6 +240,7 @@ impl Model {
 
             // Feed-forward block: x += ffn(h) * residual_multiplier.
             rms_norm_batch(
+                k,
                 &bufs.x[..n * h],
                 &layer.ffn_norm,
                 cfg.rms_eps,
@@ -312,7 +248,7 @@ impl Model {
                 n,
             );
             match &layer.ffn {
-                FeedForward::Experts(experts) => self.moe(k, il, experts, n, bufs),
+                FeedForward::Experts(experts) => self.moe(il, experts, n, bufs),
                 FeedForward::Dense(mlp) => dense_mlp(k, mlp, n, bufs),
             }
             (k.axpy_f32)(
@@ -332,7 +268,7 @@ impl Model {
         let m = rows.len();
         let normed = bufs.normed.start(m);
         for (i, t) in rows.enumerate() {
-            ops::rms_norm(
+            (k.ops.rms_norm)(
                 &bufs.x[t * h..(t + 1) * h],
                 &self.weights.output_norm,
                 cfg.rms_eps,
@@ -343,13 +279,11 @@ impl Model {
         if bufs.logits.len() < m * v {
             // Only `Logits::All` gets here, which is never on the generation path.
             bufs.logits.resize(m * v, 0.0);
-            bufs.logits_rows.resize(m * v, 0.0);
         }
         project(
             k,
             self.weights.output_head(),
             &mut bufs.normed,
-            &mut bufs.logits_rows,
             &mut bufs.logits,
         );
         let inv = 1.0 / cfg.logit_scale;
@@ -358,42 +292,24 @@ impl Model {
     }
 
     /// Q, K and V of the normed batch, as one parallel region.
-    fn project_qkv(&self, k: &Kernels, layer: usize, bufs: &mut ForwardBuffers) {
-        let l = &self.weights.layers[layer];
-        let n = bufs.normed.len();
-        bufs.normed.prepare_for(l.wq.ty, k);
-        bufs.normed.prepare_for(l.wk.ty, k);
-        bufs.normed.prepare_for(l.wv.ty, k);
-        let acts = bufs.normed.all_rows();
-        let jobs = [
-            GemmJob {
-                w: l.wq.view(),
-                acts,
-                out: SharedOut::new(&mut bufs.q_rows[..l.wq.rows * n]),
-            },
-            GemmJob {
-                w: l.wk.view(),
-                acts,
-                out: SharedOut::new(&mut bufs.k_rows[..l.wk.rows * n]),
-            },
-            GemmJob {
-                w: l.wv.view(),
-                acts,
-                out: SharedOut::new(&mut bufs.v_rows[..l.wv.rows * n]),
-            },
-        ];
-        parallel_gemm(k, &jobs);
-        for (src, rows, dst) in [
-            (&bufs.q_rows, l.wq.rows, &mut bufs.q),
-            (&bufs.k_rows, l.wk.rows, &mut bufs.k),
-            (&bufs.v_rows, l.wv.rows, &mut bufs.v),
-        ] {
-            scatter_token_major(src, rows, n, rows_per_item(rows, n), dst, rows);
+    fn project_qkv(&self, layer: usize, bufs: &mut ForwardBuffers) {
+        let (k, l) = (self.kernels, &self.weights.layers[layer]);
+        for w in [&l.wq, &l.wk, &l.wv] {
+            bufs.normed.prepare_for(w.ty, k);
         }
+        let acts = bufs.normed.all_rows();
+        parallel::products(
+            k,
+            &[
+                Product::new(l.wq.view(), acts, &mut bufs.q),
+                Product::new(l.wk.view(), acts, &mut bufs.k),
+                Product::new(l.wv.view(), acts, &mut bufs.v),
+            ],
+        );
     }
 
     /// Causal grouped-query attention of the batch: RoPE on q and k, k and v appended to the cache, then each
-    /// query head attends over its KV head's positions up to its own (one parallel region over tokens x heads).
+    /// query head attends over its KV head's positions up to its own.
     fn attention(
         &self,
         layer: usize,
@@ -402,14 +318,13 @@ impl Model {
         cache: &mut KvCache,
         bufs: &mut ForwardBuffers,
     ) {
-        let cfg = &self.config;
+        let (cfg, k) = (&self.config, self.kernels);
         let (hd, half) = (cfg.head_dim, cfg.head_dim / 2);
         let (q_dim, kv_dim) = (cfg.n_head * hd, cfg.kv_dim());
-        let group = cfg.n_head / cfg.n_head_kv;
         for t in 0..n {
             let cos_sin = &bufs.rope[t * half..(t + 1) * half];
-            ops::rope_adjacent_pairs(&mut bufs.q[t * q_dim..(t + 1) * q_dim], hd, cos_sin);
-            ops::rope_adjacent_pairs(&mut bufs.k[t * kv_dim..(t + 1) * kv_dim], hd, cos_sin);
+            (k.ops.rope)(&mut bufs.q[t * q_dim..(t + 1) * q_dim], hd, cos_sin);
+            (k.ops.rope)(&mut bufs.k[t * kv_dim..(t + 1) * kv_dim], hd, cos_sin);
             for kvh in 0..cfg.n_head_kv {
                 let base = cache.head_base(layer, kvh);
                 let (pos, cap) = (pos0 + t, cache.capacity);
@@ -421,74 +336,36 @@ impl Model {
                     .copy_from_slice(&bufs.v[src..src + hd]);
             }
         }
-        // One work item per KV head and block of tokens: its group of query heads for those tokens attend
-        // together, so each cached key and value is loaded once for all of them.
+        let queries = AttentionQueries {
+            q: &bufs.q,
+            n_head: cfg.n_head,
+            n_head_kv: cfg.n_head_kv,
+            head_dim: hd,
+            pos0,
+            scale: cfg.attention_scale,
+        };
         let cache = &*cache;
-        let q = &bufs.q;
-        let block = ATTENTION_TOKEN_BLOCK.min(n);
-        let blocks = n.div_ceil(block);
-        let out = SharedOut::new(bufs.attn.start(n));
-        parallel_items(cfg.n_head_kv * blocks, |item| {
-            let (kvh, t0) = (item % cfg.n_head_kv, (item / cfg.n_head_kv) * block);
-            let tokens = t0..(t0 + block).min(n);
-            let base = cache.head_base(layer, kvh);
-            let size = cache.capacity * hd;
-            let (kt, v) = (&cache.k[base..base + size], &cache.v[base..base + size]);
-            let heads = kvh * group * hd..(kvh + 1) * group * hd;
-            ATTENTION.with_borrow_mut(|w| {
-                w.q.clear();
-                w.lens.clear();
-                for t in tokens.clone() {
-                    w.q.extend_from_slice(&q[t * q_dim..][heads.clone()]);
-                    w.lens.extend(std::iter::repeat_n(pos0 + t + 1, group));
-                }
-                let need = ops::attend_block_scratch(&w.lens);
-                if w.scratch.len() < need {
-                    // Grows to the longest context seen, once per thread.
-                    w.scratch
-                        .resize(need.max(group * block * cache.capacity), 0.0);
-                }
-                w.out.resize(w.q.len(), 0.0);
-                ops::attend_block(
-                    &w.q,
-                    &w.lens,
-                    kt,
-                    cache.capacity,
-                    v,
-                    cfg.attention_scale,
-                    &mut w.scratch,
-                    &mut w.out,
-                );
-                for (i, t) in tokens.clone().enumerate() {
-                    // SAFETY: item (kvh, token block) owns this group's heads of these tokens in the output.
-                    let o = unsafe { out.range_mut(t * q_dim + heads.start, group * hd) };
-                    o.copy_from_slice(&w.out[i * group * hd..(i + 1) * group * hd]);
-                }
-            });
-        });
+        let kv_head = |kvh| {
+            let (base, size) = (cache.head_base(layer, kvh), cache.capacity * hd);
+            KvHead {
+                kt: &cache.k[base..base + size],
+                v: &cache.v[base..base + size],
+                stride: cache.capacity,
+            }
+        };
+        let out = ProductOut::new(bufs.attn.start(n), n, q_dim);
+        parallel::causal_attention(k, &queries, kv_head, out);
     }
 
     /// The routed experts: each token picks its top-k experts by router logit, weighted by the softmax over just
-    /// those k logits. Tokens are grouped by expert so that each chosen expert's weights are read once per batch
-    /// (one parallel region for all gate/up products, one for all down products); experts no token chose are
-    /// never touched.
-    fn moe(
-        &self,
-        k: &Kernels,
-        layer: usize,
-        experts: &ExpertWeights,
-        n: usize,
-        bufs: &mut ForwardBuffers,
-    ) {
-        let cfg = &self.config;
+    /// those k logits. Tokens are grouped by expert so that each chosen expert's weights are read once per batch;
+    /// experts no token chose are never touched.
+    fn moe(&self, layer: usize, experts: &ExpertWeights, n: usize, bufs: &mut ForwardBuffers) {
+        let (cfg, k) = (&self.config, self.kernels);
         let (e_count, top_k, h, ff) = (cfg.n_expert, cfg.n_expert_used, cfg.n_embd, cfg.n_ff);
-        project(
-            k,
-            &experts.router,
-            &mut bufs.normed,
-            &mut bufs.router_rows,
-            &mut bufs.router,
-        );
+
+        // Route: the router's logits, then each token's top k.
+        project(k, &experts.router, &mut bufs.normed, &mut bufs.router);
         for list in bufs.expert_tokens.iter_mut() {
             list.clear();
         }
@@ -523,88 +400,37 @@ impl Model {
                 experts_need_values,
             );
         }
+        let m = bufs.expert_in.len();
 
-        // Region 1: gate and up rows of every chosen expert, combined as silu(gate) * up.
-        let slots = &bufs.slots;
-        let chunk = rows_per_item(ff, n);
-        let per_slot = ff.div_ceil(chunk);
-        {
-            let expert_in = &bufs.expert_in;
-            let gate_out = SharedOut::new(&mut bufs.gate_rows);
-            let up_out = SharedOut::new(&mut bufs.up_rows);
-            parallel_items(slots.len() * per_slot, |item| {
-                let slot = slots[item / per_slot];
-                let r0 = (item % per_slot) * chunk;
-                let rows = chunk.min(ff - r0);
-                let acts = expert_in.rows(slot.first, slot.len);
-                let at = slot.first * ff + r0 * slot.len;
-                // SAFETY: slot s owns gate/up rows [first * ff, (first + len) * ff); this item owns rows r0..r0+rows
-                // of it. Items partition those ranges.
-                let (gate, up) = unsafe {
-                    (
-                        gate_out.range_mut(at, rows * slot.len),
-                        up_out.range_mut(at, rows * slot.len),
-                    )
-                };
-                gemm_rows(
-                    k,
-                    &experts.gate.expert(slot.expert).sub_rows(r0, rows),
-                    acts,
-                    gate,
-                    rows,
-                );
-                gemm_rows(
-                    k,
-                    &experts.up.expert(slot.expert).sub_rows(r0, rows),
-                    acts,
-                    up,
-                    rows,
-                );
-                ops::silu_mul(gate, up);
-            });
-        }
-
-        // The down projections read silu(gate) * up token-major, quantized.
-        let hidden = bufs.hidden.start(bufs.expert_in.len());
-        for slot in slots {
-            let src = &bufs.gate_rows[slot.first * ff..(slot.first + slot.len) * ff];
-            scatter_token_major(src, ff, slot.len, chunk, &mut hidden[slot.first * ff..], ff);
-        }
+        // Gate and up: silu(gate) * up of every gathered token, for the down projections.
+        parallel::expert_swiglu(
+            k,
+            |e| experts.gate.expert(e),
+            |e| experts.up.expert(e),
+            &bufs.slots,
+            &bufs.expert_in,
+            ProductOut::new(bufs.hidden.start(m), m, ff),
+            ProductOut::new(&mut bufs.up, m, ff),
+        );
         bufs.hidden.prepare_for(experts.down.ty, k);
 
-        // Region 2: down rows of every chosen expert.
-        let chunk = rows_per_item(h, n);
-        let per_slot = h.div_ceil(chunk);
-        {
-            let hidden = &bufs.hidden;
-            let down_out = SharedOut::new(&mut bufs.down_rows);
-            parallel_items(slots.len() * per_slot, |item| {
-                let slot = slots[item / per_slot];
-                let r0 = (item % per_slot) * chunk;
-                let rows = chunk.min(h - r0);
-                // SAFETY: as above, over the down rows [first * h, (first + len) * h).
-                let out =
-                    unsafe { down_out.range_mut(slot.first * h + r0 * slot.len, rows * slot.len) };
-                gemm_rows(
-                    k,
-                    &experts.down.expert(slot.expert).sub_rows(r0, rows),
-                    hidden.rows(slot.first, slot.len),
-                    out,
-                    rows,
-                );
-            });
-        }
+        // Down.
+        parallel::expert_products(
+            k,
+            |e| experts.down.expert(e),
+            &bufs.slots,
+            &bufs.hidden,
+            ProductOut::new(&mut bufs.expert_out, m, h),
+        );
 
-        // Each token's output: its experts' down projections weighted by their gates.
+        // Combine: each token's output is its experts' down projections weighted by their gates.
         bufs.proj[..n * h].fill(0.0);
-        for slot in slots {
-            let down = &bufs.down_rows[slot.first * h..(slot.first + slot.len) * h];
-            let tokens_out = &mut bufs.expert_out[..slot.len * h];
-            scatter_token_major(down, h, slot.len, chunk, tokens_out, h);
+        for slot in &bufs.slots {
             for (i, &(t, w)) in bufs.expert_tokens[slot.expert].iter().enumerate() {
+                let row = (slot.first + i) * h;
                 (k.axpy_f32)(
                     w,
-                    &tokens_out[i * h..(i + 1) * h],
+                    &bufs.expert_out[row..row + h],
                     &mut bufs.proj[t * h..(t + 1) * h],
                 );
             }
@@ -640,60 +466,46 @@ pub fn route_top_k(logits: &[f32], chosen: &mut [(usize, f32)]) {
     }
 }
 
-/// The dense SwiGLU MLP of the `granite` architecture, over the whole batch: down(silu(gate h) * up h).
+/// The dense SwiGLU MLP of the `granite` architecture, over the whole batch: down(silu(gate h) * up h), the
+/// gate and up projections computed as one expert chosen by every token.
 fn dense_mlp(k: &Kernels, mlp: &DenseMlp, n: usize, bufs: &mut ForwardBuffers) {
     let ff = mlp.gate.rows;
     bufs.normed.prepare_for(mlp.gate.ty, k);
     bufs.normed.prepare_for(mlp.up.ty, k);
-    let acts = bufs.normed.all_rows();
-    let jobs = [
-        GemmJob {
-            w: mlp.gate.view(),
-            acts,
-            out: SharedOut::new(&mut bufs.gate_rows[..ff * n]),
-        },
-        GemmJob {
-            w: mlp.up.view(),
-            acts,
-            out: SharedOut::new(&mut bufs.up_rows[..ff * n]),
-        },
-    ];
-    parallel_gemm(k, &jobs);
-    ops::silu_mul(&mut bufs.gate_rows[..ff * n], &bufs.up_rows[..ff * n]);
-    let hidden = bufs.hidden.start(n);
-    scatter_token_major(&bufs.gate_rows, ff, n, rows_per_item(ff, n), hidden, ff);
-    project(
-        k,
-        &mlp.down,
-        &mut bufs.hidden,
-        &mut bufs.proj_rows,
-        &mut bufs.proj,
-    );
-}
-
-/// `out[t] = W . input[t]` for every token of the batch, as one parallel region (`rows` is scratch).
-fn project(
-    k: &Kernels,
-    w: &Matrix,
-    input: &mut ActivationBatch,
-    rows: &mut [f32],
-    out: &mut [f32],
-) {
-    input.prepare_for(w.ty, k);
-    let n = input.len();
-    let job = GemmJob {
-        w: w.view(),
-        acts: input.all_rows(),
-        out: SharedOut::new(&mut rows[..w.rows * n]),
+    let every_token = ExpertSlot {
+        expert: 0,
+        first: 0,
+        len: n,
     };
-    parallel_gemm(k, std::slice::from_ref(&job));
-    scatter_token_major(rows, w.rows, n, rows_per_item(w.rows, n), out, w.rows);
+    parallel::expert_swiglu(
+        k,
+        |_| mlp.gate.view(),
+        |_| mlp.up.view(),
+        &[every_token],
+        &bufs.normed,
+        ProductOut::new(bufs.hidden.start(n), n, ff),
+        ProductOut::new(&mut bufs.up, n, ff),
+    );
+    project(k, &mlp.down, &mut bufs.hidden, &mut bufs.proj);
 }
 
-fn rms_norm_batch(x: &[f32], weight: &[f32], eps: f32, out: &mut ActivationBatch, n: usize) {
+/// `out[t] = W . input[t]` for every token of the batch, as one parallel region.
+fn project(k: &Kernels, w: &Matrix, input: &mut ActivationBatch, out: &mut [f32]) {
+    input.prepare_for(w.ty, k);
+    parallel::product(k, w.view(), input.all_rows(), out);
+}
+
+fn rms_norm_batch(
+    k: &Kernels,
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &mut ActivationBatch,
+    n: usize,
+) {
     let h = weight.len();
     let dst = out.start(n);
     for (src, dst) in x.chunks_exact(h).zip(dst.chunks_exact_mut(h)) {
-        ops::rms_norm(src, weight, eps, dst);
+        (k.ops.rms_norm)(src, weight, eps, dst);
     }
 }

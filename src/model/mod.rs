@@ -14,6 +14,8 @@ pub use weights::{
 
 use quarry_quantize::gguf::{GgmlType, GgufError, GgufFile};
 
+use crate::kernels::{self, Kernels};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error(transparent)]
@@ -44,18 +46,44 @@ pub enum ModelError {
     },
 }
 
-/// A loaded model: its hyper-parameters and weights. Sequences keep their own [`KvCache`] and
-/// [`ForwardBuffers`], so one model can serve several.
-#[derive(Debug)]
+/// A loaded model: its hyper-parameters, its weights, and the kernel set its forward pass runs on. Sequences
+/// keep their own [`KvCache`] and [`ForwardBuffers`], so one model can serve several.
 pub struct Model {
     pub config: ModelConfig,
     pub weights: ModelWeights,
+    kernels: &'static Kernels,
 }
 
 impl Model {
+    /// The model of a GGUF file, on the process's kernel set ([`kernels::selected`]: the best this CPU has, or
+    /// `QUARRY_KERNEL`).
     pub fn from_gguf(file: &GgufFile) -> Result<Model, ModelError> {
         let config = ModelConfig::from_gguf(file)?;
         let weights = ModelWeights::from_gguf(file, &config)?;
-        Ok(Model { config, weights })
+        Ok(Model {
+            config,
+            weights,
+            kernels: kernels::selected(),
+        })
+    }
+
+    /// The kernel set the forward pass runs on.
+    pub fn kernels(&self) -> &'static Kernels {
+        self.kernels
+    }
+
+    /// Runs the forward pass on another kernel set (one of [`kernels::available`]), e.g. to compare them.
+    pub fn set_kernels(&mut self, kernels: &'static Kernels) {
+        self.kernels = kernels;
+    }
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .field("weights", &self.weights)
+            .field("kernels", &self.kernels.name)
+            .finish()
     }
 }

@@ -15,7 +15,7 @@ use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0
 use super::{BlockDot, FloatLanes, LaneDot};
 
 pub(in crate::kernels::x86) mod kquant;
-use crate::kernels::Kernels;
+use crate::kernels::{Kernels, ProductOut};
 
 pub fn detected() -> bool {
     is_x86_feature_detected!("avx2")
@@ -27,8 +27,8 @@ pub fn detected_vnni() -> bool {
     detected() && is_x86_feature_detected!("avxvnni")
 }
 
-/// Only handed out by `kernels::available` after `detected()` (see the SAFETY note on the entries below).
-pub(in crate::kernels) const SET: Kernels = Kernels {
+/// Only handed out by `kernels::available` after `detected()` (the safety condition of its entries).
+pub(in crate::kernels) static SET: Kernels = Kernels {
     name: "avx2",
     quantize_q8_0,
     gemm_q8_0,
@@ -40,12 +40,12 @@ pub(in crate::kernels) const SET: Kernels = Kernels {
     gemm_f32,
     gemm_f16,
     gemm_bf16,
-    dot_f32,
     axpy_f32,
+    ops: crate::kernels::ops::x86::AVX2,
 };
 
 /// Only handed out by `kernels::available` after `detected_vnni()`.
-pub(in crate::kernels) const SET_VNNI: Kernels = Kernels {
+pub(in crate::kernels) static SET_VNNI: Kernels = Kernels {
     name: "avxvnni",
     quantize_q8_0,
     gemm_q8_0: gemm_q8_0_vnni,
@@ -57,8 +57,8 @@ pub(in crate::kernels) const SET_VNNI: Kernels = Kernels {
     gemm_f32,
     gemm_f16,
     gemm_bf16,
-    dot_f32,
     axpy_f32,
+    ops: crate::kernels::ops::x86::AVX2,
 };
 
 #[inline(always)]
@@ -374,117 +374,31 @@ impl FloatLanes for Y {
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_q8_k_tf(x: &[f32], out: &mut [BlockQ8K]) {
-    unsafe { super::quantize_q8_k_avx2(x, out) }
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_q8_0_tf(x: &[f32], out: &mut [BlockQ8_0]) {
-    unsafe { super::quantize_q8_0_avx2(x, out) }
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_q8_0_tf(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { super::gemm_quant::<Q8, Q8, 4, 2>(w, a, bpr, out, ldo) }
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_q4_0_tf(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { super::gemm_quant::<Q4, Q4, 4, 2>(w, a, bpr, out, ldo) }
-}
-#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-unsafe fn gemm_q8_0_vnni_tf(
-    w: &[BlockQ8_0],
-    a: &[BlockQ8_0],
-    bpr: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    unsafe { super::gemm_quant::<VnniQ8, VnniQ8, 4, 2>(w, a, bpr, out, ldo) }
-}
-#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-unsafe fn gemm_q4_0_vnni_tf(
-    w: &[BlockQ4_0],
-    a: &[BlockQ8_0],
-    bpr: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    unsafe { super::gemm_quant::<VnniQ4, VnniQ4, 4, 2>(w, a, bpr, out, ldo) }
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_f32_tf(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { super::gemm_float::<Y, f32>(w, a, cols, out, ldo) }
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_f16_tf(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { super::gemm_float::<Y, f16>(w, a, cols, out, ldo) }
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_bf16_tf(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { super::gemm_float::<Y, bf16>(w, a, cols, out, ldo) }
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f32_tf(x: &[f32], y: &[f32]) -> f32 {
-    unsafe { super::dot_f32::<Y>(x, y) }
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_q4_k_tf(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { kquant::gemm::<kquant::Q4K>(w, a, bpr, out, ldo) }
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_q5_k_tf(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { kquant::gemm::<kquant::Q5K>(w, a, bpr, out, ldo) }
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_q6_k_tf(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { kquant::gemm::<kquant::Q6K>(w, a, bpr, out, ldo) }
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_f32_tf(alpha: f32, x: &[f32], y: &mut [f32]) {
-    unsafe { super::axpy_f32::<Y>(alpha, x, y) }
+target_feature_entries! { "avx2,fma,f16c";
+    fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) = super::quantize_q8_k_avx2(x, out);
+    fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) = super::quantize_q8_0_avx2(x, out);
+    fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        super::gemm_quant::<Q8, Q8, 4, 2>(w, a, bpr, out);
+    fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        super::gemm_quant::<Q4, Q4, 4, 2>(w, a, bpr, out);
+    fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        kquant::gemm::<kquant::Q4K>(w, a, bpr, out);
+    fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        kquant::gemm::<kquant::Q5K>(w, a, bpr, out);
+    fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        kquant::gemm::<kquant::Q6K>(w, a, bpr, out);
+    fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: ProductOut) =
+        super::gemm_float::<Y, f32>(w, a, cols, out);
+    fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: ProductOut) =
+        super::gemm_float::<Y, f16>(w, a, cols, out);
+    fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: ProductOut) =
+        super::gemm_float::<Y, bf16>(w, a, cols, out);
+    fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) = super::axpy_f32::<Y>(alpha, x, y);
 }
 
-// The entries of `SET` and `SET_VNNI`. SAFETY (all): those sets are only reachable through `available()`, which
-// lists them only when `detected()` (and for the VNNI entries `detected_vnni()`) saw every feature enabled on
-// the `_tf` function called; the bodies check slice lengths before any pointer load.
-fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
-    unsafe { quantize_q8_k_tf(x, out) }
-}
-fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-    unsafe { quantize_q8_0_tf(x, out) }
-}
-fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q8_0_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q4_0_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_q8_0_vnni(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q8_0_vnni_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_q4_0_vnni(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q4_0_vnni_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q4_k_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q5_k_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q6_k_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_f32_tf(w, a, cols, out, ldo) }
-}
-fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_f16_tf(w, a, cols, out, ldo) }
-}
-fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_bf16_tf(w, a, cols, out, ldo) }
-}
-fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
-    unsafe { dot_f32_tf(x, y) }
-}
-fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
-    unsafe { axpy_f32_tf(alpha, x, y) }
+target_feature_entries! { "avx2,fma,f16c,avxvnni";
+    fn gemm_q8_0_vnni(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        super::gemm_quant::<VnniQ8, VnniQ8, 4, 2>(w, a, bpr, out);
+    fn gemm_q4_0_vnni(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        super::gemm_quant::<VnniQ4, VnniQ4, 4, 2>(w, a, bpr, out);
 }

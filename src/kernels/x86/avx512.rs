@@ -11,7 +11,7 @@ use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0
 use super::{BlockDot, FloatLanes, LaneDot};
 
 mod kquant;
-use crate::kernels::Kernels;
+use crate::kernels::{Kernels, ProductOut};
 
 /// The features every function here is compiled with; `available` checks them all.
 pub fn detected() -> bool {
@@ -26,7 +26,7 @@ pub fn detected() -> bool {
 
 /// Only handed out by `kernels::available` after `detected()`: that check is the safety condition of every
 /// `unsafe` call to a `#[target_feature]` function below.
-pub(in crate::kernels) const SET: Kernels = Kernels {
+pub(in crate::kernels) static SET: Kernels = Kernels {
     name: "avx512vnni",
     quantize_q8_0,
     gemm_q8_0,
@@ -38,8 +38,8 @@ pub(in crate::kernels) const SET: Kernels = Kernels {
     gemm_f32,
     gemm_f16,
     gemm_bf16,
-    dot_f32,
     axpy_f32,
+    ops: crate::kernels::ops::x86::AVX512,
 };
 
 pub(crate) struct Q8;
@@ -368,112 +368,38 @@ impl FloatLanes for Z {
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn quantize_q8_k_tf(x: &[f32], out: &mut [BlockQ8K]) {
-    unsafe { super::quantize_q8_k_avx2(x, out) }
-}
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn quantize_q8_0_tf(x: &[f32], out: &mut [BlockQ8_0]) {
-    unsafe { super::quantize_q8_0_avx2(x, out) }
-}
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_q8_0_tf(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_quant::<Q8, Q8Y>(w, a, bpr, out, ldo) }
-}
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_q4_0_tf(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_quant::<Q4, Q4Y>(w, a, bpr, out, ldo) }
-}
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_q4_k_tf(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { kquant::gemm::<kquant::Q4K>(w, a, bpr, out, ldo) }
-}
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_q5_k_tf(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { kquant::gemm::<kquant::Q5K>(w, a, bpr, out, ldo) }
-}
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_q6_k_tf(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { kquant::gemm::<kquant::Q6K>(w, a, bpr, out, ldo) }
-}
 /// Float products: one token on ymm, more on zmm. Streaming a matrix from DRAM for one token, the ymm loop
 /// reaches 23-27 GB/s of f16 weights where the zmm loop reaches 18-22 (alternating runs on this machine); with
 /// weights reused across tokens or in cache, zmm is faster.
 #[inline(always)]
-unsafe fn gemm_float<W: super::FloatWeight>(
-    w: &[W],
-    a: &[f32],
-    cols: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
+unsafe fn gemm_float<W: super::FloatWeight>(w: &[W], a: &[f32], cols: usize, out: ProductOut) {
     unsafe {
         if a.len() == cols {
-            super::gemm_float::<super::avx2::Y, W>(w, a, cols, out, ldo)
+            super::gemm_float::<super::avx2::Y, W>(w, a, cols, out)
         } else {
-            super::gemm_float::<Z, W>(w, a, cols, out, ldo)
+            super::gemm_float::<Z, W>(w, a, cols, out)
         }
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_f32_tf(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_float::<f32>(w, a, cols, out, ldo) }
-}
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_f16_tf(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_float::<f16>(w, a, cols, out, ldo) }
-}
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gemm_bf16_tf(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_float::<bf16>(w, a, cols, out, ldo) }
-}
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_f32_tf(x: &[f32], y: &[f32]) -> f32 {
-    unsafe { super::dot_f32::<Z>(x, y) }
-}
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn axpy_f32_tf(alpha: f32, x: &[f32], y: &mut [f32]) {
-    unsafe { super::axpy_f32::<Z>(alpha, x, y) }
-}
-
-// The entries of `SET`. SAFETY (all): `SET` is only reachable through `available()`, which lists it only when
-// `detected()` saw every feature enabled on the `_tf` functions; the bodies check slice lengths before any pointer load.
-fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
-    unsafe { quantize_q8_k_tf(x, out) }
-}
-fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-    unsafe { quantize_q8_0_tf(x, out) }
-}
-fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q8_0_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q4_0_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q4_k_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q5_k_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_q6_k_tf(w, a, bpr, out, ldo) }
-}
-fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_f32_tf(w, a, cols, out, ldo) }
-}
-fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_f16_tf(w, a, cols, out, ldo) }
-}
-fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: &mut [f32], ldo: usize) {
-    unsafe { gemm_bf16_tf(w, a, cols, out, ldo) }
-}
-fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
-    unsafe { dot_f32_tf(x, y) }
-}
-fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
-    unsafe { axpy_f32_tf(alpha, x, y) }
+target_feature_entries! { "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
+    fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) = super::quantize_q8_k_avx2(x, out);
+    fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) = super::quantize_q8_0_avx2(x, out);
+    fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        gemm_quant::<Q8, Q8Y>(w, a, bpr, out);
+    fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        gemm_quant::<Q4, Q4Y>(w, a, bpr, out);
+    fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        kquant::gemm::<kquant::Q4K>(w, a, bpr, out);
+    fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        kquant::gemm::<kquant::Q5K>(w, a, bpr, out);
+    fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        kquant::gemm::<kquant::Q6K>(w, a, bpr, out);
+    fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: ProductOut) = gemm_float::<f32>(w, a, cols, out);
+    fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: ProductOut) = gemm_float::<f16>(w, a, cols, out);
+    fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: ProductOut) =
+        gemm_float::<bf16>(w, a, cols, out);
+    fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) = super::axpy_f32::<Z>(alpha, x, y);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -524,7 +450,7 @@ unsafe fn fold(even: __m512i, odd: __m512i) -> __m512i {
     unsafe { _mm512_madd_epi16(_mm512_packs_epi32(even, odd), _mm512_set1_epi16(1)) }
 }
 
-/// `out[t * ldo + r] = W[r] . A[t]` for tokens `t0..t1`: 4 rows x up to 4 tokens.
+/// `W[r] . A[t]` for tokens `t0..t1`: 4 rows x up to 4 tokens.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_few_q4(
@@ -533,10 +459,9 @@ unsafe fn gemm_few_q4(
     bpr: usize,
     t0: usize,
     t1: usize,
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
-    let (_, rows) = super::tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
+    let (_, rows) = super::tile_shape(w.len(), a.len(), bpr, t0, t1, out);
     let (nt, quads) = (t1 - t0, bpr / 4);
     let octs = quads.div_ceil(2);
     // SAFETY: see `super::scratch`.
@@ -610,12 +535,12 @@ unsafe fn gemm_few_q4(
             while t < t1 {
                 let left = t1 - t;
                 match (rt, left) {
-                    (4, 4..) => q4_tile::<4, 4>(w, a, bpr, r, t, t0, s, out, ldo),
-                    (4, 2..) => q4_tile::<4, 2>(w, a, bpr, r, t, t0, s, out, ldo),
-                    (4, _) => q4_tile::<4, 1>(w, a, bpr, r, t, t0, s, out, ldo),
-                    (_, 4..) => q4_tile::<1, 4>(w, a, bpr, r, t, t0, s, out, ldo),
-                    (_, 2..) => q4_tile::<1, 2>(w, a, bpr, r, t, t0, s, out, ldo),
-                    (_, _) => q4_tile::<1, 1>(w, a, bpr, r, t, t0, s, out, ldo),
+                    (4, 4..) => q4_tile::<4, 4>(w, a, bpr, r, t, t0, s, out),
+                    (4, 2..) => q4_tile::<4, 2>(w, a, bpr, r, t, t0, s, out),
+                    (4, _) => q4_tile::<4, 1>(w, a, bpr, r, t, t0, s, out),
+                    (_, 4..) => q4_tile::<1, 4>(w, a, bpr, r, t, t0, s, out),
+                    (_, 2..) => q4_tile::<1, 2>(w, a, bpr, r, t, t0, s, out),
+                    (_, _) => q4_tile::<1, 1>(w, a, bpr, r, t, t0, s, out),
                 }
                 t += if left >= 4 {
                     4
@@ -644,8 +569,7 @@ unsafe fn q4_tile<const RT: usize, const TT: usize>(
     t: usize,
     t0: usize,
     s: &super::Scratch,
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
     let quads = bpr / 4;
     let octs = quads.div_ceil(2);
@@ -747,7 +671,7 @@ unsafe fn q4_tile<const RT: usize, const TT: usize>(
                         _mm256_set1_ps(dw * da),
                     ));
                 }
-                out[(t + j) * ldo + r0 + i] = sum;
+                out.token(t + j)[r0 + i] = sum;
             }
         }
     }
@@ -762,8 +686,7 @@ trait Few: BlockDot {
         bpr: usize,
         t0: usize,
         t1: usize,
-        out: &mut [f32],
-        ldo: usize,
+        out: &mut ProductOut,
     );
 }
 
@@ -776,10 +699,9 @@ impl Few for Q8 {
         bpr: usize,
         t0: usize,
         t1: usize,
-        out: &mut [f32],
-        ldo: usize,
+        out: &mut ProductOut,
     ) {
-        unsafe { super::gemm_few::<Q8, 4>(w, a, bpr, t0, t1, out, ldo) }
+        unsafe { super::gemm_few::<Q8, 4>(w, a, bpr, t0, t1, out) }
     }
 }
 
@@ -792,10 +714,9 @@ impl Few for Q4 {
         bpr: usize,
         t0: usize,
         t1: usize,
-        out: &mut [f32],
-        ldo: usize,
+        out: &mut ProductOut,
     ) {
-        unsafe { gemm_few_q4(w, a, bpr, t0, t1, out, ldo) }
+        unsafe { gemm_few_q4(w, a, bpr, t0, t1, out) }
     }
 }
 
@@ -809,8 +730,7 @@ unsafe fn gemm_quant<
     w: &[<D as BlockDot>::W],
     a: &[BlockQ8_0],
     bpr: usize,
-    out: &mut [f32],
-    ldo: usize,
+    mut out: ProductOut,
 ) {
     if bpr == 0 || a.is_empty() || w.is_empty() {
         return;
@@ -819,12 +739,12 @@ unsafe fn gemm_quant<
     let lane_tokens = n / 16 * 16;
     unsafe {
         if lane_tokens > 0 {
-            super::gemm_lanes::<D, 8>(w, a, bpr, 0, lane_tokens, out, ldo);
+            super::gemm_lanes::<D, 8>(w, a, bpr, 0, lane_tokens, &mut out);
         }
         if n - lane_tokens >= 6 {
-            super::gemm_lanes::<Y, 8>(w, a, bpr, lane_tokens, n, out, ldo);
+            super::gemm_lanes::<Y, 8>(w, a, bpr, lane_tokens, n, &mut out);
         } else if lane_tokens < n {
-            D::few(w, a, bpr, lane_tokens, n, out, ldo);
+            D::few(w, a, bpr, lane_tokens, n, &mut out);
         }
     }
 }

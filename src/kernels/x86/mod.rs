@@ -49,6 +49,8 @@ use std::cell::UnsafeCell;
 use half::{bf16, f16};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0, BlockQ8K};
 
+use crate::kernels::ProductOut;
+
 /// Per-thread buffers for transposed activations and prepared weights, reused across calls so that a product
 /// never allocates once warm.
 #[derive(Default)]
@@ -79,7 +81,7 @@ fn scratch() -> *mut Scratch {
 }
 
 /// The checks every product kernel starts with: whole rows of `bpr` blocks, tokens `t0..t1` within the
-/// activations, and room in `out` (`kernels::check_out`). Returns the token and row counts.
+/// activations, and an output of exactly that shape (`kernels::check_shape`). Returns the token and row counts.
 #[inline(always)]
 fn tile_shape(
     w_blocks: usize,
@@ -87,13 +89,12 @@ fn tile_shape(
     bpr: usize,
     t0: usize,
     t1: usize,
-    out_len: usize,
-    ldo: usize,
+    out: &ProductOut,
 ) -> (usize, usize) {
     assert!(bpr > 0);
     let (n, rows) = (a_blocks / bpr, w_blocks / bpr);
     assert!(t0 <= t1 && t1 <= n);
-    crate::kernels::check_out(out_len, rows, n, ldo);
+    crate::kernels::check_shape(out, rows, n);
     (n, rows)
 }
 
@@ -287,7 +288,7 @@ pub(crate) trait BlockDot {
     unsafe fn dot(acc: __m256i, w: (__m256i, __m256i), a: __m256i) -> __m256i;
 }
 
-/// `out[t * ldo + r] = W[r] . A[t]` for tokens `t0..t1`, tiling 4 rows x up to `TMAX` tokens.
+/// `W[r] . A[t]` for tokens `t0..t1`, tiling 4 rows x up to `TMAX` tokens.
 #[inline(always)]
 unsafe fn gemm_few<D: BlockDot, const TMAX: usize>(
     w: &[D::W],
@@ -295,10 +296,9 @@ unsafe fn gemm_few<D: BlockDot, const TMAX: usize>(
     bpr: usize,
     t0: usize,
     t1: usize,
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
-    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out);
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };
     unsafe {
@@ -332,10 +332,10 @@ unsafe fn gemm_few<D: BlockDot, const TMAX: usize>(
         let mut r = 0;
         while r < rows {
             if rows - r >= 4 {
-                few_rows::<D, 4, TMAX>(w, a, bpr, r, t0, t1, da, corr, out, ldo);
+                few_rows::<D, 4, TMAX>(w, a, bpr, r, t0, t1, da, corr, out);
                 r += 4;
             } else {
-                few_rows::<D, 1, TMAX>(w, a, bpr, r, t0, t1, da, corr, out, ldo);
+                few_rows::<D, 1, TMAX>(w, a, bpr, r, t0, t1, da, corr, out);
                 r += 1;
             }
         }
@@ -353,21 +353,20 @@ unsafe fn few_rows<D: BlockDot, const RT: usize, const TMAX: usize>(
     t1: usize,
     da: &[f32],
     corr: &[i32],
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
     let mut t = t0;
     while t < t1 {
         let left = t1 - t;
         unsafe {
             if left >= 4 && TMAX >= 4 {
-                few_tile::<D, RT, 4>(w, a, bpr, r0, t, t0, da, corr, out, ldo);
+                few_tile::<D, RT, 4>(w, a, bpr, r0, t, t0, da, corr, out);
                 t += 4;
             } else if left >= 2 {
-                few_tile::<D, RT, 2>(w, a, bpr, r0, t, t0, da, corr, out, ldo);
+                few_tile::<D, RT, 2>(w, a, bpr, r0, t, t0, da, corr, out);
                 t += 2;
             } else {
-                few_tile::<D, RT, 1>(w, a, bpr, r0, t, t0, da, corr, out, ldo);
+                few_tile::<D, RT, 1>(w, a, bpr, r0, t, t0, da, corr, out);
                 t += 1;
             }
         }
@@ -385,8 +384,7 @@ unsafe fn few_tile<D: BlockDot, const RT: usize, const TT: usize>(
     t0: usize,
     da: &[f32],
     corr: &[i32],
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
     // SAFETY (bounds): the caller keeps r0 + RT <= rows and t + TT <= n; every pointer below indexes block b < bpr
     // of one of those rows or tokens; `da` holds (t1 - t0) * bpr entries and `corr` 8 per entry.
@@ -426,8 +424,8 @@ unsafe fn few_tile<D: BlockDot, const RT: usize, const TT: usize>(
             }
         }
         for (i, acc_i) in acc.iter().enumerate() {
-            for j in 0..TT {
-                out[(t + j) * ldo + r0 + i] = hsum_ps_256(acc_i[j]);
+            for (j, &acc_ij) in acc_i.iter().enumerate() {
+                out.token(t + j)[r0 + i] = hsum_ps_256(acc_ij);
             }
         }
     }
@@ -613,7 +611,7 @@ unsafe fn transpose_4x4_lanes(r0: __m256, r1: __m256, r2: __m256, r3: __m256) ->
     }
 }
 
-/// `out[t * ldo + r] = W[r] . A[t]` for tokens `t0..t1` (whole vectors of `N` tokens, the last one padded).
+/// `W[r] . A[t]` for tokens `t0..t1` (whole vectors of `N` tokens, the last one padded).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_lanes<L: LaneDot, const RW: usize>(
@@ -622,11 +620,10 @@ unsafe fn gemm_lanes<L: LaneDot, const RW: usize>(
     bpr: usize,
     t0: usize,
     t1: usize,
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
     assert!(RW == L::RW && L::N <= 16 && RW <= 8);
-    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out);
     let nn = L::N;
     let chunk_groups = CHUNK_TOKENS.div_ceil(nn);
     // SAFETY: see `scratch`.
@@ -687,9 +684,9 @@ unsafe fn gemm_lanes<L: LaneDot, const RW: usize>(
                     };
                     let valid = (t1 - tg).min(nn);
                     if valid == nn && nr == RW {
-                        // SAFETY: tokens tg..tg + N <= t1 <= n and rows r0..r0 + RW <= rows, so the largest
-                        // index written, (tg + N - 1) * ldo + r0 + RW - 1, is below (n - 1) * ldo + rows, which
-                        // `check_out` found within `out`.
+                        // SAFETY: tokens tg..tg + N <= t1 <= n and rows r0..r0 + RW <= rows, all inside the
+                        // window `tile_shape` checked.
+                        let ldo = out.stride();
                         unsafe { L::store_tile(&acc, out.as_mut_ptr().add(tg * ldo + r0), ldo) };
                     } else {
                         // A partial tile (the last rows or tokens): through a buffer, writing only what exists.
@@ -699,8 +696,7 @@ unsafe fn gemm_lanes<L: LaneDot, const RW: usize>(
                             unsafe { L::store_f(row.as_mut_ptr(), *acc_i) };
                         }
                         for j in 0..valid {
-                            let o = (tg + j) * ldo + r0;
-                            for (i, o) in out[o..o + nr].iter_mut().enumerate() {
+                            for (i, o) in out.token(tg + j)[r0..r0 + nr].iter_mut().enumerate() {
                                 *o = tmp[i * 16 + j];
                             }
                         }
@@ -719,8 +715,7 @@ unsafe fn gemm_quant<F: BlockDot, L: LaneDot<W = F::W>, const RW: usize, const T
     w: &[F::W],
     a: &[BlockQ8_0],
     bpr: usize,
-    out: &mut [f32],
-    ldo: usize,
+    mut out: ProductOut,
 ) {
     if bpr == 0 || a.is_empty() || w.is_empty() {
         return;
@@ -729,10 +724,10 @@ unsafe fn gemm_quant<F: BlockDot, L: LaneDot<W = F::W>, const RW: usize, const T
     let lane_tokens = if n >= L::N { n / L::N * L::N } else { 0 };
     unsafe {
         if lane_tokens > 0 {
-            gemm_lanes::<L, RW>(w, a, bpr, 0, lane_tokens, out, ldo);
+            gemm_lanes::<L, RW>(w, a, bpr, 0, lane_tokens, &mut out);
         }
         if lane_tokens < n {
-            gemm_few::<F, TMAX>(w, a, bpr, lane_tokens, n, out, ldo);
+            gemm_few::<F, TMAX>(w, a, bpr, lane_tokens, n, &mut out);
         }
     }
 }
@@ -816,21 +811,20 @@ impl FloatWeight for bf16 {
     }
 }
 
-/// `out[t * ldo + r] = W[r] . A[t]`, tiling 4 rows x 2 tokens (one accumulator each), remainders by 1.
+/// `W[r] . A[t]`, tiling 4 rows x 2 tokens (one accumulator each), remainders by 1.
 #[inline(always)]
 unsafe fn gemm_float<L: FloatLanes, W: FloatWeight>(
     w: &[W],
     a: &[f32],
     cols: usize,
-    out: &mut [f32],
-    ldo: usize,
+    mut out: ProductOut,
 ) {
     if cols == 0 {
         return;
     }
     let n = a.len() / cols;
     let rows = w.len() / cols;
-    crate::kernels::check_out(out.len(), rows, n, ldo);
+    crate::kernels::check_shape(&out, rows, n);
     let mut r = 0;
     while r < rows {
         let rt = if rows - r >= 4 { 4 } else { 1 };
@@ -839,10 +833,10 @@ unsafe fn gemm_float<L: FloatLanes, W: FloatWeight>(
             // SAFETY: r + rt <= rows, t + tt <= n; the tile reads whole rows of `w` and `a` within bounds.
             unsafe {
                 match (rt, n - t >= 2) {
-                    (4, true) => float_tile::<L, W, 4, 2>(w, a, cols, r, t, out, ldo),
-                    (4, false) => float_tile::<L, W, 4, 1>(w, a, cols, r, t, out, ldo),
-                    (_, true) => float_tile::<L, W, 1, 2>(w, a, cols, r, t, out, ldo),
-                    (_, false) => float_tile::<L, W, 1, 1>(w, a, cols, r, t, out, ldo),
+                    (4, true) => float_tile::<L, W, 4, 2>(w, a, cols, r, t, &mut out),
+                    (4, false) => float_tile::<L, W, 4, 1>(w, a, cols, r, t, &mut out),
+                    (_, true) => float_tile::<L, W, 1, 2>(w, a, cols, r, t, &mut out),
+                    (_, false) => float_tile::<L, W, 1, 1>(w, a, cols, r, t, &mut out),
                 }
             }
             t += if n - t >= 2 { 2 } else { 1 };
@@ -858,8 +852,7 @@ unsafe fn float_tile<L: FloatLanes, W: FloatWeight, const RT: usize, const TT: u
     cols: usize,
     r0: usize,
     t0: usize,
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
     debug_assert!((r0 + RT) * cols <= w.len() && (t0 + TT) * cols <= a.len());
     let body = cols / L::N * L::N;
@@ -884,37 +877,15 @@ unsafe fn float_tile<L: FloatLanes, W: FloatWeight, const RT: usize, const TT: u
             }
             c += L::N;
         }
-        for i in 0..RT {
-            for j in 0..TT {
-                let mut s = L::sum(acc[i][j]);
+        for (i, acc_i) in acc.iter().enumerate() {
+            for (j, &acc_ij) in acc_i.iter().enumerate() {
+                let mut s = L::sum(acc_ij);
                 for k in body..cols {
                     s += (*wp.add(i * cols + k)).to_f32() * *ap.add(j * cols + k);
                 }
-                out[(t0 + j) * ldo + r0 + i] = s;
+                out.token(t0 + j)[r0 + i] = s;
             }
         }
-    }
-}
-
-#[inline(always)]
-unsafe fn dot_f32<L: FloatLanes>(x: &[f32], y: &[f32]) -> f32 {
-    let len = x.len().min(y.len());
-    let body = len / (2 * L::N) * (2 * L::N);
-    // SAFETY: every load is below `body <= len`.
-    unsafe {
-        let (xp, yp) = (x.as_ptr(), y.as_ptr());
-        let (mut a0, mut a1) = (L::zero(), L::zero());
-        let mut i = 0;
-        while i < body {
-            a0 = L::fma(L::load(xp.add(i)), L::load(yp.add(i)), a0);
-            a1 = L::fma(L::load(xp.add(i + L::N)), L::load(yp.add(i + L::N)), a1);
-            i += 2 * L::N;
-        }
-        let mut s = L::sum(L::add(a0, a1));
-        for k in body..len {
-            s += x[k] * y[k];
-        }
-        s
     }
 }
 

@@ -13,6 +13,8 @@ use std::arch::x86_64::*;
 use crate::kernels::q4_k::q4k_scales_mins;
 use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 
+use crate::kernels::ProductOut;
+
 use super::super::kquant::{Q4K_MIN_CTRL, WI, prep_acts, q4k_act_pairs, q6k_act_pairs};
 use super::super::{CHUNK_TOKENS, f16_bits_to_f32, grow, scratch, store_tile_4x8, tile_shape};
 
@@ -333,16 +335,10 @@ unsafe fn quants6(ql0: __m256i, ql1: __m256i, qh: __m256i) -> [__m256i; 4] {
     }
 }
 
-/// `out[t * ldo + r] = W[r] . A[t]`: whole vectors of 8 tokens (and a remainder of 4 or more, padded) on the lane
+/// `W[r] . A[t]`: whole vectors of 8 tokens (and a remainder of 4 or more, padded) on the lane
 /// kernel, fewer on the few-token kernel.
 #[inline(always)]
-pub(crate) unsafe fn gemm<K: KQuant>(
-    w: &[K::W],
-    a: &[BlockQ8K],
-    bpr: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
+pub(crate) unsafe fn gemm<K: KQuant>(w: &[K::W], a: &[BlockQ8K], bpr: usize, mut out: ProductOut) {
     if bpr == 0 || a.is_empty() || w.is_empty() {
         return;
     }
@@ -350,10 +346,10 @@ pub(crate) unsafe fn gemm<K: KQuant>(
     let lanes = if n % 8 >= 4 { n } else { n / 8 * 8 };
     unsafe {
         if lanes > 0 {
-            gemm_lanes::<K>(w, a, bpr, 0, lanes, out, ldo);
+            gemm_lanes::<K>(w, a, bpr, 0, lanes, &mut out);
         }
         if lanes < n {
-            gemm_few::<K>(w, a, bpr, lanes, n, out, ldo);
+            gemm_few::<K>(w, a, bpr, lanes, n, &mut out);
         }
     }
 }
@@ -366,10 +362,9 @@ unsafe fn gemm_few<K: KQuant>(
     bpr: usize,
     t0: usize,
     t1: usize,
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
-    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out);
     // SAFETY: the tiles stay within rows and tokens (below); prefetches never fault.
     unsafe {
         let head = w.as_ptr() as *const i8;
@@ -384,12 +379,12 @@ unsafe fn gemm_few<K: KQuant>(
             while t < t1 {
                 let left = t1 - t;
                 match (rt, left) {
-                    (4, 4..) => few_tile::<K, 4, 4>(w, a, bpr, r, t, out, ldo),
-                    (4, 2..) => few_tile::<K, 4, 2>(w, a, bpr, r, t, out, ldo),
-                    (4, _) => few_tile::<K, 4, 1>(w, a, bpr, r, t, out, ldo),
-                    (_, 4..) => few_tile::<K, 1, 4>(w, a, bpr, r, t, out, ldo),
-                    (_, 2..) => few_tile::<K, 1, 2>(w, a, bpr, r, t, out, ldo),
-                    (_, _) => few_tile::<K, 1, 1>(w, a, bpr, r, t, out, ldo),
+                    (4, 4..) => few_tile::<K, 4, 4>(w, a, bpr, r, t, out),
+                    (4, 2..) => few_tile::<K, 4, 2>(w, a, bpr, r, t, out),
+                    (4, _) => few_tile::<K, 4, 1>(w, a, bpr, r, t, out),
+                    (_, 4..) => few_tile::<K, 1, 4>(w, a, bpr, r, t, out),
+                    (_, 2..) => few_tile::<K, 1, 2>(w, a, bpr, r, t, out),
+                    (_, _) => few_tile::<K, 1, 1>(w, a, bpr, r, t, out),
                 }
                 t += if left >= 4 {
                     4
@@ -411,8 +406,7 @@ unsafe fn few_tile<K: KQuant, const RT: usize, const TT: usize>(
     bpr: usize,
     r0: usize,
     t: usize,
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
     let bb = size_of::<K::W>();
     debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
@@ -442,9 +436,9 @@ unsafe fn few_tile<K: KQuant, const RT: usize, const TT: usize>(
         }
         // Four rows' sums reduced together and stored as one vector (rows are only a few blocks long).
         for j in 0..TT {
-            let o = out.as_mut_ptr().add((t + j) * ldo + r0);
+            let o = out.as_mut_ptr().add((t + j) * out.stride() + r0);
             if RT == 4 {
-                // SAFETY: rows r0..r0 + 4 of token t + j are within what `check_out` accepted.
+                // SAFETY: rows r0..r0 + 4 of token t + j are within the window `tile_shape` checked.
                 _mm_storeu_ps(o, hsum4(fin[0][j], fin[1][j], fin[2][j], fin[3][j]));
             } else {
                 for (i, fin_i) in fin.iter().enumerate() {
@@ -477,12 +471,11 @@ pub(crate) unsafe fn gemm_lanes<K: KQuant>(
     bpr: usize,
     t0: usize,
     t1: usize,
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
     const N: usize = 8;
     const RW: usize = 4;
-    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out);
     let gd = 64 / K::GROUPS;
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };
@@ -587,8 +580,9 @@ pub(crate) unsafe fn gemm_lanes<K: KQuant>(
                 };
                 let valid = (t1 - tg).min(N);
                 if valid == N && nr == RW {
-                    // SAFETY: tokens tg..tg + 8 <= t1 <= n and rows r0..r0 + 4 <= rows, within what `check_out`
-                    // accepted.
+                    let ldo = out.stride();
+                    // SAFETY: tokens tg..tg + 8 <= t1 <= n and rows r0..r0 + 4 <= rows, inside the
+                    // window `tile_shape` checked.
                     unsafe { store_tile_4x8(&acc, out.as_mut_ptr().add(tg * ldo + r0), ldo) };
                 } else {
                     let mut tmp = [0.0f32; N * RW];
@@ -597,8 +591,7 @@ pub(crate) unsafe fn gemm_lanes<K: KQuant>(
                         unsafe { _mm256_storeu_ps(row.as_mut_ptr(), *acc_i) };
                     }
                     for j in 0..valid {
-                        let o = (tg + j) * ldo + r0;
-                        for (i, o) in out[o..o + nr].iter_mut().enumerate() {
+                        for (i, o) in out.token(tg + j)[r0..r0 + nr].iter_mut().enumerate() {
                             *o = tmp[i * N + j];
                         }
                     }

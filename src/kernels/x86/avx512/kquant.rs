@@ -22,6 +22,8 @@ use std::arch::x86_64::*;
 use crate::kernels::q4_k::q4k_scales_mins;
 use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 
+use crate::kernels::ProductOut;
+
 use super::super::kquant::{Q4K_MIN_CTRL, WI, prep_acts, q4k_act_pairs, q6k_act_pairs};
 use super::super::{CHUNK_TOKENS, f16_bits_to_f32, grow, scratch, tile_shape};
 
@@ -367,17 +369,11 @@ impl KQuant for Q6K {
     }
 }
 
-/// `out[t * ldo + r] = W[r] . A[t]`: whole vectors of 16 tokens on the lane kernel, a remainder of 9 or more
+/// `W[r] . A[t]`: whole vectors of 16 tokens on the lane kernel, a remainder of 9 or more
 /// padded to 16; 4 to 8 on the AVX2 kernel's 8-token lanes (a half-empty zmm measured slower: 1024 x 1024 at
 /// 8 tokens, 66 against 83 G-MAC/s for Q4_K); fewer on the few-token kernel.
 #[inline(always)]
-pub(crate) unsafe fn gemm<K: KQuant>(
-    w: &[K::W],
-    a: &[BlockQ8K],
-    bpr: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
+pub(crate) unsafe fn gemm<K: KQuant>(w: &[K::W], a: &[BlockQ8K], bpr: usize, mut out: ProductOut) {
     if bpr == 0 || a.is_empty() || w.is_empty() {
         return;
     }
@@ -385,16 +381,16 @@ pub(crate) unsafe fn gemm<K: KQuant>(
     let (whole, rest) = (n / 16 * 16, n % 16);
     unsafe {
         if rest >= 9 {
-            gemm_lanes::<K>(w, a, bpr, 0, n, out, ldo);
+            gemm_lanes::<K>(w, a, bpr, 0, n, &mut out);
             return;
         }
         if whole > 0 {
-            gemm_lanes::<K>(w, a, bpr, 0, whole, out, ldo);
+            gemm_lanes::<K>(w, a, bpr, 0, whole, &mut out);
         }
         if rest >= 4 {
-            super::super::avx2::kquant::gemm_lanes::<K::Y>(w, a, bpr, whole, n, out, ldo);
+            super::super::avx2::kquant::gemm_lanes::<K::Y>(w, a, bpr, whole, n, &mut out);
         } else if rest > 0 {
-            gemm_few::<K>(w, a, bpr, whole, n, out, ldo);
+            gemm_few::<K>(w, a, bpr, whole, n, &mut out);
         }
     }
 }
@@ -426,10 +422,9 @@ unsafe fn gemm_few<K: KQuant>(
     bpr: usize,
     t0: usize,
     t1: usize,
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
-    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out);
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };
     let perm = if K::PERMUTED {
@@ -456,12 +451,12 @@ unsafe fn gemm_few<K: KQuant>(
             while t < t1 {
                 let left = t1 - t;
                 match (rt, left) {
-                    (4, 4..) => few_tile::<K, 4, 4>(w, a, bpr, r, t, t0, perm, out, ldo),
-                    (4, 2..) => few_tile::<K, 4, 2>(w, a, bpr, r, t, t0, perm, out, ldo),
-                    (4, _) => few_tile::<K, 4, 1>(w, a, bpr, r, t, t0, perm, out, ldo),
-                    (_, 4..) => few_tile::<K, 1, 4>(w, a, bpr, r, t, t0, perm, out, ldo),
-                    (_, 2..) => few_tile::<K, 1, 2>(w, a, bpr, r, t, t0, perm, out, ldo),
-                    (_, _) => few_tile::<K, 1, 1>(w, a, bpr, r, t, t0, perm, out, ldo),
+                    (4, 4..) => few_tile::<K, 4, 4>(w, a, bpr, r, t, t0, perm, out),
+                    (4, 2..) => few_tile::<K, 4, 2>(w, a, bpr, r, t, t0, perm, out),
+                    (4, _) => few_tile::<K, 4, 1>(w, a, bpr, r, t, t0, perm, out),
+                    (_, 4..) => few_tile::<K, 1, 4>(w, a, bpr, r, t, t0, perm, out),
+                    (_, 2..) => few_tile::<K, 1, 2>(w, a, bpr, r, t, t0, perm, out),
+                    (_, _) => few_tile::<K, 1, 1>(w, a, bpr, r, t, t0, perm, out),
                 }
                 t += if left >= 4 {
                     4
@@ -486,8 +481,7 @@ unsafe fn few_tile<K: KQuant, const RT: usize, const TT: usize>(
     t: usize,
     t0: usize,
     perm: *const i8,
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
     let bb = size_of::<K::W>();
     debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
@@ -526,9 +520,9 @@ unsafe fn few_tile<K: KQuant, const RT: usize, const TT: usize>(
         // Rows are only a few blocks long (4 at 1024 columns), so the horizontal sums matter: four rows are
         // reduced together and stored as one 4-float vector.
         for j in 0..TT {
-            let o = out.as_mut_ptr().add((t + j) * ldo + r0);
+            let o = out.as_mut_ptr().add((t + j) * out.stride() + r0);
             if RT == 4 {
-                // SAFETY: rows r0..r0 + 4 of token t + j are within what `check_out` accepted.
+                // SAFETY: rows r0..r0 + 4 of token t + j are within the window `tile_shape` checked.
                 _mm_storeu_ps(o, hsum4(fin[0][j], fin[1][j], fin[2][j], fin[3][j]));
             } else {
                 for (i, fin_i) in fin.iter().enumerate() {
@@ -564,12 +558,11 @@ unsafe fn gemm_lanes<K: KQuant>(
     bpr: usize,
     t0: usize,
     t1: usize,
-    out: &mut [f32],
-    ldo: usize,
+    out: &mut ProductOut,
 ) {
     const N: usize = 16;
     const RW: usize = 8;
-    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out.len(), ldo);
+    let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out);
     let gd = 64 / K::GROUPS;
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };
@@ -665,8 +658,9 @@ unsafe fn gemm_lanes<K: KQuant>(
                 };
                 let valid = (t1 - tg).min(N);
                 if valid == N && nr == RW {
-                    // SAFETY: tokens tg..tg + 16 <= t1 <= n and rows r0..r0 + 8 <= rows, within what `check_out`
-                    // accepted.
+                    let ldo = out.stride();
+                    // SAFETY: tokens tg..tg + 16 <= t1 <= n and rows r0..r0 + 8 <= rows, inside the
+                    // window `tile_shape` checked.
                     unsafe {
                         super::store_tile_8x16(&acc, out.as_mut_ptr().add(tg * ldo + r0), ldo)
                     };
@@ -677,8 +671,7 @@ unsafe fn gemm_lanes<K: KQuant>(
                         unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *acc_i) };
                     }
                     for j in 0..valid {
-                        let o = (tg + j) * ldo + r0;
-                        for (i, o) in out[o..o + nr].iter_mut().enumerate() {
+                        for (i, o) in out.token(tg + j)[r0..r0 + nr].iter_mut().enumerate() {
                             *o = tmp[i * N + j];
                         }
                     }
