@@ -27,11 +27,13 @@
 /// load.
 #[cfg(target_arch = "x86_64")]
 macro_rules! target_feature_entries {
-    ($features:literal; $( fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:expr; )*) => {
+    ($features:literal; $( $(#[$attr:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:expr; )*) => {
         $(
+            $(#[$attr])*
             fn $name($($arg: $ty),*) $(-> $ret)? {
                 #[target_feature(enable = $features)]
                 #[allow(unused_unsafe)]
+                $(#[$attr])*
                 unsafe fn with_features($($arg: $ty),*) $(-> $ret)? {
                     unsafe { $body }
                 }

@@ -451,89 +451,42 @@ mod body {
 pub(super) mod x86 {
     use super::{Ops, body};
 
-    // The `_tf` copies are compiled with the named features. SAFETY (every wrapper): the tables are only part
-    // of the matching x86 kernel sets, which `kernels::available` hands out only after detecting these features
-    // (the avx512vnni set requires AVX-512F, the avx2 / avxvnni sets AVX2 and FMA); the bodies are safe code.
-    #[target_feature(enable = "avx2,fma")]
-    fn rms_norm_avx2(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-        body::rms_norm(x, w, eps, out)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn rope_avx2(x: &mut [f32], hd: usize, cs: &[(f32, f32)]) {
-        body::rope(x, hd, cs)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn softmax_avx2(x: &mut [f32]) {
-        body::softmax(x)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn silu_mul_avx2(g: &mut [f32], u: &[f32]) {
-        body::silu_mul(g, u)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    fn attend_block_avx2(
-        q: &[f32],
-        lens: &[usize],
-        kt: &[f32],
-        ks: usize,
-        v: &[f32],
-        sc: f32,
-        s: &mut [f32],
-        o: &mut [f32],
-    ) {
-        body::attend_block::<body::Fused, 64, 32, 16, 64, 32, 16>(q, lens, kt, ks, v, sc, s, o)
-    }
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    fn attend_block_avx512(
-        q: &[f32],
-        lens: &[usize],
-        kt: &[f32],
-        ks: usize,
-        v: &[f32],
-        sc: f32,
-        s: &mut [f32],
-        o: &mut [f32],
-    ) {
-        body::attend_block::<body::Fused, 128, 64, 64, 128, 64, 64>(q, lens, kt, ks, v, sc, s, o)
-    }
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    fn rms_norm_avx512(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-        body::rms_norm(x, w, eps, out)
-    }
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    fn rope_avx512(x: &mut [f32], hd: usize, cs: &[(f32, f32)]) {
-        body::rope(x, hd, cs)
-    }
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    fn softmax_avx512(x: &mut [f32]) {
-        body::softmax(x)
-    }
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    fn silu_mul_avx512(g: &mut [f32], u: &[f32]) {
-        body::silu_mul(g, u)
+    /// The bodies compiled with `$features` (see `target_feature_entries!`), attention with the given register
+    /// tiles. Only the x86 kernel sets whose detection covers `$features` carry these tables.
+    macro_rules! ops_compiled_with {
+        ($features:literal, attend_block::<$madd:ty, $($tile:literal),*>) => {{
+            target_feature_entries! { $features;
+                fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) = body::rms_norm(x, w, eps, out);
+                fn rope(x: &mut [f32], hd: usize, cs: &[(f32, f32)]) = body::rope(x, hd, cs);
+                fn softmax(x: &mut [f32]) = body::softmax(x);
+                fn silu_mul(g: &mut [f32], u: &[f32]) = body::silu_mul(g, u);
+                #[allow(clippy::too_many_arguments)]
+                fn attend_block(
+                    q: &[f32],
+                    lens: &[usize],
+                    kt: &[f32],
+                    ks: usize,
+                    v: &[f32],
+                    sc: f32,
+                    s: &mut [f32],
+                    o: &mut [f32],
+                ) = body::attend_block::<$madd, $($tile),*>(q, lens, kt, ks, v, sc, s, o);
+            }
+            Ops { rms_norm, rope, softmax, silu_mul, attend_block }
+        }};
     }
 
-    pub(in crate::kernels) const AVX2: Ops = Ops {
-        rms_norm: |x, w, eps, out| unsafe { rms_norm_avx2(x, w, eps, out) },
-        rope: |x, hd, cs| unsafe { rope_avx2(x, hd, cs) },
-        softmax: |x| unsafe { softmax_avx2(x) },
-        silu_mul: |g, u| unsafe { silu_mul_avx2(g, u) },
-        attend_block: |q, l, kt, ks, v, sc, s, o| unsafe {
-            attend_block_avx2(q, l, kt, ks, v, sc, s, o)
-        },
-    };
+    /// The avx2 and avxvnni sets' copy.
+    pub(in crate::kernels) const AVX2: Ops = ops_compiled_with!(
+        "avx2,fma",
+        attend_block::<body::Fused, 64, 32, 16, 64, 32, 16>
+    );
 
-    pub(in crate::kernels) const AVX512: Ops = Ops {
-        rms_norm: |x, w, eps, out| unsafe { rms_norm_avx512(x, w, eps, out) },
-        rope: |x, hd, cs| unsafe { rope_avx512(x, hd, cs) },
-        softmax: |x| unsafe { softmax_avx512(x) },
-        silu_mul: |g, u| unsafe { silu_mul_avx512(g, u) },
-        attend_block: |q, l, kt, ks, v, sc, s, o| unsafe {
-            attend_block_avx512(q, l, kt, ks, v, sc, s, o)
-        },
-    };
+    /// The avx512vnni set's copy.
+    pub(in crate::kernels) const AVX512: Ops = ops_compiled_with!(
+        "avx512f,avx2,fma",
+        attend_block::<body::Fused, 128, 64, 64, 128, 64, 64>
+    );
 }
 
 /// The references the compiled copies are tested against.
