@@ -13,7 +13,7 @@ use quarry::engine::Engine;
 use quarry::generate::Session;
 use quarry::perplexity::{PerplexityError, Report, check_same_vocabulary, evaluate};
 use serde_json::Value;
-use support::{fixture_dir, gguf, kernel_sets, quarry, quarry_ok, temp_dir};
+use support::{engine_on, fixture_dir, gguf, kernel_sets, quarry, quarry_ok, temp_dir};
 
 const FIXTURE: &str = "granitemoe-kquant-dev";
 const CTX: usize = 64;
@@ -54,10 +54,15 @@ fn tokens(engine: &Engine) -> Vec<u32> {
 
 /// `evaluate` of `ty` over the fixture text, against `base` when given.
 fn measure(ty: &str, base: Option<&str>) -> Report {
-    let engine = Engine::open_for_text(&model(ty)).unwrap();
+    measure_on(kernel(), ty, base)
+}
+
+/// [`measure`] with the kernel set called `kernel`.
+fn measure_on(kernel: &str, ty: &str, base: Option<&str>) -> Report {
+    let engine = engine_on(kernel, &model(ty), true);
     let ids = tokens(&engine);
     let mut session = Session::new(&engine.model, CTX, 256);
-    let base_engine = base.map(|b| Engine::open_for_text(&model(b)).unwrap());
+    let base_engine = base.map(|b| engine_on(kernel, &model(b), true));
     let mut base_session = base_engine
         .as_ref()
         .map(|b| Session::new(&b.model, CTX, 256));
@@ -73,8 +78,8 @@ fn measure(ty: &str, base: Option<&str>) -> Report {
 
 /// exp of the mean negative log-likelihood of the second half of each chunk, computed here from
 /// `Session::feed_all_logits` over whole chunks, independently of `quarry::perplexity`.
-fn perplexity_by_hand(path: &Path) -> (f64, usize) {
-    let engine = Engine::open_for_text(path).unwrap();
+fn perplexity_by_hand(kernel: &str, path: &Path) -> (f64, usize) {
+    let engine = engine_on(kernel, path, true);
     let ids = tokens(&engine);
     let vocab = engine.model.config.n_vocab;
     let (mut nll, mut count) = (0.0f64, 0usize);
@@ -99,29 +104,35 @@ fn perplexity_by_hand(path: &Path) -> (f64, usize) {
     ((nll / count as f64).exp(), count)
 }
 
+/// `evaluate` feeds each chunk's context half without logits and then the scored half, so the tokens reach the
+/// kernels in other batches than in one whole-chunk pass. The portable set's products do not depend on how tokens
+/// are batched, so there the two computations must agree exactly; the x86 sets add a row's block sums in another
+/// order for a whole vector of tokens than for a few, and on these tiny random networks (router gaps down to
+/// 0.002) that rounding can flip an expert: measured relative differences on AVX-512 Q4_0 1.9e-6 (F32 and Q8_0
+/// bit-identical), on AVX2 Q8_0 3.3e-5 and Q4_0 2.8e-4, hence the bound of 1e-3 for them.
 #[test]
 fn perplexity_equals_an_independent_computation() {
-    for ty in ["f32", "q8_0", "q4_0"] {
-        let report = measure(ty, None);
-        let (want, count) = perplexity_by_hand(&model(ty));
-        assert!(report.tokens >= 16 * CTX, "{} tokens", report.tokens);
-        assert_eq!(report.chunks, report.tokens / CTX);
-        assert_eq!(report.scored, count);
-        assert_eq!(report.scored, report.chunks * (CTX - 1 - CTX / 2));
-        // `evaluate` feeds each chunk's context half without logits and then the scored half, so the tokens
-        // reach the kernels in other batches than in one whole-chunk pass, and the Q4_0 kernels round a little
-        // differently with another batch (measured: Q4_0 1.9e-6 relative; F32 and Q8_0 bit-identical).
-        let got = report.perplexity.value;
-        eprintln!(
-            "{ty}: perplexity {got}, by hand {want}, relative {:.1e}",
-            (got - want).abs() / want
-        );
-        assert!(
-            (got - want).abs() <= 1e-5 * want,
-            "{ty}: perplexity {got}, by hand {want}"
-        );
-        assert!(report.perplexity.uncertainty > 0.0);
-        assert!(report.divergence.is_none());
+    for kernel in ["portable", kernel()] {
+        for ty in ["f32", "q8_0", "q4_0"] {
+            let report = measure_on(kernel, ty, None);
+            let (want, count) = perplexity_by_hand(kernel, &model(ty));
+            assert!(report.tokens >= 16 * CTX, "{} tokens", report.tokens);
+            assert_eq!(report.chunks, report.tokens / CTX);
+            assert_eq!(report.scored, count);
+            assert_eq!(report.scored, report.chunks * (CTX - 1 - CTX / 2));
+            let got = report.perplexity.value;
+            eprintln!(
+                "{kernel} {ty}: perplexity {got}, by hand {want}, relative {:.1e}",
+                (got - want).abs() / want
+            );
+            let bound = if kernel == "portable" { 0.0 } else { 1e-3 };
+            assert!(
+                (got - want).abs() <= bound * want,
+                "{kernel} {ty}: perplexity {got}, by hand {want}"
+            );
+            assert!(report.perplexity.uncertainty > 0.0);
+            assert!(report.divergence.is_none());
+        }
     }
 }
 
@@ -208,6 +219,7 @@ fn library_errors() {
     assert!(check_same_vocabulary(engine.tokenizer(), engine.tokenizer()).is_ok());
 }
 
+/// The best kernel set here, the one `quarry perplexity` runs on.
 fn kernel() -> &'static str {
     kernel_sets().last().copied().unwrap()
 }

@@ -1,5 +1,5 @@
-//! The forward pass against the Hugging Face transformers reference on every model fixture, through the
-//! `quarry` command line, with every kernel set this CPU has.
+//! The forward pass against the Hugging Face transformers reference on every model fixture, with every kernel set
+//! this CPU has (run in this process), and the `quarry` command line computing the same.
 //!
 //! * F32 files: logits within 1e-3 of the reference at every position of every prompt (HF's own eager-vs-SDPA
 //!   noise is below 1e-4), and greedy decoding through the KV cache reproduces the reference ids exactly.
@@ -26,6 +26,32 @@ fn f32_logits_match_the_reference_with_every_kernel_set() {
                     "{name}/{prompt} kernel {kernel}: max |logit diff| {d:.2e} > 1e-3"
                 );
             }
+        }
+    }
+}
+
+/// `quarry logits` and `quarry run --temperature 0` compute exactly what the library computes in-process, and
+/// `QUARRY_KERNEL` selects the set they run on: the per-set checks in this file run in-process.
+#[test]
+fn the_command_line_computes_what_the_library_computes() {
+    let (name, dir) = all_fixtures().into_iter().next().unwrap();
+    let model = gguf(&name, &dir, "f32");
+    for kernel in kernel_sets() {
+        for (prompt, ids, _, want) in prompts(&reference(&dir)).into_iter().take(2) {
+            let (shape, got) = logits_cli(kernel, &model, &ids);
+            let (want_shape, lib) = logits(kernel, &model, &ids, &[]);
+            assert_eq!(shape, want_shape, "{name}/{prompt}");
+            assert!(
+                got.iter()
+                    .zip(&lib)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name}/{prompt} kernel {kernel}: `quarry logits` differs from the library"
+            );
+            assert_eq!(
+                greedy_cli(kernel, &model, &ids, want.len()),
+                greedy(kernel, &model, &ids, want.len()),
+                "{name}/{prompt} kernel {kernel}: `quarry run` differs from the library"
+            );
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Shared helpers of the runtime's integration tests: the fixture models, converted once per test process, and
-//! the `quarry` binary driven the way users drive it.
+//! Shared helpers of the runtime's integration tests: the fixture models, converted once per test process; the
+//! model run in this process on a chosen kernel set; and the `quarry` binary driven the way users drive it.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::HashMap;
@@ -180,11 +180,57 @@ pub fn ids_arg(ids: &[u32]) -> String {
         .join(",")
 }
 
-/// `quarry logits` of `ids` with the given kernel set: `[tokens][vocab]`.
+/// The kernel set called `name` (one of [`kernel_sets`]).
+pub fn kernel_set(name: &str) -> &'static quarry::kernels::Kernels {
+    quarry::kernels::available()
+        .into_iter()
+        .find(|k| k.name == name)
+        .unwrap_or_else(|| panic!("kernel set {name} is not available on this CPU"))
+}
+
+/// `model` opened in this process, computing on the kernel set called `kernel`.
+pub fn engine_on(kernel: &str, model: &Path, for_text: bool) -> quarry::engine::Engine {
+    use quarry::engine::Engine;
+    let mut engine = if for_text {
+        Engine::open_for_text(model)
+    } else {
+        Engine::open(model)
+    }
+    .unwrap_or_else(|e| panic!("opening {}: {e}", model.display()));
+    engine.model.set_kernels(kernel_set(kernel));
+    engine
+}
+
+/// The logits of every position of `ids` with the given kernel set, `[tokens][vocab]`, computed as
+/// `quarry logits` computes them (prompt batches of the default size; `--one-by-one` feeds one token at a time
+/// through the KV cache), in this process.
 pub fn logits(kernel: &str, model: &Path, ids: &[u32], extra: &[&str]) -> (Vec<usize>, Vec<f32>) {
+    use quarry::generate::{DEFAULT_BATCH, Session};
+    let one_by_one = match extra {
+        [] => false,
+        ["--one-by-one"] => true,
+        other => panic!("logits: unexpected options {other:?}"),
+    };
+    let engine = engine_on(kernel, model, false);
+    let ctx = engine.default_context().max(ids.len());
+    let mut session = Session::new(&engine.model, ctx, DEFAULT_BATCH);
+    let logits = if one_by_one {
+        let mut all = vec![];
+        for &id in ids {
+            all.extend_from_slice(session.feed(&[id]).unwrap());
+        }
+        all
+    } else {
+        session.feed_all_logits(ids).unwrap()
+    };
+    (vec![ids.len(), engine.model.config.n_vocab], logits)
+}
+
+/// `quarry logits` itself, through the binary with `QUARRY_KERNEL=kernel`: `[tokens][vocab]`.
+pub fn logits_cli(kernel: &str, model: &Path, ids: &[u32]) -> (Vec<usize>, Vec<f32>) {
     let out = temp_dir("logits").join("l.npy");
     let ids_text = ids_arg(ids);
-    let mut args = vec![
+    let args = [
         "logits",
         model.to_str().unwrap(),
         "--prompt-ids",
@@ -192,9 +238,8 @@ pub fn logits(kernel: &str, model: &Path, ids: &[u32], extra: &[&str]) -> (Vec<u
         "--out",
         out.to_str().unwrap(),
     ];
-    args.extend_from_slice(extra);
     quarry_ok(kernel, &args);
-    quarry::npy::read_f32(std::fs::File::open(&out).unwrap()).unwrap()
+    read_npy(&out)
 }
 
 pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
@@ -240,9 +285,29 @@ pub fn kl_and_top1(reference: &[f32], got: &[f32], vocab: usize) -> (f64, f64) {
     (kl / n as f64, agree as f64 / n as f64)
 }
 
-/// `quarry run --prompt-ids ... --temperature 0 --format json`: the greedy continuation, decoded token by token
-/// through the KV cache.
+/// The greedy continuation of `ids` (at most `n` tokens, ending with the end-of-text id where generation stopped
+/// on it), decoded token by token through the KV cache as `quarry run --temperature 0` decodes it, in this
+/// process with the given kernel set.
 pub fn greedy(kernel: &str, model: &Path, ids: &[u32], n: usize) -> Vec<u32> {
+    use quarry::generate::{DEFAULT_BATCH, Session, generate};
+    use quarry::sampling::{Sampler, SamplingParams};
+    let engine = engine_on(kernel, model, true);
+    let ctx = engine.default_context();
+    let mut session = Session::new(&engine.model, ctx, DEFAULT_BATCH);
+    let mut sampler = Sampler::new(SamplingParams::greedy());
+    let mut out = vec![];
+    let eos = engine.tokenizer().eos_id();
+    generate(&mut session, ids, &mut sampler, n, &[eos], |id| {
+        out.push(id);
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    out
+}
+
+/// `quarry run --prompt-ids ... --temperature 0 --format json` itself, through the binary with
+/// `QUARRY_KERNEL=kernel`: the greedy continuation's ids.
+pub fn greedy_cli(kernel: &str, model: &Path, ids: &[u32], n: usize) -> Vec<u32> {
     let ids_text = ids_arg(ids);
     let n_text = n.to_string();
     let out = quarry_ok(
