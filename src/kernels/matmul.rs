@@ -1,9 +1,7 @@
 //! Matrix products of model weights with a batch of activations: the layer between the model and the kernels.
 
-use half::{bf16, f16};
-use quarry_quantize::blocks::{
-    BlockQ4_0, BlockQ8_0, BlockQ8K, QK_K, dequantize_q4_k, dequantize_q5_k, dequantize_q6_k,
-};
+use half::f16;
+use quarry_quantize::blocks::{BlockQ8_0, BlockQ8K, QK_K};
 use quarry_quantize::gguf::GgmlType;
 
 use bytemuck::Zeroable;
@@ -66,49 +64,9 @@ impl<'a> WeightRows<'a> {
         }
     }
 
-    /// Dequantizes row `r` into `out` (used for the token embedding lookup).
+    /// Dequantizes row `r` into `out` (the token embedding lookup), with the format crate's decoders.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let row = self.row(r);
-        match self.ty {
-            GgmlType::F32 => out.copy_from_slice(bytemuck::cast_slice(row)),
-            GgmlType::F16 => {
-                for (o, v) in out.iter_mut().zip(bytemuck::cast_slice::<u8, f16>(row)) {
-                    *o = v.to_f32();
-                }
-            }
-            GgmlType::BF16 => {
-                for (o, v) in out.iter_mut().zip(bytemuck::cast_slice::<u8, bf16>(row)) {
-                    *o = v.to_f32();
-                }
-            }
-            GgmlType::Q8_0 => {
-                for (o, b) in out
-                    .chunks_exact_mut(32)
-                    .zip(bytemuck::cast_slice::<u8, BlockQ8_0>(row))
-                {
-                    let d = b.d.to_f32();
-                    for (v, &q) in o.iter_mut().zip(&b.qs) {
-                        *v = q as f32 * d;
-                    }
-                }
-            }
-            GgmlType::Q4_0 => {
-                for (o, b) in out
-                    .chunks_exact_mut(32)
-                    .zip(bytemuck::cast_slice::<u8, BlockQ4_0>(row))
-                {
-                    let d = b.d.to_f32();
-                    for j in 0..16 {
-                        o[j] = ((b.qs[j] & 0x0f) as i32 - 8) as f32 * d;
-                        o[j + 16] = ((b.qs[j] >> 4) as i32 - 8) as f32 * d;
-                    }
-                }
-            }
-            GgmlType::Q4_K => dequantize_q4_k(bytemuck::cast_slice(row), out),
-            GgmlType::Q5_K => dequantize_q5_k(bytemuck::cast_slice(row), out),
-            GgmlType::Q6_K => dequantize_q6_k(bytemuck::cast_slice(row), out),
-            other => unreachable!("weight type {other} was refused at load"),
-        }
+        quarry_quantize::convert::decode_values(self.ty, self.row(r), out);
     }
 }
 
@@ -165,16 +123,8 @@ impl ActivationBatch {
         }
     }
 
-    pub fn dim(&self) -> usize {
-        self.dim
-    }
-
     pub fn len(&self) -> usize {
         self.n
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.n == 0
     }
 
     /// Sets the batch size and returns the f32 values for writing; the quantized form becomes stale.
@@ -188,18 +138,6 @@ impl ActivationBatch {
         self.q8k_ready = false;
         self.values_ready = true;
         &mut self.x[..n * self.dim]
-    }
-
-    pub fn values(&self) -> &[f32] {
-        assert!(self.values_ready, "rows gathered without their f32 values");
-        &self.x[..self.n * self.dim]
-    }
-
-    pub fn values_mut(&mut self) -> &mut [f32] {
-        assert!(self.values_ready, "rows gathered without their f32 values");
-        self.q8_ready = false;
-        self.q8k_ready = false;
-        &mut self.x[..self.n * self.dim]
     }
 
     /// Makes the Q8_0 or Q8_K form current if `ty` needs it (once per batch, however many matrices use it).

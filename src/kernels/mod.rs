@@ -45,21 +45,21 @@ macro_rules! target_feature_entries {
     };
 }
 
-pub mod float;
+mod float;
 mod matmul;
 pub mod ops;
-pub mod parallel;
+pub(crate) mod parallel;
 mod portable;
 mod product_out;
-pub mod q4_0;
-pub mod q4_k;
-pub mod q5_k;
-pub mod q6_k;
-pub mod q8_0;
+mod q4_0;
+mod q4_k;
+mod q5_k;
+mod q6_k;
+mod q8_0;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use matmul::{
+pub(crate) use matmul::{
     ActivationBatch, ActivationRows, WeightRows, gemm_rows, supported, wants_q8_0, wants_q8_k,
 };
 pub use ops::Ops;
@@ -115,7 +115,7 @@ pub struct Kernels {
 /// # Panics
 /// When the contract does not hold.
 #[inline]
-pub fn check_shape(out: &ProductOut, rows: usize, n_tokens: usize) {
+pub(crate) fn check_shape(out: &ProductOut, rows: usize, n_tokens: usize) {
     assert!(
         out.rows() == rows && out.tokens() == n_tokens,
         "a product of {n_tokens} tokens x {rows} rows given an output of {} x {}",
@@ -161,7 +161,7 @@ pub static SCALAR: Kernels = Kernels {
 /// Sizes every pool thread's kernel buffers for products over rows of up to `max_cols` weights, so that decoding
 /// allocates nothing on whichever thread happens to run a share first. Prompt-sized products may still grow them
 /// once per thread.
-pub fn reserve_thread_scratch(max_cols: usize) {
+pub(crate) fn reserve_thread_scratch(max_cols: usize) {
     #[cfg(target_arch = "x86_64")]
     rayon::broadcast(|_| x86::reserve_few_token_scratch(max_cols.div_ceil(32)));
     #[cfg(not(target_arch = "x86_64"))]

@@ -489,7 +489,9 @@ pub(super) mod x86 {
     );
 }
 
-/// The references the compiled copies are tested against.
+/// The references the compiled copies are tested against (the scalar kernel set's table, and a test hook of
+/// `tests/kernels.rs` and the benches).
+#[doc(hidden)]
 pub mod scalar {
     pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;

@@ -286,3 +286,113 @@ pub fn causal_attention<'c>(
         });
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::SCALAR;
+    use quarry_quantize::gguf::GgmlType;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    fn f32_rows(data: &[f32], rows: usize, cols: usize) -> WeightRows<'_> {
+        WeightRows {
+            ty: GgmlType::F32,
+            rows,
+            cols,
+            data: bytemuck::cast_slice(data),
+        }
+    }
+
+    /// Expert `e` of a stack of `ff` x `cols` matrices.
+    fn stack(w: &[f32], e: usize, ff: usize, cols: usize) -> WeightRows<'_> {
+        f32_rows(&w[e * ff * cols..(e + 1) * ff * cols], ff, cols)
+    }
+
+    fn batch(x: &[f32], dim: usize) -> ActivationBatch {
+        let n = x.len() / dim;
+        let mut b = ActivationBatch::new(dim, n);
+        b.start(n).copy_from_slice(x);
+        b
+    }
+
+    #[test]
+    fn slot_items_cover_every_row_of_every_slot_once() {
+        let slots = [(0, 0, 3), (5, 3, 1), (7, 4, 40)].map(|(expert, first, len)| ExpertSlot {
+            expert,
+            first,
+            len,
+        });
+        for rows in [1, 16, 70, 512] {
+            let items = SlotItems::new(rows, &slots);
+            let mut seen = vec![vec![0u32; rows]; slots.len()];
+            for item in 0..items.count(&slots) {
+                let (slot, r0, n) = items.get(&slots, item, rows);
+                let s = slots.iter().position(|s| s.expert == slot.expert).unwrap();
+                seen[s][r0..r0 + n].iter_mut().for_each(|c| *c += 1);
+            }
+            assert!(seen.iter().flatten().all(|&c| c == 1), "{rows} rows");
+        }
+    }
+
+    /// Split into row shares written in place, a product gives exactly the unsplit product.
+    #[test]
+    fn shares_write_exactly_the_whole_product() {
+        let (rows, cols, n) = (100, 24, 3);
+        let w = values(rows * cols, 1);
+        let x = batch(&values(n * cols, 2), cols);
+        let mut want = vec![0.0; n * rows];
+        gemm_rows(
+            &SCALAR,
+            &f32_rows(&w, rows, cols),
+            x.all_rows(),
+            ProductOut::new(&mut want, n, rows),
+        );
+        let mut got = vec![f32::NAN; n * rows];
+        product(&SCALAR, f32_rows(&w, rows, cols), x.all_rows(), &mut got);
+        assert_eq!(got, want);
+    }
+
+    /// Each gathered token gets `silu(G x) * (U x)` of its own expert.
+    #[test]
+    fn expert_swiglu_is_each_slots_own_expert() {
+        let (ff, cols, experts) = (40, 16, 3);
+        let gate = values(experts * ff * cols, 3);
+        let up = values(experts * ff * cols, 4);
+        let slots =
+            [(2, 0, 2), (0, 2, 3)].map(|(expert, first, len)| ExpertSlot { expert, first, len });
+        let x = batch(&values(5 * cols, 5), cols);
+        let (mut got, mut up_out) = (vec![0.0; 5 * ff], vec![0.0; 5 * ff]);
+        expert_swiglu(
+            &SCALAR,
+            |e| stack(&gate, e, ff, cols),
+            |e| stack(&up, e, ff, cols),
+            &slots,
+            &x,
+            ProductOut::new(&mut got, 5, ff),
+            ProductOut::new(&mut up_out, 5, ff),
+        );
+        for slot in slots {
+            let acts = x.rows(slot.first, slot.len);
+            let (mut g, mut u) = (vec![0.0; slot.len * ff], vec![0.0; slot.len * ff]);
+            gemm_rows(
+                &SCALAR,
+                &stack(&gate, slot.expert, ff, cols),
+                acts,
+                ProductOut::new(&mut g, slot.len, ff),
+            );
+            gemm_rows(
+                &SCALAR,
+                &stack(&up, slot.expert, ff, cols),
+                acts,
+                ProductOut::new(&mut u, slot.len, ff),
+            );
+            (SCALAR.ops.silu_mul)(&mut g, &u);
+            assert_eq!(got[slot.first * ff..(slot.first + slot.len) * ff], g[..]);
+        }
+    }
+}

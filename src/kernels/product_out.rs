@@ -161,3 +161,39 @@ impl<'a> ProductOut<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_reach_only_their_own_values() {
+        let mut buf: Vec<f32> = (0..30).map(|i| i as f32).collect();
+        // 3 tokens x 4 rows at stride 10: values 0..4, 10..14, 20..24.
+        let out = ProductOut::with_stride(&mut buf, 3, 4, 10);
+        let (mut left, mut right) = out.split_at_row(1);
+        assert_eq!((left.rows(), right.rows(), right.tokens()), (1, 3, 3));
+        left.token(2)[0] = -1.0;
+        right.token(0).fill(-2.0);
+        // SAFETY: the only window alive.
+        let mut inner = unsafe { right.window(1, 2, 1, 2) };
+        inner.token(1).fill(-3.0);
+        let touched: Vec<usize> = (0..30).filter(|&i| buf[i] < 0.0).collect();
+        assert_eq!(touched, [1, 2, 3, 20, 22, 23]);
+        assert_eq!(buf[20], -1.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "cannot hold 2 tokens x 4 rows at stride 5")]
+    fn a_short_buffer_is_refused() {
+        let mut buf = [0.0f32; 8];
+        ProductOut::with_stride(&mut buf, 2, 4, 5);
+    }
+
+    #[test]
+    #[should_panic(expected = "token 2 of an output of 2")]
+    fn tokens_past_the_window_are_refused() {
+        let mut buf = [0.0f32; 8];
+        ProductOut::new(&mut buf, 2, 4).token(2);
+    }
+}

@@ -40,15 +40,6 @@ impl KvCache {
         }
     }
 
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -170,7 +161,7 @@ pub fn reserve_thread_scratch(cfg: &ModelConfig, capacity: usize) {
 impl Model {
     /// Runs `tokens` (at most `bufs.max_batch()`) at the positions after those in `cache`, appends their keys
     /// and values to it, and returns the requested logits (`[n_vocab]` or `[tokens][n_vocab]`).
-    pub fn forward<'b>(
+    pub(crate) fn forward<'b>(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
@@ -440,7 +431,7 @@ impl Model {
 
 /// Picks the `chosen.len()` largest router logits (the lower expert index first on ties) and writes
 /// `(expert, gate weight)` pairs, the weights being the softmax over the chosen logits only.
-pub fn route_top_k(logits: &[f32], chosen: &mut [(usize, f32)]) {
+fn route_top_k(logits: &[f32], chosen: &mut [(usize, f32)]) {
     let k = chosen.len();
     for slot in 0..k {
         let mut best: Option<usize> = None;
@@ -507,5 +498,28 @@ fn rms_norm_batch(
     let dst = out.start(n);
     for (src, dst) in x.chunks_exact(h).zip(dst.chunks_exact_mut(h)) {
         (k.ops.rms_norm)(src, weight, eps, dst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_top_k;
+
+    #[test]
+    fn top_k_picks_the_largest_logits_lower_index_first_on_ties() {
+        let logits = [0.5, 2.0, -1.0, 2.0, 1.0];
+        let mut chosen = [(0, 0.0); 3];
+        route_top_k(&logits, &mut chosen);
+        let experts: Vec<usize> = chosen.iter().map(|c| c.0).collect();
+        assert_eq!(experts, [1, 3, 4]);
+        // The gate weights: a softmax over the chosen logits only.
+        let z = 2.0f32.exp() * 2.0 + 1.0f32.exp();
+        for (&(e, w), want) in
+            chosen
+                .iter()
+                .zip([2.0f32.exp() / z, 2.0f32.exp() / z, 1.0f32.exp() / z])
+        {
+            assert!((w - want).abs() < 1e-6, "expert {e}: {w} vs {want}");
+        }
     }
 }

@@ -7,10 +7,8 @@ mod weights;
 use std::path::PathBuf;
 
 pub use config::{Architecture, ModelConfig};
-pub use forward::{ForwardBuffers, KvCache, Logits, reserve_thread_scratch};
-pub use weights::{
-    DenseMlp, ExpertMatrices, ExpertWeights, FeedForward, LayerWeights, Matrix, ModelWeights,
-};
+pub(crate) use forward::{ForwardBuffers, KvCache, Logits, reserve_thread_scratch};
+pub(crate) use weights::{ExpertMatrices, FeedForward, Matrix, ModelWeights};
 
 use quarry_quantize::gguf::{GgmlType, GgufError, GgufFile};
 
@@ -50,7 +48,7 @@ pub enum ModelError {
 /// keep their own [`KvCache`] and [`ForwardBuffers`], so one model can serve several.
 pub struct Model {
     pub config: ModelConfig,
-    pub weights: ModelWeights,
+    pub(crate) weights: ModelWeights,
     kernels: &'static Kernels,
 }
 

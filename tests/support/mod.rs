@@ -339,7 +339,6 @@ pub fn greedy_cli(kernel: &str, model: &Path, ids: &[u32], n: usize) -> Vec<u32>
 /// quantized weights, for telling weight rounding apart from the engine's own arithmetic.
 pub fn dequantized_copy(model: &Path) -> PathBuf {
     use quarry::gguf::{GgmlType, GgufFile, GgufWriter, TensorSpec};
-    use quarry::kernels::WeightRows;
     let file = GgufFile::open(model).unwrap();
     let specs: Vec<TensorSpec> = file
         .tensors()
@@ -361,21 +360,10 @@ pub fn dequantized_copy(model: &Path) -> PathBuf {
     )
     .unwrap();
     for t in file.tensors() {
-        let cols = t.dims[0] as usize;
-        let rows = (t.n_elements() / t.dims[0]) as usize;
         let data = file.tensor_data(t);
-        let view = WeightRows {
-            ty: t.ty,
-            rows,
-            cols,
-            data: &data,
-        };
-        let mut row = vec![0.0f32; cols];
-        let mut bytes = Vec::with_capacity(rows * cols * 4);
-        for r in 0..rows {
-            view.dequantize_row(r, &mut row);
-            bytes.extend(row.iter().flat_map(|v| v.to_le_bytes()));
-        }
+        let mut values = vec![0.0f32; t.n_elements() as usize];
+        quarry_quantize::convert::decode_values(t.ty, &data, &mut values);
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         w.write_tensor(&t.name, &bytes).unwrap();
     }
     w.finish().unwrap();

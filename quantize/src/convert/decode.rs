@@ -47,10 +47,21 @@ pub fn decode_rows(ty: GgmlType, bytes: &[u8], row_len: usize, out: &mut [f32]) 
     bytes
         .par_chunks(rows_per_task * row_bytes)
         .zip(out.par_chunks_mut(rows_per_task * row_len))
-        .for_each(|(bytes, out)| decode(ty, bytes, out));
+        .for_each(|(bytes, out)| decode_values(ty, bytes, out));
 }
 
-fn decode(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+/// Decodes `bytes`, whole blocks of type `ty` (one [`can_decode`] accepts), into the `out` values they hold, on
+/// this thread: also how the runtime reads a row of the token embedding.
+///
+/// Panics if `bytes` and `out` do not hold the same whole blocks.
+pub fn decode_values(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(
+        ty.row_bytes(out.len() as u64),
+        Some(bytes.len() as u64),
+        "{ty}: {} bytes do not hold {} values",
+        bytes.len(),
+        out.len()
+    );
     match ty {
         GgmlType::F32 => {
             for (v, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+pub use decode::{can_decode, decode_values};
 pub use metadata::QUANTIZATION_VERSION;
 pub use plan::{Recipe, Role, layer_of, role_of_gguf_tensor, use_more_bits};
 pub use requantize::{RequantizeOptions, requantize};
