@@ -1,15 +1,13 @@
 //! Quarry runtime: loads a Granite GGUF by memory map and generates text from it on the CPU.
 //!
 //! Layers, bottom up: [`kernels`] (matrix products over ggml blocks, scalar and SIMD), [`model`] (the Granite
-//! network and its forward pass), [`tokenizer`] and [`chat_template`] (text in and out), [`sampling`],
-//! [`generate`] (prompt processing and the decode loop), [`engine`] (a model file opened for use), [`bench`],
-//! [`perplexity`] (what a quantization costs: perplexity and KL divergence from a base model);
-//! [`chat`] (a conversation over a session: turns, context trimming, REPL commands), [`registry`] (models.toml),
-//! [`store`] (installed models) and [`pull`] (downloading and importing them).
+//! network and its forward pass), [`text`] (text in and out: [`text::tokenizer`] and [`text::chat_template`]),
+//! [`sampling`], [`generate`] (prompt processing and the decode loop), [`engine`] (a model file opened for use),
+//! [`bench`], [`perplexity`] (what a quantization costs: perplexity and KL divergence from a base model);
+//! [`text::chat`] (a conversation over a session: turns, context trimming, REPL commands), [`registry`]
+//! (models.toml), [`store`] (installed models) and [`pull`] (downloading and importing them).
 
 pub mod bench;
-pub mod chat;
-pub mod chat_template;
 pub mod engine;
 pub mod generate;
 pub mod kernels;
@@ -20,6 +18,6 @@ pub mod pull;
 pub mod registry;
 pub mod sampling;
 pub mod store;
-pub mod tokenizer;
+pub mod text;
 
 pub use quarry_quantize::gguf;

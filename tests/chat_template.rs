@@ -8,8 +8,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use chrono::NaiveDate;
-use quarry::chat_template::{ChatTemplate, ChatTemplateError, Conversation, Message};
-use quarry::tokenizer::Tokenizer;
+use quarry::text::chat_template::{ChatTemplate, ChatTemplateError, Conversation, Message};
+use quarry::text::tokenizer::Tokenizer;
 use quarry_quantize::gguf::{GgufFile, GgufWriter, Value as GgufValue};
 use serde_json::Value;
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use quarry::gguf::{GgufFile, GgufWriter, Value as GgufValue};
-use quarry::tokenizer::{GGUF_GGML_PRE_KEY, GGUF_HF_JSON_KEY, Tokenizer};
+use quarry::text::tokenizer::{GGUF_GGML_PRE_KEY, GGUF_HF_JSON_KEY, Tokenizer};
 use serde_json::Value;
 use support::{fixture_dir, gguf, kernel_sets, quarry_ok, shared, skipped};
 

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use chrono::NaiveDate;
-use quarry::chat_template::{ChatTemplate, Conversation};
-use quarry::tokenizer::{GGUF_EOS_KEY, GGUF_HF_JSON_KEY, Tokenizer};
+use quarry::text::chat_template::{ChatTemplate, Conversation};
+use quarry::text::tokenizer::{GGUF_EOS_KEY, GGUF_HF_JSON_KEY, Tokenizer};
 use quarry_quantize::gguf::{GgufFile, GgufWriter, Value as GgufValue};
 use serde_json::Value;
 

@@ -1,4 +1,4 @@
-//! `quarry chat [MODEL]`: the interactive chat (a REPL over [`quarry::chat::ChatSession`]).
+//! `quarry chat [MODEL]`: the interactive chat (a REPL over [`quarry::text::chat::ChatSession`]).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
-use quarry::chat::command::{self, ChatCommand, HELP, Setting};
-use quarry::chat::input::{Assembled, Input, LineAssembler};
-use quarry::chat::{ChatError, ChatSession, ChatSettings};
-use quarry::chat_template::Conversation;
 use quarry::engine::Engine;
 use quarry::generate::StopReason;
 use quarry::registry::Registry;
 use quarry::store::{ResolveError, Store, resolve_model};
+use quarry::text::chat::command::{self, ChatCommand, HELP, Setting};
+use quarry::text::chat::input::{Assembled, Input, LineAssembler};
+use quarry::text::chat::{ChatError, ChatSession, ChatSettings};
+use quarry::text::chat_template::Conversation;
 use rustyline::error::ReadlineError;
 
 use super::common::{SamplingArgs, init_threads};
