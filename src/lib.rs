@@ -3,17 +3,16 @@
 //! Layers, bottom up: [`kernels`] (matrix products over ggml blocks, scalar and SIMD), [`model`] (the Granite
 //! network and its forward pass), [`text`] (text in and out: [`text::tokenizer`] and [`text::chat_template`]),
 //! [`sampling`], [`generate`] (prompt processing and the decode loop), [`engine`] (a model file opened for use),
-//! [`bench`], [`perplexity`] (what a quantization costs: perplexity and KL divergence from a base model);
+//! [`measure`] ([`measure::bench`], [`measure::perplexity`]: what a quantization costs, in perplexity and KL
+//! divergence from a base model; [`measure::npy`]: logits for other tools);
 //! [`text::chat`] (a conversation over a session: turns, context trimming, REPL commands), [`registry`]
 //! (models.toml), [`store`] (installed models) and [`pull`] (downloading and importing them).
 
-pub mod bench;
 pub mod engine;
 pub mod generate;
 pub mod kernels;
+pub mod measure;
 pub mod model;
-pub mod npy;
-pub mod perplexity;
 pub mod pull;
 pub mod registry;
 pub mod sampling;

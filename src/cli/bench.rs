@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use quarry::bench::{BenchResult, run_test};
 use quarry::engine::Engine;
+use quarry::measure::bench::{BenchResult, run_test};
 use serde_json::json;
 
 use super::info::human_bytes;
@@ -104,8 +104,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             results.push(r);
         }
         if args.bandwidth {
-            let bw = pool.install(quarry::bench::read_bandwidth);
-            let per_token = quarry::bench::weight_bytes_per_token(model);
+            let bw = pool.install(quarry::measure::bench::read_bandwidth);
+            let per_token = quarry::measure::bench::weight_bytes_per_token(model);
             eprintln!(
                 "threads {t}: memory read bandwidth {:.1} GB/s; {} of weights per token -> decode ceiling {:.1} tok/s",
                 bw / 1e9,

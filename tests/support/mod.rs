@@ -194,11 +194,11 @@ pub fn logits(kernel: &str, model: &Path, ids: &[u32], extra: &[&str]) -> (Vec<u
     ];
     args.extend_from_slice(extra);
     quarry_ok(kernel, &args);
-    quarry::npy::read_f32(std::fs::File::open(&out).unwrap()).unwrap()
+    quarry::measure::npy::read_f32(std::fs::File::open(&out).unwrap()).unwrap()
 }
 
 pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    quarry::npy::read_f32(std::fs::File::open(path).unwrap()).unwrap()
+    quarry::measure::npy::read_f32(std::fs::File::open(path).unwrap()).unwrap()
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
