@@ -27,9 +27,9 @@ pub struct ModelArgs {
 /// from); a registry model that is not installed yet is an error saying which `quarry pull` to run.
 pub fn resolve_model(arg: &Path) -> anyhow::Result<PathBuf> {
     // Without a store folder (no $QUARRY_HOME, no cache folder), paths still work.
-    let store = quarry::store::Store::from_env().ok();
-    let registry = quarry::registry::Registry::builtin();
-    Ok(quarry::store::resolve_model(
+    let store = quarry::hub::store::Store::from_env().ok();
+    let registry = quarry::hub::registry::Registry::builtin();
+    Ok(quarry::hub::store::resolve_model(
         arg,
         store.as_ref(),
         &registry,

@@ -4,9 +4,9 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use quarry::pull::{ImportRequest, import};
-use quarry::registry::Registry;
-use quarry::store::Store;
+use quarry::hub::pull::{ImportRequest, import};
+use quarry::hub::registry::Registry;
+use quarry::hub::store::Store;
 use quarry_quantize::TargetType;
 
 use super::pull::{Bars, parse_type, print_installed};

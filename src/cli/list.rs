@@ -1,7 +1,7 @@
 //! `quarry list`: the registry's models and the installed ones.
 
-use quarry::registry::Registry;
-use quarry::store::{InstalledModel, Store};
+use quarry::hub::registry::Registry;
+use quarry::hub::store::{InstalledModel, Store};
 use serde_json::json;
 
 use super::common::OutputFormat;
@@ -96,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "store: {} (set {} to move it)",
         store.root().display(),
-        quarry::store::HOME_ENV
+        quarry::hub::store::HOME_ENV
     );
     Ok(())
 }

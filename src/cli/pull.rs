@@ -4,9 +4,9 @@ use std::io::IsTerminal;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use quarry::pull::{Hub, PullProgress, PullRequest, Verification, pull};
-use quarry::registry::Registry;
-use quarry::store::{InstalledModel, Store};
+use quarry::hub::pull::{Hub, PullProgress, PullRequest, Verification, pull};
+use quarry::hub::registry::Registry;
+use quarry::hub::store::{InstalledModel, Store};
 use quarry_quantize::TargetType;
 
 /// Download a model, verify every file, convert it and install it under `$QUARRY_HOME`. NAME is a model of the

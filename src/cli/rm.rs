@@ -1,6 +1,6 @@
 //! `quarry rm NAME`: remove an installed model.
 
-use quarry::store::Store;
+use quarry::hub::store::Store;
 
 use super::pull::human_bytes;
 

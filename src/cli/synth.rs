@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use quarry::registry::Registry;
+use quarry::hub::registry::Registry;
 use quarry_quantize::hf::HfConfig;
 use quarry_quantize::{SynthOptions, TargetType, synthesize};
 

@@ -21,8 +21,10 @@ use quarry_quantize::{ConvertError, TargetType};
 use serde::Deserialize;
 use sha2::Digest;
 
-use crate::registry::{Registry, RegistryModel};
-use crate::store::{InstallRequest, InstalledModel, SourceFile, Store, StoreError, validate_name};
+use crate::hub::registry::{Registry, RegistryModel};
+use crate::hub::store::{
+    InstallRequest, InstalledModel, SourceFile, Store, StoreError, validate_name,
+};
 
 /// Where models come from unless `HF_ENDPOINT` says otherwise.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";

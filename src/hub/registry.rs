@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 /// The registry as shipped (the repository's `models.toml`).
-pub const BUILTIN: &str = include_str!("../models.toml");
+pub const BUILTIN: &str = include_str!("../../models.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
