@@ -12,8 +12,8 @@
 //! * [`engine`]: a model file opened for use: the network with its tokenizer and chat template.
 //! * [`measure`]: [`measure::bench`] (llama-bench's speed tests), [`measure::perplexity`] (what a quantization
 //!   costs: perplexity and KL divergence from a base model), [`measure::npy`] (logits for other tools).
-//! * [`hub`]: [`hub::registry`] (models.toml), [`hub::store`] (installed models) and [`hub::pull`] (downloading
-//!   and importing them).
+//! * [`hub`]: [`hub::registry`] (models.toml), [`hub::store`] (installed models), [`hub::pull`] (downloading
+//!   and importing them) and [`hub::http`] (the Hugging Face client it downloads with).
 
 pub mod engine;
 pub mod generate;

@@ -4,7 +4,8 @@ use std::io::IsTerminal;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use quarry::hub::pull::{Hub, PullProgress, PullRequest, Verification, pull};
+use quarry::hub::http::{Hub, TransferProgress};
+use quarry::hub::pull::{PullProgress, PullRequest, Verification, pull};
 use quarry::hub::registry::Registry;
 use quarry::hub::store::{InstalledModel, Store};
 use quarry_quantize::TargetType;
@@ -115,6 +116,15 @@ impl PullProgress for Bars {
         self.say(message);
     }
 
+    fn file_done(&mut self, name: &str, size: u64, check: Verification) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        eprintln!("  {name:32} {:>10}  ok: {check}", human_bytes(size));
+    }
+}
+
+impl TransferProgress for Bars {
     fn file_start(&mut self, name: &str, size: Option<u64>, resumed_from: u64) {
         if let Some(old) = self.bar.take() {
             old.finish_and_clear();
@@ -149,13 +159,6 @@ impl PullProgress for Bars {
         if let Some(bar) = &self.bar {
             bar.inc(n);
         }
-    }
-
-    fn file_done(&mut self, name: &str, size: u64, check: Verification) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
-        eprintln!("  {name:32} {:>10}  ok: {check}", human_bytes(size));
     }
 
     fn retry(&mut self, name: &str, attempt: u32, detail: &str) {

@@ -490,7 +490,7 @@ pub fn resolve_model(
         || text.starts_with('/')
         || text.starts_with('~')
         || text.contains('\\');
-    if !looks_like_path && crate::hub::pull::RepoRef::parse(text).is_some() {
+    if !looks_like_path && crate::hub::http::RepoRef::parse(text).is_some() {
         return Err(ResolveError::RepoNotPulled {
             repo: text.to_string(),
         });
