@@ -1,4 +1,8 @@
-//! Quarry's converter and the file formats it shares with the runtime.
+//! Quarry's converter, and the owner of every model file format.
+//!
+//! The GGUF reader and writer, safetensors, the Hugging Face config and the ggml block codecs all live here, as does
+//! the conversion between them: the runtime (the `quarry` crate) has no model-format code of its own and reads its
+//! GGUF files, their metadata and the layout of their blocks from this crate.
 //!
 //! * [`gguf`]: the GGUF container, read (zero-copy over a memory map) and written (streamed).
 //! * [`blocks`]: the ggml block formats (Q8_0, Q4_0, ...): one struct per format with its reference quantizer.
