@@ -28,9 +28,10 @@ use self::encode::{RowEncoder, permute_rope_rows};
 use self::output::{TensorSink, write_gguf};
 use self::plan::PlannedTensor;
 use self::vocab::Vocab;
+use crate::architecture::Architecture;
 use crate::error::ConvertError;
 use crate::gguf::GgmlType;
-use crate::hf::{Architecture, HfConfig};
+use crate::hf::HfConfig;
 use crate::safetensors::{Checkpoint, TensorView};
 
 /// f32 values converted per chunk: 16 MiB, so a chunk and its encoding stay small next to any model.
