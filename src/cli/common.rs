@@ -36,6 +36,11 @@ pub fn resolve_model(arg: &Path) -> anyhow::Result<PathBuf> {
     )?)
 }
 
+/// A `--type` value (q4_0, q4_k_m, ...; any case), for clap.
+pub fn parse_type(s: &str) -> Result<quarry_quantize::TargetType, String> {
+    s.parse()
+}
+
 /// Parses `1,2,3` (spaces allowed) into token ids.
 pub fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
     text.split(',')
