@@ -5,7 +5,7 @@
 //! the real-vocabulary fixture converted by `quarry_quantize::convert` with the embedded JSON removed (`gpt-2`),
 //! the llama.cpp-made k-quant files (`gpt-2`, a trained 400-token vocabulary) and the committed k-quant fixture
 //! converted with the JSON removed. Whatever needs `../shared` says SKIPPED on stderr and returns when it is
-//! absent; the committed fixture's tests always run.
+//! absent (and fails in CI: see `support/skip.rs`); the committed fixture's tests always run.
 
 mod support;
 
