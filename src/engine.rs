@@ -5,9 +5,9 @@ use std::path::Path;
 
 use quarry_quantize::gguf::GgufFile;
 
-use crate::chat_template::{ChatTemplate, ChatTemplateError, GGUF_CHAT_TEMPLATE_KEY};
 use crate::model::{Model, ModelError};
-use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::text::chat_template::{ChatTemplate, ChatTemplateError, GGUF_CHAT_TEMPLATE_KEY};
+use crate::text::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -5,12 +5,12 @@ mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use quarry::chat::command::Setting;
-use quarry::chat::{ChatError, ChatSession, ChatSettings};
-use quarry::chat_template::Conversation;
 use quarry::engine::Engine;
 use quarry::generate::StopReason;
 use quarry::sampling::SamplingParams;
+use quarry::text::chat::command::Setting;
+use quarry::text::chat::{ChatError, ChatSession, ChatSettings};
+use quarry::text::chat_template::Conversation;
 use support::*;
 
 fn engine() -> Engine {

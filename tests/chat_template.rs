@@ -1,25 +1,22 @@
 //! Chat templates and tokenizers of the developer fixtures, and the chat-template edge cases.
 //!
 //! Fixtures are read from `tests/fixtures/<name>/` when the project carries a copy, else from
-//! `../shared/fixtures/<name>/`; a test whose fixture is in neither place says SKIPPED on stderr and returns.
+//! `../shared/fixtures/<name>/`; a test whose fixture is in neither place says SKIPPED on stderr and returns (and
+//! fails in CI: see `support/skip.rs`).
 //! `granitemoe-realvocab-dev` holds the real Granite tokenizer, which is never copied into the project.
 
-use std::io::Write as _;
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use chrono::NaiveDate;
-use quarry::chat_template::{ChatTemplate, ChatTemplateError, Conversation, Message};
-use quarry::tokenizer::Tokenizer;
+use quarry::text::chat_template::{ChatTemplate, ChatTemplateError, Conversation, Message};
+use quarry::text::tokenizer::Tokenizer;
 use quarry_quantize::gguf::{GgufFile, GgufWriter, Value as GgufValue};
 use serde_json::Value;
 
 fn crate_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Straight to stderr: the test harness captures `eprintln!` of passing tests, and a skip must show.
-fn skipped(what: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {what}");
 }
 
 /// Where the fixture `name` is: the project's copy first, then `../shared`.
@@ -31,9 +28,10 @@ fn fixture_dir(name: &str) -> Option<PathBuf> {
     } else if shared.join("reference.json").exists() {
         Some(shared)
     } else {
-        skipped(&format!(
-            "fixture {name} not found in tests/fixtures/ or ../shared/fixtures/"
-        ));
+        support::skipped(
+            &format!("fixture {name} (not in tests/fixtures/ either)"),
+            &shared,
+        );
         None
     }
 }
@@ -169,7 +167,7 @@ fn llama_cpp_gguf_template_renders_the_fixture_chat() {
     let path =
         crate_root().join("../shared/fixtures/llamacpp-gguf/granitemoe-realvocab-dev.f16.gguf");
     if !path.exists() {
-        skipped("../shared/fixtures/llamacpp-gguf/granitemoe-realvocab-dev.f16.gguf not found");
+        support::skipped("llama.cpp's realvocab F16 file", &path);
         return;
     }
     let Some(dir) = fixture_dir("granitemoe-realvocab-dev") else {

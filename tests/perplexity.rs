@@ -1,4 +1,4 @@
-//! `quarry perplexity` and `quarry::perplexity` on the committed k-quant fixture (2 layers, hidden 256, 4
+//! `quarry perplexity` and `quarry::measure::perplexity` on the committed k-quant fixture (2 layers, hidden 256, 4
 //! experts, a trained 400-token vocabulary), converted to F32, Q8_0 and Q4_0 by the project's converter.
 //!
 //! The fixture has random weights, so its perplexity is large (the model is confidently wrong about real text)
@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use quarry::engine::Engine;
 use quarry::generate::Session;
-use quarry::perplexity::{PerplexityError, Report, check_same_vocabulary, evaluate};
+use quarry::measure::perplexity::{PerplexityError, Report, check_same_vocabulary, evaluate};
 use serde_json::Value;
 use support::{engine_on, fixture_dir, gguf, kernel_sets, quarry, quarry_ok, temp_dir};
 
@@ -77,7 +77,7 @@ fn measure_on(kernel: &str, ty: &str, base: Option<&str>) -> Report {
 }
 
 /// exp of the mean negative log-likelihood of the second half of each chunk, computed here from
-/// `Session::feed_all_logits` over whole chunks, independently of `quarry::perplexity`.
+/// `Session::feed_all_logits` over whole chunks, independently of `quarry::measure::perplexity`.
 fn perplexity_by_hand(kernel: &str, path: &Path) -> (f64, usize) {
     let engine = engine_on(kernel, path, true);
     let ids = tokens(&engine);

@@ -124,8 +124,8 @@ fn the_synthetic_tokenizer_matches_its_ggml_metadata_and_round_trips() {
     assert!(tokenizer.encode("the cat sat on the mat").unwrap().len() < 22);
     // the chat template uses the role tokens
     let template = engine.chat_template.as_ref().expect("a chat template");
-    let conversation = quarry::chat_template::Conversation::from_messages(vec![
-        quarry::chat_template::Message::new("user", "hi"),
+    let conversation = quarry::text::chat_template::Conversation::from_messages(vec![
+        quarry::text::chat_template::Message::new("user", "hi"),
     ]);
     let rendered = template.render(&conversation, true).unwrap();
     assert_eq!(

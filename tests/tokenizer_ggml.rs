@@ -5,7 +5,7 @@
 //! the real-vocabulary fixture converted by `quarry_quantize::convert` with the embedded JSON removed (`gpt-2`),
 //! the llama.cpp-made k-quant files (`gpt-2`, a trained 400-token vocabulary) and the committed k-quant fixture
 //! converted with the JSON removed. Whatever needs `../shared` says SKIPPED on stderr and returns when it is
-//! absent; the committed fixture's tests always run.
+//! absent (and fails in CI: see `support/skip.rs`); the committed fixture's tests always run.
 
 mod support;
 
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use quarry::gguf::{GgufFile, GgufWriter, Value as GgufValue};
-use quarry::tokenizer::{GGUF_GGML_PRE_KEY, GGUF_HF_JSON_KEY, Tokenizer};
+use quarry::text::tokenizer::{GGUF_GGML_PRE_KEY, GGUF_HF_JSON_KEY, Tokenizer};
 use serde_json::Value;
 use support::{fixture_dir, gguf, kernel_sets, quarry_ok, shared, skipped};
 

@@ -2,37 +2,29 @@
 //! `tokenizers` 0.23.3 and transformers 5.24.0 (`../shared/granite-3.*-1b-a400m-instruct/`).
 //!
 //! The real tokenizer files are not committed to this project; each test that needs them says SKIPPED on
-//! stderr and returns when `../shared` is absent.
+//! stderr and returns when `../shared` is absent (and fails in CI: see `support/skip.rs`).
 
-use std::io::Write as _;
+mod support;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use chrono::NaiveDate;
-use quarry::chat_template::{ChatTemplate, Conversation};
-use quarry::tokenizer::{GGUF_EOS_KEY, GGUF_HF_JSON_KEY, Tokenizer};
+use quarry::text::chat_template::{ChatTemplate, Conversation};
+use quarry::text::tokenizer::{GGUF_EOS_KEY, GGUF_HF_JSON_KEY, Tokenizer};
 use quarry_quantize::gguf::{GgufFile, GgufWriter, Value as GgufValue};
 use serde_json::Value;
 
 const GRANITE_30: &str = "granite-3.0-1b-a400m-instruct";
 const GRANITE_31: &str = "granite-3.1-1b-a400m-instruct";
 
-/// `../shared` beside the project, where the real tokenizer files and their references live.
-fn shared_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")
-}
-
-/// `../shared/<relative>`, or `None` after saying SKIPPED.
+/// `../shared/<relative>`, or `None` after [`support::skipped`].
 fn shared_path(relative: &str) -> Option<PathBuf> {
-    let path = shared_root().join(relative);
+    let path = support::shared().join(relative);
     if path.exists() {
         Some(path)
     } else {
-        // Straight to stderr: the test harness captures `eprintln!` of passing tests, and a skip must show.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: ../shared/{relative} not found (real Granite tokenizer is not committed)"
-        );
+        support::skipped("the real Granite tokenizer's files", &path);
         None
     }
 }
@@ -47,7 +39,7 @@ fn read_json(relative: &str) -> Option<Value> {
 fn granite_tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
     TOKENIZER.get_or_init(|| {
-        let path = shared_root().join(GRANITE_30).join("tokenizer.json");
+        let path = support::shared().join(GRANITE_30).join("tokenizer.json");
         Tokenizer::from_file(&path).unwrap_or_else(|e| panic!("{e}"))
     })
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::architecture::Architecture;
 use crate::error::ConvertError;
 
 /// What the error for an unknown architecture lists.
@@ -17,44 +18,6 @@ pub const SUPPORTED_ARCHITECTURES: &str =
 /// Sizes beyond this are refused as implausible: it keeps every product of two sizes far from overflow and stops
 /// a hostile config from sizing huge allocations (the vocabulary table is allocated from `vocab_size`).
 const MAX_SIZE: u64 = 1 << 24;
-
-/// The two Granite 3.x families, named as llama.cpp names them in `general.architecture`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Architecture {
-    /// `GraniteMoeForCausalLM`: experts in every layer (granite-3.x-1b-a400m, 3b-a800m).
-    GraniteMoe,
-    /// `GraniteForCausalLM`: a dense SwiGLU MLP (granite-3.x-2b, 8b).
-    Granite,
-}
-
-impl Architecture {
-    /// The `general.architecture` value and prefix of the model's GGUF keys.
-    pub fn gguf_name(self) -> &'static str {
-        match self {
-            Architecture::GraniteMoe => "granitemoe",
-            Architecture::Granite => "granite",
-        }
-    }
-
-    pub fn hf_class(self) -> &'static str {
-        match self {
-            Architecture::GraniteMoe => "GraniteMoeForCausalLM",
-            Architecture::Granite => "GraniteForCausalLM",
-        }
-    }
-
-    fn from_hf_class(class: &str) -> Option<Architecture> {
-        [Architecture::GraniteMoe, Architecture::Granite]
-            .into_iter()
-            .find(|a| a.hf_class() == class)
-    }
-
-    fn from_model_type(model_type: &str) -> Option<Architecture> {
-        [Architecture::GraniteMoe, Architecture::Granite]
-            .into_iter()
-            .find(|a| a.gguf_name() == model_type)
-    }
-}
 
 /// The expert block of a MoE model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -302,7 +265,7 @@ impl Fields<'_> {
                     _ => Ok(arch),
                 }
             }
-            (None, Some(t)) => Architecture::from_model_type(t)
+            (None, Some(t)) => Architecture::from_gguf_name(t)
                 .ok_or_else(|| unsupported(format!("model_type {t}"))),
             (None, None) => Err(config_error(
                 self.path,

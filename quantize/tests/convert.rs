@@ -164,12 +164,16 @@ impl Dims {
         let eight = self.experts == Some(8);
         let k_quant = |base: GgmlType, mixed: bool| {
             if head {
-                return if row_len % 256 == 0 { Q6_K } else { Q8_0 };
+                return if row_len.is_multiple_of(256) {
+                    Q6_K
+                } else {
+                    Q8_0
+                };
             }
             if name == "token_embd.weight" {
                 return base;
             }
-            if name.contains("attn_v.") && eight || name.contains("attn_k.") && eight {
+            if (name.contains("attn_v.") || name.contains("attn_k.")) && eight {
                 Q8_0
             } else if (name.contains("attn_v.") || name.contains("ffn_down")) && mixed && more_bits
             {
@@ -190,9 +194,9 @@ impl Dims {
             TargetType::Q5_K_M => k_quant(Q5_K, true),
             TargetType::Q6_K => k_quant(Q6_K, false),
         };
-        if row_len % wanted.block_len() as u64 == 0 {
+        if row_len.is_multiple_of(wanted.block_len() as u64) {
             (wanted, false)
-        } else if wanted.block_len() == 256 && row_len % 32 == 0 {
+        } else if wanted.block_len() == 256 && row_len.is_multiple_of(32) {
             (Q8_0, true)
         } else {
             (F16, true)

@@ -221,7 +221,7 @@ fn round_trip_error_is_bounded_on_random_blocks() {
         state
     };
     for block in 0..2000 {
-        let scale = 10f32.powi((block % 6) as i32 - 2);
+        let scale = 10f32.powi(block % 6 - 2);
         let x: Vec<f32> = (0..256)
             .map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale)
             .collect();

@@ -8,7 +8,6 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use bytemuck::Zeroable;
 use quarry_quantize::blocks::{
     BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, dequantize_q6_k, quantize_q4_0,
     quantize_q4_k, quantize_q5_k, quantize_q6_k, quantize_q8_0,

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use quarry::bench::{BenchResult, run_test};
 use quarry::engine::Engine;
+use quarry::measure::bench::{BenchResult, run_test};
 use serde_json::json;
 
-use super::info::human_bytes;
+use super::format::human_bytes;
 
 /// Measure prompt processing (pp) and generation (tg) speed like llama-bench, whose output formats it shares.
 #[derive(clap::Args, Debug)]
@@ -69,7 +69,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "{} {} {}",
         model.config.arch.gguf_name(),
         size_label(n_params),
-        file_type_name(&engine)
+        engine
+            .file
+            .get("general.file_type")
+            .and_then(|v| v.as_u64())
+            .and_then(quarry::gguf::file_type_name)
+            .unwrap_or("?")
     );
     let kernels = engine.model.kernels().name;
     let mut results: Vec<BenchResult> = Vec::new();
@@ -94,7 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if args.output == BenchFormat::Md {
                 println!(
                     "| {model_type} | {} | {:.2} B | CPU ({kernels}) | {t} | {} | {:.2} ± {:.2} |",
-                    human_bytes(model_size),
+                    human_bytes(model_size, 2),
                     n_params as f64 / 1e9,
                     r.test_name(),
                     r.avg_ts(),
@@ -104,12 +109,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             results.push(r);
         }
         if args.bandwidth {
-            let bw = pool.install(quarry::bench::read_bandwidth);
-            let per_token = quarry::bench::weight_bytes_per_token(model);
+            let bw = pool.install(quarry::measure::bench::read_bandwidth);
+            let per_token = quarry::measure::bench::weight_bytes_per_token(model);
             eprintln!(
                 "threads {t}: memory read bandwidth {:.1} GB/s; {} of weights per token -> decode ceiling {:.1} tok/s",
                 bw / 1e9,
-                human_bytes(per_token),
+                human_bytes(per_token, 2),
                 bw / per_token as f64
             );
         }
@@ -157,25 +162,6 @@ fn size_label(n: u64) -> String {
         format!("{}B", (n as f64 / 1e9).round().max(1.0))
     } else {
         format!("{}M", (n as f64 / 1e6).round())
-    }
-}
-
-/// The file's declared quantization (`general.file_type`), in llama.cpp's spelling.
-fn file_type_name(engine: &Engine) -> &'static str {
-    match engine
-        .file
-        .get("general.file_type")
-        .and_then(|v| v.as_u64())
-    {
-        Some(0) => "all F32",
-        Some(1) => "F16",
-        Some(2) => "Q4_0",
-        Some(3) => "Q4_1",
-        Some(7) => "Q8_0",
-        Some(15) => "Q4_K - Medium",
-        Some(18) => "Q6_K",
-        Some(32) => "BF16",
-        _ => "?",
     }
 }
 

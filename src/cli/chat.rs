@@ -1,4 +1,4 @@
-//! `quarry chat [MODEL]`: the interactive chat (a REPL over [`quarry::chat::ChatSession`]).
+//! `quarry chat [MODEL]`: the interactive chat (a REPL over [`quarry::text::chat::ChatSession`]).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -6,17 +6,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
-use quarry::chat::command::{self, ChatCommand, HELP, Setting};
-use quarry::chat::input::{Assembled, Input, LineAssembler};
-use quarry::chat::{ChatError, ChatSession, ChatSettings};
-use quarry::chat_template::Conversation;
 use quarry::engine::Engine;
 use quarry::generate::StopReason;
-use quarry::registry::Registry;
-use quarry::store::{ResolveError, Store, resolve_model};
+use quarry::hub::registry::Registry;
+use quarry::hub::store::{ResolveError, Store, resolve_model};
+use quarry::text::chat::command::{self, ChatCommand, HELP, Setting};
+use quarry::text::chat::input::{Assembled, Input, LineAssembler};
+use quarry::text::chat::{ChatError, ChatSession, ChatSettings};
+use quarry::text::chat_template::Conversation;
 use rustyline::error::ReadlineError;
 
 use super::common::{SamplingArgs, init_threads};
+use super::format::count;
 
 /// Chat with a model in the terminal: replies stream as they are written, Ctrl-C stops a reply, the conversation
 /// stays in the KV cache between turns, and the input history is kept in $QUARRY_HOME/history.txt. /help lists the
@@ -379,19 +380,13 @@ impl Repl<'_> {
     fn show(&self) {
         let file = &self.engine.file;
         let cfg = &self.engine.model.config;
-        let parameters: u64 = file.tensors().iter().map(|t| t.n_elements()).sum();
+        let by_type = file.type_tallies();
+        let parameters: u64 = by_type.iter().map(|t| t.elements).sum();
         // The type holding most weights names the file's quantization.
-        let mut by_type: Vec<(quarry::gguf::GgmlType, u64)> = Vec::new();
-        for t in file.tensors() {
-            match by_type.iter_mut().find(|(ty, _)| *ty == t.ty) {
-                Some((_, n)) => *n += t.n_elements(),
-                None => by_type.push((t.ty, t.n_elements())),
-            }
-        }
         let main_type = by_type
             .iter()
-            .max_by_key(|(_, n)| *n)
-            .map(|(ty, _)| ty.name())
+            .max_by_key(|t| t.elements)
+            .map(|t| t.ty.name())
             .unwrap_or("?");
         println!(
             "model: {} ({}{})",
@@ -489,16 +484,6 @@ impl Repl<'_> {
             rate(tot.prompt_tokens_computed, tot.prompt_time),
             tot.prompt_tokens_reused
         );
-    }
-}
-
-/// 1.33 B, 412.3 M, 49.2 K.
-fn count(n: u64) -> String {
-    let n = n as f64;
-    match n {
-        _ if n >= 1e9 => format!("{:.2} B", n / 1e9),
-        _ if n >= 1e6 => format!("{:.1} M", n / 1e6),
-        _ => format!("{:.1} K", n / 1e3),
     }
 }
 

@@ -27,13 +27,18 @@ pub struct ModelArgs {
 /// from); a registry model that is not installed yet is an error saying which `quarry pull` to run.
 pub fn resolve_model(arg: &Path) -> anyhow::Result<PathBuf> {
     // Without a store folder (no $QUARRY_HOME, no cache folder), paths still work.
-    let store = quarry::store::Store::from_env().ok();
-    let registry = quarry::registry::Registry::builtin();
-    Ok(quarry::store::resolve_model(
+    let store = quarry::hub::store::Store::from_env().ok();
+    let registry = quarry::hub::registry::Registry::builtin();
+    Ok(quarry::hub::store::resolve_model(
         arg,
         store.as_ref(),
         &registry,
     )?)
+}
+
+/// A `--type` value (q4_0, q4_k_m, ...; any case), for clap.
+pub fn parse_type(s: &str) -> Result<quarry_quantize::TargetType, String> {
+    s.parse()
 }
 
 /// Parses `1,2,3` (spaces allowed) into token ids.

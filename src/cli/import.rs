@@ -4,12 +4,13 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use quarry::pull::{ImportRequest, import};
-use quarry::registry::Registry;
-use quarry::store::Store;
+use quarry::hub::pull::{ImportRequest, import};
+use quarry::hub::registry::Registry;
+use quarry::hub::store::Store;
 use quarry_quantize::TargetType;
 
-use super::pull::{Bars, parse_type, print_installed};
+use super::common::parse_type;
+use super::pull::{Bars, print_installed};
 
 /// Convert a Hugging Face snapshot folder already on this machine (config.json, *.safetensors, tokenizer files,
 /// copied from a machine with network access) and install it under `$QUARRY_HOME`, as `pull` would. The folder

@@ -1,6 +1,5 @@
 //! `quarry info MODEL [--format json]`
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use quarry::engine::Engine;
@@ -8,6 +7,7 @@ use quarry::model::Architecture;
 use serde_json::json;
 
 use super::common::OutputFormat;
+use super::format::{human_bytes, human_count};
 
 /// Show a model file's architecture, sizes, tensor types, metadata and the memory it needs.
 #[derive(clap::Args, Debug)]
@@ -25,14 +25,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let engine = Engine::open(&args.model)?;
     let (file, cfg) = (&engine.file, &engine.model.config);
-    let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
-    let mut params = 0u64;
-    for t in file.tensors() {
-        let e = by_type.entry(t.ty.to_string()).or_default();
-        e.0 += 1;
-        e.1 += t.size;
-        params += t.n_elements();
-    }
+    let mut by_type = file.type_tallies();
+    by_type.sort_by_key(|t| t.ty.name());
+    let params: u64 = by_type.iter().map(|t| t.elements).sum();
     let weight_bytes: u64 = file.tensors().iter().map(|t| t.size).sum();
     let ctx = engine.default_context();
     let kv_bytes = cfg.kv_bytes_per_token() as u64 * ctx as u64;
@@ -65,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "attention_scale": cfg.attention_scale,
                 "residual_scale": cfg.residual_scale,
                 "logit_scale": cfg.logit_scale,
-                "tensor_types": by_type.iter().map(|(k, (n, b))| (k.clone(), json!({"tensors": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
+                "tensor_types": by_type.iter().map(|t| (t.ty.name().to_string(), json!({"tensors": t.tensors, "bytes": t.bytes}))).collect::<serde_json::Map<_, _>>(),
                 "weight_bytes": weight_bytes,
                 "kv_cache_bytes_per_token": cfg.kv_bytes_per_token(),
                 "default_context": ctx,
@@ -90,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!(
                 "file:          {} ({})",
                 file.path().display(),
-                human_bytes(file.file_len())
+                human_bytes(file.file_len(), 2)
             );
             println!(
                 "architecture:  {} ({})",
@@ -124,14 +119,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 cfg.embedding_scale, cfg.attention_scale, cfg.residual_scale, cfg.logit_scale
             );
             println!("tensor types:");
-            for (ty, (n, bytes)) in &by_type {
-                println!("  {ty:<6} {n:>5} tensors {:>12}", human_bytes(*bytes));
+            for t in &by_type {
+                println!(
+                    "  {:<6} {:>5} tensors {:>12}",
+                    t.ty.name(),
+                    t.tensors,
+                    human_bytes(t.bytes, 2)
+                );
             }
             println!(
                 "memory:        weights {} (memory-mapped), KV cache {} per token, {} at context {ctx}",
-                human_bytes(weight_bytes),
-                human_bytes(cfg.kv_bytes_per_token() as u64),
-                human_bytes(kv_bytes)
+                human_bytes(weight_bytes, 2),
+                human_bytes(cfg.kv_bytes_per_token() as u64, 2),
+                human_bytes(kv_bytes, 2)
             );
             println!("kernels:       {kernels}");
             if args.verbose {
@@ -163,28 +163,4 @@ fn active_params(engine: &Engine) -> u64 {
         };
     }
     n
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
-
-fn human_count(n: u64) -> String {
-    match n {
-        n if n >= 1_000_000_000 => format!("{:.2} B", n as f64 / 1e9),
-        n if n >= 1_000_000 => format!("{:.1} M", n as f64 / 1e6),
-        n if n >= 1_000 => format!("{:.1} K", n as f64 / 1e3),
-        n => n.to_string(),
-    }
 }

@@ -1,11 +1,11 @@
 //! `quarry list`: the registry's models and the installed ones.
 
-use quarry::registry::Registry;
-use quarry::store::{InstalledModel, Store};
+use quarry::hub::registry::Registry;
+use quarry::hub::store::{InstalledModel, Store};
 use serde_json::json;
 
 use super::common::OutputFormat;
-use super::pull::human_bytes;
+use super::format::human_bytes;
 
 /// List the models of the registry (which are installed, and how) and every other installed model.
 #[derive(clap::Args, Debug)]
@@ -63,7 +63,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for m in &registry.models {
         let mark = if m.name == registry.default { "*" } else { " " };
         let status = match of_registry(&m.name) {
-            Some(i) => format!("{} {}", i.manifest.quant_type, human_bytes(i.manifest.size)),
+            Some(i) => format!(
+                "{} {}",
+                i.manifest.quant_type,
+                human_bytes(i.manifest.size, 1)
+            ),
             None => "-".to_string(),
         };
         println!(
@@ -84,7 +88,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!(
                 "  {:<32} {:<22} {}",
                 m.manifest.name,
-                format!("{} {}", m.manifest.quant_type, human_bytes(m.manifest.size)),
+                format!(
+                    "{} {}",
+                    m.manifest.quant_type,
+                    human_bytes(m.manifest.size, 1)
+                ),
                 m.origin()
             );
         }
@@ -96,7 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "store: {} (set {} to move it)",
         store.root().display(),
-        quarry::store::HOME_ENV
+        quarry::hub::store::HOME_ENV
     );
     Ok(())
 }

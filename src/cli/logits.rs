@@ -48,8 +48,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         session.feed_all_logits(&ids)?
     };
     let shape = [ids.len(), engine.model.config.n_vocab];
-    write_atomically(&args.out, |f| quarry::npy::write_f32(f, &shape, &logits))
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    write_atomically(&args.out, |f| {
+        quarry::measure::npy::write_f32(f, &shape, &logits)
+    })
+    .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
         "wrote {} logits [{} x {}] to {}",
         logits.len(),

@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod common;
+mod format;
 mod import;
 mod info;
 mod list;

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, anyhow, bail};
 use quarry::engine::Engine;
 use quarry::generate::{DEFAULT_BATCH, Session};
-use quarry::perplexity::{
+use quarry::measure::perplexity::{
     DEFAULT_CTX, Estimate, Report, check_same_vocabulary, chunk_count, evaluate,
 };
 

@@ -4,10 +4,14 @@ use std::io::IsTerminal;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use quarry::pull::{Hub, PullProgress, PullRequest, Verification, pull};
-use quarry::registry::Registry;
-use quarry::store::{InstalledModel, Store};
+use quarry::hub::http::{Hub, TransferProgress};
+use quarry::hub::pull::{PullProgress, PullRequest, Verification, pull};
+use quarry::hub::registry::Registry;
+use quarry::hub::store::{InstalledModel, Store};
 use quarry_quantize::TargetType;
+
+use super::common::parse_type;
+use super::format::human_bytes;
 
 /// Download a model, verify every file, convert it and install it under `$QUARRY_HOME`. NAME is a model of the
 /// registry (`quarry list`) or any Hugging Face repo id of a Granite 3.x model: `org/name` or
@@ -27,10 +31,6 @@ pub struct Args {
     /// Worker threads for the conversion (default: one per core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
-}
-
-pub(super) fn parse_type(s: &str) -> Result<TargetType, String> {
-    s.parse()
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -73,26 +73,10 @@ pub(super) fn print_installed(model: &InstalledModel) {
         m.name,
         m.architecture,
         m.quant_type,
-        human_bytes(m.size),
+        human_bytes(m.size, 1),
         model.origin(),
         m.name
     );
-}
-
-/// 823.4 MiB.
-pub(super) fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 /// Progress of a pull or import on stderr: a bar per file on a terminal, one line per file otherwise.
@@ -115,6 +99,15 @@ impl PullProgress for Bars {
         self.say(message);
     }
 
+    fn file_done(&mut self, name: &str, size: u64, check: Verification) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        eprintln!("  {name:32} {:>10}  ok: {check}", human_bytes(size, 1));
+    }
+}
+
+impl TransferProgress for Bars {
     fn file_start(&mut self, name: &str, size: Option<u64>, resumed_from: u64) {
         if let Some(old) = self.bar.take() {
             old.finish_and_clear();
@@ -122,10 +115,12 @@ impl PullProgress for Bars {
         if !std::io::stderr().is_terminal() {
             // One line per file (when it is done), plus one when a transfer continues an earlier one.
             if resumed_from > 0 {
-                let size = size.map(human_bytes).unwrap_or_else(|| "?".into());
+                let size = size
+                    .map(|s| human_bytes(s, 1))
+                    .unwrap_or_else(|| "?".into());
                 eprintln!(
                     "  {name}: resuming after {} of {size}",
-                    human_bytes(resumed_from)
+                    human_bytes(resumed_from, 1)
                 );
             }
             return;
@@ -149,13 +144,6 @@ impl PullProgress for Bars {
         if let Some(bar) = &self.bar {
             bar.inc(n);
         }
-    }
-
-    fn file_done(&mut self, name: &str, size: u64, check: Verification) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
-        eprintln!("  {name:32} {:>10}  ok: {check}", human_bytes(size));
     }
 
     fn retry(&mut self, name: &str, attempt: u32, detail: &str) {

@@ -9,6 +9,9 @@ use quarry_quantize::{
     ConvertOptions, ConvertReport, RequantizeOptions, TargetType, convert, requantize,
 };
 
+use super::common::parse_type;
+use super::format::{count, type_counts};
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A Hugging Face snapshot folder (config.json, model.safetensors or shards + index, tokenizer files), or a
@@ -46,10 +49,6 @@ pub struct Args {
     /// general.name written in the file (default: the folder's or repository's name; a GGUF input's own name).
     #[arg(long)]
     pub name: Option<String>,
-}
-
-fn parse_type(s: &str) -> Result<TargetType, String> {
-    s.parse()
 }
 
 /// A GGUF input rather than a checkpoint folder: an existing file, or a path ending in `.gguf` (so a mistyped file
@@ -102,18 +101,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn print_report(report: &ConvertReport) {
-    let types: Vec<String> = report
-        .type_counts()
-        .iter()
-        .map(|(ty, n)| format!("{n} {ty}"))
-        .collect();
     println!(
         "wrote {} ({}, {}): {} tensors ({}), {} parameters, {:.1} MiB in {:.1} s",
         report.output.display(),
         report.architecture.gguf_name(),
         report.target,
         report.tensors.len(),
-        types.join(", "),
+        type_counts(&report.type_counts()),
         count(report.parameters),
         report.file_bytes as f64 / (1024.0 * 1024.0),
         report.elapsed.as_secs_f64(),
@@ -149,15 +143,5 @@ fn print_report(report: &ConvertReport) {
             "not converted (no GGUF counterpart): {}",
             report.unused_source_tensors.join(", ")
         );
-    }
-}
-
-/// 1.33 B, 412.3 M, 49.2 K.
-fn count(n: u64) -> String {
-    let n = n as f64;
-    match n {
-        _ if n >= 1e9 => format!("{:.2} B", n / 1e9),
-        _ if n >= 1e6 => format!("{:.1} M", n / 1e6),
-        _ => format!("{:.1} K", n / 1e3),
     }
 }

@@ -1,8 +1,8 @@
 //! `quarry rm NAME`: remove an installed model.
 
-use quarry::store::Store;
+use quarry::hub::store::Store;
 
-use super::pull::human_bytes;
+use super::format::human_bytes;
 
 /// Remove an installed model (by name, or by the repo id it was pulled from) and its files.
 #[derive(clap::Args, Debug)]
@@ -20,7 +20,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|m| m.manifest.size);
     let dir = store.remove(&args.name)?;
     match size {
-        Some(s) => println!("removed {} ({} freed)", dir.display(), human_bytes(s)),
+        Some(s) => println!("removed {} ({} freed)", dir.display(), human_bytes(s, 1)),
         None => println!("removed {}", dir.display()),
     }
     Ok(())

@@ -4,10 +4,10 @@ use std::io::{IsTerminal, Read, Write};
 use std::ops::ControlFlow;
 
 use anyhow::{Context, bail};
-use quarry::chat_template::{Conversation, Message};
 use quarry::engine::Engine;
 use quarry::generate::{Session, StopReason, generate};
 use quarry::sampling::Sampler;
+use quarry::text::chat_template::{Conversation, Message};
 use serde_json::json;
 
 use super::common::{ModelArgs, OutputFormat, SamplingArgs, parse_ids};

@@ -4,9 +4,11 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use quarry::registry::Registry;
+use quarry::hub::registry::Registry;
 use quarry_quantize::hf::HfConfig;
 use quarry_quantize::{SynthOptions, TargetType, synthesize};
+
+use super::format::type_counts;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -57,11 +59,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..SynthOptions::new(config, &args.output, args.target)
     };
     let report = synthesize(&options).with_context(|| format!("synth {} failed", args.model))?;
-    let types: Vec<String> = report
-        .type_counts()
-        .iter()
-        .map(|(ty, n)| format!("{n} {ty}"))
-        .collect();
     println!(
         "wrote {} ({} with random weights, {}, seed {}): {} tensors ({}), {:.1} MiB in {:.1} s",
         report.output.display(),
@@ -69,7 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report.target,
         args.seed,
         report.tensors.len(),
-        types.join(", "),
+        type_counts(&report.type_counts()),
         report.file_bytes as f64 / (1024.0 * 1024.0),
         report.elapsed.as_secs_f64(),
     );

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
-use quarry::chat_template::Conversation;
 use quarry::engine::Engine;
+use quarry::text::chat_template::Conversation;
 use serde_json::json;
 
 use super::common::OutputFormat;

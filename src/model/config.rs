@@ -4,23 +4,8 @@ use quarry_quantize::gguf::{GgufFile, GgufProblem, Value};
 
 use super::ModelError;
 
-/// Which Granite network the file holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Architecture {
-    /// `granitemoe`: sparse mixture-of-experts feed-forward (GraniteMoeForCausalLM).
-    GraniteMoe,
-    /// `granite`: dense SwiGLU feed-forward (GraniteForCausalLM).
-    Granite,
-}
-
-impl Architecture {
-    pub fn gguf_name(self) -> &'static str {
-        match self {
-            Architecture::GraniteMoe => "granitemoe",
-            Architecture::Granite => "granite",
-        }
-    }
-}
+// Which Granite network the file holds: one enum with the converter, in the crate that owns its GGUF names.
+pub use quarry_quantize::Architecture;
 
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -60,16 +45,12 @@ impl ModelConfig {
             .get("general.architecture")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no general.architecture key: this is not a model file".into()))?;
-        let arch = match arch_name {
-            "granitemoe" => Architecture::GraniteMoe,
-            "granite" => Architecture::Granite,
-            other => {
-                return Err(ModelError::UnsupportedArchitecture {
-                    path: file.path().to_path_buf(),
-                    arch: other.to_string(),
-                });
+        let arch = Architecture::from_gguf_name(arch_name).ok_or_else(|| {
+            ModelError::UnsupportedArchitecture {
+                path: file.path().to_path_buf(),
+                arch: arch_name.to_string(),
             }
-        };
+        })?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let uint = |k: &str| -> Result<usize, ModelError> {
             let v = file

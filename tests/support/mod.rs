@@ -2,6 +2,8 @@
 //! model run in this process on a chosen kernel set; and the `quarry` binary driven the way users drive it.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod skip;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -9,6 +11,7 @@ use std::sync::{Mutex, OnceLock};
 
 use quarry_quantize::{ConvertOptions, TargetType, convert};
 use serde_json::Value;
+pub use skip::skipped;
 
 /// The model fixtures committed with the project (tiny random-weight Granite checkpoints with HF references).
 pub const COMMITTED_MODELS: [&str; 4] = [
@@ -29,7 +32,7 @@ pub fn shared() -> PathBuf {
 }
 
 /// The folder of a model fixture: committed ones from `tests/fixtures`, the real-vocabulary one from
-/// `../shared/fixtures`; `None`, with a SKIPPED line on stderr, when that is absent.
+/// `../shared/fixtures`; `None`, after [`skipped`], when that is absent.
 pub fn fixture_dir(name: &str) -> Option<PathBuf> {
     let committed = root().join("tests/fixtures").join(name);
     if committed.is_dir() {
@@ -50,16 +53,6 @@ pub fn all_fixtures() -> Vec<(String, PathBuf)> {
         .chain([&SHARED_MODEL])
         .filter_map(|n| fixture_dir(n).map(|d| (n.to_string(), d)))
         .collect()
-}
-
-/// Says, where cargo's test harness does not swallow it, that a test did not run for want of `../shared`.
-pub fn skipped(what: &str, missing: &Path) {
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr().lock(),
-        "SKIPPED {what}: {} not found (the real Granite tokenizer and llama.cpp files are not committed)",
-        missing.display()
-    );
 }
 
 pub fn reference(dir: &Path) -> Value {
@@ -243,7 +236,7 @@ pub fn logits_cli(kernel: &str, model: &Path, ids: &[u32]) -> (Vec<usize>, Vec<f
 }
 
 pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    quarry::npy::read_f32(std::fs::File::open(path).unwrap()).unwrap()
+    quarry::measure::npy::read_f32(std::fs::File::open(path).unwrap()).unwrap()
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -29,9 +29,10 @@ use self::encode::{RowEncoder, permute_rope_rows};
 use self::output::{TensorSink, write_gguf};
 use self::plan::PlannedTensor;
 use self::vocab::Vocab;
+use crate::architecture::Architecture;
 use crate::error::ConvertError;
-use crate::gguf::GgmlType;
-use crate::hf::{Architecture, HfConfig};
+use crate::gguf::{GgmlType, TensorSpec, TypeTally};
+use crate::hf::HfConfig;
 use crate::safetensors::{Checkpoint, TensorView};
 
 /// f32 values converted per chunk: 16 MiB, so a chunk and its encoding stay small next to any model.
@@ -253,16 +254,12 @@ impl ConvertReport {
         self.tensors.iter().filter(|t| t.fell_back_from.is_some())
     }
 
-    /// How many tensors of each type, in first-seen order.
-    pub fn type_counts(&self) -> Vec<(GgmlType, usize)> {
-        let mut counts: Vec<(GgmlType, usize)> = Vec::new();
-        for t in &self.tensors {
-            match counts.iter_mut().find(|(ty, _)| *ty == t.ty) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((t.ty, 1)),
-            }
-        }
-        counts
+    /// The tensors written, counted per type, in first-seen order.
+    pub fn type_counts(&self) -> Vec<TypeTally> {
+        TypeTally::of(self.tensors.iter().map(|t| {
+            let spec = TensorSpec::new(&t.name, &t.dims, t.ty);
+            (t.ty, t.dims.iter().product(), spec.size().unwrap_or(0))
+        }))
     }
 }
 

@@ -23,9 +23,9 @@ use super::encode::RowEncoder;
 use super::output::{TensorSink, write_gguf};
 use super::plan::{PlannedTensor, Recipe, role_of_gguf_tensor};
 use super::{CHUNK_VALUES, ConvertReport, QUANTIZATION_VERSION, TargetType, on_pool};
+use crate::architecture::Architecture;
 use crate::error::ConvertError;
 use crate::gguf::{DEFAULT_ALIGNMENT, GgmlType, GgufFile, TensorInfo, Value};
-use crate::hf::Architecture;
 
 /// What to requantize, into what.
 #[derive(Clone, Debug)]
@@ -83,10 +83,7 @@ fn requantize_on_current_pool(opts: &RequantizeOptions) -> Result<ConvertReport,
         .get("general.architecture")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("general.architecture is missing; it is not a model file".into()))?;
-    let architecture = [Architecture::GraniteMoe, Architecture::Granite]
-        .into_iter()
-        .find(|a| a.gguf_name() == arch_name)
-        .ok_or_else(|| {
+    let architecture = Architecture::from_gguf_name(arch_name).ok_or_else(|| {
             bad(format!(
                 "architecture {arch_name} is not supported; quarry requantizes granite and granitemoe files"
             ))

@@ -9,7 +9,7 @@ mod types;
 mod write;
 
 pub use read::{Backing, GgufError, GgufFile, GgufProblem, MappedBytes, TensorInfo};
-pub use types::{Array, GgmlType, Value, ValueType};
+pub use types::{Array, GgmlType, TypeTally, Value, ValueType, file_type_name};
 pub use write::{GgufWriter, TensorSpec};
 
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
@@ -83,6 +83,36 @@ mod tests {
         let b = f.tensor("b").unwrap();
         assert_eq!(b.offset, a.offset + 32);
         assert!(f.tensor_data(b).iter().all(|&x| x == 7));
+    }
+
+    #[test]
+    fn tensors_are_tallied_per_type_in_first_seen_order() {
+        let f = GgufFile::from_bytes("mem.gguf", sample()).unwrap();
+        let tally = |ty, tensors, elements, bytes| TypeTally {
+            ty,
+            tensors,
+            elements,
+            bytes,
+        };
+        assert_eq!(
+            f.type_tallies(),
+            [
+                tally(GgmlType::F32, 1, 8, 32),
+                tally(GgmlType::Q8_0, 1, 32, 34)
+            ]
+        );
+        let more = [
+            (GgmlType::Q4_0, 32, 18),
+            (GgmlType::F32, 4, 16),
+            (GgmlType::Q4_0, 64, 36),
+        ];
+        assert_eq!(
+            TypeTally::of(more),
+            [
+                tally(GgmlType::Q4_0, 2, 96, 54),
+                tally(GgmlType::F32, 1, 4, 16)
+            ]
+        );
     }
 
     fn problem(bytes: Vec<u8>) -> String {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use super::types::{Array, GgmlType, Value, ValueType};
+use super::types::{Array, GgmlType, TypeTally, Value, ValueType};
 use super::{DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
 
 /// What went wrong reading a GGUF file; shown after the file's path.
@@ -214,6 +214,11 @@ impl GgufFile {
 
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
+    }
+
+    /// The tensors counted per type, in the order the types first appear.
+    pub fn type_tallies(&self) -> Vec<TypeTally> {
+        TypeTally::of(self.tensors.iter().map(|t| (t.ty, t.n_elements(), t.size)))
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {

@@ -217,6 +217,58 @@ impl fmt::Display for GgmlType {
     }
 }
 
+/// The tensors of one type, counted: how many, and the elements and bytes they hold together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TypeTally {
+    pub ty: GgmlType,
+    pub tensors: usize,
+    pub elements: u64,
+    pub bytes: u64,
+}
+
+impl TypeTally {
+    /// One tally per type among `tensors`, each given as (type, elements, bytes), in the order the types first
+    /// appear.
+    pub fn of(tensors: impl IntoIterator<Item = (GgmlType, u64, u64)>) -> Vec<TypeTally> {
+        let mut tallies: Vec<TypeTally> = Vec::new();
+        for (ty, elements, bytes) in tensors {
+            let i = match tallies.iter().position(|t| t.ty == ty) {
+                Some(i) => i,
+                None => {
+                    tallies.push(TypeTally {
+                        ty,
+                        tensors: 0,
+                        elements: 0,
+                        bytes: 0,
+                    });
+                    tallies.len() - 1
+                }
+            };
+            let t = &mut tallies[i];
+            t.tensors += 1;
+            t.elements += elements;
+            t.bytes += bytes;
+        }
+        tallies
+    }
+}
+
+/// The name llama.cpp gives a `general.file_type` value (its `llama_ftype`) where llama-bench prints the model's
+/// type, for the values listed here.
+pub fn file_type_name(file_type: u64) -> Option<&'static str> {
+    match file_type {
+        0 => Some("all F32"),
+        1 => Some("F16"),
+        2 => Some("Q4_0"),
+        3 => Some("Q4_1"),
+        7 => Some("Q8_0"),
+        15 => Some("Q4_K - Medium"),
+        18 => Some("Q6_K"),
+        32 => Some("BF16"),
+        _ => None,
+    }
+}
+
 /// Type id of a metadata value (`enum gguf_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ValueType {

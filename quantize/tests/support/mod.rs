@@ -1,6 +1,10 @@
 //! Shared helpers of the converter's integration tests: fixture paths and a minimal `.npy` reader.
 #![allow(dead_code)] // each test binary uses a different subset
 
+// The skip rule of both test crates (SKIPPED on a developer's machine, a failure in CI), kept with the runtime's.
+#[path = "../../../tests/support/skip.rs"]
+mod skip;
+
 use std::path::{Path, PathBuf};
 
 /// The project's own fixtures (`tests/fixtures` at the repository root), present in every clone.
@@ -9,13 +13,13 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// `../shared/fixtures` beside the project, which holds fixtures too large or not licensed to commit.
-/// `None` (and a note on stderr saying what is skipped) when it is absent.
+/// `None` when it is absent, after saying what is skipped (a failure in CI: see `skip.rs`).
 pub fn shared_fixtures(what: &str) -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures");
     if dir.is_dir() {
         Some(dir)
     } else {
-        eprintln!("SKIPPED {what}: {} is absent", dir.display());
+        skip::skipped(what, &dir);
         None
     }
 }

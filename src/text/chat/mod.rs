@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::chat_template::{ChatTemplate, ChatTemplateError, Conversation, Message};
 use crate::engine::Engine;
 use crate::generate::{GenerationStats, Session, StopReason, generate};
 use crate::model::ModelError;
 use crate::sampling::{Sampler, SamplingParams};
-use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::text::chat_template::{ChatTemplate, ChatTemplateError, Conversation, Message};
+use crate::text::tokenizer::{Tokenizer, TokenizerError};
 
 use self::command::Setting;
 

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use quarry_quantize::{ConvertError, ConvertOptions, TargetType, convert};
 use serde::{Deserialize, Serialize};
 
-use crate::registry::Registry;
+use crate::hub::registry::Registry;
 
 /// Environment variable naming the store folder.
 pub const HOME_ENV: &str = "QUARRY_HOME";
@@ -490,7 +490,7 @@ pub fn resolve_model(
         || text.starts_with('/')
         || text.starts_with('~')
         || text.contains('\\');
-    if !looks_like_path && crate::pull::RepoRef::parse(text).is_some() {
+    if !looks_like_path && crate::hub::http::RepoRef::parse(text).is_some() {
         return Err(ResolveError::RepoNotPulled {
             repo: text.to_string(),
         });

@@ -751,7 +751,7 @@ mod tests {
     fn templates_can_be_shared_between_threads() {
         fn shareable<T: Send + Sync>() {}
         shareable::<ChatTemplate>();
-        shareable::<crate::tokenizer::Tokenizer>();
+        shareable::<crate::text::tokenizer::Tokenizer>();
     }
 
     #[test]

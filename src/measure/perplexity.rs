@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::generate::Session;
 use crate::model::ModelError;
-use crate::tokenizer::Tokenizer;
+use crate::text::tokenizer::Tokenizer;
 
 /// llama-perplexity's default chunk length.
 pub const DEFAULT_CTX: usize = 512;

@@ -1,0 +1,61 @@
+//! How the commands print sizes and counts for people.
+
+use quarry::gguf::TypeTally;
+
+/// 823.4 MiB with `decimals` 1, 823.42 MiB with 2; bytes below a KiB exactly (`512 B`).
+pub fn human_bytes(n: u64, decimals: usize) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.decimals$} {}", UNITS[unit])
+    }
+}
+
+/// 1.33 B, 412.3 M, 49.2 K (and 0.5 K).
+pub fn count(n: u64) -> String {
+    let n = n as f64;
+    match n {
+        _ if n >= 1e9 => format!("{:.2} B", n / 1e9),
+        _ if n >= 1e6 => format!("{:.1} M", n / 1e6),
+        _ => format!("{:.1} K", n / 1e3),
+    }
+}
+
+/// As [`count`], but a number below a thousand as it is (500, not 0.5 K).
+pub fn human_count(n: u64) -> String {
+    if n >= 1_000 { count(n) } else { n.to_string() }
+}
+
+/// `290 q4_0, 65 f32, 1 q8_0`: how many tensors of each type.
+pub fn type_counts(tallies: &[TypeTally]) -> String {
+    tallies
+        .iter()
+        .map(|t| format!("{} {}", t.tensors, t.ty))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_counts() {
+        assert_eq!(human_bytes(512, 1), "512 B");
+        assert_eq!(human_bytes(1536, 1), "1.5 KiB");
+        assert_eq!(human_bytes(863_365_120, 1), "823.4 MiB");
+        assert_eq!(human_bytes(863_365_120, 2), "823.37 MiB");
+        assert_eq!(count(1_330_000_000), "1.33 B");
+        assert_eq!(count(412_300_000), "412.3 M");
+        assert_eq!(count(500), "0.5 K");
+        assert_eq!(human_count(500), "500");
+        assert_eq!(human_count(49_200), "49.2 K");
+    }
+}
