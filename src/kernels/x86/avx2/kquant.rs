@@ -20,37 +20,28 @@ use super::super::f16_bits_to_f32;
 use super::super::kquant::{KDot, KFormat, KLanes, KQuant, Q4K_MIN_CTRL, gemm_few};
 use super::{Avx2, Ymm};
 
-/// `vpshufb` controls broadcasting Q4_K scale byte `g` (from a qword broadcast) to 16 words.
-const Q4K_SCALE_CTRL: [[u8; 32]; 8] = {
+/// `vpshufb` controls spreading scale bytes over the 16 words of a ymm, one per `k < 8`: byte `step * k` into
+/// every word of the low 128-bit lane, byte `step * k + step - 1` into those of the high lane, as the words' low
+/// byte (zero-extended) or, with `high`, their high byte (for an arithmetic shift to sign-extend).
+const fn word_ctrls(step: usize, high: bool) -> [[u8; 32]; 8] {
     let mut c = [[0x80u8; 32]; 8];
-    let mut g = 0;
-    while g < 8 {
+    let mut k = 0;
+    while k < 8 {
         let mut i = 0;
         while i < 16 {
-            c[g][2 * i] = g as u8;
+            c[k][2 * i + high as usize] = (step * k + (i / 8) * (step - 1)) as u8;
             i += 1;
         }
-        g += 1;
+        k += 1;
     }
     c
-};
+}
 
-/// `vpshufb` controls putting Q6_K scale bytes `2p` (low 128-bit lane) and `2p + 1` (high lane) into the high
-/// byte of every word, for an arithmetic shift to sign-extend.
-const Q6K_SCALE_CTRL: [[u8; 32]; 8] = {
-    let mut c = [[0x80u8; 32]; 8];
-    let mut p = 0;
-    while p < 8 {
-        let mut i = 0;
-        while i < 8 {
-            c[p][2 * i + 1] = (2 * p) as u8;
-            c[p][16 + 2 * i + 1] = (2 * p + 1) as u8;
-            i += 1;
-        }
-        p += 1;
-    }
-    c
-};
+/// Q4_K scale byte `g` (from a qword broadcast) to 16 words.
+const Q4K_SCALE_CTRL: [[u8; 32]; 8] = word_ctrls(1, false);
+
+/// Q6_K scale bytes `2p` (low 128-bit lane) and `2p + 1` (high lane) into the high byte of every word.
+const Q6K_SCALE_CTRL: [[u8; 32]; 8] = word_ctrls(2, true);
 
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl KDot for Avx2 {
