@@ -12,7 +12,7 @@ use std::arch::x86_64::*;
 use half::{bf16, f16};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
-use super::{BlockDot, ByteDot, LaneDot, Lanes, Q4, Q8, Vnni};
+use super::{BlockDot, ByteDot, LaneDot, Lanes, Q4, Q8};
 
 pub(in crate::kernels::x86) mod kquant;
 use crate::kernels::{Kernels, ProductOut};
@@ -200,6 +200,39 @@ unsafe fn transpose_4x4_lanes(r0: __m256, r1: __m256, r2: __m256, r3: __m256) ->
     }
 }
 
+/// Rows of 8 dwords to columns.
+#[inline(always)]
+pub(super) unsafe fn transpose_8x8(r: [__m256i; 8]) -> [__m256i; 8] {
+    unsafe {
+        let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+        let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+        let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+        let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+        let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+        let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+        let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+        let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+        let u0 = _mm256_unpacklo_epi64(t0, t2);
+        let u1 = _mm256_unpackhi_epi64(t0, t2);
+        let u2 = _mm256_unpacklo_epi64(t1, t3);
+        let u3 = _mm256_unpackhi_epi64(t1, t3);
+        let u4 = _mm256_unpacklo_epi64(t4, t6);
+        let u5 = _mm256_unpackhi_epi64(t4, t6);
+        let u6 = _mm256_unpacklo_epi64(t5, t7);
+        let u7 = _mm256_unpackhi_epi64(t5, t7);
+        [
+            _mm256_permute2x128_si256::<0x20>(u0, u4),
+            _mm256_permute2x128_si256::<0x20>(u1, u5),
+            _mm256_permute2x128_si256::<0x20>(u2, u6),
+            _mm256_permute2x128_si256::<0x20>(u3, u7),
+            _mm256_permute2x128_si256::<0x31>(u0, u4),
+            _mm256_permute2x128_si256::<0x31>(u1, u5),
+            _mm256_permute2x128_si256::<0x31>(u2, u6),
+            _mm256_permute2x128_si256::<0x31>(u3, u7),
+        ]
+    }
+}
+
 #[inline(always)]
 unsafe fn madd_ones(p: __m256i) -> __m256i {
     unsafe { _mm256_madd_epi16(p, _mm256_set1_epi16(1)) }
@@ -213,13 +246,11 @@ unsafe fn bcast(p: *const u8) -> __m256i {
 /// AVX2's byte dot, `vpmaddubsw` + `vpmaddwd` by ones: 8-token lanes, 4 rows per tile.
 pub(crate) struct Avx2;
 
-/// AVX-VNNI's `vpdpbusd` (VEX): 8-token lanes, 4 rows per tile.
-pub(crate) struct AvxVnni;
-
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl ByteDot for Avx2 {
     type L = Ymm;
     const RW: usize = 4;
+    const VNNI: bool = false;
     #[inline(always)]
     unsafe fn dot(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
         unsafe { _mm256_add_epi32(acc, madd_ones(_mm256_maddubs_epi16(u, a))) }
@@ -242,21 +273,10 @@ impl ByteDot for Avx2 {
     }
 }
 
-// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl ByteDot for AvxVnni {
-    type L = Ymm;
-    const RW: usize = 4;
-    #[inline(always)]
-    unsafe fn dot(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
-        unsafe { _mm256_dpbusd_avx_epi32(acc, u, a) }
-    }
-    #[inline(always)]
-    unsafe fn dot_lanes(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
-        unsafe { _mm256_dpbusd_avx_epi32(acc, u, a) }
-    }
+vnni_byte_dot! {
+    /// AVX-VNNI's `vpdpbusd` (VEX): 8-token lanes, 4 rows per tile.
+    AvxVnni: Ymm, 4, _mm256_dpbusd_avx_epi32, _mm256_dpbusd_avx_epi32
 }
-
-impl Vnni for AvxVnni {}
 
 /// Q8_0 on AVX2: `|w|` as the unsigned operand and `w`'s sign moved onto the activation (`vpsignb`), no
 /// correction.

@@ -11,7 +11,7 @@ use half::{bf16, f16};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
 use super::avx2::Ymm;
-use super::{BlockDot, ByteDot, FewTile, Lanes, Q4, Q8, Vnni};
+use super::{BlockDot, FewTile, Lanes, Q4, Q8};
 
 mod kquant;
 use crate::kernels::{Kernels, ProductOut};
@@ -182,44 +182,16 @@ unsafe fn transpose_4x4_lanes(r0: __m512, r1: __m512, r2: __m512, r3: __m512) ->
     }
 }
 
-/// AVX-512 VNNI's `vpdpbusd` on 16-token zmm lanes, 8 rows per tile (and on ymm for the few-token kernel).
-pub(crate) struct Vnni512;
-
-/// The same on 8-token ymm lanes (the AVX-512 VL encoding), for batches of 6 to 15 tokens past the last whole
-/// zmm.
-pub(crate) struct Vnni256;
-
-// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl ByteDot for Vnni512 {
-    type L = Zmm;
-    const RW: usize = 8;
-    #[inline(always)]
-    unsafe fn dot(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
-        unsafe { _mm256_dpbusd_epi32(acc, u, a) }
-    }
-    #[inline(always)]
-    unsafe fn dot_lanes(acc: __m512i, u: __m512i, a: __m512i) -> __m512i {
-        unsafe { _mm512_dpbusd_epi32(acc, u, a) }
-    }
+vnni_byte_dot! {
+    /// AVX-512 VNNI's `vpdpbusd` on 16-token zmm lanes, 8 rows per tile (and on ymm for the few-token kernel).
+    Vnni512: Zmm, 8, _mm256_dpbusd_epi32, _mm512_dpbusd_epi32
 }
 
-impl Vnni for Vnni512 {}
-
-// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl ByteDot for Vnni256 {
-    type L = Ymm;
-    const RW: usize = 8;
-    #[inline(always)]
-    unsafe fn dot(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
-        unsafe { _mm256_dpbusd_epi32(acc, u, a) }
-    }
-    #[inline(always)]
-    unsafe fn dot_lanes(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
-        unsafe { _mm256_dpbusd_epi32(acc, u, a) }
-    }
+vnni_byte_dot! {
+    /// The same on 8-token ymm lanes (the AVX-512 VL encoding), for batches of 6 to 15 tokens past the last whole
+    /// zmm.
+    Vnni256: Ymm, 8, _mm256_dpbusd_epi32, _mm256_dpbusd_epi32
 }
-
-impl Vnni for Vnni256 {}
 
 /// Float products: one token on ymm, more on zmm. Streaming a matrix from DRAM for one token, the ymm loop
 /// reaches 23-27 GB/s of f16 weights where the zmm loop reaches 18-22 (alternating runs on this machine); with

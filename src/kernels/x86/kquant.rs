@@ -27,9 +27,10 @@ use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 use crate::kernels::ProductOut;
 use crate::kernels::q4_k::q4k_scales_mins;
 
+use super::avx2::transpose_8x8;
 use super::{
     ByteDot, FewTile, IOf, LaneKernel, Lanes, PREFETCH_BYTES, Scratch, f16_bits_to_f32, few_tiles,
-    grow, prefetch_head, scratch, tile_shape, transpose_8x8,
+    grow, prefetch_head, scratch, tile_shape,
 };
 
 /// Integers per prepared row block in `Scratch::wi` (lane kernels): up to 16 scales, then up to 8 pairs.
@@ -327,16 +328,61 @@ impl<K: KQuant, D: KDot> LaneKernel for KLanes<K, D> {
     type A = BlockQ8K;
     type L = D::L;
     const RW: usize = D::RW;
+    /// Per group `g` and block `b` (`gb = g * bpr + b`), `act[(gb * 64 + k) * N + j]` is dword `k` of token
+    /// `j`'s quants, `da[gb * N + j]` its scale and `corr[(gb * 8 + k) * N + j]` its `k`th `bsums` pair
+    /// (`KFormat::act_pairs`).
     #[inline(always)]
-    unsafe fn prep_acts(
-        a: &[BlockQ8K],
-        bpr: usize,
-        t0: usize,
-        t1: usize,
-        groups: usize,
-        s: &mut Scratch,
-    ) {
-        unsafe { prep_acts::<K::W, D::L>(a, bpr, t0, t1, groups, s) }
+    unsafe fn prep_acts(a: &[BlockQ8K], bpr: usize, s: &mut Scratch) {
+        let n = D::L::N;
+        let tokens = a.len() / bpr;
+        let groups = tokens.div_ceil(n);
+        grow(&mut s.act, groups * bpr * 64 * n);
+        grow(&mut s.da, groups * bpr * n);
+        grow(&mut s.corr, groups * bpr * 8 * n);
+        // SAFETY: loads read block b < bpr of token < tokens; stores stay below the sizes grown above.
+        unsafe {
+            for g in 0..groups {
+                for b in 0..bpr {
+                    let gb = g * bpr + b;
+                    for h in 0..n / 8 {
+                        let tb = n * g + 8 * h;
+                        for kk in 0..8 {
+                            let mut r = [_mm256_setzero_si256(); 8];
+                            for (j, rj) in r.iter_mut().enumerate() {
+                                if tb + j < tokens {
+                                    let blk = &a[(tb + j) * bpr + b];
+                                    *rj = _mm256_loadu_si256(
+                                        blk.qs.as_ptr().add(32 * kk) as *const __m256i
+                                    );
+                                }
+                            }
+                            let cols = transpose_8x8(r);
+                            for (k, &c) in cols.iter().enumerate() {
+                                _mm256_storeu_si256(
+                                    s.act.as_mut_ptr().add((gb * 64 + 8 * kk + k) * n + 8 * h)
+                                        as *mut __m256i,
+                                    c,
+                                );
+                            }
+                        }
+                    }
+                    for j in 0..n {
+                        let tok = n * g + j;
+                        let mut p = [0i32; 8];
+                        let mut d = 0.0;
+                        if tok < tokens {
+                            let blk = &a[tok * bpr + b];
+                            K::W::act_pairs(blk, &mut p);
+                            d = blk.d;
+                        }
+                        s.da[gb * n + j] = d;
+                        for (k, &pk) in p.iter().enumerate() {
+                            s.corr[(gb * 8 + k) * n + j] = pk;
+                        }
+                    }
+                }
+            }
+        }
     }
     #[inline(always)]
     fn grow_rows(s: &mut Scratch, bpr: usize) {
@@ -403,69 +449,6 @@ impl<K: KQuant, D: KDot> LaneKernel for KLanes<K, D> {
                 }
             }
             acc
-        }
-    }
-}
-
-/// Transposes the activations of tokens `t0..t0 + N * groups` (zero past `t1`) into scratch for the lane
-/// kernels: per group `g` and block `b` (`gb = g * bpr + b`), `act[(gb * 64 + k) * N + j]` is dword `k` of token
-/// `j`'s quants, `da[gb * N + j]` its scale and `corr[(gb * 8 + k) * N + j]` its `k`th `bsums` pair
-/// (`KFormat::act_pairs`).
-#[inline(always)]
-unsafe fn prep_acts<F: KFormat, L: Lanes>(
-    a: &[BlockQ8K],
-    bpr: usize,
-    t0: usize,
-    t1: usize,
-    groups: usize,
-    s: &mut Scratch,
-) {
-    let n = L::N;
-    grow(&mut s.act, groups * bpr * 64 * n);
-    grow(&mut s.da, groups * bpr * n);
-    grow(&mut s.corr, groups * bpr * 8 * n);
-    // SAFETY: loads read block b < bpr of token < t1 <= n; stores stay below the sizes grown above.
-    unsafe {
-        for g in 0..groups {
-            for b in 0..bpr {
-                let gb = g * bpr + b;
-                for h in 0..n / 8 {
-                    let tb = t0 + n * g + 8 * h;
-                    for kk in 0..8 {
-                        let mut r = [_mm256_setzero_si256(); 8];
-                        for (j, rj) in r.iter_mut().enumerate() {
-                            if tb + j < t1 {
-                                let blk = &a[(tb + j) * bpr + b];
-                                *rj = _mm256_loadu_si256(
-                                    blk.qs.as_ptr().add(32 * kk) as *const __m256i
-                                );
-                            }
-                        }
-                        let cols = transpose_8x8(r);
-                        for (k, &c) in cols.iter().enumerate() {
-                            _mm256_storeu_si256(
-                                s.act.as_mut_ptr().add((gb * 64 + 8 * kk + k) * n + 8 * h)
-                                    as *mut __m256i,
-                                c,
-                            );
-                        }
-                    }
-                }
-                for j in 0..n {
-                    let tok = t0 + n * g + j;
-                    let mut p = [0i32; 8];
-                    let mut d = 0.0;
-                    if tok < t1 {
-                        let blk = &a[tok * bpr + b];
-                        F::act_pairs(blk, &mut p);
-                        d = blk.d;
-                    }
-                    s.da[gb * n + j] = d;
-                    for (k, &pk) in p.iter().enumerate() {
-                        s.corr[(gb * 8 + k) * n + j] = pk;
-                    }
-                }
-            }
         }
     }
 }

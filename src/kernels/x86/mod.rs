@@ -39,6 +39,34 @@
 //! trait methods only call intrinsics under that contract; the loops that compute pointers check lengths first
 //! and say so where they do.
 
+/// A `vpdpbusd` byte dot (a `ByteDot` with `VNNI`): `$dot` on 256 bits for the few-token kernels, `$lanes` at the
+/// width `$l` of lane tiles of `$rw` rows. AVX-VNNI's and AVX-512's two widths differ in nothing else.
+macro_rules! vnni_byte_dot {
+    ($(#[$doc:meta])* $name:ident: $l:ty, $rw:literal, $dot:ident, $lanes:ident) => {
+        $(#[$doc])*
+        pub(crate) struct $name;
+
+        // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller.
+        impl $crate::kernels::x86::ByteDot for $name {
+            type L = $l;
+            const RW: usize = $rw;
+            const VNNI: bool = true;
+            #[inline(always)]
+            unsafe fn dot(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
+                unsafe { $dot(acc, u, a) }
+            }
+            #[inline(always)]
+            unsafe fn dot_lanes(
+                acc: <$l as $crate::kernels::x86::Lanes>::I,
+                u: <$l as $crate::kernels::x86::Lanes>::I,
+                a: <$l as $crate::kernels::x86::Lanes>::I,
+            ) -> <$l as $crate::kernels::x86::Lanes>::I {
+                unsafe { $lanes(acc, u, a) }
+            }
+        }
+    };
+}
+
 pub mod avx2;
 pub mod avx512;
 mod kquant;
@@ -52,7 +80,7 @@ use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0, BlockQ8K};
 
 use crate::kernels::ProductOut;
 
-use avx2::Ymm;
+use avx2::{Ymm, transpose_8x8};
 
 /// Per-thread buffers for transposed activations and prepared weights, reused across calls so that a product
 /// never allocates once warm.
@@ -314,6 +342,8 @@ pub(crate) trait ByteDot {
     type L: Lanes;
     /// Rows per lane tile (bounded by the register count).
     const RW: usize;
+    /// Whether the dot is `vpdpbusd`, exact for every unsigned byte (as Q8_0 weights offset by 128 need).
+    const VNNI: bool;
     /// `acc +` the dot of each dword of `u` (unsigned) with that of `a` (signed): exact for `u` below 128 (every
     /// byte with VNNI).
     unsafe fn dot(acc: __m256i, u: __m256i, a: __m256i) -> __m256i;
@@ -338,9 +368,6 @@ pub(crate) trait ByteDot {
         unsafe { Self::block(acc, w, s) }
     }
 }
-
-/// A byte dot that is exact for every unsigned byte (`vpdpbusd`), as Q8_0 weights offset by 128 need.
-pub(crate) trait Vnni: ByteDot {}
 
 /// The 32-weight blocks: their f16 scale.
 pub(crate) trait Block32: Copy {
@@ -589,15 +616,9 @@ trait LaneKernel {
     type L: Lanes;
     /// Rows per tile.
     const RW: usize;
-    /// Transposes the activations of tokens `t0..t0 + groups * N` (zero past `t1`) into scratch.
-    unsafe fn prep_acts(
-        a: &[Self::A],
-        bpr: usize,
-        t0: usize,
-        t1: usize,
-        groups: usize,
-        s: &mut Scratch,
-    );
+    /// Transposes the activations of a chunk of tokens (`a`: whole tokens of `bpr` blocks) into scratch, in
+    /// vectors of `N` tokens (the last one padded with zeros).
+    unsafe fn prep_acts(a: &[Self::A], bpr: usize, s: &mut Scratch);
     /// Sizes the prepared-weight buffers for `RW` rows of `bpr` blocks.
     fn grow_rows(s: &mut Scratch, bpr: usize);
     /// Prepares weight block `w` as the tile's block `ib` (`row * bpr + block`); `None`, a row past the matrix,
@@ -633,8 +654,8 @@ unsafe fn gemm_lanes<K: LaneKernel, const RW: usize>(
     while c0 < t1 {
         let groups = (t1 - c0).div_ceil(nn).min(chunk_groups);
         let c1 = (c0 + groups * nn).min(t1);
-        // SAFETY: the set's features are present; tokens c0..c1 <= t1 <= n; `prep_acts` sizes its buffers.
-        unsafe { K::prep_acts(a, bpr, c0, c1, groups, s) };
+        // SAFETY: the set's features are present; `prep_acts` sizes its buffers.
+        unsafe { K::prep_acts(&a[c0 * bpr..c1 * bpr], bpr, s) };
         K::grow_rows(s, bpr);
         let mut r0 = 0;
         while r0 < rows {
@@ -721,16 +742,60 @@ impl<D: LaneDot> LaneKernel for BlockLanes<D> {
     type A = BlockQ8_0;
     type L = D::L;
     const RW: usize = D::RW;
+    /// For group g, block b: 8 vectors of N dwords (`act`), then N scales (`da`) and N corrections (`corr`).
+    /// Eight tokens at a time as an 8 x 8 dword transpose in registers: done per call for every token and block,
+    /// element by element it cost a quarter of a 128-row product.
     #[inline(always)]
-    unsafe fn prep_acts(
-        a: &[BlockQ8_0],
-        bpr: usize,
-        t0: usize,
-        t1: usize,
-        groups: usize,
-        s: &mut Scratch,
-    ) {
-        unsafe { prep_acts::<D>(a, bpr, t0, t1, groups, s) }
+    unsafe fn prep_acts(a: &[BlockQ8_0], bpr: usize, s: &mut Scratch) {
+        let nn = D::L::N;
+        let n = a.len() / bpr;
+        let groups = n.div_ceil(nn);
+        grow(&mut s.act, groups * bpr * 8 * nn);
+        grow(&mut s.da, groups * bpr * nn);
+        grow(&mut s.corr, groups * bpr * nn);
+        // SAFETY: every x86 set has AVX2 and F16C (checked when the set was selected). Loads read block b < bpr of
+        // token t < n; stores write 8 lanes at offsets below groups * bpr * 8 * N (act) and
+        // groups * bpr * N (da, corr), the sizes grown above.
+        unsafe {
+            let ones = _mm256_set1_epi8(1);
+            let ones16 = _mm256_set1_epi16(1);
+            let nbias = _mm256_set1_epi32(-D::BIAS);
+            for g in 0..groups {
+                for h in 0..nn / 8 {
+                    let tb = g * nn + h * 8;
+                    for b in 0..bpr {
+                        let gb = g * bpr + b;
+                        let mut r = [_mm256_setzero_si256(); 8];
+                        let mut d = [0.0f32; 8];
+                        for (j, (rj, dj)) in r.iter_mut().zip(d.iter_mut()).enumerate() {
+                            if tb + j < n {
+                                let blk = &a[(tb + j) * bpr + b];
+                                *rj = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
+                                *dj = f16_bits_to_f32(blk.d.to_bits());
+                            }
+                        }
+                        let cols = transpose_8x8(r);
+                        let mut sums = _mm256_setzero_si256();
+                        for (k, &c) in cols.iter().enumerate() {
+                            _mm256_storeu_si256(
+                                s.act.as_mut_ptr().add((gb * 8 + k) * nn + h * 8) as *mut __m256i,
+                                c,
+                            );
+                            sums = _mm256_add_epi32(
+                                sums,
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(ones, c), ones16),
+                            );
+                        }
+                        let o = gb * nn + h * 8;
+                        _mm256_storeu_si256(
+                            s.corr.as_mut_ptr().add(o) as *mut __m256i,
+                            _mm256_mullo_epi32(sums, nbias),
+                        );
+                        _mm256_storeu_ps(s.da.as_mut_ptr().add(o), _mm256_loadu_ps(d.as_ptr()));
+                    }
+                }
+            }
+        }
     }
     #[inline(always)]
     fn grow_rows(s: &mut Scratch, bpr: usize) {
@@ -772,101 +837,6 @@ impl<D: LaneDot> LaneKernel for BlockLanes<D> {
             }
             acc
         }
-    }
-}
-
-/// Transposes the activation blocks of tokens `t0..t0 + groups * N` (tokens past `t1` are zero) into scratch:
-/// for group g, block b: 8 vectors of N dwords (`act`), then N scales (`da`) and N corrections (`corr`).
-/// Eight tokens at a time as an 8 x 8 dword transpose in registers: done per call for every token and block,
-/// element by element it cost a quarter of a 128-row product.
-#[inline(always)]
-unsafe fn prep_acts<L: LaneDot>(
-    a: &[BlockQ8_0],
-    bpr: usize,
-    t0: usize,
-    t1: usize,
-    groups: usize,
-    s: &mut Scratch,
-) {
-    let nn = L::L::N;
-    grow(&mut s.act, groups * bpr * 8 * nn);
-    grow(&mut s.da, groups * bpr * nn);
-    grow(&mut s.corr, groups * bpr * nn);
-    // SAFETY: every x86 set has AVX2 and F16C (checked when the set was selected). Loads read block b < bpr of
-    // token t < t1 <= n; stores write 8 lanes at offsets below groups * bpr * 8 * N (act) and
-    // groups * bpr * N (da, corr), the sizes grown above.
-    unsafe {
-        let ones = _mm256_set1_epi8(1);
-        let ones16 = _mm256_set1_epi16(1);
-        let nbias = _mm256_set1_epi32(-L::BIAS);
-        for g in 0..groups {
-            for h in 0..nn / 8 {
-                let tb = t0 + g * nn + h * 8;
-                for b in 0..bpr {
-                    let gb = g * bpr + b;
-                    let mut r = [_mm256_setzero_si256(); 8];
-                    let mut d = [0.0f32; 8];
-                    for (j, (rj, dj)) in r.iter_mut().zip(d.iter_mut()).enumerate() {
-                        if tb + j < t1 {
-                            let blk = &a[(tb + j) * bpr + b];
-                            *rj = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
-                            *dj = f16_bits_to_f32(blk.d.to_bits());
-                        }
-                    }
-                    let cols = transpose_8x8(r);
-                    let mut sums = _mm256_setzero_si256();
-                    for (k, &c) in cols.iter().enumerate() {
-                        _mm256_storeu_si256(
-                            s.act.as_mut_ptr().add((gb * 8 + k) * nn + h * 8) as *mut __m256i,
-                            c,
-                        );
-                        sums = _mm256_add_epi32(
-                            sums,
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(ones, c), ones16),
-                        );
-                    }
-                    let o = gb * nn + h * 8;
-                    _mm256_storeu_si256(
-                        s.corr.as_mut_ptr().add(o) as *mut __m256i,
-                        _mm256_mullo_epi32(sums, nbias),
-                    );
-                    _mm256_storeu_ps(s.da.as_mut_ptr().add(o), _mm256_loadu_ps(d.as_ptr()));
-                }
-            }
-        }
-    }
-}
-
-/// Rows of 8 dwords to columns.
-#[inline(always)]
-unsafe fn transpose_8x8(r: [__m256i; 8]) -> [__m256i; 8] {
-    unsafe {
-        let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
-        let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-        let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
-        let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-        let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
-        let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
-        let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
-        let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
-        let u0 = _mm256_unpacklo_epi64(t0, t2);
-        let u1 = _mm256_unpackhi_epi64(t0, t2);
-        let u2 = _mm256_unpacklo_epi64(t1, t3);
-        let u3 = _mm256_unpackhi_epi64(t1, t3);
-        let u4 = _mm256_unpacklo_epi64(t4, t6);
-        let u5 = _mm256_unpackhi_epi64(t4, t6);
-        let u6 = _mm256_unpacklo_epi64(t5, t7);
-        let u7 = _mm256_unpackhi_epi64(t5, t7);
-        [
-            _mm256_permute2x128_si256::<0x20>(u0, u4),
-            _mm256_permute2x128_si256::<0x20>(u1, u5),
-            _mm256_permute2x128_si256::<0x20>(u2, u6),
-            _mm256_permute2x128_si256::<0x20>(u3, u7),
-            _mm256_permute2x128_si256::<0x31>(u0, u4),
-            _mm256_permute2x128_si256::<0x31>(u1, u5),
-            _mm256_permute2x128_si256::<0x31>(u2, u6),
-            _mm256_permute2x128_si256::<0x31>(u3, u7),
-        ]
     }
 }
 
@@ -914,23 +884,60 @@ unsafe fn q8_bytes(w: &BlockQ8_0) -> __m256i {
     unsafe { _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i) }
 }
 
-/// Q4_0 on any instruction set's byte dot: the nibbles as they are (0..15), corrected by
-/// `-8 * sum(activation block)`.
-pub(crate) struct Q4<D>(PhantomData<D>);
+/// A 32-block format as the unsigned operand of a byte dot, for `Bytes`.
+pub(crate) trait Unsigned32: Block32 {
+    /// The activation correction: the integer dot is `dot(u, a) - BIAS * sum(a)`.
+    const BIAS: i32;
+    /// Whether the bytes stay below 16 (`ByteDot::block_nibbles`); otherwise they take the whole byte range,
+    /// which only a VNNI dot multiplies exactly.
+    const NIBBLES: bool;
+    /// The 32 unsigned bytes, in activation order.
+    unsafe fn unsigned(&self) -> __m256i;
+}
 
-/// Q8_0 on a VNNI byte dot: the weights offset by 128 as unsigned bytes, corrected by `-128 * sum`. (AVX2, where
-/// `vpmaddubsw` saturates at i16, has its own form: `avx2::Q8Sign`.)
-pub(crate) struct Q8<D>(PhantomData<D>);
+// SAFETY (every method): the module contract above: features enabled by the caller.
+impl Unsigned32 for BlockQ4_0 {
+    const BIAS: i32 = 8;
+    const NIBBLES: bool = true;
+    /// The nibbles as they are (0..15).
+    #[inline(always)]
+    unsafe fn unsigned(&self) -> __m256i {
+        unsafe { q4_nibbles(self) }
+    }
+}
+
+// SAFETY (every method): the module contract above: features enabled by the caller.
+impl Unsigned32 for BlockQ8_0 {
+    const BIAS: i32 = 128;
+    const NIBBLES: bool = false;
+    /// `w + 128` as unsigned bytes.
+    #[inline(always)]
+    unsafe fn unsigned(&self) -> __m256i {
+        unsafe { _mm256_xor_si256(q8_bytes(self), _mm256_set1_epi8(-128)) }
+    }
+}
+
+/// Format `W` on byte dot `D`, for both kernels: the weights as unsigned bytes (`Unsigned32`), corrected by
+/// `-BIAS * sum(activation block)`. Q8_0 needs a VNNI dot (AVX2, where `vpmaddubsw` saturates at i16, has its own
+/// form: `avx2::Q8Sign`).
+pub(crate) struct Bytes<W, D>(PhantomData<(W, D)>);
+
+/// Q4_0 on any instruction set.
+pub(crate) type Q4<D> = Bytes<BlockQ4_0, D>;
+
+/// Q8_0 on a VNNI set.
+pub(crate) type Q8<D> = Bytes<BlockQ8_0, D>;
 
 // SAFETY (every method): the module contract above: features enabled by the caller, pointers valid.
-impl<D: ByteDot> BlockDot for Q4<D> {
-    type W = BlockQ4_0;
-    const BIAS: i32 = 8;
+impl<W: Unsigned32, D: ByteDot> BlockDot for Bytes<W, D> {
+    type W = W;
+    const BIAS: i32 = W::BIAS;
     #[inline(always)]
-    unsafe fn load(w: *const BlockQ4_0) -> (__m256i, __m256i) {
+    unsafe fn load(w: *const W) -> (__m256i, __m256i) {
+        const { assert!(W::NIBBLES || D::VNNI) };
         unsafe {
-            let x = q4_nibbles(&*w);
-            (x, x)
+            let u = (*w).unsigned();
+            (u, u)
         }
     }
     #[inline(always)]
@@ -940,57 +947,26 @@ impl<D: ByteDot> BlockDot for Q4<D> {
 }
 
 // SAFETY (every method): the module contract above: features enabled by the caller, pointers valid.
-impl<D: ByteDot> LaneDot for Q4<D> {
-    type W = BlockQ4_0;
+impl<W: Unsigned32, D: ByteDot> LaneDot for Bytes<W, D> {
+    type W = W;
     type L = D::L;
     const RW: usize = D::RW;
-    const BIAS: i32 = 8;
+    const BIAS: i32 = W::BIAS;
     const W_BYTES: usize = 32;
     #[inline(always)]
-    unsafe fn prep(w: &BlockQ4_0, dst: *mut u8) {
-        unsafe { _mm256_storeu_si256(dst as *mut __m256i, q4_nibbles(w)) }
+    unsafe fn prep(w: &W, dst: *mut u8) {
+        const { assert!(W::NIBBLES || D::VNNI) };
+        unsafe { _mm256_storeu_si256(dst as *mut __m256i, w.unsigned()) }
     }
     #[inline(always)]
     unsafe fn block(acc: IOf<D>, w: *const u8, s: *const u32) -> IOf<D> {
-        unsafe { D::block_nibbles(acc, w, s) }
-    }
-}
-
-// SAFETY (every method): the module contract above: features enabled by the caller, pointers valid.
-impl<D: Vnni> BlockDot for Q8<D> {
-    type W = BlockQ8_0;
-    const BIAS: i32 = 128;
-    #[inline(always)]
-    unsafe fn load(w: *const BlockQ8_0) -> (__m256i, __m256i) {
-        // w + 128 as unsigned bytes.
         unsafe {
-            let x = q8_bytes(&*w);
-            (_mm256_xor_si256(x, _mm256_set1_epi8(-128)), x)
+            if W::NIBBLES {
+                D::block_nibbles(acc, w, s)
+            } else {
+                D::block(acc, w, s)
+            }
         }
-    }
-    #[inline(always)]
-    unsafe fn dot(acc: __m256i, w: (__m256i, __m256i), a: __m256i) -> __m256i {
-        unsafe { D::dot(acc, w.0, a) }
-    }
-}
-
-// SAFETY (every method): the module contract above: features enabled by the caller, pointers valid.
-impl<D: Vnni> LaneDot for Q8<D> {
-    type W = BlockQ8_0;
-    type L = D::L;
-    const RW: usize = D::RW;
-    const BIAS: i32 = 128;
-    const W_BYTES: usize = 32;
-    #[inline(always)]
-    unsafe fn prep(w: &BlockQ8_0, dst: *mut u8) {
-        unsafe {
-            let u = _mm256_xor_si256(q8_bytes(w), _mm256_set1_epi8(-128));
-            _mm256_storeu_si256(dst as *mut __m256i, u);
-        }
-    }
-    #[inline(always)]
-    unsafe fn block(acc: IOf<D>, w: *const u8, s: *const u32) -> IOf<D> {
-        unsafe { D::block(acc, w, s) }
     }
 }
 
