@@ -335,13 +335,37 @@ impl LaneDot for Q8Sign {
     }
 }
 
+/// The whole 32-block product: whole vectors of 8 tokens on the lane kernel, the rest on the few-token kernel
+/// (tiles of up to 2 tokens).
+#[inline(always)]
+unsafe fn gemm_quant<D: BlockDot + LaneDot<W = <D as BlockDot>::W>>(
+    w: &[<D as BlockDot>::W],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    mut out: ProductOut,
+) {
+    if bpr == 0 || a.is_empty() || w.is_empty() {
+        return;
+    }
+    let n = a.len() / bpr;
+    let lane_tokens = n / 8 * 8;
+    unsafe {
+        if lane_tokens > 0 {
+            super::gemm_lanes::<super::BlockLanes<D>, 4>(w, a, bpr, 0, lane_tokens, &mut out);
+        }
+        if lane_tokens < n {
+            super::gemm_few::<D, 2>(w, a, bpr, lane_tokens, n, &mut out);
+        }
+    }
+}
+
 target_feature_entries! { "avx2,fma,f16c";
     fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) = super::quantize_q8_k_avx2(x, out);
     fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) = super::quantize_q8_0_avx2(x, out);
     fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
-        super::gemm_quant::<Q8Sign, Q8Sign, 4, 2>(w, a, bpr, out);
+        gemm_quant::<Q8Sign>(w, a, bpr, out);
     fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
-        super::gemm_quant::<Q4<Avx2>, Q4<Avx2>, 4, 2>(w, a, bpr, out);
+        gemm_quant::<Q4<Avx2>>(w, a, bpr, out);
     fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
         kquant::gemm::<kquant::Q4K>(w, a, bpr, out);
     fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
@@ -359,7 +383,7 @@ target_feature_entries! { "avx2,fma,f16c";
 
 target_feature_entries! { "avx2,fma,f16c,avxvnni";
     fn gemm_q8_0_vnni(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
-        super::gemm_quant::<Q8<AvxVnni>, Q8<AvxVnni>, 4, 2>(w, a, bpr, out);
+        gemm_quant::<Q8<AvxVnni>>(w, a, bpr, out);
     fn gemm_q4_0_vnni(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
-        super::gemm_quant::<Q4<AvxVnni>, Q4<AvxVnni>, 4, 2>(w, a, bpr, out);
+        gemm_quant::<Q4<AvxVnni>>(w, a, bpr, out);
 }

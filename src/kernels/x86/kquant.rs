@@ -236,17 +236,18 @@ pub(crate) unsafe fn gemm_few<K: KQuant>(
     } else {
         std::ptr::null()
     };
-    let tiles = FewK::<K> {
+    let mut tiles = FewK::<K> {
         w,
         a,
         bpr,
         t0,
         perm,
+        out: out.reborrow(),
     };
     // SAFETY: the tiles stay within rows and tokens; prefetches never fault.
     unsafe {
         prefetch_head(w, rows * bpr);
-        few_tiles::<_, 4>(&tiles, rows, t0, t1, out);
+        few_tiles::<_, 4>(&mut tiles, rows, t0, t1);
     }
 }
 
@@ -258,17 +259,14 @@ struct FewK<'a, K: KQuant> {
     bpr: usize,
     t0: usize,
     perm: *const i8,
+    out: ProductOut<'a>,
 }
 
 impl<K: KQuant> FewTile for FewK<'_, K> {
     #[inline(always)]
-    unsafe fn tile<const RT: usize, const TT: usize>(
-        &self,
-        r0: usize,
-        t: usize,
-        out: &mut ProductOut,
-    ) {
+    unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r0: usize, t: usize) {
         let (w, a, bpr, t0, perm) = (self.w, self.a, self.bpr, self.t0, self.perm);
+        let out = &mut self.out;
         let bb = size_of::<K::W>();
         debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
         // SAFETY (bounds): rows r0..r0 + RT and tokens t..t + TT exist (the caller's tiling), every pointer

@@ -408,35 +408,25 @@ const PREFETCH_BYTES: usize = 8192;
 // ---------------------------------------------------------------------------------------------------------------
 // Quantized products, few tokens.
 
-/// A few-token kernel's tile: rows `r..r + RT` x tokens `t..t + TT`, each output computed and written whole.
+/// A few-token kernel over its inputs and output: the tile of rows `r..r + RT` x tokens `t..t + TT`, each
+/// output computed and written whole.
 pub(crate) trait FewTile {
-    unsafe fn tile<const RT: usize, const TT: usize>(
-        &self,
-        r: usize,
-        t: usize,
-        out: &mut ProductOut,
-    );
+    unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r: usize, t: usize);
 }
 
 /// Rows `0..rows` x tokens `t0..t1` as tiles of 4 rows (single rows at the end) by 4 tokens (if `TMAX` is 4),
 /// then 2, then 1, in that order. The caller has checked the shape (`tile_shape`).
 #[inline(always)]
-unsafe fn few_tiles<T: FewTile, const TMAX: usize>(
-    k: &T,
-    rows: usize,
-    t0: usize,
-    t1: usize,
-    out: &mut ProductOut,
-) {
+unsafe fn few_tiles<T: FewTile, const TMAX: usize>(k: &mut T, rows: usize, t0: usize, t1: usize) {
     let mut r = 0;
     while r < rows {
         // SAFETY: every tile lies within rows `0..rows` and tokens `t0..t1`.
         unsafe {
             if rows - r >= 4 {
-                few_row_tiles::<T, 4, TMAX>(k, r, t0, t1, out);
+                few_row_tiles::<T, 4, TMAX>(k, r, t0, t1);
                 r += 4;
             } else {
-                few_row_tiles::<T, 1, TMAX>(k, r, t0, t1, out);
+                few_row_tiles::<T, 1, TMAX>(k, r, t0, t1);
                 r += 1;
             }
         }
@@ -445,11 +435,10 @@ unsafe fn few_tiles<T: FewTile, const TMAX: usize>(
 
 #[inline(always)]
 unsafe fn few_row_tiles<T: FewTile, const RT: usize, const TMAX: usize>(
-    k: &T,
+    k: &mut T,
     r: usize,
     t0: usize,
     t1: usize,
-    out: &mut ProductOut,
 ) {
     let mut t = t0;
     while t < t1 {
@@ -457,13 +446,13 @@ unsafe fn few_row_tiles<T: FewTile, const RT: usize, const TMAX: usize>(
         // SAFETY: tokens t..t + TT <= t1, rows r..r + RT as the caller checked.
         unsafe {
             if left >= 4 && TMAX >= 4 {
-                k.tile::<RT, 4>(r, t, out);
+                k.tile::<RT, 4>(r, t);
                 t += 4;
             } else if left >= 2 {
-                k.tile::<RT, 2>(r, t, out);
+                k.tile::<RT, 2>(r, t);
                 t += 2;
             } else {
-                k.tile::<RT, 1>(r, t, out);
+                k.tile::<RT, 1>(r, t);
                 t += 1;
             }
         }
@@ -521,15 +510,16 @@ unsafe fn gemm_few<D: BlockDot, const TMAX: usize>(
                 );
             }
         }
-        let tiles = FewBlocks::<D> {
+        let mut tiles = FewBlocks::<D> {
             w,
             a,
             bpr,
             t0,
             da: &s.da[..nt * bpr],
             corr: &s.corr[..nt * bpr * 8],
+            out: out.reborrow(),
         };
-        few_tiles::<_, TMAX>(&tiles, rows, t0, t1, out);
+        few_tiles::<_, TMAX>(&mut tiles, rows, t0, t1);
     }
 }
 
@@ -542,17 +532,14 @@ struct FewBlocks<'a, D: BlockDot> {
     t0: usize,
     da: &'a [f32],
     corr: &'a [i32],
+    out: ProductOut<'a>,
 }
 
 impl<D: BlockDot> FewTile for FewBlocks<'_, D> {
     #[inline(always)]
-    unsafe fn tile<const RT: usize, const TT: usize>(
-        &self,
-        r0: usize,
-        t: usize,
-        out: &mut ProductOut,
-    ) {
+    unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r0: usize, t: usize) {
         let (w, a, bpr, t0, da, corr) = (self.w, self.a, self.bpr, self.t0, self.da, self.corr);
+        let out = &mut self.out;
         // SAFETY (bounds): the caller keeps r0 + RT <= rows and t + TT <= n; every pointer below indexes block
         // b < bpr of one of those rows or tokens; `da` holds (t1 - t0) * bpr entries and `corr` 8 per entry.
         debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
@@ -836,33 +823,6 @@ impl<D: LaneDot> LaneKernel for BlockLanes<D> {
                 }
             }
             acc
-        }
-    }
-}
-
-/// The whole product: whole vectors of tokens on the lane kernel, the rest on the few-token kernel.
-#[inline(always)]
-unsafe fn gemm_quant<F: BlockDot, L: LaneDot<W = F::W>, const RW: usize, const TMAX: usize>(
-    w: &[F::W],
-    a: &[BlockQ8_0],
-    bpr: usize,
-    mut out: ProductOut,
-) {
-    if bpr == 0 || a.is_empty() || w.is_empty() {
-        return;
-    }
-    let n = a.len() / bpr;
-    let lane_tokens = if n >= L::L::N {
-        n / L::L::N * L::L::N
-    } else {
-        0
-    };
-    unsafe {
-        if lane_tokens > 0 {
-            gemm_lanes::<BlockLanes<L>, RW>(w, a, bpr, 0, lane_tokens, &mut out);
-        }
-        if lane_tokens < n {
-            gemm_few::<F, TMAX>(w, a, bpr, lane_tokens, n, &mut out);
         }
     }
 }
