@@ -1,9 +1,11 @@
 //! The k-quant products (Q4_K, Q5_K and Q6_K against Q8_K) of every x86 set, written once over two traits: an
-//! instruction set's lane dot (`KDot`: the per-group integer dot and the `bsums` pair term at its lane width)
-//! and a format on that set (`KQuant`: a weight block unpacked in registers, its dot with one activation block,
-//! its quants in weight order). `avx2/kquant.rs` and `avx512/kquant.rs` implement them; what every set sees the
-//! same way is here: the format constants and prepared scales (`KFormat`), the activation side of the lane
-//! kernel (transposed quants, scales and `bsums` pairs), and both drivers.
+//! instruction set's lane dot (`KDot`: the per-group integer dot and the `bsums` pair term at the width and tile
+//! height of its `ByteDot`) and a format on that set (`KQuant`: a weight block unpacked in registers, its dot
+//! with one activation block, its quants in weight order). `avx2/kquant.rs` and `avx512/kquant.rs` implement
+//! them (a new set: one `KDot` impl and the three formats' `KQuant`), and decide per call which kernel gets which
+//! tokens (`gemm`); what every set sees the same way is here: the format constants and prepared scales
+//! (`KFormat`), the activation side of the lane kernel (transposed quants, scales and `bsums` pairs), and both
+//! drivers.
 //!
 //! A 256-block carries one integer scale per group (Q4_K/Q5_K: 8 groups of 32, 6-bit; Q6_K: 16 groups of 16,
 //! i8) and a term from the activation group sums (`bsums`): Q4_K's mins (own float scale `dmin`), Q6_K's `-32`

@@ -1,35 +1,48 @@
-//! x86-64 kernels. The loop structure of each product is written once here, generic over small traits whose
-//! methods are single instructions or short sequences; `avx2.rs` and `avx512.rs` implement the traits and wrap
-//! the generic bodies in `#[target_feature]` functions. Every trait method and every body is
-//! `#[inline(always)]`, so the whole product is compiled inside the wrapper with its features enabled: there is
-//! no call, and no vector passed by value, across a feature boundary.
+//! x86-64 kernels. The loop structure of each product is written once, here and in `kquant.rs`, generic over
+//! small traits whose methods are single instructions or short sequences; `avx2.rs` and `avx512.rs` (with their
+//! `kquant.rs`) implement the traits and wrap the generic bodies in `#[target_feature]` functions. Every trait
+//! method and every body is `#[inline(always)]`, so the whole product is compiled inside the wrapper with its
+//! features enabled: there is no call, and no vector passed by value, across a feature boundary.
 //!
-//! Two shapes of quantized product:
-//! - **few tokens** (decode, and the last tokens of a batch): one 32-byte block at a time, rows and tokens
-//!   tiled so an activation block is loaded once for several rows and a weight block transformed once for
-//!   several tokens; the 8 lanes of a block's integer dot are scaled and accumulated as floats and summed
-//!   horizontally once per output. Memory-bound: the work per weight byte only has to stay below DRAM speed,
-//!   and the rows are prefetched two tiles ahead into L2 (see `few_tile`). AVX-512 has its own Q4_0 version,
-//!   four blocks per zmm (`avx512.rs`).
-//! - **many tokens** (prompt processing): one lane per token. Activations are transposed once per call so that
-//!   lane `j` of vector `k` holds bytes `4k..4k + 4` of token `j`'s block; a weight block is then 8 broadcast
-//!   dwords. Each lane's integer sum is a whole block's dot product, so the float work per block (convert,
-//!   scale, accumulate) is shared by 8 or 16 tokens instead of being repeated per token. A finished tile (rows
-//!   x tokens) is transposed in registers and stored token-major, one store of its rows per token.
+//! The traits:
+//! - `Lanes`: one vector width (`avx2::Ymm`, `avx512::Zmm`): f32 and i32 lanes, loads, FMA, horizontal sums and
+//!   the token-major tile store. The float products and both drivers below are written in it.
+//! - `ByteDot`: an instruction set's u8 x i8 byte dot, on 256 bits and at its lane width, and the height of its
+//!   lane tiles (`avx2::Avx2`, `avx2::AvxVnni`, `avx512::Vnni512`, `avx512::Vnni256`).
+//! - `BlockDot` and `LaneDot`: a 32-block format on one instruction set, for the two shapes below. `Bytes<W, D>`
+//!   is both for Q4_0 on every byte dot and Q8_0 on the VNNI ones (`Unsigned32`: the weights as unsigned bytes);
+//!   AVX2's Q8_0 is `avx2::Q8Sign`.
+//! - `kquant::KDot` and `kquant::KQuant`: the same for the k-quants (`kquant.rs`).
 //!
-//! Both formats run on unsigned-by-signed byte dots (`vpdpbusd`, or `vpmaddubsw` + `vpmaddwd`): Q4_0 nibbles are
-//! used as they are (0..15) and corrected by `-8 * sum(activation block)`; Q8_0 weights are offset by 128 for
-//! VNNI and corrected by `-128 * sum`, or (AVX2, where `vpmaddubsw` saturates at i16) split into `|w|` and the
-//! sign moved onto the activation. Every per-block integer sum is exact; in the few-token kernels the correction
-//! is spread over the lanes (each lane gets `-bias` times the sum of its own 4 activation bytes), so every float
-//! lane is a true partial dot product and no larger than the terms it sums.
+//! So a new instruction set is a `Lanes` width (if it brings one), a `ByteDot` (and `KDot`) impl and its
+//! entries; a new format a `BlockDot` + `LaneDot` (or `KQuant`) impl.
 //!
-//! Which shape runs is decided per call from the token count: whole vectors of tokens on the lane kernel, the
-//! rest on the few-token kernel.
+//! Two shapes of quantized product, each with one driver:
+//! - **few tokens** (decode, and the last tokens of a batch): tiles of up to 4 rows x 4 tokens, walked by
+//!   `few_tiles` over a `FewTile` context: `FewBlocks` here, AVX-512's Q4_0 (four blocks per zmm) in `avx512.rs`,
+//!   the k-quants' in `kquant.rs`. For the 32-blocks one block at a time: an activation block is loaded once for
+//!   several rows and a weight block transformed once for several tokens; the 8 lanes of a block's integer dot
+//!   are scaled and accumulated as floats and summed horizontally once per output. Memory-bound: the work per
+//!   weight byte only has to stay below DRAM speed, and the rows are prefetched ahead into L2 (two row tiles
+//!   ahead in `FewBlocks`, `PREFETCH_BYTES` in the others).
+//! - **many tokens** (prompt processing): one lane per token, `gemm_lanes` over a `LaneKernel` (`BlockLanes`
+//!   for the 32-blocks, `kquant::KLanes`). Activations are transposed once per chunk of tokens so that lane `j`
+//!   of vector `k` holds bytes `4k..4k + 4` of token `j`'s block; a weight block, prepared once per row tile, is
+//!   then 8 broadcast dwords. Each lane's integer sum is a whole block's dot product, so the float work per
+//!   block (convert, scale, accumulate) is shared by 8 or 16 tokens instead of being repeated per token. A
+//!   finished tile (rows x tokens) is transposed in registers and stored token-major, one store of its rows per
+//!   token (`store_lanes`).
 //!
-//! The k-quant products (Q4_K, Q5_K, Q6_K against Q8_K) have the same two shapes but their own bodies, since a
-//! 256-block carries per-group integer scales and a `bsums` term: `avx512/kquant.rs` and `avx2/kquant.rs`, with
-//! what they share (scale unpacking, transposed activations) in `kquant.rs`.
+//! Both 32-block formats run on unsigned-by-signed byte dots (`vpdpbusd`, or `vpmaddubsw` + `vpmaddwd`): Q4_0
+//! nibbles are used as they are (0..15) and corrected by `-8 * sum(activation block)`; Q8_0 weights are offset by
+//! 128 for VNNI and corrected by `-128 * sum`, or (AVX2, where `vpmaddubsw` saturates at i16) split into `|w|` and
+//! the sign moved onto the activation. Every per-block integer sum is exact; in the few-token kernels the
+//! correction is spread over the lanes (each lane gets `-bias` times the sum of its own 4 activation bytes), so
+//! every float lane is a true partial dot product and no larger than the terms it sums.
+//!
+//! Which shape runs is decided per call from the token count, by each set's `gemm_quant` (and the k-quants'
+//! `gemm`): whole vectors of tokens on the lane kernel, the rest on the few-token kernel (or, on AVX-512, on
+//! narrower lanes when enough are left).
 //!
 //! # Safety
 //! Every `unsafe fn` here and in the two ISA files has one contract: it runs inside a `#[target_feature]`
@@ -409,7 +422,8 @@ const PREFETCH_BYTES: usize = 8192;
 // Quantized products, few tokens.
 
 /// A few-token kernel over its inputs and output: the tile of rows `r..r + RT` x tokens `t..t + TT`, each
-/// output computed and written whole.
+/// output computed and written whole. The caller (`few_tiles`) keeps every tile inside the shape the kernel
+/// checked (`tile_shape`), which the tile's loads and stores rely on.
 pub(crate) trait FewTile {
     unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r: usize, t: usize);
 }
@@ -647,6 +661,7 @@ unsafe fn gemm_lanes<K: LaneKernel, const RW: usize>(
         let mut r0 = 0;
         while r0 < rows {
             let nr = (rows - r0).min(RW);
+            // Prepared weights for rows r0..r0 + nr; missing rows of the last tile are zero (scale 0).
             for i in 0..RW {
                 for b in 0..bpr {
                     let blk = if i < nr {
