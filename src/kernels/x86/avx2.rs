@@ -28,21 +28,7 @@ pub fn detected_vnni() -> bool {
 }
 
 /// Only handed out by `kernels::available` after `detected()` (the safety condition of its entries).
-pub(in crate::kernels) static SET: Kernels = Kernels {
-    name: "avx2",
-    quantize_q8_0,
-    gemm_q8_0,
-    gemm_q4_0,
-    quantize_q8_k,
-    gemm_q4_k,
-    gemm_q5_k,
-    gemm_q6_k,
-    gemm_f32,
-    gemm_f16,
-    gemm_bf16,
-    axpy_f32,
-    ops: crate::kernels::ops::x86::AVX2,
-};
+pub(in crate::kernels) static SET: Kernels = x86_set!("avx2", crate::kernels::ops::x86::AVX2);
 
 /// Only handed out by `kernels::available` after `detected_vnni()`.
 pub(in crate::kernels) static SET_VNNI: Kernels = Kernels {

@@ -29,21 +29,8 @@ pub fn detected() -> bool {
 
 /// Only handed out by `kernels::available` after `detected()`: that check is the safety condition of every
 /// `unsafe` call to a `#[target_feature]` function below.
-pub(in crate::kernels) static SET: Kernels = Kernels {
-    name: "avx512vnni",
-    quantize_q8_0,
-    gemm_q8_0,
-    gemm_q4_0,
-    quantize_q8_k,
-    gemm_q4_k,
-    gemm_q5_k,
-    gemm_q6_k,
-    gemm_f32,
-    gemm_f16,
-    gemm_bf16,
-    axpy_f32,
-    ops: crate::kernels::ops::x86::AVX512,
-};
+pub(in crate::kernels) static SET: Kernels =
+    x86_set!("avx512vnni", crate::kernels::ops::x86::AVX512);
 
 /// 512-bit vectors: 16 lanes.
 pub(crate) struct Zmm;

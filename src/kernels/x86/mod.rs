@@ -52,6 +52,28 @@
 //! trait methods only call intrinsics under that contract; the loops that compute pointers check lengths first
 //! and say so where they do.
 
+/// A set's table from the entries its module defines (`target_feature_entries!`), which every x86 set names
+/// alike.
+macro_rules! x86_set {
+    ($name:literal, $ops:expr) => {
+        $crate::kernels::Kernels {
+            name: $name,
+            quantize_q8_0,
+            gemm_q8_0,
+            gemm_q4_0,
+            quantize_q8_k,
+            gemm_q4_k,
+            gemm_q5_k,
+            gemm_q6_k,
+            gemm_f32,
+            gemm_f16,
+            gemm_bf16,
+            axpy_f32,
+            ops: $ops,
+        }
+    };
+}
+
 /// A `vpdpbusd` byte dot (a `ByteDot` with `VNNI`): `$dot` on 256 bits for the few-token kernels, `$lanes` at the
 /// width `$l` of lane tiles of `$rw` rows. AVX-VNNI's and AVX-512's two widths differ in nothing else.
 macro_rules! vnni_byte_dot {
