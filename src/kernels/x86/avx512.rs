@@ -1,14 +1,17 @@
 //! AVX-512 (F, BW, VL) with VNNI: `vpdpbusd` sums four u8 x i8 products per i32 lane with no intermediate
-//! saturation, so both formats are exact for every byte value. Many-token products put 16 tokens in a zmm;
-//! few-token Q8_0 products use the 256-bit form on one block at a time, few-token Q4_0 products four blocks per
-//! zmm (see "Q4_0, few tokens" below). Lane tiles are transposed in registers and stored token-major.
+//! saturation, so both formats are exact for every byte value. Many-token products put 16 tokens in a zmm
+//! (`Vnni512`, over the `Zmm` width); 6 to 15 tokens past the last whole zmm the 256-bit form (`Vnni256`, over
+//! AVX2's `Ymm`); few-token Q8_0 products use the 256-bit form on one block at a time, few-token Q4_0 products
+//! four blocks per zmm (see "Q4_0, few tokens" below). Lane tiles are transposed in registers and stored
+//! token-major.
 
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
-use super::{BlockDot, FloatLanes, LaneDot};
+use super::avx2::Ymm;
+use super::{BlockDot, FewTile, Lanes, Q4, Q8};
 
 mod kquant;
 use crate::kernels::{Kernels, ProductOut};
@@ -26,65 +29,96 @@ pub fn detected() -> bool {
 
 /// Only handed out by `kernels::available` after `detected()`: that check is the safety condition of every
 /// `unsafe` call to a `#[target_feature]` function below.
-pub(in crate::kernels) static SET: Kernels = Kernels {
-    name: "avx512vnni",
-    quantize_q8_0,
-    gemm_q8_0,
-    gemm_q4_0,
-    quantize_q8_k,
-    gemm_q4_k,
-    gemm_q5_k,
-    gemm_q6_k,
-    gemm_f32,
-    gemm_f16,
-    gemm_bf16,
-    axpy_f32,
-    ops: crate::kernels::ops::x86::AVX512,
-};
+pub(in crate::kernels) static SET: Kernels =
+    x86_set!("avx512vnni", crate::kernels::ops::x86::AVX512);
 
-pub(crate) struct Q8;
-pub(crate) struct Q4;
+/// 512-bit vectors: 16 lanes.
+pub(crate) struct Zmm;
 
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl BlockDot for Q8 {
-    type W = BlockQ8_0;
-    const BIAS: i32 = 128;
+impl Lanes for Zmm {
+    type F = __m512;
+    type I = __m512i;
+    const N: usize = 16;
     #[inline(always)]
-    unsafe fn d_bits(w: &BlockQ8_0) -> u16 {
-        w.d.to_bits()
+    unsafe fn zero() -> __m512 {
+        unsafe { _mm512_setzero_ps() }
     }
     #[inline(always)]
-    unsafe fn load(w: *const BlockQ8_0) -> (__m256i, __m256i) {
-        // w + 128 as unsigned bytes.
+    unsafe fn splat(x: f32) -> __m512 {
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m512 {
         unsafe {
-            let x = super::q8_bytes(&*w);
-            (_mm256_xor_si256(x, _mm256_set1_epi8(-128)), x)
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
         }
     }
     #[inline(always)]
-    unsafe fn dot(acc: __m256i, w: (__m256i, __m256i), a: __m256i) -> __m256i {
-        unsafe { _mm256_dpbusd_epi32(acc, w.0, a) }
-    }
-}
-
-// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl BlockDot for Q4 {
-    type W = BlockQ4_0;
-    const BIAS: i32 = 8;
-    #[inline(always)]
-    unsafe fn d_bits(w: &BlockQ4_0) -> u16 {
-        w.d.to_bits()
+    unsafe fn store(p: *mut f32, v: __m512) {
+        unsafe { _mm512_storeu_ps(p, v) }
     }
     #[inline(always)]
-    unsafe fn load(w: *const BlockQ4_0) -> (__m256i, __m256i) {
+    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sum(v: __m512) -> f32 {
+        unsafe { _mm512_reduce_add_ps(v) }
+    }
+    /// Each vector's halves added, then AVX2's four-way sum.
+    #[inline(always)]
+    unsafe fn sum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
         unsafe {
-            let x = super::q4_nibbles(&*w);
-            (x, x)
+            let a = _mm256_add_ps(_mm512_castps512_ps256(a), upper_half(a));
+            let b = _mm256_add_ps(_mm512_castps512_ps256(b), upper_half(b));
+            let c = _mm256_add_ps(_mm512_castps512_ps256(c), upper_half(c));
+            let d = _mm256_add_ps(_mm512_castps512_ps256(d), upper_half(d));
+            Ymm::sum4(a, b, c, d)
         }
     }
     #[inline(always)]
-    unsafe fn dot(acc: __m256i, w: (__m256i, __m256i), a: __m256i) -> __m256i {
-        unsafe { _mm256_dpbusd_epi32(acc, w.0, a) }
+    unsafe fn zero_i() -> __m512i {
+        unsafe { _mm512_setzero_si512() }
+    }
+    #[inline(always)]
+    unsafe fn load_i(p: *const i32) -> __m512i {
+        unsafe { _mm512_loadu_si512(p as *const _) }
+    }
+    #[inline(always)]
+    unsafe fn bcast(p: *const u8) -> __m512i {
+        unsafe { _mm512_set1_epi32((p as *const i32).read_unaligned()) }
+    }
+    #[inline(always)]
+    unsafe fn sub_32x(a: __m512i, b: __m512i) -> __m512i {
+        unsafe { _mm512_sub_epi32(a, _mm512_slli_epi32::<5>(b)) }
+    }
+    #[inline(always)]
+    unsafe fn scale_acc(i: __m512i, s: __m512, acc: __m512) -> __m512 {
+        unsafe { _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), s, acc) }
+    }
+    /// 8 rows.
+    #[inline(always)]
+    unsafe fn store_tile<const RW: usize>(acc: &[__m512; RW], p: *mut f32, ldo: usize) {
+        const { assert!(RW == 8) };
+        unsafe { store_tile_8x16(acc, p, ldo) }
     }
 }
 
@@ -135,237 +169,15 @@ unsafe fn transpose_4x4_lanes(r0: __m512, r1: __m512, r2: __m512, r3: __m512) ->
     }
 }
 
-/// The lane-kernel methods shared by both formats (they differ only in how a block is prepared).
-// SAFETY (every method generated): as for the trait impls, see `x86/mod.rs`.
-macro_rules! zmm_lanes {
-    () => {
-        type I = __m512i;
-        type F = __m512;
-        const N: usize = 16;
-        const RW: usize = 8;
-        const W_BYTES: usize = 32;
-        #[inline(always)]
-        unsafe fn block(acc: __m512i, w: *const u8, s: *const u32) -> __m512i {
-            unsafe {
-                let mut acc = acc;
-                for k in 0..8 {
-                    let u = _mm512_set1_epi32((w.add(4 * k) as *const i32).read_unaligned());
-                    acc =
-                        _mm512_dpbusd_epi32(acc, u, _mm512_loadu_si512(s.add(16 * k) as *const _));
-                }
-                acc
-            }
-        }
-        #[inline(always)]
-        unsafe fn load_i(p: *const i32) -> __m512i {
-            unsafe { _mm512_loadu_si512(p as *const _) }
-        }
-        #[inline(always)]
-        unsafe fn load_f(p: *const f32) -> __m512 {
-            unsafe { _mm512_loadu_ps(p) }
-        }
-        #[inline(always)]
-        unsafe fn zero_f() -> __m512 {
-            unsafe { _mm512_setzero_ps() }
-        }
-        #[inline(always)]
-        unsafe fn splat_f(x: f32) -> __m512 {
-            unsafe { _mm512_set1_ps(x) }
-        }
-        #[inline(always)]
-        unsafe fn scale_acc(i: __m512i, s: __m512, acc: __m512) -> __m512 {
-            unsafe { _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), s, acc) }
-        }
-        #[inline(always)]
-        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
-            unsafe { _mm512_mul_ps(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn store_f(p: *mut f32, v: __m512) {
-            unsafe { _mm512_storeu_ps(p, v) }
-        }
-        #[inline(always)]
-        unsafe fn store_tile(acc: &[__m512], p: *mut f32, ldo: usize) {
-            unsafe { store_tile_8x16(acc, p, ldo) }
-        }
-    };
+vnni_byte_dot! {
+    /// AVX-512 VNNI's `vpdpbusd` on 16-token zmm lanes, 8 rows per tile (and on ymm for the few-token kernel).
+    Vnni512: Zmm, 8, _mm256_dpbusd_epi32, _mm512_dpbusd_epi32
 }
 
-/// The same lane kernel on 8 tokens per ymm (AVX-512 VL encoding of `vpdpbusd`), for batches of 6 to 15 tokens
-/// past the last whole zmm.
-// SAFETY (every method generated): as for the trait impls, see `x86/mod.rs`.
-macro_rules! ymm_lanes {
-    () => {
-        type I = __m256i;
-        type F = __m256;
-        const N: usize = 8;
-        const RW: usize = 8;
-        const W_BYTES: usize = 32;
-        #[inline(always)]
-        unsafe fn block(acc: __m256i, w: *const u8, s: *const u32) -> __m256i {
-            unsafe {
-                let mut acc = acc;
-                for k in 0..8 {
-                    let u = _mm256_set1_epi32((w.add(4 * k) as *const i32).read_unaligned());
-                    acc = _mm256_dpbusd_epi32(
-                        acc,
-                        u,
-                        _mm256_loadu_si256(s.add(8 * k) as *const __m256i),
-                    );
-                }
-                acc
-            }
-        }
-        #[inline(always)]
-        unsafe fn load_i(p: *const i32) -> __m256i {
-            unsafe { _mm256_loadu_si256(p as *const __m256i) }
-        }
-        #[inline(always)]
-        unsafe fn load_f(p: *const f32) -> __m256 {
-            unsafe { _mm256_loadu_ps(p) }
-        }
-        #[inline(always)]
-        unsafe fn zero_f() -> __m256 {
-            unsafe { _mm256_setzero_ps() }
-        }
-        #[inline(always)]
-        unsafe fn splat_f(x: f32) -> __m256 {
-            unsafe { _mm256_set1_ps(x) }
-        }
-        #[inline(always)]
-        unsafe fn scale_acc(i: __m256i, s: __m256, acc: __m256) -> __m256 {
-            unsafe { _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, acc) }
-        }
-        #[inline(always)]
-        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
-            unsafe { _mm256_mul_ps(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn store_f(p: *mut f32, v: __m256) {
-            unsafe { _mm256_storeu_ps(p, v) }
-        }
-        #[inline(always)]
-        unsafe fn store_tile(acc: &[__m256], p: *mut f32, ldo: usize) {
-            unsafe { super::store_tile_8x8(acc, p, ldo) }
-        }
-    };
-}
-
-pub(crate) struct Q8Y;
-pub(crate) struct Q4Y;
-
-// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl LaneDot for Q8Y {
-    type W = BlockQ8_0;
-    const BIAS: i32 = 128;
-    ymm_lanes!();
-    #[inline(always)]
-    unsafe fn d_bits(w: &BlockQ8_0) -> u16 {
-        w.d.to_bits()
-    }
-    #[inline(always)]
-    unsafe fn prep(w: &BlockQ8_0, dst: *mut u8) {
-        unsafe { <Q8 as LaneDot>::prep(w, dst) }
-    }
-}
-
-// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl LaneDot for Q4Y {
-    type W = BlockQ4_0;
-    const BIAS: i32 = 8;
-    ymm_lanes!();
-    #[inline(always)]
-    unsafe fn d_bits(w: &BlockQ4_0) -> u16 {
-        w.d.to_bits()
-    }
-    #[inline(always)]
-    unsafe fn prep(w: &BlockQ4_0, dst: *mut u8) {
-        unsafe { <Q4 as LaneDot>::prep(w, dst) }
-    }
-}
-
-// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl LaneDot for Q8 {
-    type W = BlockQ8_0;
-    const BIAS: i32 = 128;
-    zmm_lanes!();
-    #[inline(always)]
-    unsafe fn d_bits(w: &BlockQ8_0) -> u16 {
-        w.d.to_bits()
-    }
-    #[inline(always)]
-    unsafe fn prep(w: &BlockQ8_0, dst: *mut u8) {
-        unsafe {
-            let u = _mm256_xor_si256(super::q8_bytes(w), _mm256_set1_epi8(-128));
-            _mm256_storeu_si256(dst as *mut __m256i, u);
-        }
-    }
-}
-
-// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl LaneDot for Q4 {
-    type W = BlockQ4_0;
-    const BIAS: i32 = 8;
-    zmm_lanes!();
-    #[inline(always)]
-    unsafe fn d_bits(w: &BlockQ4_0) -> u16 {
-        w.d.to_bits()
-    }
-    #[inline(always)]
-    unsafe fn prep(w: &BlockQ4_0, dst: *mut u8) {
-        unsafe { _mm256_storeu_si256(dst as *mut __m256i, super::q4_nibbles(w)) }
-    }
-}
-
-pub(crate) struct Z;
-
-// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl FloatLanes for Z {
-    type F = __m512;
-    const N: usize = 16;
-    #[inline(always)]
-    unsafe fn zero() -> __m512 {
-        unsafe { _mm512_setzero_ps() }
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> __m512 {
-        unsafe { _mm512_set1_ps(x) }
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> __m512 {
-        unsafe { _mm512_loadu_ps(p) }
-    }
-    #[inline(always)]
-    unsafe fn load_f16(p: *const u16) -> __m512 {
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
-    }
-    #[inline(always)]
-    unsafe fn load_bf16(p: *const u16) -> __m512 {
-        unsafe {
-            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
-        }
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: __m512) {
-        unsafe { _mm512_storeu_ps(p, v) }
-    }
-    #[inline(always)]
-    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
-        unsafe { _mm512_fmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
-    unsafe fn add(a: __m512, b: __m512) -> __m512 {
-        unsafe { _mm512_add_ps(a, b) }
-    }
-    #[inline(always)]
-    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
-        unsafe { _mm512_mul_ps(a, b) }
-    }
-    #[inline(always)]
-    unsafe fn sum(v: __m512) -> f32 {
-        unsafe { _mm512_reduce_add_ps(v) }
-    }
+vnni_byte_dot! {
+    /// The same on 8-token ymm lanes (the AVX-512 VL encoding), for batches of 6 to 15 tokens past the last whole
+    /// zmm.
+    Vnni256: Ymm, 8, _mm256_dpbusd_epi32, _mm256_dpbusd_epi32
 }
 
 /// Float products: one token on ymm, more on zmm. Streaming a matrix from DRAM for one token, the ymm loop
@@ -375,9 +187,9 @@ impl FloatLanes for Z {
 unsafe fn gemm_float<W: super::FloatWeight>(w: &[W], a: &[f32], cols: usize, out: ProductOut) {
     unsafe {
         if a.len() == cols {
-            super::gemm_float::<super::avx2::Y, W>(w, a, cols, out)
+            super::gemm_float::<Ymm, W>(w, a, cols, out)
         } else {
-            super::gemm_float::<Z, W>(w, a, cols, out)
+            super::gemm_float::<Zmm, W>(w, a, cols, out)
         }
     }
 }
@@ -386,20 +198,20 @@ target_feature_entries! { "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
     fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) = super::quantize_q8_k_avx2(x, out);
     fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) = super::quantize_q8_0_avx2(x, out);
     fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
-        gemm_quant::<Q8, Q8Y>(w, a, bpr, out);
+        gemm_quant::<Q8<Vnni512>, Q8<Vnni256>>(w, a, bpr, out);
     fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
-        gemm_quant::<Q4, Q4Y>(w, a, bpr, out);
+        gemm_quant::<Q4<Vnni512>, Q4<Vnni256>>(w, a, bpr, out);
     fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
-        kquant::gemm::<kquant::Q4K>(w, a, bpr, out);
+        kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K>(w, a, bpr, out);
     fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
-        kquant::gemm::<kquant::Q5K>(w, a, bpr, out);
+        kquant::gemm::<kquant::Q5K, super::avx2::kquant::Q5K>(w, a, bpr, out);
     fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
-        kquant::gemm::<kquant::Q6K>(w, a, bpr, out);
+        kquant::gemm::<kquant::Q6K, super::avx2::kquant::Q6K>(w, a, bpr, out);
     fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: ProductOut) = gemm_float::<f32>(w, a, cols, out);
     fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: ProductOut) = gemm_float::<f16>(w, a, cols, out);
     fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: ProductOut) =
         gemm_float::<bf16>(w, a, cols, out);
-    fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) = super::axpy_f32::<Z>(alpha, x, y);
+    fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) = super::axpy_f32::<Zmm>(alpha, x, y);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -438,10 +250,6 @@ const Q4_D_WORDS: [i16; 32] = [
 
 /// Dwords per prepared activation quad in `Scratch::act`: the low-half bytes of four blocks, then the high.
 const QUAD_ACT: usize = 32;
-
-/// Bytes of weights requested ahead of the ones being read: enough misses in flight to cover DRAM latency at
-/// full bandwidth (the same distance as the Q8_0 kernel's two tiles of 4 rows x 1088 bytes).
-const PREFETCH_BYTES: usize = 8192;
 
 /// Two quads' lane sums folded into one vector: per 128-bit lane `L`, lanes `4L, 4L + 1` of `even` summed in
 /// pairs, then those of `odd` (exact while every lane fits in i16).
@@ -522,156 +330,145 @@ unsafe fn gemm_few_q4(
                 );
             }
         }
-        // The first tiles are not covered by the loop's prefetches (they request PREFETCH_BYTES ahead).
-        let head = w.as_ptr() as *const i8;
-        let bytes = (rows * bpr * size_of::<BlockQ4_0>()).min(PREFETCH_BYTES);
-        for off in (0..bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T1>(head.wrapping_add(off));
-        }
-        let mut r = 0;
-        while r < rows {
-            let rt = if rows - r >= 4 { 4 } else { 1 };
-            let mut t = t0;
-            while t < t1 {
-                let left = t1 - t;
-                match (rt, left) {
-                    (4, 4..) => q4_tile::<4, 4>(w, a, bpr, r, t, t0, s, out),
-                    (4, 2..) => q4_tile::<4, 2>(w, a, bpr, r, t, t0, s, out),
-                    (4, _) => q4_tile::<4, 1>(w, a, bpr, r, t, t0, s, out),
-                    (_, 4..) => q4_tile::<1, 4>(w, a, bpr, r, t, t0, s, out),
-                    (_, 2..) => q4_tile::<1, 2>(w, a, bpr, r, t, t0, s, out),
-                    (_, _) => q4_tile::<1, 1>(w, a, bpr, r, t, t0, s, out),
-                }
-                t += if left >= 4 {
-                    4
-                } else if left >= 2 {
-                    2
-                } else {
-                    1
-                };
-            }
-            r += rt;
-        }
+        super::prefetch_head(w, rows * bpr);
+        let mut tiles = Q4Tiles {
+            w,
+            a,
+            bpr,
+            t0,
+            s,
+            out: out.reborrow(),
+        };
+        super::few_tiles::<_, 4>(&mut tiles, rows, t0, t1);
     }
 }
 
-/// Rows `r0..r0 + RT` x tokens `t..t + TT` of the Q4_0 few-token product.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-// Indexed loops over the activation quads: the iterator forms clippy suggests compiled to a 16% slower loop
-// (one token from L2, 32.9 against 27.7 GB/s, alternating runs).
-#[allow(clippy::needless_range_loop)]
-unsafe fn q4_tile<const RT: usize, const TT: usize>(
-    w: &[BlockQ4_0],
-    a: &[BlockQ8_0],
+/// The few-token tiles of a Q4_0 product, with the activation side prepared by `gemm_few_q4` in `s` for tokens
+/// `t0..`.
+struct Q4Tiles<'a> {
+    w: &'a [BlockQ4_0],
+    a: &'a [BlockQ8_0],
     bpr: usize,
-    r0: usize,
-    t: usize,
     t0: usize,
-    s: &super::Scratch,
-    out: &mut ProductOut,
-) {
-    let quads = bpr / 4;
-    let octs = quads.div_ceil(2);
-    let row_bytes = bpr * size_of::<BlockQ4_0>();
-    let ahead = PREFETCH_BYTES.next_multiple_of(RT * row_bytes);
-    debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
-    // SAFETY (bounds): rows r0..r0 + RT and tokens t..t + TT exist (the caller's tiling); the weight loads read
-    // bytes 0..72 of blocks 4q..4q + 4 <= bpr of those rows; the prepared activations hold (t1 - t0) * quads
-    // (and * octs) entries. Prefetches may point anywhere (they never fault), so their addresses wrap.
-    unsafe {
-        let qs_words = _mm512_loadu_si512(Q4_QS_WORDS.as_ptr() as *const _);
-        let d_words = _mm512_loadu_si512(Q4_D_WORDS.as_ptr() as *const _);
-        let low4 = _mm512_set1_epi8(0x0f);
-        let mut acc = [[_mm512_setzero_ps(); TT]; RT];
-        let wp = (w.as_ptr() as *const u8).add(r0 * row_bytes);
-        for oc in 0..octs {
-            // The odd quad of the last octet may not exist (quads odd): then only the even one is read, its
-            // sums are folded with zeros, and those lanes have activation scale 0.
-            let two = 2 * oc + 1 < quads;
-            // The activation side of this octet, shared by the rows (loads are the scarce resource: a zmm
-            // load takes a whole cycle of this core's load bandwidth).
-            let mut act = [[[_mm512_setzero_si512(); 2]; 2]; TT];
-            let mut corr = [_mm512_setzero_si512(); TT];
-            let mut dv = [_mm512_setzero_ps(); TT];
-            for j in 0..TT {
-                let o = (t - t0 + j) * octs + oc;
-                corr[j] = _mm512_loadu_si512(s.corr.as_ptr().add(o * 16) as *const _);
-                dv[j] = _mm512_loadu_ps(s.da.as_ptr().add(o * 16));
-                for h in 0..1 + two as usize {
-                    let p = s
-                        .act
-                        .as_ptr()
-                        .add(((t - t0 + j) * quads + 2 * oc + h) * QUAD_ACT);
-                    act[j][h] = [
-                        _mm512_loadu_si512(p as *const _),
-                        _mm512_loadu_si512(p.add(16) as *const _),
-                    ];
+    s: &'a super::Scratch,
+    out: ProductOut<'a>,
+}
+
+impl FewTile for Q4Tiles<'_> {
+    /// Rows `r0..r0 + RT` x tokens `t..t + TT` of the Q4_0 few-token product.
+    #[inline(always)]
+    // Indexed loops over the activation quads: the iterator forms clippy suggests compiled to a 16% slower loop
+    // (one token from L2, 32.9 against 27.7 GB/s, alternating runs).
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r0: usize, t: usize) {
+        let (w, a, bpr, t0, s) = (self.w, self.a, self.bpr, self.t0, self.s);
+        let out = &mut self.out;
+        let quads = bpr / 4;
+        let octs = quads.div_ceil(2);
+        let row_bytes = bpr * size_of::<BlockQ4_0>();
+        let ahead = super::PREFETCH_BYTES.next_multiple_of(RT * row_bytes);
+        debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
+        // SAFETY (bounds): rows r0..r0 + RT and tokens t..t + TT exist (the caller's tiling); the weight loads read
+        // bytes 0..72 of blocks 4q..4q + 4 <= bpr of those rows; the prepared activations hold (t1 - t0) * quads
+        // (and * octs) entries. Prefetches may point anywhere (they never fault), so their addresses wrap.
+        unsafe {
+            let qs_words = _mm512_loadu_si512(Q4_QS_WORDS.as_ptr() as *const _);
+            let d_words = _mm512_loadu_si512(Q4_D_WORDS.as_ptr() as *const _);
+            let low4 = _mm512_set1_epi8(0x0f);
+            let mut acc = [[_mm512_setzero_ps(); TT]; RT];
+            let wp = (w.as_ptr() as *const u8).add(r0 * row_bytes);
+            for oc in 0..octs {
+                // The odd quad of the last octet may not exist (quads odd): then only the even one is read, its
+                // sums are folded with zeros, and those lanes have activation scale 0.
+                let two = 2 * oc + 1 < quads;
+                // The activation side of this octet, shared by the rows (loads are the scarce resource: a zmm
+                // load takes a whole cycle of this core's load bandwidth).
+                let mut act = [[[_mm512_setzero_si512(); 2]; 2]; TT];
+                let mut corr = [_mm512_setzero_si512(); TT];
+                let mut dv = [_mm512_setzero_ps(); TT];
+                for j in 0..TT {
+                    let o = (t - t0 + j) * octs + oc;
+                    corr[j] = _mm512_loadu_si512(s.corr.as_ptr().add(o * 16) as *const _);
+                    dv[j] = _mm512_loadu_ps(s.da.as_ptr().add(o * 16));
+                    for h in 0..1 + two as usize {
+                        let p = s
+                            .act
+                            .as_ptr()
+                            .add(((t - t0 + j) * quads + 2 * oc + h) * QUAD_ACT);
+                        act[j][h] = [
+                            _mm512_loadu_si512(p as *const _),
+                            _mm512_loadu_si512(p.add(16) as *const _),
+                        ];
+                    }
                 }
-            }
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                let mut isum = [[_mm512_setzero_si512(); 2]; TT];
-                let mut x0s = [_mm512_setzero_si512(); 2];
-                for h in 0..1 + two as usize {
-                    let p = wp.add(i * row_bytes + (2 * oc + h) * 72);
-                    // PREFETCH_BYTES ahead (whole row tiles: the same rows further on) into L2; 72 bytes span
-                    // two lines. The hardware prefetchers do not follow several interleaved rows well.
-                    let pf = p.wrapping_add(ahead) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T1>(pf);
-                    _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(64));
-                    let x0 = _mm512_loadu_si512(p as *const _);
-                    let x1 =
-                        _mm512_castsi256_si512(_mm256_loadu_si256(p.add(40) as *const __m256i));
-                    x0s[h] = x0;
-                    let qs = _mm512_permutex2var_epi16(x0, qs_words, x1);
-                    let lo = _mm512_and_si512(qs, low4);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(qs), low4);
-                    for (isum_j, act_j) in isum.iter_mut().zip(&act) {
-                        let [alo, ahi] = act_j[h];
-                        isum_j[h] = _mm512_dpbusd_epi32(
-                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo),
-                            hi,
-                            ahi,
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let mut isum = [[_mm512_setzero_si512(); 2]; TT];
+                    let mut x0s = [_mm512_setzero_si512(); 2];
+                    for h in 0..1 + two as usize {
+                        let p = wp.add(i * row_bytes + (2 * oc + h) * 72);
+                        // PREFETCH_BYTES ahead (whole row tiles: the same rows further on) into L2; 72 bytes span
+                        // two lines. The hardware prefetchers do not follow several interleaved rows well.
+                        let pf = p.wrapping_add(ahead) as *const i8;
+                        _mm_prefetch::<_MM_HINT_T1>(pf);
+                        _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(64));
+                        let x0 = _mm512_loadu_si512(p as *const _);
+                        let x1 =
+                            _mm512_castsi256_si512(_mm256_loadu_si256(p.add(40) as *const __m256i));
+                        x0s[h] = x0;
+                        let qs = _mm512_permutex2var_epi16(x0, qs_words, x1);
+                        let lo = _mm512_and_si512(qs, low4);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(qs), low4);
+                        for (isum_j, act_j) in isum.iter_mut().zip(&act) {
+                            let [alo, ahi] = act_j[h];
+                            isum_j[h] = _mm512_dpbusd_epi32(
+                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo),
+                                hi,
+                                ahi,
+                            );
+                        }
+                    }
+                    if !two {
+                        x0s[1] = x0s[0];
+                    }
+                    let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(
+                        x0s[0], d_words, x0s[1],
+                    )));
+                    for (j, acc_ij) in acc_i.iter_mut().enumerate() {
+                        let folded = _mm512_add_epi32(fold(isum[j][0], isum[j][1]), corr[j]);
+                        *acc_ij = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(folded),
+                            _mm512_mul_ps(dw, dv[j]),
+                            *acc_ij,
                         );
                     }
                 }
-                if !two {
-                    x0s[1] = x0s[0];
-                }
-                let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(
-                    x0s[0], d_words, x0s[1],
-                )));
-                for (j, acc_ij) in acc_i.iter_mut().enumerate() {
-                    let folded = _mm512_add_epi32(fold(isum[j][0], isum[j][1]), corr[j]);
-                    *acc_ij = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(folded),
-                        _mm512_mul_ps(dw, dv[j]),
-                        *acc_ij,
-                    );
-                }
             }
-        }
-        for (i, acc_i) in acc.iter().enumerate() {
-            for (j, &acc_ij) in acc_i.iter().enumerate() {
-                let mut sum = _mm512_reduce_add_ps(acc_ij);
-                // The blocks past the last whole four, one 256-bit step each.
-                for b in 4 * quads..bpr {
-                    let blk = w.as_ptr().add((r0 + i) * bpr + b);
-                    let ab = &*a.as_ptr().add((t + j) * bpr + b);
-                    let q = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-                    let c = _mm256_sub_epi32(
-                        _mm256_setzero_si256(),
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), q),
-                    );
-                    let isum = <Q4 as BlockDot>::dot(c, <Q4 as BlockDot>::load(blk), q);
-                    let dw = super::f16_bits_to_f32((*blk).d.to_bits());
-                    let da = super::f16_bits_to_f32(ab.d.to_bits());
-                    sum += super::hsum_ps_256(_mm256_mul_ps(
-                        _mm256_cvtepi32_ps(isum),
-                        _mm256_set1_ps(dw * da),
-                    ));
+            for (i, acc_i) in acc.iter().enumerate() {
+                for (j, &acc_ij) in acc_i.iter().enumerate() {
+                    let mut sum = _mm512_reduce_add_ps(acc_ij);
+                    // The blocks past the last whole four, one 256-bit step each.
+                    for b in 4 * quads..bpr {
+                        let blk = w.as_ptr().add((r0 + i) * bpr + b);
+                        let ab = &*a.as_ptr().add((t + j) * bpr + b);
+                        let q = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                        let c = _mm256_sub_epi32(
+                            _mm256_setzero_si256(),
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), q),
+                        );
+                        let isum = <Q4<Vnni512> as BlockDot>::dot(
+                            c,
+                            <Q4<Vnni512> as BlockDot>::load(blk),
+                            q,
+                        );
+                        let dw = super::f16_bits_to_f32((*blk).d.to_bits());
+                        let da = super::f16_bits_to_f32(ab.d.to_bits());
+                        sum += Ymm::sum(_mm256_mul_ps(
+                            _mm256_cvtepi32_ps(isum),
+                            _mm256_set1_ps(dw * da),
+                        ));
+                    }
+                    out.token(t + j)[r0 + i] = sum;
                 }
-                out.token(t + j)[r0 + i] = sum;
             }
         }
     }
@@ -679,7 +476,6 @@ unsafe fn q4_tile<const RT: usize, const TT: usize>(
 
 /// Each format's few-token kernel.
 trait Few: BlockDot {
-    #[allow(clippy::too_many_arguments)]
     unsafe fn few(
         w: &[Self::W],
         a: &[BlockQ8_0],
@@ -691,7 +487,7 @@ trait Few: BlockDot {
 }
 
 // SAFETY (every method): the module contract in `x86/mod.rs`.
-impl Few for Q8 {
+impl Few for Q8<Vnni512> {
     #[inline(always)]
     unsafe fn few(
         w: &[BlockQ8_0],
@@ -701,12 +497,12 @@ impl Few for Q8 {
         t1: usize,
         out: &mut ProductOut,
     ) {
-        unsafe { super::gemm_few::<Q8, 4>(w, a, bpr, t0, t1, out) }
+        unsafe { super::gemm_few::<Self, 4>(w, a, bpr, t0, t1, out) }
     }
 }
 
 // SAFETY (every method): the module contract in `x86/mod.rs`.
-impl Few for Q4 {
+impl Few for Q4<Vnni512> {
     #[inline(always)]
     unsafe fn few(
         w: &[BlockQ4_0],
@@ -724,8 +520,8 @@ impl Few for Q4 {
 /// kernel (padded to whole ymm), a smaller one on the few-token kernel.
 #[inline(always)]
 unsafe fn gemm_quant<
-    D: Few + LaneDot<W = <D as BlockDot>::W>,
-    Y: LaneDot<W = <D as BlockDot>::W>,
+    D: Few + super::LaneDot<W = <D as BlockDot>::W>,
+    Y: super::LaneDot<W = <D as BlockDot>::W>,
 >(
     w: &[<D as BlockDot>::W],
     a: &[BlockQ8_0],
@@ -739,10 +535,10 @@ unsafe fn gemm_quant<
     let lane_tokens = n / 16 * 16;
     unsafe {
         if lane_tokens > 0 {
-            super::gemm_lanes::<D, 8>(w, a, bpr, 0, lane_tokens, &mut out);
+            super::gemm_lanes::<super::BlockLanes<D>, 8>(w, a, bpr, 0, lane_tokens, &mut out);
         }
         if n - lane_tokens >= 6 {
-            super::gemm_lanes::<Y, 8>(w, a, bpr, lane_tokens, n, &mut out);
+            super::gemm_lanes::<super::BlockLanes<Y>, 8>(w, a, bpr, lane_tokens, n, &mut out);
         } else if lane_tokens < n {
             D::few(w, a, bpr, lane_tokens, n, &mut out);
         }

@@ -1,35 +1,48 @@
-//! x86-64 kernels. The loop structure of each product is written once here, generic over small traits whose
-//! methods are single instructions or short sequences; `avx2.rs` and `avx512.rs` implement the traits and wrap
-//! the generic bodies in `#[target_feature]` functions. Every trait method and every body is
-//! `#[inline(always)]`, so the whole product is compiled inside the wrapper with its features enabled: there is
-//! no call, and no vector passed by value, across a feature boundary.
+//! x86-64 kernels. The loop structure of each product is written once, here and in `kquant.rs`, generic over
+//! small traits whose methods are single instructions or short sequences; `avx2.rs` and `avx512.rs` (with their
+//! `kquant.rs`) implement the traits and wrap the generic bodies in `#[target_feature]` functions. Every trait
+//! method and every body is `#[inline(always)]`, so the whole product is compiled inside the wrapper with its
+//! features enabled: there is no call, and no vector passed by value, across a feature boundary.
 //!
-//! Two shapes of quantized product:
-//! - **few tokens** (decode, and the last tokens of a batch): one 32-byte block at a time, rows and tokens
-//!   tiled so an activation block is loaded once for several rows and a weight block transformed once for
-//!   several tokens; the 8 lanes of a block's integer dot are scaled and accumulated as floats and summed
-//!   horizontally once per output. Memory-bound: the work per weight byte only has to stay below DRAM speed,
-//!   and the rows are prefetched two tiles ahead into L2 (see `few_tile`). AVX-512 has its own Q4_0 version,
-//!   four blocks per zmm (`avx512.rs`).
-//! - **many tokens** (prompt processing): one lane per token. Activations are transposed once per call so that
-//!   lane `j` of vector `k` holds bytes `4k..4k + 4` of token `j`'s block; a weight block is then 8 broadcast
-//!   dwords. Each lane's integer sum is a whole block's dot product, so the float work per block (convert,
-//!   scale, accumulate) is shared by 8 or 16 tokens instead of being repeated per token. A finished tile (rows
-//!   x tokens) is transposed in registers and stored token-major, one store of its rows per token.
+//! The traits:
+//! - `Lanes`: one vector width (`avx2::Ymm`, `avx512::Zmm`): f32 and i32 lanes, loads, FMA, horizontal sums and
+//!   the token-major tile store. The float products and both drivers below are written in it.
+//! - `ByteDot`: an instruction set's u8 x i8 byte dot, on 256 bits and at its lane width, and the height of its
+//!   lane tiles (`avx2::Avx2`, `avx2::AvxVnni`, `avx512::Vnni512`, `avx512::Vnni256`).
+//! - `BlockDot` and `LaneDot`: a 32-block format on one instruction set, for the two shapes below. `Bytes<W, D>`
+//!   is both for Q4_0 on every byte dot and Q8_0 on the VNNI ones (`Unsigned32`: the weights as unsigned bytes);
+//!   AVX2's Q8_0 is `avx2::Q8Sign`.
+//! - `kquant::KDot` and `kquant::KQuant`: the same for the k-quants (`kquant.rs`).
 //!
-//! Both formats run on unsigned-by-signed byte dots (`vpdpbusd`, or `vpmaddubsw` + `vpmaddwd`): Q4_0 nibbles are
-//! used as they are (0..15) and corrected by `-8 * sum(activation block)`; Q8_0 weights are offset by 128 for
-//! VNNI and corrected by `-128 * sum`, or (AVX2, where `vpmaddubsw` saturates at i16) split into `|w|` and the
-//! sign moved onto the activation. Every per-block integer sum is exact; in the few-token kernels the correction
-//! is spread over the lanes (each lane gets `-bias` times the sum of its own 4 activation bytes), so every float
-//! lane is a true partial dot product and no larger than the terms it sums.
+//! So a new instruction set is a `Lanes` width (if it brings one), a `ByteDot` (and `KDot`) impl and its
+//! entries; a new format a `BlockDot` + `LaneDot` (or `KQuant`) impl.
 //!
-//! Which shape runs is decided per call from the token count: whole vectors of tokens on the lane kernel, the
-//! rest on the few-token kernel.
+//! Two shapes of quantized product, each with one driver:
+//! - **few tokens** (decode, and the last tokens of a batch): tiles of up to 4 rows x 4 tokens, walked by
+//!   `few_tiles` over a `FewTile` context: `FewBlocks` here, AVX-512's Q4_0 (four blocks per zmm) in `avx512.rs`,
+//!   the k-quants' in `kquant.rs`. For the 32-blocks one block at a time: an activation block is loaded once for
+//!   several rows and a weight block transformed once for several tokens; the 8 lanes of a block's integer dot
+//!   are scaled and accumulated as floats and summed horizontally once per output. Memory-bound: the work per
+//!   weight byte only has to stay below DRAM speed, and the rows are prefetched ahead into L2 (two row tiles
+//!   ahead in `FewBlocks`, `PREFETCH_BYTES` in the others).
+//! - **many tokens** (prompt processing): one lane per token, `gemm_lanes` over a `LaneKernel` (`BlockLanes`
+//!   for the 32-blocks, `kquant::KLanes`). Activations are transposed once per chunk of tokens so that lane `j`
+//!   of vector `k` holds bytes `4k..4k + 4` of token `j`'s block; a weight block, prepared once per row tile, is
+//!   then 8 broadcast dwords. Each lane's integer sum is a whole block's dot product, so the float work per
+//!   block (convert, scale, accumulate) is shared by 8 or 16 tokens instead of being repeated per token. A
+//!   finished tile (rows x tokens) is transposed in registers and stored token-major, one store of its rows per
+//!   token (`store_lanes`).
 //!
-//! The k-quant products (Q4_K, Q5_K, Q6_K against Q8_K) have the same two shapes but their own bodies, since a
-//! 256-block carries per-group integer scales and a `bsums` term: `avx512/kquant.rs` and `avx2/kquant.rs`, with
-//! what they share (scale unpacking, transposed activations) in `kquant.rs`.
+//! Both 32-block formats run on unsigned-by-signed byte dots (`vpdpbusd`, or `vpmaddubsw` + `vpmaddwd`): Q4_0
+//! nibbles are used as they are (0..15) and corrected by `-8 * sum(activation block)`; Q8_0 weights are offset by
+//! 128 for VNNI and corrected by `-128 * sum`, or (AVX2, where `vpmaddubsw` saturates at i16) split into `|w|` and
+//! the sign moved onto the activation. Every per-block integer sum is exact; in the few-token kernels the
+//! correction is spread over the lanes (each lane gets `-bias` times the sum of its own 4 activation bytes), so
+//! every float lane is a true partial dot product and no larger than the terms it sums.
+//!
+//! Which shape runs is decided per call from the token count, by each set's `gemm_quant` (and the k-quants'
+//! `gemm`): whole vectors of tokens on the lane kernel, the rest on the few-token kernel (or, on AVX-512, on
+//! narrower lanes when enough are left).
 //!
 //! # Safety
 //! Every `unsafe fn` here and in the two ISA files has one contract: it runs inside a `#[target_feature]`
@@ -39,17 +52,70 @@
 //! trait methods only call intrinsics under that contract; the loops that compute pointers check lengths first
 //! and say so where they do.
 
+/// A set's table from the entries its module defines (`target_feature_entries!`), which every x86 set names
+/// alike.
+macro_rules! x86_set {
+    ($name:literal, $ops:expr) => {
+        $crate::kernels::Kernels {
+            name: $name,
+            quantize_q8_0,
+            gemm_q8_0,
+            gemm_q4_0,
+            quantize_q8_k,
+            gemm_q4_k,
+            gemm_q5_k,
+            gemm_q6_k,
+            gemm_f32,
+            gemm_f16,
+            gemm_bf16,
+            axpy_f32,
+            ops: $ops,
+        }
+    };
+}
+
+/// A `vpdpbusd` byte dot (a `ByteDot` with `VNNI`): `$dot` on 256 bits for the few-token kernels, `$lanes` at the
+/// width `$l` of lane tiles of `$rw` rows. AVX-VNNI's and AVX-512's two widths differ in nothing else.
+macro_rules! vnni_byte_dot {
+    ($(#[$doc:meta])* $name:ident: $l:ty, $rw:literal, $dot:ident, $lanes:ident) => {
+        $(#[$doc])*
+        pub(crate) struct $name;
+
+        // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller.
+        impl $crate::kernels::x86::ByteDot for $name {
+            type L = $l;
+            const RW: usize = $rw;
+            const VNNI: bool = true;
+            #[inline(always)]
+            unsafe fn dot(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
+                unsafe { $dot(acc, u, a) }
+            }
+            #[inline(always)]
+            unsafe fn dot_lanes(
+                acc: <$l as $crate::kernels::x86::Lanes>::I,
+                u: <$l as $crate::kernels::x86::Lanes>::I,
+                a: <$l as $crate::kernels::x86::Lanes>::I,
+            ) -> <$l as $crate::kernels::x86::Lanes>::I {
+                unsafe { $lanes(acc, u, a) }
+            }
+        }
+    };
+}
+
 pub mod avx2;
 pub mod avx512;
 mod kquant;
 
 use std::arch::x86_64::*;
 use std::cell::UnsafeCell;
+use std::marker::PhantomData;
 
 use half::{bf16, f16};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0, BlockQ8K};
 
 use crate::kernels::ProductOut;
+
+use avx2::{Ymm, transpose_8x8};
 
 /// Per-thread buffers for transposed activations and prepared weights, reused across calls so that a product
 /// never allocates once warm.
@@ -127,16 +193,6 @@ fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
 #[inline(always)]
 unsafe fn f16_bits_to_f32(bits: u16) -> f32 {
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
-}
-
-#[inline(always)]
-unsafe fn hsum_ps_256(v: __m256) -> f32 {
-    unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
 }
 
 /// Activation row to Q8_0 with exactly the scalar reference's arithmetic: the same f32 `amax`, `d`, `1/d` and
@@ -274,14 +330,176 @@ unsafe fn quantize_q8_k_avx2(x: &[f32], out: &mut [BlockQ8K]) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Quantized products, few tokens: one block per 256-bit vector.
+// Vector widths and instruction sets: what the generic bodies below are written in.
 
-/// A weight format on one instruction set, for the few-token kernel.
+/// One vector width: `N` f32 lanes (`F`) and `N` i32 lanes (`I`), and the operations on them that the lane
+/// kernels (one token per lane), the few-token k-quant kernels and the float products are written in.
+/// `avx2::Ymm` (every x86 set has it) and `avx512::Zmm`.
+pub(crate) trait Lanes {
+    type F: Copy;
+    type I: Copy;
+    /// Lanes per vector.
+    const N: usize;
+    unsafe fn zero() -> Self::F;
+    unsafe fn splat(x: f32) -> Self::F;
+    unsafe fn load(p: *const f32) -> Self::F;
+    unsafe fn load_f16(p: *const u16) -> Self::F;
+    unsafe fn load_bf16(p: *const u16) -> Self::F;
+    unsafe fn store(p: *mut f32, v: Self::F);
+    unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    unsafe fn add(a: Self::F, b: Self::F) -> Self::F;
+    unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
+    /// The sum of the lanes.
+    unsafe fn sum(v: Self::F) -> f32;
+    /// `[sum(a), sum(b), sum(c), sum(d)]`.
+    unsafe fn sum4(a: Self::F, b: Self::F, c: Self::F, d: Self::F) -> __m128;
+    unsafe fn zero_i() -> Self::I;
+    unsafe fn load_i(p: *const i32) -> Self::I;
+    /// The dword at `p` in every lane.
+    unsafe fn bcast(p: *const u8) -> Self::I;
+    /// `a - 32 * b`.
+    unsafe fn sub_32x(a: Self::I, b: Self::I) -> Self::I;
+    /// `fma(cvt(i), s, acc)`: an integer sum converted, scaled and accumulated.
+    unsafe fn scale_acc(i: Self::I, s: Self::F, acc: Self::F) -> Self::F;
+    /// Stores a whole lane tile token-major: `acc[i]` holds row `i`'s `N` tokens, written as `p[j * ldo + i]`
+    /// for every token `j < N` and row `i < RW`, by a transpose in registers and one `RW`-float store per token.
+    unsafe fn store_tile<const RW: usize>(acc: &[Self::F; RW], p: *mut f32, ldo: usize);
+}
+
+/// The integer vector of a byte dot's lane width.
+type IOf<D> = <<D as ByteDot>::L as Lanes>::I;
+
+/// An instruction set's byte dot: unsigned bytes times signed bytes, four products summed into each i32 lane
+/// (`vpdpbusd`, or AVX2's `vpmaddubsw` + `vpmaddwd` by ones), at 256 bits for the few-token kernels and at the
+/// width `L` of its lane kernels. `avx2::Avx2`, `avx2::AvxVnni`, `avx512::Vnni512` (zmm lanes) and
+/// `avx512::Vnni256` (ymm lanes, for AVX-512's short remainders).
+pub(crate) trait ByteDot {
+    type L: Lanes;
+    /// Rows per lane tile (bounded by the register count).
+    const RW: usize;
+    /// Whether the dot is `vpdpbusd`, exact for every unsigned byte (as Q8_0 weights offset by 128 need).
+    const VNNI: bool;
+    /// `acc +` the dot of each dword of `u` (unsigned) with that of `a` (signed): exact for `u` below 128 (every
+    /// byte with VNNI).
+    unsafe fn dot(acc: __m256i, u: __m256i, a: __m256i) -> __m256i;
+    /// The same at the lane width.
+    unsafe fn dot_lanes(acc: IOf<Self>, u: IOf<Self>, a: IOf<Self>) -> IOf<Self>;
+    /// `acc +` each lane's dot of the 32 prepared bytes at `w` (dword `k` broadcast) with the 8 transposed
+    /// activation vectors at `s` (`N` dwords apart), as exact as `dot`.
+    #[inline(always)]
+    unsafe fn block(acc: IOf<Self>, w: *const u8, s: *const u32) -> IOf<Self> {
+        unsafe {
+            let mut acc = acc;
+            for k in 0..8 {
+                let a = Self::L::load_i(s.add(Self::L::N * k) as *const i32);
+                acc = Self::dot_lanes(acc, Self::L::bcast(w.add(4 * k)), a);
+            }
+            acc
+        }
+    }
+    /// `block` for unsigned bytes below 16 (Q4_0's nibbles), which AVX2 sums in i16 before widening.
+    #[inline(always)]
+    unsafe fn block_nibbles(acc: IOf<Self>, w: *const u8, s: *const u32) -> IOf<Self> {
+        unsafe { Self::block(acc, w, s) }
+    }
+}
+
+/// The 32-weight blocks: their f16 scale.
+pub(crate) trait Block32: Copy {
+    fn d_bits(&self) -> u16;
+}
+
+impl Block32 for BlockQ8_0 {
+    #[inline(always)]
+    fn d_bits(&self) -> u16 {
+        self.d.to_bits()
+    }
+}
+
+impl Block32 for BlockQ4_0 {
+    #[inline(always)]
+    fn d_bits(&self) -> u16 {
+        self.d.to_bits()
+    }
+}
+
+/// Requests the first `PREFETCH_BYTES` of `blocks` weight blocks into L2: the first tiles of a few-token kernel
+/// whose loop requests `PREFETCH_BYTES` ahead of what it reads.
+#[inline(always)]
+unsafe fn prefetch_head<W>(w: &[W], blocks: usize) {
+    let head = w.as_ptr() as *const i8;
+    let bytes = (blocks * size_of::<W>()).min(PREFETCH_BYTES);
+    for off in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(head.wrapping_add(off)) };
+    }
+}
+
+/// Bytes of weights the few-token kernels of AVX-512 Q4_0 and of the k-quants request ahead of the ones they
+/// read: enough misses in flight to cover DRAM latency at full bandwidth (the same distance as the Q8_0 kernel's
+/// two tiles of 4 rows x 1088 bytes).
+const PREFETCH_BYTES: usize = 8192;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Quantized products, few tokens.
+
+/// A few-token kernel over its inputs and output: the tile of rows `r..r + RT` x tokens `t..t + TT`, each
+/// output computed and written whole. The caller (`few_tiles`) keeps every tile inside the shape the kernel
+/// checked (`tile_shape`), which the tile's loads and stores rely on.
+pub(crate) trait FewTile {
+    unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r: usize, t: usize);
+}
+
+/// Rows `0..rows` x tokens `t0..t1` as tiles of 4 rows (single rows at the end) by 4 tokens (if `TMAX` is 4),
+/// then 2, then 1, in that order. The caller has checked the shape (`tile_shape`).
+#[inline(always)]
+unsafe fn few_tiles<T: FewTile, const TMAX: usize>(k: &mut T, rows: usize, t0: usize, t1: usize) {
+    let mut r = 0;
+    while r < rows {
+        // SAFETY: every tile lies within rows `0..rows` and tokens `t0..t1`.
+        unsafe {
+            if rows - r >= 4 {
+                few_row_tiles::<T, 4, TMAX>(k, r, t0, t1);
+                r += 4;
+            } else {
+                few_row_tiles::<T, 1, TMAX>(k, r, t0, t1);
+                r += 1;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn few_row_tiles<T: FewTile, const RT: usize, const TMAX: usize>(
+    k: &mut T,
+    r: usize,
+    t0: usize,
+    t1: usize,
+) {
+    let mut t = t0;
+    while t < t1 {
+        let left = t1 - t;
+        // SAFETY: tokens t..t + TT <= t1, rows r..r + RT as the caller checked.
+        unsafe {
+            if left >= 4 && TMAX >= 4 {
+                k.tile::<RT, 4>(r, t);
+                t += 4;
+            } else if left >= 2 {
+                k.tile::<RT, 2>(r, t);
+                t += 2;
+            } else {
+                k.tile::<RT, 1>(r, t);
+                t += 1;
+            }
+        }
+    }
+}
+
+/// A weight format on one instruction set, for the few-token kernel: one 32-block per 256-bit vector.
 pub(crate) trait BlockDot {
-    type W: Copy;
+    type W: Block32;
     /// The activation correction: the integer dot is `dot(u, a) - BIAS * sum(a)`.
     const BIAS: i32;
-    unsafe fn d_bits(w: &Self::W) -> u16;
     /// The weight block as the unsigned operand, plus whatever else `dot` needs (the raw signs for AVX2 Q8_0).
     unsafe fn load(w: *const Self::W) -> (__m256i, __m256i);
     /// `acc + ` the 8 lanes of the block's (uncorrected) integer dot with activation bytes `a`.
@@ -328,104 +546,79 @@ unsafe fn gemm_few<D: BlockDot, const TMAX: usize>(
                 );
             }
         }
-        let (da, corr) = (&s.da[..nt * bpr], &s.corr[..nt * bpr * 8]);
-        let mut r = 0;
-        while r < rows {
-            if rows - r >= 4 {
-                few_rows::<D, 4, TMAX>(w, a, bpr, r, t0, t1, da, corr, out);
-                r += 4;
-            } else {
-                few_rows::<D, 1, TMAX>(w, a, bpr, r, t0, t1, da, corr, out);
-                r += 1;
-            }
-        }
+        let mut tiles = FewBlocks::<D> {
+            w,
+            a,
+            bpr,
+            t0,
+            da: &s.da[..nt * bpr],
+            corr: &s.corr[..nt * bpr * 8],
+            out: out.reborrow(),
+        };
+        few_tiles::<_, TMAX>(&mut tiles, rows, t0, t1);
     }
 }
 
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn few_rows<D: BlockDot, const RT: usize, const TMAX: usize>(
-    w: &[D::W],
-    a: &[BlockQ8_0],
+/// The few-token tiles of a 32-block product: the weights and activations, and the activation scales and lane
+/// corrections of tokens `t0..` (`(t1 - t0) * bpr` entries, 8 corrections each).
+struct FewBlocks<'a, D: BlockDot> {
+    w: &'a [D::W],
+    a: &'a [BlockQ8_0],
     bpr: usize,
-    r0: usize,
     t0: usize,
-    t1: usize,
-    da: &[f32],
-    corr: &[i32],
-    out: &mut ProductOut,
-) {
-    let mut t = t0;
-    while t < t1 {
-        let left = t1 - t;
+    da: &'a [f32],
+    corr: &'a [i32],
+    out: ProductOut<'a>,
+}
+
+impl<D: BlockDot> FewTile for FewBlocks<'_, D> {
+    #[inline(always)]
+    unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r0: usize, t: usize) {
+        let (w, a, bpr, t0, da, corr) = (self.w, self.a, self.bpr, self.t0, self.da, self.corr);
+        let out = &mut self.out;
+        // SAFETY (bounds): the caller keeps r0 + RT <= rows and t + TT <= n; every pointer below indexes block
+        // b < bpr of one of those rows or tokens; `da` holds (t1 - t0) * bpr entries and `corr` 8 per entry.
+        debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
+        debug_assert!((t - t0 + TT) * bpr <= da.len());
         unsafe {
-            if left >= 4 && TMAX >= 4 {
-                few_tile::<D, RT, 4>(w, a, bpr, r0, t, t0, da, corr, out);
-                t += 4;
-            } else if left >= 2 {
-                few_tile::<D, RT, 2>(w, a, bpr, r0, t, t0, da, corr, out);
-                t += 2;
-            } else {
-                few_tile::<D, RT, 1>(w, a, bpr, r0, t, t0, da, corr, out);
-                t += 1;
-            }
-        }
-    }
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn few_tile<D: BlockDot, const RT: usize, const TT: usize>(
-    w: &[D::W],
-    a: &[BlockQ8_0],
-    bpr: usize,
-    r0: usize,
-    t: usize,
-    t0: usize,
-    da: &[f32],
-    corr: &[i32],
-    out: &mut ProductOut,
-) {
-    // SAFETY (bounds): the caller keeps r0 + RT <= rows and t + TT <= n; every pointer below indexes block b < bpr
-    // of one of those rows or tokens; `da` holds (t1 - t0) * bpr entries and `corr` 8 per entry.
-    debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
-    debug_assert!((t - t0 + TT) * bpr <= da.len());
-    unsafe {
-        let mut acc = [[_mm256_setzero_ps(); TT]; RT];
-        let wp = w.as_ptr().add(r0 * bpr);
-        let ap = a.as_ptr().add(t * bpr);
-        let dap = da.as_ptr().add((t - t0) * bpr);
-        let cp = corr.as_ptr().add((t - t0) * bpr * 8);
-        for b in 0..bpr {
-            let mut av = [_mm256_setzero_si256(); TT];
-            let mut cv = [_mm256_setzero_si256(); TT];
-            let mut dav = [0.0f32; TT];
-            for j in 0..TT {
-                av[j] = _mm256_loadu_si256((*ap.add(j * bpr + b)).qs.as_ptr() as *const __m256i);
-                cv[j] = _mm256_loadu_si256(cp.add((j * bpr + b) * 8) as *const __m256i);
-                dav[j] = *dap.add(j * bpr + b);
-            }
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                let blk = wp.add(i * bpr + b);
-                // The same block two row tiles ahead, into L2. The hardware prefetchers do not follow 4
-                // interleaved row streams well (about 9 GB/s here against 25 for one stream); requesting the
-                // tiles ahead into L2 (T1: more misses in flight than L1 allows) reaches the one-stream speed.
-                _mm_prefetch::<_MM_HINT_T1>(blk.wrapping_add(2 * RT * bpr) as *const i8);
-                let wv = D::load(blk);
-                let dw = f16_bits_to_f32(D::d_bits(&*blk));
+            let mut acc = [[_mm256_setzero_ps(); TT]; RT];
+            let wp = w.as_ptr().add(r0 * bpr);
+            let ap = a.as_ptr().add(t * bpr);
+            let dap = da.as_ptr().add((t - t0) * bpr);
+            let cp = corr.as_ptr().add((t - t0) * bpr * 8);
+            for b in 0..bpr {
+                let mut av = [_mm256_setzero_si256(); TT];
+                let mut cv = [_mm256_setzero_si256(); TT];
+                let mut dav = [0.0f32; TT];
                 for j in 0..TT {
-                    let isum = D::dot(cv[j], wv, av[j]);
-                    acc_i[j] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(isum),
-                        _mm256_set1_ps(dw * dav[j]),
-                        acc_i[j],
-                    );
+                    av[j] =
+                        _mm256_loadu_si256((*ap.add(j * bpr + b)).qs.as_ptr() as *const __m256i);
+                    cv[j] = _mm256_loadu_si256(cp.add((j * bpr + b) * 8) as *const __m256i);
+                    dav[j] = *dap.add(j * bpr + b);
+                }
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let blk = wp.add(i * bpr + b);
+                    // The same block two row tiles ahead, into L2. The hardware prefetchers do not follow 4
+                    // interleaved row streams well (about 9 GB/s here against 25 for one stream); requesting
+                    // the tiles ahead into L2 (T1: more misses in flight than L1 allows) reaches the one-stream
+                    // speed.
+                    _mm_prefetch::<_MM_HINT_T1>(blk.wrapping_add(2 * RT * bpr) as *const i8);
+                    let wv = D::load(blk);
+                    let dw = f16_bits_to_f32((*blk).d_bits());
+                    for j in 0..TT {
+                        let isum = D::dot(cv[j], wv, av[j]);
+                        acc_i[j] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(isum),
+                            _mm256_set1_ps(dw * dav[j]),
+                            acc_i[j],
+                        );
+                    }
                 }
             }
-        }
-        for (i, acc_i) in acc.iter().enumerate() {
-            for (j, &acc_ij) in acc_i.iter().enumerate() {
-                out.token(t + j)[r0 + i] = hsum_ps_256(acc_ij);
+            for (i, acc_i) in acc.iter().enumerate() {
+                for (j, &acc_ij) in acc_i.iter().enumerate() {
+                    out.token(t + j)[r0 + i] = Ymm::sum(acc_ij);
+                }
             }
         }
     }
@@ -434,300 +627,239 @@ unsafe fn few_tile<D: BlockDot, const RT: usize, const TT: usize>(
 // ---------------------------------------------------------------------------------------------------------------
 // Quantized products, many tokens: one lane per token.
 
-/// A weight format on one vector width and instruction set, for the many-token kernel.
-pub(crate) trait LaneDot {
-    type W: Copy;
-    type I: Copy;
-    type F: Copy;
-    /// Tokens per vector.
-    const N: usize;
-    /// Rows computed together (bounded by the register count).
-    const RW: usize;
-    const BIAS: i32;
-    /// Bytes of one prepared weight block.
-    const W_BYTES: usize;
-    unsafe fn d_bits(w: &Self::W) -> u16;
-    /// Writes the block in the form `block` reads (unsigned operand, and signs if needed).
-    unsafe fn prep(w: &Self::W, dst: *mut u8);
-    /// `acc + ` each lane's dot of the prepared block `w` (broadcast) with the 8 transposed activation vectors.
-    unsafe fn block(acc: Self::I, w: *const u8, s: *const u32) -> Self::I;
-    unsafe fn load_i(p: *const i32) -> Self::I;
-    unsafe fn load_f(p: *const f32) -> Self::F;
-    unsafe fn zero_f() -> Self::F;
-    unsafe fn splat_f(x: f32) -> Self::F;
-    /// `fma(cvt(i), s, acc)`
-    unsafe fn scale_acc(i: Self::I, s: Self::F, acc: Self::F) -> Self::F;
-    unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
-    unsafe fn store_f(p: *mut f32, v: Self::F);
-    /// Stores a whole tile token-major: `acc[i]` holds row `i`'s `N` tokens (`acc.len() == RW`), written as
-    /// `p[j * ldo + i]` for every token `j < N` and row `i < RW`, by a transpose in registers and one `RW`-float
-    /// store per token.
-    unsafe fn store_tile(acc: &[Self::F], p: *mut f32, ldo: usize);
-}
-
 /// Tokens per pass over a row tile: the transposed activations of one pass (about 40 bytes per token and
-/// block) stay in L2 while every row tile of the matrix streams past them.
+/// block, 300 for a 256-block) stay in L2 while every row tile of the matrix streams past them.
 const CHUNK_TOKENS: usize = 128;
 
-/// Transposes the activation blocks of tokens `t0..t0 + groups * N` (tokens past `t1` are zero) into scratch:
-/// for group g, block b: 8 vectors of N dwords (`act`), then N scales (`da`) and N corrections (`corr`).
-/// Eight tokens at a time as an 8 x 8 dword transpose in registers: done per call for every token and block,
-/// element by element it cost a quarter of a 128-row product.
-#[inline(always)]
-unsafe fn prep_acts<L: LaneDot>(
-    a: &[BlockQ8_0],
-    bpr: usize,
-    t0: usize,
-    t1: usize,
-    groups: usize,
-    s: &mut Scratch,
-) {
-    let nn = L::N;
-    grow(&mut s.act, groups * bpr * 8 * nn);
-    grow(&mut s.da, groups * bpr * nn);
-    grow(&mut s.corr, groups * bpr * nn);
-    // SAFETY: every x86 set has AVX2 and F16C (checked when the set was selected). Loads read block b < bpr of
-    // token t < t1 <= n; stores write 8 lanes at offsets below groups * bpr * 8 * N (act) and
-    // groups * bpr * N (da, corr), the sizes grown above.
-    unsafe {
-        let ones = _mm256_set1_epi8(1);
-        let ones16 = _mm256_set1_epi16(1);
-        let nbias = _mm256_set1_epi32(-L::BIAS);
-        for g in 0..groups {
-            for h in 0..nn / 8 {
-                let tb = t0 + g * nn + h * 8;
-                for b in 0..bpr {
-                    let gb = g * bpr + b;
-                    let mut r = [_mm256_setzero_si256(); 8];
-                    let mut d = [0.0f32; 8];
-                    for (j, (rj, dj)) in r.iter_mut().zip(d.iter_mut()).enumerate() {
-                        if tb + j < t1 {
-                            let blk = &a[(tb + j) * bpr + b];
-                            *rj = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
-                            *dj = f16_bits_to_f32(blk.d.to_bits());
-                        }
-                    }
-                    let cols = transpose_8x8(r);
-                    let mut sums = _mm256_setzero_si256();
-                    for (k, &c) in cols.iter().enumerate() {
-                        _mm256_storeu_si256(
-                            s.act.as_mut_ptr().add((gb * 8 + k) * nn + h * 8) as *mut __m256i,
-                            c,
-                        );
-                        sums = _mm256_add_epi32(
-                            sums,
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(ones, c), ones16),
-                        );
-                    }
-                    let o = gb * nn + h * 8;
-                    _mm256_storeu_si256(
-                        s.corr.as_mut_ptr().add(o) as *mut __m256i,
-                        _mm256_mullo_epi32(sums, nbias),
-                    );
-                    _mm256_storeu_ps(s.da.as_mut_ptr().add(o), _mm256_loadu_ps(d.as_ptr()));
-                }
-            }
-        }
-    }
+/// A product on the lane kernel (`gemm_lanes`): how its activations are transposed into scratch, how its weight
+/// blocks are prepared, and one tile of `RW` rows x `N` tokens computed from both.
+trait LaneKernel {
+    type W: Copy;
+    type A: Copy;
+    type L: Lanes;
+    /// Rows per tile.
+    const RW: usize;
+    /// Transposes the activations of a chunk of tokens (`a`: whole tokens of `bpr` blocks) into scratch, in
+    /// vectors of `N` tokens (the last one padded with zeros).
+    unsafe fn prep_acts(a: &[Self::A], bpr: usize, s: &mut Scratch);
+    /// Sizes the prepared-weight buffers for `RW` rows of `bpr` blocks.
+    fn grow_rows(s: &mut Scratch, bpr: usize);
+    /// Prepares weight block `w` as the tile's block `ib` (`row * bpr + block`); `None`, a row past the matrix,
+    /// as zeros (scale 0).
+    unsafe fn prep_block(w: Option<&Self::W>, ib: usize, s: &mut Scratch);
+    /// The `RW` rows of the tile (as prepared) x the `N` tokens of group `g` (as transposed).
+    unsafe fn tile<const RW: usize>(
+        s: &Scratch,
+        g: usize,
+        bpr: usize,
+    ) -> [<Self::L as Lanes>::F; RW];
 }
 
-/// Rows of 8 dwords to columns.
+/// `W[r] . A[t]` for tokens `t0..t1` (whole vectors of `N` tokens, the last one padded): per chunk of
+/// `CHUNK_TOKENS` tokens the activations are transposed once, then per tile of `RW` rows the weights are prepared
+/// once and every token vector of the chunk computed and stored.
 #[inline(always)]
-unsafe fn transpose_8x8(r: [__m256i; 8]) -> [__m256i; 8] {
-    unsafe {
-        let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
-        let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-        let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
-        let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-        let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
-        let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
-        let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
-        let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
-        let u0 = _mm256_unpacklo_epi64(t0, t2);
-        let u1 = _mm256_unpackhi_epi64(t0, t2);
-        let u2 = _mm256_unpacklo_epi64(t1, t3);
-        let u3 = _mm256_unpackhi_epi64(t1, t3);
-        let u4 = _mm256_unpacklo_epi64(t4, t6);
-        let u5 = _mm256_unpackhi_epi64(t4, t6);
-        let u6 = _mm256_unpacklo_epi64(t5, t7);
-        let u7 = _mm256_unpackhi_epi64(t5, t7);
-        [
-            _mm256_permute2x128_si256::<0x20>(u0, u4),
-            _mm256_permute2x128_si256::<0x20>(u1, u5),
-            _mm256_permute2x128_si256::<0x20>(u2, u6),
-            _mm256_permute2x128_si256::<0x20>(u3, u7),
-            _mm256_permute2x128_si256::<0x31>(u0, u4),
-            _mm256_permute2x128_si256::<0x31>(u1, u5),
-            _mm256_permute2x128_si256::<0x31>(u2, u6),
-            _mm256_permute2x128_si256::<0x31>(u3, u7),
-        ]
-    }
-}
-
-/// Four rows of 8 tokens (`r[i]`, one ymm each) stored token-major: `p[j * ldo + i] = r[i][j]`, 8 stores of 4
-/// floats.
-#[inline(always)]
-unsafe fn store_tile_4x8(r: &[__m256], p: *mut f32, ldo: usize) {
-    unsafe {
-        let s = transpose_4x4_lanes(r[0], r[1], r[2], r[3]);
-        for (k, &sk) in s.iter().enumerate() {
-            _mm_storeu_ps(p.add(k * ldo), _mm256_castps256_ps128(sk));
-            _mm_storeu_ps(p.add((k + 4) * ldo), _mm256_extractf128_ps::<1>(sk));
-        }
-    }
-}
-
-/// Eight rows of 8 tokens stored token-major: 8 stores of 8 floats.
-#[inline(always)]
-unsafe fn store_tile_8x8(r: &[__m256], p: *mut f32, ldo: usize) {
-    unsafe {
-        let lo = transpose_4x4_lanes(r[0], r[1], r[2], r[3]);
-        let hi = transpose_4x4_lanes(r[4], r[5], r[6], r[7]);
-        for k in 0..4 {
-            _mm256_storeu_ps(p.add(k * ldo), _mm256_permute2f128_ps::<0x20>(lo[k], hi[k]));
-            _mm256_storeu_ps(
-                p.add((k + 4) * ldo),
-                _mm256_permute2f128_ps::<0x31>(lo[k], hi[k]),
-            );
-        }
-    }
-}
-
-/// The 4 x 4 transposes within each 128-bit lane of four rows: lane `l` of result `k` holds token `4l + k` of
-/// rows 0..4.
-#[inline(always)]
-unsafe fn transpose_4x4_lanes(r0: __m256, r1: __m256, r2: __m256, r3: __m256) -> [__m256; 4] {
-    unsafe {
-        let t0 = _mm256_unpacklo_ps(r0, r1);
-        let t1 = _mm256_unpackhi_ps(r0, r1);
-        let t2 = _mm256_unpacklo_ps(r2, r3);
-        let t3 = _mm256_unpackhi_ps(r2, r3);
-        [
-            _mm256_shuffle_ps::<0x44>(t0, t2),
-            _mm256_shuffle_ps::<0xee>(t0, t2),
-            _mm256_shuffle_ps::<0x44>(t1, t3),
-            _mm256_shuffle_ps::<0xee>(t1, t3),
-        ]
-    }
-}
-
-/// `W[r] . A[t]` for tokens `t0..t1` (whole vectors of `N` tokens, the last one padded).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_lanes<L: LaneDot, const RW: usize>(
-    w: &[L::W],
-    a: &[BlockQ8_0],
+unsafe fn gemm_lanes<K: LaneKernel, const RW: usize>(
+    w: &[K::W],
+    a: &[K::A],
     bpr: usize,
     t0: usize,
     t1: usize,
     out: &mut ProductOut,
 ) {
-    assert!(RW == L::RW && L::N <= 16 && RW <= 8);
+    assert!(RW == K::RW && K::L::N <= 16 && RW <= 8);
     let (_, rows) = tile_shape(w.len(), a.len(), bpr, t0, t1, out);
-    let nn = L::N;
+    let nn = K::L::N;
     let chunk_groups = CHUNK_TOKENS.div_ceil(nn);
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };
-    {
-        let mut c0 = t0;
-        while c0 < t1 {
-            let groups = (t1 - c0).div_ceil(nn).min(chunk_groups);
-            let c1 = (c0 + groups * nn).min(t1);
-            // SAFETY: AVX2/F16C present (see `prep_acts`); the scratch is sized there.
-            unsafe { prep_acts::<L>(a, bpr, c0, c1, groups, s) };
-            grow(&mut s.w, RW * bpr * L::W_BYTES);
-            grow(&mut s.dw, RW * bpr);
-            let mut r0 = 0;
-            while r0 < rows {
-                let nr = (rows - r0).min(RW);
-                // Prepared weights for rows r0..r0 + nr; missing rows of the last tile are zero (scale 0).
-                for i in 0..RW {
-                    for b in 0..bpr {
-                        let dst =
-                            &mut s.w[(i * bpr + b) * L::W_BYTES..(i * bpr + b + 1) * L::W_BYTES];
-                        if i < nr {
-                            let blk = &w[(r0 + i) * bpr + b];
-                            // SAFETY: `dst` holds W_BYTES bytes; the set's features are present.
-                            unsafe {
-                                L::prep(blk, dst.as_mut_ptr());
-                                s.dw[i * bpr + b] = f16_bits_to_f32(L::d_bits(blk));
-                            }
-                        } else {
-                            dst.fill(0);
-                            s.dw[i * bpr + b] = 0.0;
-                        }
-                    }
-                }
-                for g in 0..groups {
-                    let tg = c0 + g * nn;
-                    // SAFETY: scratch indices are within the sizes grown above: group g < groups, block
-                    // b < bpr, row i < RW; the features are those of the set that selected this kernel.
-                    let acc = unsafe {
-                        let mut acc = [L::zero_f(); RW];
-                        for b in 0..bpr {
-                            let gb = g * bpr + b;
-                            let sp = s.act.as_ptr().add(gb * 8 * nn);
-                            let corr = L::load_i(s.corr.as_ptr().add(gb * nn));
-                            let da = L::load_f(s.da.as_ptr().add(gb * nn));
-                            for (i, acc_i) in acc.iter_mut().enumerate() {
-                                let isum = L::block(
-                                    corr,
-                                    s.w.as_ptr().add((i * bpr + b) * L::W_BYTES),
-                                    sp,
-                                );
-                                let scale =
-                                    L::mul(da, L::splat_f(*s.dw.get_unchecked(i * bpr + b)));
-                                *acc_i = L::scale_acc(isum, scale, *acc_i);
-                            }
-                        }
-                        acc
-                    };
-                    let valid = (t1 - tg).min(nn);
-                    if valid == nn && nr == RW {
-                        // SAFETY: tokens tg..tg + N <= t1 <= n and rows r0..r0 + RW <= rows, all inside the
-                        // window `tile_shape` checked.
-                        let ldo = out.stride();
-                        unsafe { L::store_tile(&acc, out.as_mut_ptr().add(tg * ldo + r0), ldo) };
+    let mut c0 = t0;
+    while c0 < t1 {
+        let groups = (t1 - c0).div_ceil(nn).min(chunk_groups);
+        let c1 = (c0 + groups * nn).min(t1);
+        // SAFETY: the set's features are present; `prep_acts` sizes its buffers.
+        unsafe { K::prep_acts(&a[c0 * bpr..c1 * bpr], bpr, s) };
+        K::grow_rows(s, bpr);
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(RW);
+            // Prepared weights for rows r0..r0 + nr; missing rows of the last tile are zero (scale 0).
+            for i in 0..RW {
+                for b in 0..bpr {
+                    let blk = if i < nr {
+                        Some(&w[(r0 + i) * bpr + b])
                     } else {
-                        // A partial tile (the last rows or tokens): through a buffer, writing only what exists.
-                        let mut tmp = [0.0f32; 16 * 8];
-                        for (acc_i, row) in acc.iter().zip(tmp.chunks_exact_mut(16)).take(nr) {
-                            // SAFETY: `row` holds 16 >= N floats.
-                            unsafe { L::store_f(row.as_mut_ptr(), *acc_i) };
-                        }
-                        for j in 0..valid {
-                            for (i, o) in out.token(tg + j)[r0..r0 + nr].iter_mut().enumerate() {
-                                *o = tmp[i * 16 + j];
-                            }
-                        }
-                    }
+                        None
+                    };
+                    // SAFETY: block i * bpr + b < RW * bpr, the rows `grow_rows` sized.
+                    unsafe { K::prep_block(blk, i * bpr + b, s) };
                 }
-                r0 += RW;
             }
-            c0 = c1;
+            for g in 0..groups {
+                let tg = c0 + g * nn;
+                // SAFETY: group g < groups and the tile's rows were prepared above.
+                let acc = unsafe { K::tile::<RW>(s, g, bpr) };
+                // SAFETY: tokens tg..tg + valid <= t1 <= n and rows r0..r0 + nr <= rows, inside the window
+                // `tile_shape` checked.
+                unsafe { store_lanes::<K::L, RW>(&acc, out, tg, r0, nr, (t1 - tg).min(nn)) };
+            }
+            r0 += RW;
+        }
+        c0 = c1;
+    }
+}
+
+/// Stores a finished lane tile: `acc[i]` holds row `r0 + i`'s results for tokens `tg..tg + N`, of which rows
+/// `i < nr` and tokens `j < valid` exist (and lie inside `out`). A whole tile is transposed in registers; a partial
+/// one (the last rows or tokens) goes through a buffer, writing only what exists.
+#[inline(always)]
+unsafe fn store_lanes<L: Lanes, const RW: usize>(
+    acc: &[L::F; RW],
+    out: &mut ProductOut,
+    tg: usize,
+    r0: usize,
+    nr: usize,
+    valid: usize,
+) {
+    if valid == L::N && nr == RW {
+        let ldo = out.stride();
+        // SAFETY: the caller's promise: tokens tg..tg + N and rows r0..r0 + RW are inside the window.
+        unsafe { L::store_tile(acc, out.as_mut_ptr().add(tg * ldo + r0), ldo) };
+    } else {
+        let mut tmp = [0.0f32; 16 * 8];
+        for (acc_i, row) in acc.iter().zip(tmp.chunks_exact_mut(16)).take(nr) {
+            // SAFETY: `row` holds 16 >= N floats.
+            unsafe { L::store(row.as_mut_ptr(), *acc_i) };
+        }
+        for j in 0..valid {
+            for (i, o) in out.token(tg + j)[r0..r0 + nr].iter_mut().enumerate() {
+                *o = tmp[i * 16 + j];
+            }
         }
     }
 }
 
-/// The whole product: whole vectors of tokens on the lane kernel, the rest on the few-token kernel.
-#[inline(always)]
-unsafe fn gemm_quant<F: BlockDot, L: LaneDot<W = F::W>, const RW: usize, const TMAX: usize>(
-    w: &[F::W],
-    a: &[BlockQ8_0],
-    bpr: usize,
-    mut out: ProductOut,
-) {
-    if bpr == 0 || a.is_empty() || w.is_empty() {
-        return;
-    }
-    let n = a.len() / bpr;
-    let lane_tokens = if n >= L::N { n / L::N * L::N } else { 0 };
-    unsafe {
-        if lane_tokens > 0 {
-            gemm_lanes::<L, RW>(w, a, bpr, 0, lane_tokens, &mut out);
+/// A 32-block weight format on one vector width and instruction set, for the lane kernel.
+pub(crate) trait LaneDot {
+    type W: Block32;
+    type L: Lanes;
+    /// Rows computed together (bounded by the register count).
+    const RW: usize;
+    const BIAS: i32;
+    /// Bytes of one prepared weight block.
+    const W_BYTES: usize;
+    /// Writes the block in the form `block` reads (unsigned operand, and signs if needed).
+    unsafe fn prep(w: &Self::W, dst: *mut u8);
+    /// `acc + ` each lane's dot of the prepared block `w` (broadcast) with the 8 transposed activation vectors.
+    unsafe fn block(
+        acc: <Self::L as Lanes>::I,
+        w: *const u8,
+        s: *const u32,
+    ) -> <Self::L as Lanes>::I;
+}
+
+/// The 32-block products of format `D` on the lane kernel.
+struct BlockLanes<D>(PhantomData<D>);
+
+impl<D: LaneDot> LaneKernel for BlockLanes<D> {
+    type W = D::W;
+    type A = BlockQ8_0;
+    type L = D::L;
+    const RW: usize = D::RW;
+    /// For group g, block b: 8 vectors of N dwords (`act`), then N scales (`da`) and N corrections (`corr`).
+    /// Eight tokens at a time as an 8 x 8 dword transpose in registers: done per call for every token and block,
+    /// element by element it cost a quarter of a 128-row product.
+    #[inline(always)]
+    unsafe fn prep_acts(a: &[BlockQ8_0], bpr: usize, s: &mut Scratch) {
+        let nn = D::L::N;
+        let n = a.len() / bpr;
+        let groups = n.div_ceil(nn);
+        grow(&mut s.act, groups * bpr * 8 * nn);
+        grow(&mut s.da, groups * bpr * nn);
+        grow(&mut s.corr, groups * bpr * nn);
+        // SAFETY: every x86 set has AVX2 and F16C (checked when the set was selected). Loads read block b < bpr of
+        // token t < n; stores write 8 lanes at offsets below groups * bpr * 8 * N (act) and
+        // groups * bpr * N (da, corr), the sizes grown above.
+        unsafe {
+            let ones = _mm256_set1_epi8(1);
+            let ones16 = _mm256_set1_epi16(1);
+            let nbias = _mm256_set1_epi32(-D::BIAS);
+            for g in 0..groups {
+                for h in 0..nn / 8 {
+                    let tb = g * nn + h * 8;
+                    for b in 0..bpr {
+                        let gb = g * bpr + b;
+                        let mut r = [_mm256_setzero_si256(); 8];
+                        let mut d = [0.0f32; 8];
+                        for (j, (rj, dj)) in r.iter_mut().zip(d.iter_mut()).enumerate() {
+                            if tb + j < n {
+                                let blk = &a[(tb + j) * bpr + b];
+                                *rj = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
+                                *dj = f16_bits_to_f32(blk.d.to_bits());
+                            }
+                        }
+                        let cols = transpose_8x8(r);
+                        let mut sums = _mm256_setzero_si256();
+                        for (k, &c) in cols.iter().enumerate() {
+                            _mm256_storeu_si256(
+                                s.act.as_mut_ptr().add((gb * 8 + k) * nn + h * 8) as *mut __m256i,
+                                c,
+                            );
+                            sums = _mm256_add_epi32(
+                                sums,
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(ones, c), ones16),
+                            );
+                        }
+                        let o = gb * nn + h * 8;
+                        _mm256_storeu_si256(
+                            s.corr.as_mut_ptr().add(o) as *mut __m256i,
+                            _mm256_mullo_epi32(sums, nbias),
+                        );
+                        _mm256_storeu_ps(s.da.as_mut_ptr().add(o), _mm256_loadu_ps(d.as_ptr()));
+                    }
+                }
+            }
         }
-        if lane_tokens < n {
-            gemm_few::<F, TMAX>(w, a, bpr, lane_tokens, n, &mut out);
+    }
+    #[inline(always)]
+    fn grow_rows(s: &mut Scratch, bpr: usize) {
+        grow(&mut s.w, D::RW * bpr * D::W_BYTES);
+        grow(&mut s.dw, D::RW * bpr);
+    }
+    #[inline(always)]
+    unsafe fn prep_block(w: Option<&D::W>, ib: usize, s: &mut Scratch) {
+        let dst = &mut s.w[ib * D::W_BYTES..(ib + 1) * D::W_BYTES];
+        match w {
+            // SAFETY: `dst` holds W_BYTES bytes; the set's features are present.
+            Some(blk) => unsafe {
+                D::prep(blk, dst.as_mut_ptr());
+                s.dw[ib] = f16_bits_to_f32(blk.d_bits());
+            },
+            None => {
+                dst.fill(0);
+                s.dw[ib] = 0.0;
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn tile<const RW: usize>(s: &Scratch, g: usize, bpr: usize) -> [<D::L as Lanes>::F; RW] {
+        let nn = D::L::N;
+        // SAFETY: scratch indices are within the sizes grown by `prep_acts` and `grow_rows`: group g < groups,
+        // block b < bpr, row i < RW; the features are those of the set that selected this kernel.
+        unsafe {
+            let mut acc = [D::L::zero(); RW];
+            for b in 0..bpr {
+                let gb = g * bpr + b;
+                let sp = s.act.as_ptr().add(gb * 8 * nn);
+                let corr = D::L::load_i(s.corr.as_ptr().add(gb * nn));
+                let da = D::L::load(s.da.as_ptr().add(gb * nn));
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let isum = D::block(corr, s.w.as_ptr().add((i * bpr + b) * D::W_BYTES), sp);
+                    let scale = D::L::mul(da, D::L::splat(*s.dw.get_unchecked(i * bpr + b)));
+                    *acc_i = D::L::scale_acc(isum, scale, *acc_i);
+                }
+            }
+            acc
         }
     }
 }
@@ -749,35 +881,105 @@ unsafe fn q8_bytes(w: &BlockQ8_0) -> __m256i {
     unsafe { _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i) }
 }
 
+/// A 32-block format as the unsigned operand of a byte dot, for `Bytes`.
+pub(crate) trait Unsigned32: Block32 {
+    /// The activation correction: the integer dot is `dot(u, a) - BIAS * sum(a)`.
+    const BIAS: i32;
+    /// Whether the bytes stay below 16 (`ByteDot::block_nibbles`); otherwise they take the whole byte range,
+    /// which only a VNNI dot multiplies exactly.
+    const NIBBLES: bool;
+    /// The 32 unsigned bytes, in activation order.
+    unsafe fn unsigned(&self) -> __m256i;
+}
+
+// SAFETY (every method): the module contract above: features enabled by the caller.
+impl Unsigned32 for BlockQ4_0 {
+    const BIAS: i32 = 8;
+    const NIBBLES: bool = true;
+    /// The nibbles as they are (0..15).
+    #[inline(always)]
+    unsafe fn unsigned(&self) -> __m256i {
+        unsafe { q4_nibbles(self) }
+    }
+}
+
+// SAFETY (every method): the module contract above: features enabled by the caller.
+impl Unsigned32 for BlockQ8_0 {
+    const BIAS: i32 = 128;
+    const NIBBLES: bool = false;
+    /// `w + 128` as unsigned bytes.
+    #[inline(always)]
+    unsafe fn unsigned(&self) -> __m256i {
+        unsafe { _mm256_xor_si256(q8_bytes(self), _mm256_set1_epi8(-128)) }
+    }
+}
+
+/// Format `W` on byte dot `D`, for both kernels: the weights as unsigned bytes (`Unsigned32`), corrected by
+/// `-BIAS * sum(activation block)`. Q8_0 needs a VNNI dot (AVX2, where `vpmaddubsw` saturates at i16, has its own
+/// form: `avx2::Q8Sign`).
+pub(crate) struct Bytes<W, D>(PhantomData<(W, D)>);
+
+/// Q4_0 on any instruction set.
+pub(crate) type Q4<D> = Bytes<BlockQ4_0, D>;
+
+/// Q8_0 on a VNNI set.
+pub(crate) type Q8<D> = Bytes<BlockQ8_0, D>;
+
+// SAFETY (every method): the module contract above: features enabled by the caller, pointers valid.
+impl<W: Unsigned32, D: ByteDot> BlockDot for Bytes<W, D> {
+    type W = W;
+    const BIAS: i32 = W::BIAS;
+    #[inline(always)]
+    unsafe fn load(w: *const W) -> (__m256i, __m256i) {
+        const { assert!(W::NIBBLES || D::VNNI) };
+        unsafe {
+            let u = (*w).unsigned();
+            (u, u)
+        }
+    }
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, w: (__m256i, __m256i), a: __m256i) -> __m256i {
+        unsafe { D::dot(acc, w.0, a) }
+    }
+}
+
+// SAFETY (every method): the module contract above: features enabled by the caller, pointers valid.
+impl<W: Unsigned32, D: ByteDot> LaneDot for Bytes<W, D> {
+    type W = W;
+    type L = D::L;
+    const RW: usize = D::RW;
+    const BIAS: i32 = W::BIAS;
+    const W_BYTES: usize = 32;
+    #[inline(always)]
+    unsafe fn prep(w: &W, dst: *mut u8) {
+        const { assert!(W::NIBBLES || D::VNNI) };
+        unsafe { _mm256_storeu_si256(dst as *mut __m256i, w.unsigned()) }
+    }
+    #[inline(always)]
+    unsafe fn block(acc: IOf<D>, w: *const u8, s: *const u32) -> IOf<D> {
+        unsafe {
+            if W::NIBBLES {
+                D::block_nibbles(acc, w, s)
+            } else {
+                D::block(acc, w, s)
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Float products.
 
-/// One float vector width.
-pub(crate) trait FloatLanes {
-    type F: Copy;
-    const N: usize;
-    unsafe fn zero() -> Self::F;
-    unsafe fn splat(x: f32) -> Self::F;
-    unsafe fn load(p: *const f32) -> Self::F;
-    unsafe fn load_f16(p: *const u16) -> Self::F;
-    unsafe fn load_bf16(p: *const u16) -> Self::F;
-    unsafe fn store(p: *mut f32, v: Self::F);
-    unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
-    unsafe fn add(a: Self::F, b: Self::F) -> Self::F;
-    unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
-    unsafe fn sum(v: Self::F) -> f32;
-}
-
 /// A float weight type: how a vector of it is loaded as f32.
 pub(crate) trait FloatWeight: Copy {
-    unsafe fn load<L: FloatLanes>(p: *const Self) -> L::F;
+    unsafe fn load<L: Lanes>(p: *const Self) -> L::F;
     fn to_f32(self) -> f32;
 }
 
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl FloatWeight for f32 {
     #[inline(always)]
-    unsafe fn load<L: FloatLanes>(p: *const f32) -> L::F {
+    unsafe fn load<L: Lanes>(p: *const f32) -> L::F {
         unsafe { L::load(p) }
     }
     #[inline(always)]
@@ -789,7 +991,7 @@ impl FloatWeight for f32 {
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl FloatWeight for f16 {
     #[inline(always)]
-    unsafe fn load<L: FloatLanes>(p: *const f16) -> L::F {
+    unsafe fn load<L: Lanes>(p: *const f16) -> L::F {
         unsafe { L::load_f16(p as *const u16) }
     }
     #[inline(always)]
@@ -802,7 +1004,7 @@ impl FloatWeight for f16 {
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl FloatWeight for bf16 {
     #[inline(always)]
-    unsafe fn load<L: FloatLanes>(p: *const bf16) -> L::F {
+    unsafe fn load<L: Lanes>(p: *const bf16) -> L::F {
         unsafe { L::load_bf16(p as *const u16) }
     }
     #[inline(always)]
@@ -813,7 +1015,7 @@ impl FloatWeight for bf16 {
 
 /// `W[r] . A[t]`, tiling 4 rows x 2 tokens (one accumulator each), remainders by 1.
 #[inline(always)]
-unsafe fn gemm_float<L: FloatLanes, W: FloatWeight>(
+unsafe fn gemm_float<L: Lanes, W: FloatWeight>(
     w: &[W],
     a: &[f32],
     cols: usize,
@@ -846,7 +1048,7 @@ unsafe fn gemm_float<L: FloatLanes, W: FloatWeight>(
 }
 
 #[inline(always)]
-unsafe fn float_tile<L: FloatLanes, W: FloatWeight, const RT: usize, const TT: usize>(
+unsafe fn float_tile<L: Lanes, W: FloatWeight, const RT: usize, const TT: usize>(
     w: &[W],
     a: &[f32],
     cols: usize,
@@ -892,7 +1094,7 @@ unsafe fn float_tile<L: FloatLanes, W: FloatWeight, const RT: usize, const TT: u
 /// `y += alpha * x`, rounded as the scalar loop rounds (a product, then a sum), so every set gives the same
 /// bits.
 #[inline(always)]
-unsafe fn axpy_f32<L: FloatLanes>(alpha: f32, x: &[f32], y: &mut [f32]) {
+unsafe fn axpy_f32<L: Lanes>(alpha: f32, x: &[f32], y: &mut [f32]) {
     let len = x.len().min(y.len());
     let body = len / L::N * L::N;
     // SAFETY: every access is below `body <= len`.
