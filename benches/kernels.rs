@@ -389,8 +389,8 @@ fn bench_decode_shapes() {
     }
 }
 
-/// Attention of a block of queries over one KV head (head size 64, keys transposed at the cache's stride of
-/// 4096 positions), in GFLOP/s counting the two products (4 * head_dim * sum of lengths): `attend_block` with
+/// Attention of a block of queries over one KV head (head size 64, in KV pool blocks of 64 positions, keys
+/// transposed within each), in GFLOP/s counting the two products (4 * head_dim * sum of lengths): `attend_block` with
 /// the whole block, the same queries one at a time (the one-query path, `attend_head`), and the scalar
 /// reference. nq = 2 is one decode step of a GQA group; nq = 16 is 2 query heads x 8 consecutive tokens
 /// (causal: lengths len - 7..=len).
@@ -401,6 +401,17 @@ fn bench_attention() {
     let mut rng = Rng(11);
     let kt: Vec<f32> = (0..HD * STRIDE).map(|_| rng.f32()).collect();
     let v: Vec<f32> = (0..STRIDE * HD).map(|_| rng.f32()).collect();
+    // Laid out as the model's KV pool lays out one head: blocks of 64 positions, here in order.
+    let block_ids: Vec<u32> = (0..(STRIDE / 64) as u32).collect();
+    let kv = ops::KvBlocks {
+        k: &kt,
+        v: &v,
+        blocks: &block_ids,
+        block_values: HD * 64,
+        head_offset: 0,
+        tokens: 64,
+        head_dim: HD,
+    };
     println!("\nattention, head size 64, GFLOP/s (4 * hd * sum of lengths per call)");
     println!(
         "{:<10} {:>4} {:>6} {:>10} {:>13} {:>8}",
@@ -420,9 +431,7 @@ fn bench_attention() {
                     (t.attend_block)(
                         black_box(&q),
                         &lens,
-                        &kt,
-                        STRIDE,
-                        &v,
+                        &kv,
                         scale,
                         &mut scratch,
                         &mut out,
@@ -433,9 +442,7 @@ fn bench_attention() {
                         (t.attend_block)(
                             black_box(&q[j * HD..(j + 1) * HD]),
                             &[l],
-                            &kt,
-                            STRIDE,
-                            &v,
+                            &kv,
                             scale,
                             &mut scratch,
                             &mut out[j * HD..(j + 1) * HD],
@@ -447,9 +454,7 @@ fn bench_attention() {
                         ops::scalar::attend_block(
                             black_box(&q),
                             &lens,
-                            &kt,
-                            STRIDE,
-                            &v,
+                            &kv,
                             scale,
                             &mut scratch,
                             &mut out,

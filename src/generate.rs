@@ -27,7 +27,7 @@ impl<'m> Session<'m> {
         Session {
             model,
             cache: KvCache::new(&model.config, context),
-            bufs: ForwardBuffers::new(&model.config, batch.clamp(1, context)),
+            bufs: ForwardBuffers::new(&model.config, batch.clamp(1, context), 1),
             history: Vec::with_capacity(context),
         }
     }

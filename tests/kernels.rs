@@ -651,7 +651,8 @@ fn attend_head_matches_scalar() {
             let kt: Vec<f32> = (0..hd * stride).map(|_| rng.f32()).collect();
             let v: Vec<f32> = (0..len * hd).map(|_| rng.f32() * 2.0).collect();
             let (mut want_s, mut want) = (vec![0.0; len], vec![0.0; hd]);
-            ops::scalar::attend_head(&q, &kt, stride, &v, len, 0.3, &mut want_s, &mut want);
+            let kv = ops::KvBlocks::contiguous(&kt, stride, &v, hd);
+            ops::scalar::attend_head(&q, &kv, len, 0.3, &mut want_s, &mut want);
             let bound = 1e-5 * v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
             let copies: Vec<(&str, ops::AttendBlockFn)> = ops_copies()
                 .into_iter()
@@ -659,7 +660,7 @@ fn attend_head_matches_scalar() {
                 .collect();
             for (name, f) in copies {
                 let (mut s, mut got) = (vec![0.0; len + 3], vec![f32::NAN; hd]);
-                f(&q, &[len], &kt, stride, &v, 0.3, &mut s, &mut got);
+                f(&q, &[len], &kv, 0.3, &mut s, &mut got);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - w).abs() <= bound,
@@ -723,12 +724,11 @@ fn attend_block_matches_scalar() {
                         let scratch_len = ops::attend_block_scratch(&lens);
                         let mut want_p = vec![f32::NAN; scratch_len];
                         let mut want = vec![f32::NAN; nq * hd];
+                        let kv = ops::KvBlocks::contiguous(&kt, stride, &v, hd);
                         ops::scalar::attend_block(
                             &q,
                             &lens,
-                            &kt,
-                            stride,
-                            &v,
+                            &kv,
                             scale,
                             &mut want_p,
                             &mut want,
@@ -737,7 +737,7 @@ fn attend_block_matches_scalar() {
                         for (name, t) in &copies {
                             let mut p = vec![f32::NAN; scratch_len];
                             let mut got = vec![f32::NAN; nq * hd];
-                            (t.attend_block)(&q, &lens, &kt, stride, &v, scale, &mut p, &mut got);
+                            (t.attend_block)(&q, &lens, &kv, scale, &mut p, &mut got);
                             let ctx = format!(
                                 "attend_block {name}: hd {hd}, nq {nq}, lens {lens:?}, stride {stride}"
                             );

@@ -30,12 +30,14 @@ pub struct Ops {
     /// `out[j * hd..(j + 1) * hd] = sum_s p_js v_s` with `p_j = softmax_s(scale * q_j . k_s)` over those
     /// positions. Meant for all the query heads of a KV head and a block of consecutive tokens at once (e.g. 2
     /// heads x 16 tokens): every key and value loaded feeds up to four queries from registers. Arguments
-    /// `(q, lens, kt, kt_stride, v, scale, scratch, out)`:
+    /// `(q, lens, kv, scale, scratch, out)`:
     ///
-    /// - `kt`: keys transposed, `kt[d * kt_stride + s]` (`kt_stride >= max(lens)`); `v`: values row-major,
-    ///   `v[s * hd + d]`. Only positions below `max(lens)` are used, and they must be finite (values past a
-    ///   query's own length are multiplied by exactly 0). Score tiles may load up to 63 key values past a row's
-    ///   last used position when the slice reaches that far, and drop them.
+    /// - `kv`: the KV head's cache as blocks of consecutive positions ([`KvBlocks`]). Only positions below
+    ///   `max(lens)` are used, and they must be finite (values past a query's own length are multiplied by
+    ///   exactly 0). Score tiles may load key values past a row's last used position within its block, and
+    ///   drop them. Each output is the same whatever other queries share the call and however the positions
+    ///   are split into blocks (every score is one dot product in dimension order, every output one sum in
+    ///   position order), which is what lets a sequence in a batch get exactly what it gets alone.
     /// - `scratch`: at least `nq * max(lens)` values ([`attend_block_scratch`]); left holding the probabilities,
     ///   row `j` at `j * max(lens)`, zero past `lens[j]`.
     /// - A query with `lens[j] == 0` gets zeros. `hd` is at most 256.
@@ -46,16 +48,65 @@ pub struct Ops {
 
 pub type RopeFn = fn(x: &mut [f32], head_dim: usize, cos_sin: &[(f32, f32)]);
 
-pub type AttendBlockFn = fn(
-    q: &[f32],
-    lens: &[usize],
-    kt: &[f32],
-    kt_stride: usize,
-    v: &[f32],
-    scale: f32,
-    scratch: &mut [f32],
-    out: &mut [f32],
-);
+pub type AttendBlockFn =
+    fn(q: &[f32], lens: &[usize], kv: &KvBlocks, scale: f32, scratch: &mut [f32], out: &mut [f32]);
+
+/// One KV head of one sequence's cache, as the blocks of a pool that hold it: block `i` holds positions
+/// `i * tokens..(i + 1) * tokens`, its keys transposed (`[head_dim][tokens]`) at `k[base(i)..]` and its values
+/// row-major (`[tokens][head_dim]`) at `v[base(i)..]`, with `base(i) = blocks[i] * block_values + head_offset`.
+#[derive(Clone, Copy, Debug)]
+pub struct KvBlocks<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub blocks: &'a [u32],
+    /// Values from one block to the next in `k` and `v`.
+    pub block_values: usize,
+    /// Where this head starts within a block.
+    pub head_offset: usize,
+    /// Positions per block.
+    pub tokens: usize,
+    pub head_dim: usize,
+}
+
+impl<'a> KvBlocks<'a> {
+    /// One contiguous cache of `stride` positions: keys `kt[d * stride + s]`, values `v[s * head_dim + d]`.
+    pub fn contiguous(kt: &'a [f32], stride: usize, v: &'a [f32], head_dim: usize) -> KvBlocks<'a> {
+        KvBlocks {
+            k: kt,
+            v,
+            blocks: &[0],
+            block_values: 0,
+            head_offset: 0,
+            tokens: stride,
+            head_dim,
+        }
+    }
+
+    /// Keys of block `i`, `[head_dim][tokens]` (shorter if the storage ends first: a contiguous cache need not
+    /// have its last positions).
+    #[inline(always)]
+    pub fn keys(&self, i: usize) -> &'a [f32] {
+        let base = self.blocks[i] as usize * self.block_values + self.head_offset;
+        &self.k[base..(base + self.head_dim * self.tokens).min(self.k.len())]
+    }
+
+    /// Values of block `i`, `[tokens][head_dim]` (shorter as for `keys`).
+    #[inline(always)]
+    pub fn values(&self, i: usize) -> &'a [f32] {
+        let base = self.blocks[i] as usize * self.block_values + self.head_offset;
+        &self.v[base..(base + self.head_dim * self.tokens).min(self.v.len())]
+    }
+
+    /// Key `d` of position `s`.
+    pub fn key(&self, s: usize, d: usize) -> f32 {
+        self.keys(s / self.tokens)[d * self.tokens + s % self.tokens]
+    }
+
+    /// Value `d` of position `s`.
+    pub fn value(&self, s: usize, d: usize) -> f32 {
+        self.values(s / self.tokens)[(s % self.tokens) * self.head_dim + d]
+    }
+}
 
 /// The scratch [`Ops::attend_block`] needs for these query lengths.
 pub fn attend_block_scratch(lens: &[usize]) -> usize {
@@ -82,6 +133,8 @@ pub(super) const BASELINE: Ops = Ops {
 
 /// The one definition of each operation, inlined into each compiled copy.
 mod body {
+    use super::KvBlocks;
+
     /// Partial lanes for sums and maxima: a whole zmm, two ymm, four xmm.
     const L: usize = 16;
 
@@ -176,22 +229,18 @@ mod body {
         }
     }
 
-    /// Positions per cache chunk: the keys (then values) of one chunk stay in L1/L2 while every query tile of
-    /// the block uses them.
-    const CHUNK: usize = 256;
-
     /// The largest head size [`attend_block`] takes (Granite's are 64 and 128).
     pub const MAX_HEAD_DIM: usize = 256;
 
     /// [`super::Ops::attend_block`]. Queries are taken 4 at a time (then 2, 1). Scores: a register tile of 4
     /// queries x `P4` positions (`P2`, `P1` for 2 and 1 queries), one run of keys per head dimension feeding
     /// all of them. Values: 4 queries x `D4` dimensions (`D2`, `D1`), one value row chunk per position feeding
-    /// all of them, accumulated in registers across a whole chunk of positions (no store-to-load chain per
-    /// position). Each copy picks the widths so that a tile is whole registers and has enough independent
-    /// accumulators to hide the multiply-add latency (at least 8 on AVX2 and baseline, 4 zmm on AVX-512)
-    /// within its register file; with fewer queries, wider tiles.
+    /// all of them, accumulated in registers across a whole cache block of positions (no store-to-load chain
+    /// per position). The keys (then values) of one block stay in L1/L2 while every query tile uses them. Each
+    /// copy picks the widths so that a tile is whole registers and has enough independent accumulators to hide
+    /// the multiply-add latency (at least 8 on AVX2 and baseline, 4 zmm on AVX-512) within its register file;
+    /// with fewer queries, wider tiles.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     pub fn attend_block<
         M: Madd,
         const P1: usize,
@@ -203,9 +252,7 @@ mod body {
     >(
         q: &[f32],
         lens: &[usize],
-        kt: &[f32],
-        kt_stride: usize,
-        v: &[f32],
+        kv: &KvBlocks,
         scale: f32,
         scratch: &mut [f32],
         out: &mut [f32],
@@ -221,8 +268,9 @@ mod body {
         if lmax == 0 {
             return;
         }
-        assert!(kt_stride >= lmax && kt.len() >= (hd - 1) * kt_stride + lmax);
-        assert!(v.len() >= lmax * hd && scratch.len() >= nq * lmax);
+        assert!(kv.head_dim == hd && kv.tokens > 0);
+        let bt = kv.tokens;
+        assert!(kv.blocks.len() * bt >= lmax && scratch.len() >= nq * lmax);
         let p = &mut scratch[..nq * lmax];
         // Query tiles: 4, then 2, then 1, each with the longest length among its queries.
         let tiles = || {
@@ -244,19 +292,20 @@ mod body {
             })
         };
 
-        // Scores, chunk by chunk of positions.
-        for c0 in (0..lmax).step_by(CHUNK) {
+        // Scores, block by block of positions: `p` rows start at column c0 for this block's positions.
+        for (bi, c0) in (0..lmax).step_by(bt).enumerate() {
+            let kt = kv.keys(bi);
             for (j, jt, lt) in tiles() {
-                let c1 = lt.min(c0 + CHUNK);
+                let c1 = lt.min(c0 + bt);
                 if c1 <= c0 {
                     continue;
                 }
                 let q = &q[j * hd..(j + jt) * hd];
-                let p = &mut p[j * lmax..(j + jt) * lmax];
+                let p = &mut p[j * lmax + c0..(j + jt) * lmax];
                 match jt {
-                    4 => scores::<M, 4, P4>(q, kt, kt_stride, c0, c1, scale, p, lmax),
-                    2 => scores::<M, 2, P2>(q, kt, kt_stride, c0, c1, scale, p, lmax),
-                    _ => scores::<M, 1, P1>(q, kt, kt_stride, c0, c1, scale, p, lmax),
+                    4 => scores::<M, 4, P4>(q, kt, bt, c1 - c0, scale, p, lmax),
+                    2 => scores::<M, 2, P2>(q, kt, bt, c1 - c0, scale, p, lmax),
+                    _ => scores::<M, 1, P1>(q, kt, bt, c1 - c0, scale, p, lmax),
                 }
             }
         }
@@ -269,14 +318,16 @@ mod body {
             row[len..].fill(0.0);
         }
 
-        // Weighted sum of values, chunk by chunk of positions, a register tile of dimensions at a time.
-        for c0 in (0..lmax).step_by(CHUNK) {
+        // Weighted sum of values, block by block of positions, a register tile of dimensions at a time.
+        for (bi, c0) in (0..lmax).step_by(bt).enumerate() {
+            let v = kv.values(bi);
             for (j, jt, lt) in tiles() {
-                let c1 = lt.min(c0 + CHUNK);
+                let c1 = lt.min(c0 + bt);
                 if c1 <= c0 {
                     continue;
                 }
-                let p = &p[j * lmax..(j + jt) * lmax];
+                let p = &p[j * lmax + c0..(j + jt) * lmax];
+                let n = c1 - c0;
                 let out = &mut out[j * hd..(j + jt) * hd];
                 let dt = match jt {
                     4 => D4,
@@ -296,18 +347,18 @@ mod body {
                         (3, 1)
                     };
                     match (jt, width) {
-                        (4, 0) => values::<M, 4, D4>(p, lmax, v, hd, d0, c0, c1, out),
-                        (2, 0) => values::<M, 2, D2>(p, lmax, v, hd, d0, c0, c1, out),
-                        (_, 0) => values::<M, 1, D1>(p, lmax, v, hd, d0, c0, c1, out),
-                        (4, 1) => values::<M, 4, 16>(p, lmax, v, hd, d0, c0, c1, out),
-                        (2, 1) => values::<M, 2, 16>(p, lmax, v, hd, d0, c0, c1, out),
-                        (_, 1) => values::<M, 1, 16>(p, lmax, v, hd, d0, c0, c1, out),
-                        (4, 2) => values::<M, 4, 8>(p, lmax, v, hd, d0, c0, c1, out),
-                        (2, 2) => values::<M, 2, 8>(p, lmax, v, hd, d0, c0, c1, out),
-                        (_, 2) => values::<M, 1, 8>(p, lmax, v, hd, d0, c0, c1, out),
-                        (4, _) => values::<M, 4, 1>(p, lmax, v, hd, d0, c0, c1, out),
-                        (2, _) => values::<M, 2, 1>(p, lmax, v, hd, d0, c0, c1, out),
-                        (_, _) => values::<M, 1, 1>(p, lmax, v, hd, d0, c0, c1, out),
+                        (4, 0) => values::<M, 4, D4>(p, lmax, v, hd, d0, n, out),
+                        (2, 0) => values::<M, 2, D2>(p, lmax, v, hd, d0, n, out),
+                        (_, 0) => values::<M, 1, D1>(p, lmax, v, hd, d0, n, out),
+                        (4, 1) => values::<M, 4, 16>(p, lmax, v, hd, d0, n, out),
+                        (2, 1) => values::<M, 2, 16>(p, lmax, v, hd, d0, n, out),
+                        (_, 1) => values::<M, 1, 16>(p, lmax, v, hd, d0, n, out),
+                        (4, 2) => values::<M, 4, 8>(p, lmax, v, hd, d0, n, out),
+                        (2, 2) => values::<M, 2, 8>(p, lmax, v, hd, d0, n, out),
+                        (_, 2) => values::<M, 1, 8>(p, lmax, v, hd, d0, n, out),
+                        (4, _) => values::<M, 4, 1>(p, lmax, v, hd, d0, n, out),
+                        (2, _) => values::<M, 2, 1>(p, lmax, v, hd, d0, n, out),
+                        (_, _) => values::<M, 1, 1>(p, lmax, v, hd, d0, n, out),
                     }
                     d0 += step;
                 }
@@ -315,17 +366,16 @@ mod body {
         }
     }
 
-    /// `p[jj * ps + s] = scale * q_jj . k_s` for the `JT` queries in `q` and positions `s0..s1`: `PT` positions
-    /// at a time; a last partial tile loads a whole one when the key slice reaches that far (the extra scores
-    /// are dropped), else runs one position at a time.
+    /// `p[jj * ps + s] = scale * q_jj . k_s` for the `JT` queries in `q` and the block's positions `0..n`
+    /// (keys `kt[d * stride + s]`): `PT` positions at a time; a last partial tile loads a whole one when the
+    /// block reaches that far (the extra scores are dropped), else runs one position at a time.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn scores<M: Madd, const JT: usize, const PT: usize>(
         q: &[f32],
         kt: &[f32],
         stride: usize,
-        s0: usize,
-        s1: usize,
+        n_pos: usize,
         scale: f32,
         p: &mut [f32],
         ps: usize,
@@ -340,10 +390,10 @@ mod body {
             }
         }
         let qt = &qt[..hd];
-        let mut s = s0;
-        while s < s1 {
-            let n = (s1 - s).min(PT);
-            // A partial tile may read into the next key row or past `max(lens)`: in bounds, and dropped.
+        let mut s = 0;
+        while s < n_pos {
+            let n = (n_pos - s).min(PT);
+            // A partial tile may read past `max(lens)` within the block: in bounds, and dropped.
             if n == PT || (hd - 1) * stride + s + PT <= kt.len() {
                 let mut acc = [[0.0f32; PT]; JT];
                 for (d, qd) in qt.iter().enumerate() {
@@ -374,8 +424,8 @@ mod body {
         }
     }
 
-    /// `out[jj * hd + d] += sum_{s0 <= s < s1} p[jj * ps + s] * v[s * hd + d]` for the `JT` queries and
-    /// dimensions `d0..d0 + DT`, accumulated in registers.
+    /// `out[jj * hd + d] += sum_{s < n} p[jj * ps + s] * v[s * hd + d]` for the `JT` queries and dimensions
+    /// `d0..d0 + DT` over a block's first `n` positions, accumulated in registers.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn values<M: Madd, const JT: usize, const DT: usize>(
@@ -384,16 +434,15 @@ mod body {
         v: &[f32],
         hd: usize,
         d0: usize,
-        s0: usize,
-        s1: usize,
+        n: usize,
         out: &mut [f32],
     ) {
         let mut acc = [[0.0f32; DT]; JT];
         for (jj, acc_j) in acc.iter_mut().enumerate() {
             acc_j.copy_from_slice(&out[jj * hd + d0..jj * hd + d0 + DT]);
         }
-        let rows: [&[f32]; JT] = std::array::from_fn(|jj| &p[jj * ps + s0..jj * ps + s1]);
-        let v = &v[s0 * hd..s1 * hd];
+        let rows: [&[f32]; JT] = std::array::from_fn(|jj| &p[jj * ps..jj * ps + n]);
+        let v = &v[..n * hd];
         for (i, vrow) in v.chunks_exact(hd).enumerate() {
             let x: &[f32; DT] = vrow[d0..d0 + DT].try_into().unwrap();
             for (acc_j, row) in acc.iter_mut().zip(&rows) {
@@ -449,7 +498,7 @@ mod body {
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::{Ops, body};
+    use super::{KvBlocks, Ops, body};
 
     /// The bodies compiled with `$features` (see `target_feature_entries!`), attention with the given register
     /// tiles. Only the x86 kernel sets whose detection covers `$features` carry these tables.
@@ -464,13 +513,11 @@ pub(super) mod x86 {
                 fn attend_block(
                     q: &[f32],
                     lens: &[usize],
-                    kt: &[f32],
-                    ks: usize,
-                    v: &[f32],
+                    kv: &KvBlocks,
                     sc: f32,
                     s: &mut [f32],
                     o: &mut [f32],
-                ) = body::attend_block::<$madd, $($tile),*>(q, lens, kt, ks, v, sc, s, o);
+                ) = body::attend_block::<$madd, $($tile),*>(q, lens, kv, sc, s, o);
             }
             Ops { rms_norm, rope, softmax, silu_mul, attend_block }
         }};
@@ -493,6 +540,8 @@ pub(super) mod x86 {
 /// `tests/kernels.rs` and the benches).
 #[doc(hidden)]
 pub mod scalar {
+    use super::KvBlocks;
+
     pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
         let scale = 1.0 / (mean_sq + eps).sqrt();
@@ -531,23 +580,19 @@ pub mod scalar {
     }
 
     /// Attention of one head the textbook way: a dot product per position, softmax, weighted sum of values.
-    #[allow(clippy::too_many_arguments)]
     pub fn attend_head(
         q: &[f32],
-        kt: &[f32],
-        kt_stride: usize,
-        v: &[f32],
+        kv: &KvBlocks,
         len: usize,
         scale: f32,
         scores: &mut [f32],
         out: &mut [f32],
     ) {
-        let hd = q.len();
         for (s, score) in scores[..len].iter_mut().enumerate() {
             *score = q
                 .iter()
                 .enumerate()
-                .map(|(d, &qd)| qd * kt[d * kt_stride + s])
+                .map(|(d, &qd)| qd * kv.key(s, d))
                 .sum::<f32>()
                 * scale;
         }
@@ -555,20 +600,17 @@ pub mod scalar {
         out.fill(0.0);
         for (s, &p) in scores[..len].iter().enumerate() {
             for (d, o) in out.iter_mut().enumerate() {
-                *o += p * v[s * hd + d];
+                *o += p * kv.value(s, d);
             }
         }
     }
 
     /// A block of queries, each the textbook way ([`attend_head`]) over its own length; `scratch` as in
     /// [`super::Ops::attend_block`].
-    #[allow(clippy::too_many_arguments)]
     pub fn attend_block(
         q: &[f32],
         lens: &[usize],
-        kt: &[f32],
-        kt_stride: usize,
-        v: &[f32],
+        kv: &KvBlocks,
         scale: f32,
         scratch: &mut [f32],
         out: &mut [f32],
@@ -585,16 +627,7 @@ pub mod scalar {
             if len == 0 {
                 o.fill(0.0);
             } else {
-                attend_head(
-                    &q[j * hd..(j + 1) * hd],
-                    kt,
-                    kt_stride,
-                    v,
-                    len,
-                    scale,
-                    row,
-                    o,
-                );
+                attend_head(&q[j * hd..(j + 1) * hd], kv, len, scale, row, o);
             }
             row[len..].fill(0.0);
         }

@@ -12,6 +12,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::ops::KvBlocks;
 use super::{ActivationBatch, ActivationRows, Kernels, ProductOut, WeightRows, gemm_rows, ops};
 
 /// Runs `work(i)` for every `i` in `0..n_items` as one rayon region (inline when the pool has one thread).
@@ -175,23 +176,23 @@ pub fn expert_products<'w>(
 /// Tokens whose queries attend together in one work item of prompt processing.
 const ATTENTION_TOKEN_BLOCK: usize = 16;
 
-/// A batch of consecutive tokens' queries for [`causal_attention`].
+/// The queries of a batch for [`causal_attention`].
 pub struct AttentionQueries<'a> {
     /// Queries after RoPE, token-major `[tokens][n_head * head_dim]`.
     pub q: &'a [f32],
     pub n_head: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
-    /// Token `t` attends to the cached positions `0..=pos0 + t`.
-    pub pos0: usize,
     pub scale: f32,
 }
 
-/// One KV head's cache: keys transposed, `kt[d * stride + s]`, values row-major, `v[s * head_dim + d]`.
-pub struct KvHead<'a> {
-    pub kt: &'a [f32],
-    pub v: &'a [f32],
-    pub stride: usize,
+/// A run of consecutive tokens of one sequence in a batch: tokens `first..first + len`, at positions
+/// `pos0..pos0 + len` of their sequence, so token `first + t` attends to its cached positions `0..=pos0 + t`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionSpan {
+    pub first: usize,
+    pub len: usize,
+    pub pos0: usize,
 }
 
 /// One worker's attention buffers: the gathered queries of a work item, their causal lengths, the scores and the
@@ -227,13 +228,15 @@ pub fn reserve_attention_scratch(group: usize, head_dim: usize, capacity: usize)
     });
 }
 
-/// Causal grouped-query attention of a batch of consecutive tokens, into `out` (`[tokens][n_head * head_dim]`):
-/// one work item per KV head and block of tokens, whose group of query heads for those tokens attend together
-/// ([`ops::Ops::attend_block`]), so each cached key and value is loaded once for all of them.
+/// Causal grouped-query attention of a batch, into `out` (`[tokens][n_head * head_dim]`): each span attends over
+/// its own sequence's cache (`kv_head(span, kv_head)`), one work item per span, KV head and block of its tokens,
+/// whose group of query heads for those tokens attend together ([`ops::Ops::attend_block`]), so each cached key
+/// and value is loaded once for all of them. A token's result does not depend on which item computed it.
 pub fn causal_attention<'c>(
     k: &Kernels,
     queries: &AttentionQueries,
-    kv_head: impl Fn(usize) -> KvHead<'c> + Sync,
+    spans: &[AttentionSpan],
+    kv_head: impl Fn(usize, usize) -> KvBlocks<'c> + Sync,
     out: ProductOut,
 ) {
     let AttentionQueries {
@@ -241,45 +244,45 @@ pub fn causal_attention<'c>(
         n_head,
         n_head_kv,
         head_dim: hd,
-        pos0,
         scale,
     } = *queries;
     let (q_dim, group) = (n_head * hd, n_head / n_head_kv);
-    let n = out.tokens();
-    assert!(out.rows() == q_dim && q.len() >= n * q_dim);
-    let block = ATTENTION_TOKEN_BLOCK.min(n);
-    let blocks = n.div_ceil(block);
-    parallel_items(n_head_kv * blocks, |item| {
-        let (kvh, t0) = (item % n_head_kv, (item / n_head_kv) * block);
-        let t1 = (t0 + block).min(n);
+    assert!(out.rows() == q_dim && q.len() >= out.tokens() * q_dim);
+    assert!(spans.iter().all(|s| s.first + s.len <= out.tokens()));
+    let blocks = |s: &AttentionSpan| s.len.div_ceil(ATTENTION_TOKEN_BLOCK);
+    let n_items: usize = spans.iter().map(|s| n_head_kv * blocks(s)).sum();
+    parallel_items(n_items, |mut item| {
+        let mut si = 0;
+        while item >= n_head_kv * blocks(&spans[si]) {
+            item -= n_head_kv * blocks(&spans[si]);
+            si += 1;
+        }
+        let span = spans[si];
+        let (kvh, b) = (item % n_head_kv, item / n_head_kv);
+        let t0 = span.first + b * ATTENTION_TOKEN_BLOCK;
+        let t1 = (t0 + ATTENTION_TOKEN_BLOCK).min(span.first + span.len);
         let heads = kvh * group * hd..(kvh + 1) * group * hd;
-        let cache = kv_head(kvh);
-        // SAFETY: item (kvh, token block) owns this group's heads of these tokens; the items partition the output.
+        let cache = kv_head(si, kvh);
+        // SAFETY: item (span, kvh, token block) owns this group's heads of these tokens; spans do not overlap and
+        // the items partition each span's output.
         let mut o = unsafe { out.window(t0, t1 - t0, heads.start, heads.len()) };
         ATTENTION.with_borrow_mut(|w| {
             w.q.clear();
             w.lens.clear();
             for t in t0..t1 {
                 w.q.extend_from_slice(&q[t * q_dim..][heads.clone()]);
-                w.lens.extend(std::iter::repeat_n(pos0 + t + 1, group));
+                w.lens
+                    .extend(std::iter::repeat_n(span.pos0 + (t - span.first) + 1, group));
             }
             let need = ops::attend_block_scratch(&w.lens);
             if w.scratch.len() < need {
                 // Grows to the longest context seen, once per thread.
+                let reach = cache.blocks.len() * cache.tokens;
                 w.scratch
-                    .resize(need.max(group * block * cache.stride), 0.0);
+                    .resize(need.max(group * ATTENTION_TOKEN_BLOCK * reach), 0.0);
             }
             w.out.resize(w.q.len(), 0.0);
-            (k.ops.attend_block)(
-                &w.q,
-                &w.lens,
-                cache.kt,
-                cache.stride,
-                cache.v,
-                scale,
-                &mut w.scratch,
-                &mut w.out,
-            );
+            (k.ops.attend_block)(&w.q, &w.lens, &cache, scale, &mut w.scratch, &mut w.out);
             for (i, chunk) in w.out.chunks_exact(group * hd).enumerate() {
                 o.token(i).copy_from_slice(chunk);
             }

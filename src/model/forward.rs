@@ -1,4 +1,8 @@
-//! The forward pass over a batch of consecutive tokens (a prompt chunk, or one token when decoding).
+//! The forward pass over a batch of tokens from one or more sequences: for each sequence a run of consecutive
+//! tokens (a prompt chunk, or the one token it decodes next), each at its own positions and with its own cache.
+//! Everything but attention is per token, so the batch is simply a list of tokens: the products read each
+//! weight row once for all of them, and the routed experts group the tokens of every sequence per expert.
+//! Attention runs per sequence over its own cache blocks.
 //!
 //! Read top to bottom it is the Granite network of the reference: embed and scale, then per layer attention and
 //! the feed-forward block (routed experts or a dense MLP), each added back scaled by the residual multiplier,
@@ -7,55 +11,14 @@
 //! runs on the calling thread. The kernels are the model's own set, chosen when it was loaded.
 
 use super::config::ModelConfig;
+use super::kv::{BlockId, KV_BLOCK_TOKENS, KvCache, KvPool};
 use super::weights::{DenseMlp, ExpertWeights, FeedForward, Matrix};
 use super::{Model, ModelError};
-use crate::kernels::parallel::{self, AttentionQueries, ExpertSlot, KvHead, Product};
+use crate::kernels::ops::KvBlocks;
+use crate::kernels::parallel::{self, AttentionQueries, AttentionSpan, ExpertSlot, Product};
 use crate::kernels::{self, ActivationBatch, Kernels, ProductOut};
 
-/// Keys and values of every processed position, per layer and KV head. Keys are stored transposed,
-/// `[layer][kv_head][head_dim][position]`, values as `[layer][kv_head][position][head_dim]`: a query's scores are
-/// then `head_dim` runs along contiguous positions, and its output `len` runs along contiguous dimensions, with
-/// no per-position horizontal sums.
-pub struct KvCache {
-    n_kv_head: usize,
-    head_dim: usize,
-    capacity: usize,
-    len: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl KvCache {
-    /// A cache for `capacity` positions. The memory is zeroed lazily by the OS, so an unused long context costs
-    /// address space, not resident memory.
-    pub fn new(cfg: &ModelConfig, capacity: usize) -> KvCache {
-        let n = cfg.n_layer * cfg.n_head_kv * capacity * cfg.head_dim;
-        KvCache {
-            n_kv_head: cfg.n_head_kv,
-            head_dim: cfg.head_dim,
-            capacity,
-            len: 0,
-            k: vec![0.0; n],
-            v: vec![0.0; n],
-        }
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Forgets positions from `len` on (a new conversation, or a retried turn).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
-    /// Start of one layer's KV head: `head_dim * capacity` values in both `k` and `v`.
-    fn head_base(&self, layer: usize, head: usize) -> usize {
-        (layer * self.n_kv_head + head) * self.capacity * self.head_dim
-    }
-}
-
-/// Which logits a forward pass computes.
+/// Which logits a forward pass computes for a sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
     /// None (a prompt chunk that is not the last).
@@ -66,9 +29,23 @@ pub enum Logits {
     All,
 }
 
+/// One sequence's part of a batch: tokens `first..first + len` of the batch, at the positions after the `pos0`
+/// its cache already holds. Its block table must cover positions up to `pos0 + len` ([`super::SeqKv::reserve`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SeqSpan<'a> {
+    pub first: usize,
+    pub len: usize,
+    pub pos0: usize,
+    pub blocks: &'a [BlockId],
+    pub logits: Logits,
+}
+
 /// Working memory of the forward pass, sized once for the largest batch; the per-token path allocates nothing.
 pub struct ForwardBuffers {
     max_batch: usize,
+    /// Each span's tokens for attention, and the batch rows whose logits are computed.
+    spans: Vec<AttentionSpan>,
+    logit_rows: Vec<usize>,
     /// Residual stream, `[batch][n_embd]`.
     x: Vec<f32>,
     /// Normed input of the attention and feed-forward blocks: one quantization serves all the matrices reading it.
@@ -99,16 +76,17 @@ pub struct ForwardBuffers {
     up: Vec<f32>,
     /// The down projections of each slot's tokens before the gate weight is applied, `[batch * k][n_embd]`.
     expert_out: Vec<f32>,
-    /// Logits of the last position, or of every position with [`Logits::All`].
+    /// The logits computed, row after row in span order.
     logits: Vec<f32>,
     /// How many times each expert's weights were read, per layer; for tests and `bench` statistics.
     pub expert_reads: Vec<Vec<u64>>,
 }
 
 impl ForwardBuffers {
-    /// Buffers for batches of up to `max_batch` tokens.
-    pub fn new(cfg: &ModelConfig, max_batch: usize) -> ForwardBuffers {
+    /// Buffers for batches of up to `max_batch` tokens from up to `max_seqs` sequences.
+    pub fn new(cfg: &ModelConfig, max_batch: usize, max_seqs: usize) -> ForwardBuffers {
         let b = max_batch.max(1);
+        let seqs = max_seqs.clamp(1, b);
         let q_dim = cfg.n_head * cfg.head_dim;
         let half = cfg.head_dim / 2;
         // HF computes the inverse frequencies in f32: 1 / theta^(2i / head_dim).
@@ -119,6 +97,8 @@ impl ForwardBuffers {
         let routed = b * cfg.n_expert_used.max(1);
         ForwardBuffers {
             max_batch: b,
+            spans: Vec::with_capacity(b),
+            logit_rows: Vec::with_capacity(b),
             x: vec![0.0; b * cfg.n_embd],
             normed: ActivationBatch::new(cfg.n_embd, b),
             q: vec![0.0; b * q_dim],
@@ -136,7 +116,7 @@ impl ForwardBuffers {
             hidden: ActivationBatch::new(cfg.n_ff, routed),
             up: vec![0.0; routed * cfg.n_ff],
             expert_out: vec![0.0; routed * cfg.n_embd],
-            logits: vec![0.0; cfg.n_vocab],
+            logits: vec![0.0; seqs * cfg.n_vocab],
             expert_reads: vec![vec![0; cfg.n_expert]; cfg.n_layer],
         }
     }
@@ -145,9 +125,14 @@ impl ForwardBuffers {
         self.max_batch
     }
 
-    /// The logits the last forward pass with [`Logits::Last`] computed.
+    /// The first row of logits the last forward pass computed (a single sequence's [`Logits::Last`]).
     pub fn last_logits(&self, n_vocab: usize) -> &[f32] {
         &self.logits[..n_vocab]
+    }
+
+    /// Row `i` of the logits the last forward pass computed.
+    pub fn logits_row(&self, i: usize, n_vocab: usize) -> &[f32] {
+        &self.logits[i * n_vocab..(i + 1) * n_vocab]
     }
 }
 
@@ -159,14 +144,52 @@ pub fn reserve_thread_scratch(cfg: &ModelConfig, capacity: usize) {
 }
 
 impl Model {
-    /// Runs `tokens` (at most `bufs.max_batch()`) at the positions after those in `cache`, appends their keys
-    /// and values to it, and returns the requested logits (`[n_vocab]` or `[tokens][n_vocab]`).
+    /// Runs `tokens` (at most `bufs.max_batch()`) of one sequence at the positions after those in `cache`,
+    /// appends their keys and values to it, and returns the requested logits (`[n_vocab]` or
+    /// `[tokens][n_vocab]`).
     pub(crate) fn forward<'b>(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
         bufs: &'b mut ForwardBuffers,
         want: Logits,
+    ) -> Result<&'b [f32], ModelError> {
+        let (pos0, n) = (cache.len(), tokens.len());
+        if pos0 + n > cache.capacity() {
+            return Err(ModelError::ContextFull {
+                needed: pos0 + n,
+                capacity: cache.capacity(),
+                model_max: self.config.context_length,
+            });
+        }
+        cache
+            .seq
+            .reserve(&mut cache.pool, pos0 + n)
+            .expect("a cache's own pool covers its capacity");
+        let span = SeqSpan {
+            first: 0,
+            len: n,
+            pos0,
+            blocks: cache.seq.blocks(),
+            logits: want,
+        };
+        self.forward_batch(tokens, &[span], &mut cache.pool, bufs)?;
+        cache.seq.set_len(pos0 + n);
+        Ok(&bufs.logits[..bufs.logit_rows.len() * self.config.n_vocab])
+    }
+
+    /// Runs a batch of tokens from several sequences (`spans`: which tokens belong to which, in batch order,
+    /// without gaps or overlaps), writes their keys and values into the pool blocks of each sequence, and returns
+    /// the requested logits, row after row in span order (one row for [`Logits::Last`], `len` for
+    /// [`Logits::All`]). Each sequence gets exactly the values it would get alone: every product, every
+    /// attention output and every expert's contribution to a token is computed the same way whatever else is
+    /// in the batch.
+    pub(crate) fn forward_batch<'b>(
+        &self,
+        tokens: &[u32],
+        spans: &[SeqSpan],
+        pool: &mut KvPool,
+        bufs: &'b mut ForwardBuffers,
     ) -> Result<&'b [f32], ModelError> {
         let cfg = &self.config;
         let k = self.kernels;
@@ -176,14 +199,15 @@ impl Model {
             "forward batch {n} exceeds the buffers' {}",
             bufs.max_batch
         );
-        let pos0 = cache.len;
-        if pos0 + n > cache.capacity {
-            return Err(ModelError::ContextFull {
-                needed: pos0 + n,
-                capacity: cache.capacity,
-                model_max: cfg.context_length,
-            });
+        let mut next = 0;
+        for s in spans {
+            assert!(
+                s.first == next && s.len > 0 && s.blocks.len() * KV_BLOCK_TOKENS >= s.pos0 + s.len,
+                "spans must cover the batch in order, each within its blocks"
+            );
+            next += s.len;
         }
+        assert_eq!(next, n, "spans must cover the batch");
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= cfg.n_vocab) {
             return Err(ModelError::TokenOutOfRange {
                 id,
@@ -191,6 +215,12 @@ impl Model {
             });
         }
         let h = cfg.n_embd;
+        bufs.spans.clear();
+        bufs.spans.extend(spans.iter().map(|s| AttentionSpan {
+            first: s.first,
+            len: s.len,
+            pos0: s.pos0,
+        }));
 
         // Token embeddings, times Granite's embedding multiplier.
         let embd = self.weights.token_embd.view();
@@ -200,13 +230,16 @@ impl Model {
             row.iter_mut().for_each(|v| *v *= cfg.embedding_scale);
         }
 
-        // Rotary angles for this batch's positions, as HF computes them: f32 position times f32 inverse frequency.
+        // Rotary angles for each token's position in its sequence, as HF computes them: f32 position times f32
+        // inverse frequency.
         let half = cfg.head_dim / 2;
-        for t in 0..n {
-            let pos = (pos0 + t) as f32;
-            for (i, &f) in bufs.inv_freq.iter().enumerate() {
-                let angle = pos * f;
-                bufs.rope[t * half + i] = (angle.cos(), angle.sin());
+        for s in spans {
+            for t in s.first..s.first + s.len {
+                let pos = (s.pos0 + t - s.first) as f32;
+                for (i, &f) in bufs.inv_freq.iter().enumerate() {
+                    let angle = pos * f;
+                    bufs.rope[t * half + i] = (angle.cos(), angle.sin());
+                }
             }
         }
 
@@ -221,7 +254,7 @@ impl Model {
                 n,
             );
             self.project_qkv(il, bufs);
-            self.attention(il, n, pos0, cache, bufs);
+            self.attention(il, n, spans, pool, bufs);
             project(k, &layer.wo, &mut bufs.attn, &mut bufs.proj);
             (k.axpy_f32)(
                 cfg.residual_scale,
@@ -248,17 +281,22 @@ impl Model {
                 &mut bufs.x[..n * h],
             );
         }
-        cache.len = pos0 + n;
 
-        // Output head on the final norm, divided by Granite's logit scale.
-        let rows = match want {
-            Logits::None => return Ok(&[]),
-            Logits::Last => n - 1..n,
-            Logits::All => 0..n,
-        };
-        let m = rows.len();
+        // Output head on the final norm of the rows asked for, divided by Granite's logit scale.
+        bufs.logit_rows.clear();
+        for s in spans {
+            match s.logits {
+                Logits::None => {}
+                Logits::Last => bufs.logit_rows.push(s.first + s.len - 1),
+                Logits::All => bufs.logit_rows.extend(s.first..s.first + s.len),
+            }
+        }
+        let m = bufs.logit_rows.len();
+        if m == 0 {
+            return Ok(&[]);
+        }
         let normed = bufs.normed.start(m);
-        for (i, t) in rows.enumerate() {
+        for (i, &t) in bufs.logit_rows.iter().enumerate() {
             (k.ops.rms_norm)(
                 &bufs.x[t * h..(t + 1) * h],
                 &self.weights.output_norm,
@@ -268,7 +306,7 @@ impl Model {
         }
         let v = cfg.n_vocab;
         if bufs.logits.len() < m * v {
-            // Only `Logits::All` gets here, which is never on the generation path.
+            // More rows than the buffers were sized for: `Logits::All`, never on the generation path.
             bufs.logits.resize(m * v, 0.0);
         }
         project(
@@ -299,32 +337,37 @@ impl Model {
         );
     }
 
-    /// Causal grouped-query attention of the batch: RoPE on q and k, k and v appended to the cache, then each
-    /// query head attends over its KV head's positions up to its own.
+    /// Causal grouped-query attention of the batch: RoPE on q and k, k and v written to each sequence's cache
+    /// blocks, then each query head attends over its KV head's positions up to its own, in its own sequence.
     fn attention(
         &self,
         layer: usize,
         n: usize,
-        pos0: usize,
-        cache: &mut KvCache,
+        spans: &[SeqSpan],
+        pool: &mut KvPool,
         bufs: &mut ForwardBuffers,
     ) {
         let (cfg, k) = (&self.config, self.kernels);
         let (hd, half) = (cfg.head_dim, cfg.head_dim / 2);
         let (q_dim, kv_dim) = (cfg.n_head * hd, cfg.kv_dim());
-        for t in 0..n {
-            let cos_sin = &bufs.rope[t * half..(t + 1) * half];
-            (k.ops.rope)(&mut bufs.q[t * q_dim..(t + 1) * q_dim], hd, cos_sin);
-            (k.ops.rope)(&mut bufs.k[t * kv_dim..(t + 1) * kv_dim], hd, cos_sin);
-            for kvh in 0..cfg.n_head_kv {
-                let base = cache.head_base(layer, kvh);
-                let (pos, cap) = (pos0 + t, cache.capacity);
-                let src = t * kv_dim + kvh * hd;
-                for (d, &x) in bufs.k[src..src + hd].iter().enumerate() {
-                    cache.k[base + d * cap + pos] = x;
+        for s in spans {
+            for t in s.first..s.first + s.len {
+                let cos_sin = &bufs.rope[t * half..(t + 1) * half];
+                (k.ops.rope)(&mut bufs.q[t * q_dim..(t + 1) * q_dim], hd, cos_sin);
+                (k.ops.rope)(&mut bufs.k[t * kv_dim..(t + 1) * kv_dim], hd, cos_sin);
+                let pos = s.pos0 + t - s.first;
+                let block = s.blocks[pos / KV_BLOCK_TOKENS];
+                for kvh in 0..cfg.n_head_kv {
+                    let src = t * kv_dim + kvh * hd;
+                    pool.write(
+                        block,
+                        layer,
+                        kvh,
+                        pos % KV_BLOCK_TOKENS,
+                        &bufs.k[src..src + hd],
+                        &bufs.v[src..src + hd],
+                    );
                 }
-                cache.v[base + pos * hd..base + (pos + 1) * hd]
-                    .copy_from_slice(&bufs.v[src..src + hd]);
             }
         }
         let queries = AttentionQueries {
@@ -332,20 +375,20 @@ impl Model {
             n_head: cfg.n_head,
             n_head_kv: cfg.n_head_kv,
             head_dim: hd,
-            pos0,
             scale: cfg.attention_scale,
         };
-        let cache = &*cache;
-        let kv_head = |kvh| {
-            let (base, size) = (cache.head_base(layer, kvh), cache.capacity * hd);
-            KvHead {
-                kt: &cache.k[base..base + size],
-                v: &cache.v[base..base + size],
-                stride: cache.capacity,
-            }
+        let pool = &*pool;
+        let kv_head = |span: usize, kvh: usize| KvBlocks {
+            k: pool.keys(),
+            v: pool.values(),
+            blocks: spans[span].blocks,
+            block_values: pool.block_values(),
+            head_offset: pool.head_offset(layer, kvh),
+            tokens: KV_BLOCK_TOKENS,
+            head_dim: hd,
         };
         let out = ProductOut::new(bufs.attn.start(n), n, q_dim);
-        parallel::causal_attention(k, &queries, kv_head, out);
+        parallel::causal_attention(k, &queries, &bufs.spans, kv_head, out);
     }
 
     /// The routed experts: each token picks its top-k experts by router logit, weighted by the softmax over just

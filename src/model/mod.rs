@@ -2,12 +2,14 @@
 
 mod config;
 mod forward;
+mod kv;
 mod weights;
 
 use std::path::PathBuf;
 
 pub use config::{Architecture, ModelConfig};
-pub(crate) use forward::{ForwardBuffers, KvCache, Logits, reserve_thread_scratch};
+pub(crate) use forward::{ForwardBuffers, Logits, SeqSpan, reserve_thread_scratch};
+pub use kv::{BlockId, KV_BLOCK_TOKENS, KvCache, KvPool, PoolExhausted, SeqKv};
 pub(crate) use weights::{ExpertMatrices, FeedForward, Matrix, ModelWeights};
 
 use quarry_quantize::gguf::{GgmlType, GgufError, GgufFile};

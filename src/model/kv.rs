@@ -1,0 +1,355 @@
+//! Keys and values of every sequence, in fixed-size blocks from one pool (as in paged attention): a sequence
+//! holds a table of the blocks its positions live in, takes a block when it grows past the last one, and gives
+//! them back when it ends, so many sequences share one budget instead of each reserving a whole context.
+//!
+//! A block holds [`KV_BLOCK_TOKENS`] consecutive positions of every layer and KV head. Within a block, keys are
+//! stored transposed (`[layer][kv_head][head_dim][position]`) and values row-major
+//! (`[layer][kv_head][position][head_dim]`): a query's scores are then `head_dim` runs along contiguous
+//! positions, and its output `len` runs along contiguous dimensions, with no per-position horizontal sums.
+//!
+//! Blocks are reference-counted so that a block holding a prompt prefix can be shared by several sequences
+//! (the scheduler's prefix reuse); a shared block is never written: a sequence about to write into one gets a
+//! private copy first.
+
+use super::config::ModelConfig;
+
+/// Positions per block: a whole number of every attention kernel's position tiles (at most 64), small enough
+/// that a sequence wastes little of its last block.
+pub const KV_BLOCK_TOKENS: usize = 64;
+
+/// A block's index in its pool.
+pub type BlockId = u32;
+
+/// The pool ran out of blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the KV pool is full: {needed} more blocks of {KV_BLOCK_TOKENS} positions needed, {free} free of {total}; raise --kv-pool or run fewer sequences at once"
+)]
+pub struct PoolExhausted {
+    pub needed: usize,
+    pub free: usize,
+    pub total: usize,
+}
+
+/// The storage of every block, the free list and the reference counts.
+pub struct KvPool {
+    n_kv_head: usize,
+    head_dim: usize,
+    /// Values of one block in `k` (and in `v`): every layer and KV head.
+    block_values: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Free blocks, taken from the end.
+    free: Vec<BlockId>,
+    refs: Vec<u32>,
+}
+
+impl KvPool {
+    /// A pool with room for `tokens` positions (rounded up to whole blocks). The memory is zeroed lazily by the
+    /// OS, so the part no sequence reaches costs address space, not resident memory.
+    pub fn new(cfg: &ModelConfig, tokens: usize) -> KvPool {
+        let blocks = tokens.div_ceil(KV_BLOCK_TOKENS).max(1);
+        let block_values = cfg.n_layer * cfg.n_head_kv * cfg.head_dim * KV_BLOCK_TOKENS;
+        KvPool {
+            n_kv_head: cfg.n_head_kv,
+            head_dim: cfg.head_dim,
+            block_values,
+            k: vec![0.0; blocks * block_values],
+            v: vec![0.0; blocks * block_values],
+            free: (0..blocks as BlockId).rev().collect(),
+            refs: vec![0; blocks],
+        }
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.refs.len()
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Positions the whole pool holds.
+    pub fn capacity_tokens(&self) -> usize {
+        self.total_blocks() * KV_BLOCK_TOKENS
+    }
+
+    /// A free block, with one reference.
+    pub fn alloc(&mut self) -> Option<BlockId> {
+        let b = self.free.pop()?;
+        self.refs[b as usize] = 1;
+        Some(b)
+    }
+
+    /// One more holder of `b`.
+    pub fn retain(&mut self, b: BlockId) {
+        debug_assert!(self.refs[b as usize] > 0, "retain of a free block");
+        self.refs[b as usize] += 1;
+    }
+
+    /// One holder fewer; the last one returns the block to the free list.
+    pub fn release(&mut self, b: BlockId) {
+        let r = &mut self.refs[b as usize];
+        debug_assert!(*r > 0, "release of a free block");
+        *r -= 1;
+        if *r == 0 {
+            self.free.push(b);
+        }
+    }
+
+    /// How many hold `b`.
+    pub fn refs(&self, b: BlockId) -> u32 {
+        self.refs[b as usize]
+    }
+
+    /// Offset of layer `layer`, KV head `head` within a block: `head_dim * KV_BLOCK_TOKENS` values in `k` and `v`.
+    pub(crate) fn head_offset(&self, layer: usize, head: usize) -> usize {
+        (layer * self.n_kv_head + head) * self.head_dim * KV_BLOCK_TOKENS
+    }
+
+    pub(crate) fn block_values(&self) -> usize {
+        self.block_values
+    }
+
+    pub(crate) fn keys(&self) -> &[f32] {
+        &self.k
+    }
+
+    pub(crate) fn values(&self) -> &[f32] {
+        &self.v
+    }
+
+    /// Stores one position's key and value of one layer and KV head: `pos` is the position within block `b`.
+    pub(crate) fn write(
+        &mut self,
+        b: BlockId,
+        layer: usize,
+        head: usize,
+        pos: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let hd = self.head_dim;
+        let base = b as usize * self.block_values + self.head_offset(layer, head);
+        for (d, &x) in k[..hd].iter().enumerate() {
+            self.k[base + d * KV_BLOCK_TOKENS + pos] = x;
+        }
+        self.v[base + pos * hd..base + (pos + 1) * hd].copy_from_slice(&v[..hd]);
+    }
+
+    /// Copies block `from` into `to` whole (copy on write of a shared block).
+    fn copy_block(&mut self, from: BlockId, to: BlockId) {
+        let n = self.block_values;
+        let (f, t) = (from as usize * n, to as usize * n);
+        self.k.copy_within(f..f + n, t);
+        self.v.copy_within(f..f + n, t);
+    }
+}
+
+/// One sequence's share of a pool: its block table and how many positions are filled.
+#[derive(Debug, Default)]
+pub struct SeqKv {
+    blocks: Vec<BlockId>,
+    len: usize,
+}
+
+impl SeqKv {
+    /// An empty sequence whose table has room for `max_tokens` positions without reallocating.
+    pub fn with_capacity(max_tokens: usize) -> SeqKv {
+        SeqKv {
+            blocks: Vec::with_capacity(max_tokens.div_ceil(KV_BLOCK_TOKENS)),
+            len: 0,
+        }
+    }
+
+    /// Positions whose keys and values are stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.blocks
+    }
+
+    /// Blocks a sequence needs for `tokens` positions.
+    pub fn blocks_for(tokens: usize) -> usize {
+        tokens.div_ceil(KV_BLOCK_TOKENS)
+    }
+
+    /// New blocks that [`SeqKv::reserve`] would take to hold `tokens` positions (counting the private copy of a
+    /// shared block that the next write would go into).
+    pub fn blocks_needed(&self, pool: &KvPool, tokens: usize) -> usize {
+        let grow = Self::blocks_for(tokens).saturating_sub(self.blocks.len());
+        let cow = tokens > self.len
+            && self.len % KV_BLOCK_TOKENS != 0
+            && pool.refs(self.blocks[self.len / KV_BLOCK_TOKENS]) > 1;
+        grow + cow as usize
+    }
+
+    /// Makes room for positions up to `tokens`: takes new blocks, and gives the block the next position is
+    /// written into a private copy if it is shared. Takes nothing when the pool cannot cover all of it.
+    pub fn reserve(&mut self, pool: &mut KvPool, tokens: usize) -> Result<(), PoolExhausted> {
+        let needed = self.blocks_needed(pool, tokens);
+        if needed > pool.free_blocks() {
+            return Err(PoolExhausted {
+                needed,
+                free: pool.free_blocks(),
+                total: pool.total_blocks(),
+            });
+        }
+        if tokens > self.len && self.len % KV_BLOCK_TOKENS != 0 {
+            let i = self.len / KV_BLOCK_TOKENS;
+            let shared = self.blocks[i];
+            if pool.refs(shared) > 1 {
+                let own = pool.alloc().expect("counted above");
+                pool.copy_block(shared, own);
+                pool.release(shared);
+                self.blocks[i] = own;
+            }
+        }
+        while self.blocks.len() < Self::blocks_for(tokens) {
+            let b = pool.alloc().expect("counted above");
+            self.blocks.push(b);
+        }
+        Ok(())
+    }
+
+    /// Records that positions up to `len` are filled (after a forward pass wrote them).
+    pub(crate) fn set_len(&mut self, len: usize) {
+        debug_assert!(len <= self.blocks.len() * KV_BLOCK_TOKENS);
+        self.len = len;
+    }
+
+    /// Starts the sequence with `blocks` (full blocks of a cached prefix, one reference each already taken for
+    /// this sequence) holding its first `blocks.len() * KV_BLOCK_TOKENS` positions.
+    pub fn adopt_prefix(&mut self, blocks: &[BlockId]) {
+        assert!(
+            self.blocks.is_empty(),
+            "a prefix is adopted by an empty sequence"
+        );
+        self.blocks.extend_from_slice(blocks);
+        self.len = blocks.len() * KV_BLOCK_TOKENS;
+    }
+
+    /// Forgets positions from `len` on, returning the blocks no longer needed.
+    pub fn truncate(&mut self, pool: &mut KvPool, len: usize) {
+        self.len = self.len.min(len);
+        let keep = Self::blocks_for(self.len);
+        for b in self.blocks.drain(keep..) {
+            pool.release(b);
+        }
+    }
+
+    /// Returns every block (the sequence ended or was cancelled).
+    pub fn release(&mut self, pool: &mut KvPool) {
+        self.truncate(pool, 0);
+    }
+}
+
+/// One sequence alone with a pool of its own: the cache of `run`, `chat`, `logits` and the single-stream bench.
+pub struct KvCache {
+    pub(crate) pool: KvPool,
+    pub(crate) seq: SeqKv,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// A cache for `capacity` positions.
+    pub fn new(cfg: &ModelConfig, capacity: usize) -> KvCache {
+        KvCache {
+            pool: KvPool::new(cfg, capacity),
+            seq: SeqKv::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.seq.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seq.is_empty()
+    }
+
+    /// Forgets positions from `len` on (a new conversation, or a retried turn).
+    pub fn truncate(&mut self, len: usize) {
+        self.seq.truncate(&mut self.pool, len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(blocks: usize) -> KvPool {
+        let cfg = ModelConfig {
+            arch: super::super::Architecture::GraniteMoe,
+            name: None,
+            n_vocab: 16,
+            n_embd: 128,
+            n_layer: 2,
+            n_head: 4,
+            n_head_kv: 2,
+            head_dim: 64,
+            n_ff: 32,
+            n_expert: 4,
+            n_expert_used: 2,
+            context_length: 1024,
+            rope_theta: 10000.0,
+            rms_eps: 1e-6,
+            embedding_scale: 1.0,
+            attention_scale: 1.0,
+            residual_scale: 1.0,
+            logit_scale: 1.0,
+        };
+        KvPool::new(&cfg, blocks * KV_BLOCK_TOKENS)
+    }
+
+    #[test]
+    fn sequences_take_blocks_as_they_grow_and_give_them_back() {
+        let mut p = pool(4);
+        let mut a = SeqKv::default();
+        a.reserve(&mut p, 1).unwrap();
+        assert_eq!((a.blocks().len(), p.free_blocks()), (1, 3));
+        a.reserve(&mut p, 2 * KV_BLOCK_TOKENS + 1).unwrap();
+        assert_eq!(p.free_blocks(), 1);
+        let mut b = SeqKv::default();
+        let err = b.reserve(&mut p, 2 * KV_BLOCK_TOKENS).unwrap_err();
+        assert_eq!((err.needed, err.free), (2, 1));
+        assert!(b.blocks().is_empty(), "a failed reserve takes nothing");
+        a.release(&mut p);
+        assert_eq!(p.free_blocks(), 4);
+    }
+
+    #[test]
+    fn a_shared_block_is_copied_before_it_is_written() {
+        let mut p = pool(4);
+        let mut a = SeqKv::default();
+        a.reserve(&mut p, KV_BLOCK_TOKENS).unwrap();
+        a.set_len(KV_BLOCK_TOKENS / 2);
+        let shared = a.blocks()[0];
+        p.write(shared, 0, 0, 3, &[1.0; 64], &[2.0; 64]);
+        let mut b = SeqKv::default();
+        p.retain(shared);
+        b.adopt_prefix(&[shared]);
+        b.truncate(&mut p, KV_BLOCK_TOKENS / 2);
+        assert_eq!(b.blocks_needed(&p, KV_BLOCK_TOKENS / 2 + 1), 1);
+        b.reserve(&mut p, KV_BLOCK_TOKENS / 2 + 1).unwrap();
+        let own = b.blocks()[0];
+        assert_ne!(own, shared);
+        assert_eq!((p.refs(shared), p.refs(own)), (1, 1));
+        let n = p.block_values();
+        assert_eq!(
+            p.keys()[own as usize * n..][..n],
+            p.keys()[shared as usize * n..][..n]
+        );
+    }
+}
