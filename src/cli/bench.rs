@@ -1,10 +1,12 @@
-//! `quarry bench MODEL -p 512 -n 128 -t 1,2 -r 3 [-o json]`: speed in llama-bench's terms and output formats.
+//! `quarry bench MODEL -p 512 -n 128 -t 1,2 -r 3 [-o json]`: speed in llama-bench's terms and output formats;
+//! `--depth N` (llama-bench's `-d`) and `--parallel B` (llama-batched-bench's `-npl`) for long contexts and
+//! many sequences.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use quarry::engine::Engine;
-use quarry::measure::bench::{BenchResult, run_test};
+use quarry::measure::bench::{BenchResult, run_parallel_test, run_test};
 use serde_json::json;
 
 use super::format::human_bytes;
@@ -40,6 +42,19 @@ pub struct Args {
     /// Prompt tokens per forward pass.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch: usize,
+    /// Tokens already in the context before each test, comma-separated (llama-bench's -d): the speed of a long
+    /// conversation.
+    #[arg(
+        short = 'd',
+        long = "depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub depth: Vec<usize>,
+    /// Sequences run together, comma-separated (llama-batched-bench's -npl): each reads its own -p prompt, then
+    /// all generate -n tokens together; t/s counts every sequence's tokens.
+    #[arg(long = "parallel", value_delimiter = ',', value_name = "B")]
+    pub parallel: Vec<usize>,
     /// Also measure memory read bandwidth and print the decode ceiling it implies (bandwidth / weight bytes read
     /// per token).
     #[arg(long)]
@@ -56,7 +71,20 @@ pub enum BenchFormat {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    check_args(&args)?;
     let engine = Engine::open(&args.model)?;
+    let ctx = engine.model.config.context_length;
+    for &d in &args.depth {
+        for &p in &args.n_prompt {
+            for &g in &args.n_gen {
+                anyhow::ensure!(
+                    d + p + g <= ctx,
+                    "-d {d} -p {p} -n {g} needs {} positions but the model's context is {ctx}",
+                    d + p + g
+                );
+            }
+        }
+    }
     let model = &engine.model;
     let threads = if args.threads.is_empty() {
         vec![std::thread::available_parallelism().map_or(1, |n| n.get())]
@@ -88,25 +116,47 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .num_threads(t)
             .build()
             .context("starting worker threads")?;
-        let tests = args
-            .n_prompt
-            .iter()
-            .filter(|&&p| p > 0)
-            .map(|&p| (p, 0))
-            .chain(args.n_gen.iter().filter(|&&g| g > 0).map(|&g| (0, g)));
-        for (p, g) in tests {
-            let r = pool.install(|| run_test(model, p, g, args.batch, args.reps))?;
+        let mut run_one = |r: BenchResult| {
             if args.output == BenchFormat::Md {
                 println!(
                     "| {model_type} | {} | {:.2} B | CPU ({kernels}) | {t} | {} | {:.2} ± {:.2} |",
                     human_bytes(model_size, 2),
                     n_params as f64 / 1e9,
-                    r.test_name(),
+                    test_label(&r),
                     r.avg_ts(),
                     r.stddev_ts()
                 );
             }
             results.push(r);
+        };
+        if args.parallel.is_empty() {
+            for &d in &args.depth {
+                let tests = args
+                    .n_prompt
+                    .iter()
+                    .filter(|&&p| p > 0)
+                    .map(|&p| (p, 0))
+                    .chain(args.n_gen.iter().filter(|&&g| g > 0).map(|&g| (0, g)));
+                for (p, g) in tests {
+                    run_one(pool.install(|| run_test(model, p, g, d, args.batch, args.reps))?);
+                }
+            }
+        } else {
+            for &b in &args.parallel {
+                for &p in &args.n_prompt {
+                    for &g in &args.n_gen {
+                        let (pp, tg) = pool.install(|| {
+                            run_parallel_test(model, b, p.max(1), g, args.batch, args.reps)
+                        })?;
+                        if p > 0 {
+                            run_one(pp);
+                        }
+                        if g > 0 {
+                            run_one(tg);
+                        }
+                    }
+                }
+            }
         }
         if args.bandwidth {
             let bw = pool.install(quarry::measure::bench::read_bandwidth);
@@ -142,6 +192,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     "use_mmap": true,
                     "n_prompt": r.n_prompt,
                     "n_gen": r.n_gen,
+                    "n_depth": r.n_depth,
+                    "n_parallel": r.n_parallel,
                     "avg_ns": r.avg_ns() as u64,
                     "stddev_ns": r.stddev_ns() as u64,
                     "avg_ts": r.avg_ts(),
@@ -154,6 +206,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&records)?);
     }
     Ok(())
+}
+
+/// Refuses arguments that would measure nothing or something else, before any work.
+fn check_args(args: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.reps > 0, "-r must be at least 1");
+    anyhow::ensure!(args.batch > 0, "-b must be at least 1");
+    anyhow::ensure!(
+        args.parallel.iter().all(|&b| b > 0),
+        "--parallel counts must be at least 1"
+    );
+    anyhow::ensure!(
+        args.parallel.is_empty() || args.depth.iter().all(|&d| d == 0),
+        "--depth and --parallel measure different things; give one of them"
+    );
+    anyhow::ensure!(
+        args.n_prompt.iter().any(|&p| p > 0) || args.n_gen.iter().any(|&g| g > 0),
+        "-p and -n are both 0: there is nothing to measure"
+    );
+    Ok(())
+}
+
+/// llama-bench's test names (`pp512`, `tg128 @ d3500`), with the sequence count of a parallel test.
+fn test_label(r: &BenchResult) -> String {
+    let mut name = r.test_name();
+    if r.n_depth > 0 {
+        name.push_str(&format!(" @ d{}", r.n_depth));
+    }
+    if r.n_parallel > 1 {
+        name.push_str(&format!(" x{}", r.n_parallel));
+    }
+    name
 }
 
 /// "1B", "3B", "350M": llama.cpp's coarse size label from the parameter count.

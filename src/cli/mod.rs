@@ -1,5 +1,6 @@
 //! Subcommands: one module each, holding its clap arguments and a `run` that calls the library.
 
+mod batch;
 mod bench;
 mod chat;
 mod common;
@@ -33,6 +34,8 @@ pub enum Command {
     Quantize(quantize::Args),
     /// Generate a reply to a prompt (chat template applied) and stream it to stdout.
     Run(run::Args),
+    /// Generate replies for many requests (JSON lines) at once, several decoded together; resumable.
+    Batch(batch::Args),
     /// Show the token ids of a text or of a rendered conversation.
     Tokenize(tokenize::Args),
     /// Show a model file's architecture, sizes, tensor types and memory needs.
@@ -73,6 +76,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             a.model.model = common::resolve_model(&a.model.model)?;
             common::init_threads(a.model.threads)?;
             run::run(a)
+        }
+        Command::Batch(mut a) => {
+            a.model.model = common::resolve_model(&a.model.model)?;
+            common::init_threads(a.model.threads)?;
+            batch::run(a)
         }
         Command::Tokenize(mut a) => {
             a.model = common::resolve_model(&a.model)?;

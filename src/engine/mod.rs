@@ -1,5 +1,7 @@
-//! A model file opened for use: the memory map, the network, and (for commands that handle text) its tokenizer
-//! and chat template.
+//! A model file opened for use ([`Engine`]: the memory map, the network, and for commands that handle text its
+//! tokenizer and chat template), and the multi-sequence scheduler that runs many requests on it ([`scheduler`]).
+
+pub mod scheduler;
 
 use std::path::Path;
 

@@ -1,17 +1,25 @@
-//! Throughput measurement in llama-bench's terms: `pp` processes a prompt of random tokens from an empty cache,
-//! `tg` generates one token at a time from an empty cache; each repeated, after one unmeasured warm-up run.
+//! Throughput measurement in llama-bench's terms: `pp` processes a prompt of random tokens from an empty cache
+//! (or after `n_depth` cached tokens, llama-bench's `-d`), `tg` generates one token at a time; each repeated,
+//! after one unmeasured warm-up run. With several sequences (`n_parallel`, llama-batched-bench's terms) each holds
+//! an `n_prompt`-token prompt, then all generate `n_gen` tokens together: `pp` is the time to read every prompt,
+//! `tg` the time of the generation steps after them, and tokens per second count every sequence's tokens.
 
 use std::time::Instant;
 
+use crate::engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
 use crate::generate::Session;
 use crate::model::{Model, ModelError};
-use crate::sampling::Rng;
+use crate::sampling::{Rng, SamplingParams};
 
 /// One test: a prompt-processing (`n_gen == 0`) or a generation (`n_prompt == 0`) run, repeated.
 #[derive(Clone, Debug)]
 pub struct BenchResult {
     pub n_prompt: usize,
     pub n_gen: usize,
+    /// Sequences run together (1 for the single-stream tests).
+    pub n_parallel: usize,
+    /// Tokens already in the cache before the test (llama-bench's `-d`).
+    pub n_depth: usize,
     pub n_threads: usize,
     pub n_batch: usize,
     /// Wall time of each repetition, in nanoseconds.
@@ -19,9 +27,9 @@ pub struct BenchResult {
 }
 
 impl BenchResult {
-    /// Tokens per second of each repetition.
+    /// Tokens per second of each repetition, every sequence's tokens counted.
     pub fn samples_ts(&self) -> Vec<f64> {
-        let n = (self.n_prompt + self.n_gen) as f64;
+        let n = ((self.n_prompt + self.n_gen) * self.n_parallel) as f64;
         self.samples_ns
             .iter()
             .map(|&ns| n * 1e9 / ns as f64)
@@ -83,24 +91,32 @@ fn stddev(v: &[f64]) -> f64 {
     (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
 }
 
-/// Runs one test on the current rayon pool (call it inside `ThreadPool::install` to choose the thread count).
-/// The session is made once, so its buffers and KV cache are not part of the timing.
+/// Runs one test on the current rayon pool (call it inside `ThreadPool::install` to choose the thread count),
+/// after `n_depth` untimed tokens of prompt. The session is made once, so its buffers and KV cache are not part
+/// of the timing.
 pub fn run_test(
     model: &Model,
     n_prompt: usize,
     n_gen: usize,
+    n_depth: usize,
     batch: usize,
     reps: usize,
 ) -> Result<BenchResult, ModelError> {
-    let mut session = Session::new(model, (n_prompt + n_gen).max(1), batch.max(1));
+    let mut session = Session::new(model, (n_depth + n_prompt + n_gen).max(1), batch.max(1));
+    let mut depth: Vec<u32> = Vec::with_capacity(n_depth);
     let mut rng = Rng::new(0x0062_656e_6368);
     let vocab = model.config.n_vocab as u64;
     let mut tokens: Vec<u32> = Vec::with_capacity(n_prompt.max(n_gen));
-    let one =
+    let mut one =
         |session: &mut Session, rng: &mut Rng, tokens: &mut Vec<u32>| -> Result<u64, ModelError> {
             tokens.clear();
             tokens.extend((0..n_prompt.max(n_gen)).map(|_| (rng.next_u64() % vocab) as u32));
+            depth.clear();
+            depth.extend((0..n_depth).map(|_| (rng.next_u64() % vocab) as u32));
             session.truncate(0);
+            if n_depth > 0 {
+                rayon::scope(|_| session.feed(&depth).map(|_| ()))?;
+            }
             let start = Instant::now();
             // On a pool worker, as `generate` runs (its regions then go to the worker's own queue).
             rayon::scope(|_| -> Result<(), ModelError> {
@@ -122,10 +138,90 @@ pub fn run_test(
     Ok(BenchResult {
         n_prompt,
         n_gen,
+        n_parallel: 1,
+        n_depth,
         n_threads: rayon::current_num_threads(),
         n_batch: batch,
         samples_ns,
     })
+}
+
+/// `n_parallel` sequences through the scheduler, as llama-batched-bench runs them: each reads its own
+/// `n_prompt`-token prompt of random tokens (all prompts first, `batch` tokens per step), then all generate
+/// `n_gen` tokens together (the first comes from the prompts' logits, then `n_gen` decode steps of one token per
+/// sequence, no stop token). Returns the prompt and the generation results, each repeated after a warm-up.
+pub fn run_parallel_test(
+    model: &Model,
+    n_parallel: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    batch: usize,
+    reps: usize,
+) -> Result<(BenchResult, BenchResult), ModelError> {
+    let b = n_parallel.max(1);
+    let cfg = SchedulerConfig {
+        step_tokens: batch.max(b),
+        prefix_cache: false,
+        decode_during_prefill: false,
+        ..SchedulerConfig::new(b, (n_prompt + n_gen + 1).max(1))
+    };
+    let mut sched = Scheduler::new(model, cfg);
+    let mut rng = Rng::new(0x0062_656e_6368);
+    let vocab = model.config.n_vocab as u64;
+    let mut events = Vec::with_capacity(4 * b);
+    let mut one = |sched: &mut Scheduler| -> Result<(u64, u64), ModelError> {
+        for _ in 0..b {
+            let prompt: Vec<u32> = (0..n_prompt.max(1))
+                .map(|_| (rng.next_u64() % vocab) as u32)
+                .collect();
+            let req = Request {
+                prompt,
+                params: SamplingParams::greedy(),
+                max_tokens: n_gen + 1,
+                stop: Vec::new(),
+            };
+            sched
+                .submit(req)
+                .expect("the bench's requests fit its scheduler");
+        }
+        rayon::scope(|_| -> Result<(u64, u64), ModelError> {
+            // Prompts: until every sequence has its first token.
+            let start = Instant::now();
+            let mut first = 0;
+            while first < b {
+                events.clear();
+                sched.step(&mut events)?;
+                first += events
+                    .iter()
+                    .filter(|e| matches!(e, Event::Token { .. }))
+                    .count();
+            }
+            let prompt_ns = start.elapsed().as_nanos() as u64;
+            let start = Instant::now();
+            while !sched.is_idle() {
+                events.clear();
+                sched.step(&mut events)?;
+            }
+            Ok((prompt_ns, start.elapsed().as_nanos() as u64))
+        })
+    };
+    one(&mut sched)?; // warm-up
+    let (mut pp, mut tg) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    for _ in 0..reps.max(1) {
+        let (p, g) = one(&mut sched)?;
+        pp.push(p);
+        tg.push(g);
+    }
+    let result = |n_prompt, n_gen, samples_ns| BenchResult {
+        n_prompt,
+        n_gen,
+        n_parallel: b,
+        n_depth: 0,
+        n_threads: rayon::current_num_threads(),
+        n_batch: batch,
+        samples_ns,
+    };
+    Ok((result(n_prompt, 0, pp), result(0, n_gen, tg)))
 }
 
 /// Weight bytes one decode step reads: every attention and router matrix, the chosen experts' share of the

@@ -185,7 +185,7 @@ impl SeqKv {
     pub fn blocks_needed(&self, pool: &KvPool, tokens: usize) -> usize {
         let grow = Self::blocks_for(tokens).saturating_sub(self.blocks.len());
         let cow = tokens > self.len
-            && self.len % KV_BLOCK_TOKENS != 0
+            && !self.len.is_multiple_of(KV_BLOCK_TOKENS)
             && pool.refs(self.blocks[self.len / KV_BLOCK_TOKENS]) > 1;
         grow + cow as usize
     }
@@ -201,7 +201,7 @@ impl SeqKv {
                 total: pool.total_blocks(),
             });
         }
-        if tokens > self.len && self.len % KV_BLOCK_TOKENS != 0 {
+        if tokens > self.len && !self.len.is_multiple_of(KV_BLOCK_TOKENS) {
             let i = self.len / KV_BLOCK_TOKENS;
             let shared = self.blocks[i];
             if pool.refs(shared) > 1 {
