@@ -17,6 +17,23 @@
 //!
 //! The x86 sets share their loop structure (`x86/mod.rs`): per-block dots for few tokens, one lane per token for
 //! many. The shape of a call decides which runs, so callers need not care.
+//!
+//! **Every set is batch-invariant**: each token's outputs of a product are bit-identical whatever else is in the
+//! call (that token alone, or among any number of others, at any position), and whichever rows of the matrix
+//! the call covers, which a multi-sequence batch (and an MoE expert shared by however many tokens chose it)
+//! relies on. Why, per set:
+//! - `scalar`: one dot product per (row, token), nothing shared.
+//! - `portable`: one output at a time too, each block's exact integer sum scaled and added in block order (the
+//!   row pairs of the 32-block products compute each row exactly as a single row); its float products one dot
+//!   per output.
+//! - the x86 sets: their few-token and lane kernels take the same float steps per output (per block, in order,
+//!   `fma(cvt(exact integer sum), da * dw, acc)`), every few-token kernel reducing a block's integer lanes to
+//!   the exact sum before its float step; their float products give every output its own accumulator of a
+//!   fixed width (AVX-512's one-token ones on ymm pairs with the zmm products' bits). See "Batch invariance" in
+//!   `x86/mod.rs`.
+//!
+//! `kernels::parallel` only splits products by rows, so it cannot change a bit either. `tests/batch_invariance.rs`
+//! checks all of it by bits for every set this CPU has.
 
 /// Safe entry points for a kernel set's table: each `fn name(args) = body;` becomes a plain `fn` that runs `body`
 /// compiled inside a `#[target_feature(enable = FEATURES)]` function, so the whole product (every
@@ -84,6 +101,10 @@ use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0
 /// products) may be associated differently from the scalar reference, so results agree to rounding: within
 /// `1e-5 * |result| + 1e-6 * sum(|terms|)` (`tests/kernels.rs`). The portable set's quantized products, the
 /// `quantize_q8_0` bytes, `axpy_f32` and `ops.rope` are bit-identical in every set.
+///
+/// Within a set, every product is batch-invariant (see the module docs): a token's outputs have the same bits
+/// whatever other tokens the call holds and wherever the token sits among them, and a row's the same in any
+/// window of rows (`tests/batch_invariance.rs`).
 #[derive(Clone, Copy)]
 pub struct Kernels {
     pub name: &'static str,

@@ -12,7 +12,7 @@ use std::arch::x86_64::*;
 use half::{bf16, f16};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
-use super::{BlockDot, ByteDot, LaneDot, Lanes, Q4, Q8};
+use super::{BlockDot, ByteDot, FloatLanes, LaneDot, Lanes, Q4, Q8};
 
 pub(in crate::kernels::x86) mod kquant;
 use crate::kernels::{Kernels, ProductOut};
@@ -59,23 +59,8 @@ impl Lanes for Ymm {
         unsafe { _mm256_loadu_ps(p) }
     }
     #[inline(always)]
-    unsafe fn load_f16(p: *const u16) -> __m256 {
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
-    }
-    #[inline(always)]
-    unsafe fn load_bf16(p: *const u16) -> __m256 {
-        unsafe {
-            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
-        }
-    }
-    #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m256) {
         unsafe { _mm256_storeu_ps(p, v) }
-    }
-    #[inline(always)]
-    unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-        unsafe { _mm256_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
     unsafe fn add(a: __m256, b: __m256) -> __m256 {
@@ -84,26 +69,6 @@ impl Lanes for Ymm {
     #[inline(always)]
     unsafe fn mul(a: __m256, b: __m256) -> __m256 {
         unsafe { _mm256_mul_ps(a, b) }
-    }
-    #[inline(always)]
-    unsafe fn sum(v: __m256) -> f32 {
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            _mm_cvtss_f32(s)
-        }
-    }
-    #[inline(always)]
-    unsafe fn sum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
-        unsafe {
-            // Per 128-bit lane: [a01, a23, b01, b23], [c01, c23, d01, d23], then [a0..4, b0..4, c0..4, d0..4].
-            let abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-            _mm_add_ps(
-                _mm256_castps256_ps128(abcd),
-                _mm256_extractf128_ps::<1>(abcd),
-            )
-        }
     }
     #[inline(always)]
     unsafe fn zero_i() -> __m256i {
@@ -136,6 +101,95 @@ impl Lanes for Ymm {
                 store_tile_8x8(acc, p, ldo)
             }
         }
+    }
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl FloatLanes for Ymm {
+    type F = __m256;
+    const N: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        unsafe { _mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> __m256 {
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m256 {
+        unsafe {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+        }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn sum(v: __m256) -> f32 {
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+}
+
+/// Two ymm as one 16-lane float accumulator: lanes `0..8` in the first, `8..16` in the second. AVX-512's
+/// one-token float products run on it (a zmm loop streams f16 weights from DRAM more slowly here), with the
+/// bits of its zmm products (`avx512::Zmm`).
+pub(crate) struct YmmPair;
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl FloatLanes for YmmPair {
+    type F = [__m256; 2];
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> [__m256; 2] {
+        unsafe { [_mm256_setzero_ps(); 2] }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> [__m256; 2] {
+        unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> [__m256; 2] {
+        unsafe {
+            [
+                <Ymm as FloatLanes>::load_f16(p),
+                <Ymm as FloatLanes>::load_f16(p.add(8)),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> [__m256; 2] {
+        unsafe {
+            [
+                <Ymm as FloatLanes>::load_bf16(p),
+                <Ymm as FloatLanes>::load_bf16(p.add(8)),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: [__m256; 2], b: [__m256; 2], c: [__m256; 2]) -> [__m256; 2] {
+        unsafe {
+            [
+                _mm256_fmadd_ps(a[0], b[0], c[0]),
+                _mm256_fmadd_ps(a[1], b[1], c[1]),
+            ]
+        }
+    }
+    /// The halves added, then `Ymm`'s sum: `Zmm::sum`'s tree.
+    #[inline(always)]
+    unsafe fn sum(v: [__m256; 2]) -> f32 {
+        unsafe { <Ymm as FloatLanes>::sum(_mm256_add_ps(v[0], v[1])) }
     }
 }
 

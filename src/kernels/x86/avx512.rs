@@ -3,15 +3,16 @@
 //! (`Vnni512`, over the `Zmm` width); 6 to 15 tokens past the last whole zmm the 256-bit form (`Vnni256`, over
 //! AVX2's `Ymm`); few-token Q8_0 products use the 256-bit form on one block at a time, few-token Q4_0 products
 //! four blocks per zmm (see "Q4_0, few tokens" below). Lane tiles are transposed in registers and stored
-//! token-major.
+//! token-major. Every kernel here takes the lane kernel's float steps per block (see "Batch invariance" in
+//! `x86/mod.rs`), so which one computes a token never changes its bits.
 
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
-use super::avx2::Ymm;
-use super::{BlockDot, FewTile, Lanes, Q4, Q8};
+use super::avx2::{Ymm, YmmPair};
+use super::{BlockDot, FewTile, FloatLanes, Lanes, Q4, Q8};
 
 mod kquant;
 use crate::kernels::{Kernels, ProductOut};
@@ -53,23 +54,8 @@ impl Lanes for Zmm {
         unsafe { _mm512_loadu_ps(p) }
     }
     #[inline(always)]
-    unsafe fn load_f16(p: *const u16) -> __m512 {
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
-    }
-    #[inline(always)]
-    unsafe fn load_bf16(p: *const u16) -> __m512 {
-        unsafe {
-            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
-        }
-    }
-    #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m512) {
         unsafe { _mm512_storeu_ps(p, v) }
-    }
-    #[inline(always)]
-    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
-        unsafe { _mm512_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
     unsafe fn add(a: __m512, b: __m512) -> __m512 {
@@ -78,21 +64,6 @@ impl Lanes for Zmm {
     #[inline(always)]
     unsafe fn mul(a: __m512, b: __m512) -> __m512 {
         unsafe { _mm512_mul_ps(a, b) }
-    }
-    #[inline(always)]
-    unsafe fn sum(v: __m512) -> f32 {
-        unsafe { _mm512_reduce_add_ps(v) }
-    }
-    /// Each vector's halves added, then AVX2's four-way sum.
-    #[inline(always)]
-    unsafe fn sum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
-        unsafe {
-            let a = _mm256_add_ps(_mm512_castps512_ps256(a), upper_half(a));
-            let b = _mm256_add_ps(_mm512_castps512_ps256(b), upper_half(b));
-            let c = _mm256_add_ps(_mm512_castps512_ps256(c), upper_half(c));
-            let d = _mm256_add_ps(_mm512_castps512_ps256(d), upper_half(d));
-            Ymm::sum4(a, b, c, d)
-        }
     }
     #[inline(always)]
     unsafe fn zero_i() -> __m512i {
@@ -119,6 +90,40 @@ impl Lanes for Zmm {
     unsafe fn store_tile<const RW: usize>(acc: &[__m512; RW], p: *mut f32, ldo: usize) {
         const { assert!(RW == 8) };
         unsafe { store_tile_8x16(acc, p, ldo) }
+    }
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
+impl FloatLanes for Zmm {
+    type F = __m512;
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m512 {
+        unsafe {
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    /// The halves added, then `Ymm`'s sum: `YmmPair::sum`'s tree.
+    #[inline(always)]
+    unsafe fn sum(v: __m512) -> f32 {
+        unsafe { <Ymm as FloatLanes>::sum(_mm256_add_ps(_mm512_castps512_ps256(v), upper_half(v))) }
     }
 }
 
@@ -180,14 +185,15 @@ vnni_byte_dot! {
     Vnni256: Ymm, 8, _mm256_dpbusd_epi32, _mm256_dpbusd_epi32
 }
 
-/// Float products: one token on ymm, more on zmm. Streaming a matrix from DRAM for one token, the ymm loop
-/// reaches 23-27 GB/s of f16 weights where the zmm loop reaches 18-22 (alternating runs on this machine); with
-/// weights reused across tokens or in cache, zmm is faster.
+/// Float products: one token on pairs of ymm, more on zmm, with the same bits (16 lanes either way, see
+/// `FloatLanes`). Streaming a matrix from DRAM for one token, the ymm loop reaches 23-27 GB/s of f16 weights
+/// where the zmm loop reaches 18-22 (alternating runs on this machine); with weights reused across tokens or in
+/// cache, zmm is faster.
 #[inline(always)]
 unsafe fn gemm_float<W: super::FloatWeight>(w: &[W], a: &[f32], cols: usize, out: ProductOut) {
     unsafe {
         if a.len() == cols {
-            super::gemm_float::<Ymm, W>(w, a, cols, out)
+            super::gemm_float::<YmmPair, W>(w, a, cols, out)
         } else {
             super::gemm_float::<Zmm, W>(w, a, cols, out)
         }
@@ -215,22 +221,29 @@ target_feature_entries! { "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Q4_0, few tokens: four blocks per load, eight per float step.
+// Q4_0, few tokens: four blocks per load, eight per reduction.
 //
 // One-token Q4_0 products must keep up with DRAM at 18 bytes a block, so the work per block is what limits them.
 // Four consecutive blocks are 72 bytes: two zmm loads inside them (bytes 0..64 and 8..72) hold all four 16-byte
 // nibble arrays at even offsets, so one two-source word permute (`vpermt2w`, AVX-512 BW; no VBMI needed)
 // gathers them into one zmm, and one shift and two masks split it into the low nibbles (weights 0..16 of each
 // block, one block per 128-bit lane) and the high ones (weights 16..32): two `vpdpbusd` per token against
-// activation bytes laid out the same way, started from the `-8 * sum` correction, give each block's exact
-// integer dot in 4 lanes. Two such quads are then folded into one vector (`vpackssdw` + `vpmaddwd` by ones:
-// every lane sums 8 products of at most 8 * 127, so nothing saturates), 2 lanes per block for 8 blocks, and the
-// float work (convert, scale, accumulate) and the scale conversion (one word permute of both quads' first
-// loads, `vcvtph2ps`) run once per 8 blocks. Measured one-token from L2 on the EPYC (CPU time, busy machine):
-// 21 GB/s with the earlier two-blocks-per-zmm kernel, 29 with four blocks per step, 31 with the fold.
+// activation bytes laid out the same way give each block's (uncorrected) integer dot in 4 lanes. Two such quads
+// are then folded into one vector (`vpackssdw` + `vpmaddwd` by ones: every lane sums 8 products of at most
+// 15 * 127, so nothing saturates), 2 lanes per block for 8 blocks. Measured one-token from L2 on the EPYC (CPU
+// time, busy machine): 21 GB/s with the earlier two-blocks-per-zmm kernel, 29 with four blocks per step, 31 with
+// the fold.
 //
-// The activation side (bytes in lane order, lane corrections, scales in the folded lane order) is prepared
-// once per call; blocks past the last whole four run one 256-bit step each.
+// Batch invariance: the folded vectors of a tile's 4 rows are reduced together (4 in-lane shuffles and 2 adds)
+// to two vectors holding every block's exact integer dot for the 4 rows (128-bit lane `L`: block `L`, or
+// `4 + L`, of rows 0..4), corrected by `-8 * sum(activation block)`, converted, and accumulated block by block
+// in order into the token's 4-row accumulator with the lane kernel's step, `acc = fma(cvt(isum), dw * da,
+// acc)`. The 8 row scales of each row (one word permute of both quads' first loads, `vcvtph2ps`) are transposed
+// into the same layout once per tile and octet. Without it, the shared `gemm_few` decodes Q4_0 models a quarter
+// slower here (64 against 84 tokens/s).
+//
+// The activation side (bytes in lane order, and each block's correction and scale in the reduced layout) is
+// prepared once per call; blocks past the last whole four run one 256-bit step each, after the octets.
 
 /// Word indices of `vpermt2w` over `x0` = bytes 0..64 and `x1` = bytes 40..72 of four blocks: lane `b` (8 words)
 /// takes block `b`'s nibble bytes, which start at byte `18b + 2` (word `9b + 1` of `x0`; the fourth block's are
@@ -241,15 +254,24 @@ const Q4_QS_WORDS: [i16; 32] = [
 ];
 
 /// Word indices of `vpermt2w` over the first loads of two quads (`x0` of the even quad, then of the odd one)
-/// giving the f16 scales in the folded lane order: per 128-bit lane `L`, block `L` of the even quad twice
-/// (word `9L`), then block `L` of the odd quad twice (index `32 + 9L`).
+/// giving the 8 f16 scales of an octet in block order: block `b` of the even quad at word `9b`, of the odd one at
+/// index `32 + 9b`.
 const Q4_D_WORDS: [i16; 32] = [
-    0, 0, 32, 32, 9, 9, 41, 41, 18, 18, 50, 50, 27, 27, 59, 59, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    0, 0, 0, 0,
+    0, 9, 18, 27, 32, 41, 50, 59, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0,
 ];
+
+/// Dword indices of `vpermt2ps` over `[row 0, row 1]` and `[row 2, row 3]` (8 block scales each): lane `4L + i`
+/// takes block `L` (first) or `4 + L` (second) of row `i`, the layout of `reduce_rows`.
+const Q4_DW_EVEN: [i32; 16] = [0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27];
+const Q4_DW_ODD: [i32; 16] = [4, 12, 20, 28, 5, 13, 21, 29, 6, 14, 22, 30, 7, 15, 23, 31];
 
 /// Dwords per prepared activation quad in `Scratch::act`: the low-half bytes of four blocks, then the high.
 const QUAD_ACT: usize = 32;
+
+/// Floats (and corrections) per prepared activation octet in `Scratch::da` (`Scratch::corr`): each block's
+/// value in the 4 lanes of its 128-bit lane, the even quad's blocks in the first 16, the odd quad's in the second.
+const OCT_ACT: usize = 32;
 
 /// Two quads' lane sums folded into one vector: per 128-bit lane `L`, lanes `4L, 4L + 1` of `even` summed in
 /// pairs, then those of `odd` (exact while every lane fits in i16).
@@ -258,9 +280,62 @@ unsafe fn fold(even: __m512i, odd: __m512i) -> __m512i {
     unsafe { _mm512_madd_epi16(_mm512_packs_epi32(even, odd), _mm512_set1_epi16(1)) }
 }
 
+/// The folded sums of 4 rows (`fold`: per 128-bit lane `L`, 2 lanes of block `L`, then 2 of block `4 + L`) as
+/// each block's exact sum per row: `[even, odd]`, lane `4L + i` of `even` block `L` of row `i`, of `odd` block
+/// `4 + L`.
+#[inline(always)]
+unsafe fn reduce_rows(f: &[__m512i; 4]) -> [__m512i; 2] {
+    unsafe {
+        let f0 = _mm512_castsi512_ps(f[0]);
+        let f1 = _mm512_castsi512_ps(f[1]);
+        let f2 = _mm512_castsi512_ps(f[2]);
+        let f3 = _mm512_castsi512_ps(f[3]);
+        // Per lane: [f0 block L, f0 block 4 + L, f1 block L, f1 block 4 + L], and the same of f2, f3.
+        let r01 = _mm512_add_epi32(
+            _mm512_castps_si512(_mm512_shuffle_ps::<0x88>(f0, f1)),
+            _mm512_castps_si512(_mm512_shuffle_ps::<0xdd>(f0, f1)),
+        );
+        let r23 = _mm512_add_epi32(
+            _mm512_castps_si512(_mm512_shuffle_ps::<0x88>(f2, f3)),
+            _mm512_castps_si512(_mm512_shuffle_ps::<0xdd>(f2, f3)),
+        );
+        let (r01, r23) = (_mm512_castsi512_ps(r01), _mm512_castsi512_ps(r23));
+        [
+            _mm512_castps_si512(_mm512_shuffle_ps::<0x88>(r01, r23)),
+            _mm512_castps_si512(_mm512_shuffle_ps::<0xdd>(r01, r23)),
+        ]
+    }
+}
+
+/// 128-bit lane `l` of `v`, for `l < 4`.
+#[inline(always)]
+unsafe fn quarter(v: __m512, l: usize) -> __m128 {
+    unsafe {
+        match l {
+            0 => _mm512_castps512_ps128(v),
+            1 => _mm512_extractf32x4_ps::<1>(v),
+            2 => _mm512_extractf32x4_ps::<2>(v),
+            _ => _mm512_extractf32x4_ps::<3>(v),
+        }
+    }
+}
+
+/// `acc = fma(cvt(isum), scale, acc)` for the 4 blocks of `isum` and `scale` (one per 128-bit lane, 4 rows each),
+/// in order: the lane kernel's step per block.
+#[inline(always)]
+unsafe fn acc_blocks(isum: __m512i, scale: __m512, acc: __m128) -> __m128 {
+    unsafe {
+        let x = _mm512_cvtepi32_ps(isum);
+        let mut acc = acc;
+        for l in 0..4 {
+            acc = _mm_fmadd_ps(quarter(x, l), quarter(scale, l), acc);
+        }
+        acc
+    }
+}
+
 /// `W[r] . A[t]` for tokens `t0..t1`: 4 rows x up to 4 tokens.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_few_q4(
     w: &[BlockQ4_0],
     a: &[BlockQ8_0],
@@ -274,60 +349,47 @@ unsafe fn gemm_few_q4(
     let octs = quads.div_ceil(2);
     // SAFETY: see `super::scratch`.
     let s = unsafe { &mut *super::scratch() };
-    // Per token and quad: activation bytes; per token and octet: corrections and scales in the folded order.
+    // Per token and quad: activation bytes; per token and octet: corrections and scales (`OCT_ACT`).
     super::grow(&mut s.act, nt * quads * QUAD_ACT);
-    super::grow(&mut s.corr, nt * octs * 16);
-    super::grow(&mut s.da, nt * octs * 16);
+    super::grow(&mut s.corr, nt * octs * OCT_ACT);
+    super::grow(&mut s.da, nt * octs * OCT_ACT);
     // SAFETY: the loads read blocks 4q..4q + 4 <= bpr of token t0 + t < n; each store writes 16 lanes at
-    // (t * quads + q) * 32 (+ 16) or (t * octs + oc) * 16, within the sizes grown above.
+    // (t * quads + q) * 32 (+ 16) or 32 values at (t * octs + oc) * 32, within the sizes grown above.
     unsafe {
-        let eights = _mm512_set1_epi8(8);
         for t in 0..nt {
             let blocks = a.as_ptr().add((t0 + t) * bpr);
-            let mut sums = [_mm512_setzero_si512(); 2];
             for q in 0..quads {
                 let blk = blocks.add(4 * q);
-                let mut v = [_mm512_setzero_si512(); 2];
-                for (h, vh) in v.iter_mut().enumerate() {
+                let act = s.act.as_mut_ptr().add((t * quads + q) * QUAD_ACT);
+                for h in 0..2 {
                     let half = |b: usize| (*blk.add(b)).qs.as_ptr().add(16 * h) as *const __m128i;
                     let x = _mm512_castsi128_si512(_mm_loadu_si128(half(0)));
                     let x = _mm512_inserti32x4::<1>(x, _mm_loadu_si128(half(1)));
                     let x = _mm512_inserti32x4::<2>(x, _mm_loadu_si128(half(2)));
-                    *vh = _mm512_inserti32x4::<3>(x, _mm_loadu_si128(half(3)));
-                }
-                let act = s.act.as_mut_ptr().add((t * quads + q) * QUAD_ACT);
-                _mm512_storeu_si512(act as *mut _, v[0]);
-                _mm512_storeu_si512(act.add(16) as *mut _, v[1]);
-                // -8 * (the sum of each lane's 8 activation bytes), folded per octet like the products.
-                sums[q % 2] = _mm512_dpbusd_epi32(
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), eights, v[0]),
-                    eights,
-                    v[1],
-                );
-                if q % 2 == 1 || q + 1 == quads {
-                    if q % 2 == 0 {
-                        sums[1] = _mm512_setzero_si512();
-                    }
-                    _mm512_storeu_si512(
-                        s.corr.as_mut_ptr().add((t * octs + q / 2) * 16) as *mut _,
-                        _mm512_sub_epi32(_mm512_setzero_si512(), fold(sums[0], sums[1])),
-                    );
+                    let x = _mm512_inserti32x4::<3>(x, _mm_loadu_si128(half(3)));
+                    _mm512_storeu_si512(act.add(16 * h) as *mut _, x);
                 }
             }
             for oc in 0..octs {
-                // Scales of blocks 8oc..8oc + 8 (zero for a missing odd quad): lanes 4L, 4L + 1 take block L,
-                // lanes 4L + 2, 4L + 3 block 4 + L.
-                let mut d = [0.0f32; 16];
-                for (b, pair) in d.chunks_exact_mut(2).enumerate() {
-                    let blk = 8 * oc + (b & 1) * 4 + b / 2;
+                // Blocks 8oc..8oc + 8 (zero for a missing odd quad, whose steps the tiles skip).
+                let o = (t * octs + oc) * OCT_ACT;
+                for k in 0..8 {
+                    let blk = 8 * oc + k;
+                    let (mut c, mut d) = (0, 0.0);
                     if blk < 4 * quads {
-                        pair.fill(super::f16_bits_to_f32((*blocks.add(blk)).d.to_bits()));
+                        let ab = &*blocks.add(blk);
+                        let mut sum = 0i32;
+                        for &q in &ab.qs {
+                            sum += q as i32;
+                        }
+                        c = -8 * sum;
+                        d = super::f16_bits_to_f32(ab.d.to_bits());
+                    }
+                    for l in 0..4 {
+                        *s.corr.as_mut_ptr().add(o + 4 * k + l) = c;
+                        *s.da.as_mut_ptr().add(o + 4 * k + l) = d;
                     }
                 }
-                _mm512_storeu_ps(
-                    s.da.as_mut_ptr().add((t * octs + oc) * 16),
-                    _mm512_loadu_ps(d.as_ptr()),
-                );
             }
         }
         super::prefetch_head(w, rows * bpr);
@@ -355,12 +417,14 @@ struct Q4Tiles<'a> {
 }
 
 impl FewTile for Q4Tiles<'_> {
-    /// Rows `r0..r0 + RT` x tokens `t..t + TT` of the Q4_0 few-token product.
+    /// Rows `r0..r0 + RT` x tokens `t..t + TT` of the Q4_0 few-token product: per token, an accumulator of the
+    /// 4 rows (a single row's tile computes rows of zeros beside it), stored as it is.
     #[inline(always)]
     // Indexed loops over the activation quads: the iterator forms clippy suggests compiled to a 16% slower loop
     // (one token from L2, 32.9 against 27.7 GB/s, alternating runs).
     #[allow(clippy::needless_range_loop)]
     unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r0: usize, t: usize) {
+        const { assert!(RT == 4 || RT == 1) };
         let (w, a, bpr, t0, s) = (self.w, self.a, self.bpr, self.t0, self.s);
         let out = &mut self.out;
         let quads = bpr / 4;
@@ -374,22 +438,19 @@ impl FewTile for Q4Tiles<'_> {
         unsafe {
             let qs_words = _mm512_loadu_si512(Q4_QS_WORDS.as_ptr() as *const _);
             let d_words = _mm512_loadu_si512(Q4_D_WORDS.as_ptr() as *const _);
+            let dw_even = _mm512_loadu_si512(Q4_DW_EVEN.as_ptr() as *const _);
+            let dw_odd = _mm512_loadu_si512(Q4_DW_ODD.as_ptr() as *const _);
             let low4 = _mm512_set1_epi8(0x0f);
-            let mut acc = [[_mm512_setzero_ps(); TT]; RT];
+            let mut acc = [_mm_setzero_ps(); TT];
             let wp = (w.as_ptr() as *const u8).add(r0 * row_bytes);
             for oc in 0..octs {
                 // The odd quad of the last octet may not exist (quads odd): then only the even one is read, its
-                // sums are folded with zeros, and those lanes have activation scale 0.
+                // sums are folded with zeros, and the odd blocks' steps are skipped.
                 let two = 2 * oc + 1 < quads;
                 // The activation side of this octet, shared by the rows (loads are the scarce resource: a zmm
                 // load takes a whole cycle of this core's load bandwidth).
                 let mut act = [[[_mm512_setzero_si512(); 2]; 2]; TT];
-                let mut corr = [_mm512_setzero_si512(); TT];
-                let mut dv = [_mm512_setzero_ps(); TT];
                 for j in 0..TT {
-                    let o = (t - t0 + j) * octs + oc;
-                    corr[j] = _mm512_loadu_si512(s.corr.as_ptr().add(o * 16) as *const _);
-                    dv[j] = _mm512_loadu_ps(s.da.as_ptr().add(o * 16));
                     for h in 0..1 + two as usize {
                         let p = s
                             .act
@@ -401,7 +462,9 @@ impl FewTile for Q4Tiles<'_> {
                         ];
                     }
                 }
-                for (i, acc_i) in acc.iter_mut().enumerate() {
+                let mut folded = [[_mm512_setzero_si512(); 4]; TT];
+                let mut dws = [_mm256_setzero_ps(); 4];
+                for i in 0..RT {
                     let mut isum = [[_mm512_setzero_si512(); 2]; TT];
                     let mut x0s = [_mm512_setzero_si512(); 2];
                     for h in 0..1 + two as usize {
@@ -430,44 +493,75 @@ impl FewTile for Q4Tiles<'_> {
                     if !two {
                         x0s[1] = x0s[0];
                     }
-                    let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(
+                    // The row's 8 block scales in block order.
+                    dws[i] = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutex2var_epi16(
                         x0s[0], d_words, x0s[1],
                     )));
-                    for (j, acc_ij) in acc_i.iter_mut().enumerate() {
-                        let folded = _mm512_add_epi32(fold(isum[j][0], isum[j][1]), corr[j]);
-                        *acc_ij = _mm512_fmadd_ps(
-                            _mm512_cvtepi32_ps(folded),
-                            _mm512_mul_ps(dw, dv[j]),
-                            *acc_ij,
+                    for j in 0..TT {
+                        folded[j][i] = fold(isum[j][0], isum[j][1]);
+                    }
+                }
+                // The scales transposed into `reduce_rows`' layout: [rows 0, 1] and [rows 2, 3], permuted.
+                let z01 = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                    _mm512_castpd256_pd512(_mm256_castps_pd(dws[0])),
+                    _mm256_castps_pd(dws[1]),
+                ));
+                let z23 = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                    _mm512_castpd256_pd512(_mm256_castps_pd(dws[2])),
+                    _mm256_castps_pd(dws[3]),
+                ));
+                let dw = [
+                    _mm512_permutex2var_ps(z01, dw_even, z23),
+                    _mm512_permutex2var_ps(z01, dw_odd, z23),
+                ];
+                for (j, acc_j) in acc.iter_mut().enumerate() {
+                    let sums = reduce_rows(&folded[j]);
+                    let o = ((t - t0 + j) * octs + oc) * OCT_ACT;
+                    for h in 0..1 + two as usize {
+                        let isum = _mm512_add_epi32(
+                            sums[h],
+                            _mm512_loadu_si512(s.corr.as_ptr().add(o + 16 * h) as *const _),
                         );
+                        // dw * da per lane: the lane kernel's da * dw, f32 multiplication commuting.
+                        let scale =
+                            _mm512_mul_ps(dw[h], _mm512_loadu_ps(s.da.as_ptr().add(o + 16 * h)));
+                        *acc_j = acc_blocks(isum, scale, *acc_j);
                     }
                 }
             }
-            for (i, acc_i) in acc.iter().enumerate() {
-                for (j, &acc_ij) in acc_i.iter().enumerate() {
-                    let mut sum = _mm512_reduce_add_ps(acc_ij);
-                    // The blocks past the last whole four, one 256-bit step each.
-                    for b in 4 * quads..bpr {
-                        let blk = w.as_ptr().add((r0 + i) * bpr + b);
-                        let ab = &*a.as_ptr().add((t + j) * bpr + b);
-                        let q = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-                        let c = _mm256_sub_epi32(
-                            _mm256_setzero_si256(),
-                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), q),
-                        );
-                        let isum = <Q4<Vnni512> as BlockDot>::dot(
-                            c,
-                            <Q4<Vnni512> as BlockDot>::load(blk),
-                            q,
-                        );
-                        let dw = super::f16_bits_to_f32((*blk).d.to_bits());
-                        let da = super::f16_bits_to_f32(ab.d.to_bits());
-                        sum += Ymm::sum(_mm256_mul_ps(
-                            _mm256_cvtepi32_ps(isum),
-                            _mm256_set1_ps(dw * da),
-                        ));
+            // The blocks past the last whole four, one 256-bit step each, in order after the octets.
+            for b in 4 * quads..bpr {
+                let mut dw = [0.0f32; 4];
+                let mut wv = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 4];
+                for i in 0..RT {
+                    let blk = w.as_ptr().add((r0 + i) * bpr + b);
+                    wv[i] = <Q4<Vnni512> as BlockDot>::load(blk);
+                    dw[i] = super::f16_bits_to_f32((*blk).d.to_bits());
+                }
+                let dw = _mm_loadu_ps(dw.as_ptr());
+                for (j, acc_j) in acc.iter_mut().enumerate() {
+                    let ab = &*a.as_ptr().add((t + j) * bpr + b);
+                    let q = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                    let c = _mm256_sub_epi32(
+                        _mm256_setzero_si256(),
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), q),
+                    );
+                    let mut v = [_mm256_setzero_si256(); 4];
+                    for i in 0..RT {
+                        v[i] = <Q4<Vnni512> as BlockDot>::dot(c, wv[i], q);
                     }
-                    out.token(t + j)[r0 + i] = sum;
+                    let isum = super::hsum4_epi32(v[0], v[1], v[2], v[3]);
+                    let da = super::f16_bits_to_f32(ab.d.to_bits());
+                    let scale = _mm_mul_ps(dw, _mm_set1_ps(da));
+                    *acc_j = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), scale, *acc_j);
+                }
+            }
+            for (j, &acc_j) in acc.iter().enumerate() {
+                if RT == 4 {
+                    // SAFETY: rows r0..r0 + 4 of token t + j are inside the window `tile_shape` checked.
+                    _mm_storeu_ps(out.token(t + j).as_mut_ptr().add(r0), acc_j);
+                } else {
+                    out.token(t + j)[r0] = _mm_cvtss_f32(acc_j);
                 }
             }
         }

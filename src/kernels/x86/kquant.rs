@@ -13,13 +13,18 @@
 //! reference computes it.
 //!
 //! - **Few tokens** (`gemm_few`): one row at a time (a tile's rows are one sequential stream), each weight
-//!   block unpacked once in registers for up to 4 tokens; every block's partial sums are accumulated as floats
-//!   per token and summed horizontally once per output, four rows together. Rows are prefetched
-//!   `PREFETCH_BYTES` ahead into L2.
+//!   block unpacked once in registers for up to 4 tokens; each block's integer terms (`KQuant::dot`) are
+//!   reduced to exact integers, four at a time (two blocks' `[isum, m]` for one token, one block's for two
+//!   tokens), and accumulated with the lane kernel's float steps. Rows are prefetched `PREFETCH_BYTES` ahead
+//!   into L2.
 //! - **Many tokens** (the lane driver `x86::gemm_lanes` over `KLanes`): one lane per token. A tile of rows is
 //!   unpacked once into scratch (quant bytes in weight order, scales and `bsums` factor pairs as integers);
 //!   each group's lanes are summed against transposed activations and scaled by the group's integer scale,
 //!   the `bsums` term is one pair dot per two groups against pairs of transposed sums.
+//!
+//! Batch invariant (see `x86/mod.rs`): both drivers give every output the same float steps per block, in block
+//! order, from the same exact integers and the same f32 scales: Q4_K/Q5_K `acc = fma(cvt(isum), da * d, acc)`,
+//! then `acc = fma(cvt(m), da * -dmin, acc)`; Q6_K `acc = fma(cvt(isum - 32 m), da * d, acc)`.
 
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
@@ -32,7 +37,7 @@ use crate::kernels::q4_k::q4k_scales_mins;
 use super::avx2::transpose_8x8;
 use super::{
     ByteDot, FewTile, IOf, LaneKernel, Lanes, PREFETCH_BYTES, Scratch, f16_bits_to_f32, few_tiles,
-    grow, prefetch_head, scratch, tile_shape,
+    grow, hsum4_epi32, lanes_from, prefetch_head, scratch, tile_shape,
 };
 
 /// Integers per prepared row block in `Scratch::wi` (lane kernels): up to 16 scales, then up to 8 pairs.
@@ -165,19 +170,17 @@ pub(crate) trait KQuant {
     type W: KFormat;
     /// A weight block unpacked in registers (few-token kernel).
     type Row: Copy;
-    /// The width of the few-token kernel's float accumulators.
-    type V: Lanes;
     /// Whether `decode` leaves the quants in the order of `permute_act` rather than in weight order.
     const PERMUTED: bool;
     unsafe fn decode(w: *const Self::W) -> Self::Row;
-    /// `acc +` the block's partial sums with activation block `a`, whose 256 quant bytes are read from `qa`
-    /// (`a.qs` itself, or its permuted copy): lanes whose sum is the dot product.
-    unsafe fn acc(
-        row: &Self::Row,
-        qa: *const i8,
-        a: *const BlockQ8K,
-        acc: <Self::V as Lanes>::F,
-    ) -> <Self::V as Lanes>::F;
+    /// The block's integer dot with activation block `a`, whose 256 quant bytes are read from `qa` (`a.qs`
+    /// itself, or its permuted copy), as two vectors of 8 i32 lanes whose sums are exactly the lane kernel's
+    /// integers (`KLanes::tile`): `[isum, m]`, `isum` the scaled quant dot `sum(sc_g * dot_g)` and `m` the
+    /// `bsums` term `sum(min_g * bsum_g)` (Q4_K, Q5_K); Q6_K folds its `-32 * sum(sc_g * bsum_g)` into `isum`
+    /// and returns zeros for `m`.
+    unsafe fn dot(row: &Self::Row, qa: *const i8, a: *const BlockQ8K) -> [__m256i; 2];
+    /// The block's float scales `[d, dmin]` (Q6_K: `[d, 0]`), as `KFormat::prep_scales` gives them.
+    fn scales(row: &Self::Row) -> [f32; 2];
     /// Writes the block's 256 quant bytes in weight order (lane kernel).
     unsafe fn quants(w: *const Self::W, q: *mut u8);
 }
@@ -265,55 +268,117 @@ struct FewK<'a, K: KQuant> {
 }
 
 impl<K: KQuant> FewTile for FewK<'_, K> {
+    /// One row at a time, its blocks in order. Per block and token the integer terms (`KQuant::dot`) are
+    /// reduced horizontally to exact integers, four at a time, and applied exactly as the lane kernel applies
+    /// them (`KLanes::tile`): Q4_K/Q5_K `acc = fma(cvt(isum), da * d, acc)` then `acc = fma(cvt(m), da * -dmin,
+    /// acc)`, Q6_K `acc = fma(cvt(isum - 32 m), da * d, acc)`, so every output has the same bits whichever
+    /// kernel and tile computed it. The accumulator of a row holds its tokens (lane `j`: token `t + j`); a
+    /// reduction's 4 lanes are `4 / TT` steps of `TT` tokens: one token pairs two blocks' `[isum, m]` (Q6_K
+    /// four blocks' `isum`), two tokens one block's terms (Q6_K two blocks'), four tokens one term.
     #[inline(always)]
     unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r0: usize, t: usize) {
+        const { assert!((RT == 4 || RT == 1) && (TT == 1 || TT == 2 || TT == 4)) };
         let (w, a, bpr, t0, perm) = (self.w, self.a, self.bpr, self.t0, self.perm);
         let out = &mut self.out;
         let bb = size_of::<K::W>();
+        // Integer terms per block and token, and blocks per round of `STEPS` steps (each `TT` lanes).
+        let terms = if K::W::OFFSET32 { 1 } else { 2 };
+        let per_round = (4 / TT / terms).max(1);
+        let steps = per_round * terms;
         debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
         // SAFETY (bounds): rows r0..r0 + RT and tokens t..t + TT exist (the caller's tiling), every pointer
         // indexes block b < bpr of one of them. Prefetch addresses wrap and are never dereferenced.
         unsafe {
-            // One row at a time, its accumulators in registers: the rows of a tile are consecutive in memory,
-            // so this is one sequential stream. (Four rows interleaved, as the Q4_0 kernel does, kept the
-            // accumulators of the not-unrolled row loop on the stack.)
+            // One row at a time: the rows of a tile are consecutive in memory, so this is one sequential
+            // stream. (Four rows interleaved, as the Q4_0 kernel does, kept the accumulators of the
+            // not-unrolled row loop on the stack.)
             let ap = a.as_ptr().add(t * bpr);
-            let mut fin = [[K::V::zero(); TT]; RT];
+            let mut fin = [_mm_setzero_ps(); RT];
             for (i, fin_i) in fin.iter_mut().enumerate() {
                 let wp = w.as_ptr().add((r0 + i) * bpr);
-                let mut acc = [K::V::zero(); TT];
-                for b in 0..bpr {
-                    let blk = wp.add(b);
-                    let pf = (blk as *const i8).wrapping_add(PREFETCH_BYTES);
-                    let mut off = 0;
-                    while off < bb {
-                        _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(off));
-                        off += 64;
+                let mut acc = _mm_setzero_ps();
+                let mut b = 0;
+                while b < bpr {
+                    // The round's terms: step `s` (block `s / terms`, term `s % terms`) in lanes
+                    // `s * TT..(s + 1) * TT` of the vectors `v`, its scales (one per token) in `sc[s]`.
+                    let mut v = [_mm256_setzero_si256(); 8];
+                    let mut sc = [_mm_setzero_ps(); 4];
+                    let nb = per_round.min(bpr - b);
+                    for k in 0..per_round {
+                        if k < nb {
+                            let blk = wp.add(b + k);
+                            let pf = (blk as *const i8).wrapping_add(PREFETCH_BYTES);
+                            let mut off = 0;
+                            while off < bb {
+                                _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(off));
+                                off += 64;
+                            }
+                            let row = K::decode(blk);
+                            let mut da = [0.0f32; 4];
+                            for (j, da_j) in da.iter_mut().enumerate().take(TT) {
+                                let ab = ap.add(j * bpr + b + k);
+                                let qa = if K::PERMUTED {
+                                    perm.add(((t - t0 + j) * bpr + b + k) * 256)
+                                } else {
+                                    (*ab).qs.as_ptr()
+                                };
+                                let [isum, m] = K::dot(&row, qa, ab);
+                                v[k * terms * TT + j] = isum;
+                                if terms == 2 {
+                                    v[(k * terms + 1) * TT + j] = m;
+                                }
+                                *da_j = (*ab).d;
+                            }
+                            // The lane kernel's scales: da * d and da * -dmin.
+                            let [d, dmin] = K::scales(&row);
+                            let da = _mm_loadu_ps(da.as_ptr());
+                            sc[k * terms] = _mm_mul_ps(da, _mm_set1_ps(d));
+                            if terms == 2 {
+                                sc[k * terms + 1] = _mm_mul_ps(da, _mm_set1_ps(-dmin));
+                            }
+                        }
                     }
-                    let row = K::decode(blk);
-                    for (j, acc_j) in acc.iter_mut().enumerate() {
-                        let blk = ap.add(j * bpr + b);
-                        let qa = if K::PERMUTED {
-                            perm.add(((t - t0 + j) * bpr + b) * 256)
-                        } else {
-                            (*blk).qs.as_ptr()
-                        };
-                        *acc_j = K::acc(&row, qa, blk, *acc_j);
+                    for g in 0..steps * TT / 4 {
+                        let x = _mm_cvtepi32_ps(hsum4_epi32(
+                            v[4 * g],
+                            v[4 * g + 1],
+                            v[4 * g + 2],
+                            v[4 * g + 3],
+                        ));
+                        for k in 0..4 / TT {
+                            let step = g * (4 / TT) + k;
+                            // Only the steps of blocks that exist: a step of zeros could still turn a -0.0
+                            // accumulator into +0.0.
+                            if step / terms < nb {
+                                acc = _mm_fmadd_ps(lanes_from(x, k * TT), sc[step], acc);
+                            }
+                        }
                     }
+                    b += nb;
                 }
                 *fin_i = acc;
             }
-            // Rows are only a few blocks long (4 at 1024 columns), so the horizontal sums matter: four rows are
-            // reduced together and stored as one 4-float vector.
-            for j in 0..TT {
-                let o = out.as_mut_ptr().add((t + j) * out.stride() + r0);
-                if RT == 4 {
+            if RT == 4 {
+                // Rows x tokens to tokens x rows: one 4-float store per token.
+                let t01 = _mm_unpacklo_ps(fin[0], fin[1]);
+                let t23 = _mm_unpacklo_ps(fin[2], fin[3]);
+                let u01 = _mm_unpackhi_ps(fin[0], fin[1]);
+                let u23 = _mm_unpackhi_ps(fin[2], fin[3]);
+                let per_token = [
+                    _mm_movelh_ps(t01, t23),
+                    _mm_movehl_ps(t23, t01),
+                    _mm_movelh_ps(u01, u23),
+                    _mm_movehl_ps(u23, u01),
+                ];
+                for (j, &v) in per_token.iter().enumerate().take(TT) {
                     // SAFETY: rows r0..r0 + 4 of token t + j are within the window `tile_shape` checked.
-                    _mm_storeu_ps(o, K::V::sum4(fin[0][j], fin[1][j], fin[2][j], fin[3][j]));
-                } else {
-                    for (i, fin_i) in fin.iter().enumerate() {
-                        *o.add(i) = K::V::sum(fin_i[j]);
-                    }
+                    _mm_storeu_ps(out.token(t + j).as_mut_ptr().add(r0), v);
+                }
+            } else {
+                let mut v = [0.0f32; 4];
+                _mm_storeu_ps(v.as_mut_ptr(), fin[0]);
+                for (j, &vj) in v.iter().enumerate().take(TT) {
+                    out.token(t + j)[r0] = vj;
                 }
             }
         }

@@ -5,8 +5,9 @@
 //! features enabled: there is no call, and no vector passed by value, across a feature boundary.
 //!
 //! The traits:
-//! - `Lanes`: one vector width (`avx2::Ymm`, `avx512::Zmm`): f32 and i32 lanes, loads, FMA, horizontal sums and
-//!   the token-major tile store. The float products and both drivers below are written in it.
+//! - `Lanes`: one vector width (`avx2::Ymm`, `avx512::Zmm`): f32 and i32 lanes, loads, the integer-to-float
+//!   scaling step and the token-major tile store. The lane kernels below and `axpy_f32` are written in it.
+//! - `FloatLanes`: the accumulators of the float products (`avx2::Ymm`, `avx2::YmmPair`, `avx512::Zmm`).
 //! - `ByteDot`: an instruction set's u8 x i8 byte dot, on 256 bits and at its lane width, and the height of its
 //!   lane tiles (`avx2::Avx2`, `avx2::AvxVnni`, `avx512::Vnni512`, `avx512::Vnni256`).
 //! - `BlockDot` and `LaneDot`: a 32-block format on one instruction set, for the two shapes below. `Bytes<W, D>`
@@ -21,10 +22,11 @@
 //! - **few tokens** (decode, and the last tokens of a batch): tiles of up to 4 rows x 4 tokens, walked by
 //!   `few_tiles` over a `FewTile` context: `FewBlocks` here, AVX-512's Q4_0 (four blocks per zmm) in `avx512.rs`,
 //!   the k-quants' in `kquant.rs`. For the 32-blocks one block at a time: an activation block is loaded once for
-//!   several rows and a weight block transformed once for several tokens; the 8 lanes of a block's integer dot
-//!   are scaled and accumulated as floats and summed horizontally once per output. Memory-bound: the work per
-//!   weight byte only has to stay below DRAM speed, and the rows are prefetched ahead into L2 (two row tiles
-//!   ahead in `FewBlocks`, `PREFETCH_BYTES` in the others).
+//!   several rows and a weight block transformed once for several tokens; the 8 lanes of each (row, token)'s
+//!   block dot are reduced to the exact integer, four rows at once (`hsum4_epi32`), and accumulated into the
+//!   token's 4-row accumulator with the lane kernel's float step. Memory-bound: the work per weight byte only
+//!   has to stay below DRAM speed, and the rows are prefetched ahead into L2 (two row tiles ahead in
+//!   `FewBlocks`, `PREFETCH_BYTES` in the others).
 //! - **many tokens** (prompt processing): one lane per token, `gemm_lanes` over a `LaneKernel` (`BlockLanes`
 //!   for the 32-blocks, `kquant::KLanes`). Activations are transposed once per chunk of tokens so that lane `j`
 //!   of vector `k` holds bytes `4k..4k + 4` of token `j`'s block; a weight block, prepared once per row tile, is
@@ -36,13 +38,25 @@
 //! Both 32-block formats run on unsigned-by-signed byte dots (`vpdpbusd`, or `vpmaddubsw` + `vpmaddwd`): Q4_0
 //! nibbles are used as they are (0..15) and corrected by `-8 * sum(activation block)`; Q8_0 weights are offset by
 //! 128 for VNNI and corrected by `-128 * sum`, or (AVX2, where `vpmaddubsw` saturates at i16) split into `|w|` and
-//! the sign moved onto the activation. Every per-block integer sum is exact; in the few-token kernels the
-//! correction is spread over the lanes (each lane gets `-bias` times the sum of its own 4 activation bytes), so
-//! every float lane is a true partial dot product and no larger than the terms it sums.
+//! the sign moved onto the activation. Every per-block integer sum is exact; in `FewBlocks` the correction is
+//! spread over the lanes (each lane gets `-bias` times the sum of its own 4 activation bytes) and is where the
+//! dot starts from, so that the 8 lanes sum to the block's exact dot.
 //!
 //! Which shape runs is decided per call from the token count, by each set's `gemm_quant` (and the k-quants'
 //! `gemm`): whole vectors of tokens on the lane kernel, the rest on the few-token kernel (or, on AVX-512, on
 //! narrower lanes when enough are left).
+//!
+//! # Batch invariance
+//! Which kernel and tile compute an output never changes its bits, so a token's results are the same alone or
+//! among any others, at any position of the batch, and whichever rows a thread's share holds. The lane kernels'
+//! float steps are the reference: per block, in block order, the block's exact integer sum converted and
+//! accumulated, `acc = fma(cvt(isum), da * dw, acc)` from `acc = 0` (the k-quants: `KLanes::tile`'s steps). Both
+//! lane widths (zmm and ymm, AVX2's lanes for AVX-512's k-quant remainders) take the same steps per lane, and
+//! every few-token kernel reduces each block's integer lanes to the exact sum first and then takes exactly those
+//! steps, with the same integer and the same f32 scale (`dw * da` equals `da * dw`: f32 multiplication
+//! commutes): `FewBlocks`, `avx512`'s Q4_0 tiles, `kquant::FewK`. Nothing is summed across blocks horizontally
+//! in float. The float products give each output its own accumulator, in every tile the same way
+//! (`gemm_float`); AVX-512's one-token ones use ymm pairs with its zmm products' bits (`FloatLanes`).
 //!
 //! # Safety
 //! Every `unsafe fn` here and in the two ISA files has one contract: it runs inside a `#[target_feature]`
@@ -115,7 +129,7 @@ use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0, BlockQ8K};
 
 use crate::kernels::ProductOut;
 
-use avx2::{Ymm, transpose_8x8};
+use avx2::transpose_8x8;
 
 /// Per-thread buffers for transposed activations and prepared weights, reused across calls so that a product
 /// never allocates once warm.
@@ -169,10 +183,10 @@ fn tile_shape(
 pub fn reserve_few_token_scratch(max_blocks_per_row: usize) {
     // Fewer tokens than one lane vector (16 at most) go to the few-token kernels: `gemm_few` here needs `da`
     // per token and block and `corr` 8 per block; AVX-512's Q4_0 `gemm_few_q4` 8 activation dwords per block and
-    // 16 corrections and scales per started octet of blocks; AVX-512's Q4_K/Q5_K permuted activation copy 64
+    // 32 corrections and scales per started octet of blocks; AVX-512's Q4_K/Q5_K permuted activation copy 64
     // dwords per 256-block, which is the same 8 per 32 columns.
     let (tokens, bpr) = (16, max_blocks_per_row);
-    let octet_lanes = bpr.div_ceil(8) * 16;
+    let octet_lanes = bpr.div_ceil(8) * 32;
     // SAFETY: see `scratch`; no kernel is running on this thread.
     let s = unsafe { &mut *scratch() };
     grow(&mut s.da, tokens * bpr.max(octet_lanes));
@@ -193,6 +207,34 @@ fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
 #[inline(always)]
 unsafe fn f16_bits_to_f32(bits: u16) -> f32 {
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
+}
+
+/// `[sum(a), sum(b), sum(c), sum(d)]` of four vectors of 8 i32 lanes: the exact integer sums of four block dots
+/// (integer addition is associative, so the order of the adds does not matter), reduced together so that the
+/// shuffles are shared.
+#[inline(always)]
+unsafe fn hsum4_epi32(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m128i {
+    unsafe {
+        // Per 128-bit lane: [a01, a23, b01, b23], [c01, c23, d01, d23], then [a0..4, b0..4, c0..4, d0..4].
+        let abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+        _mm_add_epi32(
+            _mm256_castsi256_si128(abcd),
+            _mm256_extracti128_si256::<1>(abcd),
+        )
+    }
+}
+
+/// Lanes `k..4` of `x` moved down to lanes `0..4 - k` (the rest are don't-cares), for `k < 4`.
+#[inline(always)]
+unsafe fn lanes_from(x: __m128, k: usize) -> __m128 {
+    unsafe {
+        match k {
+            0 => x,
+            1 => _mm_shuffle_ps::<0b11_11_10_01>(x, x),
+            2 => _mm_movehl_ps(x, x),
+            _ => _mm_shuffle_ps::<0b11_11_11_11>(x, x),
+        }
+    }
 }
 
 /// Activation row to Q8_0 with exactly the scalar reference's arithmetic: the same f32 `amax`, `d`, `1/d` and
@@ -333,8 +375,8 @@ unsafe fn quantize_q8_k_avx2(x: &[f32], out: &mut [BlockQ8K]) {
 // Vector widths and instruction sets: what the generic bodies below are written in.
 
 /// One vector width: `N` f32 lanes (`F`) and `N` i32 lanes (`I`), and the operations on them that the lane
-/// kernels (one token per lane), the few-token k-quant kernels and the float products are written in.
-/// `avx2::Ymm` (every x86 set has it) and `avx512::Zmm`.
+/// kernels (one token per lane) and `axpy_f32` are written in. `avx2::Ymm` (every x86 set has it) and
+/// `avx512::Zmm`.
 pub(crate) trait Lanes {
     type F: Copy;
     type I: Copy;
@@ -343,16 +385,9 @@ pub(crate) trait Lanes {
     unsafe fn zero() -> Self::F;
     unsafe fn splat(x: f32) -> Self::F;
     unsafe fn load(p: *const f32) -> Self::F;
-    unsafe fn load_f16(p: *const u16) -> Self::F;
-    unsafe fn load_bf16(p: *const u16) -> Self::F;
     unsafe fn store(p: *mut f32, v: Self::F);
-    unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     unsafe fn add(a: Self::F, b: Self::F) -> Self::F;
     unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
-    /// The sum of the lanes.
-    unsafe fn sum(v: Self::F) -> f32;
-    /// `[sum(a), sum(b), sum(c), sum(d)]`.
-    unsafe fn sum4(a: Self::F, b: Self::F, c: Self::F, d: Self::F) -> __m128;
     unsafe fn zero_i() -> Self::I;
     unsafe fn load_i(p: *const i32) -> Self::I;
     /// The dword at `p` in every lane.
@@ -521,8 +556,8 @@ unsafe fn gemm_few<D: BlockDot, const TMAX: usize>(
     let s = unsafe { &mut *scratch() };
     unsafe {
         // Per activation block: its scale, and the correction per lane: `-BIAS` times the sum of the 4 bytes
-        // that lane covers. Correcting each lane (rather than the block total in one lane) keeps every lane an
-        // unbiased partial dot product, so the float lanes stay as small as the terms they sum.
+        // that lane covers, the accumulator each lane's dot starts from (the lanes then sum to the block's
+        // exact integer dot).
         let nt = t1 - t0;
         grow(&mut s.da, nt * bpr);
         grow(&mut s.corr, nt * bpr * 8);
@@ -572,8 +607,13 @@ struct FewBlocks<'a, D: BlockDot> {
 }
 
 impl<D: BlockDot> FewTile for FewBlocks<'_, D> {
+    /// Per block, each (row, token)'s exact integer dot (its 8 lanes reduced horizontally, four at a time), then
+    /// `acc = fma(cvt(isum), dw * da, acc)`: exactly the lane kernel's float steps (`BlockLanes::tile`), so every
+    /// output has the same bits whichever kernel and tile computed it. With 4 rows the accumulators hold the
+    /// rows of one token (and are stored as they are), with one row its tokens.
     #[inline(always)]
     unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r0: usize, t: usize) {
+        const { assert!((RT == 4 || RT == 1) && TT <= 4) };
         let (w, a, bpr, t0, da, corr) = (self.w, self.a, self.bpr, self.t0, self.da, self.corr);
         let out = &mut self.out;
         // SAFETY (bounds): the caller keeps r0 + RT <= rows and t + TT <= n; every pointer below indexes block
@@ -581,7 +621,8 @@ impl<D: BlockDot> FewTile for FewBlocks<'_, D> {
         debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
         debug_assert!((t - t0 + TT) * bpr <= da.len());
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); TT]; RT];
+            // RT == 4: acc[j] is token j's 4 rows; RT == 1: acc[0] is the row's TT tokens.
+            let mut acc = [_mm_setzero_ps(); TT];
             let wp = w.as_ptr().add(r0 * bpr);
             let ap = a.as_ptr().add(t * bpr);
             let dap = da.as_ptr().add((t - t0) * bpr);
@@ -589,14 +630,16 @@ impl<D: BlockDot> FewTile for FewBlocks<'_, D> {
             for b in 0..bpr {
                 let mut av = [_mm256_setzero_si256(); TT];
                 let mut cv = [_mm256_setzero_si256(); TT];
-                let mut dav = [0.0f32; TT];
+                let mut dav = [0.0f32; 4];
                 for j in 0..TT {
                     av[j] =
                         _mm256_loadu_si256((*ap.add(j * bpr + b)).qs.as_ptr() as *const __m256i);
                     cv[j] = _mm256_loadu_si256(cp.add((j * bpr + b) * 8) as *const __m256i);
                     dav[j] = *dap.add(j * bpr + b);
                 }
-                for (i, acc_i) in acc.iter_mut().enumerate() {
+                let mut isum = [[_mm256_setzero_si256(); TT]; RT];
+                let mut dw = [0.0f32; 4];
+                for (i, isum_i) in isum.iter_mut().enumerate() {
                     let blk = wp.add(i * bpr + b);
                     // The same block two row tiles ahead, into L2. The hardware prefetchers do not follow 4
                     // interleaved row streams well (about 9 GB/s here against 25 for one stream); requesting
@@ -604,20 +647,37 @@ impl<D: BlockDot> FewTile for FewBlocks<'_, D> {
                     // speed.
                     _mm_prefetch::<_MM_HINT_T1>(blk.wrapping_add(2 * RT * bpr) as *const i8);
                     let wv = D::load(blk);
-                    let dw = f16_bits_to_f32((*blk).d_bits());
+                    dw[i] = f16_bits_to_f32((*blk).d_bits());
                     for j in 0..TT {
-                        let isum = D::dot(cv[j], wv, av[j]);
-                        acc_i[j] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(isum),
-                            _mm256_set1_ps(dw * dav[j]),
-                            acc_i[j],
-                        );
+                        isum_i[j] = D::dot(cv[j], wv, av[j]);
                     }
                 }
+                if RT == 4 {
+                    let dw4 = _mm_loadu_ps(dw.as_ptr());
+                    for (j, acc_j) in acc.iter_mut().enumerate() {
+                        let s = hsum4_epi32(isum[0][j], isum[1][j], isum[2][j], isum[3][j]);
+                        // dw * da per lane: the lane kernel's da * dw, f32 multiplication commuting.
+                        let scale = _mm_mul_ps(dw4, _mm_set1_ps(dav[j]));
+                        *acc_j = _mm_fmadd_ps(_mm_cvtepi32_ps(s), scale, *acc_j);
+                    }
+                } else {
+                    let mut v = [_mm256_setzero_si256(); 4];
+                    v[..TT].copy_from_slice(&isum[0]);
+                    let s = hsum4_epi32(v[0], v[1], v[2], v[3]);
+                    let scale = _mm_mul_ps(_mm_set1_ps(dw[0]), _mm_loadu_ps(dav.as_ptr()));
+                    acc[0] = _mm_fmadd_ps(_mm_cvtepi32_ps(s), scale, acc[0]);
+                }
             }
-            for (i, acc_i) in acc.iter().enumerate() {
-                for (j, &acc_ij) in acc_i.iter().enumerate() {
-                    out.token(t + j)[r0 + i] = Ymm::sum(acc_ij);
+            if RT == 4 {
+                for (j, &acc_j) in acc.iter().enumerate() {
+                    // SAFETY: rows r0..r0 + 4 of token t + j are inside the window `tile_shape` checked.
+                    _mm_storeu_ps(out.token(t + j).as_mut_ptr().add(r0), acc_j);
+                }
+            } else {
+                let mut v = [0.0f32; 4];
+                _mm_storeu_ps(v.as_mut_ptr(), acc[0]);
+                for (j, &vj) in v.iter().enumerate().take(TT) {
+                    out.token(t + j)[r0] = vj;
                 }
             }
         }
@@ -970,16 +1030,33 @@ impl<W: Unsigned32, D: ByteDot> LaneDot for Bytes<W, D> {
 // ---------------------------------------------------------------------------------------------------------------
 // Float products.
 
+/// The accumulators of the float products: `N` f32 lanes, one vector or two (`avx2::Ymm`, `avx2::YmmPair`,
+/// `avx512::Zmm`). A product's bits depend only on `N`, not on the registers: lane `k` of an accumulator sums
+/// columns `k, k + N, k + 2N, ...` by FMA, and `sum` adds the lanes in the same tree for every type of a width
+/// (`YmmPair` and `Zmm`: halves first, then `Ymm`'s), so AVX-512's one-token products on ymm pairs give the same
+/// bits as its zmm products for more tokens.
+pub(crate) trait FloatLanes {
+    type F: Copy;
+    const N: usize;
+    unsafe fn zero() -> Self::F;
+    unsafe fn load(p: *const f32) -> Self::F;
+    unsafe fn load_f16(p: *const u16) -> Self::F;
+    unsafe fn load_bf16(p: *const u16) -> Self::F;
+    unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    /// The sum of the lanes.
+    unsafe fn sum(v: Self::F) -> f32;
+}
+
 /// A float weight type: how a vector of it is loaded as f32.
 pub(crate) trait FloatWeight: Copy {
-    unsafe fn load<L: Lanes>(p: *const Self) -> L::F;
+    unsafe fn load<L: FloatLanes>(p: *const Self) -> L::F;
     fn to_f32(self) -> f32;
 }
 
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl FloatWeight for f32 {
     #[inline(always)]
-    unsafe fn load<L: Lanes>(p: *const f32) -> L::F {
+    unsafe fn load<L: FloatLanes>(p: *const f32) -> L::F {
         unsafe { L::load(p) }
     }
     #[inline(always)]
@@ -991,7 +1068,7 @@ impl FloatWeight for f32 {
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl FloatWeight for f16 {
     #[inline(always)]
-    unsafe fn load<L: Lanes>(p: *const f16) -> L::F {
+    unsafe fn load<L: FloatLanes>(p: *const f16) -> L::F {
         unsafe { L::load_f16(p as *const u16) }
     }
     #[inline(always)]
@@ -1004,7 +1081,7 @@ impl FloatWeight for f16 {
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
 impl FloatWeight for bf16 {
     #[inline(always)]
-    unsafe fn load<L: Lanes>(p: *const bf16) -> L::F {
+    unsafe fn load<L: FloatLanes>(p: *const bf16) -> L::F {
         unsafe { L::load_bf16(p as *const u16) }
     }
     #[inline(always)]
@@ -1013,9 +1090,11 @@ impl FloatWeight for bf16 {
     }
 }
 
-/// `W[r] . A[t]`, tiling 4 rows x 2 tokens (one accumulator each), remainders by 1.
+/// `W[r] . A[t]`, tiling 4 rows x 2 tokens (one accumulator each), remainders by 1. Each output is computed
+/// the same way in every tile (its own accumulator over the whole vectors of columns, `L::sum`, then the
+/// columns past them one by one), so the tiling never changes a bit.
 #[inline(always)]
-unsafe fn gemm_float<L: Lanes, W: FloatWeight>(
+unsafe fn gemm_float<L: FloatLanes, W: FloatWeight>(
     w: &[W],
     a: &[f32],
     cols: usize,
@@ -1048,7 +1127,7 @@ unsafe fn gemm_float<L: Lanes, W: FloatWeight>(
 }
 
 #[inline(always)]
-unsafe fn float_tile<L: Lanes, W: FloatWeight, const RT: usize, const TT: usize>(
+unsafe fn float_tile<L: FloatLanes, W: FloatWeight, const RT: usize, const TT: usize>(
     w: &[W],
     a: &[f32],
     cols: usize,

@@ -18,7 +18,7 @@ use crate::kernels::ProductOut;
 
 use super::super::f16_bits_to_f32;
 use super::super::kquant::{KDot, KFormat, KLanes, KQuant, Q4K_MIN_CTRL, gemm_few};
-use super::{Avx2, Ymm};
+use super::Avx2;
 
 /// `vpshufb` controls spreading scale bytes over the 16 words of a ymm, one per `k < 8`: byte `step * k` into
 /// every word of the low 128-bit lane, byte `step * k + step - 1` into those of the high lane, as the words' low
@@ -126,7 +126,6 @@ macro_rules! k4_impl {
         impl KQuant for $name {
             type W = $w;
             type Row = Q4KRow;
-            type V = Ymm;
             const PERMUTED: bool = false;
             #[inline(always)]
             unsafe fn decode(w: *const $w) -> Q4KRow {
@@ -151,7 +150,7 @@ macro_rules! k4_impl {
                 }
             }
             #[inline(always)]
-            unsafe fn acc(r: &Q4KRow, qa: *const i8, a: *const BlockQ8K, acc: __m256) -> __m256 {
+            unsafe fn dot(r: &Q4KRow, qa: *const i8, a: *const BlockQ8K) -> [__m256i; 2] {
                 unsafe {
                     let a = &*a;
                     let low4 = _mm256_set1_epi8(0x0f);
@@ -176,13 +175,12 @@ macro_rules! k4_impl {
                     }
                     let mins =
                         _mm256_madd_epi16(r.m, _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i));
-                    let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(r.d * a.d), acc);
-                    _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(mins),
-                        _mm256_set1_ps(-(r.dmin * a.d)),
-                        acc,
-                    )
+                    [isum, mins]
                 }
+            }
+            #[inline(always)]
+            fn scales(r: &Q4KRow) -> [f32; 2] {
+                [r.d, r.dmin]
             }
             #[inline(always)]
             unsafe fn quants(w: *const $w, q: *mut u8) {
@@ -219,7 +217,6 @@ unsafe fn high_bit(q: __m256i, qh: __m256i, g: usize) -> __m256i {
 impl KQuant for Q6K {
     type W = BlockQ6K;
     type Row = Q6KRow;
-    type V = Ymm;
     const PERMUTED: bool = false;
     #[inline(always)]
     unsafe fn decode(w: *const BlockQ6K) -> Q6KRow {
@@ -244,7 +241,7 @@ impl KQuant for Q6K {
         }
     }
     #[inline(always)]
-    unsafe fn acc(r: &Q6KRow, qa: *const i8, a: *const BlockQ8K, acc: __m256) -> __m256 {
+    unsafe fn dot(r: &Q6KRow, qa: *const i8, a: *const BlockQ8K) -> [__m256i; 2] {
         unsafe {
             let a = &*a;
             let mut isum = _mm256_setzero_si256();
@@ -268,9 +265,15 @@ impl KQuant for Q6K {
                 r.sc16,
                 _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i),
             );
-            let isum = _mm256_sub_epi32(isum, _mm256_slli_epi32::<5>(off));
-            _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(r.d * a.d), acc)
+            [
+                _mm256_sub_epi32(isum, _mm256_slli_epi32::<5>(off)),
+                _mm256_setzero_si256(),
+            ]
         }
+    }
+    #[inline(always)]
+    fn scales(r: &Q6KRow) -> [f32; 2] {
+        [r.d, 0.0]
     }
     #[inline(always)]
     unsafe fn quants(w: *const BlockQ6K, q: *mut u8) {

@@ -8,8 +8,8 @@
 //!   `vpdpbusd` against 64 activation bytes gives 16 lanes that each hold 4 products of one group. Two such
 //!   vectors are packed to words (exact: at most `4 * 63 * 127 = 32004`), and one `vpmaddwd` against the group
 //!   scales spread as words over the lanes applies the scales and sums in pairs: 8 `vpdpbusd`, 4 packs and 4
-//!   word multiplies per block, then one convert and one FMA per block and token. Rows are tiled 4 at a time
-//!   and prefetched ahead into L2, as the Q4_0 kernel does. Q4_K/Q5_K quants come out of their 64-byte loads in
+//!   word multiplies per block, then the 16 lanes' halves added for the driver's exact horizontal sums. Rows
+//!   are prefetched ahead into L2, as the Q4_0 kernel does. Q4_K/Q5_K quants come out of their 64-byte loads in
 //!   an order of their own, so these formats read a permuted copy of the activations (`PERMUTED`).
 //! - **Many tokens** (prompt): 16-token lanes over 8 unpacked rows; each group's lanes are summed by `vpdpbusd`
 //!   against transposed activations and multiplied by the group's scale (`vpmulld`), the `bsums` term is one
@@ -26,7 +26,7 @@ use crate::kernels::ProductOut;
 use super::super::avx2::Avx2;
 use super::super::f16_bits_to_f32;
 use super::super::kquant::{KDot, KFormat, KLanes, KQuant, Q4K_MIN_CTRL, gemm_few};
-use super::{Vnni512, Zmm};
+use super::Vnni512;
 
 /// `vpshufb` controls spreading Q4_K scale bytes (broadcast to every qword) over the words of a packed pair of
 /// dot vectors: for half `p`, 128-bit lane `k` holds 4 words of group `4p + 2 * (k >= 2)`, then 4 of group
@@ -136,7 +136,6 @@ macro_rules! k4_impl {
         impl KQuant for $name {
             type W = $w;
             type Row = Q4KRow;
-            type V = Zmm;
             const PERMUTED: bool = true;
             #[inline(always)]
             unsafe fn decode(w: *const $w) -> Q4KRow {
@@ -187,21 +186,20 @@ macro_rules! k4_impl {
                 }
             }
             #[inline(always)]
-            unsafe fn acc(r: &Q4KRow, qa: *const i8, a: *const BlockQ8K, acc: __m512) -> __m512 {
+            unsafe fn dot(r: &Q4KRow, qa: *const i8, a: *const BlockQ8K) -> [__m256i; 2] {
                 unsafe {
                     let a = &*a;
                     // Lanes 0..8 of half p's first dot are group 4p, 8..16 group 4p + 2; of its second groups
                     // 4p + 1 and 4p + 3.
-                    let isum = scaled_dots(&r.q, &r.sc, qa);
+                    let isum = halves(scaled_dots(&r.q, &r.sc, qa));
                     let mins =
                         _mm256_madd_epi16(r.m, _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i));
-                    let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(r.d * a.d), acc);
-                    _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(_mm512_zextsi256_si512(mins)),
-                        _mm512_set1_ps(-(r.dmin * a.d)),
-                        acc,
-                    )
+                    [isum, mins]
                 }
+            }
+            #[inline(always)]
+            fn scales(r: &Q4KRow) -> [f32; 2] {
+                [r.d, r.dmin]
             }
             #[inline(always)]
             unsafe fn quants(w: *const $w, q: *mut u8) {
@@ -232,7 +230,6 @@ k4_impl!(Q5K, BlockQ5K, qh);
 impl KQuant for Q6K {
     type W = BlockQ6K;
     type Row = Q6KRow;
-    type V = Zmm;
     const PERMUTED: bool = false;
     #[inline(always)]
     unsafe fn decode(w: *const BlockQ6K) -> Q6KRow {
@@ -276,19 +273,25 @@ impl KQuant for Q6K {
         }
     }
     #[inline(always)]
-    unsafe fn acc(r: &Q6KRow, qa: *const i8, a: *const BlockQ8K, acc: __m512) -> __m512 {
+    unsafe fn dot(r: &Q6KRow, qa: *const i8, a: *const BlockQ8K) -> [__m256i; 2] {
         unsafe {
             let a = &*a;
             // 4 groups of 16 per vector: half h's first dot groups 8h..8h + 4, its second 8h + 4..8h + 8.
-            let isum = scaled_dots(&r.q, &r.sc, qa);
+            let isum = halves(scaled_dots(&r.q, &r.sc, qa));
             // - 32 * sum(scale_g * bsum_g), exact in i32.
             let off = _mm256_madd_epi16(
                 r.sc16,
                 _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i),
             );
-            let isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(_mm256_slli_epi32::<5>(off)));
-            _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(r.d * a.d), acc)
+            [
+                _mm256_sub_epi32(isum, _mm256_slli_epi32::<5>(off)),
+                _mm256_setzero_si256(),
+            ]
         }
+    }
+    #[inline(always)]
+    fn scales(r: &Q6KRow) -> [f32; 2] {
+        [r.d, 0.0]
     }
     #[inline(always)]
     unsafe fn quants(w: *const BlockQ6K, q: *mut u8) {
@@ -299,6 +302,12 @@ impl KQuant for Q6K {
             }
         }
     }
+}
+
+/// The 16 i32 lanes of `v` as 8: its halves added (exactly: the lanes only need to keep their sum).
+#[inline(always)]
+unsafe fn halves(v: __m512i) -> __m256i {
+    unsafe { _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v)) }
 }
 
 /// The scaled integer sums of a block unpacked into quant vectors `q` and scale words `sc` (`Q4KRow`,
