@@ -404,8 +404,7 @@ fn bench_attention() {
     // Laid out as the model's KV pool lays out one head: blocks of 64 positions, here in order.
     let block_ids: Vec<u32> = (0..(STRIDE / 64) as u32).collect();
     let kv = ops::KvBlocks {
-        k: &kt,
-        v: &v,
+        data: ops::KvData::F32 { k: &kt, v: &v },
         blocks: &block_ids,
         block_values: HD * 64,
         head_offset: 0,
@@ -428,14 +427,7 @@ fn bench_attention() {
                 let flops = 4.0 * HD as f64 * lens.iter().sum::<usize>() as f64;
                 let scale = 0.125;
                 let block = time(|| {
-                    (t.attend_block)(
-                        black_box(&q),
-                        &lens,
-                        &kv,
-                        scale,
-                        &mut scratch,
-                        &mut out,
-                    )
+                    (t.attend_block)(black_box(&q), &lens, &kv, scale, &mut scratch, &mut out)
                 });
                 let single = time(|| {
                     for (j, &l) in lens.iter().enumerate() {

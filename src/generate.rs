@@ -3,7 +3,7 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use crate::model::{ForwardBuffers, KvCache, Logits, Model, ModelError};
+use crate::model::{ForwardBuffers, KvCache, KvType, Logits, Model, ModelError};
 use crate::sampling::Sampler;
 
 /// Prompt tokens per forward pass: large enough that each expert's weights are read once for many tokens,
@@ -20,13 +20,24 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
-    /// A session with room for `context` tokens, processing prompts `batch` tokens at a time.
+    /// A session with room for `context` tokens in an f32 cache (the reference), processing prompts `batch`
+    /// tokens at a time.
     pub fn new(model: &'m Model, context: usize, batch: usize) -> Session<'m> {
+        Self::with_cache(model, context, batch, KvType::F32)
+    }
+
+    /// [`Session::new`] with keys and values stored as `cache`.
+    pub fn with_cache(
+        model: &'m Model,
+        context: usize,
+        batch: usize,
+        cache: KvType,
+    ) -> Session<'m> {
         let context = context.max(1);
         crate::model::reserve_thread_scratch(&model.config, context);
         Session {
             model,
-            cache: KvCache::new(&model.config, context),
+            cache: KvCache::new(&model.config, context, cache),
             bufs: ForwardBuffers::new(&model.config, batch.clamp(1, context), 1),
             history: Vec::with_capacity(context),
         }

@@ -725,14 +725,7 @@ fn attend_block_matches_scalar() {
                         let mut want_p = vec![f32::NAN; scratch_len];
                         let mut want = vec![f32::NAN; nq * hd];
                         let kv = ops::KvBlocks::contiguous(&kt, stride, &v, hd);
-                        ops::scalar::attend_block(
-                            &q,
-                            &lens,
-                            &kv,
-                            scale,
-                            &mut want_p,
-                            &mut want,
-                        );
+                        ops::scalar::attend_block(&q, &lens, &kv, scale, &mut want_p, &mut want);
                         let vmax = v[..longest * hd].iter().fold(0.0f32, |m, x| m.max(x.abs()));
                         for (name, t) in &copies {
                             let mut p = vec![f32::NAN; scratch_len];

@@ -52,8 +52,83 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// Tests in this file count every thread's allocations, so they run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn report(what: &str) {
+    let n = ALLOCATIONS.load(Ordering::Relaxed);
+    let sizes: Vec<usize> = SIZES
+        .iter()
+        .map(|s| s.load(Ordering::Relaxed))
+        .take(n.min(16))
+        .collect();
+    assert_eq!(
+        n,
+        0,
+        "{what}: {n} heap allocations (sizes {sizes:?}); the first from:\n{}",
+        FIRST.lock().unwrap().take().unwrap_or_default()
+    );
+}
+
+/// Eight sequences decoding together through the scheduler (each step one token of each, grouped per expert):
+/// after they have all started, steps allocate nothing, for each cache type.
+#[test]
+fn decoding_a_batch_of_eight_allocates_nothing() {
+    use quarry::engine::scheduler::{Request, Scheduler, SchedulerConfig};
+    use quarry::model::KvType;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = fixture_dir("granitemoe-kquant-dev").unwrap();
+    for (ty, cache) in [
+        ("q4_0", KvType::F16),
+        ("q8_0", KvType::Q8_0),
+        ("f32", KvType::F32),
+    ] {
+        let engine = Engine::open(&gguf("granitemoe-kquant-dev", &dir, ty)).unwrap();
+        let cfg = SchedulerConfig {
+            cache_type: cache,
+            ..SchedulerConfig::new(8, 256)
+        };
+        let mut sched = Scheduler::new(&engine.model, cfg);
+        for s in 0..8u32 {
+            let prompt: Vec<u32> = (1..=8 + s).collect();
+            let params = SamplingParams {
+                seed: s as u64,
+                ..SamplingParams::default()
+            };
+            sched
+                .submit(Request {
+                    prompt,
+                    params,
+                    max_tokens: 100,
+                    stop: vec![],
+                })
+                .unwrap();
+        }
+        let mut events = Vec::with_capacity(64);
+        rayon::scope(|_| {
+            // Warm-up: every prompt read, every sequence decoding, thread buffers grown.
+            for _ in 0..8 {
+                events.clear();
+                sched.step(&mut events).unwrap();
+            }
+            ALLOCATIONS.store(0, Ordering::Relaxed);
+            COUNTING.store(true, Ordering::Relaxed);
+            for _ in 0..40 {
+                events.clear();
+                sched.step(&mut events).unwrap();
+            }
+            COUNTING.store(false, Ordering::Relaxed);
+        });
+        assert_eq!(sched.active(), 8, "all eight still decoding");
+        report(&format!(
+            "{ty} file, {cache} cache: 40 steps of 8 sequences"
+        ));
+    }
+}
+
 #[test]
 fn decoding_allocates_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     for ty in ["f32", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"] {
         let dir = fixture_dir("granitemoe-kquant-dev").unwrap();
         let engine = Engine::open(&gguf("granitemoe-kquant-dev", &dir, ty)).unwrap();
@@ -80,17 +155,6 @@ fn decoding_allocates_nothing() {
         })
         .unwrap();
         COUNTING.store(false, Ordering::Relaxed);
-        let n = ALLOCATIONS.load(Ordering::Relaxed);
-        let sizes: Vec<usize> = SIZES
-            .iter()
-            .map(|s| s.load(Ordering::Relaxed))
-            .take(n.min(16))
-            .collect();
-        assert_eq!(
-            n,
-            0,
-            "{ty}: {n} heap allocations while generating 32 tokens (sizes {sizes:?}); the first from:\n{}",
-            FIRST.lock().unwrap().take().unwrap_or_default()
-        );
+        report(&format!("{ty}: generating 32 tokens"));
     }
 }

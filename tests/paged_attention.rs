@@ -76,8 +76,10 @@ impl Cache {
 
     fn paged(&self, hd: usize) -> ops::KvBlocks<'_> {
         ops::KvBlocks {
-            k: &self.pool_k,
-            v: &self.pool_v,
+            data: ops::KvData::F32 {
+                k: &self.pool_k,
+                v: &self.pool_v,
+            },
             blocks: &self.ids,
             block_values: self.block_values,
             head_offset: self.head_offset,

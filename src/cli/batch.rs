@@ -118,6 +118,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let eos = tokenizer.eos_id();
     let cfg = SchedulerConfig {
         pool_tokens,
+        cache_type: args
+            .model
+            .cache_type
+            .unwrap_or_else(|| engine.default_cache_type()),
         step_tokens: args.model.batch.max(args.parallel),
         ..SchedulerConfig::new(args.parallel, context)
     };

@@ -55,6 +55,9 @@ pub struct Args {
     /// all generate -n tokens together; t/s counts every sequence's tokens.
     #[arg(long = "parallel", value_delimiter = ',', value_name = "B")]
     pub parallel: Vec<usize>,
+    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default: f32 for an f32 model file, else f16).
+    #[arg(long = "cache-type", short = 'k', value_name = "TYPE")]
+    pub cache_type: Option<quarry::model::KvType>,
     /// Also measure memory read bandwidth and print the decode ceiling it implies (bandwidth / weight bytes read
     /// per token).
     #[arg(long)]
@@ -74,6 +77,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     check_args(&args)?;
     let engine = Engine::open(&args.model)?;
     let ctx = engine.model.config.context_length;
+    let cache = args
+        .cache_type
+        .unwrap_or_else(|| engine.default_cache_type());
     for &d in &args.depth {
         for &p in &args.n_prompt {
             for &g in &args.n_gen {
@@ -138,7 +144,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     .map(|&p| (p, 0))
                     .chain(args.n_gen.iter().filter(|&&g| g > 0).map(|&g| (0, g)));
                 for (p, g) in tests {
-                    run_one(pool.install(|| run_test(model, p, g, d, args.batch, args.reps))?);
+                    run_one(
+                        pool.install(|| run_test(model, p, g, d, args.batch, args.reps, cache))?,
+                    );
                 }
             }
         } else {
@@ -146,7 +154,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 for &p in &args.n_prompt {
                     for &g in &args.n_gen {
                         let (pp, tg) = pool.install(|| {
-                            run_parallel_test(model, b, p.max(1), g, args.batch, args.reps)
+                            run_parallel_test(model, b, p.max(1), g, args.batch, args.reps, cache)
                         })?;
                         if p > 0 {
                             run_one(pp);
@@ -186,8 +194,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     "n_batch": r.n_batch,
                     "n_ubatch": r.n_batch,
                     "n_threads": r.n_threads,
-                    "type_k": "f32",
-                    "type_v": "f32",
+                    "type_k": cache.name(),
+                    "type_v": cache.name(),
                     "n_gpu_layers": 0,
                     "use_mmap": true,
                     "n_prompt": r.n_prompt,

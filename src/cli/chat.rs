@@ -41,6 +41,9 @@ pub struct Args {
     /// Prompt tokens per forward pass.
     #[arg(long, short = 'b', value_name = "N", default_value_t = quarry::generate::DEFAULT_BATCH)]
     pub batch: usize,
+    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default: f32 for an f32 model file, else f16).
+    #[arg(long, value_name = "TYPE")]
+    pub cache_type: Option<quarry::model::KvType>,
     /// Worker threads (default: all cores).
     #[arg(long, short = 't', value_name = "N")]
     pub threads: Option<usize>,
@@ -72,7 +75,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         verbose: !args.quiet,
     };
-    let mut chat = ChatSession::new(&engine, ctx, args.batch, settings)
+    let cache = args
+        .cache_type
+        .unwrap_or_else(|| engine.default_cache_type());
+    let mut chat = ChatSession::with_cache(&engine, ctx, args.batch, cache, settings)
         .with_context(|| format!("{}", path.display()))?;
     chat.set_system(args.system.clone());
 

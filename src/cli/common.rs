@@ -21,6 +21,10 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't', value_name = "N")]
     pub threads: Option<usize>,
+    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default: f32 for an f32 model file and for
+    /// `logits`, else f16).
+    #[arg(long, value_name = "TYPE")]
+    pub cache_type: Option<quarry::model::KvType>,
 }
 
 /// A MODEL argument to the GGUF file it names: a path, an installed model's name (or the repo id it was pulled

@@ -37,7 +37,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .ctx_size
         .unwrap_or_else(|| engine.default_context())
         .max(ids.len());
-    let mut session = Session::new(&engine.model, ctx, args.model.batch);
+    let cache = args.model.cache_type.unwrap_or(quarry::model::KvType::F32);
+    let mut session = Session::with_cache(&engine.model, ctx, args.model.batch, cache);
     let logits = if args.one_by_one {
         let mut all = Vec::with_capacity(ids.len() * engine.model.config.n_vocab);
         for &id in &ids {

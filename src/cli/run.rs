@@ -93,7 +93,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("the prompt is empty: there is nothing to continue");
     }
     let ctx = args.model.context_for(&engine, prompt.len())?;
-    let mut session = Session::new(&engine.model, ctx, args.model.batch);
+    let cache = args
+        .model
+        .cache_type
+        .unwrap_or_else(|| engine.default_cache_type());
+    let mut session = Session::with_cache(&engine.model, ctx, args.model.batch, cache);
     let mut sampler = Sampler::new(params);
     let max_tokens = args.max_tokens.unwrap_or(usize::MAX);
     let eos = tokenizer.eos_id();

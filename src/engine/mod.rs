@@ -76,6 +76,18 @@ impl Engine {
             .expect("open_for_text loads the tokenizer")
     }
 
+    /// The KV cache type commands use unless told otherwise: f32 for an f32 file (the reference, whose greedy
+    /// replies the tests pin down), f16 for every other (its error is far below the weights' quantization error:
+    /// the README's cache table).
+    pub fn default_cache_type(&self) -> crate::model::KvType {
+        let all_f32 = self.file.get("general.file_type").and_then(|v| v.as_u64()) == Some(0);
+        if all_f32 {
+            crate::model::KvType::F32
+        } else {
+            crate::model::KvType::F16
+        }
+    }
+
     /// The context a session gets by default: the model's own, capped so that the f32 KV cache of a long-context
     /// model (Granite 3.1: 128k positions) does not reserve gigabytes nobody asked for.
     pub fn default_context(&self) -> usize {

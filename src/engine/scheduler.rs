@@ -21,7 +21,8 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use crate::model::{
-    BlockId, ForwardBuffers, KV_BLOCK_TOKENS, KvPool, Logits, Model, ModelError, SeqKv, SeqSpan,
+    BlockId, ForwardBuffers, KV_BLOCK_TOKENS, KvPool, KvType, Logits, Model, ModelError, SeqKv,
+    SeqSpan,
 };
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -97,6 +98,8 @@ pub struct SchedulerConfig {
     pub pool_tokens: usize,
     /// Tokens per forward step (decode tokens plus prompt chunks).
     pub step_tokens: usize,
+    /// How the pool stores keys and values.
+    pub cache_type: KvType,
     /// Keep the blocks of ended sequences for prefix reuse.
     pub prefix_cache: bool,
     /// Decode running sequences in the same steps as others' prompt chunks (chunked prefill). Off, prompts
@@ -113,6 +116,7 @@ impl SchedulerConfig {
             context: context.max(1),
             pool_tokens: max_running * context.max(1),
             step_tokens: crate::generate::DEFAULT_BATCH.max(max_running),
+            cache_type: KvType::F32,
             prefix_cache: true,
             decode_during_prefill: true,
         }
@@ -291,7 +295,7 @@ impl<'m> Scheduler<'m> {
         crate::model::reserve_thread_scratch(&model.config, cfg.context);
         Scheduler {
             model,
-            pool: KvPool::new(&model.config, cfg.pool_tokens),
+            pool: KvPool::new(&model.config, cfg.pool_tokens, cfg.cache_type),
             bufs: ForwardBuffers::new(&model.config, cfg.step_tokens, cfg.max_running),
             waiting: VecDeque::new(),
             running: Vec::with_capacity(cfg.max_running),
@@ -317,7 +321,7 @@ impl<'m> Scheduler<'m> {
 
     /// Bytes of the KV pool.
     pub fn pool_bytes(&self) -> usize {
-        self.pool.capacity_tokens() * self.model.config.kv_bytes_per_token()
+        self.pool.capacity_tokens() * self.cfg.cache_type.bytes_per_token(&self.model.config)
     }
 
     pub fn free_blocks(&self) -> usize {

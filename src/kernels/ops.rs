@@ -52,14 +52,13 @@ pub type AttendBlockFn =
     fn(q: &[f32], lens: &[usize], kv: &KvBlocks, scale: f32, scratch: &mut [f32], out: &mut [f32]);
 
 /// One KV head of one sequence's cache, as the blocks of a pool that hold it: block `i` holds positions
-/// `i * tokens..(i + 1) * tokens`, its keys transposed (`[head_dim][tokens]`) at `k[base(i)..]` and its values
-/// row-major (`[tokens][head_dim]`) at `v[base(i)..]`, with `base(i) = blocks[i] * block_values + head_offset`.
+/// `i * tokens..(i + 1) * tokens` at `base(i) = blocks[i] * block_values + head_offset` values into the storage
+/// ([`KvData`], which also says how they are stored).
 #[derive(Clone, Copy, Debug)]
 pub struct KvBlocks<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub data: KvData<'a>,
     pub blocks: &'a [u32],
-    /// Values from one block to the next in `k` and `v`.
+    /// Values from one block to the next in the storage.
     pub block_values: usize,
     /// Where this head starts within a block.
     pub head_offset: usize,
@@ -68,12 +67,55 @@ pub struct KvBlocks<'a> {
     pub head_dim: usize,
 }
 
+/// The storage of a KV pool (keys `k`, values `v`) in one of its cache types. Per block and head:
+/// - `F32`, `F16`: keys transposed (`[head_dim][tokens]`), values row-major (`[tokens][head_dim]`).
+/// - `Q8`: keys and values both row-major, as signed bytes with one f32 scale per group of
+///   [`kv_q8_group`]`(head_dim)` consecutive values of a row (`k_scale[offset / group]`).
+#[derive(Clone, Copy, Debug)]
+pub enum KvData<'a> {
+    F32 {
+        k: &'a [f32],
+        v: &'a [f32],
+    },
+    F16 {
+        k: &'a [u16],
+        v: &'a [u16],
+    },
+    Q8 {
+        k: &'a [i8],
+        v: &'a [i8],
+        k_scale: &'a [f32],
+        v_scale: &'a [f32],
+    },
+}
+
+/// Values per scale of the `Q8` cache: ggml's 32, or the whole head row when it is not a multiple of 32.
+pub fn kv_q8_group(head_dim: usize) -> usize {
+    if head_dim.is_multiple_of(32) {
+        32
+    } else {
+        head_dim
+    }
+}
+
+/// An f16 (as bits) to f32, branch-free so that loops over it vectorise: the f16 exponent and mantissa placed in
+/// an f32 and scaled by 2^112 is exact for normal and subnormal values alike; infinities and NaN keep an all-ones
+/// exponent. Equal to `half::f16::to_f32` for every input.
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let em = h & 0x7fff;
+    let scaled = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
+    let special = f32::from_bits((em << 13) | 0x7f80_0000);
+    let v = if em >= 0x7c00 { special } else { scaled };
+    f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
+}
+
 impl<'a> KvBlocks<'a> {
-    /// One contiguous cache of `stride` positions: keys `kt[d * stride + s]`, values `v[s * head_dim + d]`.
+    /// One contiguous f32 cache of `stride` positions: keys `kt[d * stride + s]`, values `v[s * head_dim + d]`.
     pub fn contiguous(kt: &'a [f32], stride: usize, v: &'a [f32], head_dim: usize) -> KvBlocks<'a> {
         KvBlocks {
-            k: kt,
-            v,
+            data: KvData::F32 { k: kt, v },
             blocks: &[0],
             block_values: 0,
             head_offset: 0,
@@ -82,30 +124,115 @@ impl<'a> KvBlocks<'a> {
         }
     }
 
-    /// Keys of block `i`, `[head_dim][tokens]` (shorter if the storage ends first: a contiguous cache need not
-    /// have its last positions).
     #[inline(always)]
-    pub fn keys(&self, i: usize) -> &'a [f32] {
-        let base = self.blocks[i] as usize * self.block_values + self.head_offset;
-        &self.k[base..(base + self.head_dim * self.tokens).min(self.k.len())]
+    fn base(&self, i: usize) -> usize {
+        self.blocks[i] as usize * self.block_values + self.head_offset
     }
 
-    /// Values of block `i`, `[tokens][head_dim]` (shorter as for `keys`).
+    /// Keys of block `i` as f32, transposed (`[head_dim][tokens]`): the storage itself for an f32 cache (shorter
+    /// if it ends first: a contiguous cache need not have its last positions), else converted into `buf`.
     #[inline(always)]
-    pub fn values(&self, i: usize) -> &'a [f32] {
-        let base = self.blocks[i] as usize * self.block_values + self.head_offset;
-        &self.v[base..(base + self.head_dim * self.tokens).min(self.v.len())]
+    pub fn keys<'b>(&'b self, i: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        let (base, hd, bt) = (self.base(i), self.head_dim, self.tokens);
+        let n = hd * bt;
+        match self.data {
+            KvData::F32 { k, .. } => &k[base..(base + n).min(k.len())],
+            KvData::F16 { k, .. } => {
+                buf.resize(n, 0.0);
+                for (o, &h) in buf.iter_mut().zip(&k[base..base + n]) {
+                    *o = f16_to_f32(h);
+                }
+                buf
+            }
+            KvData::Q8 { k, k_scale, .. } => {
+                buf.resize(n, 0.0);
+                let g = kv_q8_group(hd);
+                for s in 0..bt {
+                    let row = base + s * hd;
+                    for (c, (q, &d)) in k[row..row + hd]
+                        .chunks_exact(g)
+                        .zip(&k_scale[row / g..(row + hd) / g])
+                        .enumerate()
+                    {
+                        for (j, &x) in q.iter().enumerate() {
+                            buf[(c * g + j) * bt + s] = x as f32 * d;
+                        }
+                    }
+                }
+                buf
+            }
+        }
     }
 
-    /// Key `d` of position `s`.
+    /// Values of block `i` as f32, row-major (`[tokens][head_dim]`), as for `keys`.
+    #[inline(always)]
+    pub fn values<'b>(&'b self, i: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        let (base, hd, bt) = (self.base(i), self.head_dim, self.tokens);
+        let n = hd * bt;
+        match self.data {
+            KvData::F32 { v, .. } => &v[base..(base + n).min(v.len())],
+            KvData::F16 { v, .. } => {
+                buf.resize(n, 0.0);
+                for (o, &h) in buf.iter_mut().zip(&v[base..base + n]) {
+                    *o = f16_to_f32(h);
+                }
+                buf
+            }
+            KvData::Q8 { v, v_scale, .. } => {
+                buf.resize(n, 0.0);
+                let g = kv_q8_group(hd);
+                for (c, (o, q)) in buf
+                    .chunks_exact_mut(g)
+                    .zip(v[base..base + n].chunks_exact(g))
+                    .enumerate()
+                {
+                    let d = v_scale[base / g + c];
+                    for (o, &x) in o.iter_mut().zip(q) {
+                        *o = x as f32 * d;
+                    }
+                }
+                buf
+            }
+        }
+    }
+
+    /// Key `d` of position `s` (the scalar reference's access).
     pub fn key(&self, s: usize, d: usize) -> f32 {
-        self.keys(s / self.tokens)[d * self.tokens + s % self.tokens]
+        let (i, p) = (s / self.tokens, s % self.tokens);
+        let base = self.base(i);
+        match self.data {
+            KvData::F32 { k, .. } => k[base + d * self.tokens + p],
+            KvData::F16 { k, .. } => half::f16::from_bits(k[base + d * self.tokens + p]).to_f32(),
+            KvData::Q8 { k, k_scale, .. } => {
+                let at = base + p * self.head_dim + d;
+                k[at] as f32 * k_scale[at / kv_q8_group(self.head_dim)]
+            }
+        }
     }
 
     /// Value `d` of position `s`.
     pub fn value(&self, s: usize, d: usize) -> f32 {
-        self.values(s / self.tokens)[(s % self.tokens) * self.head_dim + d]
+        let (i, p) = (s / self.tokens, s % self.tokens);
+        let at = self.base(i) + p * self.head_dim + d;
+        match self.data {
+            KvData::F32 { v, .. } => v[at],
+            KvData::F16 { v, .. } => half::f16::from_bits(v[at]).to_f32(),
+            KvData::Q8 { v, v_scale, .. } => {
+                v[at] as f32 * v_scale[at / kv_q8_group(self.head_dim)]
+            }
+        }
     }
+}
+
+thread_local! {
+    /// Each thread's f32 copy of the compact cache block being read (attention over f16 and q8 caches); grows to
+    /// one block once.
+    static STAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Sizes this thread's staging buffer for blocks of `tokens` positions of `head_dim` values.
+pub fn reserve_kv_stage(head_dim: usize, tokens: usize) {
+    STAGE.with_borrow_mut(|b| b.reserve(head_dim * tokens));
 }
 
 /// The scratch [`Ops::attend_block`] needs for these query lengths.
@@ -292,9 +419,11 @@ mod body {
             })
         };
 
+        // A compact cache's block is converted to f32 once per pass and read from L1 by every query tile.
+        let mut stage = super::STAGE.with_borrow_mut(std::mem::take);
         // Scores, block by block of positions: `p` rows start at column c0 for this block's positions.
         for (bi, c0) in (0..lmax).step_by(bt).enumerate() {
-            let kt = kv.keys(bi);
+            let kt = kv.keys(bi, &mut stage);
             for (j, jt, lt) in tiles() {
                 let c1 = lt.min(c0 + bt);
                 if c1 <= c0 {
@@ -320,7 +449,7 @@ mod body {
 
         // Weighted sum of values, block by block of positions, a register tile of dimensions at a time.
         for (bi, c0) in (0..lmax).step_by(bt).enumerate() {
-            let v = kv.values(bi);
+            let v = kv.values(bi, &mut stage);
             for (j, jt, lt) in tiles() {
                 let c1 = lt.min(c0 + bt);
                 if c1 <= c0 {
@@ -364,6 +493,7 @@ mod body {
                 }
             }
         }
+        super::STAGE.with_borrow_mut(|b| *b = stage);
     }
 
     /// `p[jj * ps + s] = scale * q_jj . k_s` for the `JT` queries in `q` and the block's positions `0..n`

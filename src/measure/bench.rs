@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
 use crate::generate::Session;
-use crate::model::{Model, ModelError};
+use crate::model::{KvType, Model, ModelError};
 use crate::sampling::{Rng, SamplingParams};
 
 /// One test: a prompt-processing (`n_gen == 0`) or a generation (`n_prompt == 0`) run, repeated.
@@ -101,8 +101,14 @@ pub fn run_test(
     n_depth: usize,
     batch: usize,
     reps: usize,
+    cache: KvType,
 ) -> Result<BenchResult, ModelError> {
-    let mut session = Session::new(model, (n_depth + n_prompt + n_gen).max(1), batch.max(1));
+    let mut session = Session::with_cache(
+        model,
+        (n_depth + n_prompt + n_gen).max(1),
+        batch.max(1),
+        cache,
+    );
     let mut depth: Vec<u32> = Vec::with_capacity(n_depth);
     let mut rng = Rng::new(0x0062_656e_6368);
     let vocab = model.config.n_vocab as u64;
@@ -157,12 +163,14 @@ pub fn run_parallel_test(
     n_gen: usize,
     batch: usize,
     reps: usize,
+    cache: KvType,
 ) -> Result<(BenchResult, BenchResult), ModelError> {
     let b = n_parallel.max(1);
     let cfg = SchedulerConfig {
         step_tokens: batch.max(b),
         prefix_cache: false,
         decode_during_prefill: false,
+        cache_type: cache,
         ..SchedulerConfig::new(b, (n_prompt + n_gen + 1).max(1))
     };
     let mut sched = Scheduler::new(model, cfg);

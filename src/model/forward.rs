@@ -141,6 +141,8 @@ impl ForwardBuffers {
 pub fn reserve_thread_scratch(cfg: &ModelConfig, capacity: usize) {
     kernels::reserve_thread_scratch(cfg.n_embd.max(cfg.n_ff));
     parallel::reserve_attention_scratch(cfg.n_head / cfg.n_head_kv, cfg.head_dim, capacity);
+    let hd = cfg.head_dim;
+    rayon::broadcast(|_| kernels::ops::reserve_kv_stage(hd, KV_BLOCK_TOKENS));
 }
 
 impl Model {
@@ -379,8 +381,7 @@ impl Model {
         };
         let pool = &*pool;
         let kv_head = |span: usize, kvh: usize| KvBlocks {
-            k: pool.keys(),
-            v: pool.values(),
+            data: pool.data(),
             blocks: spans[span].blocks,
             block_values: pool.block_values(),
             head_offset: pool.head_offset(layer, kvh),

@@ -7,11 +7,18 @@
 //! (`[layer][kv_head][position][head_dim]`): a query's scores are then `head_dim` runs along contiguous
 //! positions, and its output `len` runs along contiguous dimensions, with no per-position horizontal sums.
 //!
+//! The cache type ([`KvType`]) sets how the values are stored: f32 as computed, f16 (half the memory and half
+//! the bytes attention reads after a long prompt), or q8_0 (signed bytes with one scale per 32 values, about a
+//! quarter). Attention converts one block at a time to f32 in L1 as it reads it.
+//!
 //! Blocks are reference-counted so that a block holding a prompt prefix can be shared by several sequences
 //! (the scheduler's prefix reuse); a shared block is never written: a sequence about to write into one gets a
 //! private copy first.
 
+use half::f16;
+
 use super::config::ModelConfig;
+use crate::kernels::ops::{KvData, kv_q8_group};
 
 /// Positions per block: a whole number of every attention kernel's position tiles (at most 64), small enough
 /// that a sequence wastes little of its last block.
@@ -31,31 +38,116 @@ pub struct PoolExhausted {
     pub total: usize,
 }
 
+/// How keys and values are stored (`--cache-type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KvType {
+    F32,
+    #[default]
+    F16,
+    Q8_0,
+}
+
+impl KvType {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Bytes of one position of one sequence (keys and values of every layer and KV head).
+    pub fn bytes_per_token(self, cfg: &ModelConfig) -> usize {
+        let values = 2 * cfg.n_layer * cfg.kv_dim();
+        match self {
+            KvType::F32 => values * 4,
+            KvType::F16 => values * 2,
+            KvType::Q8_0 => values + values / kv_q8_group(cfg.head_dim) * 4,
+        }
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<KvType, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvType::F32),
+            "f16" => Ok(KvType::F16),
+            "q8_0" => Ok(KvType::Q8_0),
+            _ => Err(format!("unknown cache type '{s}' (f32, f16 or q8_0)")),
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The values of every block, in the pool's type.
+enum Storage {
+    F32 {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
+    F16 {
+        k: Vec<u16>,
+        v: Vec<u16>,
+    },
+    Q8 {
+        k: Vec<i8>,
+        v: Vec<i8>,
+        k_scale: Vec<f32>,
+        v_scale: Vec<f32>,
+    },
+}
+
 /// The storage of every block, the free list and the reference counts.
 pub struct KvPool {
+    ty: KvType,
     n_kv_head: usize,
     head_dim: usize,
     /// Values of one block in `k` (and in `v`): every layer and KV head.
     block_values: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    storage: Storage,
     /// Free blocks, taken from the end.
     free: Vec<BlockId>,
     refs: Vec<u32>,
 }
 
 impl KvPool {
-    /// A pool with room for `tokens` positions (rounded up to whole blocks). The memory is zeroed lazily by the
-    /// OS, so the part no sequence reaches costs address space, not resident memory.
-    pub fn new(cfg: &ModelConfig, tokens: usize) -> KvPool {
+    /// A pool with room for `tokens` positions (rounded up to whole blocks) of type `ty`. The memory is zeroed
+    /// lazily by the OS, so the part no sequence reaches costs address space, not resident memory.
+    pub fn new(cfg: &ModelConfig, tokens: usize, ty: KvType) -> KvPool {
         let blocks = tokens.div_ceil(KV_BLOCK_TOKENS).max(1);
         let block_values = cfg.n_layer * cfg.n_head_kv * cfg.head_dim * KV_BLOCK_TOKENS;
+        let n = blocks * block_values;
+        let storage = match ty {
+            KvType::F32 => Storage::F32 {
+                k: vec![0.0; n],
+                v: vec![0.0; n],
+            },
+            KvType::F16 => Storage::F16 {
+                k: vec![0; n],
+                v: vec![0; n],
+            },
+            KvType::Q8_0 => {
+                let g = kv_q8_group(cfg.head_dim);
+                Storage::Q8 {
+                    k: vec![0; n],
+                    v: vec![0; n],
+                    k_scale: vec![0.0; n / g],
+                    v_scale: vec![0.0; n / g],
+                }
+            }
+        };
         KvPool {
+            ty,
             n_kv_head: cfg.n_head_kv,
             head_dim: cfg.head_dim,
             block_values,
-            k: vec![0.0; blocks * block_values],
-            v: vec![0.0; blocks * block_values],
+            storage,
             free: (0..blocks as BlockId).rev().collect(),
             refs: vec![0; blocks],
         }
@@ -63,6 +155,10 @@ impl KvPool {
 
     pub fn total_blocks(&self) -> usize {
         self.refs.len()
+    }
+
+    pub fn cache_type(&self) -> KvType {
+        self.ty
     }
 
     pub fn free_blocks(&self) -> usize {
@@ -111,12 +207,23 @@ impl KvPool {
         self.block_values
     }
 
-    pub(crate) fn keys(&self) -> &[f32] {
-        &self.k
-    }
-
-    pub(crate) fn values(&self) -> &[f32] {
-        &self.v
+    /// The storage as attention reads it.
+    pub(crate) fn data(&self) -> KvData<'_> {
+        match &self.storage {
+            Storage::F32 { k, v } => KvData::F32 { k, v },
+            Storage::F16 { k, v } => KvData::F16 { k, v },
+            Storage::Q8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => KvData::Q8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            },
+        }
     }
 
     /// Stores one position's key and value of one layer and KV head: `pos` is the position within block `b`.
@@ -131,18 +238,84 @@ impl KvPool {
     ) {
         let hd = self.head_dim;
         let base = b as usize * self.block_values + self.head_offset(layer, head);
-        for (d, &x) in k[..hd].iter().enumerate() {
-            self.k[base + d * KV_BLOCK_TOKENS + pos] = x;
+        let (k, v) = (&k[..hd], &v[..hd]);
+        let row = base + pos * hd..base + (pos + 1) * hd;
+        match &mut self.storage {
+            Storage::F32 { k: ks, v: vs } => {
+                for (d, &x) in k.iter().enumerate() {
+                    ks[base + d * KV_BLOCK_TOKENS + pos] = x;
+                }
+                vs[row].copy_from_slice(v);
+            }
+            Storage::F16 { k: ks, v: vs } => {
+                for (d, &x) in k.iter().enumerate() {
+                    ks[base + d * KV_BLOCK_TOKENS + pos] = f16::from_f32(x).to_bits();
+                }
+                for (o, &x) in vs[row].iter_mut().zip(v) {
+                    *o = f16::from_f32(x).to_bits();
+                }
+            }
+            Storage::Q8 {
+                k: kq,
+                v: vq,
+                k_scale,
+                v_scale,
+            } => {
+                let g = kv_q8_group(hd);
+                quantize_row(
+                    k,
+                    &mut kq[row.clone()],
+                    &mut k_scale[row.start / g..row.end / g],
+                    g,
+                );
+                quantize_row(
+                    v,
+                    &mut vq[row.clone()],
+                    &mut v_scale[row.start / g..row.end / g],
+                    g,
+                );
+            }
         }
-        self.v[base + pos * hd..base + (pos + 1) * hd].copy_from_slice(&v[..hd]);
     }
 
     /// Copies block `from` into `to` whole (copy on write of a shared block).
     fn copy_block(&mut self, from: BlockId, to: BlockId) {
         let n = self.block_values;
         let (f, t) = (from as usize * n, to as usize * n);
-        self.k.copy_within(f..f + n, t);
-        self.v.copy_within(f..f + n, t);
+        match &mut self.storage {
+            Storage::F32 { k, v } => {
+                k.copy_within(f..f + n, t);
+                v.copy_within(f..f + n, t);
+            }
+            Storage::F16 { k, v } => {
+                k.copy_within(f..f + n, t);
+                v.copy_within(f..f + n, t);
+            }
+            Storage::Q8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => {
+                k.copy_within(f..f + n, t);
+                v.copy_within(f..f + n, t);
+                let g = kv_q8_group(self.head_dim);
+                k_scale.copy_within(f / g..(f + n) / g, t / g);
+                v_scale.copy_within(f / g..(f + n) / g, t / g);
+            }
+        }
+    }
+}
+
+/// `x` as signed bytes in groups of `g`, each with the scale `max|x| / 127` (q8_0's rounding: to nearest).
+fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32], g: usize) {
+    for ((x, q), d) in x.chunks_exact(g).zip(q.chunks_exact_mut(g)).zip(scales) {
+        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        *d = amax / 127.0;
+        let id = if *d > 0.0 { 1.0 / *d } else { 0.0 };
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        }
     }
 }
 
@@ -258,10 +431,10 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A cache for `capacity` positions.
-    pub fn new(cfg: &ModelConfig, capacity: usize) -> KvCache {
+    /// A cache for `capacity` positions of type `ty`.
+    pub fn new(cfg: &ModelConfig, capacity: usize, ty: KvType) -> KvCache {
         KvCache {
-            pool: KvPool::new(cfg, capacity),
+            pool: KvPool::new(cfg, capacity, ty),
             seq: SeqKv::with_capacity(capacity),
             capacity,
         }
@@ -310,7 +483,7 @@ mod tests {
             residual_scale: 1.0,
             logit_scale: 1.0,
         };
-        KvPool::new(&cfg, blocks * KV_BLOCK_TOKENS)
+        KvPool::new(&cfg, blocks * KV_BLOCK_TOKENS, KvType::F32)
     }
 
     #[test]
@@ -347,9 +520,9 @@ mod tests {
         assert_ne!(own, shared);
         assert_eq!((p.refs(shared), p.refs(own)), (1, 1));
         let n = p.block_values();
-        assert_eq!(
-            p.keys()[own as usize * n..][..n],
-            p.keys()[shared as usize * n..][..n]
-        );
+        let KvData::F32 { k, .. } = p.data() else {
+            unreachable!()
+        };
+        assert_eq!(k[own as usize * n..][..n], k[shared as usize * n..][..n]);
     }
 }

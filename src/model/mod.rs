@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 pub use config::{Architecture, ModelConfig};
 pub(crate) use forward::{ForwardBuffers, Logits, SeqSpan, reserve_thread_scratch};
-pub use kv::{BlockId, KV_BLOCK_TOKENS, KvCache, KvPool, PoolExhausted, SeqKv};
+pub use kv::{BlockId, KV_BLOCK_TOKENS, KvCache, KvPool, KvType, PoolExhausted, SeqKv};
 pub(crate) use weights::{ExpertMatrices, FeedForward, Matrix, ModelWeights};
 
 use quarry_quantize::gguf::{GgmlType, GgufError, GgufFile};

@@ -117,16 +117,28 @@ pub struct ChatSession<'e> {
 }
 
 impl<'e> ChatSession<'e> {
-    /// A conversation over `engine` (opened with [`Engine::open_for_text`]) with room for `context` tokens.
+    /// A conversation over `engine` (opened with [`Engine::open_for_text`]) with room for `context` tokens in
+    /// an f32 cache.
     pub fn new(
         engine: &'e Engine,
         context: usize,
         batch: usize,
         settings: ChatSettings,
     ) -> Result<ChatSession<'e>, ChatError> {
+        Self::with_cache(engine, context, batch, crate::model::KvType::F32, settings)
+    }
+
+    /// [`ChatSession::new`] with keys and values stored as `cache`.
+    pub fn with_cache(
+        engine: &'e Engine,
+        context: usize,
+        batch: usize,
+        cache: crate::model::KvType,
+        settings: ChatSettings,
+    ) -> Result<ChatSession<'e>, ChatError> {
         let template = engine.chat_template.as_ref().ok_or(ChatError::NoTemplate)?;
         let tokenizer = engine.tokenizer.as_ref().ok_or(ChatError::NoTemplate)?;
-        let session = Session::new(&engine.model, context, batch);
+        let session = Session::with_cache(&engine.model, context, batch, cache);
         Ok(ChatSession {
             tokenizer,
             template,
