@@ -3,20 +3,11 @@
 //! queries of its call: what lets a sequence in a batch get what it gets alone.
 
 use quarry::kernels::{self, ops};
+use quarry::sampling::Rng;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn f32(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
+/// Values in [-1, 1).
+fn uniform(rng: &mut Rng) -> f32 {
+    rng.next_f32() * 2.0 - 1.0
 }
 
 const BT: usize = 64;
@@ -38,14 +29,14 @@ impl Cache {
     fn new(rng: &mut Rng, hd: usize, len: usize) -> Cache {
         let n_blocks = len.div_ceil(BT);
         let stride = n_blocks * BT;
-        let kt: Vec<f32> = (0..hd * stride).map(|_| rng.f32()).collect();
-        let v: Vec<f32> = (0..stride * hd).map(|_| rng.f32() * 2.0).collect();
+        let kt: Vec<f32> = (0..hd * stride).map(|_| uniform(rng)).collect();
+        let v: Vec<f32> = (0..stride * hd).map(|_| uniform(rng) * 2.0).collect();
         // Two heads per block, this one second; blocks at ids n_blocks + 2 .. in reverse order.
         let head_values = hd * BT;
         let block_values = 2 * head_values;
         let total = 2 * n_blocks + 3;
-        let mut pool_k: Vec<f32> = (0..total * block_values).map(|_| rng.f32()).collect();
-        let mut pool_v: Vec<f32> = (0..total * block_values).map(|_| rng.f32()).collect();
+        let mut pool_k: Vec<f32> = (0..total * block_values).map(|_| uniform(rng)).collect();
+        let mut pool_v: Vec<f32> = (0..total * block_values).map(|_| uniform(rng)).collect();
         let ids: Vec<u32> = (0..n_blocks)
             .map(|i| (2 * n_blocks + 2 - i) as u32)
             .collect();
@@ -95,7 +86,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 #[test]
 fn paged_attention_is_contiguous_attention_and_each_query_its_own() {
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let mut cases = 0;
     for k in kernels::available() {
         for hd in [64usize, 128] {
@@ -107,7 +98,7 @@ fn paged_attention_is_contiguous_attention_and_each_query_its_own() {
                     .flat_map(|t| [len - tokens + 1 + t; 2])
                     .collect();
                 let nq = lens.len();
-                let q: Vec<f32> = (0..nq * hd).map(|_| rng.f32()).collect();
+                let q: Vec<f32> = (0..nq * hd).map(|_| uniform(&mut rng)).collect();
                 let run = |kv: &ops::KvBlocks, q: &[f32], lens: &[usize]| {
                     let mut s = vec![0.0; ops::attend_block_scratch(lens)];
                     let mut o = vec![f32::NAN; lens.len() * hd];
