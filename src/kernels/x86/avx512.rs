@@ -568,6 +568,11 @@ impl FewTile for Q4Tiles<'_> {
     }
 }
 
+/// Token counts (past the last whole zmm of tokens) that run on `row_lanes`, one lane per row: from 2 tokens
+/// on, it does the per-block work once for 16 rows instead of summing each row's lanes per token.
+const ROW_LANES_MIN: usize = 2;
+const ROW_LANES_MAX: usize = 15;
+
 /// Each format's few-token kernel.
 trait Few: BlockDot {
     unsafe fn few(
@@ -621,7 +626,9 @@ unsafe fn gemm_quant<
     a: &[BlockQ8_0],
     bpr: usize,
     mut out: ProductOut,
-) {
+) where
+    <D as BlockDot>::W: super::row_lanes::RowBlock,
+{
     if bpr == 0 || a.is_empty() || w.is_empty() {
         return;
     }
@@ -631,9 +638,18 @@ unsafe fn gemm_quant<
         if lane_tokens > 0 {
             super::gemm_lanes::<super::BlockLanes<D>, 8>(w, a, bpr, 0, lane_tokens, &mut out);
         }
-        if n - lane_tokens >= 6 {
+        let (few, rows) = (n - lane_tokens, w.len() / bpr);
+        if (ROW_LANES_MIN..=ROW_LANES_MAX).contains(&few) && rows >= 16 {
+            // Whole tiles of 16 rows with one lane per row; the last rows on the few-token kernel.
+            let rows16 = rows / 16 * 16;
+            let (mut head, mut tail) = out.reborrow().split_at_row(rows16);
+            super::row_lanes::gemm_rows16(&w[..rows16 * bpr], a, bpr, lane_tokens, n, &mut head);
+            if rows16 < rows {
+                D::few(&w[rows16 * bpr..], a, bpr, lane_tokens, n, &mut tail);
+            }
+        } else if few >= 6 {
             super::gemm_lanes::<super::BlockLanes<Y>, 8>(w, a, bpr, lane_tokens, n, &mut out);
-        } else if lane_tokens < n {
+        } else if few > 0 {
             D::few(w, a, bpr, lane_tokens, n, &mut out);
         }
     }

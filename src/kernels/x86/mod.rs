@@ -119,6 +119,7 @@ macro_rules! vnni_byte_dot {
 pub mod avx2;
 pub mod avx512;
 mod kquant;
+mod row_lanes;
 
 use std::arch::x86_64::*;
 use std::cell::UnsafeCell;
