@@ -215,8 +215,8 @@ fn report(failures: Vec<String>) {
 /// (rows, blocks per row) of the 32-block formats: row counts that are and are not multiples of 4 and 16,
 /// rows with no, one and two whole quads of blocks (AVX-512's one-token Q4_0 kernel) and with block remainders.
 const SHAPES_32: [(usize, usize); 6] = [(37, 2), (37, 3), (37, 5), (64, 4), (64, 8), (37, 13)];
-/// (rows, 256-blocks per row) of the k-quants.
-const SHAPES_K: [(usize, usize); 3] = [(37, 2), (64, 3), (37, 8)];
+/// (rows, 256-blocks per row) of the k-quants (11: two chunks of `FewK` tiles).
+const SHAPES_K: [(usize, usize); 4] = [(37, 2), (64, 3), (37, 8), (21, 11)];
 
 fn q8_0_acts(rng: &mut Rng, cols: usize) -> Vec<BlockQ8_0> {
     let x: Vec<f32> = (0..POOL * cols).map(|_| rng.f32() * 2.0).collect();

@@ -12,11 +12,13 @@
 //! offset (folded into the integer sum). Every per-block integer sum is computed exactly, as the scalar
 //! reference computes it.
 //!
-//! - **Few tokens** (`gemm_few`): one row at a time (a tile's rows are one sequential stream), each weight
-//!   block unpacked once in registers for up to 4 tokens; each block's integer terms (`KQuant::dot`) are
-//!   reduced to exact integers, four at a time (two blocks' `[isum, m]` for one token, one block's for two
-//!   tokens), and accumulated with the lane kernel's float steps. Rows are prefetched `PREFETCH_BYTES` ahead
-//!   into L2.
+//! - **Few tokens** (`gemm_few`): each row streams its blocks a chunk at a time (a tile's rows stay
+//!   sequential runs of memory: rows of up to 8 blocks whole), each weight block unpacked once in registers
+//!   for up to 4 tokens; each block's integer terms (`KQuant::dot`) are partly summed per row, then finished
+//!   for the tile's 4 rows together to exact integers and accumulated with the lane kernel's float steps into
+//!   each token's 4-row accumulator (one chain of FMAs for 4 rows), stored as it is. Rows are prefetched
+//!   `PREFETCH_BYTES` ahead into L2. (Four rows interleaved block by block, as the Q4_0 kernel does, streamed
+//!   DRAM more slowly.)
 //! - **Many tokens** (the lane driver `x86::gemm_lanes` over `KLanes`): one lane per token. A tile of rows is
 //!   unpacked once into scratch (quant bytes in weight order, scales and `bsums` factor pairs as integers);
 //!   each group's lanes are summed against transposed activations and scaled by the group's integer scale,
@@ -37,7 +39,7 @@ use crate::kernels::q4_k::q4k_scales_mins;
 use super::avx2::transpose_8x8;
 use super::{
     ByteDot, FewTile, IOf, LaneKernel, Lanes, PREFETCH_BYTES, Scratch, f16_bits_to_f32, few_tiles,
-    grow, hsum4_epi32, lanes_from, prefetch_head, scratch, tile_shape,
+    grow, prefetch_head, scratch, tile_shape,
 };
 
 /// Integers per prepared row block in `Scratch::wi` (lane kernels): up to 16 scales, then up to 8 pairs.
@@ -267,118 +269,122 @@ struct FewK<'a, K: KQuant> {
     out: ProductOut<'a>,
 }
 
+/// Blocks per chunk of a `FewK` tile: each row streams this many blocks at a time (all of a 2048-column row),
+/// their integer sums buffered for the tile's accumulation.
+const FEW_K_CHUNK: usize = 8;
+
+/// A block's `[isum, m]` lanes (`KQuant::dot`) partly summed: `[a, b, c, d]` with `a + b` the exact `isum` and
+/// `c + d` the exact `m`.
+#[inline(always)]
+unsafe fn partial_pair(isum: __m256i, m: __m256i) -> __m128i {
+    unsafe {
+        // Per 128-bit lane: [isum01, isum23, m01, m23], then both lanes added.
+        let h = _mm256_hadd_epi32(isum, m);
+        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+    }
+}
+
+/// A block's `isum` lanes partly summed: 4 lanes whose sum is the exact `isum`.
+#[inline(always)]
+unsafe fn partial_one(isum: __m256i) -> __m128i {
+    unsafe {
+        _mm_add_epi32(
+            _mm256_castsi256_si128(isum),
+            _mm256_extracti128_si256::<1>(isum),
+        )
+    }
+}
+
 impl<K: KQuant> FewTile for FewK<'_, K> {
-    /// One row at a time, its blocks in order. Per block and token the integer terms (`KQuant::dot`) are
-    /// reduced horizontally to exact integers, four at a time, and applied exactly as the lane kernel applies
-    /// them (`KLanes::tile`): Q4_K/Q5_K `acc = fma(cvt(isum), da * d, acc)` then `acc = fma(cvt(m), da * -dmin,
-    /// acc)`, Q6_K `acc = fma(cvt(isum - 32 m), da * d, acc)`, so every output has the same bits whichever
-    /// kernel and tile computed it. The accumulator of a row holds its tokens (lane `j`: token `t + j`); a
-    /// reduction's 4 lanes are `4 / TT` steps of `TT` tokens: one token pairs two blocks' `[isum, m]` (Q6_K
-    /// four blocks' `isum`), two tokens one block's terms (Q6_K two blocks'), four tokens one term.
+    /// Each row streams a chunk of its blocks (one sequential run of memory), every block unpacked once for
+    /// the tile's tokens, and its integer terms (`KQuant::dot`) partly summed into a buffer. Then per block of
+    /// the chunk, in order, the 4 rows' partial sums are finished together to exact integers (lane `i`: row
+    /// `i`) and applied exactly as the lane kernel applies them (`KLanes::tile`): Q4_K/Q5_K `acc =
+    /// fma(cvt(isum), da * d, acc)` then `acc = fma(cvt(m), da * -dmin, acc)`, Q6_K `acc = fma(cvt(isum - 32
+    /// m), da * d, acc)`, into the token's accumulator of the 4 rows, which is stored as it is. So every output
+    /// has the same bits whichever kernel and tile computed it, and the 4 rows share one chain of FMAs.
     #[inline(always)]
+    // `part[k][i][j]`: block, row, token, written in that nesting and read across rows.
+    #[allow(clippy::needless_range_loop)]
     unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r0: usize, t: usize) {
-        const { assert!((RT == 4 || RT == 1) && (TT == 1 || TT == 2 || TT == 4)) };
+        const { assert!((RT == 4 || RT == 1) && TT <= 4) };
         let (w, a, bpr, t0, perm) = (self.w, self.a, self.bpr, self.t0, self.perm);
         let out = &mut self.out;
         let bb = size_of::<K::W>();
-        // Integer terms per block and token, and blocks per round of `STEPS` steps (each `TT` lanes).
-        let terms = if K::W::OFFSET32 { 1 } else { 2 };
-        let per_round = (4 / TT / terms).max(1);
-        let steps = per_round * terms;
         debug_assert!((r0 + RT) * bpr <= w.len() && (t + TT) * bpr <= a.len());
         // SAFETY (bounds): rows r0..r0 + RT and tokens t..t + TT exist (the caller's tiling), every pointer
         // indexes block b < bpr of one of them. Prefetch addresses wrap and are never dereferenced.
         unsafe {
-            // One row at a time: the rows of a tile are consecutive in memory, so this is one sequential
-            // stream. (Four rows interleaved, as the Q4_0 kernel does, kept the accumulators of the
-            // not-unrolled row loop on the stack.)
             let ap = a.as_ptr().add(t * bpr);
-            let mut fin = [_mm_setzero_ps(); RT];
-            for (i, fin_i) in fin.iter_mut().enumerate() {
-                let wp = w.as_ptr().add((r0 + i) * bpr);
-                let mut acc = _mm_setzero_ps();
-                let mut b = 0;
-                while b < bpr {
-                    // The round's terms: step `s` (block `s / terms`, term `s % terms`) in lanes
-                    // `s * TT..(s + 1) * TT` of the vectors `v`, its scales (one per token) in `sc[s]`.
-                    let mut v = [_mm256_setzero_si256(); 8];
-                    let mut sc = [_mm_setzero_ps(); 4];
-                    let nb = per_round.min(bpr - b);
-                    for k in 0..per_round {
-                        if k < nb {
-                            let blk = wp.add(b + k);
-                            let pf = (blk as *const i8).wrapping_add(PREFETCH_BYTES);
-                            let mut off = 0;
-                            while off < bb {
-                                _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(off));
-                                off += 64;
-                            }
-                            let row = K::decode(blk);
-                            let mut da = [0.0f32; 4];
-                            for (j, da_j) in da.iter_mut().enumerate().take(TT) {
-                                let ab = ap.add(j * bpr + b + k);
-                                let qa = if K::PERMUTED {
-                                    perm.add(((t - t0 + j) * bpr + b + k) * 256)
-                                } else {
-                                    (*ab).qs.as_ptr()
-                                };
-                                let [isum, m] = K::dot(&row, qa, ab);
-                                v[k * terms * TT + j] = isum;
-                                if terms == 2 {
-                                    v[(k * terms + 1) * TT + j] = m;
-                                }
-                                *da_j = (*ab).d;
-                            }
-                            // The lane kernel's scales: da * d and da * -dmin.
-                            let [d, dmin] = K::scales(&row);
-                            let da = _mm_loadu_ps(da.as_ptr());
-                            sc[k * terms] = _mm_mul_ps(da, _mm_set1_ps(d));
-                            if terms == 2 {
-                                sc[k * terms + 1] = _mm_mul_ps(da, _mm_set1_ps(-dmin));
-                            }
+            let neg = _mm_set1_ps(-0.0);
+            // Token j's 4 rows (a single row's tile has rows of zeros beside it).
+            let mut acc = [_mm_setzero_ps(); TT];
+            let mut b0 = 0;
+            while b0 < bpr {
+                let nb = FEW_K_CHUNK.min(bpr - b0);
+                // Per block of the chunk, row and token: the partial sums; per block and row: d and dmin.
+                let mut part = [[[_mm_setzero_si128(); TT]; 4]; FEW_K_CHUNK];
+                let mut ds = [[0.0f32; 4]; FEW_K_CHUNK];
+                let mut dmins = [[0.0f32; 4]; FEW_K_CHUNK];
+                for i in 0..RT {
+                    let wp = w.as_ptr().add((r0 + i) * bpr + b0);
+                    for k in 0..nb {
+                        let blk = wp.add(k);
+                        let pf = (blk as *const i8).wrapping_add(PREFETCH_BYTES);
+                        let mut off = 0;
+                        while off < bb {
+                            _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(off));
+                            off += 64;
+                        }
+                        let row = K::decode(blk);
+                        [ds[k][i], dmins[k][i]] = K::scales(&row);
+                        for j in 0..TT {
+                            let ab = ap.add(j * bpr + b0 + k);
+                            let qa = if K::PERMUTED {
+                                perm.add(((t - t0 + j) * bpr + b0 + k) * 256)
+                            } else {
+                                (*ab).qs.as_ptr()
+                            };
+                            let [isum, m] = K::dot(&row, qa, ab);
+                            part[k][i][j] = if K::W::OFFSET32 {
+                                partial_one(isum)
+                            } else {
+                                partial_pair(isum, m)
+                            };
                         }
                     }
-                    for g in 0..steps * TT / 4 {
-                        let x = _mm_cvtepi32_ps(hsum4_epi32(
-                            v[4 * g],
-                            v[4 * g + 1],
-                            v[4 * g + 2],
-                            v[4 * g + 3],
-                        ));
-                        for k in 0..4 / TT {
-                            let step = g * (4 / TT) + k;
-                            // Only the steps of blocks that exist: a step of zeros could still turn a -0.0
-                            // accumulator into +0.0.
-                            if step / terms < nb {
-                                acc = _mm_fmadd_ps(lanes_from(x, k * TT), sc[step], acc);
-                            }
-                        }
-                    }
-                    b += nb;
                 }
-                *fin_i = acc;
+                for k in 0..nb {
+                    let d = _mm_loadu_ps(ds[k].as_ptr());
+                    let p = &part[k];
+                    for (j, acc_j) in acc.iter_mut().enumerate() {
+                        // The lane kernel's scales: da * d and da * -dmin.
+                        let da = _mm_set1_ps((*ap.add(j * bpr + b0 + k)).d);
+                        let h01 = _mm_hadd_epi32(p[0][j], p[1][j]);
+                        let h23 = _mm_hadd_epi32(p[2][j], p[3][j]);
+                        if K::W::OFFSET32 {
+                            let isum = _mm_hadd_epi32(h01, h23);
+                            *acc_j = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(da, d), *acc_j);
+                        } else {
+                            // [row 0 isum, row 0 m, row 1 isum, row 1 m] and rows 2, 3: isums, then ms.
+                            let (h01, h23) = (_mm_castsi128_ps(h01), _mm_castsi128_ps(h23));
+                            let isum = _mm_castps_si128(_mm_shuffle_ps::<0x88>(h01, h23));
+                            let m = _mm_castps_si128(_mm_shuffle_ps::<0xdd>(h01, h23));
+                            let ndmin = _mm_xor_ps(_mm_loadu_ps(dmins[k].as_ptr()), neg);
+                            *acc_j = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(da, d), *acc_j);
+                            *acc_j =
+                                _mm_fmadd_ps(_mm_cvtepi32_ps(m), _mm_mul_ps(da, ndmin), *acc_j);
+                        }
+                    }
+                }
+                b0 += nb;
             }
-            if RT == 4 {
-                // Rows x tokens to tokens x rows: one 4-float store per token.
-                let t01 = _mm_unpacklo_ps(fin[0], fin[1]);
-                let t23 = _mm_unpacklo_ps(fin[2], fin[3]);
-                let u01 = _mm_unpackhi_ps(fin[0], fin[1]);
-                let u23 = _mm_unpackhi_ps(fin[2], fin[3]);
-                let per_token = [
-                    _mm_movelh_ps(t01, t23),
-                    _mm_movehl_ps(t23, t01),
-                    _mm_movelh_ps(u01, u23),
-                    _mm_movehl_ps(u23, u01),
-                ];
-                for (j, &v) in per_token.iter().enumerate().take(TT) {
+            for (j, &acc_j) in acc.iter().enumerate() {
+                if RT == 4 {
                     // SAFETY: rows r0..r0 + 4 of token t + j are within the window `tile_shape` checked.
-                    _mm_storeu_ps(out.token(t + j).as_mut_ptr().add(r0), v);
-                }
-            } else {
-                let mut v = [0.0f32; 4];
-                _mm_storeu_ps(v.as_mut_ptr(), fin[0]);
-                for (j, &vj) in v.iter().enumerate().take(TT) {
-                    out.token(t + j)[r0] = vj;
+                    _mm_storeu_ps(out.token(t + j).as_mut_ptr().add(r0), acc_j);
+                } else {
+                    out.token(t + j)[r0] = _mm_cvtss_f32(acc_j);
                 }
             }
         }

@@ -225,19 +225,6 @@ unsafe fn hsum4_epi32(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m128i
     }
 }
 
-/// Lanes `k..4` of `x` moved down to lanes `0..4 - k` (the rest are don't-cares), for `k < 4`.
-#[inline(always)]
-unsafe fn lanes_from(x: __m128, k: usize) -> __m128 {
-    unsafe {
-        match k {
-            0 => x,
-            1 => _mm_shuffle_ps::<0b11_11_10_01>(x, x),
-            2 => _mm_movehl_ps(x, x),
-            _ => _mm_shuffle_ps::<0b11_11_11_11>(x, x),
-        }
-    }
-}
-
 /// Activation row to Q8_0 with exactly the scalar reference's arithmetic: the same f32 `amax`, `d`, `1/d` and
 /// product, rounded half to even by `vcvtps2dq` (the default MXCSR mode, which Rust never changes). The
 /// reference maps NaN to 0 and clamps to +-127 (NaN or infinity only arise when `1/d` overflows for
