@@ -30,6 +30,7 @@
 
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 
 use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 
@@ -304,8 +305,6 @@ impl<K: KQuant> FewTile for FewK<'_, K> {
     /// m), da * d, acc)`, into the token's accumulator of the 4 rows, which is stored as it is. So every output
     /// has the same bits whichever kernel and tile computed it, and the 4 rows share one chain of FMAs.
     #[inline(always)]
-    // `part[k][i][j]`: block, row, token, written in that nesting and read across rows.
-    #[allow(clippy::needless_range_loop)]
     unsafe fn tile<const RT: usize, const TT: usize>(&mut self, r0: usize, t: usize) {
         const { assert!((RT == 4 || RT == 1) && TT <= 4) };
         let (w, a, bpr, t0, perm) = (self.w, self.a, self.bpr, self.t0, self.perm);
@@ -323,9 +322,16 @@ impl<K: KQuant> FewTile for FewK<'_, K> {
             while b0 < bpr {
                 let nb = FEW_K_CHUNK.min(bpr - b0);
                 // Per block of the chunk, row and token: the partial sums; per block and row: d and dmin.
-                let mut part = [[[_mm_setzero_si128(); TT]; 4]; FEW_K_CHUNK];
-                let mut ds = [[0.0f32; 4]; FEW_K_CHUNK];
-                let mut dmins = [[0.0f32; 4]; FEW_K_CHUNK];
+                // Uninitialised (zeroing them per tile cost as much as a short row's work): every entry read
+                // is written first, the rows past a single row's tile as zeros.
+                let mut part = MaybeUninit::<[[[__m128i; TT]; 4]; FEW_K_CHUNK]>::uninit();
+                let mut ds = MaybeUninit::<[[f32; 4]; FEW_K_CHUNK]>::uninit();
+                let mut dmins = MaybeUninit::<[[f32; 4]; FEW_K_CHUNK]>::uninit();
+                let (pp, dp, mp) = (
+                    part.as_mut_ptr() as *mut __m128i,
+                    ds.as_mut_ptr() as *mut f32,
+                    dmins.as_mut_ptr() as *mut f32,
+                );
                 for i in 0..RT {
                     let wp = w.as_ptr().add((r0 + i) * bpr + b0);
                     for k in 0..nb {
@@ -337,7 +343,9 @@ impl<K: KQuant> FewTile for FewK<'_, K> {
                             off += 64;
                         }
                         let row = K::decode(blk);
-                        [ds[k][i], dmins[k][i]] = K::scales(&row);
+                        let [d, dmin] = K::scales(&row);
+                        dp.add(4 * k + i).write(d);
+                        mp.add(4 * k + i).write(dmin);
                         for j in 0..TT {
                             let ab = ap.add(j * bpr + b0 + k);
                             let qa = if K::PERMUTED {
@@ -346,22 +354,33 @@ impl<K: KQuant> FewTile for FewK<'_, K> {
                                 (*ab).qs.as_ptr()
                             };
                             let [isum, m] = K::dot(&row, qa, ab);
-                            part[k][i][j] = if K::W::OFFSET32 {
+                            pp.add((4 * k + i) * TT + j).write(if K::W::OFFSET32 {
                                 partial_one(isum)
                             } else {
                                 partial_pair(isum, m)
-                            };
+                            });
+                        }
+                    }
+                }
+                if RT == 1 {
+                    for k in 0..nb {
+                        for i in 1..4 {
+                            dp.add(4 * k + i).write(0.0);
+                            mp.add(4 * k + i).write(0.0);
+                            for j in 0..TT {
+                                pp.add((4 * k + i) * TT + j).write(_mm_setzero_si128());
+                            }
                         }
                     }
                 }
                 for k in 0..nb {
-                    let d = _mm_loadu_ps(ds[k].as_ptr());
-                    let p = &part[k];
+                    let d = _mm_loadu_ps(dp.add(4 * k));
+                    let p = pp.add(4 * k * TT);
                     for (j, acc_j) in acc.iter_mut().enumerate() {
                         // The lane kernel's scales: da * d and da * -dmin.
                         let da = _mm_set1_ps((*ap.add(j * bpr + b0 + k)).d);
-                        let h01 = _mm_hadd_epi32(p[0][j], p[1][j]);
-                        let h23 = _mm_hadd_epi32(p[2][j], p[3][j]);
+                        let h01 = _mm_hadd_epi32(*p.add(j), *p.add(TT + j));
+                        let h23 = _mm_hadd_epi32(*p.add(2 * TT + j), *p.add(3 * TT + j));
                         if K::W::OFFSET32 {
                             let isum = _mm_hadd_epi32(h01, h23);
                             *acc_j = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(da, d), *acc_j);
@@ -370,7 +389,7 @@ impl<K: KQuant> FewTile for FewK<'_, K> {
                             let (h01, h23) = (_mm_castsi128_ps(h01), _mm_castsi128_ps(h23));
                             let isum = _mm_castps_si128(_mm_shuffle_ps::<0x88>(h01, h23));
                             let m = _mm_castps_si128(_mm_shuffle_ps::<0xdd>(h01, h23));
-                            let ndmin = _mm_xor_ps(_mm_loadu_ps(dmins[k].as_ptr()), neg);
+                            let ndmin = _mm_xor_ps(_mm_loadu_ps(mp.add(4 * k)), neg);
                             *acc_j = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(da, d), *acc_j);
                             *acc_j =
                                 _mm_fmadd_ps(_mm_cvtepi32_ps(m), _mm_mul_ps(da, ndmin), *acc_j);
