@@ -41,7 +41,7 @@ pub struct Args {
     /// Prompt tokens per forward pass.
     #[arg(long, short = 'b', value_name = "N", default_value_t = quarry::generate::DEFAULT_BATCH)]
     pub batch: usize,
-    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default: f32 for an f32 model file, else f16).
+    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default f32; f16 and q8_0 save memory).
     #[arg(long, value_name = "TYPE")]
     pub cache_type: Option<quarry::model::KvType>,
     /// Worker threads (default: all cores).

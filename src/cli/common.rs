@@ -21,8 +21,8 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't', value_name = "N")]
     pub threads: Option<usize>,
-    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default: f32 for an f32 model file and for
-    /// `logits`, else f16).
+    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default f32; f16 and q8_0 save
+    /// memory).
     #[arg(long, value_name = "TYPE")]
     pub cache_type: Option<quarry::model::KvType>,
 }

@@ -41,8 +41,8 @@ pub struct PoolExhausted {
 /// How keys and values are stored (`--cache-type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum KvType {
-    F32,
     #[default]
+    F32,
     F16,
     Q8_0,
 }
