@@ -153,6 +153,12 @@ impl Sequence {
     fn pending(&self) -> usize {
         self.tokens.len() - self.kv.len()
     }
+
+    /// Past its prompt, with just the last sampled token to run; otherwise it is reading a prompt (its own, or
+    /// its tokens again after a preemption).
+    fn is_decoding(&self) -> bool {
+        self.pending() == 1 && self.tokens.len() > self.prompt_len
+    }
 }
 
 /// A cached full block: the block, its own tokens and the key of the block before it (to tell hash collisions
@@ -542,16 +548,13 @@ impl<'m> Scheduler<'m> {
     fn plan_step(&mut self, events: &mut Vec<Event>) {
         self.plan.clear();
         let mut budget = self.cfg.step_tokens;
-        let prefilling = self
-            .running
-            .iter()
-            .any(|s| s.tokens.len() == s.prompt_len || s.pending() > 1);
+        let prefilling = self.running.iter().any(|s| !s.is_decoding());
         let decode = self.cfg.decode_during_prefill || !prefilling;
         // Decoding sequences first: their one token each.
         let mut i = 0;
         while decode && i < self.running.len() {
             let s = &self.running[i];
-            if s.pending() == 1 && s.tokens.len() > s.prompt_len {
+            if s.is_decoding() {
                 match self.make_room(i, s.kv.len() + 1, events) {
                     Room::Ok => {
                         self.plan.push((i, 1));
@@ -568,13 +571,10 @@ impl<'m> Scheduler<'m> {
                 break;
             }
             let s = &self.running[i];
-            if s.tokens.len() > s.prompt_len && s.pending() == 1 {
+            if s.is_decoding() {
                 continue;
             }
             let n = s.pending().min(budget);
-            if n == 0 {
-                continue;
-            }
             // Prompt blocks were reserved at admission.
             self.plan.push((i, n));
             budget -= n;

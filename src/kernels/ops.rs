@@ -111,6 +111,16 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
 }
 
+/// An f16 block converted into `buf`, same layout.
+#[inline(always)]
+fn f16_block<'b>(src: &[u16], buf: &'b mut Vec<f32>) -> &'b [f32] {
+    buf.resize(src.len(), 0.0);
+    for (o, &h) in buf.iter_mut().zip(src) {
+        *o = f16_to_f32(h);
+    }
+    buf
+}
+
 impl<'a> KvBlocks<'a> {
     /// One contiguous f32 cache of `stride` positions: keys `kt[d * stride + s]`, values `v[s * head_dim + d]`.
     pub fn contiguous(kt: &'a [f32], stride: usize, v: &'a [f32], head_dim: usize) -> KvBlocks<'a> {
@@ -137,13 +147,7 @@ impl<'a> KvBlocks<'a> {
         let n = hd * bt;
         match self.data {
             KvData::F32 { k, .. } => &k[base..(base + n).min(k.len())],
-            KvData::F16 { k, .. } => {
-                buf.resize(n, 0.0);
-                for (o, &h) in buf.iter_mut().zip(&k[base..base + n]) {
-                    *o = f16_to_f32(h);
-                }
-                buf
-            }
+            KvData::F16 { k, .. } => f16_block(&k[base..base + n], buf),
             KvData::Q8 { k, k_scale, .. } => {
                 buf.resize(n, 0.0);
                 let g = kv_q8_group(hd);
@@ -171,13 +175,7 @@ impl<'a> KvBlocks<'a> {
         let n = hd * bt;
         match self.data {
             KvData::F32 { v, .. } => &v[base..(base + n).min(v.len())],
-            KvData::F16 { v, .. } => {
-                buf.resize(n, 0.0);
-                for (o, &h) in buf.iter_mut().zip(&v[base..base + n]) {
-                    *o = f16_to_f32(h);
-                }
-                buf
-            }
+            KvData::F16 { v, .. } => f16_block(&v[base..base + n], buf),
             KvData::Q8 { v, v_scale, .. } => {
                 buf.resize(n, 0.0);
                 let g = kv_q8_group(hd);
