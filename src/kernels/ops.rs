@@ -69,8 +69,10 @@ pub struct KvBlocks<'a> {
 
 /// The storage of a KV pool (keys `k`, values `v`) in one of its cache types. Per block and head:
 /// - `F32`, `F16`: keys transposed (`[head_dim][tokens]`), values row-major (`[tokens][head_dim]`).
-/// - `Q8`: keys and values both row-major, as signed bytes with one f32 scale per group of
-///   [`kv_q8_group`]`(head_dim)` consecutive values of a row (`k_scale[offset / group]`).
+/// - `Q8`: signed bytes, keys transposed and values row-major as above, with one f32 scale per group of
+///   [`kv_q8_group`]`(head_dim)` consecutive dimensions of a position: a block's value scales row-major
+///   (`v_scale[offset / group]`), its key scales `[group][position]` (`k_scale[base / group + c * tokens + s]`
+///   for group `c` of position `s`).
 #[derive(Clone, Copy, Debug)]
 pub enum KvData<'a> {
     F32 {
@@ -88,6 +90,9 @@ pub enum KvData<'a> {
         v_scale: &'a [f32],
     },
 }
+
+/// The largest head size [`Ops::attend_block`] takes (Granite's are 64 and 128).
+pub const MAX_HEAD_DIM: usize = 256;
 
 /// Values per scale of the `Q8` cache: ggml's 32, or the whole head row when it is not a multiple of 32.
 pub fn kv_q8_group(head_dim: usize) -> usize {
@@ -111,16 +116,6 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
 }
 
-/// An f16 block converted into `buf`, same layout.
-#[inline(always)]
-fn f16_block<'b>(src: &[u16], buf: &'b mut Vec<f32>) -> &'b [f32] {
-    buf.resize(src.len(), 0.0);
-    for (o, &h) in buf.iter_mut().zip(src) {
-        *o = f16_to_f32(h);
-    }
-    buf
-}
-
 impl<'a> KvBlocks<'a> {
     /// One contiguous f32 cache of `stride` positions: keys `kt[d * stride + s]`, values `v[s * head_dim + d]`.
     pub fn contiguous(kt: &'a [f32], stride: usize, v: &'a [f32], head_dim: usize) -> KvBlocks<'a> {
@@ -139,61 +134,6 @@ impl<'a> KvBlocks<'a> {
         self.blocks[i] as usize * self.block_values + self.head_offset
     }
 
-    /// Keys of block `i` as f32, transposed (`[head_dim][tokens]`): the storage itself for an f32 cache (shorter
-    /// if it ends first: a contiguous cache need not have its last positions), else converted into `buf`.
-    #[inline(always)]
-    pub fn keys<'b>(&'b self, i: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
-        let (base, hd, bt) = (self.base(i), self.head_dim, self.tokens);
-        let n = hd * bt;
-        match self.data {
-            KvData::F32 { k, .. } => &k[base..(base + n).min(k.len())],
-            KvData::F16 { k, .. } => f16_block(&k[base..base + n], buf),
-            KvData::Q8 { k, k_scale, .. } => {
-                buf.resize(n, 0.0);
-                let g = kv_q8_group(hd);
-                for s in 0..bt {
-                    let row = base + s * hd;
-                    for (c, (q, &d)) in k[row..row + hd]
-                        .chunks_exact(g)
-                        .zip(&k_scale[row / g..(row + hd) / g])
-                        .enumerate()
-                    {
-                        for (j, &x) in q.iter().enumerate() {
-                            buf[(c * g + j) * bt + s] = x as f32 * d;
-                        }
-                    }
-                }
-                buf
-            }
-        }
-    }
-
-    /// Values of block `i` as f32, row-major (`[tokens][head_dim]`), as for `keys`.
-    #[inline(always)]
-    pub fn values<'b>(&'b self, i: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
-        let (base, hd, bt) = (self.base(i), self.head_dim, self.tokens);
-        let n = hd * bt;
-        match self.data {
-            KvData::F32 { v, .. } => &v[base..(base + n).min(v.len())],
-            KvData::F16 { v, .. } => f16_block(&v[base..base + n], buf),
-            KvData::Q8 { v, v_scale, .. } => {
-                buf.resize(n, 0.0);
-                let g = kv_q8_group(hd);
-                for (c, (o, q)) in buf
-                    .chunks_exact_mut(g)
-                    .zip(v[base..base + n].chunks_exact(g))
-                    .enumerate()
-                {
-                    let d = v_scale[base / g + c];
-                    for (o, &x) in o.iter_mut().zip(q) {
-                        *o = x as f32 * d;
-                    }
-                }
-                buf
-            }
-        }
-    }
-
     /// Key `d` of position `s` (the scalar reference's access).
     pub fn key(&self, s: usize, d: usize) -> f32 {
         let (i, p) = (s / self.tokens, s % self.tokens);
@@ -202,8 +142,8 @@ impl<'a> KvBlocks<'a> {
             KvData::F32 { k, .. } => k[base + d * self.tokens + p],
             KvData::F16 { k, .. } => half::f16::from_bits(k[base + d * self.tokens + p]).to_f32(),
             KvData::Q8 { k, k_scale, .. } => {
-                let at = base + p * self.head_dim + d;
-                k[at] as f32 * k_scale[at / kv_q8_group(self.head_dim)]
+                let g = kv_q8_group(self.head_dim);
+                k[base + d * self.tokens + p] as f32 * k_scale[base / g + d / g * self.tokens + p]
             }
         }
     }
@@ -220,17 +160,6 @@ impl<'a> KvBlocks<'a> {
             }
         }
     }
-}
-
-thread_local! {
-    /// Each thread's f32 copy of the compact cache block being read (attention over f16 and q8 caches); grows to
-    /// one block once.
-    static STAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Sizes this thread's staging buffer for blocks of `tokens` positions of `head_dim` values.
-pub fn reserve_kv_stage(head_dim: usize, tokens: usize) {
-    STAGE.with_borrow_mut(|b| b.reserve(head_dim * tokens));
 }
 
 /// The scratch [`Ops::attend_block`] needs for these query lengths.
@@ -253,12 +182,12 @@ pub(super) const BASELINE: Ops = Ops {
     rope: body::rope,
     softmax: body::softmax,
     silu_mul: body::silu_mul,
-    attend_block: body::attend_block::<body::Separate, 32, 16, 8, 32, 16, 8>,
+    attend_block: body::attend_block::<body::Separate, body::BitArithmetic, 32, 16, 8, 32, 16, 8>,
 };
 
 /// The one definition of each operation, inlined into each compiled copy.
 mod body {
-    use super::KvBlocks;
+    use super::{KvBlocks, KvData, MAX_HEAD_DIM, f16_to_f32, kv_q8_group};
 
     /// Partial lanes for sums and maxima: a whole zmm, two ymm, four xmm.
     const L: usize = 16;
@@ -354,20 +283,228 @@ mod body {
         }
     }
 
-    /// The largest head size [`attend_block`] takes (Granite's are 64 and 128).
-    pub const MAX_HEAD_DIM: usize = 256;
+    /// How a copy widens f16 cache values to f32: F16C's conversion on x86, the branch-free bit arithmetic of
+    /// [`f16_to_f32`] elsewhere. Both are exact, so every copy reads the same values.
+    pub trait Widen {
+        fn f16<const N: usize>(h: &[u16; N]) -> [f32; N];
+    }
+
+    pub struct BitArithmetic;
+
+    impl Widen for BitArithmetic {
+        #[inline(always)]
+        fn f16<const N: usize>(h: &[u16; N]) -> [f32; N] {
+            let mut out = [0.0; N];
+            for (o, &x) in out.iter_mut().zip(h) {
+                *o = f16_to_f32(x);
+            }
+            out
+        }
+    }
+
+    /// Block `i` of one KV head in its stored type, read a register tile at a time as f32: attention loads a
+    /// compact cache's bytes once and widens them in registers, so an f16 cache costs half the memory traffic of
+    /// an f32 one and a q8_0 cache about a quarter. Keys at dimension `d` of positions `s..` and values at
+    /// dimensions `d0..` of position `s` (layouts as in [`KvData`]).
+    pub trait KvBlock<'a>: Sized {
+        fn at(kv: &KvBlocks<'a>, i: usize) -> Self;
+        /// Whether a tile of `n` positions from `s` can be loaded at every dimension (a contiguous f32 cache may
+        /// end before its last block does).
+        fn keys_fit(&self, s: usize, n: usize) -> bool;
+        fn keys<W: Widen, const N: usize>(&self, d: usize, s: usize) -> [f32; N];
+        fn key(&self, d: usize, s: usize) -> f32;
+        fn values<W: Widen, const N: usize>(&self, s: usize, d0: usize) -> [f32; N];
+    }
+
+    pub struct F32Block<'a> {
+        k: &'a [f32],
+        v: &'a [f32],
+        bt: usize,
+        hd: usize,
+    }
+
+    impl<'a> KvBlock<'a> for F32Block<'a> {
+        #[inline(always)]
+        fn at(kv: &KvBlocks<'a>, i: usize) -> Self {
+            let KvData::F32 { k, v } = kv.data else {
+                unreachable!("an f32 block of another cache type")
+            };
+            let (base, n) = (kv.base(i), kv.head_dim * kv.tokens);
+            F32Block {
+                k: &k[base..(base + n).min(k.len())],
+                v: &v[base..(base + n).min(v.len())],
+                bt: kv.tokens,
+                hd: kv.head_dim,
+            }
+        }
+        #[inline(always)]
+        fn keys_fit(&self, s: usize, n: usize) -> bool {
+            (self.hd - 1) * self.bt + s + n <= self.k.len()
+        }
+        #[inline(always)]
+        fn keys<W: Widen, const N: usize>(&self, d: usize, s: usize) -> [f32; N] {
+            let at = d * self.bt + s;
+            *<&[f32; N]>::try_from(&self.k[at..at + N]).unwrap()
+        }
+        #[inline(always)]
+        fn key(&self, d: usize, s: usize) -> f32 {
+            self.k[d * self.bt + s]
+        }
+        #[inline(always)]
+        fn values<W: Widen, const N: usize>(&self, s: usize, d0: usize) -> [f32; N] {
+            let at = s * self.hd + d0;
+            *<&[f32; N]>::try_from(&self.v[at..at + N]).unwrap()
+        }
+    }
+
+    pub struct F16Block<'a> {
+        k: &'a [u16],
+        v: &'a [u16],
+        bt: usize,
+        hd: usize,
+    }
+
+    impl<'a> KvBlock<'a> for F16Block<'a> {
+        #[inline(always)]
+        fn at(kv: &KvBlocks<'a>, i: usize) -> Self {
+            let KvData::F16 { k, v } = kv.data else {
+                unreachable!("an f16 block of another cache type")
+            };
+            let (base, n) = (kv.base(i), kv.head_dim * kv.tokens);
+            F16Block {
+                k: &k[base..base + n],
+                v: &v[base..base + n],
+                bt: kv.tokens,
+                hd: kv.head_dim,
+            }
+        }
+        #[inline(always)]
+        fn keys_fit(&self, s: usize, n: usize) -> bool {
+            s + n <= self.bt
+        }
+        #[inline(always)]
+        fn keys<W: Widen, const N: usize>(&self, d: usize, s: usize) -> [f32; N] {
+            let at = d * self.bt + s;
+            W::f16(self.k[at..at + N].try_into().unwrap())
+        }
+        #[inline(always)]
+        fn key(&self, d: usize, s: usize) -> f32 {
+            f16_to_f32(self.k[d * self.bt + s])
+        }
+        #[inline(always)]
+        fn values<W: Widen, const N: usize>(&self, s: usize, d0: usize) -> [f32; N] {
+            let at = s * self.hd + d0;
+            W::f16(self.v[at..at + N].try_into().unwrap())
+        }
+    }
+
+    pub struct Q8Block<'a> {
+        k: &'a [i8],
+        v: &'a [i8],
+        /// `[group][position]`.
+        k_scale: &'a [f32],
+        /// `[position][group]`.
+        v_scale: &'a [f32],
+        bt: usize,
+        hd: usize,
+        /// Groups of 32 dimensions (else one group per position: [`kv_q8_group`]).
+        by_32: bool,
+    }
+
+    impl<'a> Q8Block<'a> {
+        /// The scale group of dimension `d` and where `d` sits in it.
+        #[inline(always)]
+        fn group(&self, d: usize) -> (usize, usize) {
+            if self.by_32 { (d / 32, d % 32) } else { (0, d) }
+        }
+    }
+
+    impl<'a> KvBlock<'a> for Q8Block<'a> {
+        #[inline(always)]
+        fn at(kv: &KvBlocks<'a>, i: usize) -> Self {
+            let KvData::Q8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } = kv.data
+            else {
+                unreachable!("a q8 block of another cache type")
+            };
+            let (base, n, g) = (kv.base(i), kv.head_dim * kv.tokens, kv_q8_group(kv.head_dim));
+            Q8Block {
+                k: &k[base..base + n],
+                v: &v[base..base + n],
+                k_scale: &k_scale[base / g..(base + n) / g],
+                v_scale: &v_scale[base / g..(base + n) / g],
+                bt: kv.tokens,
+                hd: kv.head_dim,
+                by_32: g == 32,
+            }
+        }
+        #[inline(always)]
+        fn keys_fit(&self, s: usize, n: usize) -> bool {
+            s + n <= self.bt
+        }
+        #[inline(always)]
+        fn keys<W: Widen, const N: usize>(&self, d: usize, s: usize) -> [f32; N] {
+            let at = d * self.bt + s;
+            let sc_at = self.group(d).0 * self.bt + s;
+            let q: &[i8; N] = self.k[at..at + N].try_into().unwrap();
+            let sc: &[f32; N] = self.k_scale[sc_at..sc_at + N].try_into().unwrap();
+            let mut out = [0.0; N];
+            for ((o, &x), &d) in out.iter_mut().zip(q).zip(sc) {
+                *o = x as f32 * d;
+            }
+            out
+        }
+        #[inline(always)]
+        fn key(&self, d: usize, s: usize) -> f32 {
+            self.k[d * self.bt + s] as f32 * self.k_scale[self.group(d).0 * self.bt + s]
+        }
+        #[inline(always)]
+        fn values<W: Widen, const N: usize>(&self, s: usize, d0: usize) -> [f32; N] {
+            let at = s * self.hd + d0;
+            let q: &[i8; N] = self.v[at..at + N].try_into().unwrap();
+            let per_row = if self.by_32 { self.hd / 32 } else { 1 };
+            let (c, within) = self.group(d0);
+            let g0 = s * per_row + c;
+            let g = if self.by_32 { 32 } else { self.hd };
+            let mut out = [0.0; N];
+            if within + N <= g {
+                let d = self.v_scale[g0];
+                for (o, &x) in out.iter_mut().zip(q) {
+                    *o = x as f32 * d;
+                }
+            } else if self.by_32 && within == 0 && N.is_multiple_of(32) {
+                let sc = &self.v_scale[g0..g0 + N / 32];
+                for ((o, q), &d) in out.chunks_exact_mut(32).zip(q.chunks_exact(32)).zip(sc) {
+                    for (o, &x) in o.iter_mut().zip(q) {
+                        *o = x as f32 * d;
+                    }
+                }
+            } else {
+                for (i, (o, &x)) in out.iter_mut().zip(q).enumerate() {
+                    *o = x as f32 * self.v_scale[s * per_row + self.group(d0 + i).0];
+                }
+            }
+            out
+        }
+    }
 
     /// [`super::Ops::attend_block`]. Queries are taken 4 at a time (then 2, 1). Scores: a register tile of 4
     /// queries x `P4` positions (`P2`, `P1` for 2 and 1 queries), one run of keys per head dimension feeding
     /// all of them. Values: 4 queries x `D4` dimensions (`D2`, `D1`), one value row chunk per position feeding
     /// all of them, accumulated in registers across a whole cache block of positions (no store-to-load chain
-    /// per position). The keys (then values) of one block stay in L1/L2 while every query tile uses them. Each
-    /// copy picks the widths so that a tile is whole registers and has enough independent accumulators to hide
-    /// the multiply-add latency (at least 8 on AVX2 and baseline, 4 zmm on AVX-512) within its register file;
-    /// with fewer queries, wider tiles.
+    /// per position). The keys (then values) of one block stay in L1/L2 while every query tile uses them, each
+    /// tile widened from the stored type as it is loaded ([`KvBlock`]). Each copy picks the widths so that a
+    /// tile is whole registers and has enough independent accumulators to hide the multiply-add latency (at
+    /// least 8 on AVX2 and baseline, 4 zmm on AVX-512) within its register file; with fewer queries, wider
+    /// tiles.
     #[inline(always)]
     pub fn attend_block<
         M: Madd,
+        W: Widen,
         const P1: usize,
         const P2: usize,
         const P4: usize,
@@ -378,6 +515,40 @@ mod body {
         q: &[f32],
         lens: &[usize],
         kv: &KvBlocks,
+        scale: f32,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        match kv.data {
+            KvData::F32 { .. } => attend::<M, W, F32Block, P1, P2, P4, D1, D2, D4>(
+                q, lens, kv, scale, scratch, out,
+            ),
+            KvData::F16 { .. } => attend::<M, W, F16Block, P1, P2, P4, D1, D2, D4>(
+                q, lens, kv, scale, scratch, out,
+            ),
+            KvData::Q8 { .. } => attend::<M, W, Q8Block, P1, P2, P4, D1, D2, D4>(
+                q, lens, kv, scale, scratch, out,
+            ),
+        }
+    }
+
+    /// [`attend_block`] over one cache type.
+    #[inline(always)]
+    fn attend<
+        'a,
+        M: Madd,
+        W: Widen,
+        B: KvBlock<'a>,
+        const P1: usize,
+        const P2: usize,
+        const P4: usize,
+        const D1: usize,
+        const D2: usize,
+        const D4: usize,
+    >(
+        q: &[f32],
+        lens: &[usize],
+        kv: &KvBlocks<'a>,
         scale: f32,
         scratch: &mut [f32],
         out: &mut [f32],
@@ -417,11 +588,9 @@ mod body {
             })
         };
 
-        // A compact cache's block is converted to f32 once per pass and read from L1 by every query tile.
-        let mut stage = super::STAGE.with_borrow_mut(std::mem::take);
         // Scores, block by block of positions: `p` rows start at column c0 for this block's positions.
         for (bi, c0) in (0..lmax).step_by(bt).enumerate() {
-            let kt = kv.keys(bi, &mut stage);
+            let blk = B::at(kv, bi);
             for (j, jt, lt) in tiles() {
                 let c1 = lt.min(c0 + bt);
                 if c1 <= c0 {
@@ -430,9 +599,9 @@ mod body {
                 let q = &q[j * hd..(j + jt) * hd];
                 let p = &mut p[j * lmax + c0..(j + jt) * lmax];
                 match jt {
-                    4 => scores::<M, 4, P4>(q, kt, bt, c1 - c0, scale, p, lmax),
-                    2 => scores::<M, 2, P2>(q, kt, bt, c1 - c0, scale, p, lmax),
-                    _ => scores::<M, 1, P1>(q, kt, bt, c1 - c0, scale, p, lmax),
+                    4 => scores::<M, W, B, 4, P4>(q, &blk, c1 - c0, scale, p, lmax),
+                    2 => scores::<M, W, B, 2, P2>(q, &blk, c1 - c0, scale, p, lmax),
+                    _ => scores::<M, W, B, 1, P1>(q, &blk, c1 - c0, scale, p, lmax),
                 }
             }
         }
@@ -447,7 +616,7 @@ mod body {
 
         // Weighted sum of values, block by block of positions, a register tile of dimensions at a time.
         for (bi, c0) in (0..lmax).step_by(bt).enumerate() {
-            let v = kv.values(bi, &mut stage);
+            let blk = B::at(kv, bi);
             for (j, jt, lt) in tiles() {
                 let c1 = lt.min(c0 + bt);
                 if c1 <= c0 {
@@ -473,36 +642,34 @@ mod body {
                     } else {
                         (3, 1)
                     };
+                    let b = &blk;
                     match (jt, width) {
-                        (4, 0) => values::<M, 4, D4>(p, lmax, v, hd, d0, n, out),
-                        (2, 0) => values::<M, 2, D2>(p, lmax, v, hd, d0, n, out),
-                        (_, 0) => values::<M, 1, D1>(p, lmax, v, hd, d0, n, out),
-                        (4, 1) => values::<M, 4, 16>(p, lmax, v, hd, d0, n, out),
-                        (2, 1) => values::<M, 2, 16>(p, lmax, v, hd, d0, n, out),
-                        (_, 1) => values::<M, 1, 16>(p, lmax, v, hd, d0, n, out),
-                        (4, 2) => values::<M, 4, 8>(p, lmax, v, hd, d0, n, out),
-                        (2, 2) => values::<M, 2, 8>(p, lmax, v, hd, d0, n, out),
-                        (_, 2) => values::<M, 1, 8>(p, lmax, v, hd, d0, n, out),
-                        (4, _) => values::<M, 4, 1>(p, lmax, v, hd, d0, n, out),
-                        (2, _) => values::<M, 2, 1>(p, lmax, v, hd, d0, n, out),
-                        (_, _) => values::<M, 1, 1>(p, lmax, v, hd, d0, n, out),
+                        (4, 0) => values::<M, W, B, 4, D4>(p, lmax, b, d0, n, out),
+                        (2, 0) => values::<M, W, B, 2, D2>(p, lmax, b, d0, n, out),
+                        (_, 0) => values::<M, W, B, 1, D1>(p, lmax, b, d0, n, out),
+                        (4, 1) => values::<M, W, B, 4, 16>(p, lmax, b, d0, n, out),
+                        (2, 1) => values::<M, W, B, 2, 16>(p, lmax, b, d0, n, out),
+                        (_, 1) => values::<M, W, B, 1, 16>(p, lmax, b, d0, n, out),
+                        (4, 2) => values::<M, W, B, 4, 8>(p, lmax, b, d0, n, out),
+                        (2, 2) => values::<M, W, B, 2, 8>(p, lmax, b, d0, n, out),
+                        (_, 2) => values::<M, W, B, 1, 8>(p, lmax, b, d0, n, out),
+                        (4, _) => values::<M, W, B, 4, 1>(p, lmax, b, d0, n, out),
+                        (2, _) => values::<M, W, B, 2, 1>(p, lmax, b, d0, n, out),
+                        (_, _) => values::<M, W, B, 1, 1>(p, lmax, b, d0, n, out),
                     }
                     d0 += step;
                 }
             }
         }
-        super::STAGE.with_borrow_mut(|b| *b = stage);
     }
 
-    /// `p[jj * ps + s] = scale * q_jj . k_s` for the `JT` queries in `q` and the block's positions `0..n`
-    /// (keys `kt[d * stride + s]`): `PT` positions at a time; a last partial tile loads a whole one when the
-    /// block reaches that far (the extra scores are dropped), else runs one position at a time.
+    /// `p[jj * ps + s] = scale * q_jj . k_s` for the `JT` queries in `q` and the block's positions `0..n`:
+    /// `PT` positions at a time; a last partial tile loads a whole one when the block reaches that far (the
+    /// extra scores are dropped), else runs one position at a time.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn scores<M: Madd, const JT: usize, const PT: usize>(
+    fn scores<'a, M: Madd, W: Widen, B: KvBlock<'a>, const JT: usize, const PT: usize>(
         q: &[f32],
-        kt: &[f32],
-        stride: usize,
+        blk: &B,
         n_pos: usize,
         scale: f32,
         p: &mut [f32],
@@ -522,12 +689,12 @@ mod body {
         while s < n_pos {
             let n = (n_pos - s).min(PT);
             // A partial tile may read past `max(lens)` within the block: in bounds, and dropped.
-            if n == PT || (hd - 1) * stride + s + PT <= kt.len() {
+            if n == PT || blk.keys_fit(s, PT) {
                 let mut acc = [[0.0f32; PT]; JT];
                 for (d, qd) in qt.iter().enumerate() {
-                    let k: &[f32; PT] = kt[d * stride + s..d * stride + s + PT].try_into().unwrap();
+                    let k = blk.keys::<W, PT>(d, s);
                     for (acc_j, &x) in acc.iter_mut().zip(qd) {
-                        for (a, &kv) in acc_j.iter_mut().zip(k) {
+                        for (a, &kv) in acc_j.iter_mut().zip(&k) {
                             *a = M::madd(x, kv, *a);
                         }
                     }
@@ -542,7 +709,7 @@ mod body {
                     for jj in 0..JT {
                         let mut a = 0.0f32;
                         for (d, qd) in qt.iter().enumerate() {
-                            a = M::madd(qd[jj], kt[d * stride + t], a);
+                            a = M::madd(qd[jj], blk.key(d, t), a);
                         }
                         p[jj * ps + t] = a * scale;
                     }
@@ -552,30 +719,28 @@ mod body {
         }
     }
 
-    /// `out[jj * hd + d] += sum_{s < n} p[jj * ps + s] * v[s * hd + d]` for the `JT` queries and dimensions
+    /// `out[jj * hd + d] += sum_{s < n} p[jj * ps + s] * v_s[d]` for the `JT` queries and dimensions
     /// `d0..d0 + DT` over a block's first `n` positions, accumulated in registers.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn values<M: Madd, const JT: usize, const DT: usize>(
+    fn values<'a, M: Madd, W: Widen, B: KvBlock<'a>, const JT: usize, const DT: usize>(
         p: &[f32],
         ps: usize,
-        v: &[f32],
-        hd: usize,
+        blk: &B,
         d0: usize,
         n: usize,
         out: &mut [f32],
     ) {
+        let hd = out.len() / JT;
         let mut acc = [[0.0f32; DT]; JT];
         for (jj, acc_j) in acc.iter_mut().enumerate() {
             acc_j.copy_from_slice(&out[jj * hd + d0..jj * hd + d0 + DT]);
         }
         let rows: [&[f32]; JT] = std::array::from_fn(|jj| &p[jj * ps..jj * ps + n]);
-        let v = &v[..n * hd];
-        for (i, vrow) in v.chunks_exact(hd).enumerate() {
-            let x: &[f32; DT] = vrow[d0..d0 + DT].try_into().unwrap();
+        for i in 0..n {
+            let x = blk.values::<W, DT>(i, d0);
             for (acc_j, row) in acc.iter_mut().zip(&rows) {
                 let pj = row[i];
-                for (a, &xv) in acc_j.iter_mut().zip(x) {
+                for (a, &xv) in acc_j.iter_mut().zip(&x) {
                     *a = M::madd(pj, xv, *a);
                 }
             }
@@ -627,11 +792,37 @@ mod body {
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use super::{KvBlocks, Ops, body};
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+
+    /// F16C's `vcvtph2ps`, 8 values an instruction. Only the copies below use it, and only inside their
+    /// `target_feature` entries, whose kernel sets are handed out after F16C was detected.
+    pub struct F16c;
+
+    impl body::Widen for F16c {
+        #[inline(always)]
+        fn f16<const N: usize>(h: &[u16; N]) -> [f32; N] {
+            let mut out = [0.0f32; N];
+            let mut i = 0;
+            while i + 8 <= N {
+                // SAFETY: `i + 8 <= N` keeps both 8-value accesses in bounds; F16C is enabled in every function
+                // this is inlined into (see above).
+                unsafe {
+                    let x = _mm_loadu_si128(h.as_ptr().add(i) as *const __m128i);
+                    _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(x));
+                }
+                i += 8;
+            }
+            for (o, &x) in out[i..].iter_mut().zip(&h[i..]) {
+                *o = super::f16_to_f32(x);
+            }
+            out
+        }
+    }
 
     /// The bodies compiled with `$features` (see `target_feature_entries!`), attention with the given register
     /// tiles. Only the x86 kernel sets whose detection covers `$features` carry these tables.
     macro_rules! ops_compiled_with {
-        ($features:literal, attend_block::<$madd:ty, $($tile:literal),*>) => {{
+        ($features:literal, attend_block::<$madd:ty, $widen:ty, $($tile:literal),*>) => {{
             target_feature_entries! { $features;
                 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) = body::rms_norm(x, w, eps, out);
                 fn rope(x: &mut [f32], hd: usize, cs: &[(f32, f32)]) = body::rope(x, hd, cs);
@@ -645,7 +836,7 @@ pub(super) mod x86 {
                     sc: f32,
                     s: &mut [f32],
                     o: &mut [f32],
-                ) = body::attend_block::<$madd, $($tile),*>(q, lens, kv, sc, s, o);
+                ) = body::attend_block::<$madd, $widen, $($tile),*>(q, lens, kv, sc, s, o);
             }
             Ops { rms_norm, rope, softmax, silu_mul, attend_block }
         }};
@@ -653,14 +844,14 @@ pub(super) mod x86 {
 
     /// The avx2 and avxvnni sets' copy.
     pub(in crate::kernels) const AVX2: Ops = ops_compiled_with!(
-        "avx2,fma",
-        attend_block::<body::Fused, 64, 32, 16, 64, 32, 16>
+        "avx2,fma,f16c",
+        attend_block::<body::Fused, F16c, 64, 32, 16, 64, 32, 16>
     );
 
     /// The avx512vnni set's copy.
     pub(in crate::kernels) const AVX512: Ops = ops_compiled_with!(
-        "avx512f,avx2,fma",
-        attend_block::<body::Fused, 128, 64, 64, 128, 64, 64>
+        "avx512f,avx2,fma,f16c",
+        attend_block::<body::Fused, F16c, 128, 64, 64, 128, 64, 64>
     );
 }
 

@@ -164,6 +164,13 @@ impl ModelConfig {
                 self.n_embd, self.n_head
             ));
         }
+        if self.head_dim > crate::kernels::ops::MAX_HEAD_DIM {
+            return Err(format!(
+                "head size {} (embedding_length / head_count) is over the {} attention supports",
+                self.head_dim,
+                crate::kernels::ops::MAX_HEAD_DIM
+            ));
+        }
         if !self.n_head.is_multiple_of(self.n_head_kv) {
             return Err(format!(
                 "head_count {} is not a multiple of head_count_kv {}",

@@ -141,8 +141,6 @@ impl ForwardBuffers {
 pub fn reserve_thread_scratch(cfg: &ModelConfig, capacity: usize) {
     kernels::reserve_thread_scratch(cfg.n_embd.max(cfg.n_ff));
     parallel::reserve_attention_scratch(cfg.n_head / cfg.n_head_kv, cfg.head_dim, capacity);
-    let hd = cfg.head_dim;
-    rayon::broadcast(|_| kernels::ops::reserve_kv_stage(hd, KV_BLOCK_TOKENS));
 }
 
 impl Model {

@@ -9,7 +9,8 @@
 //!
 //! The cache type ([`KvType`]) sets how the values are stored: f32 as computed, f16 (half the memory and half
 //! the bytes attention reads after a long prompt), or q8_0 (signed bytes with one scale per 32 values, about a
-//! quarter). Attention converts one block at a time to f32 in L1 as it reads it.
+//! quarter; keys transposed like the others, with their scales stored `[group][position]`). Attention reads
+//! each type directly, widening a register tile at a time.
 //!
 //! Blocks are reference-counted so that a block holding a prompt prefix can be shared by several sequences
 //! (the scheduler's prefix reuse); a shared block is never written: a sequence about to write into one gets a
@@ -18,7 +19,7 @@
 use half::f16;
 
 use super::config::ModelConfig;
-use crate::kernels::ops::{KvData, kv_q8_group};
+use crate::kernels::ops::{KvData, MAX_HEAD_DIM, kv_q8_group};
 
 /// Positions per block: a whole number of every attention kernel's position tiles (at most 64), small enough
 /// that a sequence wastes little of its last block.
@@ -262,12 +263,15 @@ impl KvPool {
                 v_scale,
             } => {
                 let g = kv_q8_group(hd);
-                quantize_row(
-                    k,
-                    &mut kq[row.clone()],
-                    &mut k_scale[row.start / g..row.end / g],
-                    g,
-                );
+                // Keys transposed like the other types, their scales `[group][position]` beside them.
+                let (mut kb, mut ks) = ([0i8; MAX_HEAD_DIM], [0.0f32; MAX_HEAD_DIM]);
+                quantize_row(k, &mut kb[..hd], &mut ks[..hd / g], g);
+                for (d, &x) in kb[..hd].iter().enumerate() {
+                    kq[base + d * KV_BLOCK_TOKENS + pos] = x;
+                }
+                for (c, &d) in ks[..hd / g].iter().enumerate() {
+                    k_scale[base / g + c * KV_BLOCK_TOKENS + pos] = d;
+                }
                 quantize_row(
                     v,
                     &mut vq[row.clone()],
