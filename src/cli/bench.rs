@@ -55,7 +55,8 @@ pub struct Args {
     /// all generate -n tokens together; t/s counts every sequence's tokens.
     #[arg(long = "parallel", value_delimiter = ',', value_name = "B")]
     pub parallel: Vec<usize>,
-    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default f32; f16 and q8_0 save memory).
+    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default f16 for a quantized
+    /// model, f32 for a float one).
     #[arg(long = "cache-type", short = 'k', value_name = "TYPE")]
     pub cache_type: Option<quarry::model::KvType>,
     /// Also measure memory read bandwidth and print the decode ceiling it implies (bandwidth / weight bytes read

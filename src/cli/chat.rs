@@ -41,7 +41,8 @@ pub struct Args {
     /// Prompt tokens per forward pass.
     #[arg(long, short = 'b', value_name = "N", default_value_t = quarry::generate::DEFAULT_BATCH)]
     pub batch: usize,
-    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default f32; f16 and q8_0 save memory).
+    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default f16 for a quantized
+    /// model, f32 for a float one).
     #[arg(long, value_name = "TYPE")]
     pub cache_type: Option<quarry::model::KvType>,
     /// Worker threads (default: all cores).

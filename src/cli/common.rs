@@ -21,8 +21,8 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't', value_name = "N")]
     pub threads: Option<usize>,
-    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default f32; f16 and q8_0 save
-    /// memory).
+    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default f16 for a quantized
+    /// model, f32 for a float one; `logits` always defaults to f32).
     #[arg(long, value_name = "TYPE")]
     pub cache_type: Option<quarry::model::KvType>,
 }
