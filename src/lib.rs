@@ -22,6 +22,7 @@ pub mod kernels;
 pub mod measure;
 pub mod model;
 pub mod sampling;
+pub mod server;
 pub mod text;
 
 pub use quarry_quantize::gguf;

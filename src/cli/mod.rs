@@ -14,6 +14,7 @@ mod pull;
 mod quantize;
 mod rm;
 mod run;
+mod serve;
 mod synth;
 mod tokenize;
 
@@ -36,6 +37,8 @@ pub enum Command {
     Run(run::Args),
     /// Generate replies for many requests (JSON lines) at once, several decoded together; resumable.
     Batch(batch::Args),
+    /// Serve a model over HTTP with the OpenAI API, several requests decoded together.
+    Serve(serve::Args),
     /// Show the token ids of a text or of a rendered conversation.
     Tokenize(tokenize::Args),
     /// Show a model file's architecture, sizes, tensor types and memory needs.
@@ -81,6 +84,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             a.model.model = common::resolve_model(&a.model.model)?;
             common::init_threads(a.model.threads)?;
             batch::run(a)
+        }
+        Command::Serve(mut a) => {
+            a.model.model = common::resolve_model(&a.model.model)?;
+            common::init_threads(a.model.threads)?;
+            serve::run(a)
         }
         Command::Tokenize(mut a) => {
             a.model = common::resolve_model(&a.model)?;

@@ -1,0 +1,178 @@
+//! One request's reply as text: tokens from the inference thread decoded as they arrive, held back only while
+//! they might be the start of a stop string, and ended at the first stop string (which is not part of the reply).
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::ApiError;
+use super::worker::Output;
+use crate::engine::Engine;
+use crate::engine::scheduler::FinishReason;
+
+/// What the reply did next.
+#[derive(Debug)]
+pub enum Step {
+    /// More text (never empty).
+    Text(String),
+    /// The end: why, and the token counts for `usage`.
+    End {
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+}
+
+pub struct Generation {
+    engine: Arc<Engine>,
+    rx: UnboundedReceiver<Output>,
+    stops: Vec<String>,
+    /// Every token generated (the end-of-text token not among them).
+    ids: Vec<u32>,
+    /// The text of `ids` so far, and how much of it has been handed out.
+    text: String,
+    sent: usize,
+    prompt_tokens: usize,
+    /// The end, due on the next call after the last text went out.
+    pending_end: Option<&'static str>,
+    done: bool,
+}
+
+impl Generation {
+    pub fn new(
+        engine: Arc<Engine>,
+        rx: UnboundedReceiver<Output>,
+        stops: Vec<String>,
+        prompt_tokens: usize,
+    ) -> Generation {
+        Generation {
+            engine,
+            rx,
+            stops,
+            ids: Vec::new(),
+            text: String::new(),
+            sent: 0,
+            prompt_tokens,
+            pending_end: None,
+            done: false,
+        }
+    }
+
+    /// The next step; `None` after `End`. An error before any text is the request's (a 4xx) or the model's.
+    pub async fn next(&mut self) -> Option<Result<Step, ApiError>> {
+        if self.done {
+            return None;
+        }
+        if let Some(why) = self.pending_end.take() {
+            return Some(Ok(self.end(why)));
+        }
+        loop {
+            let Some(out) = self.rx.recv().await else {
+                self.done = true;
+                return Some(Err(ApiError {
+                    status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    message: "the inference thread stopped".into(),
+                }));
+            };
+            match out {
+                Output::Token(id) => {
+                    let tokenizer = self.engine.tokenizer();
+                    if id == tokenizer.eos_id() {
+                        continue;
+                    }
+                    self.ids.push(id);
+                    // The whole text decoded again: exactly what a decode of all the ids gives (as `quarry run`
+                    // prints), whatever a token's bytes look like alone.
+                    self.text = match tokenizer.decode(&self.ids, true) {
+                        Ok(t) => t,
+                        Err(e) => return Some(Err(self.fail(format!("decoding the reply: {e}")))),
+                    };
+                    if let Some(at) = self.stop_at() {
+                        self.text.truncate(at);
+                        // Dropping the receiver cancels the sequence.
+                        self.rx.close();
+                        return Some(Ok(self.flush_then_end("stop")));
+                    }
+                    let safe = self.safe_len();
+                    if safe > self.sent {
+                        let piece = self.text[self.sent..safe].to_string();
+                        self.sent = safe;
+                        return Some(Ok(Step::Text(piece)));
+                    }
+                }
+                Output::Done { reason, .. } => {
+                    let why = match reason {
+                        FinishReason::Stop => "stop",
+                        FinishReason::Length | FinishReason::ContextFull => "length",
+                        FinishReason::Cancelled => "cancelled",
+                    };
+                    return Some(Ok(self.flush_then_end(why)));
+                }
+                Output::Refused(message) => {
+                    self.done = true;
+                    return Some(Err(ApiError::bad_request(message)));
+                }
+                Output::Failed(message) => return Some(Err(self.fail(message))),
+            }
+        }
+    }
+
+    fn fail(&mut self, message: String) -> ApiError {
+        self.done = true;
+        ApiError {
+            status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            message,
+        }
+    }
+
+    /// What is left of the text, then the end (the caller gets the end on its next call).
+    fn flush_then_end(&mut self, finish_reason: &'static str) -> Step {
+        if self.sent < self.text.len() {
+            let piece = self.text[self.sent..].to_string();
+            self.sent = self.text.len();
+            self.pending_end = Some(finish_reason);
+            return Step::Text(piece);
+        }
+        self.end(finish_reason)
+    }
+
+    fn end(&mut self, finish_reason: &'static str) -> Step {
+        self.done = true;
+        Step::End {
+            finish_reason,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.ids.len(),
+        }
+    }
+
+    /// Where the first stop string starts, searching only where a new one can be.
+    fn stop_at(&self) -> Option<usize> {
+        let longest = self.stops.iter().map(|s| s.len()).max()?;
+        let mut from = self.sent.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.stops
+            .iter()
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
+            .min()
+    }
+
+    /// How much of the text can go out: all but a tail that may be the start of a stop string, and all but a
+    /// trailing replacement character (a multi-byte character whose other tokens have not come yet).
+    fn safe_len(&self) -> usize {
+        let mut safe = self.text.len();
+        if self.text.ends_with('\u{fffd}') {
+            safe -= '\u{fffd}'.len_utf8();
+        }
+        let mut hold = 0;
+        for s in &self.stops {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.text[..safe].ends_with(&s[..i]) {
+                    hold = hold.max(i);
+                }
+            }
+        }
+        (safe - hold).max(self.sent)
+    }
+}

@@ -1,0 +1,225 @@
+//! `quarry serve`: an OpenAI-compatible HTTP server over the multi-sequence engine.
+//!
+//! One inference thread ([`worker`]) owns the scheduler and runs every request's sequence in shared forward
+//! passes; the HTTP side (axum on a small tokio runtime) parses requests, renders and tokenizes prompts, and
+//! turns each request's tokens into text as they arrive ([`openai`]). Errors always have OpenAI's shape,
+//! `{"error": {"message", "type", "code"}}`, with a 4xx status for the client's mistakes.
+
+mod generation;
+mod openai;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::engine::Engine;
+use crate::engine::scheduler::SchedulerConfig;
+use worker::Worker;
+
+/// How to serve.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub host: String,
+    pub port: u16,
+    /// Requests must carry `Authorization: Bearer KEY` (all but `/health`).
+    pub api_key: Option<String>,
+    pub scheduler: SchedulerConfig,
+    /// The id `/v1/models` reports.
+    pub model_name: String,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// How long running replies may take to finish after SIGINT/SIGTERM before the process exits anyway.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source} (is another server using the port? pick one with --port)")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("the server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What every handler shares.
+pub(crate) struct AppState {
+    pub engine: Arc<Engine>,
+    pub worker: Worker,
+    pub cfg: ServeConfig,
+    pub next_id: AtomicU64,
+}
+
+/// An error response in OpenAI's shape.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            s if s.is_client_error() => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {
+            "message": self.message,
+            "type": self.kind(),
+            "code": self.status.as_u16(),
+        }});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// Serves until SIGINT or SIGTERM: then stops accepting, lets running replies finish for up to
+/// `shutdown_grace`, and returns.
+pub fn serve(engine: Arc<Engine>, cfg: ServeConfig) -> Result<(), ServeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("quarry-http")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", cfg.host, cfg.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local: SocketAddr = listener.local_addr()?;
+        let worker = Worker::start(engine.clone(), cfg.scheduler);
+        let grace = cfg.shutdown_grace;
+        let state = Arc::new(AppState {
+            engine,
+            worker,
+            cfg,
+            next_id: AtomicU64::new(1),
+        });
+        let app = router(state.clone());
+        eprintln!("listening on http://{local} (OpenAI API at http://{local}/v1)");
+
+        let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            eprintln!("stopping: no new requests; waiting for running replies");
+            let _ = stopping.send(true);
+        });
+        tokio::select! {
+            r = server => r?,
+            _ = async {
+                let _ = stopped.wait_for(|&s| s).await;
+                tokio::time::sleep(grace).await;
+            } => eprintln!("replies still running after {} s; exiting", grace.as_secs()),
+        }
+        Ok(())
+    })
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let limit = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .route("/health", get(health))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!(
+            "no route {} {} (see the README's table of endpoints)",
+            req.method(),
+            req.uri().path()
+        ),
+    }
+}
+
+/// With an API key, every route but `/health` needs `Authorization: Bearer KEY`.
+async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.cfg.api_key
+        && !bearer_matches(req.headers(), key)
+    {
+        return ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "missing or wrong API key: send `Authorization: Bearer KEY`".into(),
+        }
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn bearer_matches(headers: &HeaderMap, key: &str) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(given) = value.strip_prefix("Bearer ") else {
+        return false;
+    };
+    // Compared in constant time, so the key cannot be guessed byte by byte from response times.
+    given.len() == key.len()
+        && given
+            .bytes()
+            .zip(key.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

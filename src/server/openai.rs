@@ -1,0 +1,528 @@
+//! The OpenAI API: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, non-streamed and as server-sent
+//! events framed as OpenAI frames them.
+//!
+//! Fields that change what a reply is and that this server cannot honour yet (tools, response formats,
+//! presence/frequency penalties, `n > 1`, logprobs) are refused with a 400 naming the field, never ignored.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+
+use super::generation::{Generation, Step};
+use super::{ApiError, AppState};
+use crate::engine::scheduler::Request;
+use crate::sampling::SamplingParams;
+use crate::text::chat_template::{Conversation, Message};
+
+pub async fn models(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.cfg.model_name,
+            "object": "model",
+            "created": unix_now(),
+            "owned_by": "quarry",
+        }],
+    }))
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let body = parse_body(body)?;
+        let messages = chat_messages(&body)?;
+        let template = state.engine.chat_template.as_ref().ok_or_else(|| {
+            ApiError::bad_request(
+                "the model has no chat template; use /v1/completions with a prompt instead",
+            )
+        })?;
+        let text = template
+            .render(&Conversation::from_messages(messages), true)
+            .map_err(|e| ApiError::bad_request(format!("rendering the messages: {e}")))?;
+        let opts = Options::parse(&body)?;
+        let prompt = encode(&state, &text)?;
+        Ok::<_, ApiError>((opts, prompt))
+    }
+    .await;
+    match result {
+        Ok((opts, prompt)) => reply(state, Kind::Chat, opts, prompt, started).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = (|| {
+        let body = parse_body(body)?;
+        let prompt = match body.get("prompt") {
+            Some(Value::String(s)) => encode(&state, s)?,
+            Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+                encode(&state, items[0].as_str().unwrap_or_default())?
+            }
+            Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_u64) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|id| u32::try_from(id).ok())
+                        .ok_or_else(|| ApiError::bad_request("prompt token ids must fit in 32 bits"))
+                })
+                .collect::<Result<Vec<u32>, ApiError>>()?,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "\"prompt\" must be a string, a list of one string, or a list of token ids",
+                ));
+            }
+            None => return Err(ApiError::bad_request("\"prompt\" is required")),
+        };
+        let opts = Options::parse(&body)?;
+        Ok::<_, ApiError>((opts, prompt))
+    })();
+    match result {
+        Ok((opts, prompt)) => reply(state, Kind::Completion, opts, prompt, started).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// The generation settings of a request.
+struct Options {
+    stream: bool,
+    include_usage: bool,
+    params: SamplingParams,
+    max_tokens: Option<usize>,
+    stops: Vec<String>,
+    model: Option<String>,
+}
+
+impl Options {
+    fn parse(body: &Map<String, Value>) -> Result<Options, ApiError> {
+        for field in ["tools", "functions"] {
+            if body.get(field).is_some_and(|v| !v.is_null() && v != &json!([])) {
+                return Err(ApiError::bad_request(format!(
+                    "\"{field}\" is not supported by this server yet: tool calls are being built; send the request without it"
+                )));
+            }
+        }
+        if let Some(rf) = body.get("response_format").filter(|v| !v.is_null()) {
+            let kind = rf.get("type").and_then(Value::as_str);
+            if kind != Some("text") {
+                return Err(ApiError::bad_request(format!(
+                    "\"response_format\" {} is not supported by this server yet (only {{\"type\": \"text\"}}); refused rather than ignored, so the reply is never silently unconstrained",
+                    kind.unwrap_or("without a type")
+                )));
+            }
+        }
+        for field in ["presence_penalty", "frequency_penalty"] {
+            if let Some(v) = body.get(field).filter(|v| !v.is_null()) {
+                if v.as_f64() != Some(0.0) {
+                    return Err(ApiError::bad_request(format!(
+                        "\"{field}\" other than 0 is not supported by this server yet"
+                    )));
+                }
+            }
+        }
+        if body.get("logprobs").is_some_and(|v| v.as_bool() == Some(true)) {
+            return Err(ApiError::bad_request("\"logprobs\" is not supported"));
+        }
+        if let Some(n) = body.get("n").filter(|v| !v.is_null())
+            && n.as_u64() != Some(1)
+        {
+            return Err(ApiError::bad_request("only \"n\": 1 is supported"));
+        }
+        let defaults = SamplingParams::default();
+        let temperature = number(body, "temperature", 0.0, 2.0)?.unwrap_or(defaults.temperature);
+        let top_p = number(body, "top_p", 0.0, 1.0)?.unwrap_or(defaults.top_p);
+        if top_p == 0.0 {
+            return Err(ApiError::bad_request("\"top_p\" must be above 0"));
+        }
+        let top_k = integer(body, "top_k")?.map_or(defaults.top_k, |k| k as usize);
+        let seed = match body.get("seed").filter(|v| !v.is_null()) {
+            None => random_seed(),
+            Some(v) => v
+                .as_u64()
+                .or_else(|| v.as_i64().map(|i| i as u64))
+                .ok_or_else(|| ApiError::bad_request("\"seed\" must be an integer"))?,
+        };
+        let max_tokens = match integer(body, "max_completion_tokens")? {
+            Some(n) => Some(n),
+            None => integer(body, "max_tokens")?,
+        };
+        if max_tokens == Some(0) {
+            return Err(ApiError::bad_request("\"max_tokens\" must be at least 1"));
+        }
+        let stops = match body.get("stop") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| ApiError::bad_request("\"stop\" must be a string or a list of strings"))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "\"stop\" must be a string or a list of strings",
+                ));
+            }
+        };
+        if stops.len() > 16 || stops.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return Err(ApiError::bad_request(
+                "\"stop\" takes at most 16 non-empty strings of at most 256 bytes",
+            ));
+        }
+        let stream = match body.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(ApiError::bad_request("\"stream\" must be true or false")),
+        };
+        let include_usage = body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(Options {
+            stream,
+            include_usage,
+            params: SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                ..defaults
+            },
+            max_tokens: max_tokens.map(|n| n as usize),
+            stops,
+            model: body.get("model").and_then(Value::as_str).map(str::to_string),
+        })
+    }
+}
+
+/// Runs the request and answers it, whole or streamed.
+async fn reply(
+    state: Arc<AppState>,
+    kind: Kind,
+    opts: Options,
+    prompt: Vec<u32>,
+    started: Instant,
+) -> Response {
+    let context = state.cfg.scheduler.context;
+    if prompt.is_empty() {
+        return ApiError::bad_request("the prompt is empty: there is nothing to continue").into_response();
+    }
+    if prompt.len() >= context {
+        return ApiError::bad_request(format!(
+            "the prompt has {} tokens but a sequence's context holds {context} (one more is needed for the reply); shorten the messages or start the server with a larger --ctx-size",
+            prompt.len()
+        ))
+        .into_response();
+    }
+    // What fits after the prompt; a larger request is clipped, as llama-server and vLLM do.
+    let room = context - prompt.len();
+    let max_tokens = opts.max_tokens.unwrap_or(room).min(room);
+    let prompt_tokens = prompt.len();
+    let rx = state.worker.submit(Request {
+        prompt,
+        params: opts.params,
+        max_tokens,
+        stop: vec![state.engine.tokenizer().eos_id()],
+    });
+    let mut generation = Generation::new(state.engine.clone(), rx, opts.stops.clone(), prompt_tokens);
+    let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{n}"),
+        Kind::Completion => format!("cmpl-{n}"),
+    };
+    let model = opts.model.clone().unwrap_or_else(|| state.cfg.model_name.clone());
+    let path = match kind {
+        Kind::Chat => "/v1/chat/completions",
+        Kind::Completion => "/v1/completions",
+    };
+    if !opts.stream {
+        let mut text = String::new();
+        loop {
+            match generation.next().await {
+                Some(Ok(Step::Text(t))) => text.push_str(&t),
+                Some(Ok(Step::End {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                })) => {
+                    log(path, 200, prompt_tokens, completion_tokens, started);
+                    let usage = usage(prompt_tokens, completion_tokens);
+                    let choice = match kind {
+                        Kind::Chat => json!({
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": finish_reason,
+                        }),
+                        Kind::Completion => json!({
+                            "index": 0,
+                            "text": text,
+                            "logprobs": null,
+                            "finish_reason": finish_reason,
+                        }),
+                    };
+                    let object = match kind {
+                        Kind::Chat => "chat.completion",
+                        Kind::Completion => "text_completion",
+                    };
+                    return axum::Json(json!({
+                        "id": id,
+                        "object": object,
+                        "created": unix_now(),
+                        "model": model,
+                        "choices": [choice],
+                        "usage": usage,
+                    }))
+                    .into_response();
+                }
+                Some(Err(e)) => {
+                    log(path, e.status.as_u16(), prompt_tokens, 0, started);
+                    return e.into_response();
+                }
+                None => unreachable!("a generation ends with End or an error"),
+            }
+        }
+    }
+
+    // Streaming: the first step decides the status (a refused request is still a plain 4xx); after that,
+    // events. The body reads from a channel fed by a task, so a client that goes away drops the channel,
+    // the task stops, and dropping its generation cancels the sequence.
+    let first = generation.next().await;
+    if let Some(Err(e)) = first {
+        log(path, e.status.as_u16(), prompt_tokens, 0, started);
+        return e.into_response();
+    }
+    let (tx, body_rx) = mpsc::channel::<Bytes>(64);
+    let created = unix_now();
+    tokio::spawn(async move {
+        let chunk = |delta: Value, finish: Value| -> Bytes {
+            let choice = match kind {
+                Kind::Chat => json!({"index": 0, "delta": delta, "finish_reason": finish}),
+                Kind::Completion => json!({
+                    "index": 0,
+                    "text": delta.get("content").and_then(Value::as_str).unwrap_or(""),
+                    "logprobs": null,
+                    "finish_reason": finish,
+                }),
+            };
+            let object = match kind {
+                Kind::Chat => "chat.completion.chunk",
+                Kind::Completion => "text_completion",
+            };
+            event(&json!({
+                "id": id, "object": object, "created": created, "model": model, "choices": [choice],
+            }))
+        };
+        if kind == Kind::Chat
+            && tx
+                .send(chunk(json!({"role": "assistant", "content": null}), Value::Null))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let mut step = first;
+        loop {
+            match step {
+                Some(Ok(Step::Text(t))) => {
+                    if tx.send(chunk(json!({"content": t}), Value::Null)).await.is_err() {
+                        log(path, 499, prompt_tokens, 0, started);
+                        return;
+                    }
+                }
+                Some(Ok(Step::End {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                })) => {
+                    log(path, 200, prompt_tokens, completion_tokens, started);
+                    let _ = tx.send(chunk(json!({}), json!(finish_reason))).await;
+                    if opts.include_usage {
+                        let _ = tx
+                            .send(event(&json!({
+                                "id": id,
+                                "object": match kind {
+                                    Kind::Chat => "chat.completion.chunk",
+                                    Kind::Completion => "text_completion",
+                                },
+                                "created": created,
+                                "model": model,
+                                "choices": [],
+                                "usage": usage(prompt_tokens, completion_tokens),
+                            })))
+                            .await;
+                    }
+                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    return;
+                }
+                Some(Err(e)) => {
+                    log(path, e.status.as_u16(), prompt_tokens, 0, started);
+                    let _ = tx.send(event(&json!({"error": {
+                        "message": e.message, "type": "server_error", "code": e.status.as_u16(),
+                    }}))).await;
+                    return;
+                }
+                None => return,
+            }
+            step = generation.next().await;
+        }
+    });
+    let stream = futures_util::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn event(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// One line per request on stderr.
+fn log(path: &str, status: u16, prompt: usize, completion: usize, started: Instant) {
+    eprintln!(
+        "POST {path} {status} prompt {prompt} completion {completion} {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+}
+
+fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+    let body = body.map_err(|e| ApiError {
+        status: e.status(),
+        message: format!("reading the request body: {}", e.body_text()),
+    })?;
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad_request("the request body must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request(format!("the request body is not valid JSON: {e}"))),
+    }
+}
+
+/// The request's messages as the chat template takes them; content given as text parts is joined.
+fn chat_messages(body: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
+    let Some(Value::Array(items)) = body.get("messages") else {
+        return Err(ApiError::bad_request("\"messages\" must be a list of messages"));
+    };
+    if items.is_empty() {
+        return Err(ApiError::bad_request("\"messages\" is empty"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let bad = |what: &str| ApiError::bad_request(format!("messages[{i}]: {what}"));
+            let Some(m) = m.as_object() else {
+                return Err(bad("must be an object with \"role\" and \"content\""));
+            };
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("\"role\" must be a string"))?;
+            if !matches!(role, "system" | "user" | "assistant" | "developer") {
+                return Err(bad(&format!(
+                    "role \"{role}\" is not supported (system, user, assistant){}",
+                    if role == "tool" { "; tool results come with tool calls, which are being built" } else { "" }
+                )));
+            }
+            if m.get("tool_calls").is_some_and(|v| !v.is_null()) {
+                return Err(bad("\"tool_calls\" are not supported by this server yet"));
+            }
+            let content = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                            (Some("text"), Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(bad(&format!(
+                                    "content part of type {} is not supported (only text)",
+                                    kind.unwrap_or("?")
+                                )));
+                            }
+                        }
+                    }
+                    text
+                }
+                None | Some(Value::Null) if role == "assistant" => String::new(),
+                _ => return Err(bad("\"content\" must be a string or a list of text parts")),
+            };
+            let role = if role == "developer" { "system" } else { role };
+            Ok(Message::new(role, &content))
+        })
+        .collect()
+}
+
+fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+    state
+        .engine
+        .tokenizer()
+        .encode(text)
+        .map_err(|e| ApiError::bad_request(format!("tokenizing the prompt: {e}")))
+}
+
+fn number(body: &Map<String, Value>, field: &str, lo: f64, hi: f64) -> Result<Option<f32>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(x) if (lo..=hi).contains(&x) => Ok(Some(x as f32)),
+            _ => Err(ApiError::bad_request(format!(
+                "\"{field}\" must be a number from {lo} to {hi}"
+            ))),
+        },
+    }
+}
+
+fn integer(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request(format!("\"{field}\" must be a non-negative integer"))),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn random_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+}

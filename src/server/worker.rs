@@ -1,0 +1,185 @@
+//! The inference thread: it owns the scheduler, admits requests as they arrive, steps all running sequences
+//! together, and hands each request its tokens. HTTP handlers never touch the model; they talk to this thread
+//! through [`Worker`] and read their tokens from a channel, so a slow or vanished client costs nothing but its
+//! own sequence, which is cancelled (its KV blocks freed) as soon as its channel is seen closed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use tokio::sync::mpsc as tokio_mpsc;
+
+use crate::engine::Engine;
+use crate::engine::scheduler::{Event, FinishReason, Request, Scheduler, SchedulerConfig, SeqId};
+
+/// What a request receives, in order: its tokens, then one `Done` (or one `Failed`).
+#[derive(Debug)]
+pub enum Output {
+    Token(u32),
+    Done {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        reused_tokens: usize,
+    },
+    /// The request cannot run (its message says why): the client's error.
+    Refused(String),
+    /// The model failed mid-step.
+    Failed(String),
+}
+
+struct Job {
+    request: Request,
+    out: tokio_mpsc::UnboundedSender<Output>,
+}
+
+/// Counters the HTTP side reads for `/metrics` and for admission.
+#[derive(Default, Debug)]
+pub struct Load {
+    /// Requests sent to the thread and not yet finished (running or waiting for a slot).
+    pub in_flight: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+}
+
+/// The HTTP side's handle on the inference thread.
+#[derive(Clone)]
+pub struct Worker {
+    jobs: mpsc::Sender<Job>,
+    pub load: Arc<Load>,
+}
+
+impl Worker {
+    /// Starts the thread. It runs until every `Worker` clone is dropped and its sequences have finished.
+    pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Worker {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let load = Arc::new(Load::default());
+        let thread_load = load.clone();
+        std::thread::Builder::new()
+            .name("quarry-inference".into())
+            .spawn(move || run(&engine, cfg, rx, &thread_load))
+            .expect("spawning the inference thread");
+        Worker { jobs, load }
+    }
+
+    /// Queues a request; its output arrives on the returned channel. Dropping the receiver cancels it.
+    pub fn submit(&self, request: Request) -> tokio_mpsc::UnboundedReceiver<Output> {
+        let (out, rx) = tokio_mpsc::unbounded_channel();
+        self.load.in_flight.fetch_add(1, Ordering::SeqCst);
+        if let Err(mpsc::SendError(job)) = self.jobs.send(Job { request, out }) {
+            self.load.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let _ = job
+                .out
+                .send(Output::Failed("the inference thread has stopped".into()));
+        }
+        rx
+    }
+}
+
+fn run(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, load: &Load) {
+    // Regions of the forward pass start from a pool worker's own deque (see `generate`): the whole loop runs
+    // inside the pool.
+    rayon::scope(move |_| serve_jobs(engine, cfg, jobs, load));
+}
+
+fn serve_jobs(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, load: &Load) {
+    let mut sched = Scheduler::new(&engine.model, cfg);
+    let mut running: HashMap<SeqId, tokio_mpsc::UnboundedSender<Output>> = HashMap::new();
+    let mut events = Vec::new();
+    let mut cancelled = Vec::new();
+    load.kv_blocks_total
+        .store(sched.total_blocks(), Ordering::Relaxed);
+    let finish = |load: &Load| {
+        load.in_flight.fetch_sub(1, Ordering::SeqCst);
+    };
+    {
+        loop {
+            // Wait for work when there is none; take whatever else has arrived without waiting.
+            if sched.is_idle() {
+                match jobs.recv() {
+                    Ok(job) => admit(&mut sched, &mut running, job, load, &finish),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                admit(&mut sched, &mut running, job, load, &finish);
+            }
+            // Clients that went away: their sequences stop now, not at their next token.
+            let gone: Vec<SeqId> = running
+                .iter()
+                .filter(|(_, out)| out.is_closed())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in gone {
+                cancelled.clear();
+                sched.cancel(id, &mut cancelled);
+                running.remove(&id);
+                finish(load);
+            }
+            if sched.is_idle() {
+                continue;
+            }
+            events.clear();
+            if let Err(e) = sched.step(&mut events) {
+                // The model itself failed: every running request learns why, and the thread stays up.
+                for (id, out) in running.drain() {
+                    cancelled.clear();
+                    sched.cancel(id, &mut cancelled);
+                    let _ = out.send(Output::Failed(format!("inference failed: {e}")));
+                    finish(load);
+                }
+                continue;
+            }
+            for e in &events {
+                match *e {
+                    Event::Token { id, token } => {
+                        if let Some(out) = running.get(&id) {
+                            let _ = out.send(Output::Token(token));
+                        }
+                    }
+                    Event::Finished {
+                        id,
+                        reason,
+                        prompt_tokens,
+                        reused_tokens,
+                        ..
+                    } => {
+                        if let Some(out) = running.remove(&id) {
+                            let _ = out.send(Output::Done {
+                                reason,
+                                prompt_tokens,
+                                reused_tokens,
+                            });
+                            finish(load);
+                        }
+                    }
+                }
+            }
+            load.running.store(running.len(), Ordering::Relaxed);
+            load.kv_blocks_used.store(
+                sched.total_blocks() - sched.free_blocks(),
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+fn admit(
+    sched: &mut Scheduler,
+    running: &mut HashMap<SeqId, tokio_mpsc::UnboundedSender<Output>>,
+    job: Job,
+    load: &Load,
+    finish: &impl Fn(&Load),
+) {
+    match sched.submit(job.request) {
+        Ok(id) => {
+            running.insert(id, job.out);
+        }
+        Err(e) => {
+            let _ = job.out.send(Output::Refused(e.to_string()));
+            finish(load);
+        }
+    }
+}

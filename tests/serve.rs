@@ -1,0 +1,379 @@
+//! `quarry serve` driven over plain HTTP as any OpenAI client drives it, on the real-vocabulary fixture (the
+//! real Granite tokenizer and chat template): greedy replies equal `quarry run`, a streamed reply adds up to the
+//! same text in OpenAI's framing, concurrent requests each get their solo reply, stop strings cut the reply,
+//! every bad request gets a 4xx with an error object and the server stays up, and an API key is enforced.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{SHARED_MODEL, fixture_dir, gguf};
+
+struct Server {
+    child: Child,
+    base: String,
+    agent: ureq::Agent,
+}
+
+/// An HTTP client that reports 4xx and 5xx as responses, not errors.
+fn new_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_quarry"))
+            .arg("serve")
+            .arg(model)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(extra)
+            .env_remove("QUARRY_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("quarry serve starts");
+        let mut server = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            agent: new_agent(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("quarry serve exited early: {status}");
+            }
+            if server.get("/health").0 == 200 {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("quarry serve did not become healthy in 60 s");
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        match self.agent.get(format!("{}{path}", self.base)).call() {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
+                    .unwrap_or(Value::Null),
+            ),
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    fn post_raw(&self, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+        let mut req = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json");
+        if let Some(k) = key {
+            req = req.header("Authorization", format!("Bearer {k}"));
+        }
+        let mut r = req.send(body).expect("the server answers");
+        let text = r.body_mut().read_to_string().unwrap();
+        (
+            r.status().as_u16(),
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+        )
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, &body.to_string(), None)
+    }
+
+    /// A streamed request's `data:` payloads, in order.
+    fn stream(&self, path: &str, body: &Value) -> (u16, String, Vec<String>) {
+        let mut r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .expect("the server answers");
+        let ctype = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let status = r.status().as_u16();
+        let reader = BufReader::new(r.body_mut().as_reader());
+        let events = reader
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+            .collect();
+        (status, ctype, events)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn model() -> Option<std::path::PathBuf> {
+    let dir = fixture_dir(SHARED_MODEL)?;
+    Some(gguf(SHARED_MODEL, &dir, "q8_0"))
+}
+
+fn chat(prompt: &str, max_tokens: usize) -> Value {
+    json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    })
+}
+
+fn content(v: &Value) -> &str {
+    v["choices"][0]["message"]["content"].as_str().unwrap_or_else(|| panic!("no content in {v}"))
+}
+
+/// `quarry run`'s greedy reply, as JSON.
+fn run_reference(model: &Path, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .arg("run")
+        .arg(model)
+        .args(args)
+        .args(["--temperature", "0", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+const PROMPTS: [&str; 5] = [
+    "Hello",
+    "Write a haiku about granite.",
+    "Wie spät ist es?",
+    "def fib(n):",
+    "Summarize: the cat sat on the mat.",
+];
+
+#[test]
+fn openai_chat_and_completions_equal_quarry_run() {
+    let Some(model) = model() else { return };
+    let srv = Server::start(&model, &["--parallel", "4", "--ctx-size", "512"]);
+
+    let (st, models) = srv.get("/v1/models");
+    assert_eq!(st, 200);
+    assert_eq!(models["data"][0]["object"], "model");
+
+    // Non-streamed chat equals `quarry run` on the same message, with the same usage.
+    let want = run_reference(&model, &["--prompt", PROMPTS[1], "-n", "12"]);
+    let (st, got) = srv.post("/v1/chat/completions", &chat(PROMPTS[1], 12));
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(content(&got), want["text"].as_str().unwrap());
+    assert_eq!(got["object"], "chat.completion");
+    assert_eq!(got["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        got["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        want["prompt_ids"].as_array().unwrap().len()
+    );
+    assert_eq!(got["usage"]["completion_tokens"], 12);
+    assert_eq!(got["usage"]["total_tokens"], got["usage"]["prompt_tokens"].as_u64().unwrap() + 12);
+
+    // Streamed: a role delta first, content deltas adding up to the same text, one finish_reason, a usage
+    // chunk with no choices, then [DONE].
+    let mut body = chat(PROMPTS[1], 12);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (st, ctype, events) = srv.stream("/v1/chat/completions", &body);
+    assert_eq!(st, 200);
+    assert!(ctype.starts_with("text/event-stream"), "{ctype}");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, content(&got));
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0).map(|ch| &ch["finish_reason"]))
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finishes, [&json!("length")]);
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], got["usage"]);
+
+    // Plain completions continue the text as `quarry run --raw` does.
+    let want = run_reference(&model, &["--raw", "--prompt", "Once upon a time", "-n", "8"]);
+    let (st, got) = srv.post(
+        "/v1/completions",
+        &json!({"prompt": "Once upon a time", "temperature": 0, "max_tokens": 8}),
+    );
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(got["choices"][0]["text"], want["text"]);
+    assert_eq!(got["object"], "text_completion");
+}
+
+#[test]
+fn concurrent_requests_each_get_their_solo_reply_and_stop_strings_cut() {
+    let Some(model) = model() else { return };
+    let srv = Server::start(&model, &["--parallel", "3", "--ctx-size", "512"]);
+    let solo: Vec<String> = PROMPTS
+        .iter()
+        .map(|p| {
+            let (st, v) = srv.post("/v1/chat/completions", &chat(p, 16));
+            assert_eq!(st, 200, "{v}");
+            content(&v).to_string()
+        })
+        .collect();
+    // All at once (more than --parallel, so some wait for a slot), each twice.
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = PROMPTS
+            .iter()
+            .chain(PROMPTS.iter())
+            .map(|p| {
+                let srv = &srv;
+                s.spawn(move || {
+                    let (st, v) = srv.post("/v1/chat/completions", &chat(p, 16));
+                    assert_eq!(st, 200, "{v}");
+                    content(&v).to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, got) in together.iter().enumerate() {
+        assert_eq!(got, &solo[i % PROMPTS.len()], "request {i} among others");
+    }
+
+    // A stop string from the middle of a reply ends it just before, streamed or not.
+    let full = &solo[1];
+    let chars: Vec<(usize, char)> = full.char_indices().collect();
+    let (at, _) = chars[chars.len() / 2];
+    let stop: String = full[at..].chars().take(3).collect();
+    let cut = &full[..full.find(&stop).unwrap()];
+    let mut body = chat(PROMPTS[1], 16);
+    body["stop"] = json!([stop]);
+    let (st, got) = srv.post("/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(content(&got), cut, "stop {stop:?}");
+    assert_eq!(got["choices"][0]["finish_reason"], "stop");
+    body["stream"] = json!(true);
+    let (_, _, events) = srv.stream("/v1/chat/completions", &body);
+    let text: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, cut);
+}
+
+#[test]
+fn bad_requests_get_4xx_error_objects_and_the_server_stays_up() {
+    let Some(model) = model() else { return };
+    let mut srv = Server::start(&model, &["--parallel", "2", "--ctx-size", "64"]);
+    let long = "granite ".repeat(200);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("/v1/chat/completions", "{not json".into(), 400, "not valid JSON"),
+        ("/v1/chat/completions", "[1, 2]".into(), 400, "JSON object"),
+        ("/v1/chat/completions", json!({"model": "m"}).to_string(), 400, "messages"),
+        ("/v1/chat/completions", json!({"messages": []}).to_string(), 400, "empty"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}).to_string(),
+            400,
+            "wizard",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": 7}]}).to_string(),
+            400,
+            "content",
+        ),
+        ("/v1/chat/completions", chat(&long, 4).to_string(), 400, "tokens"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}).to_string(),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}).to_string(),
+            400,
+            "\"n\"",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}).to_string(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}],
+                   "response_format": {"type": "json_schema", "schema": {}}})
+            .to_string(),
+            400,
+            "response_format",
+        ),
+        ("/v1/completions", json!({"prompt": 5}).to_string(), 400, "prompt"),
+        ("/v1/completions", json!({"prompt": [4_294_967_296u64]}).to_string(), 400, "32 bits"),
+        ("/v1/nothing", "{}".into(), 404, "no route"),
+    ];
+    for (path, body, status, needle) in &cases {
+        let (st, v) = srv.post_raw(path, body, None);
+        assert_eq!(st, *status, "{path} {body}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_else(|| panic!("{v}"));
+        assert!(message.contains(needle), "{path} {body}: {message}");
+        assert!(v["error"]["type"].is_string());
+    }
+    // A body over the limit (the server answers without reading it all and closes that connection, so it
+    // goes over one of its own).
+    let huge = format!("{{\"prompt\": \"{}\"}}", "a".repeat(9 << 20));
+    let pooled = std::mem::replace(&mut srv.agent, new_agent());
+    let (st, v) = srv.post_raw("/v1/completions", &huge, None);
+    srv.agent = pooled;
+    assert_eq!(st, 413, "{v}");
+    assert!(v["error"]["message"].is_string());
+    // Still serving.
+    assert_eq!(srv.get("/health").0, 200);
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 4));
+    assert_eq!(st, 200, "{v}");
+    // A request asking for more than fits is clipped to the context, not refused.
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 100_000));
+    assert_eq!(st, 200, "{v}");
+    assert!(v["usage"]["total_tokens"].as_u64().unwrap() <= 64);
+}
+
+#[test]
+fn an_api_key_is_required_everywhere_but_health() {
+    let Some(model) = model() else { return };
+    let srv = Server::start(&model, &["--ctx-size", "128", "--api-key", "sesame"]);
+    assert_eq!(srv.get("/health").0, 200);
+    let body = chat("Hello", 2).to_string();
+    for key in [None, Some("wrong"), Some("sesam")] {
+        let (st, v) = srv.post_raw("/v1/chat/completions", &body, key);
+        assert_eq!(st, 401, "{key:?}: {v}");
+        assert_eq!(v["error"]["type"], "authentication_error");
+    }
+    assert_eq!(srv.get("/v1/models").0, 401);
+    let (st, v) = srv.post_raw("/v1/chat/completions", &body, Some("sesame"));
+    assert_eq!(st, 200, "{v}");
+}
