@@ -19,6 +19,15 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+/// A seed for a request that gave none: different every call (the clock's nanoseconds mixed with the process
+/// id), so unseeded requests differ from each other.
+pub fn fresh_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {

@@ -143,7 +143,10 @@ struct Compact {
 fn quantize(x: &[f32]) -> (Vec<i8>, f32) {
     let d = x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let q = x.iter().map(|&v| (v * id).round().clamp(-127.0, 127.0) as i8).collect();
+    let q = x
+        .iter()
+        .map(|&v| (v * id).round().clamp(-127.0, 127.0) as i8)
+        .collect();
     (q, d)
 }
 

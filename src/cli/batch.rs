@@ -240,12 +240,7 @@ fn progress_bar(total: u64, skipped: u64) -> ProgressBar {
 /// The request of a line: greedy unless it asks for a temperature, the other sampling settings llama.cpp's.
 fn request(line: &Line, prompt: Vec<u32>, eos: u32) -> Request {
     let defaults = SamplingParams::default();
-    let seed = line.seed.unwrap_or_else(|| {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
-    });
+    let seed = line.seed.unwrap_or_else(quarry::sampling::fresh_seed);
     Request {
         prompt,
         params: SamplingParams {

@@ -159,12 +159,7 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     pub fn params(&self) -> anyhow::Result<quarry::sampling::SamplingParams> {
-        let seed = self.seed.unwrap_or_else(|| {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
-        });
+        let seed = self.seed.unwrap_or_else(quarry::sampling::fresh_seed);
         let p = quarry::sampling::SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,

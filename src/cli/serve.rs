@@ -28,7 +28,12 @@ pub struct Args {
     #[arg(long, value_name = "TOKENS")]
     pub kv_pool: Option<usize>,
     /// Requests must send `Authorization: Bearer KEY` (all routes but /health).
-    #[arg(long, value_name = "KEY", env = "QUARRY_API_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "QUARRY_API_KEY",
+        hide_env_values = true
+    )]
     pub api_key: Option<String>,
 }
 
@@ -46,7 +51,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let pool_tokens = args.kv_pool.unwrap_or(args.parallel * context);
     if pool_tokens < context {
-        bail!("--kv-pool {pool_tokens} is smaller than one sequence's context ({context}); raise it");
+        bail!(
+            "--kv-pool {pool_tokens} is smaller than one sequence's context ({context}); raise it"
+        );
     }
     let cache_type = args
         .model

@@ -343,6 +343,11 @@ impl<'m> Scheduler<'m> {
         self.prefix.blocks.len()
     }
 
+    /// Sequences running (holding a slot), as opposed to waiting for one.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
     /// Sequences running or waiting.
     pub fn active(&self) -> usize {
         self.running.len() + self.waiting.len()

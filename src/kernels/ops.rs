@@ -431,7 +431,11 @@ mod body {
             else {
                 unreachable!("a q8 block of another cache type")
             };
-            let (base, n, g) = (kv.base(i), kv.head_dim * kv.tokens, kv_q8_group(kv.head_dim));
+            let (base, n, g) = (
+                kv.base(i),
+                kv.head_dim * kv.tokens,
+                kv_q8_group(kv.head_dim),
+            );
             Q8Block {
                 k: &k[base..base + n],
                 v: &v[base..base + n],
@@ -520,15 +524,15 @@ mod body {
         out: &mut [f32],
     ) {
         match kv.data {
-            KvData::F32 { .. } => attend::<M, W, F32Block, P1, P2, P4, D1, D2, D4>(
-                q, lens, kv, scale, scratch, out,
-            ),
-            KvData::F16 { .. } => attend::<M, W, F16Block, P1, P2, P4, D1, D2, D4>(
-                q, lens, kv, scale, scratch, out,
-            ),
-            KvData::Q8 { .. } => attend::<M, W, Q8Block, P1, P2, P4, D1, D2, D4>(
-                q, lens, kv, scale, scratch, out,
-            ),
+            KvData::F32 { .. } => {
+                attend::<M, W, F32Block, P1, P2, P4, D1, D2, D4>(q, lens, kv, scale, scratch, out)
+            }
+            KvData::F16 { .. } => {
+                attend::<M, W, F16Block, P1, P2, P4, D1, D2, D4>(q, lens, kv, scale, scratch, out)
+            }
+            KvData::Q8 { .. } => {
+                attend::<M, W, Q8Block, P1, P2, P4, D1, D2, D4>(q, lens, kv, scale, scratch, out)
+            }
         }
     }
 

@@ -44,7 +44,9 @@ pub struct ServeConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr}: {source} (is another server using the port? pick one with --port)")]
+    #[error(
+        "cannot listen on {addr}: {source} (is another server using the port? pick one with --port)"
+    )]
     Bind {
         addr: String,
         source: std::io::Error,
@@ -148,6 +150,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .route("/health", get(health))
@@ -157,6 +160,90 @@ fn router(state: Arc<AppState>) -> Router {
 
 async fn health() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
+}
+
+/// Prometheus text: request and token counters, the load, and KV pool use.
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let l = &state.worker.load;
+    let (running, in_flight) = (l.running.load(Relaxed), l.in_flight.load(Relaxed));
+    let (used, total) = (
+        l.kv_blocks_used.load(Relaxed),
+        l.kv_blocks_total.load(Relaxed),
+    );
+    let generated = l.generated_tokens_total.load(Relaxed);
+    let busy = l.busy_micros_total.load(Relaxed) as f64 / 1e6;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP quarry_{name} {help}\n# TYPE quarry_{name} {kind}\nquarry_{name} {value}"
+        );
+    };
+    metric(
+        "requests_total",
+        "counter",
+        "Requests finished.",
+        l.requests_total.load(Relaxed) as f64,
+    );
+    metric(
+        "prompt_tokens_total",
+        "counter",
+        "Prompt tokens of finished requests.",
+        l.prompt_tokens_total.load(Relaxed) as f64,
+    );
+    metric(
+        "prompt_tokens_reused_total",
+        "counter",
+        "Prompt tokens taken from the prefix cache.",
+        l.reused_tokens_total.load(Relaxed) as f64,
+    );
+    metric(
+        "tokens_predicted_total",
+        "counter",
+        "Tokens generated.",
+        generated as f64,
+    );
+    metric(
+        "busy_seconds_total",
+        "counter",
+        "Time spent in forward steps.",
+        busy,
+    );
+    metric(
+        "predicted_tokens_seconds",
+        "gauge",
+        "Average generation throughput while busy (tokens per second).",
+        if busy > 0.0 {
+            generated as f64 / busy
+        } else {
+            0.0
+        },
+    );
+    metric(
+        "requests_processing",
+        "gauge",
+        "Sequences running.",
+        running as f64,
+    );
+    metric(
+        "requests_deferred",
+        "gauge",
+        "Requests waiting for a slot.",
+        in_flight.saturating_sub(running) as f64,
+    );
+    metric(
+        "kv_cache_usage_ratio",
+        "gauge",
+        "Share of the KV pool's blocks in use (prefix cache included).",
+        if total > 0 {
+            used as f64 / total as f64
+        } else {
+            0.0
+        },
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
 async fn not_found(req: Request) -> ApiError {

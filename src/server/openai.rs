@@ -74,14 +74,18 @@ pub async fn completions(
             Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
                 encode(&state, items[0].as_str().unwrap_or_default())?
             }
-            Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_u64) => items
-                .iter()
-                .map(|v| {
-                    v.as_u64()
-                        .and_then(|id| u32::try_from(id).ok())
-                        .ok_or_else(|| ApiError::bad_request("prompt token ids must fit in 32 bits"))
-                })
-                .collect::<Result<Vec<u32>, ApiError>>()?,
+            Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_u64) => {
+                items
+                    .iter()
+                    .map(|v| {
+                        v.as_u64()
+                            .and_then(|id| u32::try_from(id).ok())
+                            .ok_or_else(|| {
+                                ApiError::bad_request("prompt token ids must fit in 32 bits")
+                            })
+                    })
+                    .collect::<Result<Vec<u32>, ApiError>>()?
+            }
             Some(_) => {
                 return Err(ApiError::bad_request(
                     "\"prompt\" must be a string, a list of one string, or a list of token ids",
@@ -117,7 +121,10 @@ struct Options {
 impl Options {
     fn parse(body: &Map<String, Value>) -> Result<Options, ApiError> {
         for field in ["tools", "functions"] {
-            if body.get(field).is_some_and(|v| !v.is_null() && v != &json!([])) {
+            if body
+                .get(field)
+                .is_some_and(|v| !v.is_null() && v != &json!([]))
+            {
                 return Err(ApiError::bad_request(format!(
                     "\"{field}\" is not supported by this server yet: tool calls are being built; send the request without it"
                 )));
@@ -133,15 +140,18 @@ impl Options {
             }
         }
         for field in ["presence_penalty", "frequency_penalty"] {
-            if let Some(v) = body.get(field).filter(|v| !v.is_null()) {
-                if v.as_f64() != Some(0.0) {
-                    return Err(ApiError::bad_request(format!(
-                        "\"{field}\" other than 0 is not supported by this server yet"
-                    )));
-                }
+            if let Some(v) = body.get(field).filter(|v| !v.is_null())
+                && v.as_f64() != Some(0.0)
+            {
+                return Err(ApiError::bad_request(format!(
+                    "\"{field}\" other than 0 is not supported by this server yet"
+                )));
             }
         }
-        if body.get("logprobs").is_some_and(|v| v.as_bool() == Some(true)) {
+        if body
+            .get("logprobs")
+            .is_some_and(|v| v.as_bool() == Some(true))
+        {
             return Err(ApiError::bad_request("\"logprobs\" is not supported"));
         }
         if let Some(n) = body.get("n").filter(|v| !v.is_null())
@@ -157,7 +167,7 @@ impl Options {
         }
         let top_k = integer(body, "top_k")?.map_or(defaults.top_k, |k| k as usize);
         let seed = match body.get("seed").filter(|v| !v.is_null()) {
-            None => random_seed(),
+            None => crate::sampling::fresh_seed(),
             Some(v) => v
                 .as_u64()
                 .or_else(|| v.as_i64().map(|i| i as u64))
@@ -176,9 +186,9 @@ impl Options {
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| ApiError::bad_request("\"stop\" must be a string or a list of strings"))
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        ApiError::bad_request("\"stop\" must be a string or a list of strings")
+                    })
                 })
                 .collect::<Result<_, _>>()?,
             Some(_) => {
@@ -214,7 +224,10 @@ impl Options {
             },
             max_tokens: max_tokens.map(|n| n as usize),
             stops,
-            model: body.get("model").and_then(Value::as_str).map(str::to_string),
+            model: body
+                .get("model")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
     }
 }
@@ -229,7 +242,8 @@ async fn reply(
 ) -> Response {
     let context = state.cfg.scheduler.context;
     if prompt.is_empty() {
-        return ApiError::bad_request("the prompt is empty: there is nothing to continue").into_response();
+        return ApiError::bad_request("the prompt is empty: there is nothing to continue")
+            .into_response();
     }
     if prompt.len() >= context {
         return ApiError::bad_request(format!(
@@ -248,13 +262,17 @@ async fn reply(
         max_tokens,
         stop: vec![state.engine.tokenizer().eos_id()],
     });
-    let mut generation = Generation::new(state.engine.clone(), rx, opts.stops.clone(), prompt_tokens);
+    let mut generation =
+        Generation::new(state.engine.clone(), rx, opts.stops.clone(), prompt_tokens);
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{n}"),
         Kind::Completion => format!("cmpl-{n}"),
     };
-    let model = opts.model.clone().unwrap_or_else(|| state.cfg.model_name.clone());
+    let model = opts
+        .model
+        .clone()
+        .unwrap_or_else(|| state.cfg.model_name.clone());
     let path = match kind {
         Kind::Chat => "/v1/chat/completions",
         Kind::Completion => "/v1/completions",
@@ -338,7 +356,10 @@ async fn reply(
         };
         if kind == Kind::Chat
             && tx
-                .send(chunk(json!({"role": "assistant", "content": null}), Value::Null))
+                .send(chunk(
+                    json!({"role": "assistant", "content": null}),
+                    Value::Null,
+                ))
                 .await
                 .is_err()
         {
@@ -348,7 +369,11 @@ async fn reply(
         loop {
             match step {
                 Some(Ok(Step::Text(t))) => {
-                    if tx.send(chunk(json!({"content": t}), Value::Null)).await.is_err() {
+                    if tx
+                        .send(chunk(json!({"content": t}), Value::Null))
+                        .await
+                        .is_err()
+                    {
                         log(path, 499, prompt_tokens, 0, started);
                         return;
                     }
@@ -380,9 +405,11 @@ async fn reply(
                 }
                 Some(Err(e)) => {
                     log(path, e.status.as_u16(), prompt_tokens, 0, started);
-                    let _ = tx.send(event(&json!({"error": {
-                        "message": e.message, "type": "server_error", "code": e.status.as_u16(),
-                    }}))).await;
+                    let _ = tx
+                        .send(event(&json!({"error": {
+                            "message": e.message, "type": "server_error", "code": e.status.as_u16(),
+                        }})))
+                        .await;
                     return;
                 }
                 None => return,
@@ -424,15 +451,21 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>,
     })?;
     match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::bad_request("the request body must be a JSON object")),
-        Err(e) => Err(ApiError::bad_request(format!("the request body is not valid JSON: {e}"))),
+        Ok(_) => Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
     }
 }
 
 /// The request's messages as the chat template takes them; content given as text parts is joined.
 fn chat_messages(body: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
     let Some(Value::Array(items)) = body.get("messages") else {
-        return Err(ApiError::bad_request("\"messages\" must be a list of messages"));
+        return Err(ApiError::bad_request(
+            "\"messages\" must be a list of messages",
+        ));
     };
     if items.is_empty() {
         return Err(ApiError::bad_request("\"messages\" is empty"));
@@ -452,7 +485,11 @@ fn chat_messages(body: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
             if !matches!(role, "system" | "user" | "assistant" | "developer") {
                 return Err(bad(&format!(
                     "role \"{role}\" is not supported (system, user, assistant){}",
-                    if role == "tool" { "; tool results come with tool calls, which are being built" } else { "" }
+                    if role == "tool" {
+                        "; tool results come with tool calls, which are being built"
+                    } else {
+                        ""
+                    }
                 )));
             }
             if m.get("tool_calls").is_some_and(|v| !v.is_null()) {
@@ -463,7 +500,10 @@ fn chat_messages(body: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
                 Some(Value::Array(parts)) => {
                     let mut text = String::new();
                     for p in parts {
-                        match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        match (
+                            p.get("type").and_then(Value::as_str),
+                            p.get("text").and_then(Value::as_str),
+                        ) {
                             (Some("text"), Some(t)) => text.push_str(t),
                             (kind, _) => {
                                 return Err(bad(&format!(
@@ -492,7 +532,12 @@ fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("tokenizing the prompt: {e}")))
 }
 
-fn number(body: &Map<String, Value>, field: &str, lo: f64, hi: f64) -> Result<Option<f32>, ApiError> {
+fn number(
+    body: &Map<String, Value>,
+    field: &str,
+    lo: f64,
+    hi: f64,
+) -> Result<Option<f32>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_f64() {
@@ -507,10 +552,9 @@ fn number(body: &Map<String, Value>, field: &str, lo: f64, hi: f64) -> Result<Op
 fn integer(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| ApiError::bad_request(format!("\"{field}\" must be a non-negative integer"))),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            ApiError::bad_request(format!("\"{field}\" must be a non-negative integer"))
+        }),
     }
 }
 
@@ -518,11 +562,4 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn random_seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
 }

@@ -5,8 +5,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::time::Instant;
 
 use tokio::sync::mpsc as tokio_mpsc;
 
@@ -39,9 +40,18 @@ struct Job {
 pub struct Load {
     /// Requests sent to the thread and not yet finished (running or waiting for a slot).
     pub in_flight: AtomicUsize,
+    /// Sequences holding a slot.
     pub running: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
+    /// Requests finished (whatever the reason), and their tokens.
+    pub requests_total: AtomicU64,
+    pub prompt_tokens_total: AtomicU64,
+    /// Of those prompt tokens, the ones whose keys and values came from the prefix cache.
+    pub reused_tokens_total: AtomicU64,
+    pub generated_tokens_total: AtomicU64,
+    /// Time spent in forward steps, in microseconds.
+    pub busy_micros_total: AtomicU64,
 }
 
 /// The HTTP side's handle on the inference thread.
@@ -96,6 +106,11 @@ fn serve_jobs(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, 
     };
     {
         loop {
+            load.running.store(sched.running(), Ordering::Relaxed);
+            load.kv_blocks_used.store(
+                sched.total_blocks() - sched.free_blocks(),
+                Ordering::Relaxed,
+            );
             // Wait for work when there is none; take whatever else has arrived without waiting.
             if sched.is_idle() {
                 match jobs.recv() {
@@ -116,13 +131,18 @@ fn serve_jobs(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, 
                 cancelled.clear();
                 sched.cancel(id, &mut cancelled);
                 running.remove(&id);
+                load.requests_total.fetch_add(1, Ordering::Relaxed);
                 finish(load);
             }
             if sched.is_idle() {
                 continue;
             }
             events.clear();
-            if let Err(e) = sched.step(&mut events) {
+            let t0 = Instant::now();
+            let stepped = sched.step(&mut events);
+            load.busy_micros_total
+                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            if let Err(e) = stepped {
                 // The model itself failed: every running request learns why, and the thread stays up.
                 for (id, out) in running.drain() {
                     cancelled.clear();
@@ -135,6 +155,7 @@ fn serve_jobs(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, 
             for e in &events {
                 match *e {
                     Event::Token { id, token } => {
+                        load.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
                         if let Some(out) = running.get(&id) {
                             let _ = out.send(Output::Token(token));
                         }
@@ -146,6 +167,11 @@ fn serve_jobs(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, 
                         reused_tokens,
                         ..
                     } => {
+                        load.requests_total.fetch_add(1, Ordering::Relaxed);
+                        load.prompt_tokens_total
+                            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+                        load.reused_tokens_total
+                            .fetch_add(reused_tokens as u64, Ordering::Relaxed);
                         if let Some(out) = running.remove(&id) {
                             let _ = out.send(Output::Done {
                                 reason,
@@ -157,11 +183,6 @@ fn serve_jobs(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, 
                     }
                 }
             }
-            load.running.store(running.len(), Ordering::Relaxed);
-            load.kv_blocks_used.store(
-                sched.total_blocks() - sched.free_blocks(),
-                Ordering::Relaxed,
-            );
         }
     }
 }
