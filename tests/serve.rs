@@ -498,3 +498,87 @@ fn a_client_that_vanishes_mid_stream_frees_its_slot() {
     let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 4));
     assert_eq!(st, 200, "{v}");
 }
+
+#[test]
+fn the_ollama_api_gives_the_same_replies() {
+    let Some(model) = model() else { return };
+    let srv = Server::start(&model, &["--parallel", "2", "--ctx-size", "512"]);
+    let (st, openai) = srv.post("/v1/chat/completions", &chat(PROMPTS[1], 12));
+    assert_eq!(st, 200, "{openai}");
+    let want = content(&openai);
+    let body = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": PROMPTS[1]}],
+        "options": {"temperature": 0, "num_predict": 12},
+    });
+    // Streamed by default, as NDJSON: pieces, then a last line with done and the counts.
+    let mut r = srv
+        .agent
+        .post(format!("{}/api/chat", srv.base))
+        .send(body.to_string())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let ctype = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert_eq!(ctype, "application/x-ndjson");
+    let lines: Vec<Value> = r
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let text: String = lines
+        .iter()
+        .map(|l| l["message"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, want);
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true);
+    assert_eq!(last["done_reason"], "length");
+    assert_eq!(last["eval_count"], 12);
+    assert_eq!(last["prompt_eval_count"], openai["usage"]["prompt_tokens"]);
+    assert!(lines[..lines.len() - 1].iter().all(|l| l["done"] == false));
+
+    let mut whole = body.clone();
+    whole["stream"] = json!(false);
+    let (st, v) = srv.post("/api/chat", &whole);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["message"]["content"], want);
+    assert_eq!(v["done"], true);
+
+    let reference = run_reference(
+        &model,
+        &["--raw", "--prompt", "Once upon a time", "-n", "8"],
+    );
+    let (st, v) = srv.post(
+        "/api/generate",
+        &json!({"prompt": "Once upon a time", "raw": true, "stream": false,
+                "options": {"temperature": 0, "num_predict": 8}}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["response"], reference["text"]);
+    // Without raw the prompt is a user message through the chat template, as in /api/chat.
+    let (st, v) = srv.post(
+        "/api/generate",
+        &json!({"prompt": PROMPTS[1], "stream": false, "options": {"temperature": 0, "num_predict": 12}}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["response"], want);
+
+    let (st, tags) = srv.get("/api/tags");
+    assert_eq!(st, 200);
+    assert_eq!(tags["models"][0]["details"]["format"], "gguf");
+    assert_eq!(tags["models"][0]["details"]["quantization_level"], "Q8_0");
+    assert_eq!(srv.get("/api/ps").0, 200);
+    assert!(srv.get("/api/version").1["version"].is_string());
+    let (st, show) = srv.post("/api/show", &json!({"model": "m"}));
+    assert_eq!(st, 200);
+    assert!(show["template"].as_str().unwrap().contains("start_of_role"));
+
+    // JSON output is refused, not silently unconstrained.
+    let mut fmt = whole.clone();
+    fmt["format"] = json!("json");
+    let (st, v) = srv.post("/api/chat", &fmt);
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("format"));
+}

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::ApiError;
 use super::worker::Output;
+use super::{ApiError, AppState};
 use crate::engine::Engine;
-use crate::engine::scheduler::FinishReason;
+use crate::engine::scheduler::{FinishReason, Request};
+use crate::sampling::SamplingParams;
 
 /// What the reply did next.
 #[derive(Debug)]
@@ -39,7 +40,44 @@ pub struct Generation {
 }
 
 impl Generation {
-    pub fn new(
+    /// Checks that the prompt fits a sequence's context, clips `max_tokens` to what fits after it (as
+    /// llama-server and vLLM do), and queues the request.
+    pub fn start(
+        state: &AppState,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        max_tokens: Option<usize>,
+        stops: Vec<String>,
+    ) -> Result<Generation, ApiError> {
+        let context = state.cfg.scheduler.context;
+        if prompt.is_empty() {
+            return Err(ApiError::bad_request(
+                "the prompt is empty: there is nothing to continue",
+            ));
+        }
+        if prompt.len() >= context {
+            return Err(ApiError::bad_request(format!(
+                "the prompt has {} tokens but a sequence's context holds {context} (one more is needed for the reply); shorten the messages or start the server with a larger --ctx-size",
+                prompt.len()
+            )));
+        }
+        let room = context - prompt.len();
+        let prompt_tokens = prompt.len();
+        let rx = state.worker.submit(Request {
+            prompt,
+            params,
+            max_tokens: max_tokens.unwrap_or(room).min(room),
+            stop: vec![state.engine.tokenizer().eos_id()],
+        });
+        Ok(Generation::new(
+            state.engine.clone(),
+            rx,
+            stops,
+            prompt_tokens,
+        ))
+    }
+
+    fn new(
         engine: Arc<Engine>,
         rx: UnboundedReceiver<Output>,
         stops: Vec<String>,

@@ -1,4 +1,4 @@
-//! `quarry serve`: an OpenAI-compatible HTTP server over the multi-sequence engine.
+//! `quarry serve`: an OpenAI- and ollama-compatible HTTP server over the multi-sequence engine.
 //!
 //! One inference thread ([`worker`]) owns the scheduler and runs every request's sequence in shared forward
 //! passes; the HTTP side (axum on a small tokio runtime) parses requests, renders and tokenizes prompts, and
@@ -6,6 +6,7 @@
 //! `{"error": {"message", "type", "code"}}`, with a 4xx status for the client's mistakes.
 
 mod generation;
+mod ollama;
 mod openai;
 pub mod worker;
 
@@ -151,6 +152,12 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/metrics", get(metrics))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .route("/health", get(health))

@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 
 use super::generation::{Generation, Step};
 use super::{ApiError, AppState};
-use crate::engine::scheduler::Request;
 use crate::sampling::SamplingParams;
 use crate::text::chat_template::{Conversation, Message};
 
@@ -240,30 +239,17 @@ async fn reply(
     prompt: Vec<u32>,
     started: Instant,
 ) -> Response {
-    let context = state.cfg.scheduler.context;
-    if prompt.is_empty() {
-        return ApiError::bad_request("the prompt is empty: there is nothing to continue")
-            .into_response();
-    }
-    if prompt.len() >= context {
-        return ApiError::bad_request(format!(
-            "the prompt has {} tokens but a sequence's context holds {context} (one more is needed for the reply); shorten the messages or start the server with a larger --ctx-size",
-            prompt.len()
-        ))
-        .into_response();
-    }
-    // What fits after the prompt; a larger request is clipped, as llama-server and vLLM do.
-    let room = context - prompt.len();
-    let max_tokens = opts.max_tokens.unwrap_or(room).min(room);
     let prompt_tokens = prompt.len();
-    let rx = state.worker.submit(Request {
+    let mut generation = match Generation::start(
+        &state,
         prompt,
-        params: opts.params,
-        max_tokens,
-        stop: vec![state.engine.tokenizer().eos_id()],
-    });
-    let mut generation =
-        Generation::new(state.engine.clone(), rx, opts.stops.clone(), prompt_tokens);
+        opts.params.clone(),
+        opts.max_tokens,
+        opts.stops.clone(),
+    ) {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{n}"),
@@ -437,14 +423,16 @@ fn usage(prompt: usize, completion: usize) -> Value {
 }
 
 /// One line per request on stderr.
-fn log(path: &str, status: u16, prompt: usize, completion: usize, started: Instant) {
+pub(super) fn log(path: &str, status: u16, prompt: usize, completion: usize, started: Instant) {
     eprintln!(
         "POST {path} {status} prompt {prompt} completion {completion} {:.0} ms",
         started.elapsed().as_secs_f64() * 1e3
     );
 }
 
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+pub(super) fn parse_body(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
     let body = body.map_err(|e| ApiError {
         status: e.status(),
         message: format!("reading the request body: {}", e.body_text()),
@@ -461,7 +449,7 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>,
 }
 
 /// The request's messages as the chat template takes them; content given as text parts is joined.
-fn chat_messages(body: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
+pub(super) fn chat_messages(body: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
     let Some(Value::Array(items)) = body.get("messages") else {
         return Err(ApiError::bad_request(
             "\"messages\" must be a list of messages",
@@ -524,7 +512,7 @@ fn chat_messages(body: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
         .collect()
 }
 
-fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+pub(super) fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
     state
         .engine
         .tokenizer()
@@ -532,7 +520,7 @@ fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("tokenizing the prompt: {e}")))
 }
 
-fn number(
+pub(super) fn number(
     body: &Map<String, Value>,
     field: &str,
     lo: f64,
@@ -549,7 +537,7 @@ fn number(
     }
 }
 
-fn integer(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
+pub(super) fn integer(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| {
