@@ -459,20 +459,11 @@ fn metric(srv: &Server, name: &str) -> f64 {
 
 #[test]
 fn a_client_that_vanishes_mid_stream_frees_its_slot() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let Some(model) = model() else { return };
     let srv = Server::start(&model, &["--parallel", "1", "--ctx-size", "4096"]);
     // The random-weight model writes thousands of tokens without an end-of-text token.
-    let mut body = chat("Hello", 3000);
-    body["stream"] = json!(true);
-    let body = body.to_string();
-    let mut sock = std::net::TcpStream::connect(srv.base.trim_start_matches("http://")).unwrap();
-    write!(
-        sock,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let mut sock = open_stream(&srv, 3000);
     let mut seen = Vec::new();
     let mut buf = [0u8; 512];
     while seen.windows(6).filter(|w| w == b"data: ").count() < 4 {
@@ -481,14 +472,9 @@ fn a_client_that_vanishes_mid_stream_frees_its_slot() {
         seen.extend_from_slice(&buf[..n]);
     }
     drop(sock);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(&srv, "requests_processing") + metric(&srv, "requests_deferred") > 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the vanished client's sequence still runs"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&srv, "the vanished client's sequence to stop", |s| {
+        metric(s, "requests_processing") + metric(s, "requests_deferred") == 0.0
+    });
     assert!(
         metric(&srv, "tokens_predicted_total") < 3000.0,
         "the sequence ran to its end instead of being cancelled"
@@ -581,4 +567,63 @@ fn the_ollama_api_gives_the_same_replies() {
     let (st, v) = srv.post("/api/chat", &fmt);
     assert_eq!(st, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("format"));
+}
+
+/// Sends a streamed chat request over its own connection and leaves it open.
+fn open_stream(srv: &Server, max_tokens: usize) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut body = chat("Hello", max_tokens);
+    body["stream"] = json!(true);
+    let body = body.to_string();
+    let mut sock = std::net::TcpStream::connect(srv.base.trim_start_matches("http://")).unwrap();
+    write!(
+        sock,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    sock
+}
+
+fn wait_for(srv: &Server, what: &str, ok: impl Fn(&Server) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok(srv) {
+        assert!(Instant::now() < deadline, "waited 60 s for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after() {
+    let Some(model) = model() else { return };
+    let srv = Server::start(
+        &model,
+        &["--parallel", "1", "--max-queue", "1", "--ctx-size", "4096"],
+    );
+    let running = open_stream(&srv, 3000);
+    wait_for(&srv, "the first request to run", |s| {
+        metric(s, "requests_processing") == 1.0
+    });
+    let waiting = open_stream(&srv, 3000);
+    wait_for(&srv, "the second request to wait", |s| {
+        metric(s, "requests_deferred") == 1.0
+    });
+    let mut r = srv
+        .agent
+        .post(format!("{}/v1/chat/completions", srv.base))
+        .send(chat("Hello", 4).to_string())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("busy"),
+        "{v}"
+    );
+    drop((running, waiting));
+    wait_for(&srv, "both to be cancelled", |s| {
+        metric(s, "requests_processing") + metric(s, "requests_deferred") == 0.0
+    });
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 4));
+    assert_eq!(st, 200, "{v}");
 }

@@ -27,6 +27,9 @@ pub struct Args {
     /// Positions of KV cache for all sequences together (default: --parallel x the context).
     #[arg(long, value_name = "TOKENS")]
     pub kv_pool: Option<usize>,
+    /// Requests that may wait for a slot; beyond them a request gets 503 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_queue: usize,
     /// Requests must send `Authorization: Bearer KEY` (all routes but /health).
     #[arg(
         long,
@@ -82,6 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         api_key: args.api_key.filter(|k| !k.is_empty()),
         scheduler,
         model_name,
+        max_queue: args.max_queue,
         max_body_bytes: 8 << 20,
         shutdown_grace: Duration::from_secs(30),
     };

@@ -61,6 +61,17 @@ impl Generation {
                 prompt.len()
             )));
         }
+        let load = &state.worker.load;
+        let limit = state.cfg.scheduler.max_running + state.cfg.max_queue;
+        if load.in_flight.load(std::sync::atomic::Ordering::SeqCst) >= limit {
+            return Err(ApiError {
+                status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                message: format!(
+                    "the server is busy: {} requests running and {} waiting (--max-queue); retry shortly",
+                    state.cfg.scheduler.max_running, state.cfg.max_queue
+                ),
+            });
+        }
         let room = context - prompt.len();
         let prompt_tokens = prompt.len();
         let rx = state.worker.submit(Request {

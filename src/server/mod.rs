@@ -37,6 +37,8 @@ pub struct ServeConfig {
     pub scheduler: SchedulerConfig,
     /// The id `/v1/models` reports.
     pub model_name: String,
+    /// Requests that may wait for a slot beyond those running; more get a 503 with `Retry-After`.
+    pub max_queue: usize,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
     /// How long running replies may take to finish after SIGINT/SIGTERM before the process exits anyway.
@@ -96,7 +98,13 @@ impl IntoResponse for ApiError {
             "type": self.kind(),
             "code": self.status.as_u16(),
         }});
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
