@@ -3,7 +3,12 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc::UnboundedReceiver;
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use super::worker::Output;
 use super::{ApiError, AppState};
@@ -22,6 +27,31 @@ pub enum Step {
         prompt_tokens: usize,
         completion_tokens: usize,
     },
+}
+
+/// A whole reply.
+pub struct Whole {
+    pub text: String,
+    pub finish_reason: &'static str,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// A response streamed from a channel: what is sent into the returned sender goes out as it comes. A client that
+/// goes away drops the body, so the next send fails and the sending task can stop (dropping its generation,
+/// which cancels the sequence).
+pub fn streamed_response(content_type: &'static str) -> (mpsc::Sender<Bytes>, Response) {
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    (tx, response)
 }
 
 pub struct Generation {
@@ -65,7 +95,7 @@ impl Generation {
         let limit = state.cfg.scheduler.max_running + state.cfg.max_queue;
         if load.in_flight.load(std::sync::atomic::Ordering::SeqCst) >= limit {
             return Err(ApiError {
-                status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                status: StatusCode::SERVICE_UNAVAILABLE,
                 message: format!(
                     "the server is busy: {} requests running and {} waiting (--max-queue); retry shortly",
                     state.cfg.scheduler.max_running, state.cfg.max_queue
@@ -107,6 +137,30 @@ impl Generation {
         }
     }
 
+    /// The whole reply, waited for.
+    pub async fn collect(mut self) -> Result<Whole, ApiError> {
+        let mut text = String::new();
+        loop {
+            match self.next().await {
+                Some(Ok(Step::Text(t))) => text.push_str(&t),
+                Some(Ok(Step::End {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                })) => {
+                    return Ok(Whole {
+                        text,
+                        finish_reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    });
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Err(self.fail("the reply ended twice".into())),
+            }
+        }
+    }
+
     /// The next step; `None` after `End`. An error before any text is the request's (a 4xx) or the model's.
     pub async fn next(&mut self) -> Option<Result<Step, ApiError>> {
         if self.done {
@@ -119,7 +173,7 @@ impl Generation {
             let Some(out) = self.rx.recv().await else {
                 self.done = true;
                 return Some(Err(ApiError {
-                    status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
                     message: "the inference thread stopped".into(),
                 }));
             };
@@ -169,7 +223,7 @@ impl Generation {
     fn fail(&mut self, message: String) -> ApiError {
         self.done = true;
         ApiError {
-            status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            status: StatusCode::INTERNAL_SERVER_ERROR,
             message,
         }
     }

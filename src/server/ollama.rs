@@ -3,19 +3,16 @@
 //!
 //! `format` (JSON or a schema) is refused with a 400 until constrained decoding exists, never ignored.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc;
 
-use super::generation::{Generation, Step};
+use super::generation::{Generation, Step, streamed_response};
 use super::openai::{chat_messages, encode, integer, log, number, parse_body};
 use super::{ApiError, AppState};
 use crate::sampling::SamplingParams;
@@ -213,34 +210,30 @@ async fn reply(
         m.insert("eval_duration".into(), json!(total));
     };
     if !opts.stream {
-        let mut text = String::new();
-        loop {
-            match generation.next().await {
-                Some(Ok(Step::Text(t))) => text.push_str(&t),
-                Some(Ok(Step::End {
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                })) => {
-                    log(path, 200, prompt_tokens, completion_tokens, started);
-                    let mut m = piece(&text, true);
-                    last(&mut m, finish_reason, prompt_tokens, completion_tokens);
-                    return axum::Json(Value::Object(m)).into_response();
-                }
-                Some(Err(e)) => {
-                    log(path, e.status.as_u16(), prompt_tokens, 0, started);
-                    return e.into_response();
-                }
-                None => unreachable!("a generation ends with End or an error"),
+        return match generation.collect().await {
+            Ok(w) => {
+                log(path, 200, w.prompt_tokens, w.completion_tokens, started);
+                let mut m = piece(&w.text, true);
+                last(
+                    &mut m,
+                    w.finish_reason,
+                    w.prompt_tokens,
+                    w.completion_tokens,
+                );
+                axum::Json(Value::Object(m)).into_response()
             }
-        }
+            Err(e) => {
+                log(path, e.status.as_u16(), prompt_tokens, 0, started);
+                e.into_response()
+            }
+        };
     }
     let first = generation.next().await;
     if let Some(Err(e)) = first {
         log(path, e.status.as_u16(), prompt_tokens, 0, started);
         return e.into_response();
     }
-    let (tx, body_rx) = mpsc::channel::<Bytes>(64);
+    let (tx, response) = streamed_response("application/x-ndjson");
     let line = |m: Map<String, Value>| Bytes::from(format!("{}\n", Value::Object(m)));
     tokio::spawn(async move {
         let mut step = first;
@@ -275,14 +268,7 @@ async fn reply(
             step = generation.next().await;
         }
     });
-    let stream = futures_util::stream::unfold(body_rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    response
 }
 
 /// The model as `/api/tags` and `/api/ps` describe it.

@@ -4,20 +4,17 @@
 //! Fields that change what a reply is and that this server cannot honour yet (tools, response formats,
 //! presence/frequency penalties, `n > 1`, logprobs) are refused with a 400 naming the field, never ignored.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc;
 
-use super::generation::{Generation, Step};
+use super::generation::{Generation, Step, streamed_response};
 use super::{ApiError, AppState};
 use crate::sampling::SamplingParams;
 use crate::text::chat_template::{Conversation, Message};
@@ -105,6 +102,17 @@ pub async fn completions(
 enum Kind {
     Chat,
     Completion,
+}
+
+impl Kind {
+    /// The `object` of a response or of a stream chunk.
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
 }
 
 /// The generation settings of a request.
@@ -264,51 +272,42 @@ async fn reply(
         Kind::Completion => "/v1/completions",
     };
     if !opts.stream {
-        let mut text = String::new();
-        loop {
-            match generation.next().await {
-                Some(Ok(Step::Text(t))) => text.push_str(&t),
-                Some(Ok(Step::End {
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                })) => {
-                    log(path, 200, prompt_tokens, completion_tokens, started);
-                    let usage = usage(prompt_tokens, completion_tokens);
-                    let choice = match kind {
-                        Kind::Chat => json!({
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "finish_reason": finish_reason,
-                        }),
-                        Kind::Completion => json!({
-                            "index": 0,
-                            "text": text,
-                            "logprobs": null,
-                            "finish_reason": finish_reason,
-                        }),
-                    };
-                    let object = match kind {
-                        Kind::Chat => "chat.completion",
-                        Kind::Completion => "text_completion",
-                    };
-                    return axum::Json(json!({
-                        "id": id,
-                        "object": object,
-                        "created": unix_now(),
-                        "model": model,
-                        "choices": [choice],
-                        "usage": usage,
-                    }))
-                    .into_response();
-                }
-                Some(Err(e)) => {
-                    log(path, e.status.as_u16(), prompt_tokens, 0, started);
-                    return e.into_response();
-                }
-                None => unreachable!("a generation ends with End or an error"),
+        let whole = match generation.collect().await {
+            Ok(w) => w,
+            Err(e) => {
+                log(path, e.status.as_u16(), prompt_tokens, 0, started);
+                return e.into_response();
             }
-        }
+        };
+        log(
+            path,
+            200,
+            whole.prompt_tokens,
+            whole.completion_tokens,
+            started,
+        );
+        let choice = match kind {
+            Kind::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": whole.text},
+                "finish_reason": whole.finish_reason,
+            }),
+            Kind::Completion => json!({
+                "index": 0,
+                "text": whole.text,
+                "logprobs": null,
+                "finish_reason": whole.finish_reason,
+            }),
+        };
+        return axum::Json(json!({
+            "id": id,
+            "object": kind.object(false),
+            "created": unix_now(),
+            "model": model,
+            "choices": [choice],
+            "usage": usage(whole.prompt_tokens, whole.completion_tokens),
+        }))
+        .into_response();
     }
 
     // Streaming: the first step decides the status (a refused request is still a plain 4xx); after that,
@@ -319,7 +318,7 @@ async fn reply(
         log(path, e.status.as_u16(), prompt_tokens, 0, started);
         return e.into_response();
     }
-    let (tx, body_rx) = mpsc::channel::<Bytes>(64);
+    let (tx, response) = streamed_response("text/event-stream");
     let created = unix_now();
     tokio::spawn(async move {
         let chunk = |delta: Value, finish: Value| -> Bytes {
@@ -332,12 +331,8 @@ async fn reply(
                     "finish_reason": finish,
                 }),
             };
-            let object = match kind {
-                Kind::Chat => "chat.completion.chunk",
-                Kind::Completion => "text_completion",
-            };
             event(&json!({
-                "id": id, "object": object, "created": created, "model": model, "choices": [choice],
+                "id": id, "object": kind.object(true), "created": created, "model": model, "choices": [choice],
             }))
         };
         if kind == Kind::Chat
@@ -375,10 +370,7 @@ async fn reply(
                         let _ = tx
                             .send(event(&json!({
                                 "id": id,
-                                "object": match kind {
-                                    Kind::Chat => "chat.completion.chunk",
-                                    Kind::Completion => "text_completion",
-                                },
+                                "object": kind.object(true),
                                 "created": created,
                                 "model": model,
                                 "choices": [],
@@ -403,15 +395,7 @@ async fn reply(
             step = generation.next().await;
         }
     });
-    let stream = futures_util::stream::unfold(body_rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    response
 }
 
 fn event(v: &Value) -> Bytes {
