@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::generation::{Generation, Step, streamed_response};
-use super::openai::{chat_messages, encode, integer, log, number, parse_body};
+use super::openai::{chat_messages, encode, integer, log, parse_body, sampling};
 use super::{ApiError, AppState};
 use crate::sampling::SamplingParams;
 use crate::text::chat_template::{Conversation, Message};
@@ -105,11 +105,6 @@ impl Options {
             Some(Value::Object(o)) => o,
             Some(_) => return Err(ApiError::bad_request("\"options\" must be an object")),
         };
-        let defaults = SamplingParams::default();
-        let top_p = number(options, "top_p", 0.0, 1.0)?.unwrap_or(defaults.top_p);
-        if top_p == 0.0 {
-            return Err(ApiError::bad_request("\"top_p\" must be above 0"));
-        }
         // ollama's num_predict: -1 (or absent) for no limit but the context.
         let max_tokens = match options.get("num_predict") {
             None | Some(Value::Null) => None,
@@ -137,20 +132,7 @@ impl Options {
         };
         Ok(Options {
             stream: body.get("stream").and_then(Value::as_bool).unwrap_or(true),
-            params: SamplingParams {
-                temperature: number(options, "temperature", 0.0, 2.0)?
-                    .unwrap_or(defaults.temperature),
-                top_p,
-                top_k: integer(options, "top_k")?.map_or(defaults.top_k, |k| k as usize),
-                seed: match options.get("seed").filter(|v| !v.is_null()) {
-                    None => crate::sampling::fresh_seed(),
-                    Some(v) => v
-                        .as_u64()
-                        .or_else(|| v.as_i64().map(|i| i as u64))
-                        .ok_or_else(|| ApiError::bad_request("\"seed\" must be an integer"))?,
-                },
-                ..defaults
-            },
+            params: sampling(options)?,
             max_tokens,
             stops,
             model: body

@@ -166,20 +166,7 @@ impl Options {
         {
             return Err(ApiError::bad_request("only \"n\": 1 is supported"));
         }
-        let defaults = SamplingParams::default();
-        let temperature = number(body, "temperature", 0.0, 2.0)?.unwrap_or(defaults.temperature);
-        let top_p = number(body, "top_p", 0.0, 1.0)?.unwrap_or(defaults.top_p);
-        if top_p == 0.0 {
-            return Err(ApiError::bad_request("\"top_p\" must be above 0"));
-        }
-        let top_k = integer(body, "top_k")?.map_or(defaults.top_k, |k| k as usize);
-        let seed = match body.get("seed").filter(|v| !v.is_null()) {
-            None => crate::sampling::fresh_seed(),
-            Some(v) => v
-                .as_u64()
-                .or_else(|| v.as_i64().map(|i| i as u64))
-                .ok_or_else(|| ApiError::bad_request("\"seed\" must be an integer"))?,
-        };
+        let params = sampling(body)?;
         let max_tokens = match integer(body, "max_completion_tokens")? {
             Some(n) => Some(n),
             None => integer(body, "max_tokens")?,
@@ -222,13 +209,7 @@ impl Options {
         Ok(Options {
             stream,
             include_usage,
-            params: SamplingParams {
-                temperature,
-                top_p,
-                top_k,
-                seed,
-                ..defaults
-            },
+            params,
             max_tokens: max_tokens.map(|n| n as usize),
             stops,
             model: body
@@ -502,6 +483,30 @@ pub(super) fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError>
         .tokenizer()
         .encode(text)
         .map_err(|e| ApiError::bad_request(format!("tokenizing the prompt: {e}")))
+}
+
+/// `temperature`, `top_p`, `top_k` and `seed` of a request (OpenAI's top level, ollama's `options`), the rest as
+/// `quarry run` has them; without a seed, a fresh one.
+pub(super) fn sampling(fields: &Map<String, Value>) -> Result<SamplingParams, ApiError> {
+    let defaults = SamplingParams::default();
+    let top_p = number(fields, "top_p", 0.0, 1.0)?.unwrap_or(defaults.top_p);
+    if top_p == 0.0 {
+        return Err(ApiError::bad_request("\"top_p\" must be above 0"));
+    }
+    let seed = match fields.get("seed").filter(|v| !v.is_null()) {
+        None => crate::sampling::fresh_seed(),
+        Some(v) => v
+            .as_u64()
+            .or_else(|| v.as_i64().map(|i| i as u64))
+            .ok_or_else(|| ApiError::bad_request("\"seed\" must be an integer"))?,
+    };
+    Ok(SamplingParams {
+        temperature: number(fields, "temperature", 0.0, 2.0)?.unwrap_or(defaults.temperature),
+        top_p,
+        top_k: integer(fields, "top_k")?.map_or(defaults.top_k, |k| k as usize),
+        seed,
+        ..defaults
+    })
 }
 
 pub(super) fn number(
