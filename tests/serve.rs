@@ -627,3 +627,23 @@ fn a_full_queue_answers_503_with_retry_after() {
     let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 4));
     assert_eq!(st, 200, "{v}");
 }
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let Some(model) = model() else { return };
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .arg("serve")
+        .arg(&model)
+        .args(["--host", "127.0.0.1", "--port", &port])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(err.contains("--port"), "{err}");
+}

@@ -47,9 +47,7 @@ pub struct ServeConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error(
-        "cannot listen on {addr}: {source} (is another server using the port? pick one with --port)"
-    )]
+    #[error("cannot listen on {addr} (is another server using the port? pick another with --port)")]
     Bind {
         addr: String,
         source: std::io::Error,
