@@ -316,21 +316,65 @@ mod body {
         fn values<W: Widen, const N: usize>(&self, s: usize, d0: usize) -> [f32; N];
     }
 
-    pub struct F32Block<'a> {
-        k: &'a [f32],
-        v: &'a [f32],
+    /// A value type stored as it is (f32) or widened exactly (f16 as bits).
+    pub trait Plain: Copy + Sized {
+        /// Keys and values of a cache of this type.
+        fn storage<'a>(data: KvData<'a>) -> (&'a [Self], &'a [Self]);
+        fn widen<W: Widen, const N: usize>(x: &[Self; N]) -> [f32; N];
+        fn widen_one(x: Self) -> f32;
+    }
+
+    impl Plain for f32 {
+        #[inline(always)]
+        fn storage<'a>(data: KvData<'a>) -> (&'a [f32], &'a [f32]) {
+            let KvData::F32 { k, v } = data else {
+                unreachable!("an f32 block of another cache type")
+            };
+            (k, v)
+        }
+        #[inline(always)]
+        fn widen<W: Widen, const N: usize>(x: &[f32; N]) -> [f32; N] {
+            *x
+        }
+        #[inline(always)]
+        fn widen_one(x: f32) -> f32 {
+            x
+        }
+    }
+
+    impl Plain for u16 {
+        #[inline(always)]
+        fn storage<'a>(data: KvData<'a>) -> (&'a [u16], &'a [u16]) {
+            let KvData::F16 { k, v } = data else {
+                unreachable!("an f16 block of another cache type")
+            };
+            (k, v)
+        }
+        #[inline(always)]
+        fn widen<W: Widen, const N: usize>(x: &[u16; N]) -> [f32; N] {
+            W::f16(x)
+        }
+        #[inline(always)]
+        fn widen_one(x: u16) -> f32 {
+            f16_to_f32(x)
+        }
+    }
+
+    /// A block of an f32 or f16 cache: keys transposed, values row-major, one value per element.
+    pub struct PlainBlock<'a, T> {
+        k: &'a [T],
+        v: &'a [T],
         bt: usize,
         hd: usize,
     }
 
-    impl<'a> KvBlock<'a> for F32Block<'a> {
+    impl<'a, T: Plain> KvBlock<'a> for PlainBlock<'a, T> {
         #[inline(always)]
         fn at(kv: &KvBlocks<'a>, i: usize) -> Self {
-            let KvData::F32 { k, v } = kv.data else {
-                unreachable!("an f32 block of another cache type")
-            };
+            let (k, v) = T::storage(kv.data);
             let (base, n) = (kv.base(i), kv.head_dim * kv.tokens);
-            F32Block {
+            // A contiguous f32 cache may end before its block does.
+            PlainBlock {
                 k: &k[base..(base + n).min(k.len())],
                 v: &v[base..(base + n).min(v.len())],
                 bt: kv.tokens,
@@ -344,57 +388,16 @@ mod body {
         #[inline(always)]
         fn keys<W: Widen, const N: usize>(&self, d: usize, s: usize) -> [f32; N] {
             let at = d * self.bt + s;
-            *<&[f32; N]>::try_from(&self.k[at..at + N]).unwrap()
+            T::widen::<W, N>(self.k[at..at + N].try_into().unwrap())
         }
         #[inline(always)]
         fn key(&self, d: usize, s: usize) -> f32 {
-            self.k[d * self.bt + s]
+            T::widen_one(self.k[d * self.bt + s])
         }
         #[inline(always)]
         fn values<W: Widen, const N: usize>(&self, s: usize, d0: usize) -> [f32; N] {
             let at = s * self.hd + d0;
-            *<&[f32; N]>::try_from(&self.v[at..at + N]).unwrap()
-        }
-    }
-
-    pub struct F16Block<'a> {
-        k: &'a [u16],
-        v: &'a [u16],
-        bt: usize,
-        hd: usize,
-    }
-
-    impl<'a> KvBlock<'a> for F16Block<'a> {
-        #[inline(always)]
-        fn at(kv: &KvBlocks<'a>, i: usize) -> Self {
-            let KvData::F16 { k, v } = kv.data else {
-                unreachable!("an f16 block of another cache type")
-            };
-            let (base, n) = (kv.base(i), kv.head_dim * kv.tokens);
-            F16Block {
-                k: &k[base..base + n],
-                v: &v[base..base + n],
-                bt: kv.tokens,
-                hd: kv.head_dim,
-            }
-        }
-        #[inline(always)]
-        fn keys_fit(&self, s: usize, n: usize) -> bool {
-            s + n <= self.bt
-        }
-        #[inline(always)]
-        fn keys<W: Widen, const N: usize>(&self, d: usize, s: usize) -> [f32; N] {
-            let at = d * self.bt + s;
-            W::f16(self.k[at..at + N].try_into().unwrap())
-        }
-        #[inline(always)]
-        fn key(&self, d: usize, s: usize) -> f32 {
-            f16_to_f32(self.k[d * self.bt + s])
-        }
-        #[inline(always)]
-        fn values<W: Widen, const N: usize>(&self, s: usize, d0: usize) -> [f32; N] {
-            let at = s * self.hd + d0;
-            W::f16(self.v[at..at + N].try_into().unwrap())
+            T::widen::<W, N>(self.v[at..at + N].try_into().unwrap())
         }
     }
 
@@ -524,12 +527,12 @@ mod body {
         out: &mut [f32],
     ) {
         match kv.data {
-            KvData::F32 { .. } => {
-                attend::<M, W, F32Block, P1, P2, P4, D1, D2, D4>(q, lens, kv, scale, scratch, out)
-            }
-            KvData::F16 { .. } => {
-                attend::<M, W, F16Block, P1, P2, P4, D1, D2, D4>(q, lens, kv, scale, scratch, out)
-            }
+            KvData::F32 { .. } => attend::<M, W, PlainBlock<f32>, P1, P2, P4, D1, D2, D4>(
+                q, lens, kv, scale, scratch, out,
+            ),
+            KvData::F16 { .. } => attend::<M, W, PlainBlock<u16>, P1, P2, P4, D1, D2, D4>(
+                q, lens, kv, scale, scratch, out,
+            ),
             KvData::Q8 { .. } => {
                 attend::<M, W, Q8Block, P1, P2, P4, D1, D2, D4>(q, lens, kv, scale, scratch, out)
             }
