@@ -10,7 +10,7 @@
 //! [`Tokenizer::from_gguf`] for which `tokenizer.ggml.pre` values are understood and why `refact` is read as
 //! Granite's Hugging Face split rather than as llama.cpp's.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -83,6 +83,23 @@ pub enum TokenizerError {
     Encode { origin: String, message: String },
     #[error("{origin}: decoding failed: {message}")]
     Decode { origin: String, message: String },
+}
+
+/// GPT-2's printable stand-ins for the 256 byte values, in byte order (byte-level BPE writes byte `b` as the
+/// `b`-th of these).
+fn gpt2_byte_alphabet() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut shifted = 0;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap_or('?')
+            } else {
+                shifted += 1;
+                char::from_u32(255 + shifted).unwrap_or('?')
+            }
+        })
+        .collect()
 }
 
 /// A loaded tokenizer. Cheap to share by reference; loading the 3.5 MB Granite `tokenizer.json` takes ~100 ms,
@@ -446,6 +463,38 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The bytes each id stands for, index = id, as a grammar engine matches them against text: byte-level pieces
+    /// mapped back through the GPT-2 alphabet (`Ġ` is a space), `<0xNN>` byte-fallback pieces as that byte, other
+    /// pieces as their text with `▁` read as a space. Special tokens are `None`: they are no text at all.
+    pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+        let byte_level = matches!(self.inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_)));
+        let unicode_to_byte: HashMap<char, u8> = gpt2_byte_alphabet()
+            .into_iter()
+            .enumerate()
+            .map(|(b, c)| (c, b as u8))
+            .collect();
+        (0..self.vocab_size as u32)
+            .map(|id| {
+                if self.is_special(id) {
+                    return None;
+                }
+                let piece = self.inner.id_to_token(id)?;
+                if byte_level {
+                    piece
+                        .chars()
+                        .map(|c| unicode_to_byte.get(&c).copied())
+                        .collect()
+                } else if let Some(hex) =
+                    piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'))
+                {
+                    u8::from_str_radix(hex, 16).ok().map(|b| vec![b])
+                } else {
+                    Some(piece.replace('\u{2581}', " ").into_bytes())
+                }
+            })
+            .collect()
+    }
+
     /// Whether `id` is a special added token, which `decode(.., true)` and a skipping stream leave out.
     pub fn is_special(&self, id: u32) -> bool {
         self.special_ids.contains(&id)
@@ -567,7 +616,7 @@ mod tests {
     fn byte_tokenizer() -> Tokenizer {
         let mut vocab = serde_json::Map::new();
         vocab.insert("<|end_of_text|>".into(), 0.into());
-        for (i, piece) in gpt2_alphabet().into_iter().enumerate() {
+        for (i, piece) in gpt2_byte_alphabet().into_iter().enumerate() {
             vocab.insert(piece.to_string(), (i + 1).into());
         }
         vocab.insert("ab".into(), 257.into());
@@ -592,20 +641,21 @@ mod tests {
         Tokenizer::from_json_str(&json.to_string()).unwrap()
     }
 
-    /// GPT-2's printable stand-ins for the 256 byte values, in byte order.
-    fn gpt2_alphabet() -> Vec<char> {
-        let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-        let mut shifted = 0;
-        (0u32..256)
-            .map(|b| {
-                if printable(b) {
-                    char::from_u32(b).unwrap()
-                } else {
-                    shifted += 1;
-                    char::from_u32(255 + shifted).unwrap()
-                }
-            })
-            .collect()
+    #[test]
+    fn token_bytes_are_the_text_each_id_stands_for() {
+        let t = byte_tokenizer();
+        let bytes = t.token_bytes();
+        assert_eq!(bytes.len(), 259);
+        assert_eq!(bytes[0], None, "<|end_of_text|> is special");
+        assert_eq!(bytes[258], None);
+        assert_eq!(bytes[257].as_deref(), Some(&b"ab"[..]));
+        // Every byte, the unprintable ones (stored as shifted characters) included, maps back to itself.
+        for b in 0..=255u8 {
+            let id = t
+                .token_to_id(&gpt2_byte_alphabet()[b as usize].to_string())
+                .unwrap();
+            assert_eq!(bytes[id as usize].as_deref(), Some(&[b][..]), "byte {b}");
+        }
     }
 
     #[test]
@@ -770,7 +820,7 @@ mod tests {
     /// `byte_tokenizer` described as llama.cpp describes it, plus a `ĠĠ` merge that shows the pre-tokenizer.
     fn ggml_metadata(pre: &str) -> Vec<(String, Value)> {
         let mut tokens = vec!["<|end_of_text|>".to_string()];
-        tokens.extend(gpt2_alphabet().into_iter().map(String::from));
+        tokens.extend(gpt2_byte_alphabet().into_iter().map(String::from));
         tokens.extend(["ab", "<|start_of_role|>", "ĠĠ"].map(String::from));
         let mut types = vec![1; tokens.len()];
         (types[0], types[258]) = (3, 3);
@@ -866,7 +916,7 @@ mod tests {
             "{err}"
         );
         let mut tokens = vec!["<|end_of_text|>".to_string()];
-        tokens.extend(gpt2_alphabet().into_iter().map(String::from));
+        tokens.extend(gpt2_byte_alphabet().into_iter().map(String::from));
         tokens.extend(["ab", "<|start_of_role|>", "a"].map(String::from));
         let err = with(GGUF_GGML_TOKENS_KEY, Value::Array(Array::String(tokens)));
         assert!(err.contains("has \"a\" at both id 98 and id 259"), "{err}");
