@@ -101,6 +101,7 @@ fn decoding_a_batch_of_eight_allocates_nothing() {
                     params,
                     max_tokens: 100,
                     stop: vec![],
+                    constraint: None,
                 })
                 .unwrap();
         }

@@ -64,6 +64,18 @@ fn alone(model: &Model, req: &Request, context: usize) -> Outcome {
     out
 }
 
+/// The same unconstrained request again (a constraint is state, so requests are not `Clone`).
+fn copy(r: &Request) -> Request {
+    assert!(r.constraint.is_none());
+    Request {
+        prompt: r.prompt.clone(),
+        params: r.params.clone(),
+        max_tokens: r.max_tokens,
+        stop: r.stop.clone(),
+        constraint: None,
+    }
+}
+
 /// Every request through one scheduler, submitted at the given steps (0: before the first).
 fn batched(
     sched: &mut Scheduler,
@@ -78,7 +90,7 @@ fn batched(
         loop {
             for (i, (at, req)) in reqs.iter().enumerate() {
                 if *at == step {
-                    let id = sched.submit(req.clone()).unwrap();
+                    let id = sched.submit(copy(req)).unwrap();
                     index.insert(id, i);
                 }
             }
@@ -122,6 +134,7 @@ fn greedy_request(prompt: &[u32], max_tokens: usize, eos: u32) -> Request {
         params: SamplingParams::greedy(),
         max_tokens,
         stop: vec![eos],
+        constraint: None,
     }
 }
 
@@ -134,6 +147,7 @@ fn sampled_request(prompt: &[u32], max_tokens: usize, eos: u32, seed: u64) -> Re
         },
         max_tokens,
         stop: vec![eos],
+        constraint: None,
     }
 }
 
@@ -301,7 +315,7 @@ fn prefix_reuse_computes_only_the_new_tokens_and_gives_the_same_results() {
     turn2.extend((0..30).map(|i| (i * 13 + 1) % vocab));
     let before = sched.stats();
     let req = greedy_request(&turn2, 8, eos);
-    let (second, _) = batched(&mut sched, &[(0, req.clone())]);
+    let (second, _) = batched(&mut sched, &[(0, copy(&req))]);
     let after = sched.stats();
     // turn 1 held 150 + 19 positions: two whole blocks (128 positions) are reused.
     let reused = (after.reused_tokens - before.reused_tokens) as usize;
@@ -347,4 +361,105 @@ fn requests_that_cannot_run_are_refused_at_submit() {
         Err(SubmitError::TokenOutOfRange { .. })
     ));
     assert!(sched.is_idle());
+}
+
+/// Allows only ids that are multiples of `step` (and the end-of-text id 0), records what it is shown, and
+/// fails once it has been shown `fail_after` tokens.
+struct EveryNth {
+    step: u32,
+    fail_after: usize,
+    shown: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+impl quarry::sampling::TokenConstraint for EveryNth {
+    fn accept(&mut self, token: u32) -> Result<(), String> {
+        let mut shown = self.shown.lock().unwrap();
+        shown.push(token);
+        if shown.len() >= self.fail_after {
+            return Err("enough".into());
+        }
+        Ok(())
+    }
+
+    fn allowed(&mut self, allowed: &mut [u32]) -> Result<(), String> {
+        allowed.fill(0);
+        for id in (0..allowed.len() as u32 * 32).step_by(self.step as usize) {
+            allowed[id as usize / 32] |= 1 << (id % 32);
+        }
+        Ok(())
+    }
+}
+
+/// Runs `reqs` together to the end; per request its tokens and how it ended.
+fn run_owned(sched: &mut Scheduler, reqs: Vec<Request>) -> Vec<(Vec<u32>, FinishReason)> {
+    let mut out = vec![(Vec::new(), FinishReason::Cancelled); reqs.len()];
+    let ids: Vec<u64> = reqs.into_iter().map(|r| sched.submit(r).unwrap()).collect();
+    let mut events = Vec::new();
+    rayon::scope(|_| {
+        while !sched.is_idle() {
+            events.clear();
+            sched.step(&mut events).unwrap();
+            for e in &events {
+                match *e {
+                    Event::Token { id, token } => out[ids.iter().position(|&i| i == id).unwrap()]
+                        .0
+                        .push(token),
+                    Event::Finished { id, reason, .. } => {
+                        out[ids.iter().position(|&i| i == id).unwrap()].1 = reason
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+#[test]
+fn a_constrained_sequence_samples_only_allowed_tokens_alone_or_batched() {
+    let (name, dir) = all_fixtures().remove(0);
+    let file = gguf(&name, &dir, "q8_0");
+    let engine = engine_on(kernel_sets()[0], &file, true);
+    let model = &engine.model;
+    let vocab = model.config.n_vocab as u32;
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 31 + 7) % vocab).collect();
+    let other: Vec<u32> = (0..25).map(|i| (i * 17 + 3) % vocab).collect();
+    let constrained = |fail_after: usize, seed: u64| {
+        let shown = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut req = sampled_request(&prompt, 24, u32::MAX, seed);
+        req.constraint = Some(Box::new(EveryNth {
+            step: 3,
+            fail_after,
+            shown: shown.clone(),
+        }));
+        (req, shown)
+    };
+    let cfg = || SchedulerConfig {
+        step_tokens: 16,
+        ..SchedulerConfig::new(3, 256)
+    };
+
+    let (req, shown) = constrained(usize::MAX, 5);
+    let solo = run_owned(&mut Scheduler::new(model, cfg()), vec![req]);
+    assert_eq!(solo[0].1, FinishReason::Length);
+    assert_eq!(solo[0].0.len(), 24);
+    assert!(solo[0].0.iter().all(|t| t % 3 == 0), "{:?}", solo[0].0);
+    // The rule saw every token but the last (nothing is sampled after it).
+    assert_eq!(*shown.lock().unwrap(), solo[0].0[..23]);
+
+    // Beside unconstrained sequences: the same tokens, and theirs the same as alone.
+    let free_alone = run_owned(
+        &mut Scheduler::new(model, cfg()),
+        vec![sampled_request(&other, 30, u32::MAX, 9)],
+    );
+    let (req, _) = constrained(usize::MAX, 5);
+    let (failing, _) = constrained(4, 5);
+    let together = run_owned(
+        &mut Scheduler::new(model, cfg()),
+        vec![sampled_request(&other, 30, u32::MAX, 9), req, failing],
+    );
+    assert_eq!(together[0], free_alone[0]);
+    assert_eq!(together[1], solo[0]);
+    // A rule that fails ends its own sequence, after the tokens it accepted, and no other.
+    assert_eq!(together[2].1, FinishReason::ConstraintFailed);
+    assert_eq!(together[2].0, solo[0].0[..4]);
 }

@@ -224,6 +224,7 @@ fn finish_reason(r: FinishReason) -> &'static str {
         FinishReason::Stop => "stop",
         FinishReason::Length | FinishReason::ContextFull => "length",
         FinishReason::Cancelled => "cancelled",
+        FinishReason::ConstraintFailed => "constraint_failed",
     }
 }
 
@@ -252,6 +253,7 @@ fn request(line: &Line, prompt: Vec<u32>, eos: u32) -> Request {
         },
         max_tokens: line.max_tokens.unwrap_or(usize::MAX),
         stop: vec![eos],
+        constraint: None,
     }
 }
 

@@ -4,10 +4,12 @@
 pub mod scheduler;
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use quarry_quantize::gguf::GgufFile;
 
 use crate::model::{Model, ModelError};
+use crate::sampling::grammar::GrammarCompiler;
 use crate::text::chat_template::{ChatTemplate, ChatTemplateError, GGUF_CHAT_TEMPLATE_KEY};
 use crate::text::tokenizer::{Tokenizer, TokenizerError};
 
@@ -29,6 +31,8 @@ pub struct Engine {
     pub tokenizer: Option<Tokenizer>,
     /// The file's own Jinja chat template, when it has one.
     pub chat_template: Option<ChatTemplate>,
+    /// Built on first use by [`Engine::grammars`].
+    grammars: OnceLock<Result<GrammarCompiler, String>>,
 }
 
 impl Engine {
@@ -43,6 +47,7 @@ impl Engine {
             model,
             tokenizer: None,
             chat_template: None,
+            grammars: OnceLock::new(),
         })
     }
 
@@ -74,6 +79,18 @@ impl Engine {
         self.tokenizer
             .as_ref()
             .expect("open_for_text loads the tokenizer")
+    }
+
+    /// The grammar compiler over this model's vocabulary (for structured output), built on first use: building
+    /// its token trie costs tens of milliseconds, which requests without a grammar never pay.
+    pub fn grammars(&self) -> Result<&GrammarCompiler, String> {
+        self.grammars
+            .get_or_init(|| {
+                GrammarCompiler::new(self.tokenizer(), self.model.config.n_vocab)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// The KV cache type commands use unless told otherwise: f16 for a quantized file, whose weights' own

@@ -24,13 +24,12 @@ use crate::model::{
     BlockId, ForwardBuffers, KV_BLOCK_TOKENS, KvPool, KvType, Logits, Model, ModelError, SeqKv,
     SeqSpan,
 };
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampler, SamplingParams, TokenConstraint};
 
 /// A request's handle.
 pub type SeqId = u64;
 
 /// One generation request.
-#[derive(Clone, Debug)]
 pub struct Request {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
@@ -38,6 +37,20 @@ pub struct Request {
     pub max_tokens: usize,
     /// Tokens that end the sequence (the model's end-of-text among them); they are emitted like any other.
     pub stop: Vec<u32>,
+    /// Which tokens may be sampled (a JSON schema, a forced tool call); `None` for free text.
+    pub constraint: Option<Box<dyn TokenConstraint>>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("prompt", &self.prompt)
+            .field("params", &self.params)
+            .field("max_tokens", &self.max_tokens)
+            .field("stop", &self.stop)
+            .field("constrained", &self.constraint.is_some())
+            .finish()
+    }
 }
 
 /// Why a sequence ended.
@@ -51,6 +64,9 @@ pub enum FinishReason {
     ContextFull,
     /// [`Scheduler::cancel`].
     Cancelled,
+    /// The request's [`TokenConstraint`] could not go on (an error of its own, or no token allowed); the
+    /// sequence ends rather than continue unconstrained.
+    ConstraintFailed,
 }
 
 /// What a step produced, in order.
@@ -146,6 +162,36 @@ struct Sequence {
     stop: Vec<u32>,
     generated: usize,
     reused: usize,
+    constraint: Option<Constrained>,
+}
+
+/// A sequence's constraint and the allowed set for its next token.
+struct Constrained {
+    rule: Box<dyn TokenConstraint>,
+    /// The token sampled last, not yet shown to `rule`.
+    unseen: Option<u32>,
+    /// One bit per id: what may be sampled next, once `prepare` has run for this step.
+    allowed: Vec<u32>,
+    ready: bool,
+    failed: bool,
+}
+
+impl Constrained {
+    /// Shows `rule` the last token and asks what may come next. Runs beside the forward pass of the step
+    /// whose logits it will mask ([`Scheduler::step_observing`]), so the batch does not wait for it.
+    fn prepare(&mut self) {
+        if self.ready || self.failed {
+            return;
+        }
+        let result = match self.unseen.take() {
+            Some(token) => self.rule.accept(token),
+            None => Ok(()),
+        };
+        self.failed = result
+            .and_then(|()| self.rule.allowed(&mut self.allowed))
+            .is_err();
+        self.ready = true;
+    }
 }
 
 impl Sequence {
@@ -287,6 +333,8 @@ pub struct Scheduler<'m> {
     ended: Vec<(usize, FinishReason)>,
     spans: Vec<SeqSpan<'static>>,
     prefix_scratch: Vec<BlockId>,
+    /// This step's constraints, out of their sequences (index in `running`) while their masks are worked out.
+    constrained: Vec<(usize, Constrained)>,
 }
 
 impl<'m> Scheduler<'m> {
@@ -313,6 +361,7 @@ impl<'m> Scheduler<'m> {
             ended: Vec::with_capacity(cfg.max_running),
             spans: Vec::with_capacity(cfg.max_running),
             prefix_scratch: Vec::new(),
+            constrained: Vec::with_capacity(cfg.max_running),
             cfg,
         }
     }
@@ -398,6 +447,13 @@ impl<'m> Scheduler<'m> {
             stop: req.stop,
             generated: 0,
             reused: 0,
+            constraint: req.constraint.map(|rule| Constrained {
+                rule,
+                unseen: None,
+                allowed: vec![0; n_vocab.div_ceil(32)],
+                ready: false,
+                failed: false,
+            }),
         });
         Ok(id)
     }
@@ -449,6 +505,16 @@ impl<'m> Scheduler<'m> {
                 .extend_from_slice(&s.tokens[from..from + n]);
         }
         self.stats.computed_tokens += self.step_tokens.len() as u64;
+        // The constraints of sequences sampling this step, moved out so that their masks can be worked out while
+        // the forward pass reads the sequences' caches.
+        for &(i, n) in &self.plan {
+            let s = &mut self.running[i];
+            if s.kv.len() + n == s.tokens.len()
+                && let Some(c) = s.constraint.take()
+            {
+                self.constrained.push((i, c));
+            }
+        }
         let mut spans = recycle(std::mem::take(&mut self.spans));
         let mut first = 0;
         for &(i, n) in &self.plan {
@@ -463,11 +529,25 @@ impl<'m> Scheduler<'m> {
             });
             first += n;
         }
-        let result = self
-            .model
-            .forward_batch(&self.step_tokens, &spans, &mut self.pool, &mut self.bufs)
-            .map(|_| ());
+        let (model, pool, bufs, step_tokens) = (
+            self.model,
+            &mut self.pool,
+            &mut self.bufs,
+            &self.step_tokens,
+        );
+        let constrained = &mut self.constrained;
+        let (result, ()) = rayon::join(
+            || {
+                model
+                    .forward_batch(step_tokens, &spans, pool, bufs)
+                    .map(|_| ())
+            },
+            || constrained.iter_mut().for_each(|(_, c)| c.prepare()),
+        );
         self.spans = recycle(spans);
+        for (i, c) in self.constrained.drain(..) {
+            self.running[i].constraint = Some(c);
+        }
         result?;
 
         // Record what is now cached; sample for the sequences that reached their last token.
@@ -483,8 +563,24 @@ impl<'m> Scheduler<'m> {
             }
             let logits = self.bufs.logits_row(row, n_vocab);
             observe(s.id, logits);
-            let token = s.sampler.sample(logits, &s.tokens);
             row += 1;
+            let token = match &mut s.constraint {
+                None => s.sampler.sample(logits, &s.tokens),
+                Some(c) => {
+                    let token = if c.failed {
+                        None
+                    } else {
+                        s.sampler.sample_allowed(logits, &s.tokens, &c.allowed)
+                    };
+                    let Some(token) = token else {
+                        self.ended.push((i, FinishReason::ConstraintFailed));
+                        continue;
+                    };
+                    c.unseen = Some(token);
+                    c.ready = false;
+                    token
+                }
+            };
             s.generated += 1;
             events.push(Event::Token { id: s.id, token });
             // The same order of checks as `generate`, so a sequence ends where it would alone.

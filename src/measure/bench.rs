@@ -187,6 +187,7 @@ pub fn run_parallel_test(
                 params: SamplingParams::greedy(),
                 max_tokens: n_gen + 1,
                 stop: Vec::new(),
+                constraint: None,
             };
             sched
                 .submit(req)

@@ -1,5 +1,20 @@
 //! Choosing the next token from the logits: greedy, or llama.cpp's usual chain (repetition penalty, top-k,
-//! top-p, min-p, temperature) with a seeded generator so that the same seed gives the same text.
+//! top-p, min-p, temperature) with a seeded generator so that the same seed gives the same text; and, for
+//! structured output, only among the tokens a [`TokenConstraint`] allows ([`grammar`] builds them from JSON
+//! schemas and grammars).
+
+pub mod grammar;
+
+/// A rule on which tokens may come next (a JSON schema, a forced tool call), one per sequence. The scheduler asks
+/// for the allowed set before each token is sampled and reports every token sampled, so the two stay in step.
+pub trait TokenConstraint: Send + Sync {
+    /// Takes `token`, the one sampled last, as generated.
+    fn accept(&mut self, token: u32) -> Result<(), String>;
+    /// Sets in `allowed` (one bit per id, bit `id % 32` of word `id / 32`; as many words as the vocabulary needs)
+    /// exactly the ids that may come next, the end-of-text id once the rule is complete. An error, or no id
+    /// allowed, means the rule cannot go on.
+    fn allowed(&mut self, allowed: &mut [u32]) -> Result<(), String>;
+}
 
 /// Sampling settings; the defaults are llama.cpp's.
 #[derive(Clone, Debug, PartialEq)]
@@ -118,6 +133,8 @@ pub struct Sampler {
     pub params: SamplingParams,
     rng: Rng,
     candidates: Vec<(u32, f32)>,
+    /// The logits with the tokens a constraint forbids set to minus infinity ([`Sampler::sample_allowed`]).
+    masked: Vec<f32>,
 }
 
 impl Sampler {
@@ -127,7 +144,31 @@ impl Sampler {
             params,
             rng,
             candidates: Vec::new(),
+            masked: Vec::new(),
         }
+    }
+
+    /// [`Sampler::sample`] among the ids set in `allowed` (a bit set as [`TokenConstraint::allowed`] fills it);
+    /// the same choice as over logits where every other id is minus infinity. `None` when no id is allowed.
+    pub fn sample_allowed(
+        &mut self,
+        logits: &[f32],
+        recent: &[u32],
+        allowed: &[u32],
+    ) -> Option<u32> {
+        let mut masked = std::mem::take(&mut self.masked);
+        masked.clear();
+        masked.extend(logits.iter().enumerate().map(|(i, &l)| {
+            if allowed.get(i / 32).is_some_and(|w| w >> (i % 32) & 1 == 1) {
+                l
+            } else {
+                f32::NEG_INFINITY
+            }
+        }));
+        let any = masked.iter().any(|&l| l > f32::NEG_INFINITY);
+        let token = any.then(|| self.sample(&masked, recent));
+        self.masked = masked;
+        token
     }
 
     /// Picks the next token. `recent` is the token history the repetition penalty looks at.
@@ -194,7 +235,12 @@ impl Sampler {
                 return id;
             }
         }
-        c[c.len() - 1].0
+        // Rounding left a sliver: the least likely token that can be chosen at all.
+        c.iter()
+            .rev()
+            .find(|&&(_, l)| l > f32::NEG_INFINITY)
+            .unwrap_or(&c[c.len() - 1])
+            .0
     }
 }
 
@@ -274,6 +320,29 @@ mod tests {
             a.iter().collect::<std::collections::HashSet<_>>().len() > 1,
             "temperature 1 should vary"
         );
+    }
+
+    #[test]
+    fn allowed_ids_only() {
+        let logits: Vec<f32> = (0..100).map(|i| i as f32).collect();
+        let mut allowed = vec![0u32; 4];
+        for id in [3usize, 40, 77] {
+            allowed[id / 32] |= 1 << (id % 32);
+        }
+        let mut greedy = Sampler::new(SamplingParams::greedy());
+        assert_eq!(greedy.sample_allowed(&logits, &[], &allowed), Some(77));
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 100.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..SamplingParams::default()
+        });
+        let seen: std::collections::HashSet<u32> = (0..300)
+            .filter_map(|_| s.sample_allowed(&logits, &[], &allowed))
+            .collect();
+        assert_eq!(seen, [3, 40, 77].into_iter().collect());
+        assert_eq!(greedy.sample_allowed(&logits, &[], &[0; 4]), None);
     }
 
     #[test]
