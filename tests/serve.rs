@@ -561,12 +561,272 @@ fn the_ollama_api_gives_the_same_replies() {
     assert_eq!(st, 200);
     assert!(show["template"].as_str().unwrap().contains("start_of_role"));
 
-    // JSON output is refused, not silently unconstrained.
+    // `format`: a schema is followed; one that cannot be enforced is refused, not ignored.
     let mut fmt = whole.clone();
-    fmt["format"] = json!("json");
+    fmt["format"] = person_schema();
+    fmt["options"]["num_predict"] = json!(96);
+    let (st, v) = srv.post("/api/chat", &fmt);
+    assert_eq!(st, 200, "{v}");
+    assert_person(v["message"]["content"].as_str().unwrap());
+    fmt["format"] = json!({"type": "bogus"});
     let (st, v) = srv.post("/api/chat", &fmt);
     assert_eq!(st, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("format"));
+}
+
+/// A schema whose strings are bounded, so that even random weights close the object within the reply's tokens.
+fn person_schema() -> Value {
+    json!({"type": "object",
+           "properties": {"name": {"type": "string", "maxLength": 16},
+                          "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+           "required": ["name", "age"], "additionalProperties": false})
+}
+
+/// `text` is one JSON object valid against [`person_schema`].
+fn assert_person(text: &str) {
+    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let o = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {text}"));
+    assert_eq!(o.len(), 2, "{text}");
+    assert!(o["name"].as_str().unwrap().chars().count() <= 16, "{text}");
+    let age = o["age"].as_i64().unwrap_or_else(|| panic!("age: {text}"));
+    assert!((0..=150).contains(&age), "{text}");
+}
+
+#[test]
+fn structured_output_follows_its_schema() {
+    let Some(model) = model() else { return };
+    let srv = Server::start(&model, &["--parallel", "2", "--ctx-size", "512"]);
+    let mut body = chat("Invent a person.", 96);
+    body["response_format"] =
+        json!({"type": "json_schema", "json_schema": {"name": "p", "schema": person_schema()}});
+    let (st, v) = srv.post("/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let whole = content(&v).to_string();
+    assert_person(&whole);
+    // Streamed, the same reply; sampled with a seed, still valid.
+    body["stream"] = json!(true);
+    let (st, _, events) = srv.stream("/v1/chat/completions", &body);
+    assert_eq!(st, 200);
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(streamed, whole);
+    body["stream"] = json!(false);
+    for seed in 1..4 {
+        body["temperature"] = json!(1.0);
+        body["seed"] = json!(seed);
+        let (st, v) = srv.post("/v1/chat/completions", &body);
+        assert_eq!(st, 200, "{v}");
+        assert_person(content(&v));
+    }
+
+    // json_object: any object; cut by the length limit, the start of one.
+    let mut body = chat("JSON please.", 64);
+    body["response_format"] = json!({"type": "json_object"});
+    let (st, v) = srv.post("/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    let text = content(&v);
+    if v["choices"][0]["finish_reason"] == "stop" {
+        assert!(
+            serde_json::from_str::<Value>(text).unwrap().is_object(),
+            "{text}"
+        );
+    } else {
+        assert!(text.starts_with('{'), "{text}");
+    }
+
+    // Schemas that cannot be enforced, and formats that do not exist, are refused by name.
+    for (format, needle) in [
+        (
+            json!({"type": "json_schema", "json_schema": {"schema": {"type": "bogus"}}}),
+            "bogus",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"schema": 3}}),
+            "schema",
+        ),
+        (json!({"type": "json_schema"}), "json_schema"),
+        (json!({"type": "yaml"}), "yaml"),
+    ] {
+        let mut body = chat("hi", 8);
+        body["response_format"] = format.clone();
+        let (st, v) = srv.post("/v1/chat/completions", &body);
+        assert_eq!(st, 400, "{format}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{format}: {message}");
+    }
+    assert_eq!(srv.get("/health").0, 200);
+}
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+         "parameters": {"type": "object",
+                        "properties": {"location": {"type": "string", "maxLength": 24},
+                                       "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                        "required": ["location"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "description": "Time in a timezone",
+         "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 24}},
+                        "required": ["timezone"], "additionalProperties": false}}}
+    ])
+}
+
+/// A call of one of [`weather_tools`] with arguments valid against its schema; returns (name, arguments).
+fn assert_valid_call(call: &Value) -> (String, Value) {
+    assert_eq!(call["type"], "function", "{call}");
+    assert!(
+        call["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{call}"
+    );
+    let name = call["function"]["name"].as_str().unwrap().to_string();
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    let o = args.as_object().unwrap();
+    match name.as_str() {
+        "get_weather" => {
+            assert!(o["location"].as_str().unwrap().chars().count() <= 24);
+            assert!(o.keys().all(|k| k == "location" || k == "unit"), "{args}");
+            if let Some(u) = o.get("unit") {
+                assert!(u == "celsius" || u == "fahrenheit", "{args}");
+            }
+        }
+        "get_time" => {
+            assert!(o["timezone"].is_string());
+            assert_eq!(o.len(), 1, "{args}");
+        }
+        other => panic!("called an unknown tool {other}"),
+    }
+    (name, args)
+}
+
+#[test]
+fn forced_tool_calls_are_valid_calls_streamed_as_deltas() {
+    let Some(model) = model() else { return };
+    let srv = Server::start(&model, &["--parallel", "2", "--ctx-size", "1024"]);
+    let mut body = chat("What is the weather in Boston?", 96);
+    body["tools"] = weather_tools();
+    body["tool_choice"] = json!("required");
+    let (st, v) = srv.post("/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "one call unless parallel_tool_calls: {v}");
+    let (name, args) = assert_valid_call(&calls[0]);
+
+    // Streamed: id and name first, then argument pieces that add up to the same call.
+    body["stream"] = json!(true);
+    let (st, _, events) = srv.stream("/v1/chat/completions", &body);
+    assert_eq!(st, 200);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let deltas: Vec<Value> = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .flat_map(|c| {
+            c["choices"][0]["delta"]["tool_calls"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(deltas.len() >= 2, "{deltas:?}");
+    assert_eq!(deltas[0]["function"]["name"], name.as_str());
+    assert!(deltas[0]["id"].is_string());
+    assert!(
+        deltas[1..]
+            .iter()
+            .all(|d| d.get("id").is_none() && d["index"] == 0)
+    );
+    let joined: String = deltas
+        .iter()
+        .filter_map(|d| d["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(serde_json::from_str::<Value>(&joined).unwrap(), args);
+    let finish: Vec<&str> = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["finish_reason"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .map(|s| {
+            if s == "tool_calls" {
+                "tool_calls"
+            } else {
+                "other"
+            }
+        })
+        .collect();
+    assert_eq!(finish, ["tool_calls"]);
+    body["stream"] = json!(false);
+
+    // A named function is the one called.
+    body["tool_choice"] = json!({"type": "function", "function": {"name": "get_time"}});
+    let (st, v) = srv.post("/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    let (named, _) = assert_valid_call(&v["choices"][0]["message"]["tool_calls"][0]);
+    assert_eq!(named, "get_time");
+
+    // With parallel calls allowed, every call is still valid.
+    body["tool_choice"] = json!("required");
+    body["parallel_tool_calls"] = json!(true);
+    body["max_tokens"] = json!(200);
+    let (st, v) = srv.post("/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    if v["choices"][0]["finish_reason"] == "tool_calls" {
+        for c in v["choices"][0]["message"]["tool_calls"].as_array().unwrap() {
+            assert_valid_call(c);
+        }
+    }
+
+    // The call and its result go back through the template; the next turn is answered.
+    let follow = json!({"model": "m", "temperature": 0, "max_tokens": 8, "tools": weather_tools(),
+        "messages": [{"role": "user", "content": "What is the weather in Boston?"},
+                     {"role": "assistant", "content": null, "tool_calls": [calls[0].clone()]},
+                     {"role": "tool", "tool_call_id": calls[0]["id"], "content": "{\"temperature\": 21}"}]});
+    let (st, v) = srv.post("/v1/chat/completions", &follow);
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        v["choices"][0]["message"]["content"].is_string()
+            || v["choices"][0]["message"]["tool_calls"].is_array()
+    );
+
+    // Refused by name: an unknown function, a forced call without tools, a malformed tool.
+    for (patch, needle) in [
+        (
+            json!({"tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "nope",
+        ),
+        (json!({"tool_choice": "required"}), "no \"tools\""),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}),
+            "parameters",
+        ),
+        (
+            json!({"tools": weather_tools(), "tool_choice": "required",
+                "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+    ] {
+        let mut body = chat("hi", 8);
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (st, v) = srv.post("/v1/chat/completions", &body);
+        assert_eq!(st, 400, "{patch}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{patch}: {message}");
+    }
+    assert_eq!(srv.get("/health").0, 200);
 }
 
 /// Sends a streamed chat request over its own connection and leaves it open.

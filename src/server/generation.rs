@@ -1,26 +1,31 @@
 //! One request's reply as text: tokens from the inference thread decoded as they arrive, held back only while
 //! they might be the start of a stop string, and ended at the first stop string (which is not part of the reply).
+//! With tools, what follows Granite's `<|tool_call|>` token is read as calls instead, each handed out as soon as
+//! its JSON object is complete.
 
-use std::sync::Arc;
-
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
+use super::tools::{self, ParsedCall, TOOL_CALL_MARKER};
 use super::worker::Output;
 use super::{ApiError, AppState};
 use crate::engine::Engine;
 use crate::engine::scheduler::{FinishReason, Request};
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, TokenConstraint};
 
 /// What the reply did next.
 #[derive(Debug)]
 pub enum Step {
     /// More text (never empty).
     Text(String),
+    /// A whole tool call (only with [`Generation::read_tool_calls`]).
+    ToolCall(ParsedCall),
     /// The end: why, and the token counts for `usage`.
     End {
         finish_reason: &'static str,
@@ -32,6 +37,7 @@ pub enum Step {
 /// A whole reply.
 pub struct Whole {
     pub text: String,
+    pub calls: Vec<ParsedCall>,
     pub finish_reason: &'static str,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -64,9 +70,14 @@ pub struct Generation {
     text: String,
     sent: usize,
     prompt_tokens: usize,
-    /// The end, due on the next call after the last text went out.
-    pending_end: Option<&'static str>,
+    /// Steps worked out but not yet handed out.
+    queue: VecDeque<Step>,
     done: bool,
+    /// The id of `<|tool_call|>` when the reply is read for tool calls.
+    tool_call_id: Option<u32>,
+    /// Where the calls start in `ids` (just after the marker), once it came.
+    calls_from: Option<usize>,
+    calls_sent: usize,
 }
 
 impl Generation {
@@ -78,6 +89,7 @@ impl Generation {
         params: SamplingParams,
         max_tokens: Option<usize>,
         stops: Vec<String>,
+        constraint: Option<Box<dyn TokenConstraint>>,
     ) -> Result<Generation, ApiError> {
         let context = state.cfg.scheduler.context;
         if prompt.is_empty() {
@@ -109,6 +121,7 @@ impl Generation {
             params,
             max_tokens: max_tokens.unwrap_or(room).min(room),
             stop: vec![state.engine.tokenizer().eos_id()],
+            constraint,
         });
         Ok(Generation::new(
             state.engine.clone(),
@@ -132,17 +145,28 @@ impl Generation {
             text: String::new(),
             sent: 0,
             prompt_tokens,
-            pending_end: None,
+            queue: VecDeque::new(),
             done: false,
+            tool_call_id: None,
+            calls_from: None,
+            calls_sent: 0,
         }
+    }
+
+    /// Reads what follows `<|tool_call|>` (a special token, which decoding would drop) as tool calls. A
+    /// tokenizer without that token has no calls to read.
+    pub fn read_tool_calls(&mut self) {
+        self.tool_call_id = self.engine.tokenizer().token_to_id(TOOL_CALL_MARKER);
     }
 
     /// The whole reply, waited for.
     pub async fn collect(mut self) -> Result<Whole, ApiError> {
         let mut text = String::new();
+        let mut calls = Vec::new();
         loop {
             match self.next().await {
                 Some(Ok(Step::Text(t))) => text.push_str(&t),
+                Some(Ok(Step::ToolCall(c))) => calls.push(c),
                 Some(Ok(Step::End {
                     finish_reason,
                     prompt_tokens,
@@ -150,6 +174,7 @@ impl Generation {
                 })) => {
                     return Ok(Whole {
                         text,
+                        calls,
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
@@ -163,11 +188,11 @@ impl Generation {
 
     /// The next step; `None` after `End`. An error before any text is the request's (a 4xx) or the model's.
     pub async fn next(&mut self) -> Option<Result<Step, ApiError>> {
+        if let Some(step) = self.queue.pop_front() {
+            return Some(Ok(step));
+        }
         if self.done {
             return None;
-        }
-        if let Some(why) = self.pending_end.take() {
-            return Some(Ok(self.end(why)));
         }
         loop {
             let Some(out) = self.rx.recv().await else {
@@ -184,6 +209,25 @@ impl Generation {
                         continue;
                     }
                     self.ids.push(id);
+                    if let Some(from) = self.calls_from {
+                        if let Err(e) = self.read_calls(from) {
+                            return Some(Err(e));
+                        }
+                        if let Some(step) = self.queue.pop_front() {
+                            return Some(Ok(step));
+                        }
+                        continue;
+                    }
+                    if Some(id) == self.tool_call_id {
+                        // The content is complete: all of it goes out, stop strings aside.
+                        self.calls_from = Some(self.ids.len());
+                        if self.sent < self.text.len() {
+                            let piece = self.text[self.sent..].to_string();
+                            self.sent = self.text.len();
+                            return Some(Ok(Step::Text(piece)));
+                        }
+                        continue;
+                    }
                     // The whole text decoded again: exactly what a decode of all the ids gives (as `quarry run`
                     // prints), whatever a token's bytes look like alone.
                     self.text = match tokenizer.decode(&self.ids, true) {
@@ -204,10 +248,14 @@ impl Generation {
                     }
                 }
                 Output::Done { reason, .. } => {
+                    if let Some(from) = self.calls_from {
+                        return Some(self.end_calls(from, reason));
+                    }
                     let why = match reason {
                         FinishReason::Stop => "stop",
                         FinishReason::Length | FinishReason::ContextFull => "length",
                         FinishReason::Cancelled => "cancelled",
+                        FinishReason::ConstraintFailed => "constraint_failed",
                     };
                     return Some(Ok(self.flush_then_end(why)));
                 }
@@ -233,10 +281,67 @@ impl Generation {
         if self.sent < self.text.len() {
             let piece = self.text[self.sent..].to_string();
             self.sent = self.text.len();
-            self.pending_end = Some(finish_reason);
+            let end = self.end(finish_reason);
+            self.queue.push_back(end);
             return Step::Text(piece);
         }
         self.end(finish_reason)
+    }
+
+    /// The text after the marker.
+    fn call_text(&self, from: usize) -> Result<String, ApiError> {
+        self.engine
+            .tokenizer()
+            .decode(&self.ids[from..], true)
+            .map_err(|e| ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: format!("decoding the reply: {e}"),
+            })
+    }
+
+    /// Queues the calls completed since the last look. An item that is not a call stops the reading: what was
+    /// written stays as it is and, if no call went out, the reply ends as text.
+    fn read_calls(&mut self, from: usize) -> Result<(), ApiError> {
+        let text = self.call_text(from)?;
+        let items = tools::complete_items(&text);
+        while self.calls_sent < items.len() {
+            let parsed = serde_json::from_str(items[self.calls_sent])
+                .ok()
+                .and_then(|v| tools::parse_call(&v));
+            let Some(call) = parsed else {
+                break;
+            };
+            self.calls_sent += 1;
+            self.queue.push_back(Step::ToolCall(call));
+        }
+        Ok(())
+    }
+
+    /// The end of a reply that wrote the marker: `tool_calls` if calls went out; otherwise the marker and what
+    /// followed it go out as text, since they were not a call.
+    fn end_calls(&mut self, from: usize, reason: FinishReason) -> Result<Step, ApiError> {
+        self.read_calls(from)?;
+        if self.calls_sent == 0 {
+            // Not a list read item by item; the whole text may still be a call (one object without its list).
+            let rest = format!("{TOOL_CALL_MARKER}{}", self.call_text(from)?);
+            let whole = tools::parse_reply(&rest);
+            if whole.calls.is_empty() {
+                self.queue.push_back(Step::Text(rest));
+            }
+            self.calls_sent = whole.calls.len();
+            self.queue
+                .extend(whole.calls.into_iter().map(Step::ToolCall));
+        }
+        let why = match reason {
+            FinishReason::Stop if self.calls_sent > 0 => "tool_calls",
+            FinishReason::Stop => "stop",
+            FinishReason::Length | FinishReason::ContextFull => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::ConstraintFailed => "constraint_failed",
+        };
+        let end = self.end(why);
+        self.queue.push_back(end);
+        Ok(self.queue.pop_front().expect("just queued"))
     }
 
     fn end(&mut self, finish_reason: &'static str) -> Step {

@@ -8,6 +8,7 @@
 mod generation;
 mod ollama;
 mod openai;
+mod tools;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -64,6 +65,22 @@ pub(crate) struct AppState {
     pub next_id: AtomicU64,
 }
 
+/// The grammar of a JSON schema from a request (`what` names the field); a schema that cannot be enforced is a
+/// 400, never a reply left unconstrained.
+pub(crate) fn compile_schema(
+    state: &AppState,
+    schema: &serde_json::Value,
+    what: &str,
+) -> Result<Box<dyn crate::sampling::TokenConstraint>, ApiError> {
+    let grammars = state.engine.grammars().map_err(ApiError::internal)?;
+    let grammar = grammars.json_schema(schema).map_err(|e| {
+        ApiError::bad_request(format!(
+            "\"{what}\": the JSON schema cannot be enforced: {e}"
+        ))
+    })?;
+    Ok(Box::new(grammar))
+}
+
 /// An error response in OpenAI's shape.
 #[derive(Debug)]
 pub(crate) struct ApiError {
@@ -75,6 +92,13 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
             message: message.into(),
         }
     }

@@ -1,7 +1,8 @@
 //! ollama's API, so ollama clients work unchanged: `/api/chat` and `/api/generate` (NDJSON streaming by
 //! default, `"stream": false` for one object), `/api/tags`, `/api/show`, `/api/ps`, `/api/version`.
 //!
-//! `format` (JSON or a schema) is refused with a 400 until constrained decoding exists, never ignored.
+//! `format` (`"json"` or a JSON schema) is enforced by a grammar on every sampled token; a schema that cannot be
+//! enforced is a 400, never ignored.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,8 +15,9 @@ use serde_json::{Map, Value, json};
 
 use super::generation::{Generation, Step, streamed_response};
 use super::openai::{chat_messages, encode, integer, log, parse_body, sampling};
-use super::{ApiError, AppState};
-use crate::sampling::SamplingParams;
+use super::tools::{self, ParsedCall, Tool};
+use super::{ApiError, AppState, compile_schema};
+use crate::sampling::{SamplingParams, TokenConstraint};
 use crate::text::chat_template::{Conversation, Message};
 
 pub async fn chat(
@@ -26,8 +28,11 @@ pub async fn chat(
     let prepared = (|| {
         let body = parse_body(body)?;
         let messages = chat_messages(&body)?;
-        let prompt = render(&state, messages)?;
-        Ok::<_, ApiError>((Options::parse(&body)?, prompt))
+        let (tools, _) = tools::parse_tools(&body)?;
+        let mut opts = Options::parse(&state, &body)?;
+        opts.read_tool_calls = !tools.is_empty();
+        let prompt = render(&state, messages, &tools)?;
+        Ok::<_, ApiError>((opts, prompt))
     })();
     match prepared {
         Ok((opts, prompt)) => reply(state, "/api/chat", true, opts, prompt, started).await,
@@ -54,9 +59,9 @@ pub async fn generate(
                 messages.push(Message::new("system", system));
             }
             messages.push(Message::new("user", text));
-            render(&state, messages)?
+            render(&state, messages, &[])?
         };
-        Ok::<_, ApiError>((Options::parse(&body)?, prompt))
+        Ok::<_, ApiError>((Options::parse(&state, &body)?, prompt))
     })();
     match prepared {
         Ok((opts, prompt)) => reply(state, "/api/generate", false, opts, prompt, started).await,
@@ -64,14 +69,20 @@ pub async fn generate(
     }
 }
 
-fn render(state: &AppState, messages: Vec<Message>) -> Result<Vec<u32>, ApiError> {
+/// The prompt of `messages` (tool turns in Granite's roles) with `tools` offered.
+fn render(state: &AppState, messages: Vec<Message>, tools: &[Tool]) -> Result<Vec<u32>, ApiError> {
     let template = state.engine.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request(
             "the model has no chat template; use /api/generate with \"raw\": true",
         )
     })?;
+    let mut conversation =
+        Conversation::from_messages(tools::granite_messages(messages, template.source()));
+    if !tools.is_empty() {
+        conversation.tools = Some(tools.iter().map(|t| t.definition.clone()).collect());
+    }
     let text = template
-        .render(&Conversation::from_messages(messages), true)
+        .render(&conversation, true)
         .map_err(|e| ApiError::bad_request(format!("rendering the messages: {e}")))?;
     encode(state, &text)
 }
@@ -82,23 +93,27 @@ struct Options {
     max_tokens: Option<usize>,
     stops: Vec<String>,
     model: Option<String>,
+    /// `format`'s grammar.
+    constraint: Option<Box<dyn TokenConstraint>>,
+    /// Tools were offered: what follows `<|tool_call|>` is read as calls.
+    read_tool_calls: bool,
 }
 
 impl Options {
-    fn parse(body: &Map<String, Value>) -> Result<Options, ApiError> {
-        if body.get("format").is_some_and(|f| !f.is_null() && f != "") {
-            return Err(ApiError::bad_request(
-                "\"format\" (JSON output) is not supported by this server yet; refused rather than ignored, so the reply is never silently unconstrained",
-            ));
-        }
-        if body
-            .get("tools")
-            .is_some_and(|t| !t.is_null() && t != &json!([]))
-        {
-            return Err(ApiError::bad_request(
-                "\"tools\" is not supported by this server yet",
-            ));
-        }
+    fn parse(state: &AppState, body: &Map<String, Value>) -> Result<Options, ApiError> {
+        let constraint = match body.get("format") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(f)) if f.is_empty() => None,
+            Some(Value::String(f)) if f == "json" => {
+                Some(compile_schema(state, &json!({"type": "object"}), "format")?)
+            }
+            Some(schema @ Value::Object(_)) => Some(compile_schema(state, schema, "format")?),
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "\"format\" must be \"json\" or a JSON schema object, not {other}"
+                )));
+            }
+        };
         let empty = Map::new();
         let options = match body.get("options") {
             None | Some(Value::Null) => &empty,
@@ -139,6 +154,8 @@ impl Options {
                 .get("model")
                 .and_then(Value::as_str)
                 .map(str::to_string),
+            constraint,
+            read_tool_calls: false,
         })
     }
 }
@@ -148,7 +165,7 @@ async fn reply(
     state: Arc<AppState>,
     path: &'static str,
     is_chat: bool,
-    opts: Options,
+    mut opts: Options,
     prompt: Vec<u32>,
     started: Instant,
 ) -> Response {
@@ -159,10 +176,14 @@ async fn reply(
         opts.params.clone(),
         opts.max_tokens,
         opts.stops.clone(),
+        opts.constraint.take(),
     ) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
+    if opts.read_tool_calls {
+        generation.read_tool_calls();
+    }
     let model = opts
         .model
         .clone()
@@ -196,6 +217,9 @@ async fn reply(
             Ok(w) => {
                 log(path, 200, w.prompt_tokens, w.completion_tokens, started);
                 let mut m = piece(&w.text, true);
+                if !w.calls.is_empty() {
+                    m["message"]["tool_calls"] = w.calls.iter().map(ollama_call).collect();
+                }
                 last(
                     &mut m,
                     w.finish_reason,
@@ -227,6 +251,15 @@ async fn reply(
                         return;
                     }
                 }
+                Some(Ok(Step::ToolCall(call))) => {
+                    // ollama sends each call whole, in a message of its own.
+                    let mut m = piece("", false);
+                    m["message"]["tool_calls"] = json!([ollama_call(&call)]);
+                    if tx.send(line(m)).await.is_err() {
+                        log(path, 499, prompt_tokens, 0, started);
+                        return;
+                    }
+                }
                 Some(Ok(Step::End {
                     finish_reason,
                     prompt_tokens,
@@ -251,6 +284,12 @@ async fn reply(
         }
     });
     response
+}
+
+/// A call as ollama writes it: `arguments` an object, not a string.
+fn ollama_call(call: &ParsedCall) -> Value {
+    let arguments: Value = serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
+    json!({"function": {"name": call.name, "arguments": arguments}})
 }
 
 /// The model as `/api/tags` and `/api/ps` describe it.

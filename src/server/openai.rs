@@ -1,8 +1,10 @@
 //! The OpenAI API: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, non-streamed and as server-sent
 //! events framed as OpenAI frames them.
 //!
-//! Fields that change what a reply is and that this server cannot honour yet (tools, response formats,
-//! presence/frequency penalties, `n > 1`, logprobs) are refused with a 400 naming the field, never ignored.
+//! Tools and `tool_choice` follow Granite's conventions ([`super::tools`]); `response_format` (`json_object`,
+//! `json_schema`) and forced tool calls are enforced by a grammar on every sampled token. Fields that change what
+//! a reply is and that this server cannot honour (presence/frequency penalties, `n > 1`, logprobs) are refused
+//! with a 400 naming the field, never ignored.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,8 +17,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::generation::{Generation, Step, streamed_response};
-use super::{ApiError, AppState};
-use crate::sampling::SamplingParams;
+use super::tools::{self, ParsedCall, Tool, ToolChoice};
+use super::{ApiError, AppState, compile_schema};
+use crate::sampling::{SamplingParams, TokenConstraint};
 use crate::text::chat_template::{Conversation, Message};
 
 pub async fn models(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -44,10 +47,30 @@ pub async fn chat_completions(
                 "the model has no chat template; use /v1/completions with a prompt instead",
             )
         })?;
+        let mut opts = Options::parse(&state, &body)?;
+        let (tools, choice) = tools::parse_tools(&body)?;
+        let mut conversation =
+            Conversation::from_messages(tools::granite_messages(messages, template.source()));
+        if !tools.is_empty() && choice != ToolChoice::None {
+            conversation.tools = Some(tools.iter().map(|t| t.definition.clone()).collect());
+            opts.read_tool_calls = true;
+        }
+        let forced = match &choice {
+            ToolChoice::Required => Some(None),
+            ToolChoice::Function(name) => Some(Some(name.as_str())),
+            ToolChoice::None | ToolChoice::Auto => None,
+        };
+        if let Some(only) = forced {
+            if opts.constraint.is_some() {
+                return Err(ApiError::bad_request(
+                    "\"response_format\" and a forced \"tool_choice\" cannot both shape one reply; send one of them",
+                ));
+            }
+            opts.constraint = Some(force_call(&state, &tools, only, &body)?);
+        }
         let text = template
-            .render(&Conversation::from_messages(messages), true)
+            .render(&conversation, true)
             .map_err(|e| ApiError::bad_request(format!("rendering the messages: {e}")))?;
-        let opts = Options::parse(&body)?;
         let prompt = encode(&state, &text)?;
         Ok::<_, ApiError>((opts, prompt))
     }
@@ -89,7 +112,7 @@ pub async fn completions(
             }
             None => return Err(ApiError::bad_request("\"prompt\" is required")),
         };
-        let opts = Options::parse(&body)?;
+        let opts = Options::parse(&state, &body)?;
         Ok::<_, ApiError>((opts, prompt))
     })();
     match result {
@@ -123,29 +146,69 @@ struct Options {
     max_tokens: Option<usize>,
     stops: Vec<String>,
     model: Option<String>,
+    /// `response_format`'s grammar, or the one forcing a tool call.
+    constraint: Option<Box<dyn TokenConstraint>>,
+    /// Tools were offered: what follows `<|tool_call|>` is read as calls.
+    read_tool_calls: bool,
+}
+
+/// The grammar of `response_format`: none for `text`, any JSON object for `json_object`, the schema's values for
+/// `json_schema`. An unknown type or a schema the grammar engine cannot enforce is a 400.
+fn response_format(
+    state: &AppState,
+    body: &Map<String, Value>,
+) -> Result<Option<Box<dyn TokenConstraint>>, ApiError> {
+    let Some(rf) = body.get("response_format").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let schema = match rf.get("type").and_then(Value::as_str) {
+        Some("text") => return Ok(None),
+        Some("json_object") => json!({"type": "object"}),
+        Some("json_schema") => rf
+            .get("json_schema")
+            .and_then(|j| j.get("schema"))
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "\"response_format\" json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                )
+            })?,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "\"response_format\" type {} is not one of text, json_object, json_schema",
+                other.map_or("(missing)".to_string(), |t| format!("\"{t}\""))
+            )));
+        }
+    };
+    compile_schema(state, &schema, "response_format").map(Some)
+}
+
+/// The grammar that makes the reply a call of `tools` (of `only` when named); `parallel_tool_calls: true` lets
+/// it be several calls.
+fn force_call(
+    state: &AppState,
+    tools: &[Tool],
+    only: Option<&str>,
+    body: &Map<String, Value>,
+) -> Result<Box<dyn TokenConstraint>, ApiError> {
+    let parallel = body
+        .get("parallel_tool_calls")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let grammars = state.engine.grammars().map_err(ApiError::internal)?;
+    let grammar = grammars
+        .lark(&tools::call_grammar(tools, only, parallel))
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "the tools' parameter schemas cannot be enforced: {e}"
+            ))
+        })?;
+    Ok(Box::new(grammar))
 }
 
 impl Options {
-    fn parse(body: &Map<String, Value>) -> Result<Options, ApiError> {
-        for field in ["tools", "functions"] {
-            if body
-                .get(field)
-                .is_some_and(|v| !v.is_null() && v != &json!([]))
-            {
-                return Err(ApiError::bad_request(format!(
-                    "\"{field}\" is not supported by this server yet: tool calls are being built; send the request without it"
-                )));
-            }
-        }
-        if let Some(rf) = body.get("response_format").filter(|v| !v.is_null()) {
-            let kind = rf.get("type").and_then(Value::as_str);
-            if kind != Some("text") {
-                return Err(ApiError::bad_request(format!(
-                    "\"response_format\" {} is not supported by this server yet (only {{\"type\": \"text\"}}); refused rather than ignored, so the reply is never silently unconstrained",
-                    kind.unwrap_or("without a type")
-                )));
-            }
-        }
+    fn parse(state: &AppState, body: &Map<String, Value>) -> Result<Options, ApiError> {
+        let constraint = response_format(state, body)?;
         for field in ["presence_penalty", "frequency_penalty"] {
             if let Some(v) = body.get(field).filter(|v| !v.is_null())
                 && v.as_f64() != Some(0.0)
@@ -216,6 +279,8 @@ impl Options {
                 .get("model")
                 .and_then(Value::as_str)
                 .map(str::to_string),
+            constraint,
+            read_tool_calls: false,
         })
     }
 }
@@ -224,7 +289,7 @@ impl Options {
 async fn reply(
     state: Arc<AppState>,
     kind: Kind,
-    opts: Options,
+    mut opts: Options,
     prompt: Vec<u32>,
     started: Instant,
 ) -> Response {
@@ -235,10 +300,14 @@ async fn reply(
         opts.params.clone(),
         opts.max_tokens,
         opts.stops.clone(),
+        opts.constraint.take(),
     ) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
+    if opts.read_tool_calls {
+        generation.read_tool_calls();
+    }
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{n}"),
@@ -268,6 +337,16 @@ async fn reply(
             started,
         );
         let choice = match kind {
+            Kind::Chat if !whole.calls.is_empty() => json!({
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": if whole.text.is_empty() { Value::Null } else { json!(whole.text) },
+                    "tool_calls": whole.calls.iter().enumerate()
+                        .map(|(i, c)| tool_call_json(&id, i, c)).collect::<Vec<_>>(),
+                },
+                "finish_reason": whole.finish_reason,
+            }),
             Kind::Chat => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": whole.text},
@@ -328,8 +407,27 @@ async fn reply(
             return;
         }
         let mut step = first;
+        let mut calls = 0;
         loop {
             match step {
+                Some(Ok(Step::ToolCall(call))) => {
+                    // OpenAI's framing: the id, type and name first, then the arguments in pieces.
+                    let mut head = tool_call_json(&id, calls, &call);
+                    head["function"]["arguments"] = json!("");
+                    let mut deltas = vec![json!({"tool_calls": [head]})];
+                    for piece in fragments(&call.arguments, 24) {
+                        deltas.push(json!({"tool_calls": [
+                            {"index": calls, "function": {"arguments": piece}}
+                        ]}));
+                    }
+                    calls += 1;
+                    for d in deltas {
+                        if tx.send(chunk(d, Value::Null)).await.is_err() {
+                            log(path, 499, prompt_tokens, 0, started);
+                            return;
+                        }
+                    }
+                }
                 Some(Ok(Step::Text(t))) => {
                     if tx
                         .send(chunk(json!({"content": t}), Value::Null))
@@ -377,6 +475,23 @@ async fn reply(
         }
     });
     response
+}
+
+/// A call as OpenAI writes it, its id made from the response's.
+fn tool_call_json(response_id: &str, index: usize, call: &ParsedCall) -> Value {
+    let tail = response_id.rsplit('-').next().unwrap_or("0");
+    json!({
+        "index": index,
+        "id": format!("call_{tail}_{index}"),
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    })
+}
+
+/// `text` in pieces of at most `n` characters.
+fn fragments(text: &str, n: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    chars.chunks(n.max(1)).map(|c| c.iter().collect()).collect()
 }
 
 fn event(v: &Value) -> Bytes {
@@ -435,19 +550,28 @@ pub(super) fn chat_messages(body: &Map<String, Value>) -> Result<Vec<Message>, A
                 .get("role")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad("\"role\" must be a string"))?;
-            if !matches!(role, "system" | "user" | "assistant" | "developer") {
+            if !matches!(role, "system" | "user" | "assistant" | "developer" | "tool") {
                 return Err(bad(&format!(
-                    "role \"{role}\" is not supported (system, user, assistant){}",
-                    if role == "tool" {
-                        "; tool results come with tool calls, which are being built"
-                    } else {
-                        ""
-                    }
+                    "role \"{role}\" is not supported (system, developer, user, assistant, tool)"
                 )));
             }
-            if m.get("tool_calls").is_some_and(|v| !v.is_null()) {
-                return Err(bad("\"tool_calls\" are not supported by this server yet"));
-            }
+            let tool_calls = match m.get("tool_calls") {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(calls)) if role == "assistant" => {
+                    for (k, c) in calls.iter().enumerate() {
+                        let f = c.get("function");
+                        if f.and_then(|f| f.get("name")).and_then(Value::as_str).is_none() {
+                            return Err(bad(&format!(
+                                "tool_calls[{k}] must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}"
+                            )));
+                        }
+                    }
+                    Some(Value::Array(calls.clone()))
+                }
+                Some(_) => {
+                    return Err(bad("\"tool_calls\" must be a list, on an assistant message"));
+                }
+            };
             let content = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(parts)) => {
@@ -472,7 +596,11 @@ pub(super) fn chat_messages(body: &Map<String, Value>) -> Result<Vec<Message>, A
                 _ => return Err(bad("\"content\" must be a string or a list of text parts")),
             };
             let role = if role == "developer" { "system" } else { role };
-            Ok(Message::new(role, &content))
+            let mut message = Message::new(role, &content);
+            if let Some(calls) = tool_calls {
+                message.0.insert("tool_calls".into(), calls);
+            }
+            Ok(message)
         })
         .collect()
 }

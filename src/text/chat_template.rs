@@ -233,6 +233,8 @@ enum Clock {
 /// A compiled chat template with everything it needs to render.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The Jinja text, for callers that adapt to what a template handles (which roles it names).
+    source: String,
     origin: String,
     special_tokens: SpecialTokens,
 }
@@ -265,9 +267,15 @@ impl ChatTemplate {
             })?;
         Ok(ChatTemplate {
             env,
+            source: source.to_string(),
             origin: origin.to_string(),
             special_tokens: SpecialTokens::default(),
         })
+    }
+
+    /// The template's Jinja text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The template of a GGUF file (`tokenizer.chat_template`), with its special tokens' texts taken from
