@@ -907,3 +907,56 @@ fn a_port_in_use_is_a_clear_error() {
     );
     assert!(err.contains("--port"), "{err}");
 }
+
+/// A virtual environment under `target/` with the official `openai` client from PyPI, made once; its python.
+fn openai_python() -> std::path::PathBuf {
+    let venv = support::root().join("target").join("py-openai");
+    let python = venv.join("bin").join("python");
+    let ready = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ready(&python) {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for the openai client test");
+        assert!(made.success(), "python3 -m venv {}", venv.display());
+        let pip = Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet", "openai>=1.50,<2"])
+            .status()
+            .expect("pip runs");
+        assert!(pip.success(), "pip install openai (from PyPI) failed");
+    }
+    assert!(
+        ready(&python),
+        "openai is not importable in {}",
+        venv.display()
+    );
+    python
+}
+
+#[test]
+fn the_official_openai_client_works_unchanged() {
+    let Some(model) = model() else { return };
+    let python = openai_python();
+    let srv = Server::start(&model, &["--parallel", "4", "--ctx-size", "1024"]);
+    let want = run_reference(&model, &["--prompt", PROMPTS[1], "-n", "12"]);
+    let out = Command::new(python)
+        .arg(support::root().join("tests/python/openai_client.py"))
+        .env("QUARRY_BASE_URL", &srv.base)
+        .env("QUARRY_RUN_TEXT", want["text"].as_str().unwrap())
+        .env("QUARRY_PROMPT", PROMPTS[1])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(srv.get("/health").0, 200);
+}
