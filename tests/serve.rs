@@ -141,6 +141,19 @@ fn chat(prompt: &str, max_tokens: usize) -> Value {
     })
 }
 
+/// The content deltas of a stream's events, joined.
+fn streamed_content(events: &[String]) -> String {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 fn content(v: &Value) -> &str {
     v["choices"][0]["message"]["content"]
         .as_str()
@@ -292,15 +305,7 @@ fn concurrent_requests_each_get_their_solo_reply_and_stop_strings_cut() {
     assert_eq!(got["choices"][0]["finish_reason"], "stop");
     body["stream"] = json!(true);
     let (_, _, events) = srv.stream("/v1/chat/completions", &body);
-    let text: String = events
-        .iter()
-        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let text = streamed_content(&events);
     assert_eq!(text, cut);
 }
 
@@ -610,15 +615,7 @@ fn structured_output_follows_its_schema() {
     body["stream"] = json!(true);
     let (st, _, events) = srv.stream("/v1/chat/completions", &body);
     assert_eq!(st, 200);
-    let streamed: String = events
-        .iter()
-        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let streamed = streamed_content(&events);
     assert_eq!(streamed, whole);
     body["stream"] = json!(false);
     for seed in 1..4 {
