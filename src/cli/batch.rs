@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use quarry::engine::Engine;
-use quarry::engine::scheduler::{Event, FinishReason, Request, Scheduler, SchedulerConfig, SeqId};
+use quarry::engine::scheduler::{Event, Request, Scheduler, SchedulerConfig, SeqId};
 use quarry::sampling::SamplingParams;
 use quarry::text::chat_template::{Conversation, Message};
 use serde_json::{Value, json};
@@ -187,7 +187,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                                 "id": line.id,
                                 "text": text,
                                 "generated_ids": ids,
-                                "finish_reason": finish_reason(reason),
+                                "finish_reason": reason.name(),
                                 "prompt_tokens": prompt_tokens,
                                 "completion_tokens": completion_tokens,
                             }),
@@ -217,15 +217,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.parallel,
     );
     Ok(())
-}
-
-fn finish_reason(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::Stop => "stop",
-        FinishReason::Length | FinishReason::ContextFull => "length",
-        FinishReason::Cancelled => "cancelled",
-        FinishReason::ConstraintFailed => "constraint_failed",
-    }
 }
 
 fn progress_bar(total: u64, skipped: u64) -> ProgressBar {

@@ -69,6 +69,18 @@ pub enum FinishReason {
     ConstraintFailed,
 }
 
+impl FinishReason {
+    /// The `finish_reason` clients are told (OpenAI's names: a full context is a `length` too).
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length | FinishReason::ContextFull => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::ConstraintFailed => "constraint_failed",
+        }
+    }
+}
+
 /// What a step produced, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {

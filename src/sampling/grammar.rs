@@ -95,7 +95,7 @@ impl GrammarCompiler {
 }
 
 /// `schema` with `x-guidance` asking for compact JSON, unless it already says how to lay JSON out.
-pub fn compact_json(schema: &Value) -> Result<Value, GrammarError> {
+fn compact_json(schema: &Value) -> Result<Value, GrammarError> {
     let mut schema = match schema {
         Value::Object(m) => m.clone(),
         Value::Bool(true) => serde_json::Map::new(),

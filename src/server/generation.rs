@@ -251,13 +251,7 @@ impl Generation {
                     if let Some(from) = self.calls_from {
                         return Some(self.end_calls(from, reason));
                     }
-                    let why = match reason {
-                        FinishReason::Stop => "stop",
-                        FinishReason::Length | FinishReason::ContextFull => "length",
-                        FinishReason::Cancelled => "cancelled",
-                        FinishReason::ConstraintFailed => "constraint_failed",
-                    };
-                    return Some(Ok(self.flush_then_end(why)));
+                    return Some(Ok(self.flush_then_end(reason.name())));
                 }
                 Output::Refused(message) => {
                     self.done = true;
@@ -334,10 +328,7 @@ impl Generation {
         }
         let why = match reason {
             FinishReason::Stop if self.calls_sent > 0 => "tool_calls",
-            FinishReason::Stop => "stop",
-            FinishReason::Length | FinishReason::ContextFull => "length",
-            FinishReason::Cancelled => "cancelled",
-            FinishReason::ConstraintFailed => "constraint_failed",
+            other => other.name(),
         };
         let end = self.end(why);
         self.queue.push_back(end);
