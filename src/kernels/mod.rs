@@ -179,12 +179,12 @@ pub static SCALAR: Kernels = Kernels {
     ops: ops::SCALAR,
 };
 
-/// Sizes every pool thread's kernel buffers for products over rows of up to `max_cols` weights, so that decoding
-/// allocates nothing on whichever thread happens to run a share first. Prompt-sized products may still grow them
-/// once per thread.
-pub(crate) fn reserve_thread_scratch(max_cols: usize) {
+/// Sizes every pool thread's kernel buffers for products over rows of up to `max_cols` weights, so that no
+/// product allocates, whichever thread runs which share of it: which expert's tokens (and how many) land on
+/// which thread changes from step to step.
+pub fn reserve_thread_scratch(max_cols: usize) {
     #[cfg(target_arch = "x86_64")]
-    rayon::broadcast(|_| x86::reserve_few_token_scratch(max_cols.div_ceil(32)));
+    rayon::broadcast(|_| x86::reserve_scratch(max_cols));
     #[cfg(not(target_arch = "x86_64"))]
     let _ = max_cols;
 }

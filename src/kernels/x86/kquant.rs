@@ -44,7 +44,7 @@ use super::{
 };
 
 /// Integers per prepared row block in `Scratch::wi` (lane kernels): up to 16 scales, then up to 8 pairs.
-const WI: usize = 24;
+pub(super) const WI: usize = 24;
 
 /// `vpshufb` control turning the 8 Q4_K min bytes (broadcast to every qword) into 16
 /// words, each min twice: `vpmaddwd` against the 16 `bsums` then gives `min_g * (bsums[2g] + bsums[2g + 1])`.
@@ -236,7 +236,7 @@ pub(crate) unsafe fn gemm_few<K: KQuant>(
     let perm = if K::PERMUTED {
         // SAFETY: see `scratch`.
         let s = unsafe { &mut *scratch() };
-        // `reserve_few_token_scratch` sizes `act` for this (16 tokens x 256 bytes per block) up front.
+        // `reserve_scratch` sizes `act` for this (16 tokens x 256 bytes per block) up front.
         grow(&mut s.act, (t1 - t0) * bpr * 64);
         // SAFETY: reads blocks of tokens t0..t1 < n, writes 256 bytes per block within the size grown above.
         unsafe { permute_act(&a[t0 * bpr..t1 * bpr], s.act.as_mut_ptr() as *mut i8) };

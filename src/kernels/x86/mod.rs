@@ -179,20 +179,31 @@ fn tile_shape(
     (n, rows)
 }
 
-/// Sizes this thread's few-token buffers for rows of up to `max_blocks_per_row` blocks (see
-/// [`crate::kernels::reserve_thread_scratch`]).
-pub fn reserve_few_token_scratch(max_blocks_per_row: usize) {
-    // Fewer tokens than one lane vector (16 at most) go to the few-token kernels: `gemm_few` here needs `da`
-    // per token and block and `corr` 8 per block; AVX-512's Q4_0 `gemm_few_q4` 8 activation dwords per block and
-    // 32 corrections and scales per started octet of blocks; AVX-512's Q4_K/Q5_K permuted activation copy 64
-    // dwords per 256-block, which is the same 8 per 32 columns.
-    let (tokens, bpr) = (16, max_blocks_per_row);
-    let octet_lanes = bpr.div_ceil(8) * 32;
+/// Sizes this thread's buffers for every product over rows of up to `max_cols` weights (see
+/// [`crate::kernels::reserve_thread_scratch`]): afterwards no product grows them, however many tokens it gets and
+/// whichever thread runs it.
+pub fn reserve_scratch(max_cols: usize) {
+    // The largest `grow` of each buffer, with `b` 32-blocks per row (a 256-block's buffers are 8 times a
+    // 32-block's, so k-quant bounds are the same per column), `F` = 16 tokens for the few-token kernels (fewer
+    // than one lane vector) and `T` for the lane kernels (one chunk of `CHUNK_TOKENS`, rounded up to whole
+    // vectors of at most 16 tokens):
+    // - `act`: lane kernels 8 dwords per token and block (8T·b); few-token `gemm_few` 8F·b, AVX-512's
+    //   `gemm_few_q4` and the k-quant activation permute the same.
+    // - `da`: lane kernels T·b; `gemm_few` and `gemm_rows16` F·b; `gemm_few_q4` 32 per token and started octet.
+    // - `corr`: lane kernels T·b; `gemm_few` 8F·b; `gemm_rows16` F·b; `gemm_few_q4` as `da`.
+    // - `w`, `dw`, `wi`: one tile of at most 8 rows of prepared weights: 64 bytes per 32-block (AVX2) or 256 per
+    //   256-block, 1 scale per 32-block or 2 per 256-block, `kquant::WI` integers per 256-block.
+    let b = max_cols.div_ceil(32);
+    let (f, t) = (16, CHUNK_TOKENS + 16);
+    let octet_lanes = f * b.div_ceil(8) * 32;
     // SAFETY: see `scratch`; no kernel is running on this thread.
     let s = unsafe { &mut *scratch() };
-    grow(&mut s.da, tokens * bpr.max(octet_lanes));
-    grow(&mut s.corr, tokens * (bpr * 8).max(octet_lanes));
-    grow(&mut s.act, tokens * bpr * 8);
+    grow(&mut s.act, t * b * 8);
+    grow(&mut s.da, (t * b).max(octet_lanes));
+    grow(&mut s.corr, (t * b).max(f * b * 8).max(octet_lanes));
+    grow(&mut s.w, 8 * b * 64);
+    grow(&mut s.dw, 8 * b);
+    grow(&mut s.wi, 8 * max_cols.div_ceil(256) * kquant::WI);
 }
 
 fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
