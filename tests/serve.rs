@@ -905,6 +905,28 @@ fn a_port_in_use_is_a_clear_error() {
     assert!(err.contains("--port"), "{err}");
 }
 
+/// The server listens before it opens the model; a model it cannot serve (here a context larger than the
+/// model's) still ends the process with the reason, not a server that never becomes healthy.
+#[test]
+fn a_model_that_cannot_be_served_ends_the_server_with_its_reason() {
+    let Some(model) = model() else { return };
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .arg("serve")
+        .arg(&model)
+        .args(["--port", &port, "--ctx-size", "100000000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--ctx-size 100000000 is outside"), "{err}");
+}
+
 /// A virtual environment under `target/` with the official `openai` client from PyPI, made once; its python.
 fn openai_python() -> std::path::PathBuf {
     let venv = support::root().join("target").join("py-openai");

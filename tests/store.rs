@@ -199,6 +199,77 @@ fn import_installs_a_folder_that_every_command_then_finds_by_name() {
     );
 }
 
+/// `GET path` over plain HTTP/1.1: the status and the body.
+fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, body.to_string()))
+}
+
+/// `quarry serve` without MODEL serves the registry's default model once it is installed, under its name; before,
+/// it says which pull to run.
+#[test]
+fn serve_without_a_model_serves_the_installed_default() {
+    let home = temp_dir("store-serve-default");
+    fails(
+        quarry(&home, &["serve", "--port", "1"]),
+        &["quarry pull granite-3.0-1b-a400m-instruct"],
+    );
+    let dir = fixture_dir("granite-dense-dev").unwrap();
+    let name = "granite-3.0-1b-a400m-instruct";
+    ok(quarry(
+        &home,
+        &[
+            "import",
+            dir.to_str().unwrap(),
+            "--name",
+            name,
+            "--type",
+            "q8_0",
+        ],
+    ));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .args(["serve", "--port", &port.to_string(), "--ctx-size", "64"])
+        .env("QUARRY_HOME", &home)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let models = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not become healthy"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the server exited");
+        if let Ok((200, _)) = http_get(port, "/health") {
+            break http_get(port, "/v1/models").unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(models.0, 200, "{}", models.1);
+    let v: serde_json::Value = serde_json::from_str(&models.1).unwrap();
+    assert_eq!(v["data"][0]["id"], name, "{v}");
+}
+
 #[test]
 fn names_that_are_not_installed_say_what_to_do() {
     let home = temp_dir("store-missing");

@@ -85,11 +85,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             common::init_threads(a.model.threads)?;
             batch::run(a)
         }
-        Command::Serve(mut a) => {
-            a.model.model = common::resolve_model(&a.model.model)?;
-            common::init_threads(a.model.threads)?;
-            serve::run(a)
-        }
+        Command::Serve(a) => serve::run(a),
         Command::Tokenize(mut a) => {
             a.model = common::resolve_model(&a.model)?;
             tokenize::run(a)

@@ -1,21 +1,34 @@
-//! `quarry serve MODEL [--host H] [--port P] [--parallel N]`: the OpenAI-compatible HTTP server.
+//! `quarry serve [MODEL] [--host H] [--port P] [--parallel N]`: the OpenAI- and ollama-compatible HTTP server.
 
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
 use quarry::engine::Engine;
 use quarry::engine::scheduler::SchedulerConfig;
-use quarry::server::{ServeConfig, serve};
+use quarry::hub::registry::Registry;
+use quarry::server::{Loaded, ServeConfig, serve};
 
-use super::common::ModelArgs;
-
-/// Serve a model over HTTP with the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models): several
-/// requests decoded together; greedy replies equal `quarry run` on the same messages.
+/// Serve a model over HTTP with the OpenAI and ollama APIs (/v1/chat/completions, /v1/completions, /api/chat,
+/// ...): several requests decoded together; greedy replies equal `quarry run` on the same messages.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    #[command(flatten)]
-    pub model: ModelArgs,
+    /// A GGUF file or an installed model (default: the registry's default model, once pulled).
+    #[arg(value_name = "MODEL")]
+    pub model: Option<PathBuf>,
+    /// Each sequence's context in tokens (default: the model's, at most 8192).
+    #[arg(long, short = 'c', value_name = "N")]
+    pub ctx_size: Option<usize>,
+    /// Prompt tokens per forward step (shared by all sequences' prompt chunks).
+    #[arg(long, short = 'b', value_name = "N", default_value_t = quarry::generate::DEFAULT_BATCH)]
+    pub batch: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't', value_name = "N")]
+    pub threads: Option<usize>,
+    /// How the KV cache stores keys and values: f32, f16 or q8_0 (default f16 for a quantized
+    /// model, f32 for a float one).
+    #[arg(long, value_name = "TYPE")]
+    pub cache_type: Option<quarry::model::KvType>,
     /// Address to listen on (loopback by default: only this machine can connect).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -44,11 +57,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.parallel == 0 {
         bail!("--parallel must be at least 1");
     }
-    let engine = Engine::open_for_text(&args.model.model)?;
+    let arg = args
+        .model
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&Registry::builtin().default));
+    let path = super::common::resolve_model(&arg)?;
+    super::common::init_threads(args.threads)?;
+    // The id clients see: an installed model's name as given (its file is always `model.gguf`), else the file's.
+    let model_name = if arg.is_file() {
+        arg.file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+    } else {
+        arg.to_string_lossy().into_owned()
+    };
+    let cfg = ServeConfig {
+        host: args.host.clone(),
+        port: args.port,
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        model_name: model_name.clone(),
+        max_queue: args.max_queue,
+        max_body_bytes: 8 << 20,
+        shutdown_grace: Duration::from_secs(30),
+    };
+    // Listening starts before the model is opened (`/health` answers 503 meanwhile).
+    serve(cfg, move || {
+        load(&path, &model_name, &args).map_err(|e| format!("{e:#}"))
+    })?;
+    Ok(())
+}
+
+/// Opens the model and sizes the scheduler from it and the arguments.
+fn load(path: &std::path::Path, model_name: &str, args: &Args) -> anyhow::Result<Loaded> {
+    let engine = Engine::open_for_text(path)?;
     let max = engine.model.config.context_length;
     // Each sequence's limit: the model's context, capped at 8192 unless asked for (a 128k context for every
     // sequence would reserve a pool nobody uses).
-    let context = args.model.ctx_size.unwrap_or(max.min(8192));
+    let context = args.ctx_size.unwrap_or(max.min(8192));
     if context == 0 || context > max {
         bail!("--ctx-size {context} is outside 1..={max}, the context this model was trained for");
     }
@@ -59,36 +103,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let cache_type = args
-        .model
         .cache_type
         .unwrap_or_else(|| engine.default_cache_type());
     let scheduler = SchedulerConfig {
         pool_tokens,
         cache_type,
-        step_tokens: args.model.batch.max(args.parallel),
+        step_tokens: args.batch.max(args.parallel),
         ..SchedulerConfig::new(args.parallel, context)
     };
-    let model_name = args
-        .model
-        .model
-        .file_stem()
-        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
     let bytes = pool_tokens * cache_type.bytes_per_token(&engine.model.config);
     eprintln!(
         "{model_name}: {} sequences at a time, {context} positions each; KV pool {pool_tokens} positions ({cache_type}, {:.1} MiB at most)",
         args.parallel,
         bytes as f64 / (1 << 20) as f64
     );
-    let cfg = ServeConfig {
-        host: args.host,
-        port: args.port,
-        api_key: args.api_key.filter(|k| !k.is_empty()),
-        scheduler,
-        model_name,
-        max_queue: args.max_queue,
-        max_body_bytes: 8 << 20,
-        shutdown_grace: Duration::from_secs(30),
-    };
-    serve(Arc::new(engine), cfg)?;
-    Ok(())
+    Ok(Loaded { engine, scheduler })
 }

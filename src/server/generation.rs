@@ -91,7 +91,7 @@ impl Generation {
         stops: Vec<String>,
         constraint: Option<Box<dyn TokenConstraint>>,
     ) -> Result<Generation, ApiError> {
-        let context = state.cfg.scheduler.context;
+        let context = state.scheduler.context;
         if prompt.is_empty() {
             return Err(ApiError::bad_request(
                 "the prompt is empty: there is nothing to continue",
@@ -104,13 +104,13 @@ impl Generation {
             )));
         }
         let load = &state.worker.load;
-        let limit = state.cfg.scheduler.max_running + state.cfg.max_queue;
+        let limit = state.scheduler.max_running + state.cfg.max_queue;
         if load.in_flight.load(std::sync::atomic::Ordering::SeqCst) >= limit {
             return Err(ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: format!(
                     "the server is busy: {} requests running and {} waiting (--max-queue); retry shortly",
-                    state.cfg.scheduler.max_running, state.cfg.max_queue
+                    state.scheduler.max_running, state.cfg.max_queue
                 ),
             });
         }

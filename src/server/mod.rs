@@ -12,8 +12,8 @@ mod tools;
 pub mod worker;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -23,6 +23,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
+use tower::ServiceExt;
 
 use crate::engine::Engine;
 use crate::engine::scheduler::SchedulerConfig;
@@ -35,7 +36,6 @@ pub struct ServeConfig {
     pub port: u16,
     /// Requests must carry `Authorization: Bearer KEY` (all but `/health`).
     pub api_key: Option<String>,
-    pub scheduler: SchedulerConfig,
     /// The id `/v1/models` reports.
     pub model_name: String,
     /// Requests that may wait for a slot beyond those running; more get a 503 with `Retry-After`.
@@ -53,8 +53,17 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Load(Box<dyn std::error::Error + Send + Sync>),
     #[error("the server failed: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What [`serve`]'s loader hands over once the model is ready.
+pub struct Loaded {
+    pub engine: Engine,
+    /// Sequences at a time, each one's context and the KV pool: they depend on the model, so the loader decides.
+    pub scheduler: SchedulerConfig,
 }
 
 /// What every handler shares.
@@ -62,6 +71,7 @@ pub(crate) struct AppState {
     pub engine: Arc<Engine>,
     pub worker: Worker,
     pub cfg: ServeConfig,
+    pub scheduler: SchedulerConfig,
     pub next_id: AtomicU64,
 }
 
@@ -130,9 +140,15 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Serves until SIGINT or SIGTERM: then stops accepting, lets running replies finish for up to
-/// `shutdown_grace`, and returns.
-pub fn serve(engine: Arc<Engine>, cfg: ServeConfig) -> Result<(), ServeError> {
+/// Listens at once, then runs `load` (opening a model takes a while; meanwhile `/health` answers 503 and every
+/// other route a 503 with `Retry-After`, as llama-server does), then serves until SIGINT or SIGTERM: then stops
+/// accepting, lets running replies finish for up to `shutdown_grace`, and returns. A failed `load` ends the
+/// server with its error.
+pub fn serve<L, E>(cfg: ServeConfig, load: L) -> Result<(), ServeError>
+where
+    L: FnOnce() -> Result<Loaded, E> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("quarry-http")
@@ -147,22 +163,47 @@ pub fn serve(engine: Arc<Engine>, cfg: ServeConfig) -> Result<(), ServeError> {
                 source,
             })?;
         let local: SocketAddr = listener.local_addr()?;
-        let worker = Worker::start(engine.clone(), cfg.scheduler);
         let grace = cfg.shutdown_grace;
-        let state = Arc::new(AppState {
-            engine,
-            worker,
-            cfg,
-            next_id: AtomicU64::new(1),
-        });
-        let app = router(state.clone());
-        eprintln!("listening on http://{local} (OpenAI API at http://{local}/v1)");
+        let ready: Arc<OnceLock<Router>> = Arc::new(OnceLock::new());
+        let app = until_ready(ready.clone());
+        eprintln!("listening on http://{local} (OpenAI API at http://{local}/v1); loading the model");
 
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
+        tokio::spawn(async move {
+            let loaded = match tokio::task::spawn_blocking(load).await {
+                Ok(Ok(loaded)) => loaded,
+                Ok(Err(e)) => return drop(failed_tx.send(ServeError::Load(e.into()))),
+                Err(e) => return drop(failed_tx.send(ServeError::Load(e.into()))),
+            };
+            let engine = Arc::new(loaded.engine);
+            let worker = match Worker::start(engine.clone(), loaded.scheduler) {
+                Ok(worker) => worker,
+                Err(e) => return drop(failed_tx.send(ServeError::Io(e))),
+            };
+            let state = Arc::new(AppState {
+                engine,
+                worker,
+                cfg,
+                scheduler: loaded.scheduler,
+                next_id: AtomicU64::new(1),
+            });
+            let _ = ready.set(router(state));
+            eprintln!("ready: serving {}", local);
+        });
+
+        let failure: Arc<Mutex<Option<ServeError>>> = Arc::default();
         let (stopping, mut stopped) = tokio::sync::watch::channel(false);
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            eprintln!("stopping: no new requests; waiting for running replies");
-            let _ = stopping.send(true);
+        let server = axum::serve(listener, app).with_graceful_shutdown({
+            let failure = failure.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {
+                        eprintln!("stopping: no new requests; waiting for running replies");
+                    }
+                    Ok(e) = failed_rx => *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
+                }
+                let _ = stopping.send(true);
+            }
         });
         tokio::select! {
             r = server => r?,
@@ -171,8 +212,40 @@ pub fn serve(engine: Arc<Engine>, cfg: ServeConfig) -> Result<(), ServeError> {
                 tokio::time::sleep(grace).await;
             } => eprintln!("replies still running after {} s; exiting", grace.as_secs()),
         }
-        Ok(())
+        match failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     })
+}
+
+/// The router that answers [`still_loading`] until `ready` holds the real one, then hands every request to it.
+fn until_ready(ready: Arc<OnceLock<Router>>) -> Router {
+    Router::new().fallback(move |req: Request| async move {
+        match ready.get() {
+            Some(app) => match app.clone().oneshot(req).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            },
+            None => still_loading(&req),
+        }
+    })
+}
+
+/// Any request before the model is ready: `/health` says so, every other route asks to retry.
+fn still_loading(req: &Request) -> Response {
+    if req.uri().path() == "/health" {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading model"})),
+        )
+            .into_response();
+    }
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the model is still loading; retry shortly".into(),
+    }
+    .into_response()
 }
 
 fn router(state: Arc<AppState>) -> Router {
@@ -345,5 +418,56 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+
+    async fn call(app: &Router, path: &str) -> (StatusCode, Option<String>, serde_json::Value) {
+        let req = Request::builder().uri(path).body(Body::empty()).unwrap();
+        let response = app.clone().oneshot(req).await.unwrap();
+        let status = response.status();
+        let retry = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, retry, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[test]
+    fn requests_get_503_until_the_model_is_ready_then_reach_it() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let ready = Arc::new(OnceLock::new());
+            let app = until_ready(ready.clone());
+            let (st, _, body) = call(&app, "/health").await;
+            assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(body["status"], "loading model");
+            let (st, retry, body) = call(&app, "/v1/models").await;
+            assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(retry.as_deref(), Some("1"));
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("still loading"),
+                "{body}"
+            );
+            assert_eq!(body["error"]["code"], 503);
+
+            let loaded = Router::new().route("/health", get(health));
+            ready.set(loaded).unwrap();
+            let (st, _, body) = call(&app, "/health").await;
+            assert_eq!(st, StatusCode::OK);
+            assert_eq!(body["status"], "ok");
+        });
     }
 }

@@ -63,15 +63,14 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the thread. It runs until every `Worker` clone is dropped and its sequences have finished.
-    pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Worker {
+    pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> std::io::Result<Worker> {
         let (jobs, rx) = mpsc::channel::<Job>();
         let load = Arc::new(Load::default());
         let thread_load = load.clone();
         std::thread::Builder::new()
             .name("quarry-inference".into())
-            .spawn(move || run(&engine, cfg, rx, &thread_load))
-            .expect("spawning the inference thread");
-        Worker { jobs, load }
+            .spawn(move || run(&engine, cfg, rx, &thread_load))?;
+        Ok(Worker { jobs, load })
     }
 
     /// Queues a request; its output arrives on the returned channel. Dropping the receiver cancels it.
