@@ -224,8 +224,8 @@ fn check_quant(
     }
 }
 
-const ROWS: [usize; 5] = [1, 3, 5, 8, 17];
-const TOKENS: [usize; 10] = [1, 2, 3, 4, 7, 8, 9, 16, 17, 33];
+const ROWS: [usize; 6] = [1, 3, 5, 8, 17, 33];
+const TOKENS: [usize; 13] = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 47];
 const BLOCKS: [usize; 7] = [1, 2, 3, 5, 13, 32, 48];
 const KINDS: [(Scales, Values); 6] = [
     (Scales::One, Values::Random),

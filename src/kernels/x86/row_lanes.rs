@@ -121,7 +121,7 @@ unsafe fn row_scales<W: super::Block32>(w: *const W, stride: usize) -> __m512 {
     }
 }
 
-/// `W[r] . A[t]` for every row (a multiple of 16 of them) and tokens `t0..t1`, up to 8 tokens per pass over
+/// `W[r] . A[t]` for every row (a multiple of 16 of them) and tokens `t0..t1`, up to 16 tokens per pass over
 /// the weights.
 #[inline(always)]
 pub(crate) unsafe fn gemm_rows16<W: RowBlock + super::Block32>(
@@ -159,22 +159,33 @@ pub(crate) unsafe fn gemm_rows16<W: RowBlock + super::Block32>(
     while r0 < rows16 {
         let mut t = t0;
         while t < t1 {
-            // SAFETY: rows r0..r0 + 16 <= rows and tokens t..t + TT <= t1 exist; `da` and `corr` cover tokens
+            // One pass of up to 16 tokens, each count its own tile: splitting 3 tokens into 2 + 1 would transpose
+            // the rows twice, and the transpose costs as much as two or three tokens' dots. (16 accumulators, the
+            // 8 weight vectors and the scales fit AVX-512's 32 registers.)
+            let tt = (t1 - t).min(16);
+            // SAFETY: rows r0..r0 + 16 <= rows and tokens t..t + tt <= t1 exist; `da` and `corr` cover tokens
             // t0..t1.
             unsafe {
-                match t1 - t {
-                    8.. => tile::<W, 8>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    4..=7 => tile::<W, 4>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    2..=3 => tile::<W, 2>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                match tt {
+                    16 => tile::<W, 16>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    15 => tile::<W, 15>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    14 => tile::<W, 14>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    13 => tile::<W, 13>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    12 => tile::<W, 12>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    11 => tile::<W, 11>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    10 => tile::<W, 10>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    9 => tile::<W, 9>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    8 => tile::<W, 8>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    7 => tile::<W, 7>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    6 => tile::<W, 6>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    5 => tile::<W, 5>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    4 => tile::<W, 4>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    3 => tile::<W, 3>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    2 => tile::<W, 2>(w, a, bpr, r0, t, t - t0, da, corr, out),
                     _ => tile::<W, 1>(w, a, bpr, r0, t, t - t0, da, corr, out),
                 }
             }
-            t += match t1 - t {
-                8.. => 8,
-                4..=7 => 4,
-                2..=3 => 2,
-                _ => 1,
-            };
+            t += tt;
         }
         r0 += 16;
     }
