@@ -92,10 +92,13 @@ struct SlotItems {
 }
 
 impl SlotItems {
-    /// Shares of `rows` rows, sized for the longest slot (how many tokens each row is multiplied with).
+    /// Shares of `rows` rows: about 8 items per thread over all the slots together, each slot split into equal
+    /// shares. Many slots (a batch of sequences reaches most experts) make each share a whole expert: every item
+    /// starts with a weight tile no prefetch has asked for yet, so fewer, longer items stream better.
     fn new(rows: usize, slots: &[ExpertSlot]) -> SlotItems {
-        let tokens = slots.iter().map(|s| s.len).max().unwrap_or(0);
-        let chunk = rows_per_item(rows, tokens);
+        let target = rayon::current_num_threads().max(1) * 8;
+        let per_slot = target.div_ceil(slots.len().max(1));
+        let chunk = rows.div_ceil(per_slot).next_multiple_of(16).max(16);
         SlotItems {
             chunk,
             per_slot: rows.div_ceil(chunk),
