@@ -232,3 +232,44 @@ fn broken_checkpoints_are_refused_without_leaving_output() {
     std::fs::remove_file(d.join("tokenizer.json")).unwrap();
     check(&d, &["tokenizer.json"]);
 }
+
+/// One rule for `--threads` in every command: 1 to 512, refused before any work otherwise (a count in the
+/// hundreds of thousands used to spend minutes creating threads).
+#[test]
+fn every_command_refuses_an_unreasonable_thread_count() {
+    let commands: [&[&str]; 12] = [
+        &["run", "m.gguf", "--prompt", "Hi"],
+        &["chat", "m.gguf"],
+        &["serve", "m.gguf"],
+        &[
+            "batch",
+            "m.gguf",
+            "--input",
+            "in.jsonl",
+            "--output",
+            "out.jsonl",
+        ],
+        &["bench", "m.gguf"],
+        &["perplexity", "m.gguf", "--file", "t.txt"],
+        &["logits", "m.gguf", "--prompt-ids", "1", "--out", "o.bin"],
+        &["quantize", "dir", "-o", "o.gguf"],
+        &["pull", "granite-3.0-1b-a400m-instruct"],
+        &["import", "dir"],
+        &["synth", "granite-3.0-1b-a400m-instruct", "-o", "o.gguf"],
+        &["bench", "m.gguf", "-t", "1,2,0"],
+    ];
+    for cmd in commands {
+        for bad in ["100000", "0", "many"] {
+            let mut args = cmd.to_vec();
+            if !args.contains(&"-t") {
+                args.extend(["--threads", bad]);
+            }
+            let want = match (args.contains(&"1,2,0"), bad) {
+                (true, _) => "0 threads is outside 1..=512",
+                (_, "many") => "'many' is not a number of threads",
+                _ => "threads is outside 1..=512",
+            };
+            fails_cleanly(&args, &[want]);
+        }
+    }
+}

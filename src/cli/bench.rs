@@ -34,7 +34,7 @@ pub struct Args {
     )]
     pub n_gen: Vec<usize>,
     /// Thread counts to test, comma-separated (default: all cores).
-    #[arg(short = 't', long = "threads", value_delimiter = ',')]
+    #[arg(short = 't', long = "threads", value_delimiter = ',', value_parser = super::common::parse_threads)]
     pub threads: Vec<usize>,
     /// Repetitions of each test (after one warm-up run).
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]

@@ -46,7 +46,7 @@ pub struct Args {
     #[arg(long, value_name = "TYPE")]
     pub cache_type: Option<quarry::model::KvType>,
     /// Worker threads (default: all cores).
-    #[arg(long, short = 't', value_name = "N")]
+    #[arg(long, short = 't', value_name = "N", value_parser = super::common::parse_threads)]
     pub threads: Option<usize>,
     /// Hide the speed line after each reply (/set verbose on shows it again).
     #[arg(long, short = 'q')]

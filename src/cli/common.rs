@@ -19,7 +19,7 @@ pub struct ModelArgs {
     #[arg(long, short = 'b', value_name = "N", default_value_t = quarry::generate::DEFAULT_BATCH)]
     pub batch: usize,
     /// Worker threads (default: all cores).
-    #[arg(long, short = 't', value_name = "N")]
+    #[arg(long, short = 't', value_name = "N", value_parser = super::common::parse_threads)]
     pub threads: Option<usize>,
     /// How the KV cache stores keys and values: f32, f16 or q8_0 (default f16 for a quantized
     /// model, f32 for a float one; `logits` always defaults to f32).
@@ -90,13 +90,26 @@ pub enum OutputFormat {
     Json,
 }
 
+/// The most worker threads any command starts (ggml's own limit): far more threads than cores only slows the
+/// work down, and a count in the thousands would spend minutes creating threads.
+pub const MAX_THREADS: usize = 512;
+
+/// `--threads N` of every command: a whole number in 1..=[`MAX_THREADS`].
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        Ok(n) => Err(format!(
+            "{n} threads is outside 1..={MAX_THREADS} (this machine has {cores} cores)"
+        )),
+        Err(_) => Err(format!("'{s}' is not a number of threads")),
+    }
+}
+
 /// Sizes rayon's global pool once, before any work: `--threads`, else every core.
 pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
     let mut builder = rayon::ThreadPoolBuilder::new();
     if let Some(n) = threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
         builder = builder.num_threads(n);
     }
     builder

@@ -26,8 +26,8 @@ pub struct Args {
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_type)]
     pub target: Option<TargetType>,
     /// Worker threads for the conversion (default: one per core).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    pub threads: Option<u16>,
+    #[arg(long, short = 't', value_name = "N", value_parser = super::common::parse_threads)]
+    pub threads: Option<usize>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -36,7 +36,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dir: args.dir.clone(),
         name: args.name,
         target: args.target,
-        threads: args.threads.map(usize::from),
+        threads: args.threads,
         progress_bars: std::io::stderr().is_terminal(),
     };
     let model = import(&store, &Registry::builtin(), &request, &mut Bars::default())

@@ -36,7 +36,7 @@ pub struct Args {
     #[arg(long, short = 'b', value_name = "N", default_value_t = DEFAULT_BATCH)]
     pub batch: usize,
     /// Worker threads (default: all cores).
-    #[arg(long, short = 't', value_name = "N")]
+    #[arg(long, short = 't', value_name = "N", value_parser = super::common::parse_threads)]
     pub threads: Option<usize>,
     /// A base model with the same vocabulary (the F16 file, say; a file or an installed model's name): also report
     /// the KL divergence from it.

@@ -29,17 +29,12 @@ pub struct Args {
     #[arg(long)]
     pub name: Option<String>,
     /// Worker threads for the conversion (default: one per core).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    pub threads: Option<u16>,
+    #[arg(long, short = 't', value_name = "N", value_parser = super::common::parse_threads)]
+    pub threads: Option<usize>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let model = pull_model(
-        &args.model,
-        args.name,
-        args.target,
-        args.threads.map(usize::from),
-    )?;
+    let model = pull_model(&args.model, args.name, args.target, args.threads)?;
     print_installed(&model);
     Ok(())
 }

@@ -43,8 +43,8 @@ pub struct Args {
     pub allow_requantize: bool,
 
     /// Worker threads (default: one per core).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    pub threads: Option<u16>,
+    #[arg(long, short = 't', value_name = "N", value_parser = super::common::parse_threads)]
+    pub threads: Option<usize>,
 
     /// general.name written in the file (default: the folder's or repository's name; a GGUF input's own name).
     #[arg(long)]
@@ -62,7 +62,7 @@ fn is_gguf_input(path: &Path) -> bool {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let progress = std::io::stderr().is_terminal();
-    let threads = args.threads.map(usize::from);
+    let threads = args.threads;
     let report = if is_gguf_input(&args.input) {
         if args.allow_requantize {
             eprintln!(

@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long, short = 'b', value_name = "N", default_value_t = quarry::generate::DEFAULT_BATCH)]
     pub batch: usize,
     /// Worker threads (default: all cores).
-    #[arg(long, short = 't', value_name = "N")]
+    #[arg(long, short = 't', value_name = "N", value_parser = super::common::parse_threads)]
     pub threads: Option<usize>,
     /// How the KV cache stores keys and values: f32, f16 or q8_0 (default f16 for a quantized
     /// model, f32 for a float one).

@@ -39,8 +39,8 @@ pub struct Args {
     pub seed: u64,
 
     /// Worker threads (default: one per core).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    pub threads: Option<u16>,
+    #[arg(long, short = 't', value_name = "N", value_parser = super::common::parse_threads)]
+    pub threads: Option<usize>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -55,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // Says what the file is wherever the name is shown (`quarry info`, llama.cpp's log).
         model_name: format!("{} (random weights, seed {})", model.name, args.seed),
         progress: std::io::stderr().is_terminal(),
-        threads: args.threads.map(usize::from),
+        threads: args.threads,
         ..SynthOptions::new(config, &args.output, args.target)
     };
     let report = synthesize(&options).with_context(|| format!("synth {} failed", args.model))?;
