@@ -463,3 +463,33 @@ fn a_constrained_sequence_samples_only_allowed_tokens_alone_or_batched() {
     assert_eq!(together[2].1, FinishReason::ConstraintFailed);
     assert_eq!(together[2].0, solo[0].0[..4]);
 }
+
+/// The default pool holds every sequence at its full context at once, whatever the context's size: a context
+/// that is not a whole number of blocks (81 positions: two blocks each) used to give a pool that rounded down
+/// per sequence, so eight sequences reaching their limit preempted and recomputed each other.
+#[test]
+fn the_default_pool_holds_every_sequence_at_its_full_context() {
+    let (name, dir) = all_fixtures().into_iter().next().unwrap();
+    let file = gguf(&name, &dir, "q8_0");
+    let engine = engine_on(kernel_sets().pop().unwrap(), &file, true);
+    let model = &engine.model;
+    let vocab = model.config.n_vocab as u32;
+    let context = 81;
+    let cfg = SchedulerConfig {
+        prefix_cache: false,
+        ..SchedulerConfig::new(8, context)
+    };
+    let mut sched = Scheduler::new(model, cfg);
+    let reqs: Vec<Request> = (0..8u32)
+        .map(|s| {
+            let prompt: Vec<u32> = (0..16).map(|i| (i * 31 + s * 7 + 1) % vocab).collect();
+            sampled_request(&prompt, context - 16, u32::MAX, s as u64)
+        })
+        .collect();
+    let out = run_owned(&mut sched, reqs);
+    for (tokens, reason) in &out {
+        assert_eq!(tokens.len(), context - 16);
+        assert_eq!(*reason, FinishReason::Length);
+    }
+    assert_eq!(sched.stats().preemptions, 0, "{:?}", sched.stats());
+}

@@ -42,7 +42,7 @@ pub struct Args {
     /// Requests decoded together.
     #[arg(long, short = 'P', value_name = "N", default_value_t = 8)]
     pub parallel: usize,
-    /// Positions of KV cache for all sequences together (default: --parallel x the context).
+    /// Positions of KV cache for all sequences together (default: --parallel x the context, in whole 64-position blocks).
     #[arg(long, value_name = "TOKENS")]
     pub kv_pool: Option<usize>,
 }
@@ -98,7 +98,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if context == 0 || context > max {
         bail!("--ctx-size {context} is outside 1..={max}, the context this model was trained for");
     }
-    let pool_tokens = args.kv_pool.unwrap_or(args.parallel * context);
+    let pool_tokens = args
+        .kv_pool
+        .unwrap_or_else(|| SchedulerConfig::pool_for(args.parallel, context));
     if pool_tokens == 0 {
         bail!("--kv-pool must be at least 1");
     }

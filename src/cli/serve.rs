@@ -37,7 +37,7 @@ pub struct Args {
     /// Requests decoded together; more wait for a slot.
     #[arg(long, short = 'P', value_name = "N", default_value_t = 4)]
     pub parallel: usize,
-    /// Positions of KV cache for all sequences together (default: --parallel x the context).
+    /// Positions of KV cache for all sequences together (default: --parallel x the context, in whole 64-position blocks).
     #[arg(long, value_name = "TOKENS")]
     pub kv_pool: Option<usize>,
     /// Requests that may wait for a slot; beyond them a request gets 503 with Retry-After.
@@ -96,7 +96,9 @@ fn load(path: &std::path::Path, model_name: &str, args: &Args) -> anyhow::Result
     if context == 0 || context > max {
         bail!("--ctx-size {context} is outside 1..={max}, the context this model was trained for");
     }
-    let pool_tokens = args.kv_pool.unwrap_or(args.parallel * context);
+    let pool_tokens = args
+        .kv_pool
+        .unwrap_or_else(|| SchedulerConfig::pool_for(args.parallel, context));
     if pool_tokens < context {
         bail!(
             "--kv-pool {pool_tokens} is smaller than one sequence's context ({context}); raise it"

@@ -136,13 +136,20 @@ pub struct SchedulerConfig {
 }
 
 impl SchedulerConfig {
+    /// Pool positions for `max_running` sequences of `context` positions each all at once: whole blocks per
+    /// sequence (a pool of `max_running * context` positions rounds down per sequence, and sequences that all
+    /// reach their context would preempt each other).
+    pub fn pool_for(max_running: usize, context: usize) -> usize {
+        max_running.max(1) * context.max(1).next_multiple_of(KV_BLOCK_TOKENS)
+    }
+
     /// `max_running` sequences of up to `context` positions each, with a pool for all of them at once.
     pub fn new(max_running: usize, context: usize) -> SchedulerConfig {
         let max_running = max_running.max(1);
         SchedulerConfig {
             max_running,
             context: context.max(1),
-            pool_tokens: max_running * context.max(1),
+            pool_tokens: SchedulerConfig::pool_for(max_running, context),
             step_tokens: crate::generate::DEFAULT_BATCH.max(max_running),
             cache_type: KvType::F32,
             prefix_cache: true,
