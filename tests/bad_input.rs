@@ -273,3 +273,39 @@ fn every_command_refuses_an_unreasonable_thread_count() {
         }
     }
 }
+
+/// Files handed to quarry as text are read with bounds: a device (`/dev/zero` grew `/load` to 19 GB) or a
+/// directory is refused by what it is, not reported missing; a file larger than its purpose is refused before it
+/// is read.
+#[test]
+fn devices_directories_and_oversized_files_are_refused_as_text_inputs() {
+    let dir = fixture_dir("granitemoe-dev-1").unwrap();
+    let model = gguf("granitemoe-dev-1", &dir, "q8_0");
+    let m = model.to_str().unwrap();
+    let tmp = temp_dir("bad-text-inputs");
+    let big = tmp.join("big.json");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(33 << 20).unwrap(); // sparse: 33 MiB without writing them
+    let d = tmp.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["tokenize", m, "--chat", "/dev/zero"],
+            "/dev/zero is a device, pipe or socket, not a regular file",
+        ),
+        (
+            vec!["tokenize", m, "--chat", d],
+            "is a directory, not a regular file",
+        ),
+        (
+            vec!["tokenize", m, "--chat", big.to_str().unwrap()],
+            "larger than 33554432 bytes, more than a conversation file can be",
+        ),
+        (
+            vec!["perplexity", m, "--file", "/dev/zero"],
+            "not a regular file; give the path of a text to score",
+        ),
+    ] {
+        let err = fails_cleanly(&args, &[want]);
+        assert!(!err.contains("No such file"), "{err}");
+    }
+}

@@ -655,6 +655,9 @@ fn conversation_file_is_read_and_named_in_errors() {
     let err = Conversation::from_file(dir.join("absent.json"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("absent.json: cannot read it"), "{err}");
+    assert!(
+        err.contains("cannot read") && err.contains("absent.json: No such file"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -309,7 +309,10 @@ fn cli_bad_inputs_are_clear_errors() {
     let (f32_path, file) = (model("f32"), text_file());
     let (m, f) = (f32_path.to_str().unwrap(), file.to_str().unwrap());
     let err = cli_error(&[m, "--file", "/nonexistent/text.txt"]);
-    assert!(err.contains("reading /nonexistent/text.txt"), "{err}");
+    assert!(
+        err.contains("cannot read /nonexistent/text.txt: No such file"),
+        "{err}"
+    );
 
     let short = temp_dir("perplexity").join("short.txt");
     std::fs::write(&short, "Rust code compiles to fast native programs.").unwrap();
@@ -344,7 +347,7 @@ fn cli_bad_inputs_are_clear_errors() {
     std::fs::write(&binary, [b'a', 0xff, b'b']).unwrap();
     let err = cli_error(&[m, "--file", binary.to_str().unwrap()]);
     assert!(
-        err.contains("is not UTF-8 text (invalid byte at offset 1)"),
+        err.contains("is not UTF-8 text (a text to score must be): invalid byte at offset 1"),
         "{err}"
     );
 

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::bail;
 use quarry::engine::Engine;
 use quarry::generate::{DEFAULT_BATCH, Session};
 use quarry::measure::perplexity::{
@@ -53,15 +53,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     {
         bail!("--chunks {limit}: at least two chunks are evaluated, as llama-perplexity requires");
     }
-    let bytes =
-        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        anyhow!(
-            "{} is not UTF-8 text (invalid byte at offset {})",
-            args.file.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })?;
+    let text = quarry::text::input::read_text(
+        &args.file,
+        quarry::text::input::MAX_SCORED_TEXT_BYTES,
+        "text to score",
+    )?;
     let engine = Engine::open_for_text(&args.model)?;
     let base = match &args.kl_base {
         Some(path) => Some(Engine::open_for_text(path)?),

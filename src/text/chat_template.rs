@@ -27,12 +27,6 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// A chat-template problem, naming where the template or the conversation came from.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatTemplateError {
-    #[error("{origin}: cannot read it: {source}")]
-    Io {
-        origin: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("{origin}: no chat template (`{key}` is missing)")]
     Missing { origin: String, key: &'static str },
     #[error("{origin}: `{key}` {problem}")]
@@ -50,6 +44,8 @@ pub enum ChatTemplateError {
     Render { origin: String, detail: String },
     #[error("{origin}: not a usable conversation: {problem}")]
     Conversation { origin: String, problem: String },
+    #[error(transparent)]
+    Input(#[from] super::input::InputError),
 }
 
 /// One chat message: a JSON object with at least a `role`, usually a `content`, and whatever else a template
@@ -117,11 +113,11 @@ impl Conversation {
     /// [`Self::from_json_str`] of a file's contents.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Conversation, ChatTemplateError> {
         let origin = path.as_ref().display().to_string();
-        let json =
-            std::fs::read_to_string(path.as_ref()).map_err(|source| ChatTemplateError::Io {
-                origin: origin.clone(),
-                source,
-            })?;
+        let json = super::input::read_text(
+            path.as_ref(),
+            super::input::MAX_CONVERSATION_BYTES,
+            "conversation file",
+        )?;
         Self::parse(&json, &origin)
     }
 

@@ -8,4 +8,5 @@
 
 pub mod chat;
 pub mod chat_template;
+pub mod input;
 pub mod tokenizer;
