@@ -309,3 +309,25 @@ fn devices_directories_and_oversized_files_are_refused_as_text_inputs() {
         assert!(!err.contains("No such file"), "{err}");
     }
 }
+
+/// A prompt too long for the context by its size alone is refused before it is tokenized (a 10 MB prompt cost
+/// 1.5 GB of memory only to be refused).
+#[test]
+fn a_prompt_far_longer_than_the_context_is_refused_before_tokenizing() {
+    let dir = fixture_dir("granitemoe-dev-1").unwrap();
+    let model = gguf("granitemoe-dev-1", &dir, "q8_0");
+    let tmp = temp_dir("huge-prompt");
+    let prompt = tmp.join("prompt.txt");
+    std::fs::write(&prompt, "granite ".repeat(1 << 20)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .args(["run", model.to_str().unwrap(), "--raw", "--ctx-size", "64"])
+        .stdin(std::fs::File::open(&prompt).unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the text is 8388608 bytes: more than 64 tokens can hold"),
+        "{err}"
+    );
+}

@@ -314,7 +314,21 @@ fn bad_requests_get_4xx_error_objects_and_the_server_stays_up() {
     let Some(model) = model() else { return };
     let srv = Server::start(&model, &["--parallel", "2", "--ctx-size", "64"]);
     let long = "granite ".repeat(200);
+    // 7 MB, under the body limit: refused by its length before it is tokenized.
+    let huge = "granite ".repeat(7 << 17);
     let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": huge}]}).to_string(),
+            400,
+            "more than 64 tokens can hold",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "m", "prompt": huge, "stream": false}).to_string(),
+            400,
+            "more than 64 tokens can hold",
+        ),
         (
             "/v1/chat/completions",
             "{not json".into(),

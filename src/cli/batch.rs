@@ -148,7 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         loop {
             while sched.active() < 2 * args.parallel {
                 let Some(line) = queue.pop_front() else { break };
-                let submitted = prompt_ids(&engine, &line.prompt)
+                let submitted = prompt_ids(&engine, &line.prompt, context)
                     .and_then(|ids| Ok(sched.submit(request(line, ids, eos))?));
                 match submitted {
                     Ok(id) => {
@@ -250,12 +250,12 @@ fn request(line: &Line, prompt: Vec<u32>, eos: u32) -> Request {
     }
 }
 
-/// A line's prompt as token ids.
-fn prompt_ids(engine: &Engine, prompt: &Prompt) -> anyhow::Result<Vec<u32>> {
+/// A line's prompt as token ids; a text too long for `context` tokens is refused before it is tokenized.
+fn prompt_ids(engine: &Engine, prompt: &Prompt, context: usize) -> anyhow::Result<Vec<u32>> {
     let tokenizer = engine.tokenizer();
     Ok(match prompt {
         Prompt::Ids(ids) => ids.clone(),
-        Prompt::Text(text) => tokenizer.encode(text)?,
+        Prompt::Text(text) => tokenizer.encode_at_most(text, context)?,
         Prompt::Messages(messages) => {
             let Some(template) = &engine.chat_template else {
                 bail!(
@@ -263,7 +263,7 @@ fn prompt_ids(engine: &Engine, prompt: &Prompt) -> anyhow::Result<Vec<u32>> {
                 );
             };
             let text = template.render(&Conversation::from_messages(messages.clone()), true)?;
-            tokenizer.encode(&text)?
+            tokenizer.encode_at_most(&text, context)?
         }
     })
 }

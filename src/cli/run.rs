@@ -86,7 +86,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 messages.push(Message::new("user", &text));
                 template.render(&Conversation::from_messages(messages), true)?
             };
-            tokenizer.encode(&text)?
+            let limit = args
+                .model
+                .ctx_size
+                .unwrap_or(engine.model.config.context_length);
+            tokenizer.encode_at_most(&text, limit)?
         }
     };
     if prompt.is_empty() {

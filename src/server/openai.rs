@@ -609,8 +609,8 @@ pub(super) fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError>
     state
         .engine
         .tokenizer()
-        .encode(text)
-        .map_err(|e| ApiError::bad_request(format!("tokenizing the prompt: {e}")))
+        .encode_at_most(text, state.scheduler.context)
+        .map_err(|e| ApiError::bad_request(format!("the prompt: {e}")))
 }
 
 /// `temperature`, `top_p`, `top_k` and `seed` of a request (OpenAI's top level, ollama's `options`), the rest as

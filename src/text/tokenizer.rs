@@ -83,6 +83,15 @@ pub enum TokenizerError {
     Encode { origin: String, message: String },
     #[error("{origin}: decoding failed: {message}")]
     Decode { origin: String, message: String },
+    #[error(
+        "the text is {bytes} bytes: more than {max_tokens} tokens can hold (this vocabulary's tokens are at most \
+         {token_bytes} bytes); shorten it"
+    )]
+    TooLong {
+        bytes: usize,
+        max_tokens: usize,
+        token_bytes: usize,
+    },
 }
 
 /// GPT-2's printable stand-ins for the 256 byte values, in byte order (byte-level BPE writes byte `b` as the
@@ -109,6 +118,8 @@ pub struct Tokenizer {
     /// A copy of `inner` that reads special-token strings as ordinary text, made on first use by
     /// [`Tokenizer::encode_as_text`] (a copy because the switch is a setting of the whole `tokenizers` object).
     text_only: OnceLock<tokenizers::Tokenizer>,
+    /// The longest token's text in bytes, made on first use by [`Tokenizer::encode_at_most`].
+    longest_token: OnceLock<usize>,
     /// Where it was loaded from, for error messages.
     origin: String,
     /// Number of ids, added tokens included (49155 for Granite); cached because `tokenizers` recounts on each call.
@@ -376,6 +387,7 @@ impl Tokenizer {
         Tokenizer {
             inner,
             text_only: OnceLock::new(),
+            longest_token: OnceLock::new(),
             origin,
             vocab_size,
             special_ids,
@@ -393,6 +405,36 @@ impl Tokenizer {
     /// Token ids of `text`. Special tokens written in the text (`<|start_of_role|>`, ...) become their ids, as
     /// `apply_chat_template(tokenize=True)` does; nothing is prepended (Granite's `add_bos_token` is false and its
     /// post-processor adds nothing).
+    /// [`Tokenizer::encode`] for a text that must fit `max_tokens` tokens (a context): a text so long that it
+    /// cannot is refused by its length before any of it is tokenized, which costs about 150 bytes of memory per
+    /// byte of text (a 10 MB prompt took 1.5 GB only to be refused). The result may still be longer than
+    /// `max_tokens`; the caller says what to do then.
+    pub fn encode_at_most(
+        &self,
+        text: &str,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        // Each token covers at most its own text's bytes of the input (a vocabulary entry's text is never
+        // shorter than the input bytes it stands for); twice that leaves room for normalizers that shrink text.
+        let token_bytes = *self.longest_token.get_or_init(|| {
+            self.inner
+                .get_vocab(true)
+                .keys()
+                .map(|t| t.len())
+                .max()
+                .unwrap_or(1)
+                .max(1)
+        });
+        if text.len() > max_tokens.saturating_mul(token_bytes).saturating_mul(2) {
+            return Err(TokenizerError::TooLong {
+                bytes: text.len(),
+                max_tokens,
+                token_bytes,
+            });
+        }
+        self.encode(text)
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let encoding = self
             .inner
