@@ -9,7 +9,8 @@ fn main() -> std::process::ExitCode {
     match cli::dispatch(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Messages quote file names, metadata keys and tensor names: nothing in them reaches the terminal raw.
+            eprintln!("error: {}", cli::format::shown(&format!("{e:#}"), true));
             std::process::ExitCode::FAILURE
         }
     }

@@ -331,3 +331,51 @@ fn a_prompt_far_longer_than_the_context_is_refused_before_tokenizing() {
         "{err}"
     );
 }
+
+/// Text from a file reaches the terminal escaped: an escape sequence in `general.name` (shown by `info`) or in
+/// `general.architecture` (quoted by the error refusing it) is printed as `\u{1b}`, never as the raw byte.
+#[test]
+fn escape_sequences_in_metadata_never_reach_the_terminal() {
+    let (good, _) = good_gguf();
+    let dir = temp_dir("escape-metadata");
+    let patch = |bytes: &[u8], from: &[u8], to: &[u8]| -> Vec<u8> {
+        assert_eq!(from.len(), to.len());
+        let at = bytes
+            .windows(from.len())
+            .position(|w| w == from)
+            .expect("the string in the header");
+        let mut out = bytes.to_vec();
+        out[at..at + to.len()].copy_from_slice(to);
+        out
+    };
+    let named = write(
+        &dir,
+        "named.gguf",
+        &patch(&good, b"granitemoe-dev-1", b"\x1b]0;pwned\x07-dev-1"),
+    );
+    let out = quarry("scalar", &["info", &named, "-v"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text}"
+    );
+    assert!(text.contains("\\u{1b}]0;pwned\\u{7}-dev-1"), "{text}");
+
+    // The architecture value is the first "granitemoe" that is not part of a key.
+    let arch_key = b"general.architecture";
+    let at = good
+        .windows(arch_key.len())
+        .position(|w| w == arch_key)
+        .unwrap();
+    let mut bad = good.clone();
+    let value = at + arch_key.len() + 4 + 8; // value type (u32) and string length (u64)
+    bad[value..value + 10].copy_from_slice(b"\x1b[2Jgranit");
+    let arch = write(&dir, "arch.gguf", &bad);
+    let err = fails_cleanly(&["info", &arch], &["\\u{1b}[2Jgranit"]);
+    assert!(!err.contains('\u{1b}'), "{err}");
+}

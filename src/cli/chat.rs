@@ -259,6 +259,7 @@ impl Repl<'_> {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
         });
+        let name = super::format::shown(&name, false);
         self.style.note(&format!(
             "quarry chat: {name} ({}, context {} tokens). /help for commands, Ctrl-C stops a reply, Ctrl-D or /bye leaves.",
             cfg.arch.gguf_name(),
@@ -397,11 +398,11 @@ impl Repl<'_> {
             .unwrap_or("?");
         println!(
             "model: {} ({}{})",
-            self.model_path.display(),
+            super::format::shown(&self.model_path.display().to_string(), false),
             cfg.arch.gguf_name(),
             cfg.name
                 .as_ref()
-                .map(|n| format!(", {n}"))
+                .map(|n| format!(", {}", super::format::shown(n, false)))
                 .unwrap_or_default()
         );
         let experts = if cfg.n_expert > 0 {

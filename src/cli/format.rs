@@ -1,6 +1,27 @@
 //! How the commands print sizes and counts for people.
 
+use std::borrow::Cow;
+
 use quarry::gguf::TypeTally;
+
+/// `text` safe to print on a terminal: control characters (escape sequences among them, which a downloaded
+/// file's name or metadata could carry to move the cursor, recolour or retitle the terminal) written as `\u{1b}`;
+/// newlines kept when `keep_newlines`.
+pub fn shown(text: &str, keep_newlines: bool) -> Cow<'_, str> {
+    let bad = |c: char| c.is_control() && !(keep_newlines && c == '\n');
+    if !text.chars().any(bad) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if bad(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// 823.4 MiB with `decimals` 1, 823.42 MiB with 2; bytes below a KiB exactly (`512 B`).
 pub fn human_bytes(n: u64, decimals: usize) -> String {
@@ -57,5 +78,19 @@ mod tests {
         assert_eq!(count(500), "0.5 K");
         assert_eq!(human_count(500), "500");
         assert_eq!(human_count(49_200), "49.2 K");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(shown("granite", false), "granite");
+        assert_eq!(shown("a\u{1b}[31mred", false), "a\\u{1b}[31mred");
+        assert_eq!(shown("x\u{9b}y\u{7}", false), "x\\u{9b}y\\u{7}");
+        assert_eq!(shown("two\nlines\r", true), "two\nlines\\u{d}");
+        assert_eq!(shown("two\nlines", false), "two\\u{a}lines");
     }
 }

@@ -7,7 +7,7 @@ use quarry::model::Architecture;
 use serde_json::json;
 
 use super::common::OutputFormat;
-use super::format::{human_bytes, human_count};
+use super::format::{human_bytes, human_count, shown};
 
 /// Show a model file's architecture, sizes, tensor types, metadata and the memory it needs.
 #[derive(clap::Args, Debug)]
@@ -84,13 +84,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         OutputFormat::Text => {
             println!(
                 "file:          {} ({})",
-                file.path().display(),
+                shown(&file.path().display().to_string(), false),
                 human_bytes(file.file_len(), 2)
             );
             println!(
                 "architecture:  {} ({})",
                 cfg.arch.gguf_name(),
-                cfg.name.as_deref().unwrap_or("unnamed")
+                shown(cfg.name.as_deref().unwrap_or("unnamed"), false)
             );
             println!(
                 "parameters:    {} total, {} active per token",
@@ -137,11 +137,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if args.verbose {
                 println!("metadata:");
                 for (k, v) in file.metadata() {
-                    println!("  {k} = {}", v.summary());
+                    println!("  {} = {}", shown(k, false), shown(&v.summary(), false));
                 }
                 println!("tensors:");
                 for t in file.tensors() {
-                    println!("  {:<32} {:<6} {:?}", t.name, t.ty.name(), t.dims);
+                    println!(
+                        "  {:<32} {:<6} {:?}",
+                        shown(&t.name, false),
+                        t.ty.name(),
+                        t.dims
+                    );
                 }
             }
         }

@@ -5,7 +5,7 @@ use quarry::hub::store::{InstalledModel, Store};
 use serde_json::json;
 
 use super::common::OutputFormat;
-use super::format::human_bytes;
+use super::format::{human_bytes, shown};
 
 /// List the models of the registry (which are installed, and how) and every other installed model.
 #[derive(clap::Args, Debug)]
@@ -87,18 +87,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for m in others {
             println!(
                 "  {:<32} {:<22} {}",
-                m.manifest.name,
+                shown(&m.manifest.name, false),
                 format!(
                     "{} {}",
                     m.manifest.quant_type,
                     human_bytes(m.manifest.size, 1)
                 ),
-                m.origin()
+                shown(&m.origin(), false)
             );
         }
     }
     for b in broken {
-        println!("  broken: {b}");
+        println!("  broken: {}", shown(&b.to_string(), false));
     }
     println!();
     println!(

@@ -4,7 +4,7 @@ mod batch;
 mod bench;
 mod chat;
 mod common;
-mod format;
+pub mod format;
 mod import;
 mod info;
 mod list;
