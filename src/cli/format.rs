@@ -79,11 +79,6 @@ mod tests {
         assert_eq!(human_count(500), "500");
         assert_eq!(human_count(49_200), "49.2 K");
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::shown;
 
     #[test]
     fn control_characters_are_escaped() {
