@@ -661,3 +661,50 @@ fn conversation_file_is_read_and_named_in_errors() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Rendering is bounded: a template whose loops run without a useful bound stops with an error after a fixed
+/// number of steps (about a second), one that writes more than any prompt could be stops at 64 MiB, while the
+/// real Granite templates render a conversation of 4,000 messages with tools well within both bounds.
+#[test]
+fn rendering_is_bounded_in_steps_and_output() {
+    use quarry::text::chat_template::Message;
+    let conversation = Conversation::from_messages(vec![Message::new("user", "hi")]);
+    let loops = ChatTemplate::new(
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        "loops",
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let err = loops.render(&conversation, true).unwrap_err().to_string();
+    assert!(err.contains("runs more than 20000000 steps"), "{err}");
+    eprintln!("the runaway template stopped after {:?}", start.elapsed());
+    let wide = ChatTemplate::new(
+        "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+        "wide",
+    )
+    .unwrap();
+    let err = wide.render(&conversation, true).unwrap_err().to_string();
+    assert!(err.contains("longer than 64 MiB"), "{err}");
+
+    for version in ["3.0", "3.1"] {
+        let dir = crate_root().join(format!("../shared/granite-{version}-1b-a400m-instruct"));
+        if !dir.join("tokenizer_config.json").exists() {
+            support::skipped("the real Granite templates", &dir);
+            return;
+        }
+        let template = template_in(&dir);
+        let mut messages = vec![Message::new("system", "You are terse.")];
+        for i in 0..2000 {
+            messages.push(Message::new("user", &format!("question {i}")));
+            messages.push(Message::new("assistant", &format!("answer {i}")));
+        }
+        let mut long = Conversation::from_messages(messages);
+        long.tools = Some(vec![
+            serde_json::json!({"type": "function", "function": {"name": "f", "parameters": {}}}),
+        ]);
+        let text = template
+            .render(&long, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(text.contains("answer 1999"));
+    }
+}

@@ -256,6 +256,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
         set_clock(&mut env, Clock::Local);
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| ChatTemplateError::Syntax {
                 origin: origin.to_string(),
@@ -407,10 +408,32 @@ impl ChatTemplate {
         for (name, value) in &conversation.extra {
             context.push((name, Value::from_serialize(value)));
         }
-        let rendered = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .and_then(|template| template.render(Value::from_iter(context)));
+        let mut out = BoundedText::default();
+        let rendered = self.env.get_template(TEMPLATE_NAME).and_then(|template| {
+            template
+                .render_captured_to(Value::from_iter(context), &mut out)
+                .map(drop)
+        });
+        if out.overflowed {
+            return Err(ChatTemplateError::Render {
+                origin: self.origin.clone(),
+                detail: format!(
+                    "the prompt it writes would be longer than {} MiB; the template (or the conversation) is not one a model can read",
+                    MAX_RENDERED_BYTES >> 20
+                ),
+            });
+        }
+        if let Err(e) = &rendered
+            && e.kind() == minijinja::ErrorKind::OutOfFuel
+        {
+            return Err(ChatTemplateError::Render {
+                origin: self.origin.clone(),
+                detail: format!(
+                    "it runs more than {RENDER_FUEL} steps (a loop without a useful bound?); a chat template renders a conversation in far fewer"
+                ),
+            });
+        }
+        let rendered = rendered.map(|_| String::from_utf8_lossy(&out.bytes).into_owned());
         rendered.map_err(|e| match raised_message(&e) {
             Some(message) => ChatTemplateError::Raised {
                 origin: self.origin.clone(),
@@ -421,6 +444,35 @@ impl ChatTemplate {
                 detail: describe(&e),
             },
         })
+    }
+}
+
+/// Template instructions one render may run. Granite's templates render a long conversation with tools in well
+/// under a million; a hostile one (`{% for i in range(100000) %}{% for j in range(100000) %}`) stops here, after
+/// about a second, instead of never.
+const RENDER_FUEL: u64 = 20_000_000;
+
+/// Bytes one render may write: a prompt longer than any context by far.
+const MAX_RENDERED_BYTES: usize = 64 << 20;
+
+/// The rendered prompt, refusing to grow past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct BoundedText {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the rendered prompt is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
