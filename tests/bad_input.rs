@@ -379,3 +379,25 @@ fn escape_sequences_in_metadata_never_reach_the_terminal() {
     let err = fails_cleanly(&["info", &arch], &["\\u{1b}[2Jgranit"]);
     assert!(!err.contains('\u{1b}'), "{err}");
 }
+
+/// A negative sampling value is read as a value and refused for what it is, not taken for an unknown flag.
+#[test]
+fn negative_sampling_values_are_refused_by_name() {
+    let dir = fixture_dir("granitemoe-dev-1").unwrap();
+    let model = gguf("granitemoe-dev-1", &dir, "q8_0");
+    let m = model.to_str().unwrap();
+    for (flag, value, want) in [
+        ("--temperature", "-1", "temperature -1 must be 0 or more"),
+        ("--top-p", "-0.5", "top-p -0.5 must be between 0 and 1"),
+        (
+            "--repeat-penalty",
+            "-1",
+            "repeat penalty -1 must be more than 0",
+        ),
+        ("--top-k", "-1", "invalid value '-1' for '--top-k"),
+        ("--seed", "-3", "invalid value '-3' for '--seed"),
+    ] {
+        let err = fails_cleanly(&["run", m, "--prompt", "hi", flag, value], &[want]);
+        assert!(!err.contains("unexpected argument"), "{err}");
+    }
+}
