@@ -401,3 +401,50 @@ fn negative_sampling_values_are_refused_by_name() {
         assert!(!err.contains("unexpected argument"), "{err}");
     }
 }
+
+/// Metadata that parses but is wrong is refused at load, naming the key or tensor: a RoPE base that is NaN,
+/// infinite, zero or negative (it used to be replaced silently by 10000), and a block_count smaller than the
+/// layers the file holds (the rest were ignored).
+#[test]
+fn wrong_metadata_values_are_refused_by_name() {
+    let (good, _) = good_gguf();
+    let dir = temp_dir("wrong-metadata");
+    // The value of a scalar key: after the key's bytes, its u32 type tag, then the value.
+    let value_at = |key: &str| -> usize {
+        let k = key.as_bytes();
+        good.windows(k.len()).position(|w| w == k).unwrap() + k.len() + 4
+    };
+    let rope = value_at("granitemoe.rope.freq_base");
+    for (name, theta, want) in [
+        ("nan", f32::NAN, "rope.freq_base = NaN is not finite"),
+        ("inf", f32::INFINITY, "is not finite"),
+        ("zero", 0.0, "rope.freq_base = 0 must be a positive number"),
+        (
+            "negative",
+            -5.0,
+            "rope.freq_base = -5 must be a positive number",
+        ),
+    ] {
+        let mut bad = good.clone();
+        bad[rope..rope + 4].copy_from_slice(&theta.to_le_bytes());
+        let path = write(&dir, &format!("rope-{name}.gguf"), &bad);
+        fails_cleanly(
+            &["run", &path, "--raw", "--prompt", "hi", "-n", "1"],
+            &[want],
+        );
+    }
+    let blocks = value_at("granitemoe.block_count");
+    let n = u32::from_le_bytes(good[blocks..blocks + 4].try_into().unwrap());
+    assert!(n >= 2, "the fixture has {n} layers");
+    let mut bad = good.clone();
+    bad[blocks..blocks + 4].copy_from_slice(&(n - 1).to_le_bytes());
+    let path = write(&dir, "blocks.gguf", &bad);
+    fails_cleanly(
+        &["run", &path, "--raw", "--prompt", "hi", "-n", "1"],
+        &[&format!(
+            "belongs to layer {}, but granitemoe.block_count is {}",
+            n - 1,
+            n - 1
+        )],
+    );
+}

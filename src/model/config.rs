@@ -117,7 +117,21 @@ impl ModelConfig {
             n_expert,
             n_expert_used,
             context_length: uint("context_length")?,
-            rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+            // Missing means llama.cpp's default; present, it must be a usable base (NaN, infinite, 0 or
+            // negative would make every rotation angle meaningless).
+            rope_theta: match file.get(&key("rope.freq_base")) {
+                None => 10_000.0,
+                Some(_) => {
+                    let theta = float("rope.freq_base")?;
+                    if theta <= 0.0 {
+                        return Err(bad(format!(
+                            "{} = {theta} must be a positive number",
+                            key("rope.freq_base")
+                        )));
+                    }
+                    theta
+                }
+            },
             rms_eps: float("attention.layer_norm_rms_epsilon")?,
             embedding_scale: float("embedding_scale")?,
             attention_scale: float("attention.scale")?,

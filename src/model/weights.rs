@@ -138,6 +138,24 @@ impl ModelWeights {
                 ffn,
             });
         }
+        // A layer past `block_count` would be silently ignored: the file says one depth and holds another.
+        for t in file.tensors() {
+            let layer = t
+                .name
+                .strip_prefix("blk.")
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok());
+            if let Some(i) = layer
+                && i >= cfg.n_layer
+            {
+                return Err(loader.bad(format!(
+                    "tensor '{}' belongs to layer {i}, but {}.block_count is {}",
+                    t.name,
+                    cfg.arch.gguf_name(),
+                    cfg.n_layer
+                )));
+            }
+        }
         Ok(ModelWeights {
             token_embd,
             output,
