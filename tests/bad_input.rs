@@ -448,3 +448,35 @@ fn wrong_metadata_values_are_refused_by_name() {
         )],
     );
 }
+
+/// A tokenizer with fewer tokens than the model has logits is refused when the model is opened for text (the
+/// model could choose an id the tokenizer cannot write, and the reply would fail midway).
+#[test]
+fn a_tokenizer_smaller_than_the_vocabulary_is_refused() {
+    let src = fixture_dir("granitemoe-dev-1").unwrap();
+    let d = temp_dir("small-tokenizer");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+    }
+    let path = d.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tok["added_tokens"].as_array_mut().unwrap().pop();
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let out = d.join("out.gguf");
+    let o = out.to_str().unwrap();
+    let conv = quarry(
+        "scalar",
+        &["quantize", d.to_str().unwrap(), "-o", o, "--type", "q8_0"],
+    );
+    assert!(
+        conv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&conv.stderr)
+    );
+    fails_cleanly(
+        &["run", o, "--prompt", "hi", "-n", "1"],
+        &["has 399 tokens but the model's output has 400"],
+    );
+}

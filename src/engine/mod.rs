@@ -55,12 +55,13 @@ impl Engine {
     pub fn open_for_text(path: &Path) -> Result<Engine, EngineError> {
         let mut engine = Self::open(path)?;
         let tokenizer = Tokenizer::from_gguf(&engine.file)?;
-        if tokenizer.vocab_size() > engine.model.config.n_vocab {
+        // Fewer tokens than logits would let the model choose an id the tokenizer cannot write, mid-reply.
+        if tokenizer.vocab_size() != engine.model.config.n_vocab {
             return Err(TokenizerError::BadMetadata {
                 origin: path.display().to_string(),
                 key: "tokenizer.huggingface.json",
                 problem: format!(
-                    "has {} tokens but the model's output has only {}; the file is inconsistent",
+                    "has {} tokens but the model's output has {}; the file is inconsistent",
                     tokenizer.vocab_size(),
                     engine.model.config.n_vocab
                 ),
