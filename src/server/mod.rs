@@ -8,7 +8,7 @@
 mod generation;
 mod ollama;
 mod openai;
-mod tools;
+pub mod tools;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -93,7 +93,7 @@ pub(crate) fn compile_schema(
 
 /// An error response in OpenAI's shape.
 #[derive(Debug)]
-pub(crate) struct ApiError {
+pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
 }
