@@ -539,6 +539,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufProblem> {
         });
     }
 
+    check_tensor_layout(&tensors, alignment)?;
     Ok(Header {
         version,
         alignment,
@@ -546,4 +547,37 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufProblem> {
         tensors,
         data_offset,
     })
+}
+
+/// Every GGUF writer (llama.cpp's, gguf-py, ours) lays the tensors out back to back, each padded to the
+/// alignment, and llama.cpp refuses a file that does not. Two tensors sharing bytes would let a write through
+/// one view change the other and says the file is corrupt; a gap wider than the padding means a tensor's type
+/// or shape does not describe its bytes (a Q8_0 row read as Q4_0, say), and the model would run on garbage.
+fn check_tensor_layout(tensors: &[TensorInfo], alignment: u64) -> Result<(), GgufProblem> {
+    let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
+    by_offset.sort_by_key(|t| (t.offset, t.size));
+    for pair in by_offset.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        let end = a.offset + a.size;
+        if end > b.offset {
+            return Err(GgufProblem::Corrupt(format!(
+                "tensors '{}' (bytes {}..{end}) and '{}' (from byte {}) overlap",
+                a.name, a.offset, b.name, b.offset
+            )));
+        }
+        let padded = end.div_ceil(alignment) * alignment;
+        if b.offset > padded {
+            return Err(GgufProblem::Corrupt(format!(
+                "tensor '{}' is {} bytes of {} {:?}, but {} bytes lie between its start and the next tensor '{}': \
+                 its type or shape does not match its data",
+                a.name,
+                a.size,
+                a.ty,
+                a.dims,
+                b.offset - a.offset,
+                b.name
+            )));
+        }
+    }
+    Ok(())
 }
