@@ -108,6 +108,37 @@ fn corrupt_gguf_files_are_refused_with_a_named_problem() {
         &write(&dir, "past-end.gguf", &bad),
         &["extends past the end"],
     );
+    // Its data moved onto the first tensor's bytes; then its type changed from Q8_0 to Q4_0, which reads only
+    // part of its bytes (the rest a gap no writer leaves).
+    let mut bad = good.clone();
+    bad[type_at + 4..type_at + 12].copy_from_slice(&0u64.to_le_bytes());
+    run(
+        &write(&dir, "overlap.gguf", &bad),
+        &["blk.0.attn_output.weight", "overlap"],
+    );
+    let mut bad = good.clone();
+    assert_eq!(
+        bad[type_at..type_at + 4],
+        8u32.to_le_bytes(),
+        "a Q8_0 tensor"
+    );
+    bad[type_at..type_at + 4].copy_from_slice(&2u32.to_le_bytes());
+    run(
+        &write(&dir, "type-size.gguf", &bad),
+        &[
+            "blk.0.attn_output.weight",
+            "its type or shape does not match its data",
+        ],
+    );
+    let norm = file.tensor("blk.1.ffn_norm.weight").unwrap();
+    assert_eq!(norm.ty, quarry::gguf::GgmlType::F32);
+    let mut bad = good.clone();
+    let at = norm.offset as usize + 4 * 5;
+    bad[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    run(
+        &write(&dir, "nan-norm.gguf", &bad),
+        &["blk.1.ffn_norm.weight", "NaN at index 5", "finite"],
+    );
     let mut bad = good.clone();
     let dims_at = info + 8 + "blk.0.attn_output.weight".len() + 4;
     bad[dims_at..dims_at + 8].copy_from_slice(&(!31u64).to_le_bytes());

@@ -52,6 +52,18 @@ pub enum ConvertError {
         dtype: String,
     },
 
+    #[error(
+        "{}: tensor '{tensor}' holds {value} in row {row}: a weight must be a finite number (the checkpoint was \
+         broken in training or export); re-download it or use another checkpoint",
+        path.display()
+    )]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        row: usize,
+        value: f32,
+    },
+
     #[error("{}: {problem}; re-download the tokenizer files", path.display())]
     Tokenizer { path: PathBuf, problem: String },
 

@@ -97,6 +97,45 @@ fn tensor_of_unexpected_dtype() {
     );
 }
 
+/// A NaN (bf16 0x7fc0) in the third row of an expert tensor, and an infinity in the first row of a norm: each
+/// is refused naming the tensor and the row.
+#[test]
+fn weights_that_are_not_finite_numbers() {
+    for (tensor, value, row, shown) in [
+        (
+            "model.layers.1.block_sparse_moe.output_linear.weight",
+            [0xc0, 0x7f],
+            2,
+            "NaN",
+        ),
+        (
+            "model.layers.0.input_layernorm.weight",
+            [0x80, 0x7f],
+            0,
+            "inf",
+        ),
+    ] {
+        let dir = snapshot();
+        let weights = dir.path().join("model.safetensors");
+        let mut tensors = support::read_safetensors(&weights);
+        let t = tensors.iter_mut().find(|t| t.0 == tensor).unwrap();
+        let row_len = *t.2.last().unwrap();
+        let at = (row * row_len + 3) * 2;
+        t.3[at..at + 2].copy_from_slice(&value);
+        support::write_safetensors(&weights, &tensors);
+        let (err, message) = failure(dir.path());
+        assert!(matches!(err, ConvertError::NonFinite { .. }), "{err:?}");
+        assert_names(
+            &message,
+            &weights,
+            &[
+                &format!("'{tensor}' holds {shown} in row {row}"),
+                "finite number",
+            ],
+        );
+    }
+}
+
 #[test]
 fn tensor_of_unexpected_shape() {
     let dir = snapshot();

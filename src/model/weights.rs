@@ -242,6 +242,17 @@ impl Loader<'_> {
         };
         let mut out = vec![0.0; len];
         m.view().dequantize_row(0, &mut out);
+        // Norm weights scale every activation of their layer: one NaN turns every logit into NaN, and the reply
+        // into whatever token sampling makes of that. The matrices are too large to scan at load (their pages
+        // are read only when used); `quarry quantize` refuses non-finite source weights.
+        if let Some(at) = out.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::Gguf(self.file.error(GgufProblem::Corrupt(
+                format!(
+                    "tensor '{name}' holds {} at index {at}: a norm weight must be a finite number",
+                    out[at]
+                ),
+            ))));
+        }
         Ok(out)
     }
 }

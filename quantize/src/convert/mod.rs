@@ -349,7 +349,14 @@ fn write_tensor(
         while first < run.end {
             let rows = rows_per_chunk.min(run.end - first);
             values.resize(rows * row_len, 0.0);
-            read_rows_parallel(source, first, row_len, &mut values);
+            if let Some(at) = read_rows_parallel(source, first, row_len, &mut values) {
+                return Err(ConvertError::NonFinite {
+                    path: source.file.to_path_buf(),
+                    tensor: source.name.to_string(),
+                    row: first + at / row_len,
+                    value: values[at],
+                });
+            }
             let chunk = match tensor.rope_head_dim {
                 Some(head_dim) => {
                     permute_rope_rows(&values, row_len, head_dim, &mut permuted);
@@ -367,12 +374,30 @@ fn write_tensor(
     Ok(())
 }
 
-fn read_rows_parallel(source: &TensorView<'_>, first_row: usize, row_len: usize, out: &mut [f32]) {
+/// Reads rows `first_row..` into `out`; returns the index in `out` of the first value that is NaN or infinite.
+/// Such a weight is not a number the model can compute with (every logit it reaches becomes NaN), so the
+/// converter refuses it rather than write a file that only fails when a token happens to route through it.
+fn read_rows_parallel(
+    source: &TensorView<'_>,
+    first_row: usize,
+    row_len: usize,
+    out: &mut [f32],
+) -> Option<usize> {
     use rayon::prelude::*;
     let rows_per_task = (64 * 1024 / row_len.max(1)).max(1);
-    out.par_chunks_mut(rows_per_task * row_len)
+    let task_len = rows_per_task * row_len;
+    out.par_chunks_mut(task_len)
         .enumerate()
-        .for_each(|(task, values)| source.read_rows_f32(first_row + task * rows_per_task, values));
+        .filter_map(|(task, values)| {
+            source.read_rows_f32(first_row + task * rows_per_task, values);
+            first_non_finite(values).map(|at| task * task_len + at)
+        })
+        .min()
+}
+
+/// Where the first NaN or infinity of `values` is.
+pub(crate) fn first_non_finite(values: &[f32]) -> Option<usize> {
+    values.iter().position(|v| !v.is_finite())
 }
 
 /// `general.name` from the snapshot folder: its own name, or for a Hugging Face cache snapshot

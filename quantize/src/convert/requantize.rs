@@ -262,6 +262,14 @@ fn write_tensor(
         } else {
             values.resize(n_values, 0.0);
             decode_rows(info.ty, chunk, row_len, &mut values);
+            if let Some(at) = super::first_non_finite(&values) {
+                return Err(ConvertError::NonFinite {
+                    path: path.to_path_buf(),
+                    tensor: info.name.clone(),
+                    row: i * rows_per_chunk + at / row_len,
+                    value: values[at],
+                });
+            }
             sink.write(encoder.encode(&values, row_len), n_values as u64)?;
         }
         release(data, start + i * rows_per_chunk * row_bytes, chunk.len());
