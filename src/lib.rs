@@ -14,7 +14,9 @@
 //!   costs: perplexity and KL divergence from a base model), [`measure::npy`] (logits for other tools).
 //! * [`hub`]: [`hub::registry`] (models.toml), [`hub::store`] (installed models), [`hub::pull`] (downloading
 //!   and importing them) and [`hub::http`] (the Hugging Face client it downloads with).
+//! * [`contain`]: a dependency's panic on hostile data, turned into an error naming the data.
 
+pub mod contain;
 pub mod engine;
 pub mod generate;
 pub mod hub;

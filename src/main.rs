@@ -5,6 +5,7 @@ mod cli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    quarry::contain::quiet_hook();
     let args = cli::Cli::parse();
     match cli::dispatch(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

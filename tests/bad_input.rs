@@ -511,3 +511,72 @@ fn a_tokenizer_smaller_than_the_vocabulary_is_refused() {
         &["has 399 tokens but the model's output has 400"],
     );
 }
+
+/// `good` with metadata `key` set to the string `value`, everything else (tensors included) as it was.
+fn with_string_metadata(good: &quarry::gguf::GgufFile, key: &str, value: &str) -> Vec<u8> {
+    use quarry::gguf::{GgufWriter, TensorSpec, Value};
+    let mut metadata = good.metadata().to_vec();
+    let slot = metadata.iter_mut().find(|(k, _)| k == key).unwrap();
+    slot.1 = Value::String(value.to_string());
+    let specs = good
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec::new(t.name.clone(), &t.dims, t.ty))
+        .collect();
+    let mut w = GgufWriter::new(Vec::new(), &metadata, specs).unwrap();
+    for t in good.tensors() {
+        w.write_tensor(&t.name, &good.tensor_data(t)).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+/// Three `tokenizer.json` files on which the `tokenizers` crate panics (tokenizers 0.23: an invalid Precompiled
+/// normalizer at load; a post-processor naming a token it does not define, and a zero-length split, at the
+/// first encoding): each is an error naming the file when the model is opened, never a panic.
+#[test]
+fn tokenizers_that_make_the_tokenizer_library_panic_are_errors_naming_the_file() {
+    let (_, good) = good_gguf();
+    let json = good
+        .get(quarry::text::tokenizer::GGUF_HF_JSON_KEY)
+        .and_then(quarry::gguf::Value::as_str)
+        .unwrap()
+        .to_string();
+    let dir = temp_dir("tokenizer-panics");
+    for (name, field, value) in [
+        (
+            "precompiled",
+            "normalizer",
+            serde_json::json!({"type": "Precompiled", "precompiled_charsmap": "AAAA"}),
+        ),
+        (
+            "template",
+            "post_processor",
+            serde_json::json!({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}], "pair": [], "special_tokens": {}}),
+        ),
+        (
+            "fixed-length",
+            "pre_tokenizer",
+            serde_json::json!({"type": "FixedLength", "length": 0}),
+        ),
+    ] {
+        let mut tokenizer: serde_json::Value = serde_json::from_str(&json).unwrap();
+        tokenizer[field] = value;
+        let tokenizer = tokenizer.to_string();
+        let err = quarry::text::tokenizer::Tokenizer::from_json_str(&tokenizer)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: the tokenizer loaded"))
+            .to_string();
+        assert!(
+            err.contains("the tokenizer library failed"),
+            "{name}: {err}"
+        );
+
+        let bytes =
+            with_string_metadata(&good, quarry::text::tokenizer::GGUF_HF_JSON_KEY, &tokenizer);
+        let path = write(&dir, &format!("{name}.gguf"), &bytes);
+        fails_cleanly(
+            &["run", &path, "--raw", "--prompt", "hi", "-n", "2"],
+            &[&path, "the tokenizer library failed"],
+        );
+    }
+}

@@ -82,11 +82,15 @@ impl GrammarCompiler {
     }
 
     fn compile(&self, grammar: TopLevelGrammar) -> Result<Grammar, GrammarError> {
-        let parser = self
-            .factory
-            .create_parser(grammar)
-            .map_err(|e| GrammarError::Compile(e.to_string()))?;
-        let matcher = Matcher::new(Ok(parser));
+        // The grammar comes from a request (a JSON schema, tool definitions): a panic of the grammar library on
+        // it is that request's error, not the server's end.
+        let matcher = crate::contain::contain(|| {
+            self.factory
+                .create_parser(grammar)
+                .map(|parser| Matcher::new(Ok(parser)))
+        })
+        .map_err(|panic| GrammarError::Compile(format!("the grammar library failed ({panic})")))?
+        .map_err(|e| GrammarError::Compile(e.to_string()))?;
         if let Some(e) = matcher.get_error() {
             return Err(GrammarError::Compile(e));
         }

@@ -139,6 +139,17 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// A panic of the `tokenizers` crate on `origin`'s data, as the error it should have been.
+fn contained_panic(origin: &str, panic: String) -> TokenizerError {
+    TokenizerError::Parse {
+        origin: origin.to_string(),
+        message: format!(
+            "the tokenizer library failed on this data ({panic}); the tokenizer is malformed: \
+             re-download or re-convert the model"
+        ),
+    }
+}
+
 impl Tokenizer {
     /// The tokenizer of a GGUF file, with its end-of-text id (`tokenizer.ggml.eos_token_id`, else 0).
     ///
@@ -343,11 +354,13 @@ impl Tokenizer {
             }
         });
         let origin = format!("{file} (tokenizer.ggml.*)");
-        let inner = serde_json::from_value(json).map_err(|e| TokenizerError::Parse {
-            origin: origin.clone(),
-            message: e.to_string(),
-        })?;
-        Ok(Self::from_hf(inner, origin))
+        let inner = crate::contain::contain(|| serde_json::from_value(json))
+            .map_err(|panic| contained_panic(&origin, panic))?
+            .map_err(|e| TokenizerError::Parse {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?;
+        Self::from_hf(inner, origin)
     }
 
     /// A Hugging Face `tokenizer.json` read from disk (tests, and Hugging Face folders).
@@ -367,24 +380,34 @@ impl Tokenizer {
     }
 
     fn from_json_str_labelled(json: &str, origin: String) -> Result<Tokenizer, TokenizerError> {
-        let inner: tokenizers::Tokenizer =
-            json.parse()
-                .map_err(|e: tokenizers::Error| TokenizerError::Parse {
-                    origin: origin.clone(),
-                    message: e.to_string(),
-                })?;
-        Ok(Self::from_hf(inner, origin))
+        let inner: tokenizers::Tokenizer = crate::contain::contain(|| json.parse())
+            .map_err(|panic| contained_panic(&origin, panic))?
+            .map_err(|e: tokenizers::Error| TokenizerError::Parse {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?;
+        Self::from_hf(inner, origin)
     }
 
-    fn from_hf(inner: tokenizers::Tokenizer, origin: String) -> Tokenizer {
-        let vocab_size = inner.get_vocab_size(true);
-        let special_ids = inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, token)| token.special)
-            .map(|(id, _)| id)
-            .collect();
-        Tokenizer {
+    fn from_hf(inner: tokenizers::Tokenizer, origin: String) -> Result<Tokenizer, TokenizerError> {
+        let tables = crate::contain::contain(|| {
+            let vocab_size = inner.get_vocab_size(true);
+            let special_ids = inner
+                .get_added_tokens_decoder()
+                .into_iter()
+                .filter(|(_, token)| token.special)
+                .map(|(id, _)| id)
+                .collect();
+            // Some of the library's panics wait for the first text (a post-processor naming a token it does
+            // not define, a zero-length split): meet them here, at load, where the file can still be named. An
+            // error (not a panic) is left for the text that causes it.
+            if let Ok(probe) = inner.encode_fast("Hello, world! 123", true) {
+                let _ = inner.decode(probe.get_ids(), false);
+            }
+            (vocab_size, special_ids)
+        });
+        let (vocab_size, special_ids) = tables.map_err(|panic| contained_panic(&origin, panic))?;
+        Ok(Tokenizer {
             inner,
             text_only: OnceLock::new(),
             longest_token: OnceLock::new(),
@@ -392,7 +415,7 @@ impl Tokenizer {
             vocab_size,
             special_ids,
             eos_id: DEFAULT_EOS_ID,
-        }
+        })
     }
 
     /// Sets the id that ends generation; it must be in the vocabulary.
@@ -436,13 +459,23 @@ impl Tokenizer {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self
-            .inner
-            .encode_fast(text, true)
-            .map_err(|e| TokenizerError::Encode {
-                origin: self.origin.clone(),
-                message: e.to_string(),
-            })?;
+        self.encode_with(&self.inner, text)
+    }
+
+    /// Encodes with `tokenizer` (the tokenizer's own, or its text-only copy). The text is a user's or a client's,
+    /// so a panic of the library on it is contained and reported as an encoding error.
+    fn encode_with(
+        &self,
+        tokenizer: &tokenizers::Tokenizer,
+        text: &str,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let error = |message: String| TokenizerError::Encode {
+            origin: self.origin.clone(),
+            message,
+        };
+        let encoding = crate::contain::contain(|| tokenizer.encode_fast(text, true))
+            .map_err(|panic| error(format!("the tokenizer library failed ({panic})")))?
+            .map_err(|e| error(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -456,13 +489,7 @@ impl Tokenizer {
             copy.set_encode_special_tokens(true);
             copy
         });
-        let encoding = text_only
-            .encode_fast(text, true)
-            .map_err(|e| TokenizerError::Encode {
-                origin: self.origin.clone(),
-                message: e.to_string(),
-            })?;
-        Ok(encoding.get_ids().to_vec())
+        self.encode_with(text_only, text)
     }
 
     /// The text of `ids`, byte-exact for byte-level vocabularies. A sequence that ends inside a multi-byte
