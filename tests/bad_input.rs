@@ -262,6 +262,30 @@ fn broken_checkpoints_are_refused_without_leaving_output() {
     let d = copy("no-tokenizer");
     std::fs::remove_file(d.join("tokenizer.json")).unwrap();
     check(&d, &["tokenizer.json"]);
+
+    // Folders that would convert but never run: refused before conversion, naming the file.
+    let d = copy("bad-template");
+    std::fs::write(
+        d.join("chat_template.jinja"),
+        "{% for m in messages %}{{ m.content }",
+    )
+    .unwrap();
+    check(&d, &["chat_template.jinja", "does not compile"]);
+    let d = copy("bad-template-config");
+    let config_path = d.join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["chat_template"] = "{% if messages %}unclosed".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    check(&d, &["tokenizer_config.json", "does not compile"]);
+    let d = copy("panicking-tokenizer");
+    let tokenizer_path = d.join("tokenizer.json");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tokenizer_path).unwrap()).unwrap();
+    tokenizer["normalizer"] =
+        serde_json::json!({"type": "Precompiled", "precompiled_charsmap": "AAAA"});
+    std::fs::write(&tokenizer_path, tokenizer.to_string()).unwrap();
+    check(&d, &["tokenizer.json", "the tokenizer library failed"]);
 }
 
 /// One rule for `--threads` in every command: 1 to 512, refused before any work otherwise (a count in the

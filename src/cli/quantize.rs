@@ -87,6 +87,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 args.input.display()
             );
         }
+        quarry::text::check_snapshot(&args.input)
+            .with_context(|| format!("quantize {} refused", args.input.display()))?;
         let options = ConvertOptions {
             embedding_type: args.embedding_type,
             progress,

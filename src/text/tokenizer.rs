@@ -379,7 +379,10 @@ impl Tokenizer {
         Self::from_json_str_labelled(json, "tokenizer.json".to_string())
     }
 
-    fn from_json_str_labelled(json: &str, origin: String) -> Result<Tokenizer, TokenizerError> {
+    pub(crate) fn from_json_str_labelled(
+        json: &str,
+        origin: String,
+    ) -> Result<Tokenizer, TokenizerError> {
         let inner: tokenizers::Tokenizer = crate::contain::contain(|| json.parse())
             .map_err(|panic| contained_panic(&origin, panic))?
             .map_err(|e: tokenizers::Error| TokenizerError::Parse {
