@@ -11,7 +11,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Messages quote file names, metadata keys and tensor names: nothing in them reaches the terminal raw.
-            eprintln!("error: {}", cli::format::shown(&format!("{e:#}"), true));
+            eprintln!(
+                "error: {}",
+                cli::format::shown(&cli::format::error_chain(&e), true)
+            );
             std::process::ExitCode::FAILURE
         }
     }

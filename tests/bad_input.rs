@@ -263,6 +263,17 @@ fn broken_checkpoints_are_refused_without_leaving_output() {
     std::fs::remove_file(d.join("tokenizer.json")).unwrap();
     check(&d, &["tokenizer.json"]);
 
+    // An OS error is printed once, though the converter's message quotes it and also carries it as its cause.
+    let d = copy("config-dir");
+    std::fs::remove_file(d.join("config.json")).unwrap();
+    std::fs::create_dir(d.join("config.json")).unwrap();
+    let out = d.join("out.gguf");
+    let err = fails_cleanly(
+        &["quantize", d.to_str().unwrap(), "-o", out.to_str().unwrap()],
+        &["config.json", "Is a directory"],
+    );
+    assert_eq!(err.matches("os error 21").count(), 1, "{err}");
+
     // Folders that would convert but never run: refused before conversion, naming the file.
     let d = copy("bad-template");
     std::fs::write(

@@ -156,7 +156,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     }
                     Err(e) => {
                         errors += 1;
-                        write_line(&mut out, json!({"id": line.id, "error": format!("{e:#}")}))?;
+                        write_line(
+                            &mut out,
+                            json!({"id": line.id, "error": super::format::error_chain(&e)}),
+                        )?;
                         bar.inc(1);
                     }
                 }

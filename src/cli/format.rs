@@ -24,6 +24,24 @@ pub fn shown(text: &str, keep_newlines: bool) -> Cow<'_, str> {
 }
 
 /// 823.4 MiB with `decimals` 1, 823.42 MiB with 2; bytes below a KiB exactly (`512 B`).
+/// An error and its causes joined by ": ", as anyhow's `{:#}` joins them, but a cause whose text its parent's
+/// message already ends with is not repeated: many errors quote their source in their own message and also
+/// return it as `source()` (`cannot read it: Is a directory (os error 21)`), which `{:#}` would print twice.
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 pub fn human_bytes(n: u64, decimals: usize) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -65,6 +83,24 @@ pub fn type_counts(tallies: &[TypeTally]) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_error_quoting_its_source_prints_it_once() {
+        let io = std::io::Error::from_raw_os_error(21);
+        #[derive(Debug, thiserror::Error)]
+        #[error("config.json: cannot read it: {source}")]
+        struct ReadError {
+            source: std::io::Error,
+        }
+        let e = anyhow::Error::new(ReadError { source: io }).context("quantize snap failed");
+        assert_eq!(
+            error_chain(&e),
+            "quantize snap failed: config.json: cannot read it: Is a directory (os error 21)"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&plain), "outer: inner");
+    }
+
     use super::*;
 
     #[test]

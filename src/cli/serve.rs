@@ -81,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     // Listening starts before the model is opened (`/health` answers 503 meanwhile).
     serve(cfg, move || {
-        load(&path, &model_name, &args).map_err(|e| format!("{e:#}"))
+        load(&path, &model_name, &args).map_err(|e| super::format::error_chain(&e))
     })?;
     Ok(())
 }

@@ -35,16 +35,16 @@ const MAX_SNAPSHOT_TEXT_BYTES: u64 = 256 << 20;
 pub fn check_snapshot(dir: &Path) -> Result<(), SnapshotTextError> {
     let tokenizer_json = dir.join("tokenizer.json");
     if tokenizer_json.exists() {
-        let text = input::read_text(&tokenizer_json, MAX_SNAPSHOT_TEXT_BYTES, "a tokenizer file")?;
+        let text = input::read_text(&tokenizer_json, MAX_SNAPSHOT_TEXT_BYTES, "tokenizer file")?;
         tokenizer::Tokenizer::from_json_str_labelled(&text, tokenizer_json.display().to_string())?;
     }
     let jinja = dir.join("chat_template.jinja");
     let config = dir.join("tokenizer_config.json");
     if jinja.exists() {
-        let source = input::read_text(&jinja, MAX_SNAPSHOT_TEXT_BYTES, "a chat template")?;
+        let source = input::read_text(&jinja, MAX_SNAPSHOT_TEXT_BYTES, "chat template")?;
         chat_template::ChatTemplate::new(&source, &jinja.display().to_string())?;
     } else if config.exists() {
-        let text = input::read_text(&config, MAX_SNAPSHOT_TEXT_BYTES, "a tokenizer config")?;
+        let text = input::read_text(&config, MAX_SNAPSHOT_TEXT_BYTES, "tokenizer config")?;
         match chat_template::ChatTemplate::from_tokenizer_config(
             &text,
             &config.display().to_string(),
