@@ -1,0 +1,72 @@
+//! Every input committed under `fuzz/corpus/TARGET/` (the seeds and what fuzzing kept) and
+//! `fuzz/regressions/TARGET/` (each crash a fuzzer found, kept after its fix) through the same target body
+//! `cargo fuzz` runs (`fuzz/harness.rs`), so CI guards them on the stable toolchain. A target whose folders hold
+//! no input fails: an empty replay would pass without checking anything.
+
+mod support;
+
+#[path = "../fuzz/harness.rs"]
+mod harness;
+
+use std::path::{Path, PathBuf};
+
+/// The committed inputs of `target`, corpus and regressions.
+fn inputs(target: &str) -> Vec<PathBuf> {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut files: Vec<PathBuf> = ["corpus", "regressions"]
+        .iter()
+        .filter_map(|kind| std::fs::read_dir(fuzz.join(kind).join(target)).ok())
+        .flatten()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && p.file_name().is_some_and(|n| n != ".gitkeep"))
+        .collect();
+    files.sort();
+    assert!(
+        !files.is_empty(),
+        "fuzz/corpus/{target} and fuzz/regressions/{target} hold no input"
+    );
+    files
+}
+
+/// Runs `body` on every input of `target`, naming the input that fails.
+fn replay(target: &str, body: impl Fn(&[u8])) {
+    // Panics the runtime contains (a dependency's, turned into errors) stay quiet, as in the binary.
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(quarry::contain::quiet_hook);
+    for path in inputs(target) {
+        let data = std::fs::read(&path).unwrap();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&data)));
+        assert!(
+            outcome.is_ok(),
+            "fuzz target {target} fails on {}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn gguf_inputs_replay_cleanly() {
+    replay("gguf", harness::gguf);
+}
+
+#[test]
+fn convert_inputs_replay_cleanly() {
+    let scratch = support::temp_dir("fuzz-convert");
+    replay("convert", |data| harness::convert(data, &scratch));
+}
+
+#[test]
+fn chat_template_inputs_replay_cleanly() {
+    let shared = support::shared();
+    let template = shared.join("granite-3.0-1b-a400m-instruct/tokenizer_config.json");
+    if !template.exists() {
+        return support::skip::skipped("the chat-template fuzz inputs", &template);
+    }
+    let real = harness::RealTemplates::load(&shared);
+    replay("chat_template", |data| harness::chat_template(data, &real));
+}
+
+#[test]
+fn tool_reply_inputs_replay_cleanly() {
+    replay("tool_reply", harness::tool_reply);
+}
