@@ -282,6 +282,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         l.kv_blocks_used.load(Relaxed),
         l.kv_blocks_total.load(Relaxed),
     );
+    let cached = l.kv_blocks_cached.load(Relaxed);
     let generated = l.generated_tokens_total.load(Relaxed);
     let busy = l.busy_micros_total.load(Relaxed) as f64 / 1e6;
     let mut out = String::new();
@@ -352,6 +353,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         } else {
             0.0
         },
+    );
+    metric(
+        "kv_cache_blocks_in_use",
+        "gauge",
+        "KV pool blocks held by sequences alone (in use, less those the prefix cache holds): 0 when idle.",
+        used.saturating_sub(cached) as f64,
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -43,6 +43,8 @@ pub struct Load {
     /// Sequences holding a slot.
     pub running: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
+    /// Of the blocks in use, those the prefix cache holds (a running sequence may share them).
+    pub kv_blocks_cached: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
     /// Requests finished (whatever the reason), and their tokens.
     pub requests_total: AtomicU64,
@@ -110,6 +112,8 @@ fn serve_jobs(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, 
                 sched.total_blocks() - sched.free_blocks(),
                 Ordering::Relaxed,
             );
+            load.kv_blocks_cached
+                .store(sched.cached_blocks(), Ordering::Relaxed);
             // Wait for work when there is none; take whatever else has arrived without waiting.
             if sched.is_idle() {
                 match jobs.recv() {

@@ -1,0 +1,637 @@
+//! `quarry serve` under abuse, on loopback and within bounds: many idle and slow connections do not stall
+//! `/health` or grow the server's memory, malformed HTTP and hostile bodies get a 4xx (or a closed connection)
+//! and the server stays up, clients vanishing mid-stream free every slot, and SIGTERM lets running replies end
+//! well-formed and exits 0 (also while the model is still loading).
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{SHARED_MODEL, fixture_dir, gguf};
+
+/// The server's default request body limit (`max_body_bytes` in src/cli/serve.rs).
+const MAX_BODY_BYTES: usize = 8 << 20;
+
+struct Server {
+    child: Child,
+    base: String,
+    agent: ureq::Agent,
+}
+
+/// An HTTP client that reports 4xx and 5xx as responses, not errors.
+fn new_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn(model: &Path, port: u16, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .arg("serve")
+        .arg(model)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(extra)
+        .env_remove("QUARRY_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("quarry serve starts")
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let port = free_port();
+        let child = spawn(model, port, extra);
+        let mut server = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            agent: new_agent(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("quarry serve exited early: {status}");
+            }
+            if server.get("/health").0 == 200 {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("quarry serve did not become healthy in 60 s");
+    }
+
+    fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        match self.agent.get(format!("{}{path}", self.base)).call() {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
+                    .unwrap_or(Value::Null),
+            ),
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    fn post_bytes(&self, path: &str, body: &[u8]) -> (u16, Value) {
+        let mut r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json")
+            .send(body)
+            .expect("the server answers");
+        let text = r.body_mut().read_to_string().unwrap();
+        (
+            r.status().as_u16(),
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+        )
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_bytes(path, body.to_string().as_bytes())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn assert_healthy(&self, after: &str) {
+        assert_eq!(self.get("/health").0, 200, "/health after {after}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn model() -> Option<std::path::PathBuf> {
+    let dir = fixture_dir(SHARED_MODEL)?;
+    Some(gguf(SHARED_MODEL, &dir, "q8_0"))
+}
+
+fn chat(prompt: &str, max_tokens: usize) -> Value {
+    json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    })
+}
+
+/// A Prometheus value of `/metrics`.
+fn metric(srv: &Server, name: &str) -> f64 {
+    let mut r = srv
+        .agent
+        .get(format!("{}/metrics", srv.base))
+        .call()
+        .expect("metrics");
+    let text = r.body_mut().read_to_string().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("quarry_{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Polls `ok` every 20 ms for up to `limit`; how long it took.
+fn wait_for(srv: &Server, what: &str, limit: Duration, ok: impl Fn(&Server) -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !ok(srv) {
+        assert!(
+            t0.elapsed() < limit,
+            "waited {} s for {what}",
+            limit.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+/// Sends a streamed chat request over its own connection and leaves it open.
+fn open_stream(addr: &str, max_tokens: usize) -> TcpStream {
+    let mut body = chat("Hello", max_tokens);
+    body["stream"] = json!(true);
+    let body = body.to_string();
+    let mut sock = TcpStream::connect(addr).unwrap();
+    write!(
+        sock,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    sock
+}
+
+/// The server's resident set in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+/// This process's soft limit on open files (the server, its child, inherits the same).
+fn open_files_limit() -> usize {
+    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024)
+}
+
+/// One `GET /health` over a fresh connection: its status and how long the reply took.
+fn timed_health(addr: &str) -> (u16, Duration) {
+    let t0 = Instant::now();
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    sock.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = sock.read_to_end(&mut reply);
+    (status_of(&reply).unwrap_or(0), t0.elapsed())
+}
+
+/// The status code of a raw HTTP/1.1 reply, if it has one.
+fn status_of(reply: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(reply.get(..12)?).ok()?;
+    text.strip_prefix("HTTP/1.1 ")?.trim().parse().ok()
+}
+
+#[test]
+fn idle_and_slow_clients_do_not_block_health() {
+    let Some(model) = model() else { return };
+    let srv = Server::start(&model, &["--parallel", "1", "--ctx-size", "256"]);
+    let rss_before = rss_kib(srv.pid());
+
+    // Up to 1,000 idle connections, within the open-files limit both processes share (each end holds one
+    // descriptor per connection). std cannot raise RLIMIT_NOFILE without a libc dependency, so with a small
+    // soft limit (1,024 is common) this holds fewer, leaving 200 descriptors for everything else; at least 500
+    // must fit for the test to mean anything.
+    let limit = open_files_limit();
+    let idle_count = 1000.min(limit.saturating_sub(200));
+    assert!(
+        idle_count >= 500,
+        "the open-files limit {limit} leaves room for only {idle_count} idle connections; raise `ulimit -n`"
+    );
+    let idle: Vec<TcpStream> = (0..idle_count)
+        .map(|i| {
+            TcpStream::connect(srv.addr())
+                .unwrap_or_else(|e| panic!("idle connection {i} of {idle_count}: {e}"))
+        })
+        .collect();
+
+    // 20 slow clients, each sending a request's header one byte every 200 ms (a slowloris): 25 bytes
+    // in 5 s, never reaching the blank line that ends the header.
+    let slow_header: Vec<u8> = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: "
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(b'a', 4096))
+        .collect();
+    let mut slow: Vec<Option<TcpStream>> = (0..20)
+        .map(|_| Some(TcpStream::connect(srv.addr()).unwrap()))
+        .collect();
+    let t0 = Instant::now();
+    let mut latencies = Vec::new();
+    let mut sent = 0;
+    let mut peak_rss = rss_before;
+    while t0.elapsed() < Duration::from_millis(5200) {
+        for s in &mut slow {
+            // A server that times slow headers out closes the connection: that client is done.
+            if let Some(sock) = s
+                && sock.write_all(&slow_header[sent..sent + 1]).is_err()
+            {
+                *s = None;
+            }
+        }
+        sent += 1;
+        if sent % 3 == 0 {
+            let (status, took) = timed_health(srv.addr());
+            assert_eq!(status, 200, "/health under load");
+            latencies.push(took);
+        }
+        peak_rss = peak_rss.max(rss_kib(srv.pid()));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let worst = latencies.iter().max().unwrap();
+    eprintln!(
+        "{idle_count} idle + 20 slow connections: {} /health probes, worst {:?}; RSS {} -> {} MiB",
+        latencies.len(),
+        worst,
+        rss_before / 1024,
+        peak_rss / 1024
+    );
+    assert!(latencies.len() >= 5, "{latencies:?}");
+    assert!(
+        *worst < Duration::from_secs(1),
+        "/health took {worst:?} with {idle_count} idle and 20 slow connections: {latencies:?}"
+    );
+    assert!(
+        peak_rss.saturating_sub(rss_before) < 200 * 1024,
+        "the server's RSS grew from {rss_before} KiB to {peak_rss} KiB"
+    );
+    drop((idle, slow));
+    srv.assert_healthy("closing the idle and slow connections");
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 4));
+    assert_eq!(st, 200, "{v}");
+}
+
+/// How a raw exchange ended.
+#[derive(Debug)]
+enum Reply {
+    /// A reply with this status (and the whole reply's text).
+    Status(u16, String),
+    /// The server closed (or reset) the connection without a reply.
+    Closed,
+}
+
+/// Sends `request` over a fresh connection (write errors ignored: the server may close early), optionally shuts
+/// the writing half, and reads until the server closes. A server that neither answers nor closes in 20 s fails.
+fn raw(addr: &str, request: &[u8], shutdown_write: bool) -> Reply {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let _ = sock.write_all(request);
+    if shutdown_write {
+        let _ = sock.shutdown(Shutdown::Write);
+    }
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!(
+                    "no reply and no close in 20 s (so far: {:?})",
+                    String::from_utf8_lossy(&reply)
+                )
+            }
+            // A reset after (or instead of) the reply.
+            Err(_) => break,
+        }
+    }
+    match status_of(&reply) {
+        Some(st) => Reply::Status(st, String::from_utf8_lossy(&reply).into_owned()),
+        None => Reply::Closed,
+    }
+}
+
+/// The JSON body of a raw reply.
+fn body_json(reply: &str) -> Value {
+    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+fn assert_error_object(what: &str, v: &Value) {
+    assert!(
+        v["error"]["message"].is_string(),
+        "{what}: not an OpenAI error object: {v}"
+    );
+}
+
+#[test]
+fn malformed_http_and_hostile_bodies_get_4xx_and_the_server_stays_up() {
+    let Some(model) = model() else { return };
+    let srv = Server::start(&model, &["--parallel", "1", "--ctx-size", "256"]);
+    let addr = srv.addr().to_string();
+
+    // Unparseable or oversized HTTP: a 4xx, or the connection closed.
+    let long_line = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Long: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let many_headers = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        (0..10_000)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect::<String>()
+    );
+    let bad_chunk = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                     Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nZZZ\r\n{\"a\":1}\r\n0\r\n\r\n";
+    let short_body = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                      Content-Length: 1000\r\nConnection: close\r\n\r\n{\"messages\": [";
+    let cases: [(&str, &[u8], bool); 5] = [
+        (
+            "a garbage request line",
+            b"\x01\x02GARBAGE /\xff HTTP/9.9 what\r\n\r\n",
+            false,
+        ),
+        ("a 1 MB header line", long_line.as_bytes(), false),
+        ("10,000 headers", many_headers.as_bytes(), false),
+        ("an invalid chunk size", bad_chunk.as_bytes(), false),
+        (
+            "a Content-Length beyond the body",
+            short_body.as_bytes(),
+            true,
+        ),
+    ];
+    for (what, request, shutdown) in cases {
+        match raw(&addr, request, shutdown) {
+            Reply::Status(st, reply) => {
+                assert!((400..500).contains(&st), "{what}: {st}: {reply}")
+            }
+            Reply::Closed => {}
+        }
+        srv.assert_healthy(what);
+    }
+
+    // Hostile JSON bodies: a 4xx with an OpenAI error object.
+    let nested = "[".repeat(100_000);
+    let bodies: [(&str, &[u8]); 2] = [
+        (
+            "invalid UTF-8",
+            b"{\"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\xc0\"}]}",
+        ),
+        ("100,000 nested [", nested.as_bytes()),
+    ];
+    for (what, body) in bodies {
+        let (st, v) = srv.post_bytes("/v1/chat/completions", body);
+        assert!((400..500).contains(&st), "{what}: {st}: {v}");
+        assert_error_object(what, &v);
+        srv.assert_healthy(what);
+    }
+    // A body over the limit (sent raw: the server may answer before reading it all, and close).
+    let body = format!(
+        "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}",
+        "a".repeat(MAX_BODY_BYTES + (64 << 10))
+    );
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    match raw(&addr, request.as_bytes(), false) {
+        Reply::Status(st, reply) => {
+            assert_eq!(st, 413, "a body over the limit: {reply}");
+            assert_error_object("a body over the limit", &body_json(&reply));
+        }
+        Reply::Closed => panic!("a body over the limit: closed without a 413"),
+    }
+    srv.assert_healthy("a body over the limit");
+    // And the same limit on a chunked body, whose length is not announced.
+    let mut request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    let chunk = vec![b' '; 1 << 20];
+    for _ in 0..(MAX_BODY_BYTES >> 20) + 1 {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(&chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    match raw(&addr, &request, false) {
+        Reply::Status(st, reply) => {
+            assert_eq!(st, 413, "a chunked body over the limit: {reply}");
+            assert_error_object("a chunked body over the limit", &body_json(&reply));
+        }
+        Reply::Closed => panic!("a chunked body over the limit: closed without a 413"),
+    }
+    srv.assert_healthy("a chunked body over the limit");
+
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 4));
+    assert_eq!(st, 200, "{v}");
+}
+
+/// xorshift64: deterministic pseudo-random numbers without a dependency.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn clients_vanishing_mid_stream_free_every_slot() {
+    let Some(model) = model() else { return };
+    let srv = Server::start(&model, &["--parallel", "4", "--ctx-size", "512"]);
+    const REQUESTS: usize = 100;
+    const THREADS: usize = 4;
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    // How many bytes each client reads before it vanishes: 0 (gone before the reply's header) up to about
+    // 40 tokens' worth of events (a reply of 200 tokens is several times longer).
+    let cut: Vec<usize> = (0..REQUESTS)
+        .map(|_| (rng.next() % 8000) as usize)
+        .collect();
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (addr, cut) = (srv.addr(), &cut);
+            s.spawn(move || {
+                for &n in cut.iter().skip(t).step_by(THREADS) {
+                    let mut sock = open_stream(addr, 200);
+                    let mut buf = vec![0u8; n];
+                    let mut read = 0;
+                    while read < n {
+                        match sock.read(&mut buf[read..]) {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => read += k,
+                        }
+                    }
+                    drop(sock);
+                }
+            });
+        }
+    });
+    let vanished = t0.elapsed();
+    let freed = wait_for(
+        &srv,
+        "every vanished client's sequence to stop and free its blocks",
+        Duration::from_secs(30),
+        |s| {
+            metric(s, "requests_processing") + metric(s, "requests_deferred") == 0.0
+                && metric(s, "kv_cache_blocks_in_use") == 0.0
+        },
+    );
+    eprintln!(
+        "{REQUESTS} streams cut after 0..8000 bytes in {vanished:?}; every slot free {freed:?} after the last"
+    );
+    assert_eq!(metric(&srv, "requests_total"), REQUESTS as f64);
+    assert!(
+        metric(&srv, "tokens_predicted_total") < (REQUESTS * 200) as f64,
+        "every vanished stream ran to its end"
+    );
+    srv.assert_healthy("the vanished clients");
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 4));
+    assert_eq!(st, 200, "{v}");
+}
+
+/// A streamed chat reply read to its end: its status and `data:` payloads.
+fn stream(agent: &ureq::Agent, base: &str, body: &Value) -> (u16, Vec<String>) {
+    let mut r = agent
+        .post(format!("{base}/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .expect("the server answers");
+    let status = r.status().as_u16();
+    let reader = BufReader::new(r.body_mut().as_reader());
+    let events = reader
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect();
+    (status, events)
+}
+
+fn sigterm(pid: u32) {
+    let st = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(st.success(), "kill -TERM {pid}: {st}");
+}
+
+/// Waits until `limit` after `t0` for `child` to exit: its status and how long after `t0` it exited.
+fn wait_exit(
+    child: &mut Child,
+    t0: Instant,
+    limit: Duration,
+) -> (std::process::ExitStatus, Duration) {
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return (st, t0.elapsed());
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "the server did not exit within {limit:?} of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_lets_running_replies_end_and_exits_zero() {
+    let Some(model) = model() else { return };
+
+    // SIGTERM while the model loads (right after spawn): a clean exit.
+    let port = free_port();
+    let mut loading = spawn(&model, port, &["--parallel", "1", "--ctx-size", "256"]);
+    std::thread::sleep(Duration::from_millis(50));
+    sigterm(loading.id());
+    let (st, took) = wait_exit(&mut loading, Instant::now(), Duration::from_secs(10));
+    assert!(st.success(), "SIGTERM while loading: {st}");
+    eprintln!("SIGTERM while loading: exit 0 after {took:?}");
+
+    // SIGTERM with three streamed replies running: they end well-formed, nothing new is served, exit 0.
+    let mut srv = Server::start(&model, &["--parallel", "4", "--ctx-size", "512"]);
+    let mut body = chat("Hello", 120);
+    body["stream"] = json!(true);
+    let replies: Vec<_> = (0..3)
+        .map(|_| {
+            let (agent, base, body) = (new_agent(), srv.base.clone(), body.clone());
+            std::thread::spawn(move || stream(&agent, &base, &body))
+        })
+        .collect();
+    wait_for(&srv, "three replies to run", Duration::from_secs(30), |s| {
+        metric(s, "requests_processing") == 3.0
+    });
+    // Every reply has produced some tokens but none has finished.
+    assert_eq!(metric(&srv, "requests_total"), 0.0, "a reply ended early");
+    sigterm(srv.pid());
+    let signalled = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    // New connections: refused, or answered 503.
+    match TcpStream::connect(srv.addr()) {
+        Err(_) => {}
+        Ok(mut sock) => {
+            sock.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let _ = sock.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut reply = Vec::new();
+            let _ = sock.read_to_end(&mut reply);
+            let st = status_of(&reply);
+            assert!(
+                st.is_none() || st == Some(503),
+                "a new request after SIGTERM: {}",
+                String::from_utf8_lossy(&reply)
+            );
+        }
+    }
+    for reply in replies {
+        let (st, events) = reply.join().unwrap();
+        assert_eq!(st, 200);
+        let last = events.last().expect("some events");
+        let finished = events.iter().any(|e| {
+            serde_json::from_str::<Value>(e)
+                .is_ok_and(|c| c["choices"][0]["finish_reason"].is_string())
+        });
+        assert!(
+            last == "[DONE]" || finished,
+            "a reply cut by SIGTERM: {} events, the last {last}",
+            events.len()
+        );
+    }
+    let (st, took) = wait_exit(&mut srv.child, signalled, Duration::from_secs(30));
+    assert!(st.success(), "exit after SIGTERM: {st}");
+    eprintln!("SIGTERM with 3 running replies: exit 0 after {took:?}");
+}
