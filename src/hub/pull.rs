@@ -7,6 +7,12 @@
 //! checksum are right; an interrupted transfer continues from the partial file, in the same run (a few retries)
 //! or the next one.
 //!
+//! A killed pull (a signal, a power cut) leaves its download folder (`downloads/ORG--REPO@REV/`, with finished
+//! files and at most one `*.partial`) on purpose: `list` never looks there, and the next pull of the same repo
+//! and revision takes the download lock, rechecks the finished files, resumes the partial one from its length and,
+//! once the model is installed, deletes the whole folder. What a kill during the conversion leaves in `staging/`
+//! is removed by that next install (see [`store`](super::store)).
+//!
 //! What a file is checked against, first found wins: the registry's sha256 (models.toml), the sha256 the Hub's
 //! model API lists for LFS files, the Hub's `X-Linked-Etag` / `ETag` header (the sha256 of an LFS file, or the
 //! git blob sha1 of a small file), and always the expected size when one is known.
@@ -67,6 +73,8 @@ pub enum PullError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::text::SnapshotTextError),
     #[error(transparent)]
     Convert(#[from] ConvertError),
 }
@@ -334,6 +342,7 @@ pub fn pull(
     let source_desc = format!("{repo} on {}", hub.endpoint());
     require_files(files.iter().map(|f| f.name.as_str()), &source_desc)?;
 
+    store.check_writable(&name)?;
     let dir = store.download_dir(&repo.repo, &repo.revision);
     let _lock = store.lock(&format!("download {repo}"))?;
     store.create_dir(&dir)?;
@@ -481,7 +490,11 @@ pub struct ImportRequest {
     pub progress_bars: bool,
 }
 
-/// Converts and installs a snapshot folder already on this machine, recording each file's sha256.
+/// Converts and installs a snapshot folder already on this machine, recording each file's sha256. Before any of
+/// that, the folder's text files are checked as the runtime will load them ([`check_snapshot`]) and the store is
+/// checked to be writable, so neither problem shows only after a long conversion.
+///
+/// [`check_snapshot`]: crate::text::check_snapshot
 pub fn import(
     store: &Store,
     registry: &Registry,
@@ -499,6 +512,7 @@ pub fn import(
     names.sort();
     require_files(names.iter().map(String::as_str), &dir.display().to_string())?;
     HfConfig::load(dir)?;
+    crate::text::check_snapshot(dir)?;
     let folder_name = dir
         .canonicalize()
         .ok()
@@ -506,6 +520,7 @@ pub fn import(
         .unwrap_or_else(|| "model".to_string());
     let name = request.name.clone().unwrap_or(folder_name);
     validate_name(&name)?;
+    store.check_writable(&name)?;
     let target = match (request.target, registry.find(&name)) {
         (Some(t), _) => t,
         (None, Some(m)) => m.default_type.parse().unwrap_or(TargetType::Q4_0),

@@ -8,11 +8,19 @@
 //! models/NAME/manifest.json    what it is and where it came from (Manifest)
 //! downloads/ORG--REPO@REV/     files being downloaded by `pull` (kept after an interruption so the next pull resumes)
 //! staging/                     conversions in progress; renamed into models/ only when complete
+//! locks/                       one file per download or model being worked on, while it is (see Store::lock)
 //! history.txt                  the chat's input history
 //! ```
 //!
 //! A model appears in `models/` by one directory rename, after its GGUF and manifest are complete and synced, so a
 //! crash or a full disk never leaves a half-written model where `list`, `run` or `chat` would find it.
+//!
+//! What a killed process leaves, and who removes it: a conversion's `staging/NAME.PID.N` folder, a replaced
+//! model's `staging/.old.NAME.N` and a removal's `staging/.rm.NAME.N` are cleaned by the next install or removal
+//! of the same NAME, which holds that name's lock and so knows no live process owns them (an `.old` folder whose
+//! model is missing from `models/` is put back first); lock files are removed by whoever next takes the lock;
+//! `downloads/` keeps its `*.partial` files on purpose, out of `list`'s sight, and the next `pull` of the same
+//! repo and revision resumes them (see [`pull`](super::pull)). Anything else in `staging/` goes after six hours.
 
 use std::fs;
 use std::io::{self, Write};
@@ -62,6 +70,11 @@ pub enum StoreError {
         lock.display()
     )]
     Busy { what: String, lock: PathBuf },
+    #[error(
+        "{}: the model store cannot be written here (set {HOME_ENV} to a writable folder): {source}",
+        root.display()
+    )]
+    NotWritable { root: PathBuf, source: io::Error },
     #[error(transparent)]
     Convert(#[from] ConvertError),
 }
@@ -232,6 +245,25 @@ impl Store {
         self.root.join("staging")
     }
 
+    /// Checks that the model `name` can be installed here, before any long work: creates the store's staging
+    /// folder and a probe file in it (`.probe.NAME.N`, which an install of `name` cleans up if a kill left it), and
+    /// removes the probe.
+    pub fn check_writable(&self, name: &str) -> Result<(), StoreError> {
+        let not_writable = |source| StoreError::NotWritable {
+            root: self.root.clone(),
+            source,
+        };
+        let staging = self.staging_dir();
+        fs::create_dir_all(&staging).map_err(not_writable)?;
+        let probe = staging.join(format!(".probe.{name}.{}", unique_suffix()));
+        fs::File::create(&probe).map_err(not_writable)?;
+        match fs::remove_file(&probe) {
+            // An install of the same name cleaned it up already.
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(not_writable(e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Creates a folder (and the store's own folders above it).
     pub fn create_dir(&self, dir: &Path) -> Result<(), StoreError> {
         fs::create_dir_all(dir).map_err(StoreError::io(dir, "create the folder"))
@@ -313,6 +345,7 @@ impl Store {
         let staging_root = self.staging_dir();
         self.create_dir(&staging_root)?;
         self.create_dir(&self.models_dir())?;
+        self.clean_after_killed(&staging_root, &request.name);
         remove_stale(&staging_root);
         let staging = TempDir::new(staging_root.join(format!(
             "{}.{}.{}",
@@ -392,17 +425,57 @@ impl Store {
             }
             Err(e) => return Err(e),
         };
+        let folder = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let _lock = self.lock(&format!("model {folder}"))?;
         let staging_root = self.staging_dir();
         self.create_dir(&staging_root)?;
-        let trash = staging_root.join(format!(".rm.{}", unique_suffix()));
+        self.clean_after_killed(&staging_root, &folder);
+        let trash = staging_root.join(format!(".rm.{folder}.{}", unique_suffix()));
         fs::rename(&dir, &trash).map_err(StoreError::io(&dir, "remove"))?;
         fs::remove_dir_all(&trash).map_err(StoreError::io(&trash, "delete"))?;
         Ok(dir)
     }
 
+    /// Removes what a killed install or removal of `name` left in `staging_root`: its conversion folders
+    /// (`NAME.PID.N`), trash (`.rm.NAME.N`), write probes (`.probe.NAME.N`) and a replaced model moved aside (`.old.NAME.N`), which goes back to
+    /// `models/NAME` if the kill came before the new model was put there. The caller holds `name`'s lock, so no
+    /// live process owns any of them.
+    fn clean_after_killed(&self, staging_root: &Path, name: &str) {
+        let Ok(entries) = fs::read_dir(staging_root) else {
+            return;
+        };
+        let target = self.models_dir().join(name);
+        for e in entries.flatten() {
+            let Some(file_name) = e.file_name().to_str().map(String::from) else {
+                continue;
+            };
+            let path = e.path();
+            if let Some(rest) = file_name.strip_prefix(".old.")
+                && strip_numbers(rest, 1) == Some(name)
+            {
+                if !target.exists() && fs::rename(&path, &target).is_ok() {
+                    continue;
+                }
+                let _ = fs::remove_dir_all(&path);
+            } else if [".rm.", ".probe."].iter().any(|prefix| {
+                file_name
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| strip_numbers(rest, 1) == Some(name))
+            }) || strip_numbers(&file_name, 2) == Some(name)
+            {
+                remove_any(&path);
+            }
+        }
+    }
+
     /// An exclusive lock on `what` (a download or an install) held until the guard is dropped; the OS releases it
-    /// if the process dies, so a crash leaves no stale lock.
-    pub fn lock(&self, what: &str) -> Result<fs::File, StoreError> {
+    /// if the process dies, so a crash leaves no stale lock. The guard deletes the lock file while still holding
+    /// it; the file a killed process left is taken over by the next one and deleted in turn.
+    pub fn lock(&self, what: &str) -> Result<StoreLock, StoreError> {
         let dir = self.root.join("locks");
         self.create_dir(&dir)?;
         let file_name: String = what
@@ -410,21 +483,74 @@ impl Store {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
         let path = dir.join(file_name);
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(StoreError::io(&path, "create the lock file"))?;
-        match file.try_lock() {
-            Ok(()) => Ok(file),
-            Err(fs::TryLockError::WouldBlock) => Err(StoreError::Busy {
-                what: what.to_string(),
-                lock: path,
-            }),
-            Err(fs::TryLockError::Error(e)) => Err(StoreError::io(&path, "lock")(e)),
+        loop {
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(StoreError::io(&path, "create the lock file"))?;
+            match file.try_lock() {
+                // The holder that just released it may have deleted the file after this one opened it: then this
+                // lock guards nothing, and the path is opened again.
+                Ok(()) if !same_file(&file, &path) => continue,
+                Ok(()) => return Ok(StoreLock { file, path }),
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Busy {
+                        what: what.to_string(),
+                        lock: path,
+                    });
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(StoreError::io(&path, "lock")(e)),
+            }
         }
     }
+}
+
+/// A lock taken by [`Store::lock`]; its file is deleted when the guard is dropped.
+#[derive(Debug)]
+pub struct StoreLock {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        // Deleted while held, then released by closing: a process waiting on the old file sees that the path no
+        // longer names it (`same_file`) and starts over.
+        if cfg!(unix) {
+            let _ = fs::remove_file(&self.path);
+        }
+        let _ = self.file.unlock();
+    }
+}
+
+/// Whether `path` still names the open `file`.
+#[cfg(unix)]
+fn same_file(file: &fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_file: &fs::File, _path: &Path) -> bool {
+    true
+}
+
+/// `text` without its last `n` dot-separated all-digit parts (`name.123.456` with 2: `name`), if it has them.
+fn strip_numbers(text: &str, n: usize) -> Option<&str> {
+    let mut rest = text;
+    for _ in 0..n {
+        let (head, tail) = rest.rsplit_once('.')?;
+        if tail.is_empty() || !tail.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        rest = head;
+    }
+    Some(rest)
 }
 
 /// Model names are folder names: letters, digits, `.`, `-`, `_`, not starting with a dot.
@@ -553,8 +679,17 @@ fn remove_stale(dir: &Path) {
             .ok()
             .and_then(|t| t.elapsed().ok());
         if age.is_some_and(|a| a > STALE_STAGING) {
-            let _ = fs::remove_dir_all(e.path());
+            remove_any(&e.path());
         }
+    }
+}
+
+/// Removes a folder with its contents, or a file.
+fn remove_any(path: &Path) {
+    if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        let _ = fs::remove_dir_all(path);
+    } else {
+        let _ = fs::remove_file(path);
     }
 }
 
@@ -587,6 +722,15 @@ mod tests {
         for bad in ["", ".hidden", "a/b", "a b", "../x", "ü"] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn leftover_names() {
+        assert_eq!(strip_numbers("a.b.12.34", 2), Some("a.b"));
+        assert_eq!(strip_numbers("a.b.12.34", 1), Some("a.b.12"));
+        assert_eq!(strip_numbers("a.b.12", 2), None);
+        assert_eq!(strip_numbers("a.x1.2", 2), None);
+        assert_eq!(strip_numbers("a..2", 2), None);
     }
 
     #[test]
