@@ -337,3 +337,65 @@ fn list_shows_the_registry_and_where_the_store_is() {
     assert!(json["registry"][0]["installed"].is_null());
     assert_eq!(json["installed"].as_array().unwrap().len(), 0);
 }
+
+/// A store folder that cannot be written (even by root: the path, or its parent, is a regular file) is refused
+/// before any checksumming or conversion, naming the folder.
+#[test]
+fn import_into_a_store_that_cannot_be_written_fails_before_converting() {
+    let dir = fixture_dir("granitemoe-dev-2").unwrap();
+    let base = temp_dir("store-unwritable");
+    let file = base.join("not-a-folder");
+    std::fs::write(&file, b"x").unwrap();
+    for home in [file.clone(), file.join("store")] {
+        let err = fails(
+            quarry(&home, &["import", dir.to_str().unwrap(), "--name", "m"]),
+            &[home.to_str().unwrap(), "cannot be written", "QUARRY_HOME"],
+        );
+        assert!(
+            !err.contains("checksumming") && !err.contains("converting"),
+            "the check comes first: {err}"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+}
+
+/// A folder whose chat template does not compile is refused before conversion, naming the file; nothing is
+/// installed.
+#[test]
+fn import_refuses_a_folder_whose_chat_template_does_not_compile() {
+    let fixture = fixture_dir("granitemoe-dev-2").unwrap();
+    let dir = temp_dir("store-bad-template").join("snapshot");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&fixture).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    let jinja = dir.join("chat_template.jinja");
+    std::fs::write(&jinja, "{% for m in messages %}{{ m.content }").unwrap();
+    let home = temp_dir("store-bad-template-home");
+    let err = fails(
+        quarry(&home, &["import", dir.to_str().unwrap(), "--name", "zebra"]),
+        &[jinja.to_str().unwrap()],
+    );
+    assert!(!err.contains("converting"), "{err}");
+    assert!(
+        !home.join("models").exists()
+            || std::fs::read_dir(home.join("models"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "something was installed"
+    );
+    assert!(!home.join("models/zebra").exists());
+    let list = ok(quarry(&home, &["list"]));
+    assert!(!list.contains("zebra"), "{list}");
+
+    // The same folder with a template that compiles imports.
+    std::fs::write(&jinja, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+    ok(quarry(
+        &home,
+        &["import", dir.to_str().unwrap(), "--name", "zebra"],
+    ));
+    ok(quarry(&home, &["info", "zebra"]));
+}
