@@ -398,9 +398,10 @@ fn malformed_http_and_hostile_bodies_get_4xx_and_the_server_stays_up() {
     for (what, request, shutdown) in cases {
         match raw(&addr, request, shutdown) {
             Reply::Status(st, reply) => {
-                assert!((400..500).contains(&st), "{what}: {st}: {reply}")
+                assert!((400..500).contains(&st), "{what}: {st}: {reply}");
+                eprintln!("{what}: {st}");
             }
-            Reply::Closed => {}
+            Reply::Closed => eprintln!("{what}: closed"),
         }
         srv.assert_healthy(what);
     }
@@ -514,7 +515,10 @@ fn clients_vanishing_mid_stream_free_every_slot() {
         },
     );
     eprintln!(
-        "{REQUESTS} streams cut after 0..8000 bytes in {vanished:?}; every slot free {freed:?} after the last"
+        "{REQUESTS} streams cut after 0..8000 bytes in {vanished:?}; every slot free {freed:?} after the last \
+         ({} tokens generated; KV usage ratio with the prefix cache {})",
+        metric(&srv, "tokens_predicted_total"),
+        metric(&srv, "kv_cache_usage_ratio")
     );
     assert_eq!(metric(&srv, "requests_total"), REQUESTS as f64);
     assert!(
@@ -573,18 +577,45 @@ fn wait_exit(
 fn sigterm_lets_running_replies_end_and_exits_zero() {
     let Some(model) = model() else { return };
 
-    // SIGTERM while the model loads (right after spawn): a clean exit.
+    // SIGTERM while the model loads: a clean exit. Sent as soon as `/health` answers 503 (listening, loading),
+    // probed every 2 ms from the spawn on: the fixture takes 50-100 ms to load. (A SIGTERM in the first few
+    // milliseconds, before the runtime has installed its handler, kills the process the default way: exit status
+    // 143 from a shell, not 0.)
     let port = free_port();
     let mut loading = spawn(&model, port, &["--parallel", "1", "--ctx-size", "256"]);
-    std::thread::sleep(Duration::from_millis(50));
+    let addr = format!("127.0.0.1:{port}");
+    let spawned = Instant::now();
+    loop {
+        assert!(
+            loading.try_wait().unwrap().is_none(),
+            "quarry serve exited before SIGTERM"
+        );
+        assert!(
+            spawned.elapsed() < Duration::from_secs(10),
+            "/health never answered"
+        );
+        if TcpStream::connect(&addr).is_ok() {
+            match timed_health(&addr).0 {
+                503 => break,
+                200 => {
+                    panic!("the model had loaded before a /health probe every 2 ms saw it loading")
+                }
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    eprintln!("/health said loading {:?} after spawn", spawned.elapsed());
     sigterm(loading.id());
     let (st, took) = wait_exit(&mut loading, Instant::now(), Duration::from_secs(10));
     assert!(st.success(), "SIGTERM while loading: {st}");
     eprintln!("SIGTERM while loading: exit 0 after {took:?}");
 
     // SIGTERM with three streamed replies running: they end well-formed, nothing new is served, exit 0.
-    let mut srv = Server::start(&model, &["--parallel", "4", "--ctx-size", "512"]);
-    let mut body = chat("Hello", 120);
+    let mut srv = Server::start(&model, &["--parallel", "4", "--ctx-size", "4096"]);
+    // The random-weight model writes thousands of tokens without an end-of-text token: replies of 3,000 tokens
+    // take seconds, well within the 30 s grace.
+    let mut body = chat("Hello", 3000);
     body["stream"] = json!(true);
     let replies: Vec<_> = (0..3)
         .map(|_| {
@@ -595,12 +626,17 @@ fn sigterm_lets_running_replies_end_and_exits_zero() {
     wait_for(&srv, "three replies to run", Duration::from_secs(30), |s| {
         metric(s, "requests_processing") == 3.0
     });
-    // Every reply has produced some tokens but none has finished.
+    // None has finished yet.
     assert_eq!(metric(&srv, "requests_total"), 0.0, "a reply ended early");
+    let before = metric(&srv, "tokens_predicted_total");
     sigterm(srv.pid());
     let signalled = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
-    // New connections: refused, or answered 503.
+    // New connections, while the replies still run: refused, or answered 503.
+    assert!(
+        srv.child.try_wait().unwrap().is_none(),
+        "the server exited 300 ms after SIGTERM, before its replies could have ended"
+    );
     match TcpStream::connect(srv.addr()) {
         Err(_) => {}
         Ok(mut sock) => {
@@ -620,6 +656,10 @@ fn sigterm_lets_running_replies_end_and_exits_zero() {
     for reply in replies {
         let (st, events) = reply.join().unwrap();
         assert_eq!(st, 200);
+        eprintln!(
+            "a reply running at SIGTERM ({before} tokens generated then): {} events",
+            events.len()
+        );
         let last = events.last().expect("some events");
         let finished = events.iter().any(|e| {
             serde_json::from_str::<Value>(e)
