@@ -675,3 +675,170 @@ fn sigterm_lets_running_replies_end_and_exits_zero() {
     assert!(st.success(), "exit after SIGTERM: {st}");
     eprintln!("SIGTERM with 3 running replies: exit 0 after {took:?}");
 }
+
+/// Whether the server has closed `sock` (a read gives end of file or a reset) within `limit`.
+fn closed_by_server(sock: &mut TcpStream, limit: Duration) -> bool {
+    sock.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => return true,
+            // A reply (a 408 or 400, say) before the close: read on to the close.
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn a_late_header_closes_the_connection_but_a_slow_body_or_an_idle_kept_alive_one_does_not() {
+    let Some(model) = model() else { return };
+    // A 2 s header deadline (10 s by default) keeps the test short.
+    let srv = Server::start(
+        &model,
+        &[
+            "--parallel",
+            "1",
+            "--ctx-size",
+            "256",
+            "--header-timeout",
+            "2",
+        ],
+    );
+    let addr = srv.addr().to_string();
+    let t0 = Instant::now();
+    let mut idle: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    // A slowloris: a header a byte every 300 ms, never ending.
+    let slow = std::thread::spawn({
+        let addr = addr.clone();
+        move || {
+            let mut sock = TcpStream::connect(&addr).unwrap();
+            for b in
+                b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter()
+            {
+                if sock.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            closed_by_server(&mut sock, Duration::from_secs(1))
+        }
+    });
+    // A whole header at once, then its body over 4 s: the deadline is the header's alone.
+    let slow_body = std::thread::spawn({
+        let addr = addr.clone();
+        move || {
+            let body = chat("Hello", 4).to_string();
+            let mut sock = TcpStream::connect(&addr).unwrap();
+            write!(
+                sock,
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .unwrap();
+            let third = body.len() / 3;
+            for part in [&body[..third], &body[third..2 * third], &body[2 * third..]] {
+                std::thread::sleep(Duration::from_millis(1300));
+                sock.write_all(part.as_bytes()).unwrap();
+            }
+            sock.set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut reply = Vec::new();
+            let _ = sock.read_to_end(&mut reply);
+            String::from_utf8_lossy(&reply).into_owned()
+        }
+    });
+    // Meanwhile a prompt client on a kept-alive connection is served, and again after more than the deadline
+    // has passed idle since its last reply.
+    let mut keep = TcpStream::connect(&addr).unwrap();
+    keep.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let ask = |sock: &mut TcpStream| {
+        sock.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = sock.read(&mut buf).unwrap();
+        status_of(&buf[..n])
+    };
+    assert_eq!(ask(&mut keep), Some(200));
+
+    // Every idle connection is closed once the deadline has passed (none before it).
+    for (i, sock) in idle.iter_mut().enumerate() {
+        let left = Duration::from_secs(5).saturating_sub(t0.elapsed());
+        assert!(
+            closed_by_server(sock, left.max(Duration::from_millis(10))),
+            "idle connection {i} still open {:?} after connecting, with a 2 s header deadline",
+            t0.elapsed()
+        );
+    }
+    let idle_closed = t0.elapsed();
+    assert!(
+        idle_closed >= Duration::from_millis(1900),
+        "the idle connections were closed after only {idle_closed:?}"
+    );
+    assert!(
+        slow.join().unwrap(),
+        "the slowloris connection was never closed"
+    );
+    let reply = slow_body.join().unwrap();
+    assert_eq!(
+        status_of(reply.as_bytes()),
+        Some(200),
+        "a slow body: {reply}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ask(&mut keep),
+        Some(200),
+        "the kept-alive connection, later"
+    );
+    eprintln!(
+        "200 idle connections closed {idle_closed:?} after connecting (2 s deadline); a slowloris closed; a body sent over 3.9 s answered 200"
+    );
+
+    // HTTP/1.1 without Host, a known route with another method, and a Content-Length over the limit with a
+    // few bytes of body (answered at once, not after waiting for the rest): 4xx with an error object.
+    let t = Instant::now();
+    let cases: [(&str, String, u16); 3] = [
+        (
+            "no Host",
+            "GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "DELETE /v1/chat/completions",
+            "DELETE /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
+            405,
+        ),
+        (
+            "a 100 GB Content-Length",
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000000\r\nConnection: close\r\n\r\n{\"mess".into(),
+            413,
+        ),
+    ];
+    for (what, request, want) in cases {
+        match raw(&addr, request.as_bytes(), false) {
+            Reply::Status(st, reply) => {
+                assert_eq!(st, want, "{what}: {reply}");
+                assert_error_object(what, &body_json(&reply));
+            }
+            Reply::Closed => panic!("{what}: closed without a reply"),
+        }
+        srv.assert_healthy(what);
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the three refusals took {:?}",
+        t.elapsed()
+    );
+}

@@ -7,7 +7,7 @@ use anyhow::bail;
 use quarry::engine::Engine;
 use quarry::engine::scheduler::SchedulerConfig;
 use quarry::hub::registry::Registry;
-use quarry::server::{Loaded, ServeConfig, serve};
+use quarry::server::{ConnectionLimits, Loaded, ServeConfig, serve_with};
 
 /// Serve a model over HTTP with the OpenAI and ollama APIs (/v1/chat/completions, /v1/completions, /api/chat,
 /// ...): several requests decoded together; greedy replies equal `quarry run` on the same messages.
@@ -51,6 +51,17 @@ pub struct Args {
         hide_env_values = true
     )]
     pub api_key: Option<String>,
+    /// Seconds a client may take to send a request's header (from connecting, for its first request); its
+    /// connection is closed beyond, so idle and slow clients cannot hold connections for ever.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_seconds)]
+    pub header_timeout: f64,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a number of seconds in (0, 86400]")),
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -80,7 +91,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(30),
     };
     // Listening starts before the model is opened (`/health` answers 503 meanwhile).
-    serve(cfg, move || {
+    let limits = ConnectionLimits {
+        header_timeout: Duration::from_secs_f64(args.header_timeout),
+    };
+    serve_with(cfg, limits, move || {
         load(&path, &model_name, &args).map_err(|e| super::format::error_chain(&e))
     })?;
     Ok(())

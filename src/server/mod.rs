@@ -5,6 +5,7 @@
 //! turns each request's tokens into text as they arrive ([`openai`]). Errors always have OpenAI's shape,
 //! `{"error": {"message", "type", "code"}}`, with a 4xx status for the client's mistakes.
 
+mod conn;
 mod generation;
 mod ollama;
 mod openai;
@@ -57,6 +58,24 @@ pub enum ServeError {
     Load(Box<dyn std::error::Error + Send + Sync>),
     #[error("the server failed: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Limits on each connection, below HTTP (a separate struct from [`ServeConfig`] so that adding one does not
+/// change how a `ServeConfig` is built).
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// How long a client may take to send a request's header, from its first byte (from connecting, for the
+    /// first request); the connection is closed beyond. Without it, idle and slow-header clients could hold
+    /// connections, and file descriptors, for ever.
+    pub header_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> ConnectionLimits {
+        ConnectionLimits {
+            header_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// What [`serve`]'s loader hands over once the model is ready.
@@ -149,12 +168,25 @@ where
     L: FnOnce() -> Result<Loaded, E> + Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
+    serve_with(cfg, ConnectionLimits::default(), load)
+}
+
+/// [`serve`] with `limits` on each connection.
+pub fn serve_with<L, E>(
+    cfg: ServeConfig,
+    limits: ConnectionLimits,
+    load: L,
+) -> Result<(), ServeError>
+where
+    L: FnOnce() -> Result<Loaded, E> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("quarry-http")
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let addr = format!("{}:{}", cfg.host, cfg.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -163,9 +195,13 @@ where
                 source,
             })?;
         let local: SocketAddr = listener.local_addr()?;
+        let listener = conn::HeaderDeadlineListener {
+            inner: listener,
+            timeout: limits.header_timeout,
+        };
         let grace = cfg.shutdown_grace;
         let ready: Arc<OnceLock<Router>> = Arc::new(OnceLock::new());
-        let app = until_ready(ready.clone());
+        let app = until_ready(ready.clone(), cfg.max_body_bytes);
         eprintln!("listening on http://{local} (OpenAI API at http://{local}/v1); loading the model");
 
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
@@ -216,12 +252,19 @@ where
             Some(e) => Err(e),
             None => Ok(()),
         }
-    })
+    });
+    // Not a plain drop: dropping a runtime waits for its blocking tasks, and the model's load is one, so a
+    // SIGTERM while a large model loads would wait for the whole load before exiting.
+    runtime.shutdown_background();
+    result
 }
 
 /// The router that answers [`still_loading`] until `ready` holds the real one, then hands every request to it.
-fn until_ready(ready: Arc<OnceLock<Router>>) -> Router {
+fn until_ready(ready: Arc<OnceLock<Router>>, max_body_bytes: usize) -> Router {
     Router::new().fallback(move |req: Request| async move {
+        if let Some(refused) = missing_host(&req).or_else(|| too_large(&req, max_body_bytes)) {
+            return refused;
+        }
         match ready.get() {
             Some(app) => match app.clone().oneshot(req).await {
                 Ok(response) => response,
@@ -229,6 +272,32 @@ fn until_ready(ready: Arc<OnceLock<Router>>) -> Router {
             },
             None => still_loading(&req),
         }
+    })
+}
+
+/// A 400 for an HTTP/1.1 request without a `Host` header, as RFC 9112 (3.2) requires of a server; hyper
+/// itself lets such a request through. (HTTP/1.0 has no such rule, and an absolute URI names the host.)
+fn missing_host(req: &Request) -> Option<Response> {
+    let lacks = req.version() == axum::http::Version::HTTP_11
+        && !req.headers().contains_key(header::HOST)
+        && req.uri().authority().is_none();
+    lacks.then(|| ApiError::bad_request("an HTTP/1.1 request needs a Host header").into_response())
+}
+
+/// A 413 for a request whose `Content-Length` is over the body limit, before reading any of it: the body limit
+/// alone only fails once that much has arrived, so a client announcing a huge body and sending a few bytes held
+/// its request open, waiting, for ever.
+fn too_large(req: &Request, max_body_bytes: usize) -> Option<Response> {
+    let length = req.headers().get(header::CONTENT_LENGTH)?;
+    let length: u64 = length.to_str().ok()?.trim().parse().ok()?;
+    (length > max_body_bytes as u64).then(|| {
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "the request body ({length} bytes) is over the limit of {max_body_bytes} bytes"
+            ),
+        }
+        .into_response()
     })
 }
 
@@ -262,6 +331,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .route("/health", get(health))
         .layer(DefaultBodyLimit::max(limit))
@@ -374,6 +444,18 @@ async fn not_found(req: Request) -> ApiError {
     }
 }
 
+/// A known route with another method: a 405 in OpenAI's error shape (axum's own has an empty body).
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!(
+            "{} is not a method of {} (see the README's table of endpoints)",
+            req.method(),
+            req.uri().path()
+        ),
+    }
+}
+
 /// With an API key, every route but `/health` needs `Authorization: Bearer KEY`.
 async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &state.cfg.api_key
@@ -454,7 +536,7 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             let ready = Arc::new(OnceLock::new());
-            let app = until_ready(ready.clone());
+            let app = until_ready(ready.clone(), 1 << 20);
             let (st, _, body) = call(&app, "/health").await;
             assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(body["status"], "loading model");
