@@ -516,7 +516,12 @@ mod tests {
     use axum::body::Body;
 
     async fn call(app: &Router, path: &str) -> (StatusCode, Option<String>, serde_json::Value) {
-        let req = Request::builder().uri(path).body(Body::empty()).unwrap();
+        // An HTTP/1.1 request (the builder's default) must name its host, or it is refused with a 400.
+        let req = Request::builder()
+            .uri(path)
+            .header(header::HOST, "localhost")
+            .body(Body::empty())
+            .unwrap();
         let response = app.clone().oneshot(req).await.unwrap();
         let status = response.status();
         let retry = response
