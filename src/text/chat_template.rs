@@ -254,6 +254,7 @@ impl ChatTemplate {
         env.set_auto_escape_callback(|_| AutoEscape::None);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
+        bound_sequence_filters(&mut env);
         env.add_function("raise_exception", raise_exception);
         set_clock(&mut env, Clock::Local);
         env.set_fuel(Some(RENDER_FUEL));
@@ -452,6 +453,50 @@ impl ChatTemplate {
 /// about a second, instead of never.
 const RENDER_FUEL: u64 = 20_000_000;
 
+/// Items a sequence may have when a filter reads it whole. A template can make a sequence of any length for
+/// nothing (`[1] * 10**12`: minijinja keeps it lazy), and a filter that reads it
+/// (`sort`, `list`, `join`, ...) runs in Rust, where fuel is not counted: one `{{ ([1] * 10**12) | sort }}` ran
+/// for hours. Granite's templates read the conversation's messages and tools, far below this.
+const MAX_FILTERED_ITEMS: usize = 1 << 20;
+
+/// The builtin filters that read a whole sequence, each replaced by one that refuses a sequence longer than
+/// [`MAX_FILTERED_ITEMS`] and otherwise calls the builtin, kept under a name no template can write (it holds a
+/// space).
+fn bound_sequence_filters(env: &mut Environment<'static>) {
+    use minijinja::filters;
+    macro_rules! bounded {
+        ($($name:ident),* $(,)?) => {$(
+            env.add_filter(concat!("builtin ", stringify!($name)), filters::$name);
+            env.add_filter(
+                stringify!($name),
+                |state: &minijinja::State, value: Value, args: Rest<Value>| -> Result<Value, Error> {
+                    check_filtered_len(&value, stringify!($name))?;
+                    let mut all = Vec::with_capacity(args.len() + 1);
+                    all.push(value);
+                    all.extend(args.0);
+                    state.apply_filter(concat!("builtin ", stringify!($name)), &all)
+                },
+            );
+        )*};
+    }
+    bounded!(
+        batch, groupby, items, join, last, list, map, max, min, reject, rejectattr, reverse,
+        select, selectattr, slice, sort, string, sum, unique,
+    );
+}
+
+fn check_filtered_len(value: &Value, filter: &str) -> Result<(), Error> {
+    match value.len() {
+        Some(n) if n > MAX_FILTERED_ITEMS => Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "`{filter}` was given a sequence of {n} items; a template may filter at most {MAX_FILTERED_ITEMS}"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Bytes one render may write: a prompt longer than any context by far.
 const MAX_RENDERED_BYTES: usize = 64 << 20;
 
@@ -536,6 +581,7 @@ fn raised_message(e: &Error) -> Option<String> {
 /// transformers' `tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`, which is
 /// Python's `json.dumps` with those arguments; each may be given by position or by name.
 fn tojson(value: &Value, positional: Rest<Value>, kwargs: Kwargs) -> Result<Value, Error> {
+    check_filtered_len(value, "tojson")?;
     const PARAMETERS: [&str; 4] = ["ensure_ascii", "indent", "separators", "sort_keys"];
     if positional.len() > PARAMETERS.len() {
         return Err(Error::new(
@@ -863,6 +909,45 @@ mod tests {
         assert_eq!(tojson_of(r#"[1]"#, "indent='\t'"), "[\n\t1\n]");
         assert_eq!(tojson_of(r#"[1]"#, "false, 1"), "[\n 1\n]");
         assert_eq!(tojson_of(r#"[1]"#, "indent=-2"), "[\n1\n]");
+    }
+
+    /// Found by the chat_template fuzz target: a sequence repeated 333 billion times, then sorted, ran for
+    /// hours. Every filter that reads a whole sequence refuses one that long, at once; short ones still work.
+    #[test]
+    fn filters_refuse_sequences_a_template_made_enormous() {
+        let c = Conversation::default();
+        for filter in [
+            "sort",
+            "list",
+            "join",
+            "unique",
+            "last",
+            "string",
+            "tojson",
+            "sum",
+            "map('abs')",
+        ] {
+            let started = std::time::Instant::now();
+            let err =
+                render(&format!("{{{{ ([1] * 333333333333) | {filter} }}}}"), &c).unwrap_err();
+            assert!(
+                err.to_string().contains("a template may filter at most"),
+                "{filter}: {err}"
+            );
+            assert!(started.elapsed().as_secs() < 2, "{filter}");
+        }
+        assert_eq!(
+            render("{{ [3, 1, 2] | sort | join(',') }}", &c).unwrap(),
+            "1,2,3"
+        );
+        assert_eq!(
+            render("{{ ([1, 2] * 2) | sort(reverse=true) | list }}", &c).unwrap(),
+            "[2, 2, 1, 1]"
+        );
+        assert_eq!(
+            render("{{ [{'a': 2}, {'a': 1}] | map(attribute='a') | max }}", &c).unwrap(),
+            "2"
+        );
     }
 
     #[test]
