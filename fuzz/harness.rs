@@ -199,3 +199,123 @@ pub fn tool_reply(data: &[u8]) {
         std::hint::black_box(quarry::server::tools::parse_tools(&body).is_ok());
     }
 }
+
+/// A `quarry serve` running in this process on a loopback port, over the tiny `dev-2` model of the fuzz corpus
+/// (its own chat template and byte-level tokenizer), for [`request`].
+pub struct LocalServer {
+    pub addr: std::net::SocketAddr,
+}
+
+impl LocalServer {
+    /// Starts the server on a thread of its own and waits until `/health` answers 200.
+    pub fn start(model: &Path) -> LocalServer {
+        use quarry::engine::Engine;
+        use quarry::engine::scheduler::SchedulerConfig;
+        use quarry::server::{Loaded, ServeConfig, serve};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let cfg = ServeConfig {
+            host: "127.0.0.1".into(),
+            port,
+            api_key: None,
+            model_name: "fuzz".into(),
+            max_queue: 4,
+            max_body_bytes: 1 << 20,
+            shutdown_grace: std::time::Duration::from_secs(1),
+        };
+        let model = model.to_path_buf();
+        std::thread::spawn(move || {
+            let load = move || {
+                Engine::open_for_text(&model).map(|engine| Loaded {
+                    engine,
+                    scheduler: SchedulerConfig::new(2, 256),
+                })
+            };
+            serve(cfg, load).expect("the fuzz server runs");
+        });
+        let server = LocalServer {
+            addr: ([127, 0, 0, 1], port).into(),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if server
+                .send("GET", "/health", b"")
+                .is_some_and(|(status, _)| status == 200)
+            {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the fuzz server did not become healthy");
+    }
+
+    /// One request on a fresh connection (`Connection: close`); the status and body, or `None` when the
+    /// server closed the connection without an answer.
+    fn send(&self, method: &str, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.addr).ok()?;
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .ok()?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).ok()?;
+        stream.write_all(body).ok()?;
+        let mut response = Vec::new();
+        if let Err(e) = stream.read_to_end(&mut response) {
+            assert!(
+                e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut,
+                "the server took more than 30 s to answer {path}"
+            );
+        }
+        let text = String::from_utf8_lossy(&response);
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, response))
+    }
+}
+
+/// The API routes [`request`] sends bodies to; the input's first byte picks one.
+pub const REQUEST_ROUTES: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/api/chat",
+    "/api/generate",
+];
+
+/// A request body (after the first byte, which picks a route of [`REQUEST_ROUTES`]) posted to the server. A
+/// JSON object has its generation cut to 2 tokens (`max_tokens`, ollama's `options.num_predict`), so the time
+/// goes to parsing, rendering, tokenizing and grammar compiling, not to decoding. Every request gets an answer
+/// that is not a server error (a 503 for a full queue excepted), and the server answers `/health` after it.
+pub fn request(data: &[u8], server: &LocalServer) {
+    let Some((&route, body)) = data.split_first() else {
+        return;
+    };
+    let path = REQUEST_ROUTES[route as usize % REQUEST_ROUTES.len()];
+    let body = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut o)) => {
+            o.insert("max_tokens".into(), 2.into());
+            let options = o.entry("options").or_insert_with(|| serde_json::json!({}));
+            if let Some(options) = options.as_object_mut() {
+                options.insert("num_predict".into(), 2.into());
+            }
+            serde_json::Value::Object(o).to_string().into_bytes()
+        }
+        _ => body.to_vec(),
+    };
+    let (status, response) = server
+        .send("POST", path, &body)
+        .unwrap_or_else(|| panic!("{path}: the server closed the connection without answering"));
+    assert!(
+        status < 500 || status == 503,
+        "{path}: status {status}: {}",
+        String::from_utf8_lossy(&response)
+    );
+    let health = server.send("GET", "/health", b"").map(|(s, _)| s);
+    assert_eq!(health, Some(200), "/health after a request to {path}");
+}

@@ -70,3 +70,11 @@ fn chat_template_inputs_replay_cleanly() {
 fn tool_reply_inputs_replay_cleanly() {
     replay("tool_reply", harness::tool_reply);
 }
+
+#[test]
+fn request_inputs_replay_cleanly() {
+    let server = harness::LocalServer::start(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/gguf/dev-2-q8_0.gguf"),
+    );
+    replay("request", |data| harness::request(data, &server));
+}
