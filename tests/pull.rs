@@ -358,3 +358,42 @@ fn a_refused_connection_points_to_import() {
     fails(&out, &["cannot reach", &url, "quarry import"]);
     nothing_installed(&home);
 }
+
+/// A repo that keeps its chat template in `chat_template.jinja` (as newer transformers save it): the file is
+/// downloaded and recorded with the others, and a template that does not compile is refused before conversion,
+/// naming the file, with nothing installed.
+#[test]
+fn chat_template_jinja_is_pulled_and_a_broken_one_is_refused() {
+    let copy = |template: &str| {
+        let dir = temp_dir("pull-jinja-src").join("repo");
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(fixture()).unwrap().flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+            }
+        }
+        std::fs::write(dir.join("chat_template.jinja"), template).unwrap();
+        dir
+    };
+    let broken = Server::start(&copy("{% for m in messages %}{{ m.content }"), REPO);
+    let home = temp_dir("pull-jinja");
+    let out = quarry(&home, &broken.url, &["pull", REPO]);
+    fails(&out, &["chat_template.jinja", "does not compile"]);
+    nothing_installed(&home);
+    drop(broken);
+
+    let good = Server::start(
+        &copy("{% for m in messages %}{{ m.content }}{% endfor %}"),
+        REPO,
+    );
+    let home = temp_dir("pull-jinja-ok");
+    ok(quarry(&home, &good.url, &["pull", REPO]));
+    let m = manifest(&home, "tiny-moe");
+    let jinja = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "chat_template.jinja")
+        .unwrap_or_else(|| panic!("chat_template.jinja is not among the pulled files: {m}"));
+    assert_eq!(jinja["sha256"], good.sha256("chat_template.jinja"));
+}

@@ -34,8 +34,10 @@ use crate::hub::store::{
 };
 
 /// The tokenizer and config files a conversion reads; weights are `*.safetensors` (with the shard index).
+/// `chat_template.jinja` is where newer transformers save the chat template, which the converter then prefers.
 const SNAPSHOT_FILES: &[&str] = &[
     "config.json",
+    "chat_template.jinja",
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -347,6 +349,8 @@ pub fn pull(
     let _lock = store.lock(&format!("download {repo}"))?;
     store.create_dir(&dir)?;
     let result = download_all(hub, &repo, files, &dir, progress, &mut commit).and_then(|sources| {
+        // The runtime must be able to load the tokenizer and compile the chat template it will be given.
+        crate::text::check_snapshot(&dir)?;
         progress.step(&format!("converting to {target} as {name}"));
         let installed = store.install(
             &dir,
@@ -563,6 +567,7 @@ mod tests {
     fn snapshot_files() {
         for ok in [
             "config.json",
+            "chat_template.jinja",
             "model.safetensors",
             "model-00001-of-00002.safetensors",
             "tokenizer.json",
