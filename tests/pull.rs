@@ -1,14 +1,16 @@
 //! `quarry pull` against a local stand-in for the Hugging Face endpoints (tests/pull_server): a clean pull, a
-//! download cut off half way (resumed in the same run, and in the next run), a corrupted file, a registry checksum
-//! mismatch, HTTP 404, a refused connection; after every failure nothing half-written is installed.
+//! download cut off half way (resumed in the same run, and in the next run), a server that stalls mid-body (retried
+//! after the read timeout and resumed; or failing on every attempt), a corrupted file, a registry checksum mismatch,
+//! HTTP 404, a refused connection; after every failure nothing half-written is installed.
 
 mod pull_server;
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
-use pull_server::{COMMIT, Fault, Server, refused_url};
+use pull_server::{COMMIT, Fault, STALL_LIMIT, Server, refused_url};
 use support::{fixture_dir, temp_dir};
 
 const REPO: &str = "example-org/tiny-moe";
@@ -23,6 +25,16 @@ fn quarry(home: &Path, endpoint: &str, args: &[&str]) -> Output {
 }
 
 fn quarry_with(home: &Path, endpoint: &str, token: Option<&str>, args: &[&str]) -> Output {
+    quarry_env(home, endpoint, token, &[], args)
+}
+
+fn quarry_env(
+    home: &Path,
+    endpoint: &str,
+    token: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_quarry"));
     cmd.args(args)
         .env("QUARRY_HOME", home)
@@ -40,6 +52,10 @@ fn quarry_with(home: &Path, endpoint: &str, token: Option<&str>, args: &[&str]) 
     }
     if let Some(t) = token {
         cmd.env("HF_TOKEN", t);
+    }
+    cmd.env_remove("QUARRY_PULL_READ_TIMEOUT_SECS");
+    for (k, v) in env {
+        cmd.env(k, v);
     }
     cmd.output().expect("quarry runs")
 }
@@ -357,6 +373,130 @@ fn a_refused_connection_points_to_import() {
     let out = quarry(&home, &url, &["pull", REPO]);
     fails(&out, &["cannot reach", &url, "quarry import"]);
     nothing_installed(&home);
+}
+
+/// The server's log of `file`'s GETs once it holds `n` of them (a stalled request is logged when the client has
+/// dropped it, which the server notices a moment later).
+fn wait_for_gets(server: &Server, file: &str, n: usize) -> Vec<pull_server::Logged> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let gets = server.gets_of(file);
+        if gets.len() >= n || Instant::now() > deadline {
+            return gets;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The read timeout the stall tests give quarry (the default is 60 s).
+const STALL_TIMEOUT: (&str, &str) = ("QUARRY_PULL_READ_TIMEOUT_SECS", "1");
+
+#[test]
+fn a_server_that_stalls_mid_body_is_retried_after_the_read_timeout_and_resumed() {
+    let server = Server::start(&fixture(), REPO);
+    let size = server.file_len("model.safetensors");
+    let third = size / 3;
+    server.fault(
+        "model.safetensors",
+        Fault::StallAt {
+            at: third,
+            times: 1,
+        },
+    );
+    let home = temp_dir("pull-stall");
+    let started = Instant::now();
+    let out = quarry_env(
+        &home,
+        &server.url,
+        None,
+        &[STALL_TIMEOUT],
+        &["pull", REPO, "--type", "q8_0"],
+    );
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "model.safetensors: the server stopped sending data (1 s without a byte) after {third} bytes; retrying"
+        )),
+        "the stall is named, with the retry: {err}"
+    );
+    // Given up after the 1 s timeout, not after the server's own limit.
+    assert!(took < STALL_LIMIT / 2, "took {took:?}");
+
+    let gets = wait_for_gets(&server, "model.safetensors", 2);
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[0].range, None);
+    assert_eq!(gets[0].sent, third);
+    assert_eq!(
+        gets[1].range.as_deref(),
+        Some(format!("bytes={third}-").as_str()),
+        "the retry asks only for the rest"
+    );
+    assert_eq!(gets[1].sent, size - third);
+    let m = manifest(&home, "tiny-moe");
+    let weights = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "model.safetensors")
+        .unwrap();
+    assert_eq!(weights["sha256"], server.sha256("model.safetensors"));
+    assert!(home.join("models/tiny-moe/model.gguf").is_file());
+    ok(quarry(&home, &server.url, &["info", "tiny-moe"]));
+}
+
+#[test]
+fn a_server_that_stalls_on_every_attempt_fails_clearly_and_installs_nothing() {
+    let server = Server::start(&fixture(), REPO);
+    let size = server.file_len("model.safetensors");
+    let half = size / 2;
+    server.fault(
+        "model.safetensors",
+        Fault::StallAt {
+            at: half,
+            times: 1000,
+        },
+    );
+    let home = temp_dir("pull-stall-always");
+    let out = quarry_env(&home, &server.url, None, &[STALL_TIMEOUT], &["pull", REPO]);
+    let err = fails(
+        &out,
+        &[
+            &format!("{}/{REPO}/resolve/main/model.safetensors", server.url),
+            "the server stopped sending data (1 s without a byte) on each of 4 attempts",
+            &format!("{half} bytes are kept"),
+            "run the same command again to resume",
+            "QUARRY_PULL_READ_TIMEOUT_SECS",
+        ],
+    );
+    assert_eq!(err.matches("; retrying").count(), 3, "{err}");
+    nothing_installed(&home);
+    let list = ok(quarry(&home, &server.url, &["list", "--format", "json"]));
+    let json: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(json["installed"], serde_json::json!([]), "{list}");
+    let gets = wait_for_gets(&server, "model.safetensors", 4);
+    assert_eq!(gets.len(), 4, "{gets:?}");
+    for g in &gets[1..] {
+        assert_eq!(g.range.as_deref(), Some(format!("bytes={half}-").as_str()));
+        assert_eq!(g.sent, 0);
+    }
+
+    // A bad setting is refused by name rather than ignored.
+    let out = quarry_env(
+        &home,
+        &server.url,
+        None,
+        &[("QUARRY_PULL_READ_TIMEOUT_SECS", "soon")],
+        &["pull", REPO],
+    );
+    fails(
+        &out,
+        &[
+            "QUARRY_PULL_READ_TIMEOUT_SECS=\"soon\"",
+            "positive number of seconds",
+        ],
+    );
 }
 
 /// A repo that keeps its chat template in `chat_template.jinja` (as newer transformers save it): the file is

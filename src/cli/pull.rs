@@ -16,7 +16,9 @@ use super::format::human_bytes;
 /// Download a model, verify every file, convert it and install it under `$QUARRY_HOME`. NAME is a model of the
 /// registry (`quarry list`) or any Hugging Face repo id of a Granite 3.x model: `org/name` or
 /// `org/name@revision`. HF_ENDPOINT sets the host (default https://huggingface.co) and HF_TOKEN is sent as a bearer
-/// token when set. An interrupted download resumes where it stopped when the same command is run again.
+/// token when set. A transfer that receives nothing for QUARRY_PULL_READ_TIMEOUT_SECS (default 60) counts as
+/// stalled and is retried from where it stopped, a few times. An interrupted download resumes where it stopped when
+/// the same command is run again.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A registry model or a Hugging Face repo id (org/name[@revision]).
@@ -47,7 +49,7 @@ pub fn pull_model(
     threads: Option<usize>,
 ) -> anyhow::Result<InstalledModel> {
     let store = Store::from_env()?;
-    let hub = Hub::from_env();
+    let hub = Hub::from_env()?;
     let request = PullRequest {
         what: what.to_string(),
         name,
@@ -143,7 +145,7 @@ impl TransferProgress for Bars {
 
     fn retry(&mut self, name: &str, attempt: u32, detail: &str) {
         self.say(&format!(
-            "  {name}: {detail}; resuming (attempt {})",
+            "  {name}: {detail}; retrying, resuming from what arrived (attempt {})",
             attempt + 1
         ));
     }

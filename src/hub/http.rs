@@ -6,6 +6,10 @@
 //! redirects large files to). An interrupted transfer continues from the bytes already written with an HTTP range
 //! request, a few times within one call before it is reported (the bytes stay for a later call to continue).
 //!
+//! A server that stops sending in the middle of an answer is given up after [`READ_TIMEOUT_ENV`] seconds without a
+//! byte (default 60), reported as a stall, and asked again for the rest; if it stalls on every attempt the error
+//! says so ([`HttpError::Stalled`]).
+//!
 //! Nothing here knows what a model is: which files to fetch, how to check them and what becomes of them is
 //! [`pull`](super::pull)'s.
 
@@ -20,8 +24,11 @@ use serde::Deserialize;
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Attempts per file before a broken transfer is reported (the partial file stays for the next run).
 const ATTEMPTS: u32 = 4;
-/// A stalled connection is given up after this long without data.
+/// A stalled connection is given up after this long without data, unless [`READ_TIMEOUT_ENV`] says otherwise.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Seconds (a positive number, fractions allowed) a transfer may go without receiving a byte before it counts as
+/// stalled and is retried: for a slow or flaky link (longer), or tests (shorter). Read by [`Hub::from_env`].
+pub const READ_TIMEOUT_ENV: &str = "QUARRY_PULL_READ_TIMEOUT_SECS";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_REDIRECTS: usize = 10;
 
@@ -55,8 +62,26 @@ pub enum HttpError {
         detail: String,
         done: u64,
     },
+    #[error(
+        "{url}: the server stopped sending data ({} without a byte) on each of {attempts} attempts; {done} bytes are \
+         kept: run the same command again to resume, later or over another network (a slow link can be given more \
+         time with {READ_TIMEOUT_ENV}=SECONDS)",
+        seconds(*timeout)
+    )]
+    Stalled {
+        url: String,
+        attempts: u32,
+        timeout: Duration,
+        done: u64,
+    },
     #[error("{url}: unexpected answer: {problem}")]
     BadResponse { url: String, problem: String },
+    #[error("{name}={value:?}: expected {expected}")]
+    BadSetting {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("{}: cannot {action}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -117,6 +142,7 @@ pub trait TransferProgress {
 /// A client of the Hugging Face file endpoints.
 pub struct Hub {
     endpoint: String,
+    read_timeout: Duration,
     token: Option<String>,
     agent: ureq::Agent,
 }
@@ -148,6 +174,8 @@ pub struct RemoteFile {
 /// Why one attempt at a file failed: worth another try, or not.
 enum Attempt {
     Retry(String),
+    /// No byte arrived for the read timeout: worth another try, and reported as a stall if it is the last.
+    Stalled(String),
     Fail(HttpError),
 }
 
@@ -177,8 +205,9 @@ struct ApiLfs {
 }
 
 impl Hub {
-    /// `HF_ENDPOINT` (default the Hugging Face Hub) and `HF_TOKEN`.
-    pub fn from_env() -> Hub {
+    /// `HF_ENDPOINT` (default the Hugging Face Hub), `HF_TOKEN` and [`READ_TIMEOUT_ENV`] (a value that is not a
+    /// positive number of seconds is refused naming it).
+    pub fn from_env() -> Result<Hub, HttpError> {
         let endpoint = std::env::var("HF_ENDPOINT")
             .ok()
             .filter(|e| !e.trim().is_empty())
@@ -186,22 +215,39 @@ impl Hub {
         let token = std::env::var("HF_TOKEN")
             .ok()
             .filter(|t| !t.trim().is_empty());
-        Hub::new(&endpoint, token)
+        let read_timeout = match std::env::var(READ_TIMEOUT_ENV) {
+            Ok(text) if !text.trim().is_empty() => {
+                parse_seconds(&text).ok_or_else(|| HttpError::BadSetting {
+                    name: READ_TIMEOUT_ENV,
+                    value: text.clone(),
+                    expected: "a positive number of seconds",
+                })?
+            }
+            _ => READ_TIMEOUT,
+        };
+        Ok(Hub::with_read_timeout(&endpoint, token, read_timeout))
     }
 
+    /// A client with the default read timeout (60 s).
     pub fn new(endpoint: &str, token: Option<String>) -> Hub {
+        Hub::with_read_timeout(endpoint, token, READ_TIMEOUT)
+    }
+
+    /// A client that counts a transfer as stalled after `read_timeout` without a byte.
+    pub fn with_read_timeout(endpoint: &str, token: Option<String>, read_timeout: Duration) -> Hub {
         let config = ureq::Agent::config_builder()
             // Redirects are followed by hand: the Hub's own first answer carries the checksum headers, and the
             // token must not follow a redirect to another host.
             .max_redirects(0)
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_per_read(Some(READ_TIMEOUT))
+            .timeout_per_read(Some(read_timeout))
             .user_agent(concat!("quarry/", env!("CARGO_PKG_VERSION")))
             .build();
         Hub {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token: token.map(|t| t.trim().to_string()),
+            read_timeout,
             agent: ureq::Agent::new_with_config(config),
         }
     }
@@ -244,7 +290,7 @@ impl Hub {
             }
             let response = request
                 .call()
-                .map_err(|e| connect_error(url, &current, e))?;
+                .map_err(|e| connect_error(url, &current, e, self.read_timeout))?;
             let headers = response_headers(&response);
             let status = response.status().as_u16();
             if (300..400).contains(&status) && status != 304 {
@@ -281,7 +327,7 @@ impl Hub {
         let url = self.api_url(repo);
         let (response, _) = self.get(&url, 0).map_err(|a| match a {
             Attempt::Fail(e) => e,
-            Attempt::Retry(detail) => HttpError::BadResponse {
+            Attempt::Retry(detail) | Attempt::Stalled(detail) => HttpError::BadResponse {
                 url: url.clone(),
                 problem: detail,
             },
@@ -338,9 +384,17 @@ impl Hub {
             match self.fetch(url, partial, have, name, size, progress) {
                 Ok(h) => return Ok(h),
                 Err(Attempt::Fail(e)) => return Err(e),
-                Err(Attempt::Retry(detail)) if attempt < ATTEMPTS => {
+                Err(Attempt::Retry(detail) | Attempt::Stalled(detail)) if attempt < ATTEMPTS => {
                     progress.retry(name, attempt, &detail);
                     std::thread::sleep(Duration::from_millis(250 << (attempt - 1)));
+                }
+                Err(Attempt::Stalled(_)) => {
+                    return Err(HttpError::Stalled {
+                        url: url.to_string(),
+                        attempts: attempt,
+                        timeout: self.read_timeout,
+                        done: fs::metadata(partial).map(|m| m.len()).unwrap_or(0),
+                    });
                 }
                 Err(Attempt::Retry(detail)) => {
                     return Err(HttpError::Interrupted {
@@ -445,6 +499,13 @@ impl Hub {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_timeout(&e) => {
+                    let _ = out.flush();
+                    return Err(Attempt::Stalled(format!(
+                        "the server stopped sending data ({} without a byte) after {received} bytes",
+                        seconds(self.read_timeout)
+                    )));
+                }
                 Err(e) => {
                     let _ = out.flush();
                     return Err(Attempt::Retry(format!("{e} after {received} bytes")));
@@ -467,6 +528,32 @@ impl Hub {
         }
         Ok(headers)
     }
+}
+
+/// Whether a read failed for want of data within the read timeout.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    ) || e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+        .is_some_and(|u| match u {
+            ureq::Error::Timeout(_) => true,
+            ureq::Error::Io(io) => is_timeout(io),
+            _ => false,
+        })
+}
+
+/// `1.5` or `60` (seconds, positive and finite).
+fn parse_seconds(text: &str) -> Option<Duration> {
+    let secs: f64 = text.trim().parse().ok()?;
+    (secs.is_finite() && secs > 0.0 && secs < 1e9).then(|| Duration::from_secs_f64(secs))
+}
+
+/// `60 s`, `0.5 s`.
+fn seconds(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
 }
 
 fn write_error(path: &Path, source: io::Error) -> HttpError {
@@ -538,7 +625,7 @@ fn check_status(
     }
 }
 
-fn connect_error(url: &str, current: &str, e: ureq::Error) -> Attempt {
+fn connect_error(url: &str, current: &str, e: ureq::Error, read_timeout: Duration) -> Attempt {
     let detail = match &e {
         ureq::Error::Io(io) => io.to_string(),
         ureq::Error::HostNotFound => "the host name does not resolve".to_string(),
@@ -556,7 +643,18 @@ fn connect_error(url: &str, current: &str, e: ureq::Error) -> Attempt {
         {
             Attempt::Retry(detail)
         }
-        ureq::Error::Timeout(_) => Attempt::Retry(format!("timed out ({detail})")),
+        ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::Resolve) => {
+            Attempt::Retry(format!("timed out ({detail})"))
+        }
+        // Connected, and the server then went quiet before its answer was complete.
+        ureq::Error::Timeout(_) => Attempt::Stalled(format!(
+            "the server stopped sending data ({} without a byte) before its answer",
+            seconds(read_timeout)
+        )),
+        ureq::Error::Io(ref io) if is_timeout(io) => Attempt::Stalled(format!(
+            "the server stopped sending data ({} without a byte) before its answer",
+            seconds(read_timeout)
+        )),
         ureq::Error::BadUri(_) => Attempt::Fail(HttpError::BadResponse {
             url: url.to_string(),
             problem: format!("not a usable URL ({detail}); check HF_ENDPOINT"),

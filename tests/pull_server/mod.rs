@@ -1,7 +1,7 @@
 //! A small stand-in for the Hugging Face file endpoints on 127.0.0.1, for the `pull` tests: it serves one folder as
 //! one repo (`/{repo}/resolve/{rev}/{file}` with Range and the Hub's ETag / X-Repo-Commit headers, and
 //! `/api/models/{repo}/revision/{rev}`), logs every request, and can misbehave on purpose: cut a file off part way,
-//! serve a corrupted copy, or refuse files. Anything else is a 404. Threads and std::net only.
+//! stall part way (keep the connection open and send nothing more), serve a corrupted copy, or refuse files. Anything else is a 404. Threads and std::net only.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::HashMap;
@@ -11,10 +11,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use sha2::Digest;
 
 pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+/// The longest a [`Fault::StallAt`] connection is held open.
+pub const STALL_LIMIT: Duration = Duration::from_secs(30);
 
 /// How to misbehave for one file.
 #[derive(Clone, Debug)]
@@ -22,6 +25,9 @@ pub enum Fault {
     /// The first `times` GETs send headers for the whole answer but stop after `at` bytes of the file (absolute
     /// offset) and close the connection.
     CutAt { at: usize, times: usize },
+    /// The first `times` GETs send headers for the whole answer and the bytes up to `at` (absolute offset), then
+    /// send nothing more and keep the connection open until the client gives up (closes it), or [`STALL_LIMIT`].
+    StallAt { at: usize, times: usize },
     /// Serve these bytes instead (same length), with the ETag of the real file.
     Corrupt,
 }
@@ -267,6 +273,7 @@ fn serve_file(
     }
     let mut body: Vec<u8> = data[start..].to_vec();
     let mut cut_at = None;
+    let mut stall = false;
     if !head_only {
         let mut faults = state.faults.lock().unwrap();
         match faults.get_mut(name) {
@@ -279,6 +286,11 @@ fn serve_file(
             Some(Fault::CutAt { at, times }) if *times > 0 => {
                 *times -= 1;
                 cut_at = Some(at.saturating_sub(start).min(body.len()));
+            }
+            Some(Fault::StallAt { at, times }) if *times > 0 => {
+                *times -= 1;
+                cut_at = Some(at.saturating_sub(start).min(body.len()));
+                stall = true;
             }
             _ => {}
         }
@@ -314,5 +326,27 @@ fn serve_file(
         return 0;
     }
     let _ = conn.flush();
+    if stall {
+        hold_until_closed(conn);
+    }
     n
+}
+
+/// Sends nothing and waits for the client to close the connection (or [`STALL_LIMIT`]).
+fn hold_until_closed(conn: &mut TcpStream) {
+    let started = Instant::now();
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = [0u8; 256];
+    while started.elapsed() < STALL_LIMIT {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
 }
