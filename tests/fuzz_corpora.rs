@@ -35,12 +35,39 @@ fn replay(target: &str, body: impl Fn(&[u8])) {
     QUIET.call_once(quarry::contain::quiet_hook);
     for path in inputs(target) {
         let data = std::fs::read(&path).unwrap();
+        let _watch = Watchdog::start(target, &path);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&data)));
         assert!(
             outcome.is_ok(),
             "fuzz target {target} fails on {}",
             path.display()
         );
+    }
+}
+
+/// Seconds one input may take. Each runs in well under one; a hang (what the chat-template fuzzer found) would
+/// otherwise hold CI until its limit without naming the input.
+const INPUT_SECONDS: u64 = 120;
+
+/// Ends the whole test process, naming the input, if it is not dropped within [`INPUT_SECONDS`]: a hung body
+/// cannot be stopped from outside its thread.
+struct Watchdog {
+    _done: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    fn start(target: &str, path: &Path) -> Watchdog {
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let what = format!("fuzz target {target} hangs on {}", path.display());
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                wait.recv_timeout(std::time::Duration::from_secs(INPUT_SECONDS))
+            {
+                eprintln!("{what}: still running after {INPUT_SECONDS} s");
+                std::process::exit(101);
+            }
+        });
+        Watchdog { _done: done }
     }
 }
 

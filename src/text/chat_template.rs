@@ -255,6 +255,10 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         bound_sequence_filters(&mut env);
+        env.set_formatter(|out, state, value| {
+            check_item_count(value, "the template prints")?;
+            minijinja::escape_formatter(out, state, value)
+        });
         env.add_function("raise_exception", raise_exception);
         set_clock(&mut env, Clock::Local);
         env.set_fuel(Some(RENDER_FUEL));
@@ -486,15 +490,59 @@ fn bound_sequence_filters(env: &mut Environment<'static>) {
 }
 
 fn check_filtered_len(value: &Value, filter: &str) -> Result<(), Error> {
-    match value.len() {
-        Some(n) if n > MAX_FILTERED_ITEMS => Err(Error::new(
-            ErrorKind::InvalidOperation,
-            format!(
-                "`{filter}` was given a sequence of {n} items; a template may filter at most {MAX_FILTERED_ITEMS}"
-            ),
-        )),
-        _ => Ok(()),
+    check_item_count(value, &format!("`{filter}` was given"))
+}
+
+/// Refuses a value that holds, counting every sequence and map nested in it, more than [`MAX_FILTERED_ITEMS`]
+/// items, or that nests deeper than [`MAX_NESTING`]: Rust code walking it (a filter, or printing it with
+/// `{{ x }}`, which writes `[1, 1, ...]`) counts no fuel. `{{ [[1] * 10**12] }}` hides the huge sequence one
+/// level down, hence the walk; it stops as soon as the count is over, so it costs at most that many steps.
+fn check_item_count(value: &Value, what: &str) -> Result<(), Error> {
+    let mut budget = MAX_FILTERED_ITEMS;
+    if within_item_budget(value, &mut budget, 0) {
+        return Ok(());
     }
+    Err(Error::new(
+        ErrorKind::InvalidOperation,
+        format!(
+            "{what} a value holding more than {MAX_FILTERED_ITEMS} items (or nested deeper than {MAX_NESTING}); a chat template works on far fewer"
+        ),
+    ))
+}
+
+/// Nesting [`check_item_count`] follows: deeper than any conversation or tool schema.
+const MAX_NESTING: usize = 256;
+
+/// Takes the items of `value` and of everything inside it from `budget`; false once they are more than it
+/// holds. An iterable of unknown length is left alone: it is one a filter made from a bounded sequence (minijinja
+/// refuses to repeat one), and walking it could use it up.
+fn within_item_budget(value: &Value, budget: &mut usize, depth: usize) -> bool {
+    let is_map = match value.kind() {
+        ValueKind::Map => true,
+        ValueKind::Seq | ValueKind::Iterable => false,
+        _ => return true,
+    };
+    let Some(n) = value.len() else {
+        return true;
+    };
+    if n > *budget || depth > MAX_NESTING {
+        return false;
+    }
+    *budget -= n;
+    let Ok(items) = value.try_iter() else {
+        return true;
+    };
+    for item in items {
+        let inner = if is_map {
+            value.get_item(&item).unwrap_or_default()
+        } else {
+            item
+        };
+        if !within_item_budget(&inner, budget, depth + 1) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Bytes one render may write: a prompt longer than any context by far.
@@ -931,11 +979,35 @@ mod tests {
             let err =
                 render(&format!("{{{{ ([1] * 333333333333) | {filter} }}}}"), &c).unwrap_err();
             assert!(
-                err.to_string().contains("a template may filter at most"),
+                err.to_string()
+                    .contains("was given a value holding more than 1048576 items"),
                 "{filter}: {err}"
             );
             assert!(started.elapsed().as_secs() < 2, "{filter}");
         }
+        // Printed, or hidden inside another sequence or a map (found by fuzzing:
+        // `{{ 333333333333 * ['c'] | sort }}` filters first, then prints the repeat).
+        for expression in [
+            "333333333333 * ['c'] | sort",
+            "[1] * 333333333333",
+            "[[1] * 333333333333]",
+            "{'a': [[1] * 600000, [1] * 600000]}",
+        ] {
+            let started = std::time::Instant::now();
+            let err = render(&format!("{{{{ {expression} }}}}"), &c).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("the template prints a value holding more than 1048576 items"),
+                "{expression}: {err}"
+            );
+            assert!(started.elapsed().as_secs() < 2, "{expression}");
+        }
+        let err = render("{{ [[[1] * 333333333333]] | sort }}", &c).unwrap_err();
+        assert!(err.to_string().contains("more than 1048576 items"), "{err}");
+        assert_eq!(
+            render("{{ [1, [2, 3]] * 2 }}", &c).unwrap(),
+            "[1, [2, 3], 1, [2, 3]]"
+        );
         assert_eq!(
             render("{{ [3, 1, 2] | sort | join(',') }}", &c).unwrap(),
             "1,2,3"
