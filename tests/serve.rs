@@ -5,141 +5,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{SHARED_MODEL, fixture_dir, gguf};
-
-struct Server {
-    child: Child,
-    base: String,
-    agent: ureq::Agent,
-}
-
-/// An HTTP client that reports 4xx and 5xx as responses, not errors.
-fn new_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into()
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_quarry"))
-            .arg("serve")
-            .arg(model)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(extra)
-            .env_remove("QUARRY_API_KEY")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("quarry serve starts");
-        let mut server = Server {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            agent: new_agent(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("quarry serve exited early: {status}");
-            }
-            if server.get("/health").0 == 200 {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("quarry serve did not become healthy in 60 s");
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        match self.agent.get(format!("{}{path}", self.base)).call() {
-            Ok(mut r) => (
-                r.status().as_u16(),
-                serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
-                    .unwrap_or(Value::Null),
-            ),
-            Err(_) => (0, Value::Null),
-        }
-    }
-
-    fn post_raw(&self, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
-        let mut req = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Content-Type", "application/json");
-        if let Some(k) = key {
-            req = req.header("Authorization", format!("Bearer {k}"));
-        }
-        let mut r = req.send(body).expect("the server answers");
-        let text = r.body_mut().read_to_string().unwrap();
-        (
-            r.status().as_u16(),
-            serde_json::from_str(&text).unwrap_or(Value::Null),
-        )
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.post_raw(path, &body.to_string(), None)
-    }
-
-    /// A streamed request's `data:` payloads, in order.
-    fn stream(&self, path: &str, body: &Value) -> (u16, String, Vec<String>) {
-        let mut r = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Content-Type", "application/json")
-            .send(body.to_string())
-            .expect("the server answers");
-        let ctype = r
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let status = r.status().as_u16();
-        let reader = BufReader::new(r.body_mut().as_reader());
-        let events = reader
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
-            .collect();
-        (status, ctype, events)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn model() -> Option<std::path::PathBuf> {
-    let dir = fixture_dir(SHARED_MODEL)?;
-    Some(gguf(SHARED_MODEL, &dir, "q8_0"))
-}
-
-fn chat(prompt: &str, max_tokens: usize) -> Value {
-    json!({
-        "model": "m",
-        "messages": [{"role": "user", "content": prompt}],
-        "temperature": 0,
-        "max_tokens": max_tokens,
-    })
-}
+use support::serve::{Server, chat, model};
 
 /// The content deltas of a stream's events, joined.
 fn streamed_content(events: &[String]) -> String {
@@ -408,7 +280,7 @@ fn bad_requests_get_4xx_error_objects_and_the_server_stays_up() {
         ("/v1/nothing", "{}".into(), 404, "no route"),
     ];
     for (path, body, status, needle) in &cases {
-        let (st, v) = srv.post_raw(path, body, None);
+        let (st, v) = srv.post_raw(path, body.as_bytes(), None);
         assert_eq!(st, *status, "{path} {body}: {v}");
         let message = v["error"]["message"]
             .as_str()
@@ -452,28 +324,13 @@ fn an_api_key_is_required_everywhere_but_health() {
     assert_eq!(srv.get("/health").0, 200);
     let body = chat("Hello", 2).to_string();
     for key in [None, Some("wrong"), Some("sesam")] {
-        let (st, v) = srv.post_raw("/v1/chat/completions", &body, key);
+        let (st, v) = srv.post_raw("/v1/chat/completions", body.as_bytes(), key);
         assert_eq!(st, 401, "{key:?}: {v}");
         assert_eq!(v["error"]["type"], "authentication_error");
     }
     assert_eq!(srv.get("/v1/models").0, 401);
-    let (st, v) = srv.post_raw("/v1/chat/completions", &body, Some("sesame"));
+    let (st, v) = srv.post_raw("/v1/chat/completions", body.as_bytes(), Some("sesame"));
     assert_eq!(st, 200, "{v}");
-}
-
-/// A Prometheus value of `/metrics`.
-fn metric(srv: &Server, name: &str) -> f64 {
-    let mut r = srv
-        .agent
-        .get(format!("{}/metrics", srv.base))
-        .call()
-        .expect("metrics");
-    let text = r.body_mut().read_to_string().unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("quarry_{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-        .parse()
-        .unwrap()
 }
 
 #[test]
@@ -492,13 +349,13 @@ fn a_client_that_vanishes_mid_stream_frees_its_slot() {
     }
     drop(sock);
     wait_for(&srv, "the vanished client's sequence to stop", |s| {
-        metric(s, "requests_processing") + metric(s, "requests_deferred") == 0.0
+        s.metric("requests_processing") + s.metric("requests_deferred") == 0.0
     });
     assert!(
-        metric(&srv, "tokens_predicted_total") < 3000.0,
+        srv.metric("tokens_predicted_total") < 3000.0,
         "the sequence ran to its end instead of being cancelled"
     );
-    assert_eq!(metric(&srv, "requests_total"), 1.0);
+    assert_eq!(srv.metric("requests_total"), 1.0);
     // The one slot serves the next request.
     let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 4));
     assert_eq!(st, 200, "{v}");
@@ -873,11 +730,11 @@ fn a_full_queue_answers_503_with_retry_after() {
     );
     let running = open_stream(&srv, 3000);
     wait_for(&srv, "the first request to run", |s| {
-        metric(s, "requests_processing") == 1.0
+        s.metric("requests_processing") == 1.0
     });
     let waiting = open_stream(&srv, 3000);
     wait_for(&srv, "the second request to wait", |s| {
-        metric(s, "requests_deferred") == 1.0
+        s.metric("requests_deferred") == 1.0
     });
     let mut r = srv
         .agent
@@ -893,7 +750,7 @@ fn a_full_queue_answers_503_with_retry_after() {
     );
     drop((running, waiting));
     wait_for(&srv, "both to be cancelled", |s| {
-        metric(s, "requests_processing") + metric(s, "requests_deferred") == 0.0
+        s.metric("requests_processing") + s.metric("requests_deferred") == 0.0
     });
     let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 4));
     assert_eq!(st, 200, "{v}");

@@ -5,153 +5,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{SHARED_MODEL, fixture_dir, gguf};
+use support::serve::{Server, chat, free_port, model, new_agent, spawn, stream_events};
 
 /// The server's default request body limit (`max_body_bytes` in src/cli/serve.rs).
 const MAX_BODY_BYTES: usize = 8 << 20;
-
-struct Server {
-    child: Child,
-    base: String,
-    agent: ureq::Agent,
-}
-
-/// An HTTP client that reports 4xx and 5xx as responses, not errors.
-fn new_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(model: &Path, port: u16, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_quarry"))
-        .arg("serve")
-        .arg(model)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(extra)
-        .env_remove("QUARRY_API_KEY")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("quarry serve starts")
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let port = free_port();
-        let child = spawn(model, port, extra);
-        let mut server = Server {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            agent: new_agent(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("quarry serve exited early: {status}");
-            }
-            if server.get("/health").0 == 200 {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("quarry serve did not become healthy in 60 s");
-    }
-
-    fn addr(&self) -> &str {
-        self.base.trim_start_matches("http://")
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        match self.agent.get(format!("{}{path}", self.base)).call() {
-            Ok(mut r) => (
-                r.status().as_u16(),
-                serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
-                    .unwrap_or(Value::Null),
-            ),
-            Err(_) => (0, Value::Null),
-        }
-    }
-
-    fn post_bytes(&self, path: &str, body: &[u8]) -> (u16, Value) {
-        let mut r = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Content-Type", "application/json")
-            .send(body)
-            .expect("the server answers");
-        let text = r.body_mut().read_to_string().unwrap();
-        (
-            r.status().as_u16(),
-            serde_json::from_str(&text).unwrap_or(Value::Null),
-        )
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.post_bytes(path, body.to_string().as_bytes())
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn assert_healthy(&self, after: &str) {
-        assert_eq!(self.get("/health").0, 200, "/health after {after}");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn model() -> Option<std::path::PathBuf> {
-    let dir = fixture_dir(SHARED_MODEL)?;
-    Some(gguf(SHARED_MODEL, &dir, "q8_0"))
-}
-
-fn chat(prompt: &str, max_tokens: usize) -> Value {
-    json!({
-        "model": "m",
-        "messages": [{"role": "user", "content": prompt}],
-        "temperature": 0,
-        "max_tokens": max_tokens,
-    })
-}
-
-/// A Prometheus value of `/metrics`.
-fn metric(srv: &Server, name: &str) -> f64 {
-    let mut r = srv
-        .agent
-        .get(format!("{}/metrics", srv.base))
-        .call()
-        .expect("metrics");
-    let text = r.body_mut().read_to_string().unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("quarry_{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-        .parse()
-        .unwrap()
-}
 
 /// Polls `ok` every 20 ms for up to `limit`; how long it took.
 fn wait_for(srv: &Server, what: &str, limit: Duration, ok: impl Fn(&Server) -> bool) -> Duration {
@@ -416,7 +279,7 @@ fn malformed_http_and_hostile_bodies_get_4xx_and_the_server_stays_up() {
         ("100,000 nested [", nested.as_bytes()),
     ];
     for (what, body) in bodies {
-        let (st, v) = srv.post_bytes("/v1/chat/completions", body);
+        let (st, v) = srv.post_raw("/v1/chat/completions", body, None);
         assert!((400..500).contains(&st), "{what}: {st}: {v}");
         assert_error_object(what, &v);
         srv.assert_healthy(what);
@@ -510,19 +373,19 @@ fn clients_vanishing_mid_stream_free_every_slot() {
         "every vanished client's sequence to stop and free its blocks",
         Duration::from_secs(30),
         |s| {
-            metric(s, "requests_processing") + metric(s, "requests_deferred") == 0.0
-                && metric(s, "kv_cache_blocks_in_use") == 0.0
+            s.metric("requests_processing") + s.metric("requests_deferred") == 0.0
+                && s.metric("kv_cache_blocks_in_use") == 0.0
         },
     );
     eprintln!(
         "{REQUESTS} streams cut after 0..8000 bytes in {vanished:?}; every slot free {freed:?} after the last \
          ({} tokens generated; KV usage ratio with the prefix cache {})",
-        metric(&srv, "tokens_predicted_total"),
-        metric(&srv, "kv_cache_usage_ratio")
+        srv.metric("tokens_predicted_total"),
+        srv.metric("kv_cache_usage_ratio")
     );
-    assert_eq!(metric(&srv, "requests_total"), REQUESTS as f64);
+    assert_eq!(srv.metric("requests_total"), REQUESTS as f64);
     assert!(
-        metric(&srv, "tokens_predicted_total") < (REQUESTS * 200) as f64,
+        srv.metric("tokens_predicted_total") < (REQUESTS * 200) as f64,
         "every vanished stream ran to its end"
     );
     srv.assert_healthy("the vanished clients");
@@ -531,22 +394,6 @@ fn clients_vanishing_mid_stream_free_every_slot() {
 }
 
 /// A streamed chat reply read to its end: its status and `data:` payloads.
-fn stream(agent: &ureq::Agent, base: &str, body: &Value) -> (u16, Vec<String>) {
-    let mut r = agent
-        .post(format!("{base}/v1/chat/completions"))
-        .header("Content-Type", "application/json")
-        .send(body.to_string())
-        .expect("the server answers");
-    let status = r.status().as_u16();
-    let reader = BufReader::new(r.body_mut().as_reader());
-    let events = reader
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
-        .collect();
-    (status, events)
-}
-
 fn sigterm(pid: u32) {
     let st = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -620,15 +467,15 @@ fn sigterm_lets_running_replies_end_and_exits_zero() {
     let replies: Vec<_> = (0..3)
         .map(|_| {
             let (agent, base, body) = (new_agent(), srv.base.clone(), body.clone());
-            std::thread::spawn(move || stream(&agent, &base, &body))
+            std::thread::spawn(move || stream_events(&agent, &base, "/v1/chat/completions", &body))
         })
         .collect();
     wait_for(&srv, "three replies to run", Duration::from_secs(30), |s| {
-        metric(s, "requests_processing") == 3.0
+        s.metric("requests_processing") == 3.0
     });
     // None has finished yet.
-    assert_eq!(metric(&srv, "requests_total"), 0.0, "a reply ended early");
-    let before = metric(&srv, "tokens_predicted_total");
+    assert_eq!(srv.metric("requests_total"), 0.0, "a reply ended early");
+    let before = srv.metric("tokens_predicted_total");
     sigterm(srv.pid());
     let signalled = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
@@ -654,7 +501,7 @@ fn sigterm_lets_running_replies_end_and_exits_zero() {
         }
     }
     for reply in replies {
-        let (st, events) = reply.join().unwrap();
+        let (st, _, events) = reply.join().unwrap();
         assert_eq!(st, 200);
         eprintln!(
             "a reply running at SIGTERM ({before} tokens generated then): {} events",

@@ -2,6 +2,7 @@
 //! model run in this process on a chosen kernel set; and the `quarry` binary driven the way users drive it.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod serve;
 pub mod skip;
 
 use std::collections::HashMap;
