@@ -7,11 +7,11 @@ mod pull_server;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use pull_server::{COMMIT, Fault, STALL_LIMIT, Server, refused_url};
-use support::{fixture_dir, temp_dir};
+use support::{files_under, fixture_dir, hub_command, temp_dir};
 
 const REPO: &str = "example-org/tiny-moe";
 
@@ -35,21 +35,7 @@ fn quarry_env(
     env: &[(&str, &str)],
     args: &[&str],
 ) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_quarry"));
-    cmd.args(args)
-        .env("QUARRY_HOME", home)
-        .env("HF_ENDPOINT", endpoint)
-        .env_remove("HF_TOKEN");
-    for proxy in [
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        cmd.env_remove(proxy);
-    }
+    let mut cmd = hub_command(home, endpoint, args);
     if let Some(t) = token {
         cmd.env("HF_TOKEN", t);
     }
@@ -78,27 +64,6 @@ fn fails(o: &Output, needles: &[&str]) -> String {
         assert!(err.contains(n), "error does not mention {n:?}: {err}");
     }
     err
-}
-
-/// Every file under `dir`, relative.
-fn files_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p.strip_prefix(dir).unwrap().display().to_string());
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Nothing installed, and no conversion left behind.

@@ -11,6 +11,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::XorShift;
 use support::serve::{Server, chat, free_port, model, new_agent, spawn, stream_events};
 
 /// The server's default request body limit (`max_body_bytes` in src/cli/serve.rs).
@@ -321,18 +322,6 @@ fn malformed_http_and_hostile_bodies_get_4xx_and_the_server_stays_up() {
 
     let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 4));
     assert_eq!(st, 200, "{v}");
-}
-
-/// xorshift64: deterministic pseudo-random numbers without a dependency.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[test]

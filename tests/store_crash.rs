@@ -10,32 +10,15 @@ mod support;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pull_server::Server;
-use support::{fixture_dir, temp_dir};
+use support::{XorShift, files_under, fixture_dir, hub_command, temp_dir};
 
 const KILLS: usize = 20;
 const NAME: &str = "crashy";
 const REPO: &str = "example-org/crashy";
-
-/// xorshift64: the kill moments are the same on every run.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// In [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 /// `KILLS` moments in [0, duration): the i-th falls at a pseudo-random point of the i-th twentieth.
 fn kill_moments(duration: Duration, seed: u64) -> Vec<Duration> {
@@ -45,27 +28,8 @@ fn kill_moments(duration: Duration, seed: u64) -> Vec<Duration> {
         .collect()
 }
 
-fn command(home: &Path, endpoint: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_quarry"));
-    cmd.args(args)
-        .env("QUARRY_HOME", home)
-        .env("HF_ENDPOINT", endpoint)
-        .env_remove("HF_TOKEN");
-    for proxy in [
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        cmd.env_remove(proxy);
-    }
-    cmd
-}
-
 fn run(home: &Path, endpoint: &str, args: &[&str]) -> Output {
-    command(home, endpoint, args)
+    hub_command(home, endpoint, args)
         .stdin(Stdio::null())
         .output()
         .expect("quarry runs")
@@ -84,7 +48,7 @@ fn ok(what: &str, o: Output) -> String {
 /// Runs the command and kills it `after` its start. Returns whether the kill hit it while it was running.
 fn kill_after(home: &Path, endpoint: &str, args: &[&str], after: Duration) -> bool {
     let start = Instant::now();
-    let mut child = command(home, endpoint, args)
+    let mut child = hub_command(home, endpoint, args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -104,27 +68,6 @@ fn kill_after(home: &Path, endpoint: &str, args: &[&str], after: Duration) -> bo
         );
         false
     }
-}
-
-/// Every file under `dir`, relative (folders only through their files).
-fn files_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p.strip_prefix(dir).unwrap().display().to_string());
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// What `list` shows is only ever a complete model: absent, or loadable by `info`; and nothing is broken.
