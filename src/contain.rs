@@ -23,13 +23,16 @@ pub fn contain<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     CONTAINING.with(|c| c.set(c.get() + 1));
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     CONTAINING.with(|c| c.set(c.get() - 1));
-    result.map_err(|payload| {
-        payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_string())
-    })
+    result.map_err(|payload| panic_message(payload.as_ref()))
+}
+
+/// The message a panic was raised with (`panic!("...")`'s text).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 /// Installs a panic hook that stays silent for panics [`contain`] will turn into errors and reports every other

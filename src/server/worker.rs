@@ -89,15 +89,51 @@ impl Worker {
     }
 }
 
+type Running = HashMap<SeqId, tokio_mpsc::UnboundedSender<Output>>;
+
 fn run(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, load: &Load) {
     // Regions of the forward pass start from a pool worker's own deque (see `generate`): the whole loop runs
     // inside the pool.
-    rayon::scope(move |_| serve_jobs(engine, cfg, jobs, load));
+    rayon::scope(move |_| {
+        let mut running = Running::new();
+        // A panic here is a bug in Quarry, but it should cost the requests it hit, not the server: without
+        // this the thread died, every later request waited for ever and the counters of the lost ones never
+        // came down. The requests that were running fail with the panic's message, and the loop starts over
+        // with a fresh scheduler (an empty KV pool); requests still queued are served by it.
+        loop {
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                serve_jobs(engine, cfg, &jobs, load, &mut running)
+            }));
+            let Err(panic) = served else { return };
+            let message = crate::contain::panic_message(panic.as_ref());
+            eprintln!(
+                "the inference thread panicked ({message}); its {} running request(s) failed and it starts over",
+                running.len()
+            );
+            for (_, out) in running.drain() {
+                let _ = out.send(Output::Failed(format!(
+                    "inference failed: the inference thread panicked ({message}); the server goes on, retry the request"
+                )));
+                load.requests_total.fetch_add(1, Ordering::Relaxed);
+                load.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    });
 }
 
-fn serve_jobs(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, load: &Load) {
+/// Set by a test to make the next forward step panic.
+#[cfg(test)]
+static PANIC_IN_NEXT_STEP: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+fn serve_jobs(
+    engine: &Engine,
+    cfg: SchedulerConfig,
+    jobs: &mpsc::Receiver<Job>,
+    load: &Load,
+    running: &mut Running,
+) {
     let mut sched = Scheduler::new(&engine.model, cfg);
-    let mut running: HashMap<SeqId, tokio_mpsc::UnboundedSender<Output>> = HashMap::new();
     let mut events = Vec::new();
     let mut cancelled = Vec::new();
     load.kv_blocks_total
@@ -117,12 +153,12 @@ fn serve_jobs(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, 
             // Wait for work when there is none; take whatever else has arrived without waiting.
             if sched.is_idle() {
                 match jobs.recv() {
-                    Ok(job) => admit(&mut sched, &mut running, job, load, &finish),
+                    Ok(job) => admit(&mut sched, running, job, load, &finish),
                     Err(_) => return,
                 }
             }
             while let Ok(job) = jobs.try_recv() {
-                admit(&mut sched, &mut running, job, load, &finish);
+                admit(&mut sched, running, job, load, &finish);
             }
             // Clients that went away: their sequences stop now, not at their next token.
             let gone: Vec<SeqId> = running
@@ -141,6 +177,10 @@ fn serve_jobs(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, 
                 continue;
             }
             events.clear();
+            #[cfg(test)]
+            if PANIC_IN_NEXT_STEP.swap(false, Ordering::SeqCst) {
+                panic!("a test made this step panic");
+            }
             let t0 = Instant::now();
             let stepped = sched.step(&mut events);
             load.busy_micros_total
@@ -192,7 +232,7 @@ fn serve_jobs(engine: &Engine, cfg: SchedulerConfig, jobs: mpsc::Receiver<Job>, 
 
 fn admit(
     sched: &mut Scheduler,
-    running: &mut HashMap<SeqId, tokio_mpsc::UnboundedSender<Output>>,
+    running: &mut Running,
     job: Job,
     load: &Load,
     finish: &impl Fn(&Load),
@@ -205,5 +245,62 @@ fn admit(
             let _ = job.out.send(Output::Refused(e.to_string()));
             finish(load);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::SamplingParams;
+
+    fn request(max_tokens: usize) -> Request {
+        Request {
+            prompt: vec![1, 2, 3],
+            params: SamplingParams::greedy(),
+            max_tokens,
+            stop: Vec::new(),
+            constraint: None,
+        }
+    }
+
+    /// Every output of one request, up to its last.
+    fn outputs(mut rx: tokio_mpsc::UnboundedReceiver<Output>) -> Vec<Output> {
+        let mut all = Vec::new();
+        while let Some(out) = rx.blocking_recv() {
+            let last = !matches!(out, Output::Token(_));
+            all.push(out);
+            if last {
+                break;
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn a_panicking_step_fails_its_requests_and_the_thread_serves_the_next() {
+        // The tiny model the fuzz corpus keeps (tests/fixtures/granitemoe-dev-2 in Q8_0).
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus/gguf/dev-2-q8_0.gguf");
+        let engine = Arc::new(Engine::open(&model).unwrap());
+        let worker = Worker::start(engine, SchedulerConfig::new(2, 64)).unwrap();
+
+        let want = outputs(worker.submit(request(4)));
+        assert!(matches!(want.last(), Some(Output::Done { .. })), "{want:?}");
+
+        PANIC_IN_NEXT_STEP.store(true, Ordering::SeqCst);
+        let failed = outputs(worker.submit(request(4)));
+        match failed.as_slice() {
+            [Output::Failed(message)] => assert!(
+                message.contains("panicked (a test made this step panic)"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+
+        // The thread goes on, and the same request gets the same reply as before the panic.
+        let again = outputs(worker.submit(request(4)));
+        assert_eq!(format!("{again:?}"), format!("{want:?}"));
+        assert_eq!(worker.load.in_flight.load(Ordering::SeqCst), 0);
+        assert_eq!(worker.load.requests_total.load(Ordering::SeqCst), 3);
     }
 }
