@@ -678,3 +678,103 @@ fn a_late_header_closes_the_connection_but_a_slow_body_or_an_idle_kept_alive_one
         t.elapsed()
     );
 }
+
+#[test]
+fn an_idle_kept_alive_connection_is_closed_and_a_trickled_body_gets_408_but_a_waiting_stream_is_not_cut()
+ {
+    let Some(model) = model() else { return };
+    // One slot, and short idle and body deadlines (60 s each by default) keep the test short.
+    let srv = Server::start(
+        &model,
+        &[
+            "--parallel",
+            "1",
+            "--ctx-size",
+            "4096",
+            "--idle-timeout",
+            "0.5",
+            "--body-timeout",
+            "1",
+        ],
+    );
+    let addr = srv.addr().to_string();
+
+    // A reply, then nothing: the connection is closed half a second later, not before.
+    let mut keep = TcpStream::connect(&addr).unwrap();
+    keep.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    keep.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = keep.read(&mut buf).unwrap();
+    assert_eq!(status_of(&buf[..n]), Some(200));
+    let replied = Instant::now();
+    assert!(
+        closed_by_server(&mut keep, Duration::from_secs(5)),
+        "a kept-alive connection idle for 5 s with a 0.5 s idle deadline is still open"
+    );
+    let idle_for = replied.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(450),
+        "closed after only {idle_for:?} idle"
+    );
+
+    // A body that has not all arrived a second after its header: 408 with an error object.
+    let body = chat("Hello", 4).to_string();
+    let mut sock = TcpStream::connect(&addr).unwrap();
+    write!(
+        sock,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        &body[..10]
+    )
+    .unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = sock.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    assert_eq!(status_of(reply.as_bytes()), Some(408), "{reply}");
+    assert_error_object("a trickled body", &body_json(&reply));
+    srv.assert_healthy("a trickled body");
+
+    // A long reply holds the one slot; a streamed request behind it waits longer than the idle deadline
+    // without a byte of its reply, which is not idleness: it gets its whole stream.
+    let long = std::thread::spawn({
+        let base = srv.base.clone();
+        move || {
+            let agent = new_agent();
+            let r = agent
+                .post(format!("{base}/v1/chat/completions"))
+                .header("Content-Type", "application/json")
+                .send(chat("Hello", 3000).to_string())
+                .expect("the server answers");
+            r.status().as_u16()
+        }
+    });
+    wait_for(
+        &srv,
+        "the long reply to run",
+        Duration::from_secs(30),
+        |s| s.metric("requests_processing") == 1.0,
+    );
+    let waited = Instant::now();
+    let mut body = chat("Hello", 4);
+    body["stream"] = json!(true);
+    let (st, _, events) = srv.stream("/v1/chat/completions", &body);
+    assert_eq!(st, 200);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let waited = waited.elapsed();
+    assert_eq!(long.join().unwrap(), 200);
+    assert!(
+        waited > Duration::from_millis(750),
+        "the long reply ended after {waited:?}, too soon to show a waiting stream outlives the 0.5 s idle deadline"
+    );
+    eprintln!(
+        "idle connection closed {idle_for:?} after its reply (0.5 s deadline); a trickled body 408; a stream that waited {waited:?} for the slot arrived whole"
+    );
+}

@@ -55,6 +55,12 @@ pub struct Args {
     /// connection is closed beyond, so idle and slow clients cannot hold connections for ever.
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_seconds)]
     pub header_timeout: f64,
+    /// Seconds a kept-alive connection may stay idle after its last reply before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = parse_seconds)]
+    pub idle_timeout: f64,
+    /// Seconds a request's body may take to arrive after its header; 408 beyond.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = parse_seconds)]
+    pub body_timeout: f64,
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -93,6 +99,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Listening starts before the model is opened (`/health` answers 503 meanwhile).
     let limits = ConnectionLimits {
         header_timeout: Duration::from_secs_f64(args.header_timeout),
+        idle_timeout: Duration::from_secs_f64(args.idle_timeout),
+        body_timeout: Duration::from_secs_f64(args.body_timeout),
     };
     serve_with(cfg, limits, move || {
         load(&path, &model_name, &args).map_err(|e| super::format::error_chain(&e))

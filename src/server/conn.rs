@@ -1,17 +1,22 @@
-//! A deadline for each request's header, below HTTP.
+//! Deadlines for each request's header, below HTTP.
 //!
 //! `axum::serve` gives hyper no timer, so hyper's own `header_read_timeout` is off: a client that connects and
-//! sends nothing, or sends its header a byte a second and never ends it (a "slowloris"), held its connection, a
-//! task and a file descriptor for as long as it liked, and enough of them exhaust the process's open-files
-//! limit so that nobody else can connect. [`HeaderDeadlineListener`] wraps each accepted connection in
-//! [`HeaderDeadline`], which fails the connection's reads (hyper then drops it) when a request's header has not
-//! fully arrived within the timeout of its first byte, or of the connection's start for the first request.
-//! Once a header has arrived the deadline is off: reading the body, generating the reply and streaming it take
-//! as long as they take.
+//! sends nothing, or sends its header a byte a second and never ends it (a "slowloris"), or keeps an idle
+//! keep-alive connection after its reply, held its connection, a task and a file descriptor for as long as it
+//! liked, and enough of them exhaust the process's open-files limit so that nobody else can connect.
+//! [`HeaderDeadlineListener`] wraps each accepted connection in [`HeaderDeadline`], which fails the connection's
+//! reads (hyper then drops it) when a request's header has not fully arrived within the header timeout of its
+//! first byte (of the connection's start, for the first request), or when a kept-alive connection has sent
+//! nothing for the idle timeout since its last reply was written whole. Once a header has arrived the deadline
+//! is off: reading the body (bounded separately, in `until_ready`), generating the reply and streaming it take
+//! as long as they take. The HTTP side says when a reply has been written whole through the connection's
+//! [`Peer::replies`] count ([`ReplyGuard`]): bytes alone cannot tell a finished reply from a stream waiting for
+//! its next token.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -19,24 +24,135 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 
-/// A TCP listener whose connections must send each request's header within `timeout`.
+/// A TCP listener whose connections must send each request's header within `header_timeout` of its start, and
+/// may stay idle between requests for `idle_timeout`.
 pub(crate) struct HeaderDeadlineListener {
     pub inner: TcpListener,
-    pub timeout: Duration,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// A connection as the HTTP side sees it (`ConnectInfo<Peer>`): how many of its replies are still being
+/// produced or written.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Peer {
+    pub replies: Arc<Replies>,
+}
+
+/// A connection's replies not yet written whole, and the connection's reader to wake when the last one is:
+/// hyper may have polled the read side while the reply was still running, and would not poll it again (to
+/// start the idle deadline) until the client sent something.
+#[derive(Debug, Default)]
+pub(crate) struct Replies {
+    count: AtomicUsize,
+    reader: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl Replies {
+    fn running(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Wakes `waker` once no reply is running (at once, if none is).
+    fn wake_when_done(&self, waker: &std::task::Waker) {
+        *self.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker.clone());
+        if self.running() == 0
+            && let Some(w) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take()
+        {
+            w.wake();
+        }
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, HeaderDeadlineListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, HeaderDeadlineListener>) -> Peer {
+        stream.remote_addr().clone()
+    }
+}
+
+/// Counts one reply of a connection from the moment its request is taken until its body is dropped (written
+/// whole, or abandoned).
+pub(crate) struct ReplyGuard(Arc<Replies>);
+
+impl ReplyGuard {
+    pub(crate) fn new(peer: &Peer) -> ReplyGuard {
+        peer.replies.count.fetch_add(1, Ordering::SeqCst);
+        ReplyGuard(peer.replies.clone())
+    }
+}
+
+impl Drop for ReplyGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Some(w) = self
+                .0
+                .reader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+        {
+            w.wake();
+        }
+    }
+}
+
+/// A reply body that holds its [`ReplyGuard`] until it is dropped; frames, end and size pass through (a JSON
+/// reply keeps its `Content-Length`).
+pub(crate) struct GuardedBody {
+    inner: axum::body::Body,
+    _guard: ReplyGuard,
+}
+
+impl GuardedBody {
+    pub(crate) fn new(inner: axum::body::Body, guard: ReplyGuard) -> GuardedBody {
+        GuardedBody {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl axum::body::HttpBody for GuardedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl axum::serve::Listener for HeaderDeadlineListener {
     type Io = HeaderDeadline<TcpStream>;
-    type Addr = SocketAddr;
+    type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         // axum's own accept loop: it retries (after a pause, for EMFILE and the like) rather than failing.
-        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        (HeaderDeadline::new(io, self.timeout), addr)
+        let (io, _) = axum::serve::Listener::accept(&mut self.inner).await;
+        let peer = Peer::default();
+        let io = HeaderDeadline::new(
+            io,
+            self.header_timeout,
+            self.idle_timeout,
+            peer.replies.clone(),
+        );
+        (io, peer)
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
+        self.inner.local_addr().map(|_| Peer::default())
     }
 }
 
@@ -49,6 +165,8 @@ enum Phase {
     Request,
     /// A reply has started; the next bytes read begin the next request's header.
     Replied,
+    /// Every reply has been written whole and nothing of the next request has arrived: the idle deadline runs.
+    Idle,
 }
 
 /// A connection whose reads fail with [`io::ErrorKind::TimedOut`] once a request's header is late.
@@ -60,22 +178,41 @@ enum Phase {
 /// pipelined requests one at a time anyway.
 pub(crate) struct HeaderDeadline<T> {
     inner: T,
-    timeout: Duration,
+    header_timeout: Duration,
+    idle_timeout: Duration,
     deadline: Pin<Box<Sleep>>,
     phase: Phase,
     /// The last two bytes of the header read so far (`\n\r` before a final `\n` ends it).
     tail: [u8; 2],
+    /// The connection's replies not yet written whole ([`Peer::replies`]).
+    replies: Arc<Replies>,
 }
 
 impl<T> HeaderDeadline<T> {
-    pub(crate) fn new(inner: T, timeout: Duration) -> HeaderDeadline<T> {
+    pub(crate) fn new(
+        inner: T,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+        replies: Arc<Replies>,
+    ) -> HeaderDeadline<T> {
         HeaderDeadline {
             inner,
-            timeout,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            header_timeout,
+            idle_timeout,
+            deadline: Box::pin(tokio::time::sleep(header_timeout)),
             phase: Phase::Header,
             tail: [0; 2],
+            replies,
         }
+    }
+
+    /// Starts waiting for the next request's header, with the deadline from now.
+    fn await_header(&mut self) {
+        self.phase = Phase::Header;
+        self.tail = [0; 2];
+        self.deadline
+            .as_mut()
+            .reset(Instant::now() + self.header_timeout);
     }
 
     /// Follows the header through newly read `bytes`.
@@ -83,10 +220,8 @@ impl<T> HeaderDeadline<T> {
         if bytes.is_empty() {
             return;
         }
-        if self.phase == Phase::Replied {
-            self.phase = Phase::Header;
-            self.tail = [0; 2];
-            self.deadline.as_mut().reset(Instant::now() + self.timeout);
+        if matches!(self.phase, Phase::Replied | Phase::Idle) {
+            self.await_header();
         }
         if self.phase != Phase::Header {
             return;
@@ -98,6 +233,40 @@ impl<T> HeaderDeadline<T> {
             }
             self.tail = [self.tail[1], b];
         }
+    }
+
+    /// Starts the idle deadline once the connection's replies have all been written whole. Called from every
+    /// poll: hyper does not read again right after a reply (the read side stays registered with the socket), so
+    /// the reply's last flush is where the deadline can first be armed, with the connection's waker.
+    fn note_idle(&mut self, cx: &mut Context<'_>) {
+        if self.phase != Phase::Replied {
+            return;
+        }
+        // Woken when the last reply's body is dropped, in case that happens between polls.
+        self.replies.wake_when_done(cx.waker());
+        if self.replies.running() == 0 {
+            self.phase = Phase::Idle;
+            self.deadline
+                .as_mut()
+                .reset(Instant::now() + self.idle_timeout);
+            // Registers the waker, so the connection is polled (and its read fails) at the deadline.
+            let _ = self.deadline.as_mut().poll(cx);
+        }
+    }
+
+    /// Whether the connection has been idle past its deadline.
+    fn idle_too_long(&self) -> bool {
+        self.phase == Phase::Idle && self.deadline.is_elapsed()
+    }
+
+    fn idle_error(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the connection was idle for {} s",
+                self.idle_timeout.as_secs_f64()
+            ),
+        )
     }
 
     /// Notes that `first`, the start of a write, went out.
@@ -116,14 +285,22 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeaderDeadline<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.note_idle(cx);
         // Polled before reading, so that a client sending nothing at all still wakes the connection at the deadline.
-        if this.phase == Phase::Header && this.deadline.as_mut().poll(cx).is_ready() {
+        let late = match this.phase {
+            Phase::Header => Some((
+                "the request's header did not arrive within",
+                this.header_timeout,
+            )),
+            Phase::Idle => Some(("the connection was idle for", this.idle_timeout)),
+            Phase::Request | Phase::Replied => None,
+        };
+        if let Some((what, limit)) = late
+            && this.deadline.as_mut().poll(cx).is_ready()
+        {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!(
-                    "the request's header did not arrive within {} s",
-                    this.timeout.as_secs_f64()
-                ),
+                format!("{what} {} s", limit.as_secs_f64()),
             )));
         }
         let before = buf.filled().len();
@@ -167,7 +344,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeaderDeadline<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let flushed = ready!(Pin::new(&mut this.inner).poll_flush(cx));
+        this.note_idle(cx);
+        // hyper flushes on every wake; the read side may not be polled.
+        if flushed.is_ok() && this.idle_too_long() {
+            return Poll::Ready(Err(this.idle_error()));
+        }
+        Poll::Ready(flushed)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -186,7 +370,9 @@ mod tests {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let mut c = HeaderDeadline::new((), Duration::from_secs(5));
+            let replies = Arc::new(Replies::default());
+            let mut c =
+                HeaderDeadline::new((), Duration::from_secs(5), Duration::from_secs(60), replies);
             c.saw(b"GET / HTTP/1.1\r\nHost: x\r\n");
             assert_eq!(c.phase, Phase::Header);
             c.saw(b"\r");

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -68,12 +69,21 @@ pub struct ConnectionLimits {
     /// first request); the connection is closed beyond. Without it, idle and slow-header clients could hold
     /// connections, and file descriptors, for ever.
     pub header_timeout: Duration,
+    /// How long a kept-alive connection may send nothing after its last reply before it is closed (longer than
+    /// common clients keep an idle connection: 5 s for httpx, 15 s for ureq; nginx uses 75 s).
+    pub idle_timeout: Duration,
+    /// How long a request's body may take to arrive once its header has; 408 beyond. Every route reads its
+    /// body whole (at most the body limit), so a client trickling one in would otherwise hold a request open
+    /// for ever.
+    pub body_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> ConnectionLimits {
         ConnectionLimits {
             header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -197,11 +207,12 @@ where
         let local: SocketAddr = listener.local_addr()?;
         let listener = conn::HeaderDeadlineListener {
             inner: listener,
-            timeout: limits.header_timeout,
+            header_timeout: limits.header_timeout,
+            idle_timeout: limits.idle_timeout,
         };
         let grace = cfg.shutdown_grace;
         let ready: Arc<OnceLock<Router>> = Arc::new(OnceLock::new());
-        let app = until_ready(ready.clone(), cfg.max_body_bytes);
+        let app = until_ready(ready.clone(), cfg.max_body_bytes, limits.body_timeout);
         eprintln!("listening on http://{local} (OpenAI API at http://{local}/v1); loading the model");
 
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
@@ -229,6 +240,7 @@ where
 
         let failure: Arc<Mutex<Option<ServeError>>> = Arc::default();
         let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+        let app = app.into_make_service_with_connect_info::<conn::Peer>();
         let server = axum::serve(listener, app).with_graceful_shutdown({
             let failure = failure.clone();
             async move {
@@ -259,20 +271,82 @@ where
     result
 }
 
-/// The router that answers [`still_loading`] until `ready` holds the real one, then hands every request to it.
-fn until_ready(ready: Arc<OnceLock<Router>>, max_body_bytes: usize) -> Router {
+/// The router that answers [`still_loading`] until `ready` holds the real one, then hands every request to it,
+/// its body read whole within `body_timeout` first. Each reply is counted on its connection until its body is
+/// dropped, so the connection knows when it is idle (`conn`).
+fn until_ready(
+    ready: Arc<OnceLock<Router>>,
+    max_body_bytes: usize,
+    body_timeout: Duration,
+) -> Router {
     Router::new().fallback(move |req: Request| async move {
-        if let Some(refused) = missing_host(&req).or_else(|| too_large(&req, max_body_bytes)) {
-            return refused;
-        }
-        match ready.get() {
-            Some(app) => match app.clone().oneshot(req).await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            },
-            None => still_loading(&req),
+        let guard = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<conn::Peer>>()
+            .map(|peer| conn::ReplyGuard::new(&peer.0));
+        let response = 'reply: {
+            if let Some(refused) = missing_host(&req).or_else(|| too_large(&req, max_body_bytes)) {
+                break 'reply refused;
+            }
+            let req = match read_body(req, max_body_bytes, body_timeout).await {
+                Ok(req) => req,
+                Err(refused) => break 'reply refused,
+            };
+            match ready.get() {
+                Some(app) => match app.clone().oneshot(req).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                },
+                None => still_loading(&req),
+            }
+        };
+        match guard {
+            Some(guard) => response.map(|body| Body::new(conn::GuardedBody::new(body, guard))),
+            None => response,
         }
     })
+}
+
+/// `req` with its body read into memory: a 408 if it has not all arrived within `timeout`, a 413 past
+/// `max_body_bytes` (a chunked body announces no length), a 400 if the connection failed mid-body.
+async fn read_body(
+    req: Request,
+    max_body_bytes: usize,
+    timeout: Duration,
+) -> Result<Request, Response> {
+    use futures_util::StreamExt;
+    let (parts, body) = req.into_parts();
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request(format!("the request body could not be read: {e}"))
+            })?;
+            if bytes.len() + chunk.len() > max_body_bytes {
+                return Err(ApiError {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    message: format!(
+                        "the request body is over the limit of {max_body_bytes} bytes"
+                    ),
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(())) => Ok(Request::from_parts(parts, Body::from(bytes))),
+        Ok(Err(refused)) => Err(refused.into_response()),
+        Err(_) => Err(ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!(
+                "the request body did not arrive within {} s of its header; send it whole, or raise --body-timeout",
+                timeout.as_secs_f64()
+            ),
+        }
+        .into_response()),
+    }
 }
 
 /// A 400 for an HTTP/1.1 request without a `Host` header, as RFC 9112 (3.2) requires of a server; hyper
@@ -541,7 +615,7 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             let ready = Arc::new(OnceLock::new());
-            let app = until_ready(ready.clone(), 1 << 20);
+            let app = until_ready(ready.clone(), 1 << 20, Duration::from_secs(5));
             let (st, _, body) = call(&app, "/health").await;
             assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(body["status"], "loading model");
