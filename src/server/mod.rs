@@ -611,6 +611,7 @@ mod tests {
     #[test]
     fn requests_get_503_until_the_model_is_ready_then_reach_it() {
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
         runtime.block_on(async {
