@@ -55,7 +55,12 @@ impl Replies {
 
     /// Wakes `waker` once no reply is running (at once, if none is).
     fn wake_when_done(&self, waker: &std::task::Waker) {
-        *self.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker.clone());
+        {
+            let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+            if !reader.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                *reader = Some(waker.clone());
+            }
+        }
         if self.running() == 0
             && let Some(w) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take()
         {
