@@ -974,7 +974,8 @@ mod tests {
     }
 
     /// Found by the chat_template fuzz target: a sequence repeated 333 billion times, then sorted, ran for
-    /// hours (minijinja 3.1 now caps a repeat at 10^8 items, which is still far too many to sort). Every filter that reads a whole sequence refuses one that long, at once; short ones still work.
+    /// hours (minijinja 3.1 now caps a repeat at 10^8 items, still far too many to sort). Every filter that
+    /// reads a whole sequence refuses one that long, at once; short ones still work.
     #[test]
     fn filters_refuse_sequences_a_template_made_enormous() {
         let c = Conversation::default();
