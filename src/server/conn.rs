@@ -55,15 +55,19 @@ impl Replies {
 
     /// Wakes `waker` once no reply is running (at once, if none is).
     fn wake_when_done(&self, waker: &std::task::Waker) {
-        {
+        let done = {
             let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
             if !reader.as_ref().is_some_and(|w| w.will_wake(waker)) {
                 *reader = Some(waker.clone());
             }
-        }
-        if self.running() == 0
-            && let Some(w) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take()
-        {
+            // Checked after the waker is stored: a reply ending in between finds it and wakes it.
+            if self.running() == 0 {
+                reader.take()
+            } else {
+                None
+            }
+        };
+        if let Some(w) = done {
             w.wake();
         }
     }

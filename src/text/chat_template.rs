@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use chrono::{NaiveDate, NaiveDateTime};
-use minijinja::value::{Kwargs, Rest, ValueKind};
+use minijinja::value::{Kwargs, Rest, Serde, ValueKind, ValueOrKwargs};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, Value};
 use quarry_quantize::gguf::{Array, GgufFile};
 use serde::{Deserialize, Serialize};
@@ -400,18 +400,9 @@ impl ChatTemplate {
             })?;
         let special = &self.special_tokens;
         let mut context: Vec<(&str, Value)> = vec![
-            (
-                "messages",
-                Value::from(minijinja::value::Serde(&conversation.messages)),
-            ),
-            (
-                "tools",
-                Value::from(minijinja::value::Serde(&conversation.tools)),
-            ),
-            (
-                "documents",
-                Value::from(minijinja::value::Serde(&conversation.documents)),
-            ),
+            ("messages", Value::from(Serde(&conversation.messages))),
+            ("tools", Value::from(Serde(&conversation.tools))),
+            ("documents", Value::from(Serde(&conversation.documents))),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
         ];
         for (name, text) in [
@@ -425,7 +416,7 @@ impl ChatTemplate {
             }
         }
         for (name, value) in &conversation.extra {
-            context.push((name, Value::from(minijinja::value::Serde(value))));
+            context.push((name, Value::from(Serde(value))));
         }
         let mut out = BoundedText::default();
         let rendered = self.env.get_template(TEMPLATE_NAME).and_then(|template| {
@@ -487,7 +478,7 @@ fn bound_sequence_filters(env: &mut Environment<'static>) {
             env.add_filter(concat!("builtin ", stringify!($name)), filters::$name);
             env.add_filter(
                 stringify!($name),
-                |state: &mut minijinja::State, value: Value, args: Rest<minijinja::value::ValueOrKwargs>| -> Result<Value, Error> {
+                |state: &mut minijinja::State, value: Value, args: Rest<ValueOrKwargs>| -> Result<Value, Error> {
                     check_filtered_len(&value, stringify!($name))?;
                     let mut all = Vec::with_capacity(args.len() + 1);
                     all.push(value);
@@ -999,8 +990,8 @@ mod tests {
             );
             assert!(started.elapsed().as_secs() < 2, "{filter}");
         }
-        // Printed, or hidden inside another sequence or a map (found by fuzzing:
-        // `{{ 99999999 * ['c'] | sort }}` filters first, then prints the repeat).
+        // Printed, or hidden inside another sequence or a map (found by fuzzing as
+        // `{{ 333333333333 * ['c'] | sort }}`: it filters first, then prints the repeat).
         for expression in [
             "99999999 * ['c'] | sort",
             "[1] * 99999999",
