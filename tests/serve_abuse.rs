@@ -683,7 +683,8 @@ fn a_late_header_closes_the_connection_but_a_slow_body_or_an_idle_kept_alive_one
 fn an_idle_kept_alive_connection_is_closed_and_a_trickled_body_gets_408_but_a_waiting_stream_is_not_cut()
  {
     let Some(model) = model() else { return };
-    // One slot, and short idle and body deadlines (60 s each by default) keep the test short.
+    // One slot, and short idle and body deadlines (60 s each by default) keep the test short. The idle one is
+    // short enough that the long reply below, all the context holds, outlasts it twice on a fast machine.
     let srv = Server::start(
         &model,
         &[
@@ -692,7 +693,7 @@ fn an_idle_kept_alive_connection_is_closed_and_a_trickled_body_gets_408_but_a_wa
             "--ctx-size",
             "4096",
             "--idle-timeout",
-            "0.5",
+            "0.25",
             "--body-timeout",
             "1",
         ],
@@ -711,11 +712,11 @@ fn an_idle_kept_alive_connection_is_closed_and_a_trickled_body_gets_408_but_a_wa
     let replied = Instant::now();
     assert!(
         closed_by_server(&mut keep, Duration::from_secs(5)),
-        "a kept-alive connection idle for 5 s with a 0.5 s idle deadline is still open"
+        "a kept-alive connection idle for 5 s with a 0.25 s idle deadline is still open"
     );
     let idle_for = replied.elapsed();
     assert!(
-        idle_for >= Duration::from_millis(450),
+        idle_for >= Duration::from_millis(225),
         "closed after only {idle_for:?} idle"
     );
 
@@ -747,7 +748,7 @@ fn an_idle_kept_alive_connection_is_closed_and_a_trickled_body_gets_408_but_a_wa
             let r = agent
                 .post(format!("{base}/v1/chat/completions"))
                 .header("Content-Type", "application/json")
-                .send(chat("Hello", 3000).to_string())
+                .send(chat("Hello", 4000).to_string())
                 .expect("the server answers");
             r.status().as_u16()
         }
@@ -771,10 +772,10 @@ fn an_idle_kept_alive_connection_is_closed_and_a_trickled_body_gets_408_but_a_wa
     let waited = waited.elapsed();
     assert_eq!(long.join().unwrap(), 200);
     assert!(
-        waited > Duration::from_millis(750),
-        "the long reply ended after {waited:?}, too soon to show a waiting stream outlives the 0.5 s idle deadline"
+        waited > Duration::from_millis(500),
+        "the long reply ended after {waited:?}, too soon to show a waiting stream outlives the 0.25 s idle deadline twice"
     );
     eprintln!(
-        "idle connection closed {idle_for:?} after its reply (0.5 s deadline); a trickled body 408; a stream that waited {waited:?} for the slot arrived whole"
+        "idle connection closed {idle_for:?} after its reply (0.25 s deadline); a trickled body 408; a stream that waited {waited:?} for the slot arrived whole"
     );
 }
