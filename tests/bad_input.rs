@@ -547,24 +547,6 @@ fn a_tokenizer_smaller_than_the_vocabulary_is_refused() {
     );
 }
 
-/// `good` with metadata `key` set to the string `value`, everything else (tensors included) as it was.
-fn with_string_metadata(good: &quarry::gguf::GgufFile, key: &str, value: &str) -> Vec<u8> {
-    use quarry::gguf::{GgufWriter, TensorSpec, Value};
-    let mut metadata = good.metadata().to_vec();
-    let slot = metadata.iter_mut().find(|(k, _)| k == key).unwrap();
-    slot.1 = Value::String(value.to_string());
-    let specs = good
-        .tensors()
-        .iter()
-        .map(|t| TensorSpec::new(t.name.clone(), &t.dims, t.ty))
-        .collect();
-    let mut w = GgufWriter::new(Vec::new(), &metadata, specs).unwrap();
-    for t in good.tensors() {
-        w.write_tensor(&t.name, &good.tensor_data(t)).unwrap();
-    }
-    w.finish().unwrap()
-}
-
 /// Three `tokenizer.json` files on which the `tokenizers` crate panics (tokenizers 0.23: an invalid Precompiled
 /// normalizer at load; a post-processor naming a token it does not define, and a zero-length split, at the
 /// first encoding): each is an error naming the file when the model is opened, never a panic.
@@ -614,4 +596,93 @@ fn tokenizers_that_make_the_tokenizer_library_panic_are_errors_naming_the_file()
             &[&path, "the tokenizer library failed"],
         );
     }
+}
+
+/// A chat template is a program that comes with the file. One that is not Granite's own renders in a child
+/// process with CPU and memory limits: the hostile ones fuel cannot see (a list doubled sixty times, then
+/// searched or measured: minijinja walks 2^60 items inside one operator) end with an error naming the limit,
+/// within seconds, and a benign template that is not Granite's renders exactly as Granite's own does in-process.
+#[test]
+fn chat_templates_that_are_not_granites_own_render_within_cpu_and_memory_limits() {
+    let (_, good) = good_gguf();
+    let key = quarry::text::chat_template::GGUF_CHAT_TEMPLATE_KEY;
+    let granite = good
+        .get(key)
+        .and_then(quarry::gguf::Value::as_str)
+        .unwrap()
+        .to_string();
+    assert!(quarry::text::template_sandbox::is_trusted(&granite));
+    let dir = temp_dir("isolated-templates");
+    let doubled = "{% set ns = namespace(s=[1]) %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}";
+    for (name, template, needle) in [
+        (
+            "search",
+            format!("{doubled}{{{{ 2 in ns.s }}}}"),
+            "chat template",
+        ),
+        (
+            "length",
+            format!("{doubled}{{{{ ns.s | length }}}}"),
+            "chat template",
+        ),
+        (
+            "nested-loops",
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+                .to_string(),
+            "steps (a loop without a useful bound?)",
+        ),
+    ] {
+        let path = write(
+            &dir,
+            &format!("{name}.gguf"),
+            &with_string_metadata(&good, key, &template),
+        );
+        let started = std::time::Instant::now();
+        let err = fails_cleanly(&["run", &path, "--prompt", "hi", "-n", "1"], &[needle]);
+        // The kernel's CPU limit (5 s) and the parent's clock (20 s) bound it, on any load.
+        assert!(
+            started.elapsed().as_secs() < 25,
+            "{name}: took {:?}",
+            started.elapsed()
+        );
+        if name != "nested-loops" {
+            assert!(
+                err.contains("s of CPU time") || err.contains("MiB of memory"),
+                "{name}: {err}"
+            );
+        }
+    }
+
+    // The same text with a comment added is no longer Granite's own: it renders in a child, identically.
+    let edited = write(
+        &dir,
+        "edited.gguf",
+        &with_string_metadata(&good, key, &format!("{granite}{{# edited #}}")),
+    );
+    let chat = dir.join("chat.json");
+    std::fs::write(
+        &chat,
+        r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo\u0000 <|end_of_text|>"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}"#,
+    )
+    .unwrap();
+    let original = write(
+        &dir,
+        "original.gguf",
+        &with_string_metadata(&good, key, &granite),
+    );
+    let tokens = |model: &str| {
+        quarry_ok(
+            "scalar",
+            &[
+                "tokenize",
+                model,
+                "--chat",
+                chat.to_str().unwrap(),
+                "--format",
+                "json",
+            ],
+        )
+    };
+    assert_eq!(tokens(&edited), tokens(&original));
 }

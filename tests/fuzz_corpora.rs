@@ -90,6 +90,11 @@ fn chat_template_inputs_replay_cleanly() {
         return support::skip::skipped("the chat-template fuzz inputs", &template);
     }
     let real = harness::RealTemplates::load(&shared);
+    // As in the binary: a template that is not Granite's own renders in a child process with CPU and memory
+    // limits, which is what bounds the inputs fuel cannot (regressions/chat_template/list-doubling-*).
+    quarry::text::template_sandbox::isolate_untrusted_templates(
+        env!("CARGO_BIN_EXE_quarry").into(),
+    );
     replay("chat_template", |data| harness::chat_template(data, &real));
 }
 

@@ -324,6 +324,75 @@ fn malformed_http_and_hostile_bodies_get_4xx_and_the_server_stays_up() {
     assert_eq!(st, 200, "{v}");
 }
 
+/// A model whose chat template is hostile (a list doubled sixty times, then searched: fuel does not see it) and
+/// not Granite's own: each request's render runs in a child process that the CPU limit stops, concurrent ones
+/// included, and meanwhile `/health` answers within a second and raw prompts still generate.
+#[test]
+fn a_hostile_chat_template_costs_each_request_a_400_and_never_the_server() {
+    let Some(model) = model() else { return };
+    let good = quarry::gguf::GgufFile::open(&model).unwrap();
+    let hostile = support::with_string_metadata(
+        &good,
+        quarry::text::chat_template::GGUF_CHAT_TEMPLATE_KEY,
+        "{% set ns = namespace(s=[1]) %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ 2 in ns.s }}",
+    );
+    let dir = support::temp_dir("serve-hostile-template");
+    let path = dir.join("hostile.gguf");
+    std::fs::write(&path, hostile).unwrap();
+    let srv = Server::start(&path, &["--parallel", "2", "--ctx-size", "256"]);
+
+    let requests = [
+        ("/v1/chat/completions", chat("Hello", 2)),
+        (
+            "/api/chat",
+            json!({"model": "m", "messages": [{"role": "user", "content": "Hello"}], "stream": false}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "m", "prompt": "Hello", "stream": false}),
+        ),
+    ];
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let srv = &srv;
+        let replies: Vec<_> = requests
+            .iter()
+            .map(|(path, body)| s.spawn(move || (path, srv.post(path, body))))
+            .collect();
+        // The renders hold blocking threads and child processes, not the thread that serves connections.
+        while !replies.iter().all(|r| r.is_finished()) {
+            let t0 = Instant::now();
+            srv.assert_healthy("hostile renders running");
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "/health took {:?} while hostile templates rendered",
+                t0.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for reply in replies {
+            let (path, (st, v)) = reply.join().unwrap();
+            assert_eq!(st, 400, "{path}: {v}");
+            let message = v["error"]["message"]
+                .as_str()
+                .or(v["error"].as_str())
+                .unwrap_or_else(|| panic!("{path}: no error message in {v}"));
+            assert!(message.contains("s of CPU time"), "{path}: {message}");
+        }
+    });
+    // Two children at a time, each stopped after 5 s of CPU time (20 s by the clock at most).
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "took {:?}",
+        started.elapsed()
+    );
+    let (st, v) = srv.post(
+        "/api/generate",
+        &json!({"model": "m", "prompt": "Hello", "raw": true, "stream": false, "options": {"num_predict": 2}}),
+    );
+    assert_eq!(st, 200, "a raw prompt after the hostile renders: {v}");
+}
+
 #[test]
 fn clients_vanishing_mid_stream_free_every_slot() {
     let Some(model) = model() else { return };

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::generation::{Generation, Step, streamed_response};
-use super::openai::{chat_messages, encode, integer, log, parse_body, sampling};
+use super::openai::{chat_messages, encode, integer, log, parse_body, render_prompt, sampling};
 use super::tools::{self, ParsedCall, Tool};
 use super::{ApiError, AppState, compile_schema};
 use crate::sampling::{SamplingParams, TokenConstraint};
@@ -25,15 +25,16 @@ pub async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let prepared = (|| {
+    let prepared = async {
         let body = parse_body(body)?;
         let messages = chat_messages(&body)?;
         let (tools, _) = tools::parse_tools(&body)?;
         let mut opts = Options::parse(&state, &body)?;
         opts.read_tool_calls = !tools.is_empty();
-        let prompt = render(&state, messages, &tools)?;
+        let prompt = render(&state, messages, &tools).await?;
         Ok::<_, ApiError>((opts, prompt))
-    })();
+    }
+    .await;
     match prepared {
         Ok((opts, prompt)) => reply(state, "/api/chat", true, opts, prompt, started).await,
         Err(e) => e.into_response(),
@@ -45,7 +46,7 @@ pub async fn generate(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let prepared = (|| {
+    let prepared = async {
         let body = parse_body(body)?;
         let Some(text) = body.get("prompt").and_then(Value::as_str) else {
             return Err(ApiError::bad_request("\"prompt\" must be a string"));
@@ -59,10 +60,11 @@ pub async fn generate(
                 messages.push(Message::new("system", system));
             }
             messages.push(Message::new("user", text));
-            render(&state, messages, &[])?
+            render(&state, messages, &[]).await?
         };
         Ok::<_, ApiError>((Options::parse(&state, &body)?, prompt))
-    })();
+    }
+    .await;
     match prepared {
         Ok((opts, prompt)) => reply(state, "/api/generate", false, opts, prompt, started).await,
         Err(e) => e.into_response(),
@@ -70,7 +72,11 @@ pub async fn generate(
 }
 
 /// The prompt of `messages` (tool turns in Granite's roles) with `tools` offered.
-fn render(state: &AppState, messages: Vec<Message>, tools: &[Tool]) -> Result<Vec<u32>, ApiError> {
+async fn render(
+    state: &Arc<AppState>,
+    messages: Vec<Message>,
+    tools: &[Tool],
+) -> Result<Vec<u32>, ApiError> {
     let template = state.engine.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request(
             "the model has no chat template; use /api/generate with \"raw\": true",
@@ -81,9 +87,7 @@ fn render(state: &AppState, messages: Vec<Message>, tools: &[Tool]) -> Result<Ve
     if !tools.is_empty() {
         conversation.tools = Some(tools.iter().map(|t| t.definition.clone()).collect());
     }
-    let text = template
-        .render(&conversation, true)
-        .map_err(|e| ApiError::bad_request(format!("rendering the messages: {e}")))?;
+    let text = render_prompt(state, conversation).await?;
     encode(state, &text)
 }
 

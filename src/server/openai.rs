@@ -68,9 +68,7 @@ pub async fn chat_completions(
             }
             opts.constraint = Some(force_call(&state, &tools, only, &body)?);
         }
-        let text = template
-            .render(&conversation, true)
-            .map_err(|e| ApiError::bad_request(format!("rendering the messages: {e}")))?;
+        let text = render_prompt(&state, conversation).await?;
         let prompt = encode(&state, &text)?;
         Ok::<_, ApiError>((opts, prompt))
     }
@@ -603,6 +601,37 @@ pub(super) fn chat_messages(body: &Map<String, Value>) -> Result<Vec<Message>, A
             Ok(message)
         })
         .collect()
+}
+
+/// The prompt text of `conversation`, ending with the assistant's turn. A template that is not Granite's own
+/// renders in a child process, which can take seconds before a hostile one is refused: that wait is on a blocking
+/// thread, never on the one that serves every connection.
+pub(super) async fn render_prompt(
+    state: &Arc<AppState>,
+    conversation: Conversation,
+) -> Result<String, ApiError> {
+    let no_template = || ApiError::bad_request("the model has no chat template");
+    let template = state
+        .engine
+        .chat_template
+        .as_ref()
+        .ok_or_else(no_template)?;
+    let rendered = if template.renders_isolated() {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            let template = state
+                .engine
+                .chat_template
+                .as_ref()
+                .ok_or_else(no_template)?;
+            Ok(template.render(&conversation, true))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("rendering the messages: {e}")))??
+    } else {
+        template.render(&conversation, true)
+    };
+    rendered.map_err(|e| ApiError::bad_request(format!("rendering the messages: {e}")))
 }
 
 pub(super) fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {

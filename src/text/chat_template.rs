@@ -74,7 +74,7 @@ impl Message {
 
 /// What `apply_chat_template` is given: the messages, optional tool definitions and documents, and any further
 /// template variables (`controls` for the Granite 3.1 template, for instance), kept in `extra`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Conversation {
     pub messages: Vec<Message>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,7 +209,7 @@ fn optional_list(
 }
 
 /// The texts of the special tokens that transformers hands to every template (`bos_token`, `eos_token`, ...).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SpecialTokens {
     pub bos: Option<String>,
     pub eos: Option<String>,
@@ -233,6 +233,10 @@ pub struct ChatTemplate {
     source: String,
     origin: String,
     special_tokens: SpecialTokens,
+    clock: Clock,
+    /// One of Granite's own templates, rendered in-process even where others render in a child process
+    /// ([`super::template_sandbox`]).
+    trusted: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -240,6 +244,7 @@ impl std::fmt::Debug for ChatTemplate {
         f.debug_struct("ChatTemplate")
             .field("origin", &self.origin)
             .field("special_tokens", &self.special_tokens)
+            .field("trusted", &self.trusted)
             .finish_non_exhaustive()
     }
 }
@@ -277,12 +282,25 @@ impl ChatTemplate {
             source: source.to_string(),
             origin: origin.to_string(),
             special_tokens: SpecialTokens::default(),
+            clock: Clock::Local,
+            trusted: super::template_sandbox::is_trusted(source),
         })
     }
 
     /// The template's Jinja text.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// Where the template came from, as errors name it.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Whether [`Self::render`] runs in a child process ([`super::template_sandbox`]): the binary has turned
+    /// isolation on and this is not one of Granite's own templates.
+    pub fn renders_isolated(&self) -> bool {
+        !self.trusted && super::template_sandbox::renderer().is_some()
     }
 
     /// The template of a GGUF file (`tokenizer.chat_template`), with its special tokens' texts taken from
@@ -377,6 +395,7 @@ impl ChatTemplate {
     /// Makes `strftime_now` report `now` instead of the local time (reproducible prompts, tests).
     pub fn with_now(mut self, now: NaiveDateTime) -> ChatTemplate {
         set_clock(&mut self.env, Clock::Fixed(now));
+        self.clock = Clock::Fixed(now);
         self
     }
 
@@ -386,8 +405,42 @@ impl ChatTemplate {
     }
 
     /// The prompt text for `conversation`; with `add_generation_prompt` it ends where the assistant's reply
-    /// begins (for Granite: `<|start_of_role|>assistant<|end_of_role|>`, no newline).
+    /// begins (for Granite: `<|start_of_role|>assistant<|end_of_role|>`, no newline). A template that
+    /// [`Self::renders_isolated`] takes a process start longer (milliseconds) and may take up to
+    /// [`super::template_sandbox::WALL_SECONDS`] before it is refused.
     pub fn render(
+        &self,
+        conversation: &Conversation,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
+        // Checked here too: a conversation that sets a reserved variable does not even serialize for the child.
+        conversation
+            .check()
+            .map_err(|problem| ChatTemplateError::Conversation {
+                origin: self.origin.clone(),
+                problem,
+            })?;
+        if !self.trusted
+            && let Some(exe) = super::template_sandbox::renderer()
+        {
+            let now = match self.clock {
+                Clock::Local => None,
+                Clock::Fixed(now) => Some(now),
+            };
+            return super::template_sandbox::render_isolated(
+                exe,
+                self,
+                now,
+                conversation,
+                add_generation_prompt,
+            );
+        }
+        self.render_in_process(conversation, add_generation_prompt)
+    }
+
+    /// [`Self::render`] in this process, whatever the template: what the renderer child runs, and what tests
+    /// compare the isolated render with.
+    pub fn render_in_process(
         &self,
         conversation: &Conversation,
         add_generation_prompt: bool,
@@ -551,7 +604,7 @@ fn within_item_budget(value: &Value, budget: &mut usize, depth: usize) -> bool {
 }
 
 /// Bytes one render may write: a prompt longer than any context by far.
-const MAX_RENDERED_BYTES: usize = 64 << 20;
+pub(crate) const MAX_RENDERED_BYTES: usize = 64 << 20;
 
 /// The rendered prompt, refusing to grow past [`MAX_RENDERED_BYTES`].
 #[derive(Default)]

@@ -9,6 +9,7 @@
 pub mod chat;
 pub mod chat_template;
 pub mod input;
+pub mod template_sandbox;
 pub mod tokenizer;
 
 use std::path::Path;

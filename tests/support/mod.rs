@@ -422,3 +422,21 @@ pub fn hub_command(home: &Path, endpoint: &str, args: &[&str]) -> Command {
     }
     cmd
 }
+
+/// `good` with metadata `key` set to the string `value`, everything else (tensors included) as it was.
+pub fn with_string_metadata(good: &quarry::gguf::GgufFile, key: &str, value: &str) -> Vec<u8> {
+    use quarry::gguf::{GgufWriter, TensorSpec, Value};
+    let mut metadata = good.metadata().to_vec();
+    let slot = metadata.iter_mut().find(|(k, _)| k == key).unwrap();
+    slot.1 = Value::String(value.to_string());
+    let specs = good
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec::new(t.name.clone(), &t.dims, t.ty))
+        .collect();
+    let mut w = GgufWriter::new(Vec::new(), &metadata, specs).unwrap();
+    for t in good.tensors() {
+        w.write_tensor(&t.name, &good.tensor_data(t)).unwrap();
+    }
+    w.finish().unwrap()
+}
