@@ -429,6 +429,12 @@ mod tests {
         assert_eq!(TargetType::Q6_K.to_string(), "q6_k");
         for t in TargetType::ALL {
             assert_eq!(t.name().parse::<TargetType>(), Ok(t));
+            // What `bench` and ollama's /api/show print for the files Quarry writes.
+            assert!(
+                crate::gguf::file_type_name(t.file_type().into()).is_some(),
+                "{t}: general.file_type {} has no name",
+                t.file_type()
+            );
         }
         assert!(
             "q5_k"
