@@ -156,16 +156,25 @@ pub(crate) fn render_isolated(
     let (done, outcome) = std::sync::mpsc::channel();
     // The child reads its whole request before it writes, so the request goes first and the reply is read after;
     // both on one thread, which the deadline below leaves behind if the child never ends.
-    std::thread::spawn(move || {
-        // A child that dies early closes its end: the write fails, and its exit status says why.
-        let _ = stdin.write_all(&request);
-        drop(stdin);
-        let mut reply = Vec::new();
-        let read = (&mut stdout)
-            .take(MAX_REPLY_BYTES + 1)
-            .read_to_end(&mut reply);
-        let _ = done.send(read.map(|_| reply));
-    });
+    let io = std::thread::Builder::new()
+        .name("template-renderer-io".into())
+        .spawn(move || {
+            // A child that dies early closes its end: the write fails, and its exit status says why.
+            let _ = stdin.write_all(&request);
+            drop(stdin);
+            let mut reply = Vec::new();
+            let read = (&mut stdout)
+                .take(MAX_REPLY_BYTES + 1)
+                .read_to_end(&mut reply);
+            let _ = done.send(read.map(|_| reply));
+        });
+    if let Err(e) = io {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(failed(format!(
+            "cannot start a thread to talk to the template renderer: {e}"
+        )));
+    }
     let reply = outcome.recv_timeout(Duration::from_secs(WALL_SECONDS));
     let timed_out = reply.is_err();
     if timed_out {
@@ -272,7 +281,7 @@ fn why_the_child_failed(status: std::process::ExitStatus) -> String {
             "it ran for more than {CPU_SECONDS} s of CPU time (a loop or a sequence without a useful bound?); a chat template renders a conversation in milliseconds"
         ),
         Some(libc::SIGABRT) | Some(libc::SIGSEGV) => format!(
-            "it needed more than {} MiB of memory (a sequence without a useful bound?); a chat template needs far less",
+            "it needed more than {} MiB of memory, or recursed too deeply (a sequence or a macro without a useful bound?); a chat template needs far less",
             MEMORY_BYTES >> 20
         ),
         Some(signal) => format!("the template renderer was stopped by signal {signal}"),
@@ -339,4 +348,40 @@ fn render_here(request: &RenderRequest) -> Result<String, ChatTemplateError> {
             detail: format!("the renderer failed: {panic}"),
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    use super::*;
+
+    #[test]
+    fn a_childs_death_names_the_limit_it_hit() {
+        let why = |raw| why_the_child_failed(ExitStatus::from_raw(raw));
+        assert!(why(libc::SIGXCPU).contains("5 s of CPU time"));
+        assert!(why(libc::SIGKILL).contains("5 s of CPU time"));
+        assert!(why(libc::SIGABRT).contains("1024 MiB of memory"));
+        assert!(why(libc::SIGHUP).contains("stopped by signal 1"));
+        assert!(
+            why(2 << 8).contains("failed (exit status: 2)"),
+            "{}",
+            why(2 << 8)
+        );
+    }
+
+    #[test]
+    fn reply_tags_round_trip() {
+        for reply in [
+            Reply::Rendered,
+            Reply::Raised,
+            Reply::Conversation,
+            Reply::Syntax,
+            Reply::Failed,
+        ] {
+            assert_eq!(Reply::from_tag(reply as u8), Some(reply));
+        }
+        assert_eq!(Reply::from_tag(b'?'), None);
+    }
 }
