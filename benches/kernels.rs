@@ -6,7 +6,8 @@
 //! - gemm: 1024 x 1024 weights against 8, 16, 64 and 256 tokens, in G multiply-accumulates per second; and
 //!   a 128-row share of it against 64 tokens (a thread's part of a small matrix, where per-call work shows),
 //!   written into its columns of the token-major 1024-row output.
-//! - `threads`: gemv from DRAM with both cores; `ops`: the f32 operations; `shapes`: one-token products of the
+//! - `threads`: gemv from DRAM with both cores; `ops`: the f32 operations; `sampling`: one token from 49k logits;
+//!   `shapes`: one-token products of the
 //!   model's matrix shapes from DRAM in its row shares; `attention`: `attend_block` in GFLOP/s.
 //! - `probe FORMAT ROWS TOKENS LDO ITERS`: a fixed amount of work and nothing else, for `perf stat -e
 //!   task-clock` (CPU time, which other jobs on a shared machine disturb far less than wall time).
@@ -630,5 +631,48 @@ fn main() {
     }
     if filter.is_empty() || filter.iter().any(|p| p == "attention") {
         bench_attention();
+    }
+    if filter.is_empty() || filter.iter().any(|p| p == "sampling") {
+        bench_sampling();
+    }
+}
+
+/// Picking one token from Granite's 49,155 logits, in us per token: the scheduler does this for every sequence
+/// of a batch after each step, while the worker threads wait.
+fn bench_sampling() {
+    use quarry::sampling::{Sampler, SamplingParams};
+    let mut rng = Rng(0x5a3f_1e00_9e37);
+    let logits: Vec<f32> = (0..49_155).map(|_| rng.f32() * 20.0).collect();
+    let recent = vec![0u32; 64];
+    println!(
+        "
+sampling 49,155 logits, us per token"
+    );
+    for (name, params) in [
+        ("greedy", SamplingParams::greedy()),
+        (
+            "default (top-k 40, top-p 0.95, min-p 0.05, t 0.8)",
+            SamplingParams::default(),
+        ),
+        (
+            "no top-k (top-p 0.95)",
+            SamplingParams {
+                top_k: 0,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "top-k 40, repeat penalty 1.1",
+            SamplingParams {
+                repeat_penalty: 1.1,
+                ..SamplingParams::default()
+            },
+        ),
+    ] {
+        let mut sampler = Sampler::new(params);
+        let t = time(|| {
+            black_box(sampler.sample(black_box(&logits), &recent));
+        });
+        println!("{name:<52} {:>8.1}", t * 1e6);
     }
 }
