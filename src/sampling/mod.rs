@@ -283,10 +283,9 @@ fn best_k_sorted(scored: impl Iterator<Item = (u32, f32)>, k: usize, kept: &mut 
     }
 }
 
-/// Index of the largest logit (lowest index on ties; NaN never wins): [`argmax_by`] with no change to the
-/// logits, in two passes the compiler vectorizes: the largest value (16
-/// running maxima, each a strict `>` as there), then its first index. The one-pass loop took ~50 us over 49k
-/// logits, longer than sampling with top-k.
+/// Index of the largest logit (lowest index on ties; NaN never wins): `argmax_by` with no change to the
+/// logits, in two passes the compiler vectorizes: the largest value (16 running maxima, each a strict `>` as
+/// there), then its first index. The one-pass loop took ~50 us over 49k logits, longer than sampling with top-k.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
     let chunks = logits.chunks_exact(16);
