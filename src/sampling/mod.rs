@@ -330,24 +330,26 @@ fn argmax_by(logits: &[f32], f: impl Fn(u32, f32) -> f32) -> u32 {
 mod tests {
     use super::*;
 
+    /// Logits every comparison must handle: infinities, both zeros, NaN of either sign.
+    const AWKWARD: [f32; 6] = [
+        f32::NEG_INFINITY,
+        f32::INFINITY,
+        0.0,
+        -0.0,
+        f32::NAN,
+        -f32::NAN,
+    ];
+
     /// The vectorized `argmax` picks what `argmax_by` picks: the first index of the largest value, NaN never,
     /// index 0 when nothing beats minus infinity, and either zero equal to the other.
     #[test]
     fn argmax_is_argmax_by_without_a_change() {
         let mut rng = Rng::new(5);
-        let specials = [
-            f32::NEG_INFINITY,
-            f32::INFINITY,
-            0.0,
-            -0.0,
-            f32::NAN,
-            -f32::NAN,
-        ];
         for round in 0..2000 {
             let n = 1 + (rng.next_u64() % 70) as usize;
             let logits: Vec<f32> = (0..n)
                 .map(|_| match rng.next_u64() % 8 {
-                    0 | 1 => specials[(rng.next_u64() % 6) as usize],
+                    0 | 1 => AWKWARD[(rng.next_u64() % 6) as usize],
                     2 | 3 => (rng.next_u64() % 3) as f32 - 1.0,
                     _ => rng.next_f32() * 8.0 - 4.0,
                 })
@@ -417,20 +419,12 @@ mod tests {
     #[test]
     fn the_best_k_are_those_a_full_sort_keeps() {
         let mut rng = Rng::new(11);
-        let specials = [
-            f32::NEG_INFINITY,
-            f32::INFINITY,
-            0.0,
-            -0.0,
-            f32::NAN,
-            -f32::NAN,
-        ];
         let mut kept = Vec::new();
         for round in 0..300 {
             let n = 1 + (rng.next_u64() % 300) as usize;
             let logits: Vec<f32> = (0..n)
                 .map(|_| match rng.next_u64() % 10 {
-                    0 => specials[(rng.next_u64() % 6) as usize],
+                    0 => AWKWARD[(rng.next_u64() % 6) as usize],
                     // Few distinct values, so ties are common.
                     1..=4 => (rng.next_u64() % 4) as f32,
                     _ => rng.next_f32() * 8.0 - 4.0,

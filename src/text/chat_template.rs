@@ -413,29 +413,37 @@ impl ChatTemplate {
         conversation: &Conversation,
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
-        // Checked here too: a conversation that sets a reserved variable does not even serialize for the child.
+        match super::template_sandbox::renderer() {
+            Some(exe) if !self.trusted => {
+                // Checked before it is handed over: one that sets a reserved variable does not even serialize.
+                self.check(conversation)?;
+                super::template_sandbox::render_isolated(
+                    exe,
+                    self,
+                    conversation,
+                    add_generation_prompt,
+                )
+            }
+            _ => self.render_in_process(conversation, add_generation_prompt),
+        }
+    }
+
+    /// `conversation` as a template may be given it, or why not.
+    fn check(&self, conversation: &Conversation) -> Result<(), ChatTemplateError> {
         conversation
             .check()
             .map_err(|problem| ChatTemplateError::Conversation {
                 origin: self.origin.clone(),
                 problem,
-            })?;
-        if !self.trusted
-            && let Some(exe) = super::template_sandbox::renderer()
-        {
-            let now = match self.clock {
-                Clock::Local => None,
-                Clock::Fixed(now) => Some(now),
-            };
-            return super::template_sandbox::render_isolated(
-                exe,
-                self,
-                now,
-                conversation,
-                add_generation_prompt,
-            );
+            })
+    }
+
+    /// The moment `strftime_now` reports, if fixed ([`Self::with_now`]); none for the local time.
+    pub(crate) fn fixed_now(&self) -> Option<NaiveDateTime> {
+        match self.clock {
+            Clock::Local => None,
+            Clock::Fixed(now) => Some(now),
         }
-        self.render_in_process(conversation, add_generation_prompt)
     }
 
     /// [`Self::render`] in this process, whatever the template: what the renderer child runs, and what tests
@@ -445,12 +453,7 @@ impl ChatTemplate {
         conversation: &Conversation,
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
-        conversation
-            .check()
-            .map_err(|problem| ChatTemplateError::Conversation {
-                origin: self.origin.clone(),
-                problem,
-            })?;
+        self.check(conversation)?;
         let special = &self.special_tokens;
         let mut context: Vec<(&str, Value)> = vec![
             ("messages", Value::from(Serde(&conversation.messages))),

@@ -115,7 +115,6 @@ const MAX_REQUEST_BYTES: u64 = 1 << 30;
 pub(crate) fn render_isolated(
     exe: &Path,
     template: &ChatTemplate,
-    now: Option<NaiveDateTime>,
     conversation: &Conversation,
     add_generation_prompt: bool,
 ) -> Result<String, ChatTemplateError> {
@@ -128,7 +127,9 @@ pub(crate) fn render_isolated(
         source: template.source().to_string(),
         origin: origin.clone(),
         special_tokens: template.special_tokens().clone(),
-        now: now.map(|t| t.format(NOW_FORMAT).to_string()),
+        now: template
+            .fixed_now()
+            .map(|t| t.format(NOW_FORMAT).to_string()),
         conversation: conversation.clone(),
         add_generation_prompt,
     };
