@@ -25,13 +25,16 @@ fn parallel_items(n_items: usize, work: impl Fn(usize) + Sync + Send) {
 }
 
 /// Rows per work item for a matrix of `rows` rows multiplied with `tokens` tokens: enough items that both threads
-/// stay busy to the end, few enough that each is worth scheduling; a multiple of 16 so the kernels' row tiles stay
-/// whole. The split never changes a result: every output is computed the same way whichever item holds its row.
-fn rows_per_item(rows: usize, tokens: usize) -> usize {
+/// stay busy to the end, few enough that each is worth scheduling; a multiple of `align` (itself a multiple of
+/// 16, so the kernels' row tiles stay whole). The split never changes a result: every output is computed the same
+/// way whichever item holds its row.
+fn rows_per_item(rows: usize, tokens: usize, align: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     // Aim at ~8 items per thread for one token; fewer, larger ones when many tokens make each row costly.
     let target_items = if tokens > 8 { threads * 4 } else { threads * 8 };
-    rows.div_ceil(target_items).next_multiple_of(16).max(16)
+    rows.div_ceil(target_items)
+        .next_multiple_of(align)
+        .max(align)
 }
 
 /// One matrix product of a region: `out[t] = w . acts[t]`, the output exactly `acts.n` tokens by `w.rows`.
@@ -51,10 +54,27 @@ impl<'a> Product<'a> {
 
 /// Several products as one region, each split into row shares that write their part of the output in place.
 pub fn products(k: &Kernels, jobs: &[Product]) {
-    let chunk = |j: &Product| rows_per_item(j.w.rows, j.acts.n);
+    products_then(k, jobs, 16, |_, _, _| {});
+}
+
+/// [`products`], each share of rows a multiple of `align` (but a product's last, which takes the rows left), and
+/// `then(job, first_row, share)` run on each share as soon as it is computed, by the thread that computed it:
+/// work on whole groups of rows (RoPE on whole heads, storing a token's key and value heads) joins the region
+/// instead of waiting for all of it, and finds its rows in cache.
+pub fn products_then(
+    k: &Kernels,
+    jobs: &[Product],
+    align: usize,
+    then: impl Fn(usize, usize, &mut ProductOut) + Sync,
+) {
+    assert!(
+        align.is_multiple_of(16),
+        "shares of {align} rows split the kernels' 16-row tiles"
+    );
+    let chunk = |j: &Product| rows_per_item(j.w.rows, j.acts.n, align);
     let n_items: usize = jobs.iter().map(|j| j.w.rows.div_ceil(chunk(j))).sum();
     parallel_items(n_items, |mut item| {
-        for job in jobs {
+        for (ji, job) in jobs.iter().enumerate() {
             let c = chunk(job);
             let items = job.w.rows.div_ceil(c);
             if item < items {
@@ -62,8 +82,9 @@ pub fn products(k: &Kernels, jobs: &[Product]) {
                 let rows = c.min(job.w.rows - r0);
                 // SAFETY: item `item` of this job owns rows r0..r0 + rows of its output; the items partition the
                 // rows, so no two live windows overlap.
-                let out = unsafe { job.out.window(0, job.acts.n, r0, rows) };
-                gemm_rows(k, &job.w.sub_rows(r0, rows), job.acts, out);
+                let mut out = unsafe { job.out.window(0, job.acts.n, r0, rows) };
+                gemm_rows(k, &job.w.sub_rows(r0, rows), job.acts, out.reborrow());
+                then(ji, r0, &mut out);
                 return;
             }
             item -= items;

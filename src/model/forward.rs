@@ -11,7 +11,7 @@
 //! runs on the calling thread. The kernels are the model's own set, chosen when it was loaded.
 
 use super::config::ModelConfig;
-use super::kv::{BlockId, KV_BLOCK_TOKENS, KvCache, KvPool};
+use super::kv::{BlockId, KV_BLOCK_TOKENS, KvCache, KvPool, KvSlot};
 use super::weights::{DenseMlp, ExpertWeights, FeedForward, Matrix};
 use super::{Model, ModelError};
 use crate::kernels::ops::KvBlocks;
@@ -60,6 +60,8 @@ pub struct ForwardBuffers {
     proj: Vec<f32>,
     /// `(cos, sin)` per token and rotary pair.
     rope: Vec<(f32, f32)>,
+    /// Where each token's key and value go in its sequence's cache.
+    kv_slots: Vec<KvSlot>,
     inv_freq: Vec<f32>,
     /// Router logits, `[batch][n_expert]`, and each token's chosen experts with their gate weights, `[batch][k]`.
     router: Vec<f32>,
@@ -107,6 +109,7 @@ impl ForwardBuffers {
             attn: ActivationBatch::new(q_dim, b),
             proj: vec![0.0; b * cfg.n_embd],
             rope: vec![(0.0, 0.0); b * half],
+            kv_slots: vec![KvSlot::default(); b],
             inv_freq,
             router: vec![0.0; b * cfg.n_expert],
             chosen: vec![(0, 0.0); b * cfg.n_expert_used],
@@ -230,14 +233,18 @@ impl Model {
             row.iter_mut().for_each(|v| *v *= cfg.embedding_scale);
         }
 
-        // Rotary angles for each token's position in its sequence, as HF computes them: f32 position times f32
-        // inverse frequency.
+        // Each token's place in its sequence's cache, and its rotary angles as HF computes them: f32 position
+        // times f32 inverse frequency.
         let half = cfg.head_dim / 2;
         for s in spans {
             for t in s.first..s.first + s.len {
-                let pos = (s.pos0 + t - s.first) as f32;
+                let pos = s.pos0 + t - s.first;
+                bufs.kv_slots[t] = KvSlot {
+                    block: s.blocks[pos / KV_BLOCK_TOKENS],
+                    pos: pos % KV_BLOCK_TOKENS,
+                };
                 for (i, &f) in bufs.inv_freq.iter().enumerate() {
-                    let angle = pos * f;
+                    let angle = pos as f32 * f;
                     bufs.rope[t * half + i] = (angle.cos(), angle.sin());
                 }
             }
@@ -253,7 +260,7 @@ impl Model {
                 &mut bufs.normed,
                 n,
             );
-            self.project_qkv(il, bufs);
+            self.project_qkv(il, pool, bufs);
             self.attention(il, n, spans, pool, bufs);
             project(k, &layer.wo, &mut bufs.attn, &mut bufs.proj);
             (k.axpy_f32)(
@@ -320,56 +327,61 @@ impl Model {
         Ok(&bufs.logits[..m * v])
     }
 
-    /// Q, K and V of the normed batch, as one parallel region.
-    fn project_qkv(&self, layer: usize, bufs: &mut ForwardBuffers) {
-        let (k, l) = (self.kernels, &self.weights.layers[layer]);
+    /// Q, K and V of the normed batch, as one parallel region: as each share of whole heads is computed, RoPE
+    /// turns its query and key heads, and its key and value heads are stored in their sequences' caches.
+    fn project_qkv(&self, layer: usize, pool: &mut KvPool, bufs: &mut ForwardBuffers) {
+        let (cfg, k, l) = (&self.config, self.kernels, &self.weights.layers[layer]);
+        let (hd, half) = (cfg.head_dim, cfg.head_dim / 2);
         for w in [&l.wq, &l.wk, &l.wv] {
             bufs.normed.prepare_for(w.ty, k);
         }
         let acts = bufs.normed.all_rows();
-        parallel::products(
+        let (rope, slots) = (&bufs.rope, &bufs.kv_slots);
+        let kv = pool.writer(layer);
+        // Shares of whole heads that the kernels' 16-row tiles also divide.
+        let align = hd * 16 / gcd(hd, 16);
+        parallel::products_then(
             k,
             &[
                 Product::new(l.wq.view(), acts, &mut bufs.q),
                 Product::new(l.wk.view(), acts, &mut bufs.k),
                 Product::new(l.wv.view(), acts, &mut bufs.v),
             ],
+            align,
+            |job, r0, share| {
+                for t in 0..share.tokens() {
+                    let cos_sin = &rope[t * half..(t + 1) * half];
+                    for (i, head) in share.token(t).chunks_exact_mut(hd).enumerate() {
+                        let h = r0 / hd + i;
+                        // SAFETY: this share alone computed key and value head `h` of token `t`, so it is the
+                        // only writer of that head at the token's slot (tokens have distinct slots).
+                        match job {
+                            0 => (k.ops.rope)(head, hd, cos_sin),
+                            1 => {
+                                (k.ops.rope)(head, hd, cos_sin);
+                                unsafe { kv.write_k(slots[t], h, head) };
+                            }
+                            _ => unsafe { kv.write_v(slots[t], h, head) },
+                        }
+                    }
+                }
+            },
         );
     }
 
-    /// Causal grouped-query attention of the batch: RoPE on q and k, k and v written to each sequence's cache
-    /// blocks, then each query head attends over its KV head's positions up to its own, in its own sequence.
+    /// Causal grouped-query attention of the batch (queries and keys turned by RoPE, keys and values stored by
+    /// `project_qkv`): each query head attends over its KV head's positions up to its own, in its own sequence.
     fn attention(
         &self,
         layer: usize,
         n: usize,
         spans: &[SeqSpan],
-        pool: &mut KvPool,
+        pool: &KvPool,
         bufs: &mut ForwardBuffers,
     ) {
         let (cfg, k) = (&self.config, self.kernels);
-        let (hd, half) = (cfg.head_dim, cfg.head_dim / 2);
-        let (q_dim, kv_dim) = (cfg.n_head * hd, cfg.kv_dim());
-        for s in spans {
-            for t in s.first..s.first + s.len {
-                let cos_sin = &bufs.rope[t * half..(t + 1) * half];
-                (k.ops.rope)(&mut bufs.q[t * q_dim..(t + 1) * q_dim], hd, cos_sin);
-                (k.ops.rope)(&mut bufs.k[t * kv_dim..(t + 1) * kv_dim], hd, cos_sin);
-                let pos = s.pos0 + t - s.first;
-                let block = s.blocks[pos / KV_BLOCK_TOKENS];
-                for kvh in 0..cfg.n_head_kv {
-                    let src = t * kv_dim + kvh * hd;
-                    pool.write(
-                        block,
-                        layer,
-                        kvh,
-                        pos % KV_BLOCK_TOKENS,
-                        &bufs.k[src..src + hd],
-                        &bufs.v[src..src + hd],
-                    );
-                }
-            }
-        }
+        let hd = cfg.head_dim;
+        let q_dim = cfg.n_head * hd;
         let queries = AttentionQueries {
             q: &bufs.q,
             n_head: cfg.n_head,
@@ -377,7 +389,6 @@ impl Model {
             head_dim: hd,
             scale: cfg.attention_scale,
         };
-        let pool = &*pool;
         let kv_head = |span: usize, kvh: usize| KvBlocks {
             data: pool.data(),
             blocks: spans[span].blocks,
@@ -469,6 +480,10 @@ impl Model {
             }
         }
     }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// Picks the `chosen.len()` largest router logits (the lower expert index first on ties) and writes

@@ -17,6 +17,7 @@
 //! private copy first.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::config::ModelConfig;
 use crate::kernels::ops::{KvData, MAX_HEAD_DIM, kv_q8_group};
@@ -227,7 +228,45 @@ impl KvPool {
         }
     }
 
+    /// A handle that stores keys and values of layer `layer` from several threads at once: the forward pass's
+    /// Q/K/V region writes each token's key and value heads as soon as its share of the products is done (in
+    /// parallel, and into cache lines attention is about to read), instead of one thread storing them all after
+    /// the region.
+    pub(crate) fn writer(&mut self, layer: usize) -> KvWriter<'_> {
+        let ptrs = match &mut self.storage {
+            Storage::F32 { k, v } => WriterPtrs::F32 {
+                k: k.as_mut_ptr(),
+                v: v.as_mut_ptr(),
+            },
+            Storage::F16 { k, v } => WriterPtrs::F16 {
+                k: k.as_mut_ptr(),
+                v: v.as_mut_ptr(),
+            },
+            Storage::Q8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => WriterPtrs::Q8 {
+                k: k.as_mut_ptr(),
+                v: v.as_mut_ptr(),
+                k_scale: k_scale.as_mut_ptr(),
+                v_scale: v_scale.as_mut_ptr(),
+            },
+        };
+        KvWriter {
+            ptrs,
+            blocks: self.refs.len(),
+            block_values: self.block_values,
+            head_dim: self.head_dim,
+            n_kv_head: self.n_kv_head,
+            head_offset: self.head_offset(layer, 0),
+            _pool: std::marker::PhantomData,
+        }
+    }
+
     /// Stores one position's key and value of one layer and KV head: `pos` is the position within block `b`.
+    #[cfg(test)]
     pub(crate) fn write(
         &mut self,
         b: BlockId,
@@ -237,48 +276,12 @@ impl KvPool {
         k: &[f32],
         v: &[f32],
     ) {
-        let hd = self.head_dim;
-        let base = b as usize * self.block_values + self.head_offset(layer, head);
-        let (k, v) = (&k[..hd], &v[..hd]);
-        let row = base + pos * hd..base + (pos + 1) * hd;
-        match &mut self.storage {
-            Storage::F32 { k: ks, v: vs } => {
-                for (d, &x) in k.iter().enumerate() {
-                    ks[base + d * KV_BLOCK_TOKENS + pos] = x;
-                }
-                vs[row].copy_from_slice(v);
-            }
-            Storage::F16 { k: ks, v: vs } => {
-                for (d, &x) in k.iter().enumerate() {
-                    ks[base + d * KV_BLOCK_TOKENS + pos] = f16::from_f32(x).to_bits();
-                }
-                for (o, &x) in vs[row].iter_mut().zip(v) {
-                    *o = f16::from_f32(x).to_bits();
-                }
-            }
-            Storage::Q8 {
-                k: kq,
-                v: vq,
-                k_scale,
-                v_scale,
-            } => {
-                let g = kv_q8_group(hd);
-                // Keys transposed like the other types, their scales `[group][position]` beside them.
-                let (mut kb, mut ks) = ([0i8; MAX_HEAD_DIM], [0.0f32; MAX_HEAD_DIM]);
-                quantize_row(k, &mut kb[..hd], &mut ks[..hd / g], g);
-                for (d, &x) in kb[..hd].iter().enumerate() {
-                    kq[base + d * KV_BLOCK_TOKENS + pos] = x;
-                }
-                for (c, &d) in ks[..hd / g].iter().enumerate() {
-                    k_scale[base / g + c * KV_BLOCK_TOKENS + pos] = d;
-                }
-                quantize_row(
-                    v,
-                    &mut vq[row.clone()],
-                    &mut v_scale[row.start / g..row.end / g],
-                    g,
-                );
-            }
+        let w = self.writer(layer);
+        let slot = KvSlot { block: b, pos };
+        // SAFETY: one call through a writer that no other thread has.
+        unsafe {
+            w.write_k(slot, head, k);
+            w.write_v(slot, head, v);
         }
     }
 
@@ -306,6 +309,140 @@ impl KvPool {
                 let g = kv_q8_group(self.head_dim);
                 k_scale.copy_within(f / g..(f + n) / g, t / g);
                 v_scale.copy_within(f / g..(f + n) / g, t / g);
+            }
+        }
+    }
+}
+
+/// Where one position lives: its block and its index within it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvSlot {
+    pub block: BlockId,
+    pub pos: usize,
+}
+
+/// The storage's base pointers, for [`KvWriter`].
+#[derive(Clone, Copy)]
+enum WriterPtrs {
+    F32 {
+        k: *mut f32,
+        v: *mut f32,
+    },
+    F16 {
+        k: *mut u16,
+        v: *mut u16,
+    },
+    Q8 {
+        k: *mut i8,
+        v: *mut i8,
+        k_scale: *mut f32,
+        v_scale: *mut f32,
+    },
+}
+
+/// Stores keys and values of one layer from several threads (see [`KvPool::writer`]). It borrows the pool
+/// exclusively, so nothing reads the pool while it lives; the threads' writes are disjoint by the contract of
+/// [`KvWriter::write_k`] and [`KvWriter::write_v`].
+pub(crate) struct KvWriter<'a> {
+    ptrs: WriterPtrs,
+    blocks: usize,
+    block_values: usize,
+    head_dim: usize,
+    n_kv_head: usize,
+    /// Offset of the layer's first head within a block.
+    head_offset: usize,
+    _pool: std::marker::PhantomData<&'a mut KvPool>,
+}
+
+// SAFETY: the writer is an exclusive borrow of the pool's storage handed to the threads of one region; each
+// call writes only the values of its (slot, head), and callers promise that no two concurrent calls share one
+// (see `write_k`).
+unsafe impl Sync for KvWriter<'_> {}
+
+impl KvWriter<'_> {
+    /// The offset of `slot`'s first value of KV head `head` (keys: its dimension 0; values: its row).
+    fn base(&self, slot: KvSlot, head: usize) -> usize {
+        assert!(
+            (slot.block as usize) < self.blocks
+                && slot.pos < KV_BLOCK_TOKENS
+                && head < self.n_kv_head,
+            "KV slot {slot:?} head {head} outside a pool of {} blocks",
+            self.blocks
+        );
+        slot.block as usize * self.block_values
+            + self.head_offset
+            + head * self.head_dim * KV_BLOCK_TOKENS
+    }
+
+    /// Stores key head `head` (`head_dim` values) of the position at `slot`: transposed, one value per
+    /// dimension row of the block.
+    ///
+    /// # Safety
+    /// No other call writes the same `(slot, head)` key at the same time.
+    pub(crate) unsafe fn write_k(&self, slot: KvSlot, head: usize, k: &[f32]) {
+        let hd = self.head_dim;
+        let k = &k[..hd];
+        let base = self.base(slot, head);
+        let at = |d: usize| base + d * KV_BLOCK_TOKENS + slot.pos;
+        // SAFETY: `base` checked the slot and head against the pool; every index is below
+        // `base + hd * KV_BLOCK_TOKENS`, inside the head's part of the block. The caller keeps writes disjoint.
+        unsafe {
+            match self.ptrs {
+                WriterPtrs::F32 { k: ks, .. } => {
+                    for (d, &x) in k.iter().enumerate() {
+                        *ks.add(at(d)) = x;
+                    }
+                }
+                WriterPtrs::F16 { k: ks, .. } => {
+                    let mut h = [f16::ZERO; MAX_HEAD_DIM];
+                    h[..hd].convert_from_f32_slice(k);
+                    for (d, x) in h[..hd].iter().enumerate() {
+                        *ks.add(at(d)) = x.to_bits();
+                    }
+                }
+                WriterPtrs::Q8 { k: kq, k_scale, .. } => {
+                    let g = kv_q8_group(hd);
+                    // Keys transposed like the other types, their scales `[group][position]` beside them.
+                    let (mut kb, mut sc) = ([0i8; MAX_HEAD_DIM], [0.0f32; MAX_HEAD_DIM]);
+                    quantize_row(k, &mut kb[..hd], &mut sc[..hd / g], g);
+                    for (d, &x) in kb[..hd].iter().enumerate() {
+                        *kq.add(at(d)) = x;
+                    }
+                    for (c, &d) in sc[..hd / g].iter().enumerate() {
+                        *k_scale.add(base / g + c * KV_BLOCK_TOKENS + slot.pos) = d;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores value head `head` (`head_dim` values) of the position at `slot`, as one row.
+    ///
+    /// # Safety
+    /// No other call writes the same `(slot, head)` value at the same time.
+    pub(crate) unsafe fn write_v(&self, slot: KvSlot, head: usize, v: &[f32]) {
+        let hd = self.head_dim;
+        let v = &v[..hd];
+        let row = self.base(slot, head) + slot.pos * hd;
+        // SAFETY: as in `write_k`: the row lies inside the head's part of the checked block.
+        unsafe {
+            match self.ptrs {
+                WriterPtrs::F32 { v: vs, .. } => {
+                    std::slice::from_raw_parts_mut(vs.add(row), hd).copy_from_slice(v);
+                }
+                WriterPtrs::F16 { v: vs, .. } => {
+                    let dst = std::slice::from_raw_parts_mut(vs.add(row) as *mut f16, hd);
+                    dst.convert_from_f32_slice(v);
+                }
+                WriterPtrs::Q8 { v: vq, v_scale, .. } => {
+                    let g = kv_q8_group(hd);
+                    quantize_row(
+                        v,
+                        std::slice::from_raw_parts_mut(vq.add(row), hd),
+                        std::slice::from_raw_parts_mut(v_scale.add(row / g), hd / g),
+                        g,
+                    );
+                }
             }
         }
     }
