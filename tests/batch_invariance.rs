@@ -81,6 +81,8 @@ struct Case<'a, W, A> {
     pool: &'a [A],
     per_token: usize,
     arg: usize,
+    /// The matrix can be cut only at multiples of this many rows (16 for interleaved rows).
+    row_step: usize,
 }
 
 impl<W: Copy, A: Copy> Case<'_, W, A> {
@@ -140,7 +142,10 @@ impl<W: Copy, A: Copy> Case<'_, W, A> {
         for n in [1, 2, 3, 5, 8, 16, 23, 40] {
             let tokens: Vec<usize> = (0..n).map(|i| (3 * i + 1) % POOL).collect();
             let whole = self.run(gemm, &tokens, self.w, rows);
-            let cuts = [0, 1, 5, 16, 19, rows];
+            let cuts: Vec<usize> = [0, 1, 5, 16, 19, rows]
+                .into_iter()
+                .filter(|c| c.is_multiple_of(self.row_step) || *c == rows)
+                .collect();
             for pair in cuts.windows(2) {
                 let (r0, r1) = (pair[0], pair[1].min(rows));
                 if r0 >= r1 {
@@ -181,6 +186,7 @@ fn case<'a, W, A>(
         pool,
         per_token,
         arg: per_token,
+        row_step: 1,
     }
 }
 
@@ -269,6 +275,43 @@ fn q8_0_and_q4_0_products_are_batch_invariant() {
                 case(what("q4_0"), &w4, rows, &acts, bpr)
                     .check(&|w, a, b, o| (k.gemm_q4_0)(w, a, b, o)),
             );
+        }
+    }
+    report(failures);
+}
+
+/// Interleaved Q4_0 rows (`kernels::q4_0::interleave`), in the sets that read them so; cut only between groups of
+/// 16 rows, as the model's regions cut them.
+#[test]
+fn interleaved_q4_0_products_are_batch_invariant() {
+    let mut rng = Rng(13);
+    let mut failures = vec![];
+    let all = sets();
+    for (rows, bpr) in [(64, 2), (32, 5), (48, 32)] {
+        let acts = q8_0_acts(&mut rng, bpr * 32);
+        let w4: Vec<BlockQ4_0> = (0..rows * bpr)
+            .map(|_| BlockQ4_0 {
+                d: rng.scale(),
+                qs: std::array::from_fn(|_| rng.next() as u8),
+            })
+            .collect();
+        let mut packed = vec![0u8; w4.len() * size_of::<BlockQ4_0>()];
+        kernels::q4_0::interleave(&w4, bpr, &mut packed);
+        for k in &all {
+            let Some(gemm) = k.gemm_q4_0_interleaved else {
+                continue;
+            };
+            let c = Case {
+                row_step: 16,
+                ..case(
+                    format!("interleaved q4_0 on {}, {rows} rows x {bpr} blocks", k.name),
+                    &packed,
+                    rows,
+                    &acts,
+                    bpr,
+                )
+            };
+            failures.extend(c.check(&|w, a, b, o| gemm(w, a, b, o)));
         }
     }
     report(failures);

@@ -18,6 +18,10 @@
 //! The x86 sets share their loop structure (`x86/mod.rs`): per-block dots for few tokens, one lane per token for
 //! many. The shape of a call decides which runs, so callers need not care.
 //!
+//! A set may also read a matrix in another layout than the file's rows ([`Layout`]): AVX-512 VNNI multiplies
+//! Q4_0 rows interleaved in groups of 16 ([`q4_0::interleave`]) with one lane per row for every token count, so a
+//! model on it rewrites its Q4_0 matrices so when it is loaded ([`Layout::for_kernels`]).
+//!
 //! **Every set is batch-invariant**: each token's outputs of a product are bit-identical whatever else is in the
 //! call (that token alone, or among any number of others, at any position), and whichever rows of the matrix
 //! the call covers, which a multi-sequence batch (and an MoE expert shared by however many tokens chose it)
@@ -68,7 +72,7 @@ pub mod ops;
 pub(crate) mod parallel;
 mod portable;
 mod product_out;
-mod q4_0;
+pub mod q4_0;
 mod q4_k;
 mod q5_k;
 mod q6_k;
@@ -77,7 +81,8 @@ mod q8_0;
 mod x86;
 
 pub(crate) use matmul::{
-    ActivationBatch, ActivationRows, WeightRows, gemm_rows, supported, wants_q8_0, wants_q8_k,
+    ActivationBatch, ActivationRows, Layout, PackedWeights, WeightRows, gemm_rows, supported,
+    wants_q8_0, wants_q8_k,
 };
 pub use ops::Ops;
 pub use product_out::ProductOut;
@@ -113,6 +118,10 @@ pub struct Kernels {
     pub quantize_q8_0: fn(&[f32], &mut [BlockQ8_0]),
     pub gemm_q8_0: fn(w: &[BlockQ8_0], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut),
     pub gemm_q4_0: fn(w: &[BlockQ4_0], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut),
+    /// The Q4_0 product over rows interleaved by [`q4_0::interleave`], in the sets that read that layout
+    /// faster than rows as they lie; a model on such a set stores its Q4_0 matrices so ([`Layout`]). Its results
+    /// have the same bits as `gemm_q4_0`'s over the same rows.
+    pub gemm_q4_0_interleaved: Option<InterleavedGemm>,
     /// Activation row to Q8_K for the k-quant products: exactly ggml's `quantize_row_q8_K` (which is also what
     /// llama.cpp runs), so every set must give the same bytes.
     pub quantize_q8_k: fn(&[f32], &mut [BlockQ8K]),
@@ -129,6 +138,9 @@ pub struct Kernels {
     /// instruction set.
     pub ops: Ops,
 }
+
+/// A product over rows interleaved in groups (`w`: whole groups, as bytes).
+pub type InterleavedGemm = fn(w: &[u8], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut);
 
 /// Checks the shape contract of the matrix kernels: the output window is exactly `n_tokens` x `rows`. Every kernel
 /// calls it before writing, so the SIMD stores behind it may rely on it.
@@ -168,6 +180,7 @@ pub static SCALAR: Kernels = Kernels {
     quantize_q8_0: q8_0::quantize_activations_scalar,
     gemm_q8_0: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q8_0::dot_scalar),
     gemm_q4_0: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q4_0::dot_scalar),
+    gemm_q4_0_interleaved: None,
     quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
     gemm_q4_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q4_k::dot_scalar),
     gemm_q5_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q5_k::dot_scalar),

@@ -329,6 +329,7 @@ mod tests {
     fn f32_rows(data: &[f32], rows: usize, cols: usize) -> WeightRows<'_> {
         WeightRows {
             ty: GgmlType::F32,
+            layout: crate::kernels::Layout::Rows,
             rows,
             cols,
             data: bytemuck::cast_slice(data),

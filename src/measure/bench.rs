@@ -238,7 +238,7 @@ pub fn run_parallel_test(
 pub fn weight_bytes_per_token(model: &Model) -> u64 {
     use crate::model::FeedForward;
     let w = &model.weights;
-    let bytes = |m: &crate::model::Matrix| m.view().data.len() as u64;
+    let bytes = |m: &crate::model::Matrix| m.bytes() as u64;
     let mut total = bytes(w.output_head());
     for l in &w.layers {
         total += bytes(&l.wq) + bytes(&l.wk) + bytes(&l.wv) + bytes(&l.wo);

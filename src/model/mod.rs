@@ -59,11 +59,13 @@ impl Model {
     /// `QUARRY_KERNEL`).
     pub fn from_gguf(file: &GgufFile) -> Result<Model, ModelError> {
         let config = ModelConfig::from_gguf(file)?;
-        let weights = ModelWeights::from_gguf(file, &config)?;
+        let mut weights = ModelWeights::from_gguf(file, &config)?;
+        let kernels = kernels::selected();
+        weights.pack_for(kernels);
         Ok(Model {
             config,
             weights,
-            kernels: kernels::selected(),
+            kernels,
         })
     }
 
@@ -72,8 +74,10 @@ impl Model {
         self.kernels
     }
 
-    /// Runs the forward pass on another kernel set (one of [`kernels::available`]), e.g. to compare them.
+    /// Runs the forward pass on another kernel set (one of [`kernels::available`]), e.g. to compare them; the
+    /// weights are re-laid for it.
     pub fn set_kernels(&mut self, kernels: &'static Kernels) {
+        self.weights.pack_for(kernels);
         self.kernels = kernels;
     }
 }

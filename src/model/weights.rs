@@ -1,10 +1,12 @@
-//! The model's tensors as plain structs, each borrowing its bytes from the memory-mapped GGUF file.
+//! The model's tensors as plain structs, each borrowing its bytes from the memory-mapped GGUF file, or holding a
+//! copy in the layout its kernel set reads fastest (`kernels::Layout`), made once at load.
 
 use quarry_quantize::gguf::{GgmlType, GgufFile, GgufProblem, MappedBytes, TensorInfo};
+use rayon::prelude::*;
 
 use super::ModelError;
 use super::config::{Architecture, ModelConfig};
-use crate::kernels::{self, WeightRows};
+use crate::kernels::{self, Kernels, Layout, PackedWeights, WeightRows};
 
 /// A 2-D weight: `rows` output features of `cols` input weights each.
 #[derive(Debug)]
@@ -13,15 +15,27 @@ pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     data: MappedBytes,
+    packed: Option<PackedWeights>,
 }
 
 impl Matrix {
     pub fn view(&self) -> WeightRows<'_> {
-        WeightRows {
+        view(self.ty, self.rows, self.cols, &self.data, &self.packed)
+    }
+
+    /// The bytes the matrix takes in the file (and in any layout).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn packable(&mut self) -> Packable<'_> {
+        Packable {
             ty: self.ty,
             rows: self.rows,
+            unit: self.rows,
             cols: self.cols,
             data: &self.data,
+            packed: &mut self.packed,
         }
     }
 }
@@ -34,18 +48,81 @@ pub struct ExpertMatrices {
     pub rows: usize,
     pub cols: usize,
     data: MappedBytes,
+    packed: Option<PackedWeights>,
 }
 
 impl ExpertMatrices {
     /// One expert's matrix; the other experts' bytes are not touched.
     pub fn expert(&self, e: usize) -> WeightRows<'_> {
-        let all = WeightRows {
+        let all = view(
+            self.ty,
+            self.n_expert * self.rows,
+            self.cols,
+            &self.data,
+            &self.packed,
+        );
+        all.sub_rows(e * self.rows, self.rows)
+    }
+
+    fn packable(&mut self) -> Packable<'_> {
+        Packable {
             ty: self.ty,
             rows: self.n_expert * self.rows,
+            unit: self.rows,
             cols: self.cols,
             data: &self.data,
-        };
-        all.sub_rows(e * self.rows, self.rows)
+            packed: &mut self.packed,
+        }
+    }
+}
+
+/// A matrix's bytes as the kernels read them: the packed copy if there is one, else the file's rows.
+fn view<'a>(
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    data: &'a MappedBytes,
+    packed: &'a Option<PackedWeights>,
+) -> WeightRows<'a> {
+    let (layout, data) = match packed {
+        Some(p) => (p.layout(), p.bytes()),
+        None => (Layout::Rows, &data[..]),
+    };
+    WeightRows {
+        ty,
+        layout,
+        rows,
+        cols,
+        data,
+    }
+}
+
+/// A matrix's bytes and shape, as [`ModelWeights::pack_for`] rewrites them: `rows` rows, taken `unit` at a
+/// time (an expert's rows of a stacked tensor, or all of them).
+struct Packable<'a> {
+    ty: GgmlType,
+    rows: usize,
+    unit: usize,
+    cols: usize,
+    data: &'a MappedBytes,
+    packed: &'a mut Option<PackedWeights>,
+}
+
+impl Packable<'_> {
+    /// Makes the packed copy match `layout`: made (and the file's pages of it released), kept, or dropped.
+    fn set_layout(self, layout: Layout) {
+        if self.packed.as_ref().map_or(Layout::Rows, |p| p.layout()) == layout {
+            return;
+        }
+        *self.packed = None;
+        if layout != Layout::Rows {
+            *self.packed = Some(PackedWeights::new(
+                layout, self.ty, self.rows, self.cols, self.data,
+            ));
+            // The copy is what the kernels read from now on: the file's pages of the matrix would only double
+            // the resident memory (they are reloaded from the file if the rows are ever needed again).
+            self.data.release_pages();
+        }
     }
 }
 
@@ -94,6 +171,32 @@ pub struct ModelWeights {
 }
 
 impl ModelWeights {
+    /// Stores every matrix in the layout the kernel set `k` reads fastest ([`Layout::for_kernels`]), in
+    /// parallel; matrices already so are left alone. The token embedding keeps the file's rows (a token's row is
+    /// read on its own), and with it an output head tied to it.
+    pub fn pack_for(&mut self, k: &Kernels) {
+        let mut all: Vec<Packable> = Vec::new();
+        if let Some(out) = self.output.as_mut() {
+            all.push(out.packable());
+        }
+        for l in &mut self.layers {
+            all.extend([&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo].map(Matrix::packable));
+            match &mut l.ffn {
+                FeedForward::Experts(e) => {
+                    all.push(e.router.packable());
+                    all.extend([&mut e.gate, &mut e.up, &mut e.down].map(ExpertMatrices::packable));
+                }
+                FeedForward::Dense(d) => {
+                    all.extend([&mut d.gate, &mut d.up, &mut d.down].map(Matrix::packable))
+                }
+            }
+        }
+        all.into_par_iter().for_each(|p| {
+            let layout = Layout::for_kernels(k, p.ty, p.unit);
+            p.set_layout(layout);
+        });
+    }
+
     /// The matrix that maps the final hidden state to logits.
     pub fn output_head(&self) -> &Matrix {
         self.output.as_ref().unwrap_or(&self.token_embd)
@@ -211,6 +314,7 @@ impl Loader<'_> {
             rows,
             cols,
             data: self.file.tensor_data(t),
+            packed: None,
         })
     }
 
@@ -228,6 +332,7 @@ impl Loader<'_> {
             rows,
             cols,
             data: self.file.tensor_data(t),
+            packed: None,
         })
     }
 
@@ -239,6 +344,7 @@ impl Loader<'_> {
             rows: 1,
             cols: len,
             data: self.file.tensor_data(t),
+            packed: None,
         };
         let mut out = vec![0.0; len];
         m.view().dequantize_row(0, &mut out);

@@ -83,6 +83,27 @@ pub struct MappedBytes {
 }
 
 impl MappedBytes {
+    /// Drops this range's pages from the process's memory when they are mapped from the file (the whole pages
+    /// inside it), for a caller that has copied the bytes and will not read them again soon: they stop counting
+    /// toward the resident set. Nothing is lost: the map is read-only, so a later read loads them from the file
+    /// again. Owned buffers are left as they are.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Backing::Mapped(m) = &*self.backing {
+            const PAGE: usize = 4096;
+            let start = self.start.next_multiple_of(PAGE);
+            let end = (self.start + self.len) / PAGE * PAGE;
+            if end > start {
+                // SAFETY: `DontNeed` on a read-only shared file mapping only drops the process's copies of the
+                // pages: every later read sees the file's bytes, which are what the map held. A failure leaves
+                // the pages resident, which is harmless.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                };
+            }
+        }
+    }
+
     /// A sub-range; `None` when it is not inside this range.
     pub fn slice(&self, start: usize, len: usize) -> Option<MappedBytes> {
         let end = start.checked_add(len)?;

@@ -35,6 +35,7 @@ pub(in crate::kernels) static SET_VNNI: Kernels = Kernels {
     name: "avxvnni",
     gemm_q8_0: gemm_q8_0_vnni,
     gemm_q4_0: gemm_q4_0_vnni,
+    gemm_q4_0_interleaved: None,
     ..SET
 };
 

@@ -30,8 +30,11 @@ pub fn detected() -> bool {
 
 /// Only handed out by `kernels::available` after `detected()`: that check is the safety condition of every
 /// `unsafe` call to a `#[target_feature]` function below.
-pub(in crate::kernels) static SET: Kernels =
-    x86_set!("avx512vnni", crate::kernels::ops::x86::AVX512);
+pub(in crate::kernels) static SET: Kernels = x86_set!(
+    "avx512vnni",
+    crate::kernels::ops::x86::AVX512,
+    Some(gemm_q4_0_interleaved)
+);
 
 /// 512-bit vectors: 16 lanes.
 pub(crate) struct Zmm;
@@ -207,6 +210,8 @@ target_feature_entries! { "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
         gemm_quant::<Q8<Vnni512>, Q8<Vnni256>>(w, a, bpr, out);
     fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         gemm_quant::<Q4<Vnni512>, Q4<Vnni256>>(w, a, bpr, out);
+    fn gemm_q4_0_interleaved(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        super::row_lanes::gemm_q4_0_interleaved(w, a, bpr, &mut { out });
     fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
         kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K>(w, a, bpr, out);
     fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =

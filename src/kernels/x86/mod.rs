@@ -70,11 +70,15 @@
 /// alike.
 macro_rules! x86_set {
     ($name:literal, $ops:expr) => {
+        x86_set!($name, $ops, None)
+    };
+    ($name:literal, $ops:expr, $interleaved:expr) => {
         $crate::kernels::Kernels {
             name: $name,
             quantize_q8_0,
             gemm_q8_0,
             gemm_q4_0,
+            gemm_q4_0_interleaved: $interleaved,
             quantize_q8_k,
             gemm_q4_k,
             gemm_q5_k,

@@ -1,4 +1,5 @@
-//! AVX-512's 32-block products for a few tokens (2 to 15), one lane per weight row.
+//! AVX-512's 32-block products with one lane per weight row: Q4_0 and Q8_0 rows as they lie in the file for a
+//! few tokens (2 to 47), and Q4_0 rows interleaved at load for any number of tokens.
 //!
 //! The few-token kernel of `x86/mod.rs` spreads a block's 32 bytes over 8 lanes, so every (row, token, block)
 //! needs a horizontal sum of its lanes before it can be scaled: per token that costs about as much as the byte
@@ -7,19 +8,27 @@
 //! `k` holds dword `k` of row `i`; each token then takes 8 `vpdpbusd` against its own activation dwords
 //! broadcast, and every lane ends with its row's whole exact integer dot, scaled and accumulated as the lane
 //! kernel does it (`fma(cvt(isum), da * dw, acc)`, block by block), so the results are the same bits as every
-//! other shape's. The weights are read where they lie (no repacking): the transpose costs a fixed ~4
-//! instructions per row and block, shared by all the tokens of the call.
+//! other shape's. For rows as they lie in the file the transpose costs a fixed ~4 instructions per row and
+//! block, shared by all the tokens of the call.
 //!
 //! The 16 rows come out of the in-register 4 x 4 transposes permuted (lane `4L + m` holds row `4m + L`); scales
 //! are gathered in that order and each token's 16 results are put back in row order once per tile.
+//!
+//! A model on this set stores its Q4_0 matrices interleaved instead (`kernels::q4_0::interleave`, done once
+//! at load): a group's block is then 4 aligned loads of exactly the vectors the transpose builds (in row order)
+//! and one load of its 16 scales, read as one sequential stream the hardware prefetchers follow, where the rows
+//! as they lie are 16 interleaved streams that needed software prefetches a tile ahead. The same tile computes
+//! both (`RowTiles`), with the same float steps, so the two layouts give the same bits. With the per-block
+//! transpose gone the tile is cheaper than the lane kernel's for every token count, so interleaved matrices use
+//! it for all of them (passes of up to 16 tokens).
 
 use std::arch::x86_64::*;
 
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
 
-use crate::kernels::ProductOut;
+use crate::kernels::{ProductOut, q4_0};
 
-use super::{f16_bits_to_f32, grow, scratch, tile_shape};
+use super::{Scratch, f16_bits_to_f32, grow, scratch, tile_shape};
 
 /// A 32-block weight format as 16 rows' transposed unsigned dwords.
 pub(crate) trait RowBlock: Copy {
@@ -121,8 +130,144 @@ unsafe fn row_scales<W: super::Block32>(w: *const W, stride: usize) -> __m512 {
     }
 }
 
-/// `W[r] . A[t]` for every row (a multiple of 16 of them) and tokens `t0..t1`, up to 16 tokens per pass over
-/// the weights.
+/// Where a product's 16-row tiles come from, block by block.
+trait RowTiles {
+    /// The activation correction: the integer dot is `dot(u, a) - BIAS * sum(a)`.
+    const BIAS: i32;
+    /// Whether lanes hold rows permuted (lane `4L + m`: row `4m + L`) rather than in order.
+    const PERMUTED: bool;
+    /// Tiles of 16 rows.
+    fn tiles(&self) -> usize;
+    /// Block `b` of tile `g`: 8 vectors of unsigned weight dwords (vector `k`: dword `k` of each row's block) and
+    /// the 16 rows' scales, in lane order.
+    unsafe fn block(&self, g: usize, b: usize) -> ([__m512i; 8], __m512);
+    /// Requests what tile `g` reads after block `b`, far enough ahead to cover memory latency.
+    unsafe fn prefetch(&self, g: usize, b: usize);
+}
+
+/// Rows as they lie in the file, 16 at a time: `bpr` blocks each.
+struct Transposed<'a, W> {
+    w: &'a [W],
+    bpr: usize,
+}
+
+impl<W: RowBlock + super::Block32> RowTiles for Transposed<'_, W> {
+    const BIAS: i32 = W::BIAS;
+    const PERMUTED: bool = true;
+    #[inline(always)]
+    fn tiles(&self) -> usize {
+        self.w.len() / (16 * self.bpr)
+    }
+    #[inline(always)]
+    unsafe fn block(&self, g: usize, b: usize) -> ([__m512i; 8], __m512) {
+        // SAFETY: block b of rows 16g..16g + 16 lies inside `w` (the caller's tiling).
+        unsafe {
+            let p = self.w.as_ptr().add(16 * g * self.bpr + b);
+            (W::transpose16(p, self.bpr), row_scales(p, self.bpr))
+        }
+    }
+    #[inline(always)]
+    unsafe fn prefetch(&self, g: usize, b: usize) {
+        // The 16 rows are one contiguous run of memory read in an interleaved order the hardware prefetchers do
+        // not follow; the next tile's run is requested into L2 in step with this one's progress.
+        let step = 16 * size_of::<W>();
+        let next =
+            (self.w.as_ptr() as *const i8).wrapping_add((g + 1) * 16 * self.bpr * size_of::<W>());
+        let mut off = b * step;
+        while off < (b + 1) * step {
+            // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(off)) };
+            off += 64;
+        }
+    }
+}
+
+/// Q4_0 rows interleaved by `kernels::q4_0::interleave`: groups of 16 rows, each block's nibbles (4 vectors of
+/// 64 bytes) then every block's scales.
+struct Interleaved<'a> {
+    w: &'a [u8],
+    bpr: usize,
+}
+
+impl Interleaved<'_> {
+    /// Bytes the nibbles are requested ahead of their use, into L2. The hardware prefetchers follow the stream,
+    /// but not far enough ahead to keep DRAM busy: alternating runs of `bench --parallel 1,8 -p 128 -n 128`
+    /// (tg tok/s at B=1 / B=8) measured none 65 / 138, 2 KiB into L1 78 / 177, 2 KiB into L2 75 / 170,
+    /// 8 KiB 81 / 184, 16 KiB 83 / 189, 32 KiB 81 / 184.
+    const AHEAD: usize = 16384;
+}
+
+impl RowTiles for Interleaved<'_> {
+    const BIAS: i32 = 8;
+    const PERMUTED: bool = false;
+    #[inline(always)]
+    fn tiles(&self) -> usize {
+        self.w.len() / q4_0::group_bytes(self.bpr)
+    }
+    #[inline(always)]
+    unsafe fn block(&self, g: usize, b: usize) -> ([__m512i; 8], __m512) {
+        // SAFETY: tile g < tiles() and block b < bpr: the 256 nibble bytes at 256b and the 32 scale bytes at
+        // 256 bpr + 32b of the group are inside `w`.
+        unsafe {
+            let group = self.w.as_ptr().add(g * q4_0::group_bytes(self.bpr));
+            let qs = group.add(256 * b);
+            let m = _mm512_set1_epi8(0x0f);
+            let mut out = [_mm512_setzero_si512(); 8];
+            for k in 0..4 {
+                // Low nibbles are weights 0..15 (dwords 0..3 of the activation block), high nibbles 16..31.
+                let raw = _mm512_loadu_si512(qs.add(64 * k) as *const _);
+                out[k] = _mm512_and_si512(raw, m);
+                out[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m);
+            }
+            let scales = group.add(256 * self.bpr + 32 * b);
+            (
+                out,
+                _mm512_cvtph_ps(_mm256_loadu_si256(scales as *const __m256i)),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn prefetch(&self, g: usize, b: usize) {
+        let p = (self.w.as_ptr() as *const i8)
+            .wrapping_add(g * q4_0::group_bytes(self.bpr) + 256 * b + Self::AHEAD);
+        for line in 0..4 {
+            // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line)) };
+        }
+    }
+}
+
+/// Each token's activation scales and corrections `-bias * sum(a)` per block, for tokens `t0..t1`, into `s`.
+#[inline(always)]
+unsafe fn prepare_tokens(
+    a: &[BlockQ8_0],
+    bpr: usize,
+    t0: usize,
+    t1: usize,
+    bias: i32,
+    s: &mut Scratch,
+) {
+    let n = (t1 - t0) * bpr;
+    grow(&mut s.da, n);
+    grow(&mut s.corr, n);
+    for (i, blk) in a[t0 * bpr..t1 * bpr].iter().enumerate() {
+        // SAFETY: AVX-512 VNNI, AVX2 and F16C are present (this module's sets); the load reads the block's 32
+        // quants.
+        unsafe {
+            s.da[i] = f16_bits_to_f32(blk.d.to_bits());
+            // The block's sum: its bytes times ones, 8 dwords, then folded.
+            let q = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
+            let d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), q);
+            let x = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256::<1>(d));
+            let x = _mm_add_epi32(x, _mm_unpackhi_epi64(x, x));
+            let x = _mm_add_epi32(x, _mm_shuffle_epi32::<1>(x));
+            s.corr[i] = -bias * _mm_cvtsi128_si32(x);
+        }
+    }
+}
+
+/// `W[r] . A[t]` for every row (a multiple of 16 of them) of rows as they lie in the file, and tokens `t0..t1`,
+/// up to 16 tokens per pass over the weights.
 #[inline(always)]
 pub(crate) unsafe fn gemm_rows16<W: RowBlock + super::Block32>(
     w: &[W],
@@ -134,114 +279,141 @@ pub(crate) unsafe fn gemm_rows16<W: RowBlock + super::Block32>(
 ) {
     let (_, rows16) = tile_shape(w.len(), a.len(), bpr, t0, t1, out);
     assert!(rows16.is_multiple_of(16));
+    // SAFETY: the set's features are present; prefetches never fault.
+    unsafe {
+        super::prefetch_head(w, 16 * bpr);
+        gemm_tiles(&Transposed { w, bpr }, a, bpr, t0, t1, out);
+    }
+}
+
+/// `W[r] . A[t]` for every row of a Q4_0 matrix interleaved by `kernels::q4_0::interleave` (`w`: whole groups of
+/// 16 rows of `bpr` blocks) and every token of `a`.
+#[inline(always)]
+pub(crate) unsafe fn gemm_q4_0_interleaved(
+    w: &[u8],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    out: &mut ProductOut,
+) {
+    assert!(bpr > 0 && w.len().is_multiple_of(q4_0::group_bytes(bpr)));
+    let rows = w.len() / q4_0::group_bytes(bpr) * 16;
+    let n = a.len() / bpr;
+    crate::kernels::check_shape(out, rows, n);
+    // SAFETY: the set's features are present.
+    unsafe { gemm_tiles(&Interleaved { w, bpr }, a, bpr, 0, n, out) };
+}
+
+/// Every tile of `src` x tokens `t0..t1`, in passes of up to 16 tokens. The caller checked the output's shape.
+#[inline(always)]
+unsafe fn gemm_tiles<R: RowTiles>(
+    src: &R,
+    a: &[BlockQ8_0],
+    bpr: usize,
+    t0: usize,
+    t1: usize,
+    out: &mut ProductOut,
+) {
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };
-    let nt = t1 - t0;
-    grow(&mut s.da, nt * bpr);
-    grow(&mut s.corr, nt * bpr);
-    // Per token and block: the activation scale and the correction `-BIAS * sum(a)`.
-    for t in 0..nt {
-        for b in 0..bpr {
-            let blk = &a[(t0 + t) * bpr + b];
-            // SAFETY: AVX2 + F16C are present in every x86 set.
-            s.da[t * bpr + b] = unsafe { f16_bits_to_f32(blk.d.to_bits()) };
-            let mut sum = 0i32;
-            for &q in &blk.qs {
-                sum += q as i32;
-            }
-            s.corr[t * bpr + b] = -W::BIAS * sum;
-        }
-    }
-    let (da, corr) = (&s.da[..nt * bpr], &s.corr[..nt * bpr]);
-    // SAFETY: prefetches never fault.
-    unsafe { super::prefetch_head(w, 16 * bpr) };
-    let mut r0 = 0;
-    while r0 < rows16 {
+    // SAFETY: the set's features are present.
+    unsafe { prepare_tokens(a, bpr, t0, t1, R::BIAS, s) };
+    let n = (t1 - t0) * bpr;
+    let (da, corr) = (&s.da[..n], &s.corr[..n]);
+    for g in 0..src.tiles() {
         let mut t = t0;
         while t < t1 {
-            // One pass of up to 16 tokens, each count its own tile: splitting 3 tokens into 2 + 1 would transpose
-            // the rows twice, and the transpose costs as much as two or three tokens' dots. (16 accumulators, the
-            // 8 weight vectors and the scales fit AVX-512's 32 registers.)
+            // One pass of up to 16 tokens, each count its own tile: splitting 3 tokens into 2 + 1 would read (and
+            // transpose) the rows twice. (16 accumulators, the 8 weight vectors and the scales fit AVX-512's 32
+            // registers.)
             let tt = (t1 - t).min(16);
-            // SAFETY: rows r0..r0 + 16 <= rows and tokens t..t + tt <= t1 exist; `da` and `corr` cover tokens
-            // t0..t1.
+            // SAFETY: tile g < tiles() and tokens t..t + tt <= t1 exist; `da` and `corr` cover tokens t0..t1.
             unsafe {
                 match tt {
-                    16 => tile::<W, 16>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    15 => tile::<W, 15>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    14 => tile::<W, 14>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    13 => tile::<W, 13>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    12 => tile::<W, 12>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    11 => tile::<W, 11>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    10 => tile::<W, 10>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    9 => tile::<W, 9>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    8 => tile::<W, 8>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    7 => tile::<W, 7>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    6 => tile::<W, 6>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    5 => tile::<W, 5>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    4 => tile::<W, 4>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    3 => tile::<W, 3>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    2 => tile::<W, 2>(w, a, bpr, r0, t, t - t0, da, corr, out),
-                    _ => tile::<W, 1>(w, a, bpr, r0, t, t - t0, da, corr, out),
+                    16 => tile::<R, 16>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    15 => tile::<R, 15>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    14 => tile::<R, 14>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    13 => tile::<R, 13>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    12 => tile::<R, 12>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    11 => tile::<R, 11>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    10 => tile::<R, 10>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    9 => tile::<R, 9>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    8 => tile::<R, 8>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    7 => tile::<R, 7>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    6 => tile::<R, 6>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    5 => tile::<R, 5>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    4 => tile::<R, 4>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    3 => tile::<R, 3>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    2 => tile::<R, 2>(src, g, a, bpr, t, t - t0, da, corr, out),
+                    _ => tile::<R, 1>(src, g, a, bpr, t, t - t0, da, corr, out),
                 }
             }
             t += tt;
         }
-        r0 += 16;
     }
 }
 
-/// Rows `r0..r0 + 16` x tokens `t..t + TT` (`ti = t - t0` indexes `da` and `corr`).
+/// `acc +` the dots of `w[k]` with dword `k` at `q` broadcast, for each `k` in turn. (A function, not a closure:
+/// closures are compiled without the caller's target features.)
+#[inline(always)]
+unsafe fn dots(acc: __m512i, w: &[__m512i], q: *const i32) -> __m512i {
+    let mut acc = acc;
+    for (k, &wk) in w.iter().enumerate() {
+        // SAFETY: the caller's `q` has a dword for each of `w`.
+        acc = unsafe { _mm512_dpbusd_epi32(acc, wk, _mm512_set1_epi32(q.add(k).read_unaligned())) };
+    }
+    acc
+}
+
+/// Rows `16g..16g + 16` x tokens `t..t + TT` (`ti = t - t0` indexes `da` and `corr`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<W: RowBlock + super::Block32, const TT: usize>(
-    w: &[W],
+unsafe fn tile<R: RowTiles, const TT: usize>(
+    src: &R,
+    g: usize,
     a: &[BlockQ8_0],
     bpr: usize,
-    r0: usize,
     t: usize,
     ti: usize,
     da: &[f32],
     corr: &[i32],
     out: &mut ProductOut,
 ) {
-    debug_assert!((r0 + 16) * bpr <= w.len() && (t + TT) * bpr <= a.len());
+    debug_assert!(g < src.tiles() && (t + TT) * bpr <= a.len());
     debug_assert!((ti + TT) * bpr <= da.len());
-    // SAFETY: every pointer indexes block b < bpr of rows r0..r0 + 16 or tokens t..t + TT (the caller's
-    // promise); prefetches never fault.
+    // SAFETY: every pointer indexes block b < bpr of tokens t..t + TT (the caller's promise); the tile's rows are
+    // inside the output (its shape was checked); prefetches never fault.
     unsafe {
-        let wp = w.as_ptr().add(r0 * bpr);
-        let next = (wp as *const i8).wrapping_add(16 * bpr * size_of::<W>());
         let ap = a.as_ptr().add(t * bpr);
         let mut acc = [_mm512_setzero_ps(); TT];
         for b in 0..bpr {
-            // The 16 rows are one contiguous run of memory read in an interleaved order the hardware prefetchers
-            // do not follow; the next tile's run is requested into L2 in step with this one's progress.
-            let step = 16 * size_of::<W>();
-            let mut off = b * step;
-            while off < (b + 1) * step {
-                _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(off));
-                off += 64;
-            }
-            let wv = W::transpose16(wp.add(b), bpr);
-            let dw = row_scales(wp.add(b), bpr);
+            src.prefetch(g, b);
+            let (wv, dw) = src.block(g, b);
             for (j, acc_j) in acc.iter_mut().enumerate() {
                 let q = (*ap.add(j * bpr + b)).qs.as_ptr() as *const i32;
-                let mut isum = _mm512_set1_epi32(*corr.get_unchecked((ti + j) * bpr + b));
-                for (k, &wk) in wv.iter().enumerate() {
-                    isum =
-                        _mm512_dpbusd_epi32(isum, wk, _mm512_set1_epi32(q.add(k).read_unaligned()));
-                }
+                let c = _mm512_set1_epi32(*corr.get_unchecked((ti + j) * bpr + b));
+                let isum = if TT <= 2 {
+                    // Two chains of four: one token leaves nothing else to overlap with the dots' latency.
+                    let lo = dots(c, &wv[..4], q);
+                    let hi = dots(_mm512_setzero_si512(), &wv[4..], q.add(4));
+                    _mm512_add_epi32(lo, hi)
+                } else {
+                    dots(c, &wv, q)
+                };
                 let scale =
                     _mm512_mul_ps(_mm512_set1_ps(*da.get_unchecked((ti + j) * bpr + b)), dw);
                 *acc_j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc_j);
             }
         }
-        // Back to row order: row r is lane 4 (r % 4) + r / 4.
+        // Row r is lane 4 (r % 4) + r / 4 of a permuted tile.
         let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
         for (j, &acc_j) in acc.iter().enumerate() {
-            let o = out.as_mut_ptr().add((t + j) * out.stride() + r0);
-            _mm512_storeu_ps(o, _mm512_permutexvar_ps(idx, acc_j));
+            let o = out.as_mut_ptr().add((t + j) * out.stride() + 16 * g);
+            let v = if R::PERMUTED {
+                _mm512_permutexvar_ps(idx, acc_j)
+            } else {
+                acc_j
+            };
+            _mm512_storeu_ps(o, v);
         }
     }
 }
