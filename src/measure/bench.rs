@@ -264,22 +264,109 @@ pub fn read_bandwidth() -> f64 {
     let buf: Vec<u64> = (0..words as u64).collect();
     let chunk = words / (rayon::current_num_threads() * 16).max(1);
     let mut best = f64::MAX;
-    for _ in 0..5 {
-        let start = Instant::now();
-        let sum: u64 = buf
-            .par_chunks(chunk)
-            .map(|c| {
-                c.chunks_exact(8).fold([0u64; 8], |mut acc, w| {
-                    for i in 0..8 {
-                        acc[i] = acc[i].wrapping_add(w[i]);
-                    }
-                    acc
-                })
-            })
-            .map(|acc| acc.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-            .reduce(|| 0, u64::wrapping_add);
-        std::hint::black_box(sum);
-        best = best.min(start.elapsed().as_secs_f64());
+    // Each way of reading, best of 5: plain loads, and loads with software prefetches far ahead (what the
+    // decode kernels do; on some machines the hardware prefetchers alone leave DRAM well short of busy, and a
+    // ceiling measured without them would flatter every figure set against it).
+    for prefetch in [false, true] {
+        for _ in 0..5 {
+            let start = Instant::now();
+            let sum: u64 = buf
+                .par_chunks(chunk)
+                .map(|c| sum_words(c, prefetch))
+                .reduce(|| 0, u64::wrapping_add);
+            std::hint::black_box(sum);
+            best = best.min(start.elapsed().as_secs_f64());
+        }
     }
     LEN as f64 / best
+}
+
+/// The wrapping sum of `words`, read in the widest vectors the CPU has (a baseline x86-64 build's loop is SSE2,
+/// whose loads cannot keep two channels of DRAM busy; on an AVX-512 VM here, 2 threads read 22.5 GB/s with it,
+/// 27 with 256-bit loads, 29-30 with 512-bit ones and prefetches), optionally requesting every line 16 KiB ahead
+/// into L2.
+fn sum_words(words: &[u64], prefetch: bool) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F was just detected.
+        return unsafe { sum_words_avx512(words, prefetch) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected.
+        return unsafe { sum_words_avx2(words, prefetch) };
+    }
+    let _ = prefetch;
+    let acc = words.chunks_exact(8).fold([0u64; 8], |mut acc, w| {
+        for i in 0..8 {
+            acc[i] = acc[i].wrapping_add(w[i]);
+        }
+        acc
+    });
+    acc.iter()
+        .chain(words.chunks_exact(8).remainder())
+        .fold(0, |a, &b| a.wrapping_add(b))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_words_avx512(words: &[u64], prefetch: bool) -> u64 {
+    use std::arch::x86_64::*;
+    const AHEAD: usize = 16384;
+    let body = words.len() / 16 * 16;
+    let mut acc = [_mm512_setzero_si512(); 2];
+    let p = words.as_ptr();
+    let mut i = 0;
+    while i < body {
+        // SAFETY: words i..i + 16 are inside `words`; a prefetch never faults (its address wraps).
+        unsafe {
+            if prefetch {
+                _mm_prefetch::<_MM_HINT_T1>((p.add(i) as *const i8).wrapping_add(AHEAD));
+                _mm_prefetch::<_MM_HINT_T1>((p.add(i) as *const i8).wrapping_add(AHEAD + 64));
+            }
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_add_epi64(*a, _mm512_loadu_si512(p.add(i + 8 * k) as *const _));
+            }
+        }
+        i += 16;
+    }
+    let lanes = _mm512_add_epi64(acc[0], acc[1]);
+    words[body..]
+        .iter()
+        .fold(_mm512_reduce_add_epi64(lanes) as u64, |a, &b| {
+            a.wrapping_add(b)
+        })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_words_avx2(words: &[u64], prefetch: bool) -> u64 {
+    use std::arch::x86_64::*;
+    const AHEAD: usize = 16384;
+    let body = words.len() / 16 * 16;
+    let mut acc = [_mm256_setzero_si256(); 4];
+    let p = words.as_ptr();
+    let mut i = 0;
+    while i < body {
+        // SAFETY: words i..i + 16 are inside `words`; a prefetch never faults (its address wraps).
+        unsafe {
+            if prefetch {
+                _mm_prefetch::<_MM_HINT_T1>((p.add(i) as *const i8).wrapping_add(AHEAD));
+                _mm_prefetch::<_MM_HINT_T1>((p.add(i) as *const i8).wrapping_add(AHEAD + 64));
+            }
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_epi64(*a, _mm256_loadu_si256(p.add(i + 4 * k) as *const __m256i));
+            }
+        }
+        i += 16;
+    }
+    let mut lanes = [0u64; 16];
+    for (k, a) in acc.iter().enumerate() {
+        // SAFETY: 4 u64 lanes into 4 of `lanes`.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().add(4 * k) as *mut __m256i, *a) };
+    }
+    lanes
+        .iter()
+        .chain(&words[body..])
+        .fold(0, |a, &b| a.wrapping_add(b))
 }
