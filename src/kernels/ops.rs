@@ -314,6 +314,31 @@ mod body {
         fn keys<W: Widen, const N: usize>(&self, d: usize, s: usize) -> [f32; N];
         fn key(&self, d: usize, s: usize) -> f32;
         fn values<W: Widen, const N: usize>(&self, s: usize, d0: usize) -> [f32; N];
+        /// Requests the block's keys (and its values) into L2 ahead of their use.
+        fn prefetch_keys(&self);
+        fn prefetch_values(&self);
+    }
+
+    /// Requests every cache line of `x` into L2: a block's keys or values are a few KiB that the hardware
+    /// prefetchers reach too late (each block of a sequence is its own short stream, anywhere in the pool).
+    #[inline(always)]
+    fn prefetch_l2<T>(x: &[T]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (p, bytes) = (x.as_ptr() as *const i8, std::mem::size_of_val(x));
+            let mut off = 0;
+            while off < bytes {
+                // SAFETY: a prefetch never faults; the address is inside `x`.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                        p.wrapping_add(off),
+                    )
+                };
+                off += 64;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = x;
     }
 
     /// A value type stored as it is (f32) or widened exactly (f16 as bits).
@@ -398,6 +423,14 @@ mod body {
         fn values<W: Widen, const N: usize>(&self, s: usize, d0: usize) -> [f32; N] {
             let at = s * self.hd + d0;
             T::widen::<W, N>(self.v[at..at + N].try_into().unwrap())
+        }
+        #[inline(always)]
+        fn prefetch_keys(&self) {
+            prefetch_l2(self.k);
+        }
+        #[inline(always)]
+        fn prefetch_values(&self) {
+            prefetch_l2(self.v);
         }
     }
 
@@ -497,6 +530,16 @@ mod body {
             }
             out
         }
+        #[inline(always)]
+        fn prefetch_keys(&self) {
+            prefetch_l2(self.k);
+            prefetch_l2(self.k_scale);
+        }
+        #[inline(always)]
+        fn prefetch_values(&self) {
+            prefetch_l2(self.v);
+            prefetch_l2(self.v_scale);
+        }
     }
 
     /// [`super::Ops::attend_block`]. Queries are taken 4 at a time (then 2, 1). Scores: a register tile of 4
@@ -595,9 +638,16 @@ mod body {
             })
         };
 
-        // Scores, block by block of positions: `p` rows start at column c0 for this block's positions.
+        // Scores, block by block of positions: `p` rows start at column c0 for this block's positions. The next
+        // block's keys are requested while this one's are used, and each block's values for the pass after.
+        let blocks = lmax.div_ceil(bt);
+        B::at(kv, 0).prefetch_keys();
         for (bi, c0) in (0..lmax).step_by(bt).enumerate() {
             let blk = B::at(kv, bi);
+            if bi + 1 < blocks {
+                B::at(kv, bi + 1).prefetch_keys();
+            }
+            blk.prefetch_values();
             for (j, jt, lt) in tiles() {
                 let c1 = lt.min(c0 + bt);
                 if c1 <= c0 {
@@ -624,6 +674,9 @@ mod body {
         // Weighted sum of values, block by block of positions, a register tile of dimensions at a time.
         for (bi, c0) in (0..lmax).step_by(bt).enumerate() {
             let blk = B::at(kv, bi);
+            if bi + 1 < blocks {
+                B::at(kv, bi + 1).prefetch_values();
+            }
             for (j, jt, lt) in tiles() {
                 let c1 = lt.min(c0 + bt);
                 if c1 <= c0 {

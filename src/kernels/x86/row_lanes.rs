@@ -228,9 +228,11 @@ impl RowTiles for Interleaved<'_> {
     }
     #[inline(always)]
     unsafe fn prefetch(&self, g: usize, b: usize) {
+        // A group's blocks take 288 bytes each (nibbles, then scales at its end), so the requests advance 288
+        // bytes a block, 5 lines (4.5 of them new), to cover the scales too.
         let p = (self.w.as_ptr() as *const i8)
-            .wrapping_add(g * q4_0::group_bytes(self.bpr) + 256 * b + Self::AHEAD);
-        for line in 0..4 {
+            .wrapping_add(g * q4_0::group_bytes(self.bpr) + 288 * b + Self::AHEAD);
+        for line in 0..5 {
             // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
             unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line)) };
         }
