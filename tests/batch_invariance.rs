@@ -280,38 +280,54 @@ fn q8_0_and_q4_0_products_are_batch_invariant() {
     report(failures);
 }
 
-/// Interleaved Q4_0 rows (`kernels::q4_0::interleave`), in the sets that read them so; cut only between groups of
-/// 16 rows, as the model's regions cut them.
+/// Rows interleaved in groups of 16 (`kernels::q4_0::interleave`, `kernels::q8_0::interleave`), in the sets that
+/// read them so; cut only between groups, as the model's regions cut them (37 rows: two groups and 5 rows as
+/// they lie).
 #[test]
-fn interleaved_q4_0_products_are_batch_invariant() {
+fn interleaved_products_are_batch_invariant() {
     let mut rng = Rng(13);
     let mut failures = vec![];
     let all = sets();
-    for (rows, bpr) in [(64, 2), (32, 5), (48, 32)] {
+    for (rows, bpr) in [(64, 2), (37, 5), (48, 32)] {
         let acts = q8_0_acts(&mut rng, bpr * 32);
+        let grouped = rows / 16 * 16 * bpr;
         let w4: Vec<BlockQ4_0> = (0..rows * bpr)
             .map(|_| BlockQ4_0 {
                 d: rng.scale(),
                 qs: std::array::from_fn(|_| rng.next() as u8),
             })
             .collect();
-        let mut packed = vec![0u8; w4.len() * size_of::<BlockQ4_0>()];
-        kernels::q4_0::interleave(&w4, bpr, &mut packed);
+        let mut packed4 = bytemuck::cast_slice::<_, u8>(&w4).to_vec();
+        kernels::q4_0::interleave(&w4[..grouped], bpr, &mut packed4[..grouped * 18]);
+        let w8: Vec<BlockQ8_0> = (0..rows * bpr)
+            .map(|_| BlockQ8_0 {
+                d: rng.scale(),
+                qs: std::array::from_fn(|_| rng.next() as i8),
+            })
+            .collect();
+        let mut packed8 = bytemuck::cast_slice::<_, u8>(&w8).to_vec();
+        kernels::q8_0::interleave(&w8[..grouped], bpr, &mut packed8[..grouped * 34]);
         for k in &all {
-            let Some(gemm) = k.gemm_q4_0_interleaved else {
-                continue;
-            };
-            let c = Case {
-                row_step: 16,
-                ..case(
-                    format!("interleaved q4_0 on {}, {rows} rows x {bpr} blocks", k.name),
-                    &packed,
-                    rows,
-                    &acts,
-                    bpr,
-                )
-            };
-            failures.extend(c.check(&|w, a, b, o| gemm(w, a, b, o)));
+            let cases = [
+                ("q4_0", k.gemm_q4_0_interleaved, &packed4),
+                ("q8_0", k.gemm_q8_0_interleaved, &packed8),
+            ];
+            for (ty, gemm, packed) in cases {
+                let Some(gemm) = gemm else {
+                    continue;
+                };
+                let c = Case {
+                    row_step: 16,
+                    ..case(
+                        format!("interleaved {ty} on {}, {rows} rows x {bpr} blocks", k.name),
+                        packed,
+                        rows,
+                        &acts,
+                        bpr,
+                    )
+                };
+                failures.extend(c.check(&|w, a, b, o| gemm(w, a, b, o)));
+            }
         }
     }
     report(failures);

@@ -330,62 +330,96 @@ fn gemm_q4_0_matches_scalar() {
     }
 }
 
-/// Q4_0 rows interleaved by 16 (`kernels::q4_0::interleave`), in every set that reads them so, against the same
-/// set's product over the rows as they lie, by bits: the layout changes where bytes are, never a result (and
-/// `gemm_q4_0_matches_scalar` holds those to the reference). Every token count a pass of up to 16 takes, and
-/// then some, for each kind of block.
+/// Rows interleaved in groups of 16 (`kernels::q4_0::interleave`, `kernels::q8_0::interleave`; the rows past the
+/// last whole group as they lie), in every set that reads them so, against the same set's product over the rows
+/// as they lie, by bits: the layout changes where bytes are, never a result (and `gemm_q4_0_matches_scalar`,
+/// `gemm_q8_0_matches_scalar` hold those to the reference). Every token count a pass of up to 16 takes, and then
+/// some, for each kind of block.
 #[test]
-fn gemm_q4_0_interleaved_is_gemm_q4_0_by_bits() {
+fn interleaved_products_are_the_row_products_by_bits() {
     let mut rng = Rng(3);
-    let with: Vec<_> = sets()
-        .into_iter()
-        .filter_map(|k| k.gemm_q4_0_interleaved.map(|g| (k, g)))
-        .collect();
-    eprintln!(
-        "interleaved Q4_0 on: {}",
-        with.iter()
-            .map(|(k, _)| k.name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
     let tokens: Vec<usize> = (1..=34).chain([47, 48, 64, 129]).collect();
-    for (k, gemm) in with {
-        for rows in [16, 48, 64] {
+    let mut tested = vec![];
+    for k in sets() {
+        for rows in [16, 37, 64] {
             for bpr in [1, 2, 3, 16, 32] {
                 for &n in &tokens {
                     for (s, v) in KINDS {
-                        let w = q4_weights(&mut rng, rows * bpr, s, v);
                         let a = q8_acts(&mut rng, n * bpr, s, v);
-                        let mut packed = vec![0u8; w.len() * size_of::<BlockQ4_0>()];
-                        kernels::q4_0::interleave(&w, bpr, &mut packed);
-                        let mut want = out_buf(rows, n, rows, true);
-                        (k.gemm_q4_0)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
-                        for (i, ldo) in strides(rows).into_iter().enumerate() {
-                            let mut got = out_buf(rows, n, ldo, i == 0);
-                            gemm(
-                                &packed,
-                                &a,
-                                bpr,
-                                ProductOut::with_stride(&mut got, n, rows, ldo),
-                            );
-                            let what = format!(
-                                "interleaved gemm_q4_0 on {}: {rows} rows, {n} tokens, {bpr} blocks, stride {ldo}",
-                                k.name
-                            );
-                            check_untouched(&what, &got, rows, ldo);
-                            for t in 0..n {
-                                for r in 0..rows {
-                                    let (g, w) = (got[t * ldo + r], want[t * rows + r]);
-                                    assert_eq!(
-                                        g.to_bits(),
-                                        w.to_bits(),
-                                        "{what}: token {t}, row {r}: {g:e} against {w:e} from the rows"
-                                    );
-                                }
-                            }
+                        if let Some(gemm) = k.gemm_q4_0_interleaved {
+                            let w = q4_weights(&mut rng, rows * bpr, s, v);
+                            let packed = pack(&w, rows, bpr, kernels::q4_0::interleave);
+                            let mut want = out_buf(rows, n, rows, true);
+                            (k.gemm_q4_0)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
+                            check_interleaved("q4_0", k, gemm, &packed, &a, rows, n, bpr, &want);
+                            tested.push(format!("q4_0 on {}", k.name));
+                        }
+                        if let Some(gemm) = k.gemm_q8_0_interleaved {
+                            let w = q8_weights(&mut rng, rows * bpr, s, v);
+                            let packed = pack(&w, rows, bpr, kernels::q8_0::interleave);
+                            let mut want = out_buf(rows, n, rows, true);
+                            (k.gemm_q8_0)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
+                            check_interleaved("q8_0", k, gemm, &packed, &a, rows, n, bpr, &want);
+                            tested.push(format!("q8_0 on {}", k.name));
                         }
                     }
                 }
+            }
+        }
+    }
+    tested.sort();
+    tested.dedup();
+    eprintln!("interleaved products on: {}", tested.join(", "));
+}
+
+/// `rows` rows of `bpr` blocks as a model packs them: whole groups interleaved, the rest as they lie.
+fn pack<B: bytemuck::Pod>(
+    w: &[B],
+    rows: usize,
+    bpr: usize,
+    interleave: fn(&[B], usize, &mut [u8]),
+) -> Vec<u8> {
+    let bytes: &[u8] = bytemuck::cast_slice(w);
+    let mut packed = bytes.to_vec();
+    let grouped = rows / 16 * 16 * bpr;
+    let split = grouped * size_of::<B>();
+    interleave(&w[..grouped], bpr, &mut packed[..split]);
+    packed
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_interleaved(
+    ty: &str,
+    k: &Kernels,
+    gemm: kernels::InterleavedGemm,
+    packed: &[u8],
+    a: &[BlockQ8_0],
+    rows: usize,
+    n: usize,
+    bpr: usize,
+    want: &[f32],
+) {
+    for (i, ldo) in strides(rows).into_iter().enumerate() {
+        let mut got = out_buf(rows, n, ldo, i == 0);
+        gemm(
+            packed,
+            a,
+            bpr,
+            ProductOut::with_stride(&mut got, n, rows, ldo),
+        );
+        let what = format!(
+            "interleaved {ty} on {}: {rows} rows, {n} tokens, {bpr} blocks, stride {ldo}",
+            k.name
+        );
+        check_untouched(&what, &got, rows, ldo);
+        for t in 0..n {
+            for r in 0..rows {
+                let (g, w) = (got[t * ldo + r], want[t * rows + r]);
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{what}: token {t}, row {r}: {g:e} against {w:e} from the rows"
+                );
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Matrix products of model weights with a batch of activations: the layer between the model and the kernels.
 
 use half::f16;
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0, BlockQ8K, QK_K};
+use quarry_quantize::blocks::{BlockQ8_0, BlockQ8K, QK_K};
 use quarry_quantize::gguf::GgmlType;
 
 use bytemuck::Zeroable;
@@ -38,18 +38,21 @@ pub fn supported(ty: GgmlType) -> bool {
 pub enum Layout {
     /// Row after row, as in the file.
     Rows,
-    /// Q4_0 rows in groups of 16 ([`super::q4_0::interleave`]), for a set with `gemm_q4_0_interleaved`.
-    Q4_0Interleaved,
+    /// Q4_0 or Q8_0 rows in groups of [`INTERLEAVE_ROWS`] ([`super::q4_0::interleave`],
+    /// [`super::q8_0::interleave`]), the rows past the last whole group after them as they lie, for a set with
+    /// that type's interleaved product. Each group takes as many bytes as its rows do in the file, so every row
+    /// range the model cuts (an expert, a thread's share) is the same byte range as in the file.
+    Interleaved,
 }
 
+/// Rows per group of [`Layout::Interleaved`].
+pub const INTERLEAVE_ROWS: usize = 16;
+
 impl Layout {
-    /// The layout a matrix of `ty` with `rows` rows is best kept in for kernel set `k`.
-    pub fn for_kernels(k: &Kernels, ty: GgmlType, rows: usize) -> Layout {
-        if ty == GgmlType::Q4_0
-            && rows.is_multiple_of(super::q4_0::GROUP_ROWS)
-            && k.gemm_q4_0_interleaved.is_some()
-        {
-            Layout::Q4_0Interleaved
+    /// The layout kernel set `k` reads a matrix of `ty` fastest in.
+    pub fn for_kernels(k: &Kernels, ty: GgmlType) -> Layout {
+        if k.interleaved_gemm(ty).is_some() {
+            Layout::Interleaved
         } else {
             Layout::Rows
         }
@@ -70,7 +73,7 @@ impl PackedWeights {
     /// `rows` rows of `cols` weights of type `ty` (whole blocks, the loader checked), rewritten in `layout`.
     ///
     /// # Panics
-    /// When `layout` is [`Layout::Rows`], or the matrix cannot take it (see [`Layout::for_kernels`]).
+    /// When `layout` is [`Layout::Rows`], or `ty` has no interleaved form.
     pub fn new(
         layout: Layout,
         ty: GgmlType,
@@ -79,20 +82,29 @@ impl PackedWeights {
         data: &[u8],
     ) -> PackedWeights {
         assert!(
-            layout == Layout::Q4_0Interleaved && ty == GgmlType::Q4_0,
+            layout == Layout::Interleaved && matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0),
             "{ty} cannot be packed as {layout:?}"
         );
-        let blocks: &[BlockQ4_0] = bytemuck::cast_slice(data);
+        let (len, bpr) = (data.len(), cols / 32);
         assert_eq!(
-            blocks.len(),
-            rows * (cols / 32),
-            "a {rows} x {cols} Q4_0 matrix"
+            len,
+            rows * bpr * ty.block_bytes(),
+            "a {rows} x {cols} {ty} matrix"
         );
-        let len = data.len();
         let mut buf = vec![0u8; len + 63];
         let start = buf.as_ptr().align_offset(64);
-        advise_huge_pages(&mut buf[start..start + len]);
-        super::q4_0::interleave(blocks, cols / 32, &mut buf[start..start + len]);
+        let dst = &mut buf[start..start + len];
+        advise_huge_pages(dst);
+        // Whole groups interleaved; the rows past them copied as they are, at the same offsets.
+        let split = rows / INTERLEAVE_ROWS * INTERLEAVE_ROWS * bpr * ty.block_bytes();
+        let (groups, tail) = dst.split_at_mut(split);
+        match ty {
+            GgmlType::Q4_0 => {
+                super::q4_0::interleave(bytemuck::cast_slice(&data[..split]), bpr, groups)
+            }
+            _ => super::q8_0::interleave(bytemuck::cast_slice(&data[..split]), bpr, groups),
+        }
+        tail.copy_from_slice(&data[split..]);
         PackedWeights {
             layout,
             buf,
@@ -167,10 +179,10 @@ impl<'a> WeightRows<'a> {
     /// do in the file, so the range is the same.
     pub fn sub_rows(&self, start: usize, len: usize) -> WeightRows<'a> {
         let n = self.row_bytes();
-        if self.layout == Layout::Q4_0Interleaved {
-            let g = super::q4_0::GROUP_ROWS;
+        if self.layout == Layout::Interleaved {
+            let g = INTERLEAVE_ROWS;
             assert!(
-                start.is_multiple_of(g) && len.is_multiple_of(g),
+                start.is_multiple_of(g) && (len.is_multiple_of(g) || start + len == self.rows),
                 "rows {start}..{} of a matrix interleaved by {g}",
                 start + len
             );
@@ -184,14 +196,28 @@ impl<'a> WeightRows<'a> {
         }
     }
 
-    /// Dequantizes row `r` into `out` (the token embedding lookup), with the format crate's decoders.
+    /// Dequantizes row `r` into `out` (the token embedding lookup), with the format crate's decoders; a row of an
+    /// interleaved group is gathered back into its blocks first.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        assert_eq!(
-            self.layout,
-            Layout::Rows,
-            "rows are read one by one only as they lie"
-        );
-        quarry_quantize::convert::decode_values(self.ty, self.row(r), out);
+        let bpr = self.cols / 32;
+        if self.layout == Layout::Rows || r >= self.rows / INTERLEAVE_ROWS * INTERLEAVE_ROWS {
+            quarry_quantize::convert::decode_values(self.ty, self.row(r), out);
+            return;
+        }
+        let group = &self.data[r / INTERLEAVE_ROWS * INTERLEAVE_ROWS * self.row_bytes()..];
+        let at = r % INTERLEAVE_ROWS;
+        for (b, out) in out[..self.cols].chunks_exact_mut(32).enumerate() {
+            match self.ty {
+                GgmlType::Q4_0 => {
+                    let blk = super::q4_0::interleaved_block(group, bpr, at, b);
+                    quarry_quantize::convert::decode_values(self.ty, bytemuck::bytes_of(&blk), out)
+                }
+                _ => {
+                    let blk = super::q8_0::interleaved_block(group, bpr, at, b);
+                    quarry_quantize::convert::decode_values(self.ty, bytemuck::bytes_of(&blk), out)
+                }
+            }
+        }
     }
 }
 
@@ -407,9 +433,9 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: Product
         ),
     }
     let data = w.data;
-    if w.layout == Layout::Q4_0Interleaved {
+    if w.layout == Layout::Interleaved {
         let gemm = k
-            .gemm_q4_0_interleaved
+            .interleaved_gemm(w.ty)
             .expect("matrices are interleaved only for sets that read them so");
         return gemm(data, acts.q8, w.cols / 32, out);
     }

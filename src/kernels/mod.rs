@@ -19,8 +19,9 @@
 //! many. The shape of a call decides which runs, so callers need not care.
 //!
 //! A set may also read a matrix in another layout than the file's rows ([`Layout`]): AVX-512 VNNI multiplies
-//! Q4_0 rows interleaved in groups of 16 ([`q4_0::interleave`]) with one lane per row for every token count, so a
-//! model on it rewrites its Q4_0 matrices so when it is loaded ([`Layout::for_kernels`]).
+//! Q4_0 and Q8_0 rows interleaved in groups of 16 ([`q4_0::interleave`], [`q8_0::interleave`]) with one lane per
+//! row for every token count, so a model on it rewrites its matrices of those types so when it is loaded
+//! ([`Layout::for_kernels`]).
 //!
 //! **Every set is batch-invariant**: each token's outputs of a product are bit-identical whatever else is in the
 //! call (that token alone, or among any number of others, at any position), and whichever rows of the matrix
@@ -76,13 +77,13 @@ pub mod q4_0;
 mod q4_k;
 mod q5_k;
 mod q6_k;
-mod q8_0;
+pub mod q8_0;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub(crate) use matmul::{
-    ActivationBatch, ActivationRows, Layout, PackedWeights, WeightRows, gemm_rows, supported,
-    wants_q8_0, wants_q8_k,
+    ActivationBatch, ActivationRows, INTERLEAVE_ROWS, Layout, PackedWeights, WeightRows, gemm_rows,
+    supported, wants_q8_0, wants_q8_k,
 };
 pub use ops::Ops;
 pub use product_out::ProductOut;
@@ -118,10 +119,12 @@ pub struct Kernels {
     pub quantize_q8_0: fn(&[f32], &mut [BlockQ8_0]),
     pub gemm_q8_0: fn(w: &[BlockQ8_0], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut),
     pub gemm_q4_0: fn(w: &[BlockQ4_0], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut),
-    /// The Q4_0 product over rows interleaved by [`q4_0::interleave`], in the sets that read that layout
-    /// faster than rows as they lie; a model on such a set stores its Q4_0 matrices so ([`Layout`]). Its results
-    /// have the same bits as `gemm_q4_0`'s over the same rows.
+    /// The Q4_0 and Q8_0 products over rows interleaved in groups ([`q4_0::interleave`], [`q8_0::interleave`];
+    /// the rows past the last whole group as they lie), in the sets that read that layout faster than rows as
+    /// they lie; a model on such a set stores its matrices of the type so ([`Layout`]). Their results have the
+    /// same bits as `gemm_q4_0`'s and `gemm_q8_0`'s over the same rows.
     pub gemm_q4_0_interleaved: Option<InterleavedGemm>,
+    pub gemm_q8_0_interleaved: Option<InterleavedGemm>,
     /// Activation row to Q8_K for the k-quant products: exactly ggml's `quantize_row_q8_K` (which is also what
     /// llama.cpp runs), so every set must give the same bytes.
     pub quantize_q8_k: fn(&[f32], &mut [BlockQ8K]),
@@ -139,8 +142,20 @@ pub struct Kernels {
     pub ops: Ops,
 }
 
-/// A product over rows interleaved in groups (`w`: whole groups, as bytes).
+/// A product over rows interleaved in groups (`w`: the matrix's bytes, whole rows).
 pub type InterleavedGemm = fn(w: &[u8], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut);
+
+impl Kernels {
+    /// This set's product over interleaved rows of `ty`, if it has one.
+    pub fn interleaved_gemm(&self, ty: quarry_quantize::gguf::GgmlType) -> Option<InterleavedGemm> {
+        use quarry_quantize::gguf::GgmlType;
+        match ty {
+            GgmlType::Q4_0 => self.gemm_q4_0_interleaved,
+            GgmlType::Q8_0 => self.gemm_q8_0_interleaved,
+            _ => None,
+        }
+    }
+}
 
 /// Checks the shape contract of the matrix kernels: the output window is exactly `n_tokens` x `rows`. Every kernel
 /// calls it before writing, so the SIMD stores behind it may rely on it.
@@ -181,6 +196,7 @@ pub static SCALAR: Kernels = Kernels {
     gemm_q8_0: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q8_0::dot_scalar),
     gemm_q4_0: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q4_0::dot_scalar),
     gemm_q4_0_interleaved: None,
+    gemm_q8_0_interleaved: None,
     quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
     gemm_q4_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q4_k::dot_scalar),
     gemm_q5_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q5_k::dot_scalar),

@@ -19,6 +19,7 @@ pub static SET: Kernels = Kernels {
     gemm_q8_0,
     gemm_q4_0,
     gemm_q4_0_interleaved: None,
+    gemm_q8_0_interleaved: None,
     quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
     gemm_q4_k,
     gemm_q5_k,

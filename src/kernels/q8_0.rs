@@ -35,3 +35,99 @@ pub fn dot_scalar(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
     }
     sum
 }
+
+/// Rows per group of the interleaved layout ([`interleave`]).
+pub const GROUP_ROWS: usize = 16;
+
+/// Bytes of one group of [`GROUP_ROWS`] rows of `bpr` blocks: as many as the rows take in the file.
+pub const fn group_bytes(bpr: usize) -> usize {
+    GROUP_ROWS * bpr * size_of::<BlockQ8_0>()
+}
+
+/// Rewrites rows of Q8_0 blocks (a multiple of [`GROUP_ROWS`] of them, `bpr` blocks each) into groups of 16
+/// rows that a kernel with one vector lane per row loads without rearranging: per group, first the quants of
+/// each block in turn (512 bytes: 8 runs of 64, run `k` holding bytes `4k..4k + 4` of rows 0..16, each stored
+/// plus 128 as an unsigned byte, the operand `vpdpbusd` takes), then the 16 f16 scales of each block in turn (32
+/// bytes). The same number of bytes as the rows, so a share of whole groups is a byte range, as a share of rows is.
+///
+/// # Panics
+/// When `src` is not whole groups of whole rows, or `dst` is not exactly its size.
+pub fn interleave(src: &[BlockQ8_0], bpr: usize, dst: &mut [u8]) {
+    assert!(bpr > 0 && src.len().is_multiple_of(GROUP_ROWS * bpr));
+    assert_eq!(dst.len(), size_of_val(src));
+    for (rows, out) in src
+        .chunks_exact(GROUP_ROWS * bpr)
+        .zip(dst.chunks_exact_mut(group_bytes(bpr)))
+    {
+        let (qs, scales) = out.split_at_mut(bpr * 512);
+        // Written in order, 16 rows read at a time.
+        for (b, (q, d)) in qs
+            .chunks_exact_mut(512)
+            .zip(scales.chunks_exact_mut(32))
+            .enumerate()
+        {
+            for r in 0..GROUP_ROWS {
+                let blk = &rows[r * bpr + b];
+                for (k, run) in q.chunks_exact_mut(64).enumerate() {
+                    for (o, &x) in run[4 * r..4 * r + 4]
+                        .iter_mut()
+                        .zip(&blk.qs[4 * k..4 * k + 4])
+                    {
+                        *o = x as u8 ^ 0x80;
+                    }
+                }
+                d[2 * r..2 * r + 2].copy_from_slice(&blk.d.to_bits().to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Block `b` of row `r` of an interleaved matrix: [`interleave`] undone.
+pub fn interleaved_block(data: &[u8], bpr: usize, r: usize, b: usize) -> BlockQ8_0 {
+    let group = &data[r / GROUP_ROWS * group_bytes(bpr)..][..group_bytes(bpr)];
+    let i = r % GROUP_ROWS;
+    let mut qs = [0i8; 32];
+    for k in 0..8 {
+        let o = b * 512 + k * 64 + i * 4;
+        for (q, &x) in qs[4 * k..4 * k + 4].iter_mut().zip(&group[o..o + 4]) {
+            *q = (x ^ 0x80) as i8;
+        }
+    }
+    let o = bpr * 512 + b * 32 + i * 2;
+    BlockQ8_0 {
+        d: f16::from_bits(u16::from_le_bytes([group[o], group[o + 1]])),
+        qs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every block comes back from where `interleave` put it, scale and quants (-128 and 127 included).
+    #[test]
+    fn interleaving_moves_every_byte_and_loses_none() {
+        for bpr in [1, 3, 32] {
+            let rows = 32;
+            let blocks: Vec<BlockQ8_0> = (0..rows * bpr)
+                .map(|i| BlockQ8_0 {
+                    d: f16::from_bits(i as u16 ^ 0x3c00),
+                    qs: std::array::from_fn(|j| (i * 31 + j * 7) as u8 as i8),
+                })
+                .collect();
+            let mut packed = vec![0u8; size_of_val(blocks.as_slice())];
+            interleave(&blocks, bpr, &mut packed);
+            for r in 0..rows {
+                for b in 0..bpr {
+                    let got = interleaved_block(&packed, bpr, r, b);
+                    let want = blocks[r * bpr + b];
+                    assert_eq!(
+                        (got.d.to_bits(), got.qs),
+                        (want.d.to_bits(), want.qs),
+                        "row {r}, block {b}"
+                    );
+                }
+            }
+        }
+    }
+}

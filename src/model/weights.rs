@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::ModelError;
 use super::config::{Architecture, ModelConfig};
-use crate::kernels::{self, Kernels, Layout, PackedWeights, WeightRows};
+use crate::kernels::{self, INTERLEAVE_ROWS, Kernels, Layout, PackedWeights, WeightRows};
 
 /// A 2-D weight: `rows` output features of `cols` input weights each.
 #[derive(Debug)]
@@ -109,6 +109,22 @@ struct Packable<'a> {
 }
 
 impl Packable<'_> {
+    /// The layout kernel set `k` reads this matrix fastest in: its type's, where the matrix can take it. Rows
+    /// past the last whole group stay as they lie, which each product cut from the matrix must allow: a
+    /// stacked expert tensor is interleaved only when each expert is whole groups.
+    fn layout_for(&self, k: &Kernels) -> Layout {
+        let fits = if self.unit < self.rows {
+            self.unit.is_multiple_of(INTERLEAVE_ROWS)
+        } else {
+            self.rows >= INTERLEAVE_ROWS
+        };
+        if fits {
+            Layout::for_kernels(k, self.ty)
+        } else {
+            Layout::Rows
+        }
+    }
+
     /// Makes the packed copy match `layout`: made (and the file's pages of it released), kept, or dropped.
     fn set_layout(self, layout: Layout) {
         if self.packed.as_ref().map_or(Layout::Rows, |p| p.layout()) == layout {
@@ -172,10 +188,10 @@ pub struct ModelWeights {
 
 impl ModelWeights {
     /// Stores every matrix in the layout the kernel set `k` reads fastest ([`Layout::for_kernels`]), in
-    /// parallel; matrices already so are left alone. The token embedding keeps the file's rows (a token's row is
-    /// read on its own), and with it an output head tied to it.
+    /// parallel; matrices already so are left alone. The token embedding too: it is the output head of a model
+    /// whose head is tied to it, and a token's row is gathered back from its group when it is looked up.
     pub fn pack_for(&mut self, k: &Kernels) {
-        let mut all: Vec<Packable> = Vec::new();
+        let mut all: Vec<Packable> = vec![self.token_embd.packable()];
         if let Some(out) = self.output.as_mut() {
             all.push(out.packable());
         }
@@ -192,7 +208,7 @@ impl ModelWeights {
             }
         }
         all.into_par_iter().for_each(|p| {
-            let layout = Layout::for_kernels(k, p.ty, p.unit);
+            let layout = p.layout_for(k);
             p.set_layout(layout);
         });
     }

@@ -36,6 +36,7 @@ pub(in crate::kernels) static SET_VNNI: Kernels = Kernels {
     gemm_q8_0: gemm_q8_0_vnni,
     gemm_q4_0: gemm_q4_0_vnni,
     gemm_q4_0_interleaved: None,
+    gemm_q8_0_interleaved: None,
     ..SET
 };
 

@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
 use super::avx2::{Ymm, YmmPair};
-use super::{BlockDot, FewTile, FloatLanes, Lanes, Q4, Q8};
+use super::{BlockDot, FewTile, FloatLanes, Lanes, Q4, Q8, row_lanes};
 
 mod kquant;
 use crate::kernels::{Kernels, ProductOut};
@@ -33,7 +33,8 @@ pub fn detected() -> bool {
 pub(in crate::kernels) static SET: Kernels = x86_set!(
     "avx512vnni",
     crate::kernels::ops::x86::AVX512,
-    Some(gemm_q4_0_interleaved)
+    Some(gemm_q4_0_interleaved),
+    Some(gemm_q8_0_interleaved)
 );
 
 /// 512-bit vectors: 16 lanes.
@@ -211,7 +212,9 @@ target_feature_entries! { "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
     fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         gemm_quant::<Q4<Vnni512>, Q4<Vnni256>>(w, a, bpr, out);
     fn gemm_q4_0_interleaved(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
-        super::row_lanes::gemm_q4_0_interleaved(w, a, bpr, &mut { out });
+        interleaved::<row_lanes::Q4_0Groups, Q4<Vnni512>, Q4<Vnni256>>(w, a, bpr, out);
+    fn gemm_q8_0_interleaved(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        interleaved::<row_lanes::Q8_0Groups, Q8<Vnni512>, Q8<Vnni256>>(w, a, bpr, out);
     fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
         kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K>(w, a, bpr, out);
     fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
@@ -569,6 +572,41 @@ impl FewTile for Q4Tiles<'_> {
                     out.token(t + j)[r0] = _mm_cvtss_f32(acc_j);
                 }
             }
+        }
+    }
+}
+
+/// A matrix interleaved in groups of 16 rows (`Layout::Interleaved`): its whole groups on `row_lanes`, the rows
+/// past them (as they lie) on the product of `D` and `Y` over rows.
+#[inline(always)]
+unsafe fn interleaved<
+    G: row_lanes::Groups,
+    D: Few + super::LaneDot<W = <D as BlockDot>::W>,
+    Y: super::LaneDot<W = <D as BlockDot>::W>,
+>(
+    w: &[u8],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    out: ProductOut,
+) where
+    <D as BlockDot>::W: row_lanes::RowBlock + bytemuck::Pod,
+{
+    let row_bytes = bpr * size_of::<<D as BlockDot>::W>();
+    assert!(row_bytes > 0 && w.len().is_multiple_of(row_bytes));
+    let rows = w.len() / row_bytes;
+    crate::kernels::check_shape(&out, rows, a.len() / bpr);
+    let grouped = rows / 16 * 16;
+    let (mut groups, tail) = out.split_at_row(grouped);
+    // SAFETY: the set's features are present.
+    unsafe {
+        row_lanes::gemm_interleaved::<G>(&w[..grouped * row_bytes], a, bpr, &mut groups);
+        if grouped < rows {
+            gemm_quant::<D, Y>(
+                bytemuck::cast_slice(&w[grouped * row_bytes..]),
+                a,
+                bpr,
+                tail,
+            );
         }
     }
 }

@@ -70,15 +70,16 @@
 /// alike.
 macro_rules! x86_set {
     ($name:literal, $ops:expr) => {
-        x86_set!($name, $ops, None)
+        x86_set!($name, $ops, None, None)
     };
-    ($name:literal, $ops:expr, $interleaved:expr) => {
+    ($name:literal, $ops:expr, $q4_0_interleaved:expr, $q8_0_interleaved:expr) => {
         $crate::kernels::Kernels {
             name: $name,
             quantize_q8_0,
             gemm_q8_0,
             gemm_q4_0,
-            gemm_q4_0_interleaved: $interleaved,
+            gemm_q4_0_interleaved: $q4_0_interleaved,
+            gemm_q8_0_interleaved: $q8_0_interleaved,
             quantize_q8_k,
             gemm_q4_k,
             gemm_q5_k,

@@ -1,5 +1,5 @@
 //! AVX-512's 32-block products with one lane per weight row: Q4_0 and Q8_0 rows as they lie in the file for a
-//! few tokens (2 to 47), and Q4_0 rows interleaved at load for any number of tokens.
+//! few tokens (2 to 47), and rows interleaved at load for any number of tokens.
 //!
 //! The few-token kernel of `x86/mod.rs` spreads a block's 32 bytes over 8 lanes, so every (row, token, block)
 //! needs a horizontal sum of its lanes before it can be scaled: per token that costs about as much as the byte
@@ -14,9 +14,9 @@
 //! The 16 rows come out of the in-register 4 x 4 transposes permuted (lane `4L + m` holds row `4m + L`); scales
 //! are gathered in that order and each token's 16 results are put back in row order once per tile.
 //!
-//! A model on this set stores its Q4_0 matrices interleaved instead (`kernels::q4_0::interleave`, done once
-//! at load): a group's block is then 4 aligned loads of exactly the vectors the transpose builds (in row order)
-//! and one load of its 16 scales, read as one sequential stream the hardware prefetchers follow, where the rows
+//! A model on this set stores its Q4_0 and Q8_0 matrices interleaved instead (`kernels::q4_0::interleave`,
+//! `kernels::q8_0::interleave`, done once at load): a group's block is then 4 (Q4_0) or 8 (Q8_0) aligned loads of
+//! exactly the vectors the transpose builds (in row order) and one load of its 16 scales, read as one sequential stream the hardware prefetchers follow, where the rows
 //! as they lie are 16 interleaved streams that needed software prefetches a tile ahead. The same tile computes
 //! both (`RowTiles`), with the same float steps, so the two layouts give the same bits. With the per-block
 //! transpose gone the tile is cheaper than the lane kernel's for every token count, so interleaved matrices use
@@ -26,7 +26,7 @@ use std::arch::x86_64::*;
 
 use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
 
-use crate::kernels::{ProductOut, q4_0};
+use crate::kernels::ProductOut;
 
 use super::{Scratch, f16_bits_to_f32, grow, scratch, tile_shape};
 
@@ -182,35 +182,27 @@ impl<W: RowBlock + super::Block32> RowTiles for Transposed<'_, W> {
     }
 }
 
-/// Q4_0 rows interleaved by `kernels::q4_0::interleave`: groups of 16 rows, each block's nibbles (4 vectors of
-/// 64 bytes) then every block's scales.
-struct Interleaved<'a> {
-    w: &'a [u8],
-    bpr: usize,
+/// A format's interleaved groups (`kernels::q4_0::interleave`, `kernels::q8_0::interleave`): per group, each
+/// block's `QS_BYTES` of quants, then every block's 16 f16 scales.
+pub(crate) trait Groups {
+    /// The activation correction: the integer dot is `dot(u, a) - BIAS * sum(a)`.
+    const BIAS: i32;
+    /// Bytes of one block's quants of the 16 rows.
+    const QS_BYTES: usize;
+    /// The 8 vectors of unsigned weight dwords of the quants at `qs`.
+    unsafe fn weights(qs: *const u8) -> [__m512i; 8];
 }
 
-impl Interleaved<'_> {
-    /// Bytes the nibbles are requested ahead of their use, into L2. The hardware prefetchers follow the stream,
-    /// but not far enough ahead to keep DRAM busy: alternating runs of `bench --parallel 1,8 -p 128 -n 128`
-    /// (tg tok/s at B=1 / B=8) measured none 65 / 138, 2 KiB into L1 78 / 177, 2 KiB into L2 75 / 170,
-    /// 8 KiB 81 / 184, 16 KiB 83 / 189, 32 KiB 81 / 184.
-    const AHEAD: usize = 16384;
-}
+/// Q4_0: 4 runs of 64 nibble bytes (low nibbles weights 0..15, high 16..31).
+pub(crate) struct Q4_0Groups;
 
-impl RowTiles for Interleaved<'_> {
+impl Groups for Q4_0Groups {
     const BIAS: i32 = 8;
-    const PERMUTED: bool = false;
+    const QS_BYTES: usize = 256;
     #[inline(always)]
-    fn tiles(&self) -> usize {
-        self.w.len() / q4_0::group_bytes(self.bpr)
-    }
-    #[inline(always)]
-    unsafe fn block(&self, g: usize, b: usize) -> ([__m512i; 8], __m512) {
-        // SAFETY: tile g < tiles() and block b < bpr: the 256 nibble bytes at 256b and the 32 scale bytes at
-        // 256 bpr + 32b of the group are inside `w`.
+    unsafe fn weights(qs: *const u8) -> [__m512i; 8] {
+        // SAFETY: the caller's `qs` holds 256 bytes.
         unsafe {
-            let group = self.w.as_ptr().add(g * q4_0::group_bytes(self.bpr));
-            let qs = group.add(256 * b);
             let m = _mm512_set1_epi8(0x0f);
             let mut out = [_mm512_setzero_si512(); 8];
             for k in 0..4 {
@@ -219,20 +211,73 @@ impl RowTiles for Interleaved<'_> {
                 out[k] = _mm512_and_si512(raw, m);
                 out[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m);
             }
-            let scales = group.add(256 * self.bpr + 32 * b);
+            out
+        }
+    }
+}
+
+/// Q8_0: 8 runs of 64 bytes, already offset by 128 to unsigned.
+pub(crate) struct Q8_0Groups;
+
+impl Groups for Q8_0Groups {
+    const BIAS: i32 = 128;
+    const QS_BYTES: usize = 512;
+    #[inline(always)]
+    unsafe fn weights(qs: *const u8) -> [__m512i; 8] {
+        // SAFETY: the caller's `qs` holds 512 bytes.
+        unsafe { std::array::from_fn(|k| _mm512_loadu_si512(qs.add(64 * k) as *const _)) }
+    }
+}
+
+/// Rows interleaved in groups of 16 of format `G`, `bpr` blocks each.
+struct Interleaved<'a, G> {
+    w: &'a [u8],
+    bpr: usize,
+    _format: std::marker::PhantomData<G>,
+}
+
+impl<G: Groups> Interleaved<'_, G> {
+    /// Bytes of one block of a group: its quants and its 16 scales.
+    const BLOCK: usize = G::QS_BYTES + 32;
+
+    /// Bytes the stream is requested ahead of its use, into L2. The hardware prefetchers follow the stream,
+    /// but not far enough ahead to keep DRAM busy: alternating runs of `bench --parallel 1,8 -p 128 -n 128` on a
+    /// Q4_0 model (tg tok/s at B=1 / B=8) measured none 65 / 138, 2 KiB into L1 78 / 177, 2 KiB into L2
+    /// 75 / 170, 8 KiB 81 / 184, 16 KiB 83 / 189, 32 KiB 81 / 184.
+    const AHEAD: usize = 16384;
+
+    fn group_bytes(&self) -> usize {
+        self.bpr * Self::BLOCK
+    }
+}
+
+impl<G: Groups> RowTiles for Interleaved<'_, G> {
+    const BIAS: i32 = G::BIAS;
+    const PERMUTED: bool = false;
+    #[inline(always)]
+    fn tiles(&self) -> usize {
+        self.w.len() / self.group_bytes()
+    }
+    #[inline(always)]
+    unsafe fn block(&self, g: usize, b: usize) -> ([__m512i; 8], __m512) {
+        // SAFETY: tile g < tiles() and block b < bpr: the block's quants at QS_BYTES b and its 32 scale bytes at
+        // QS_BYTES bpr + 32 b of the group are inside `w`.
+        unsafe {
+            let group = self.w.as_ptr().add(g * self.group_bytes());
+            let scales = group.add(G::QS_BYTES * self.bpr + 32 * b);
             (
-                out,
+                G::weights(group.add(G::QS_BYTES * b)),
                 _mm512_cvtph_ps(_mm256_loadu_si256(scales as *const __m256i)),
             )
         }
     }
     #[inline(always)]
     unsafe fn prefetch(&self, g: usize, b: usize) {
-        // A group's blocks take 288 bytes each (nibbles, then scales at its end), so the requests advance 288
-        // bytes a block, 5 lines (4.5 of them new), to cover the scales too.
+        // The requests advance one block's share of the group (quants and scales, which sit at its end) a
+        // block, so the whole group is covered: whole lines, and one more.
         let p = (self.w.as_ptr() as *const i8)
-            .wrapping_add(g * q4_0::group_bytes(self.bpr) + 288 * b + Self::AHEAD);
-        for line in 0..5 {
+            .wrapping_add(g * self.group_bytes() + Self::BLOCK * b + Self::AHEAD);
+        for line in 0..Self::BLOCK / 64 + 1 {
             // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
             unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line)) };
         }
@@ -288,21 +333,25 @@ pub(crate) unsafe fn gemm_rows16<W: RowBlock + super::Block32>(
     }
 }
 
-/// `W[r] . A[t]` for every row of a Q4_0 matrix interleaved by `kernels::q4_0::interleave` (`w`: whole groups of
-/// 16 rows of `bpr` blocks) and every token of `a`.
+/// `W[r] . A[t]` for every row of a matrix interleaved in groups of format `G` (`w`: whole groups of 16 rows of
+/// `bpr` blocks) and every token of `a`.
 #[inline(always)]
-pub(crate) unsafe fn gemm_q4_0_interleaved(
+pub(crate) unsafe fn gemm_interleaved<G: Groups>(
     w: &[u8],
     a: &[BlockQ8_0],
     bpr: usize,
     out: &mut ProductOut,
 ) {
-    assert!(bpr > 0 && w.len().is_multiple_of(q4_0::group_bytes(bpr)));
-    let rows = w.len() / q4_0::group_bytes(bpr) * 16;
+    let src = Interleaved::<G> {
+        w,
+        bpr,
+        _format: std::marker::PhantomData,
+    };
+    assert!(bpr > 0 && w.len().is_multiple_of(src.group_bytes()));
     let n = a.len() / bpr;
-    crate::kernels::check_shape(out, rows, n);
+    crate::kernels::check_shape(out, src.tiles() * 16, n);
     // SAFETY: the set's features are present.
-    unsafe { gemm_tiles(&Interleaved { w, bpr }, a, bpr, 0, n, out) };
+    unsafe { gemm_tiles(&src, a, bpr, 0, n, out) };
 }
 
 /// Every tile of `src` x tokens `t0..t1`, in passes of up to 16 tokens. The caller checked the output's shape.
