@@ -82,8 +82,8 @@ pub mod q8_0;
 mod x86;
 
 pub(crate) use matmul::{
-    ActivationBatch, ActivationRows, INTERLEAVE_ROWS, Layout, PackedWeights, WeightRows, gemm_rows,
-    supported, wants_q8_0, wants_q8_k,
+    ActivationBatch, ActivationRows, INTERLEAVE_ROWS, Layout, PackJob, PackedWeights, WeightRows,
+    advise_huge_pages, gemm_rows, supported, wants_q8_0, wants_q8_k,
 };
 pub use ops::Ops;
 pub use product_out::ProductOut;

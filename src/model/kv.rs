@@ -20,6 +20,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::config::ModelConfig;
+use crate::kernels::advise_huge_pages;
 use crate::kernels::ops::{KvData, MAX_HEAD_DIM, kv_q8_group};
 
 /// Positions per block: a whole number of every attention kernel's position tiles (at most 64), small enough
@@ -125,20 +126,30 @@ impl KvPool {
         let blocks = tokens.div_ceil(KV_BLOCK_TOKENS).max(1);
         let block_values = cfg.n_layer * cfg.n_head_kv * cfg.head_dim * KV_BLOCK_TOKENS;
         let n = blocks * block_values;
+        // Huge pages where the OS gives them: attention streams every block of a sequence, and its requests for a
+        // block ahead keep missing the TLB with 4 KiB pages. A block is 0.75-3 MiB (every layer's heads), so
+        // this rounds a sequence's memory up by little.
         let storage = match ty {
-            KvType::F32 => Storage::F32 {
-                k: vec![0.0; n],
-                v: vec![0.0; n],
-            },
-            KvType::F16 => Storage::F16 {
-                k: vec![0; n],
-                v: vec![0; n],
-            },
+            KvType::F32 => {
+                let (mut k, mut v) = (vec![0.0; n], vec![0.0; n]);
+                advise_huge_pages(&mut k);
+                advise_huge_pages(&mut v);
+                Storage::F32 { k, v }
+            }
+            KvType::F16 => {
+                let (mut k, mut v) = (vec![0; n], vec![0; n]);
+                advise_huge_pages(&mut k);
+                advise_huge_pages(&mut v);
+                Storage::F16 { k, v }
+            }
             KvType::Q8_0 => {
                 let g = kv_q8_group(cfg.head_dim);
+                let (mut k, mut v) = (vec![0; n], vec![0; n]);
+                advise_huge_pages(&mut k);
+                advise_huge_pages(&mut v);
                 Storage::Q8 {
-                    k: vec![0; n],
-                    v: vec![0; n],
+                    k,
+                    v,
                     k_scale: vec![0.0; n / g],
                     v_scale: vec![0.0; n / g],
                 }

@@ -2,11 +2,10 @@
 //! copy in the layout its kernel set reads fastest (`kernels::Layout`), made once at load.
 
 use quarry_quantize::gguf::{GgmlType, GgufFile, GgufProblem, MappedBytes, TensorInfo};
-use rayon::prelude::*;
 
 use super::ModelError;
 use super::config::{Architecture, ModelConfig};
-use crate::kernels::{self, INTERLEAVE_ROWS, Kernels, Layout, PackedWeights, WeightRows};
+use crate::kernels::{self, INTERLEAVE_ROWS, Kernels, Layout, PackJob, PackedWeights, WeightRows};
 
 /// A 2-D weight: `rows` output features of `cols` input weights each.
 #[derive(Debug)]
@@ -124,22 +123,6 @@ impl Packable<'_> {
             Layout::Rows
         }
     }
-
-    /// Makes the packed copy match `layout`: made (and the file's pages of it released), kept, or dropped.
-    fn set_layout(self, layout: Layout) {
-        if self.packed.as_ref().map_or(Layout::Rows, |p| p.layout()) == layout {
-            return;
-        }
-        *self.packed = None;
-        if layout != Layout::Rows {
-            *self.packed = Some(PackedWeights::new(
-                layout, self.ty, self.rows, self.cols, self.data,
-            ));
-            // The copy is what the kernels read from now on: the file's pages of the matrix would only double
-            // the resident memory (they are reloaded from the file if the rows are ever needed again).
-            self.data.release_pages();
-        }
-    }
 }
 
 /// The routed experts of one layer.
@@ -207,10 +190,40 @@ impl ModelWeights {
                 }
             }
         }
-        all.into_par_iter().for_each(|p| {
-            let layout = p.layout_for(k);
-            p.set_layout(layout);
-        });
+        let want: Vec<Layout> = all.iter().map(|p| p.layout_for(k)).collect();
+        let have = |p: &Packable| p.packed.as_ref().map_or(Layout::Rows, |c| c.layout());
+        if all.iter().zip(&want).all(|(p, &w)| have(p) == w) {
+            return;
+        }
+        // Every copy is made anew, into one arena (this happens once per model, and again only when tests switch
+        // kernel sets): the old ones go first, so memory holds one set of copies at a time.
+        for p in &mut all {
+            *p.packed = None;
+        }
+        let (jobs, sources): (Vec<PackJob>, Vec<&MappedBytes>) = all
+            .iter()
+            .zip(&want)
+            .filter(|&(_, &layout)| layout != Layout::Rows)
+            .map(|(p, &layout)| {
+                let job = PackJob {
+                    layout,
+                    ty: p.ty,
+                    rows: p.rows,
+                    cols: p.cols,
+                    data: p.data,
+                };
+                (job, p.data)
+            })
+            .unzip();
+        // Each copy is what the kernels read from then on: the file's pages of its matrix would only double the
+        // resident memory (they are reloaded from the file if the rows are ever needed again).
+        let mut packed = PackedWeights::pack_all(&jobs, |i| sources[i].release_pages()).into_iter();
+        drop(jobs);
+        for (p, &layout) in all.into_iter().zip(&want) {
+            if layout != Layout::Rows {
+                *p.packed = packed.next();
+            }
+        }
     }
 
     /// The matrix that maps the final hidden state to logits.
