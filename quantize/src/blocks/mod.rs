@@ -13,6 +13,8 @@
 //! | [`BlockQ5K`] | 256 | 176 | as Q4_K plus 32 bytes of fifth bits | `quantize_row_q5_K_ref` |
 //! | [`BlockQ6K`] | 256 | 210 | 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 x i8 scales, f16 d | `quantize_row_q6_K_ref` |
 //! | [`BlockQ8K`] | 256 | 292 | f32 d, 256 x i8, 16 x i16 group sums (activations only) | `quantize_row_q8_K_ref` |
+//! | [`BlockIQ4NL`] | 32 | 18 | f16 d, 16 bytes of nibbles indexing 16 non-linear levels | `quantize_iq4_nl` |
+//! | [`BlockIQ4XS`] | 256 | 136 | f16 d, 8 x 6-bit scales (u16 high bits, 4 bytes low), 128 bytes of nibbles | `quantize_iq4_xs` |
 //!
 //! The k-quant quantizers (module `kquant` has their shared arithmetic) are the `_ref` functions llama-quantize
 //! calls when it has no importance matrix, reproduced operation by operation: same f32 rounding at every step, no
@@ -21,6 +23,7 @@
 
 pub mod bf16;
 pub mod f16;
+pub mod iq4;
 mod kquant;
 pub mod q4_0;
 pub mod q4_k;
@@ -29,6 +32,10 @@ pub mod q6_k;
 pub mod q8_0;
 pub mod q8_k;
 
+pub use iq4::{
+    BlockIQ4NL, BlockIQ4XS, IQ4_VALUES, dequantize_iq4_nl, dequantize_iq4_xs, quantize_iq4_nl,
+    quantize_iq4_xs,
+};
 pub use q4_0::{BlockQ4_0, dequantize_q4_0, quantize_q4_0};
 pub use q4_k::{BlockQ4K, dequantize_q4_k, quantize_q4_k};
 pub use q5_k::{BlockQ5K, dequantize_q5_k, quantize_q5_k};

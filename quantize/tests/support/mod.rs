@@ -5,6 +5,8 @@
 #[path = "../../../tests/support/skip.rs"]
 mod skip;
 
+pub mod ggml_vectors;
+
 use std::path::{Path, PathBuf};
 
 /// The project's own fixtures (`tests/fixtures` at the repository root), present in every clone.
