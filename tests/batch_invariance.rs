@@ -11,7 +11,7 @@ use bytemuck::Zeroable;
 use half::{bf16, f16};
 use quarry::kernels::{self, Kernels, ProductOut, SCALAR};
 use quarry_quantize::blocks::{
-    BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, quantize_q8_k,
+    BlockIQ4NL, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, quantize_q8_k,
 };
 
 /// SplitMix64, as in `tests/kernels.rs`.
@@ -247,7 +247,7 @@ fn q8_k_acts(rng: &mut Rng, cols: usize) -> Vec<BlockQ8K> {
 }
 
 #[test]
-fn q8_0_and_q4_0_products_are_batch_invariant() {
+fn q8_0_q4_0_and_iq4_nl_products_are_batch_invariant() {
     let mut rng = Rng(11);
     let mut failures = vec![];
     let all = sets();
@@ -265,6 +265,7 @@ fn q8_0_and_q4_0_products_are_batch_invariant() {
                 qs: std::array::from_fn(|_| rng.next() as u8),
             })
             .collect();
+        let wi: Vec<BlockIQ4NL> = w4.iter().map(|b| BlockIQ4NL { d: b.d, qs: b.qs }).collect();
         for k in &all {
             let what = |f: &str| format!("{f} on {}, {rows} rows x {bpr} blocks", k.name);
             failures.extend(
@@ -275,12 +276,16 @@ fn q8_0_and_q4_0_products_are_batch_invariant() {
                 case(what("q4_0"), &w4, rows, &acts, bpr)
                     .check(&|w, a, b, o| (k.gemm_q4_0)(w, a, b, o)),
             );
+            failures.extend(
+                case(what("iq4_nl"), &wi, rows, &acts, bpr)
+                    .check(&|w, a, b, o| (k.gemm_iq4_nl)(w, a, b, o)),
+            );
         }
     }
     report(failures);
 }
 
-/// Rows interleaved in groups of 16 (`kernels::q4_0::interleave`, `kernels::q8_0::interleave`), in the sets that
+/// Rows interleaved in groups of 16 (`kernels::q4_0::interleave`, which IQ4_NL shares, `kernels::q8_0::interleave`), in the sets that
 /// read them so; cut only between groups, as the model's regions cut them (37 rows: two groups and 5 rows as
 /// they lie).
 #[test]
@@ -310,6 +315,8 @@ fn interleaved_products_are_batch_invariant() {
         for k in &all {
             let cases = [
                 ("q4_0", k.gemm_q4_0_interleaved, &packed4),
+                // IQ4_NL blocks are laid out as Q4_0's: the same bytes, read as level indices.
+                ("iq4_nl", k.gemm_iq4_nl_interleaved, &packed4),
                 ("q8_0", k.gemm_q8_0_interleaved, &packed8),
             ];
             for (ty, gemm, packed) in cases {

@@ -9,7 +9,7 @@
 
 use half::{bf16, f16};
 use quarry::kernels::{self, Kernels, ProductOut, SCALAR};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+use quarry_quantize::blocks::{BlockIQ4NL, BlockQ4_0, BlockQ8_0, IQ4_VALUES};
 
 /// SplitMix64: small, seeded, good enough to spread test values.
 struct Rng(u64);
@@ -127,6 +127,14 @@ fn q4_weights(rng: &mut Rng, n: usize, s: Scales, v: Values) -> Vec<BlockQ4_0> {
         .collect()
 }
 
+/// IQ4_NL blocks: Q4_0's nibbles (the extremes are then levels -127 and 113) read as level indices.
+fn iq4_weights(rng: &mut Rng, n: usize, s: Scales, v: Values) -> Vec<BlockIQ4NL> {
+    q4_weights(rng, n, s, v)
+        .into_iter()
+        .map(|b| BlockIQ4NL { d: b.d, qs: b.qs })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Exact references.
 
@@ -144,6 +152,14 @@ fn isum_q4(w: &BlockQ4_0, a: &BlockQ8_0) -> i64 {
                 + ((w.qs[j] >> 4) as i64 - 8) * a.qs[j + 16] as i64
         })
         .sum()
+}
+
+/// The levels of an IQ4_NL block, in activation order.
+fn iq4_levels(w: &BlockIQ4NL) -> [i64; 32] {
+    std::array::from_fn(|j| {
+        let b = w.qs[j % 16];
+        IQ4_VALUES[if j < 16 { b & 15 } else { b >> 4 } as usize] as i64
+    })
 }
 
 /// A value no kernel computes (a NaN with a payload): output positions a kernel must not write are filled with
@@ -330,6 +346,44 @@ fn gemm_q4_0_matches_scalar() {
     }
 }
 
+#[test]
+fn gemm_iq4_nl_matches_scalar() {
+    let mut rng = Rng(4);
+    for k in sets() {
+        for (rows, n, bpr) in shapes() {
+            for (s, v) in KINDS {
+                let w = iq4_weights(&mut rng, rows * bpr, s, v);
+                let a = q8_acts(&mut rng, n * bpr, s, v);
+                let mut want = out_buf(rows, n, rows, true);
+                (SCALAR.gemm_iq4_nl)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
+                for (i, ldo) in strides(rows).into_iter().enumerate() {
+                    let mut got = out_buf(rows, n, ldo, i == 0);
+                    (k.gemm_iq4_nl)(&w, &a, bpr, ProductOut::with_stride(&mut got, n, rows, ldo));
+                    check_quant(
+                        "gemm_iq4_nl",
+                        k.name,
+                        rows,
+                        n,
+                        bpr,
+                        &got,
+                        ldo,
+                        &want,
+                        |r, t, b| {
+                            let (bw, ba) = (&w[r * bpr + b], &a[t * bpr + b]);
+                            let terms = iq4_levels(bw)
+                                .into_iter()
+                                .zip(ba.qs)
+                                .map(|(l, q)| l * q as i64);
+                            let (exact, abs) = terms.fold((0, 0), |(e, m), p| (e + p, m + p.abs()));
+                            (exact, bw.d.to_f32() * ba.d.to_f32(), abs as f32)
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Rows interleaved in groups of 16 (`kernels::q4_0::interleave`, `kernels::q8_0::interleave`; the rows past the
 /// last whole group as they lie), in every set that reads them so, against the same set's product over the rows
 /// as they lie, by bits: the layout changes where bytes are, never a result (and `gemm_q4_0_matches_scalar`,
@@ -353,6 +407,14 @@ fn interleaved_products_are_the_row_products_by_bits() {
                             (k.gemm_q4_0)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
                             check_interleaved("q4_0", k, gemm, &packed, &a, rows, n, bpr, &want);
                             tested.push(format!("q4_0 on {}", k.name));
+                        }
+                        if let Some(gemm) = k.gemm_iq4_nl_interleaved {
+                            let w = iq4_weights(&mut rng, rows * bpr, s, v);
+                            let packed = pack(&w, rows, bpr, kernels::iq4_nl::interleave);
+                            let mut want = out_buf(rows, n, rows, true);
+                            (k.gemm_iq4_nl)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
+                            check_interleaved("iq4_nl", k, gemm, &packed, &a, rows, n, bpr, &want);
+                            tested.push(format!("iq4_nl on {}", k.name));
                         }
                         if let Some(gemm) = k.gemm_q8_0_interleaved {
                             let w = q8_weights(&mut rng, rows * bpr, s, v);
@@ -468,6 +530,23 @@ fn extreme_blocks_give_known_sums() {
                         "{}: q4 {out:?} != {want}",
                         k.name
                     );
+                    // Nibbles 0 and 15 are IQ4_NL's outermost levels, -127 and 113.
+                    for (nibbles, level) in [(0x00u8, -127i64), (0xff, 113)] {
+                        let wi = vec![
+                            BlockIQ4NL {
+                                d: f16::ONE,
+                                qs: [nibbles; 16]
+                            };
+                            3 * bpr
+                        ];
+                        (k.gemm_iq4_nl)(&wi, &a, bpr, ProductOut::new(&mut out, n, 3));
+                        let want = (level * av as i64 * 32 * bpr as i64) as f32;
+                        assert!(
+                            out.iter().all(|&o| o == want),
+                            "{}: iq4_nl {out:?} != {want}",
+                            k.name
+                        );
+                    }
                 }
             }
         }

@@ -13,7 +13,7 @@ use super::{Kernels, ProductOut};
 
 /// Whether activations must be quantized to Q8_0 for a weight type's dot product.
 pub fn wants_q8_0(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0)
+    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::IQ4_NL)
 }
 
 /// Whether activations must be quantized to Q8_K (256 per block, f32 scale) for a weight type's dot product.
@@ -30,6 +30,7 @@ pub fn supported(ty: GgmlType) -> bool {
             | GgmlType::BF16
             | GgmlType::Q8_0
             | GgmlType::Q4_0
+            | GgmlType::IQ4_NL
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::Q6_K
@@ -41,8 +42,8 @@ pub fn supported(ty: GgmlType) -> bool {
 pub enum Layout {
     /// Row after row, as in the file.
     Rows,
-    /// Q4_0 or Q8_0 rows in groups of [`INTERLEAVE_ROWS`] ([`super::q4_0::interleave`],
-    /// [`super::q8_0::interleave`]), the rows past the last whole group after them as they lie, for a set with
+    /// Q4_0, IQ4_NL or Q8_0 rows in groups of [`INTERLEAVE_ROWS`] ([`super::q4_0::interleave`],
+    /// [`super::iq4_nl::interleave`], [`super::q8_0::interleave`]), the rows past the last whole group after them as they lie, for a set with
     /// that type's interleaved product. Each group takes as many bytes as its rows do in the file, so every row
     /// range the model cuts (an expert, a thread's share) is the same byte range as in the file.
     Interleaved,
@@ -153,7 +154,8 @@ impl PackedWeights {
 fn pack(j: &PackJob, dst: &mut [u8]) {
     let (ty, rows, bpr) = (j.ty, j.rows, j.cols / 32);
     assert!(
-        j.layout == Layout::Interleaved && matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0),
+        j.layout == Layout::Interleaved
+            && matches!(ty, GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::Q8_0),
         "{ty} cannot be packed as {:?}",
         j.layout
     );
@@ -166,7 +168,8 @@ fn pack(j: &PackJob, dst: &mut [u8]) {
     let split = rows / INTERLEAVE_ROWS * INTERLEAVE_ROWS * bpr * ty.block_bytes();
     let (groups, tail) = dst.split_at_mut(split);
     match ty {
-        GgmlType::Q4_0 => {
+        // IQ4_NL blocks are laid out as Q4_0's.
+        GgmlType::Q4_0 | GgmlType::IQ4_NL => {
             super::q4_0::interleave(bytemuck::cast_slice(&j.data[..split]), bpr, groups)
         }
         _ => super::q8_0::interleave(bytemuck::cast_slice(&j.data[..split]), bpr, groups),
@@ -269,7 +272,7 @@ impl<'a> WeightRows<'a> {
         let at = r % INTERLEAVE_ROWS;
         for (b, out) in out[..self.cols].chunks_exact_mut(32).enumerate() {
             match self.ty {
-                GgmlType::Q4_0 => {
+                GgmlType::Q4_0 | GgmlType::IQ4_NL => {
                     let blk = super::q4_0::interleaved_block(group, bpr, at, b);
                     quarry_quantize::convert::decode_values(self.ty, bytemuck::bytes_of(&blk), out)
                 }
@@ -477,7 +480,7 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: Product
     }
     super::check_shape(&out, w.rows, acts.n);
     match w.ty {
-        GgmlType::Q8_0 | GgmlType::Q4_0 => {
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::IQ4_NL => {
             assert!(!acts.q8.is_empty(), "activations not prepared for {}", w.ty)
         }
         GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
@@ -503,6 +506,7 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: Product
     match w.ty {
         GgmlType::Q8_0 => (k.gemm_q8_0)(cast(data), acts.q8, w.cols / 32, out),
         GgmlType::Q4_0 => (k.gemm_q4_0)(cast(data), acts.q8, w.cols / 32, out),
+        GgmlType::IQ4_NL => (k.gemm_iq4_nl)(cast(data), acts.q8, w.cols / 32, out),
         GgmlType::Q4_K => (k.gemm_q4_k)(cast(data), acts.q8k, w.cols / QK_K, out),
         GgmlType::Q5_K => (k.gemm_q5_k)(cast(data), acts.q8k, w.cols / QK_K, out),
         GgmlType::Q6_K => (k.gemm_q6_k)(cast(data), acts.q8k, w.cols / QK_K, out),

@@ -1,7 +1,7 @@
 //! Matrix products over weights stored in ggml blocks, and the f32 operations around them.
 //!
-//! Each weight format has a module with a plain scalar reference (`q8_0`, `q4_0`, `q4_k`, `q5_k`, `q6_k`,
-//! `float`); the SIMD sets sit beside them, one module per instruction set, each a [`Kernels`] table (the matrix
+//! Each weight format has a module with a plain scalar reference (`q8_0`, `q4_0`, `iq4_nl`, `q4_k`, `q5_k`,
+//! `q6_k`, `float`); the SIMD sets sit beside them, one module per instruction set, each a [`Kernels`] table (the matrix
 //! products, the activation quantizers, and the f32 operations of `ops`). A model is given one table when it is
 //! loaded ([`selected`]: CPU feature detection, or `QUARRY_KERNEL`) and passes it down; it never asks which set
 //! runs. It hands [`WeightRows`] views, [`ActivationBatch`]es and [`ProductOut`] windows to the regions of
@@ -68,6 +68,7 @@ macro_rules! target_feature_entries {
 }
 
 mod float;
+pub mod iq4_nl;
 mod matmul;
 pub mod ops;
 pub(crate) mod parallel;
@@ -91,7 +92,9 @@ pub use product_out::ProductOut;
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
+use quarry_quantize::blocks::{
+    BlockIQ4NL, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
+};
 
 /// One set of kernels, all for the same instruction set.
 ///
@@ -125,6 +128,9 @@ pub struct Kernels {
     /// same bits as `gemm_q4_0`'s and `gemm_q8_0`'s over the same rows.
     pub gemm_q4_0_interleaved: Option<InterleavedGemm>,
     pub gemm_q8_0_interleaved: Option<InterleavedGemm>,
+    pub gemm_iq4_nl: fn(w: &[BlockIQ4NL], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut),
+    /// IQ4_NL rows interleaved as Q4_0's ([`iq4_nl::interleave`]), with the same bits as `gemm_iq4_nl`'s.
+    pub gemm_iq4_nl_interleaved: Option<InterleavedGemm>,
     /// Activation row to Q8_K for the k-quant products: exactly ggml's `quantize_row_q8_K` (which is also what
     /// llama.cpp runs), so every set must give the same bytes.
     pub quantize_q8_k: fn(&[f32], &mut [BlockQ8K]),
@@ -152,6 +158,7 @@ impl Kernels {
         match ty {
             GgmlType::Q4_0 => self.gemm_q4_0_interleaved,
             GgmlType::Q8_0 => self.gemm_q8_0_interleaved,
+            GgmlType::IQ4_NL => self.gemm_iq4_nl_interleaved,
             _ => None,
         }
     }
@@ -197,6 +204,8 @@ pub static SCALAR: Kernels = Kernels {
     gemm_q4_0: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q4_0::dot_scalar),
     gemm_q4_0_interleaved: None,
     gemm_q8_0_interleaved: None,
+    gemm_iq4_nl: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, iq4_nl::dot_scalar),
+    gemm_iq4_nl_interleaved: None,
     quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
     gemm_q4_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q4_k::dot_scalar),
     gemm_q5_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q5_k::dot_scalar),

@@ -8,7 +8,9 @@
 //! reference's bits.
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
+use quarry_quantize::blocks::{
+    BlockIQ4NL, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, IQ4_VALUES,
+};
 use wide::{f32x8, i8x16, i16x16, i32x8, u16x8};
 
 use super::{Kernels, ProductOut, check_shape};
@@ -20,6 +22,8 @@ pub static SET: Kernels = Kernels {
     gemm_q4_0,
     gemm_q4_0_interleaved: None,
     gemm_q8_0_interleaved: None,
+    gemm_iq4_nl,
+    gemm_iq4_nl_interleaved: None,
     quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
     gemm_q4_k,
     gemm_q5_k,
@@ -131,6 +135,18 @@ fn isum_q4(w: &BlockQ4_0, a: &BlockQ8_0) -> i32 {
     s.reduce_add()
 }
 
+#[inline]
+fn isum_iq4_nl(w: &BlockIQ4NL, a: &BlockQ8_0) -> i32 {
+    // `wide` has no byte shuffle: the 32 levels are looked up one by one, then multiplied as Q8_0's bytes are.
+    let mut levels = [0i8; 32];
+    for (j, &b) in w.qs.iter().enumerate() {
+        levels[j] = IQ4_VALUES[(b & 0x0f) as usize];
+        levels[j + 16] = IQ4_VALUES[(b >> 4) as usize];
+    }
+    let s: i32x8 = i16s(&levels).dot(i16s(&a.qs)) + i16s(&levels[16..]).dot(i16s(&a.qs[16..]));
+    s.reduce_add()
+}
+
 /// Row pairs share each activation block; the float accumulation is the reference's, block by block.
 fn gemm_blocks<W>(
     w: &[W],
@@ -178,6 +194,10 @@ fn gemm_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) {
 
 fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) {
     gemm_blocks(w, a, bpr, out, |b| b.d.to_bits(), isum_q4)
+}
+
+fn gemm_iq4_nl(w: &[BlockIQ4NL], a: &[BlockQ8_0], bpr: usize, out: ProductOut) {
+    gemm_blocks(w, a, bpr, out, |b| b.d.to_bits(), isum_iq4_nl)
 }
 
 // ---------------------------------------------------------------------------------------------------------------

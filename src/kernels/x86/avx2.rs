@@ -5,14 +5,17 @@
 //! To stay exact: Q4_0 nibbles (0..15) times activations give at most 2 * 15 * 128 per pair, so even the 8
 //! steps of a block can be summed in i16 before widening; Q8_0 uses `|w|` (at most 128) against the activation
 //! with `w`'s sign, at most 2 * 128 * 127 = 32512 per pair, which needs activations in -127..=127 (what
-//! `quantize_q8_0` produces: -128 would overflow `vpsignb`).
+//! `quantize_q8_0` produces: -128 would overflow `vpsignb`); IQ4_NL the same on its looked-up levels.
 
 use std::arch::x86_64::*;
+use std::marker::PhantomData;
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
+use quarry_quantize::blocks::{
+    BlockIQ4NL, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
+};
 
-use super::{BlockDot, ByteDot, FloatLanes, LaneDot, Lanes, Q4, Q8};
+use super::{BlockDot, ByteDot, FloatLanes, IQ4, LaneDot, Lanes, Q4, Q8, Signed32};
 
 pub(in crate::kernels::x86) mod kquant;
 use crate::kernels::{Kernels, ProductOut};
@@ -37,6 +40,8 @@ pub(in crate::kernels) static SET_VNNI: Kernels = Kernels {
     gemm_q4_0: gemm_q4_0_vnni,
     gemm_q4_0_interleaved: None,
     gemm_q8_0_interleaved: None,
+    gemm_iq4_nl: gemm_iq4_nl_vnni,
+    gemm_iq4_nl_interleaved: None,
     ..SET
 };
 
@@ -320,18 +325,21 @@ vnni_byte_dot! {
     AvxVnni: Ymm, 4, _mm256_dpbusd_avx_epi32, _mm256_dpbusd_avx_epi32
 }
 
-/// Q8_0 on AVX2: `|w|` as the unsigned operand and `w`'s sign moved onto the activation (`vpsignb`), no
-/// correction.
-pub(crate) struct Q8Sign;
+/// A signed 32-block format on AVX2 (Q8_0, IQ4_NL): `|w|` as the unsigned operand and `w`'s sign moved onto the
+/// activation (`vpsignb`), no correction (`vpmaddubsw` would saturate on the unsigned `w + 128` of the VNNI sets).
+pub(crate) struct Sign<W>(PhantomData<W>);
+
+/// Q8_0 on AVX2.
+pub(crate) type Q8Sign = Sign<BlockQ8_0>;
 
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl BlockDot for Q8Sign {
-    type W = BlockQ8_0;
+impl<W: Signed32> BlockDot for Sign<W> {
+    type W = W;
     const BIAS: i32 = 0;
     #[inline(always)]
-    unsafe fn load(w: *const BlockQ8_0) -> (__m256i, __m256i) {
+    unsafe fn load(w: *const W) -> (__m256i, __m256i) {
         unsafe {
-            let x = super::q8_bytes(&*w);
+            let x = (*w).signed();
             (_mm256_abs_epi8(x), x)
         }
     }
@@ -345,17 +353,17 @@ impl BlockDot for Q8Sign {
 }
 
 // SAFETY (every method): the module contract in `x86/mod.rs`: features enabled by the caller, pointers valid.
-impl LaneDot for Q8Sign {
-    type W = BlockQ8_0;
+impl<W: Signed32> LaneDot for Sign<W> {
+    type W = W;
     type L = Ymm;
     const RW: usize = 4;
     const BIAS: i32 = 0;
     const W_BYTES: usize = 64;
     /// `|w|`, then `w` for its signs.
     #[inline(always)]
-    unsafe fn prep(w: &BlockQ8_0, dst: *mut u8) {
+    unsafe fn prep(w: &W, dst: *mut u8) {
         unsafe {
-            let x = super::q8_bytes(w);
+            let x = w.signed();
             _mm256_storeu_si256(dst as *mut __m256i, _mm256_abs_epi8(x));
             _mm256_storeu_si256(dst.add(32) as *mut __m256i, x);
         }
@@ -408,6 +416,8 @@ target_feature_entries! { "avx2,fma,f16c";
         gemm_quant::<Q8Sign>(w, a, bpr, out);
     fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         gemm_quant::<Q4<Avx2>>(w, a, bpr, out);
+    fn gemm_iq4_nl(w: &[BlockIQ4NL], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        gemm_quant::<Sign<BlockIQ4NL>>(w, a, bpr, out);
     fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
         kquant::gemm::<kquant::Q4K>(w, a, bpr, out);
     fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
@@ -428,4 +438,6 @@ target_feature_entries! { "avx2,fma,f16c,avxvnni";
         gemm_quant::<Q8<AvxVnni>>(w, a, bpr, out);
     fn gemm_q4_0_vnni(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         gemm_quant::<Q4<AvxVnni>>(w, a, bpr, out);
+    fn gemm_iq4_nl_vnni(w: &[BlockIQ4NL], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        gemm_quant::<IQ4<AvxVnni>>(w, a, bpr, out);
 }

@@ -9,10 +9,12 @@
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
+use quarry_quantize::blocks::{
+    BlockIQ4NL, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
+};
 
 use super::avx2::{Ymm, YmmPair};
-use super::{BlockDot, FewTile, FloatLanes, Lanes, Q4, Q8, row_lanes};
+use super::{BlockDot, FewTile, FloatLanes, IQ4, Lanes, Q4, Q8, row_lanes};
 
 mod kquant;
 use crate::kernels::{Kernels, ProductOut};
@@ -34,7 +36,8 @@ pub(in crate::kernels) static SET: Kernels = x86_set!(
     "avx512vnni",
     crate::kernels::ops::x86::AVX512,
     Some(gemm_q4_0_interleaved),
-    Some(gemm_q8_0_interleaved)
+    Some(gemm_q8_0_interleaved),
+    Some(gemm_iq4_nl_interleaved)
 );
 
 /// 512-bit vectors: 16 lanes.
@@ -215,6 +218,10 @@ target_feature_entries! { "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
         interleaved::<row_lanes::Q4_0Groups, Q4<Vnni512>, Q4<Vnni256>>(w, a, bpr, out);
     fn gemm_q8_0_interleaved(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         interleaved::<row_lanes::Q8_0Groups, Q8<Vnni512>, Q8<Vnni256>>(w, a, bpr, out);
+    fn gemm_iq4_nl(w: &[BlockIQ4NL], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        gemm_quant::<IQ4<Vnni512>, IQ4<Vnni256>>(w, a, bpr, out);
+    fn gemm_iq4_nl_interleaved(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        interleaved::<row_lanes::IQ4NLGroups, IQ4<Vnni512>, IQ4<Vnni256>>(w, a, bpr, out);
     fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
         kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K>(w, a, bpr, out);
     fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
@@ -639,6 +646,21 @@ impl Few for Q8<Vnni512> {
     #[inline(always)]
     unsafe fn few(
         w: &[BlockQ8_0],
+        a: &[BlockQ8_0],
+        bpr: usize,
+        t0: usize,
+        t1: usize,
+        out: &mut ProductOut,
+    ) {
+        unsafe { super::gemm_few::<Self, 4>(w, a, bpr, t0, t1, out) }
+    }
+}
+
+// SAFETY (every method): the module contract in `x86/mod.rs`.
+impl Few for IQ4<Vnni512> {
+    #[inline(always)]
+    unsafe fn few(
+        w: &[BlockIQ4NL],
         a: &[BlockQ8_0],
         bpr: usize,
         t0: usize,

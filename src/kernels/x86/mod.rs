@@ -12,7 +12,7 @@
 //!   lane tiles (`avx2::Avx2`, `avx2::AvxVnni`, `avx512::Vnni512`, `avx512::Vnni256`).
 //! - `BlockDot` and `LaneDot`: a 32-block format on one instruction set, for the two shapes below. `Bytes<W, D>`
 //!   is both for Q4_0 on every byte dot and Q8_0 on the VNNI ones (`Unsigned32`: the weights as unsigned bytes);
-//!   AVX2's Q8_0 is `avx2::Q8Sign`.
+//!   AVX2's Q8_0 and IQ4_NL are `avx2::Sign`.
 //! - `kquant::KDot` and `kquant::KQuant`: the same for the k-quants (`kquant.rs`).
 //!
 //! So a new instruction set is a `Lanes` width (if it brings one), a `ByteDot` (and `KDot`) impl and its
@@ -70,9 +70,9 @@
 /// alike.
 macro_rules! x86_set {
     ($name:literal, $ops:expr) => {
-        x86_set!($name, $ops, None, None)
+        x86_set!($name, $ops, None, None, None)
     };
-    ($name:literal, $ops:expr, $q4_0_interleaved:expr, $q8_0_interleaved:expr) => {
+    ($name:literal, $ops:expr, $q4_0_interleaved:expr, $q8_0_interleaved:expr, $iq4_nl_interleaved:expr) => {
         $crate::kernels::Kernels {
             name: $name,
             quantize_q8_0,
@@ -80,6 +80,8 @@ macro_rules! x86_set {
             gemm_q4_0,
             gemm_q4_0_interleaved: $q4_0_interleaved,
             gemm_q8_0_interleaved: $q8_0_interleaved,
+            gemm_iq4_nl,
+            gemm_iq4_nl_interleaved: $iq4_nl_interleaved,
             quantize_q8_k,
             gemm_q4_k,
             gemm_q5_k,
@@ -131,7 +133,7 @@ use std::cell::UnsafeCell;
 use std::marker::PhantomData;
 
 use half::{bf16, f16};
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0, BlockQ8K};
+use quarry_quantize::blocks::{BlockIQ4NL, BlockQ4_0, BlockQ8_0, BlockQ8K};
 
 use crate::kernels::ProductOut;
 
@@ -456,6 +458,13 @@ impl Block32 for BlockQ8_0 {
 }
 
 impl Block32 for BlockQ4_0 {
+    #[inline(always)]
+    fn d_bits(&self) -> u16 {
+        self.d.to_bits()
+    }
+}
+
+impl Block32 for BlockIQ4NL {
     #[inline(always)]
     fn d_bits(&self) -> u16 {
         self.d.to_bits()
@@ -928,11 +937,12 @@ impl<D: LaneDot> LaneKernel for BlockLanes<D> {
     }
 }
 
-/// Unsigned Q4_0 nibbles in activation order: bytes 0..16 are the low nibbles (weights 0..15), 16..32 the high.
+/// The nibbles of a Q4_0 or IQ4_NL block in activation order: bytes 0..16 are the low nibbles (weights 0..15),
+/// 16..32 the high.
 #[inline(always)]
-unsafe fn q4_nibbles(w: &BlockQ4_0) -> __m256i {
+unsafe fn q4_nibbles(qs: &[u8; 16]) -> __m256i {
     unsafe {
-        let x = _mm_loadu_si128(w.qs.as_ptr() as *const __m128i);
+        let x = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
         let m = _mm_set1_epi8(0x0f);
         let lo = _mm_and_si128(x, m);
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), m);
@@ -963,7 +973,7 @@ impl Unsigned32 for BlockQ4_0 {
     /// The nibbles as they are (0..15).
     #[inline(always)]
     unsafe fn unsigned(&self) -> __m256i {
-        unsafe { q4_nibbles(self) }
+        unsafe { q4_nibbles(&self.qs) }
     }
 }
 
@@ -978,9 +988,68 @@ impl Unsigned32 for BlockQ8_0 {
     }
 }
 
+/// `table`'s bytes at the indices in `idx` (every byte below 16), on both 128-bit halves: `vpshufb`.
+#[inline(always)]
+unsafe fn lookup16(table: &[u8; 16], idx: __m256i) -> __m256i {
+    unsafe {
+        let t = _mm256_broadcastsi128_si256(_mm_loadu_si128(table.as_ptr() as *const __m128i));
+        _mm256_shuffle_epi8(t, idx)
+    }
+}
+
+/// IQ4_NL's levels as signed bytes, for AVX2's sign trick (`avx2::Sign`).
+pub(crate) const IQ4_LEVELS: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = quarry_quantize::blocks::IQ4_VALUES[i] as u8;
+        i += 1;
+    }
+    t
+};
+
+// SAFETY (every method): the module contract above: features enabled by the caller.
+impl Unsigned32 for BlockIQ4NL {
+    const BIAS: i32 = 128;
+    const NIBBLES: bool = false;
+    /// `level + 128` as unsigned bytes.
+    #[inline(always)]
+    unsafe fn unsigned(&self) -> __m256i {
+        unsafe {
+            lookup16(
+                &crate::kernels::iq4_nl::LEVELS_PLUS_128,
+                q4_nibbles(&self.qs),
+            )
+        }
+    }
+}
+
+/// A 32-block format as signed bytes, for AVX2's byte dot without VNNI (`avx2::Sign`: `|w|` times the activation
+/// with `w`'s sign).
+pub(crate) trait Signed32: Block32 {
+    /// The 32 weights as signed bytes in -127..=127, in activation order.
+    unsafe fn signed(&self) -> __m256i;
+}
+
+// SAFETY (every method): the module contract above: features enabled by the caller.
+impl Signed32 for BlockQ8_0 {
+    #[inline(always)]
+    unsafe fn signed(&self) -> __m256i {
+        unsafe { q8_bytes(self) }
+    }
+}
+
+// SAFETY (every method): the module contract above: features enabled by the caller.
+impl Signed32 for BlockIQ4NL {
+    #[inline(always)]
+    unsafe fn signed(&self) -> __m256i {
+        unsafe { lookup16(&IQ4_LEVELS, q4_nibbles(&self.qs)) }
+    }
+}
+
 /// Format `W` on byte dot `D`, for both kernels: the weights as unsigned bytes (`Unsigned32`), corrected by
 /// `-BIAS * sum(activation block)`. Q8_0 needs a VNNI dot (AVX2, where `vpmaddubsw` saturates at i16, has its own
-/// form: `avx2::Q8Sign`).
+/// form: `avx2::Sign`).
 pub(crate) struct Bytes<W, D>(PhantomData<(W, D)>);
 
 /// Q4_0 on any instruction set.
@@ -988,6 +1057,9 @@ pub(crate) type Q4<D> = Bytes<BlockQ4_0, D>;
 
 /// Q8_0 on a VNNI set.
 pub(crate) type Q8<D> = Bytes<BlockQ8_0, D>;
+
+/// IQ4_NL on a VNNI set.
+pub(crate) type IQ4<D> = Bytes<BlockIQ4NL, D>;
 
 // SAFETY (every method): the module contract above: features enabled by the caller, pointers valid.
 impl<W: Unsigned32, D: ByteDot> BlockDot for Bytes<W, D> {

@@ -1,4 +1,4 @@
-//! AVX-512's 32-block products with one lane per weight row: Q4_0 and Q8_0 rows as they lie in the file for a
+//! AVX-512's 32-block products with one lane per weight row: Q4_0, IQ4_NL and Q8_0 rows as they lie in the file for a
 //! few tokens (2 to 47), and rows interleaved at load for any number of tokens.
 //!
 //! The few-token kernel of `x86/mod.rs` spreads a block's 32 bytes over 8 lanes, so every (row, token, block)
@@ -24,7 +24,7 @@
 
 use std::arch::x86_64::*;
 
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+use quarry_quantize::blocks::{BlockIQ4NL, BlockQ4_0, BlockQ8_0};
 
 use crate::kernels::ProductOut;
 
@@ -93,6 +93,28 @@ impl RowBlock for BlockQ4_0 {
                 out[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw[k]), m);
             }
             out
+        }
+    }
+}
+
+/// IQ4_NL's levels as `level + 128` in every 128-bit lane, for `vpshufb`.
+#[inline(always)]
+unsafe fn iq4_table() -> __m512i {
+    unsafe {
+        _mm512_broadcast_i32x4(_mm_loadu_si128(
+            crate::kernels::iq4_nl::LEVELS_PLUS_128.as_ptr() as *const __m128i,
+        ))
+    }
+}
+
+impl RowBlock for BlockIQ4NL {
+    const BIAS: i32 = 128;
+    /// Q4_0's nibbles, each looked up as its level `+ 128`.
+    #[inline(always)]
+    unsafe fn transpose16(w: *const BlockIQ4NL, stride: usize) -> [__m512i; 8] {
+        unsafe {
+            let t = iq4_table();
+            BlockQ4_0::transpose16(w as *const BlockQ4_0, stride).map(|v| _mm512_shuffle_epi8(t, v))
         }
     }
 }
@@ -212,6 +234,22 @@ impl Groups for Q4_0Groups {
                 out[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m);
             }
             out
+        }
+    }
+}
+
+/// IQ4_NL: Q4_0's runs, each nibble looked up as its level `+ 128`.
+pub(crate) struct IQ4NLGroups;
+
+impl Groups for IQ4NLGroups {
+    const BIAS: i32 = 128;
+    const QS_BYTES: usize = 256;
+    #[inline(always)]
+    unsafe fn weights(qs: *const u8) -> [__m512i; 8] {
+        // SAFETY: the caller's `qs` holds 256 bytes.
+        unsafe {
+            let t = iq4_table();
+            Q4_0Groups::weights(qs).map(|v| _mm512_shuffle_epi8(t, v))
         }
     }
 }
