@@ -11,7 +11,8 @@ use bytemuck::Zeroable;
 use half::{bf16, f16};
 use quarry::kernels::{self, Kernels, ProductOut, SCALAR};
 use quarry_quantize::blocks::{
-    BlockIQ4NL, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, quantize_q8_k,
+    BlockIQ4NL, BlockIQ4XS, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
+    quantize_q8_k,
 };
 
 /// SplitMix64, as in `tests/kernels.rs`.
@@ -328,6 +329,57 @@ fn interleaved_products_are_batch_invariant() {
                     ..case(
                         format!("interleaved {ty} on {}, {rows} rows x {bpr} blocks", k.name),
                         packed,
+                        rows,
+                        &acts,
+                        bpr,
+                    )
+                };
+                failures.extend(c.check(&|w, a, b, o| gemm(w, a, b, o)));
+            }
+        }
+    }
+    report(failures);
+}
+
+/// IQ4_XS against Q8_0, rows as they lie and (in the sets that read them so) interleaved in groups of 16, cut
+/// only between groups.
+#[test]
+fn iq4_xs_products_are_batch_invariant() {
+    let mut rng = Rng(14);
+    let mut failures = vec![];
+    let all = sets();
+    for (rows, spr) in [(37, 1), (64, 2), (21, 3)] {
+        let bpr = 8 * spr;
+        let acts = q8_0_acts(&mut rng, bpr * 32);
+        let mut w = vec![BlockIQ4XS::zeroed(); rows * spr];
+        for b in &mut w {
+            rng.fill(&mut b.scales_l);
+            rng.fill(&mut b.qs);
+            (b.d, b.scales_h) = (rng.scale(), rng.next() as u16);
+        }
+        let grouped = rows / 16 * 16 * spr;
+        let mut packed = bytemuck::cast_slice::<_, u8>(&w).to_vec();
+        kernels::iq4_xs::interleave(&w[..grouped], spr, &mut packed[..grouped * 136]);
+        for k in &all {
+            failures.extend(
+                case(
+                    format!("iq4_xs on {}, {rows} rows x {spr} super-blocks", k.name),
+                    &w,
+                    rows,
+                    &acts,
+                    bpr,
+                )
+                .check(&|w, a, b, o| (k.gemm_iq4_xs)(w, a, b, o)),
+            );
+            if let Some(gemm) = k.gemm_iq4_xs_interleaved {
+                let c = Case {
+                    row_step: 16,
+                    ..case(
+                        format!(
+                            "interleaved iq4_xs on {}, {rows} rows x {spr} super-blocks",
+                            k.name
+                        ),
+                        packed.as_slice(),
                         rows,
                         &acts,
                         bpr,

@@ -9,7 +9,7 @@
 
 use half::{bf16, f16};
 use quarry::kernels::{self, Kernels, ProductOut, SCALAR};
-use quarry_quantize::blocks::{BlockIQ4NL, BlockQ4_0, BlockQ8_0, IQ4_VALUES};
+use quarry_quantize::blocks::{BlockIQ4NL, BlockIQ4XS, BlockQ4_0, BlockQ8_0, IQ4_VALUES};
 
 /// SplitMix64: small, seeded, good enough to spread test values.
 struct Rng(u64);
@@ -132,6 +132,33 @@ fn iq4_weights(rng: &mut Rng, n: usize, s: Scales, v: Values) -> Vec<BlockIQ4NL>
     q4_weights(rng, n, s, v)
         .into_iter()
         .map(|b| BlockIQ4NL { d: b.d, qs: b.qs })
+        .collect()
+}
+
+/// IQ4_XS super-blocks: Q4_0-like nibbles for the levels; sub-block scales random, or only the extremes (-32
+/// and 31) with `Values::Extreme`.
+fn iq4_xs_weights(rng: &mut Rng, n: usize, s: Scales, v: Values) -> Vec<BlockIQ4XS> {
+    (0..n)
+        .map(|_| {
+            let nibbles = q4_weights(rng, 8, Scales::One, v);
+            let mut b = BlockIQ4XS {
+                d: scale(rng, s),
+                scales_h: rng.next() as u16,
+                scales_l: std::array::from_fn(|_| rng.next() as u8),
+                qs: std::array::from_fn(|j| nibbles[j / 16].qs[j % 16]),
+            };
+            if matches!(v, Values::Extreme) {
+                // Stored 0 (-32) or 63 (31) per sub-block.
+                let (mut h, mut l) = (0u16, [0u8; 4]);
+                for ib in 0..8 {
+                    let stored = if rng.below(2) == 0 { 0u8 } else { 63 };
+                    l[ib / 2] |= (stored & 15) << (4 * (ib % 2));
+                    h |= u16::from(stored >> 4) << (2 * ib);
+                }
+                (b.scales_h, b.scales_l) = (h, l);
+            }
+            b
+        })
         .collect()
 }
 
@@ -384,6 +411,64 @@ fn gemm_iq4_nl_matches_scalar() {
     }
 }
 
+/// Shapes for IQ4_XS: rows of whole super-blocks (8 activation blocks each).
+fn shapes_iq4_xs() -> Vec<(usize, usize, usize)> {
+    let mut v = vec![];
+    for &rows in &ROWS {
+        for &n in &TOKENS {
+            for bpr in [8, 16, 48] {
+                v.push((rows, n, bpr));
+            }
+        }
+    }
+    v.push((9, 300, 8));
+    v
+}
+
+#[test]
+fn gemm_iq4_xs_matches_scalar() {
+    let mut rng = Rng(5);
+    for k in sets() {
+        for (rows, n, bpr) in shapes_iq4_xs() {
+            for (s, v) in KINDS {
+                let w = iq4_xs_weights(&mut rng, rows * bpr / 8, s, v);
+                let a = q8_acts(&mut rng, n * bpr, s, v);
+                let mut want = out_buf(rows, n, rows, true);
+                (SCALAR.gemm_iq4_xs)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
+                for (i, ldo) in strides(rows).into_iter().enumerate() {
+                    let mut got = out_buf(rows, n, ldo, i == 0);
+                    (k.gemm_iq4_xs)(&w, &a, bpr, ProductOut::with_stride(&mut got, n, rows, ldo));
+                    check_quant(
+                        "gemm_iq4_xs",
+                        k.name,
+                        rows,
+                        n,
+                        bpr,
+                        &got,
+                        ldo,
+                        &want,
+                        |r, t, b| {
+                            let (bw, ba) = (&w[r * bpr / 8 + b / 8], &a[t * bpr + b]);
+                            let sub = BlockIQ4NL {
+                                d: f16::ONE,
+                                qs: bw.qs[16 * (b % 8)..16 * (b % 8) + 16].try_into().unwrap(),
+                            };
+                            let terms = iq4_levels(&sub)
+                                .into_iter()
+                                .zip(ba.qs)
+                                .map(|(l, q)| l * q as i64);
+                            let (exact, abs) = terms.fold((0, 0), |(e, m), p| (e + p, m + p.abs()));
+                            let ls = bw.scale(b % 8) as i64;
+                            let dw = bw.d.to_f32();
+                            (exact * ls, dw * ba.d.to_f32(), (abs * ls.abs()) as f32)
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Rows interleaved in groups of 16 (`kernels::q4_0::interleave`, `kernels::q8_0::interleave`; the rows past the
 /// last whole group as they lie), in every set that reads them so, against the same set's product over the rows
 /// as they lie, by bits: the layout changes where bytes are, never a result (and `gemm_q4_0_matches_scalar`,
@@ -396,7 +481,7 @@ fn interleaved_products_are_the_row_products_by_bits() {
     let mut tested = vec![];
     for k in sets() {
         for rows in [16, 37, 64] {
-            for bpr in [1, 2, 3, 16, 32] {
+            for bpr in [1, 2, 3, 8, 16, 32] {
                 for &n in &tokens {
                     for (s, v) in KINDS {
                         let a = q8_acts(&mut rng, n * bpr, s, v);
@@ -415,6 +500,14 @@ fn interleaved_products_are_the_row_products_by_bits() {
                             (k.gemm_iq4_nl)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
                             check_interleaved("iq4_nl", k, gemm, &packed, &a, rows, n, bpr, &want);
                             tested.push(format!("iq4_nl on {}", k.name));
+                        }
+                        if let (Some(gemm), true) = (k.gemm_iq4_xs_interleaved, bpr % 8 == 0) {
+                            let w = iq4_xs_weights(&mut rng, rows * bpr / 8, s, v);
+                            let packed = pack(&w, rows, bpr / 8, kernels::iq4_xs::interleave);
+                            let mut want = out_buf(rows, n, rows, true);
+                            (k.gemm_iq4_xs)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
+                            check_interleaved("iq4_xs", k, gemm, &packed, &a, rows, n, bpr, &want);
+                            tested.push(format!("iq4_xs on {}", k.name));
                         }
                         if let Some(gemm) = k.gemm_q8_0_interleaved {
                             let w = q8_weights(&mut rng, rows * bpr, s, v);

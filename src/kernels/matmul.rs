@@ -13,7 +13,10 @@ use super::{Kernels, ProductOut};
 
 /// Whether activations must be quantized to Q8_0 for a weight type's dot product.
 pub fn wants_q8_0(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::IQ4_NL)
+    matches!(
+        ty,
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS
+    )
 }
 
 /// Whether activations must be quantized to Q8_K (256 per block, f32 scale) for a weight type's dot product.
@@ -31,6 +34,7 @@ pub fn supported(ty: GgmlType) -> bool {
             | GgmlType::Q8_0
             | GgmlType::Q4_0
             | GgmlType::IQ4_NL
+            | GgmlType::IQ4_XS
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::Q6_K
@@ -152,10 +156,13 @@ impl PackedWeights {
 /// Writes job `j`'s matrix in its layout into `dst` (exactly its size): whole groups interleaved, the rows past
 /// them copied as they are, at the same offsets.
 fn pack(j: &PackJob, dst: &mut [u8]) {
-    let (ty, rows, bpr) = (j.ty, j.rows, j.cols / 32);
+    let (ty, rows, bpr) = (j.ty, j.rows, j.cols / j.ty.block_len());
     assert!(
         j.layout == Layout::Interleaved
-            && matches!(ty, GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::Q8_0),
+            && matches!(
+                ty,
+                GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS | GgmlType::Q8_0
+            ),
         "{ty} cannot be packed as {:?}",
         j.layout
     );
@@ -171,6 +178,9 @@ fn pack(j: &PackJob, dst: &mut [u8]) {
         // IQ4_NL blocks are laid out as Q4_0's.
         GgmlType::Q4_0 | GgmlType::IQ4_NL => {
             super::q4_0::interleave(bytemuck::cast_slice(&j.data[..split]), bpr, groups)
+        }
+        GgmlType::IQ4_XS => {
+            super::iq4_xs::interleave(bytemuck::cast_slice(&j.data[..split]), bpr, groups)
         }
         _ => super::q8_0::interleave(bytemuck::cast_slice(&j.data[..split]), bpr, groups),
     }
@@ -263,23 +273,28 @@ impl<'a> WeightRows<'a> {
     /// Dequantizes row `r` into `out` (the token embedding lookup), with the format crate's decoders; a row of an
     /// interleaved group is gathered back into its blocks first.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let bpr = self.cols / 32;
         if self.layout == Layout::Rows || r >= self.rows / INTERLEAVE_ROWS * INTERLEAVE_ROWS {
             quarry_quantize::convert::decode_values(self.ty, self.row(r), out);
             return;
         }
         let group = &self.data[r / INTERLEAVE_ROWS * INTERLEAVE_ROWS * self.row_bytes()..];
         let at = r % INTERLEAVE_ROWS;
-        for (b, out) in out[..self.cols].chunks_exact_mut(32).enumerate() {
+        let block_len = self.ty.block_len();
+        let per_row = self.cols / block_len;
+        for (b, out) in out[..self.cols].chunks_exact_mut(block_len).enumerate() {
+            let mut decode =
+                |bytes: &[u8]| quarry_quantize::convert::decode_values(self.ty, bytes, out);
             match self.ty {
-                GgmlType::Q4_0 | GgmlType::IQ4_NL => {
-                    let blk = super::q4_0::interleaved_block(group, bpr, at, b);
-                    quarry_quantize::convert::decode_values(self.ty, bytemuck::bytes_of(&blk), out)
-                }
-                _ => {
-                    let blk = super::q8_0::interleaved_block(group, bpr, at, b);
-                    quarry_quantize::convert::decode_values(self.ty, bytemuck::bytes_of(&blk), out)
-                }
+                // IQ4_NL blocks are laid out as Q4_0's.
+                GgmlType::Q4_0 | GgmlType::IQ4_NL => decode(bytemuck::bytes_of(
+                    &super::q4_0::interleaved_block(group, per_row, at, b),
+                )),
+                GgmlType::IQ4_XS => decode(bytemuck::bytes_of(&super::iq4_xs::interleaved_block(
+                    group, per_row, at, b,
+                ))),
+                _ => decode(bytemuck::bytes_of(&super::q8_0::interleaved_block(
+                    group, per_row, at, b,
+                ))),
             }
         }
     }
@@ -480,7 +495,7 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: Product
     }
     super::check_shape(&out, w.rows, acts.n);
     match w.ty {
-        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::IQ4_NL => {
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS => {
             assert!(!acts.q8.is_empty(), "activations not prepared for {}", w.ty)
         }
         GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
@@ -507,6 +522,7 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: Product
         GgmlType::Q8_0 => (k.gemm_q8_0)(cast(data), acts.q8, w.cols / 32, out),
         GgmlType::Q4_0 => (k.gemm_q4_0)(cast(data), acts.q8, w.cols / 32, out),
         GgmlType::IQ4_NL => (k.gemm_iq4_nl)(cast(data), acts.q8, w.cols / 32, out),
+        GgmlType::IQ4_XS => (k.gemm_iq4_xs)(cast(data), acts.q8, w.cols / 32, out),
         GgmlType::Q4_K => (k.gemm_q4_k)(cast(data), acts.q8k, w.cols / QK_K, out),
         GgmlType::Q5_K => (k.gemm_q5_k)(cast(data), acts.q8k, w.cols / QK_K, out),
         GgmlType::Q6_K => (k.gemm_q6_k)(cast(data), acts.q8k, w.cols / QK_K, out),

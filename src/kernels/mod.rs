@@ -69,6 +69,7 @@ macro_rules! target_feature_entries {
 
 mod float;
 pub mod iq4_nl;
+pub mod iq4_xs;
 mod matmul;
 pub mod ops;
 pub(crate) mod parallel;
@@ -93,7 +94,7 @@ use std::sync::OnceLock;
 
 use half::{bf16, f16};
 use quarry_quantize::blocks::{
-    BlockIQ4NL, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
+    BlockIQ4NL, BlockIQ4XS, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
 };
 
 /// One set of kernels, all for the same instruction set.
@@ -131,6 +132,12 @@ pub struct Kernels {
     pub gemm_iq4_nl: fn(w: &[BlockIQ4NL], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut),
     /// IQ4_NL rows interleaved as Q4_0's ([`iq4_nl::interleave`]), with the same bits as `gemm_iq4_nl`'s.
     pub gemm_iq4_nl_interleaved: Option<InterleavedGemm>,
+    /// IQ4_XS against Q8_0 activations, sub-block by sub-block ([`iq4_xs`]): `blocks_per_row` counts the
+    /// activation blocks of a row (32 weights each, a multiple of 8), so a weight row holds `blocks_per_row / 8`
+    /// super-blocks.
+    pub gemm_iq4_xs: fn(w: &[BlockIQ4XS], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut),
+    /// IQ4_XS rows interleaved ([`iq4_xs::interleave`]), with the same bits as `gemm_iq4_xs`'s.
+    pub gemm_iq4_xs_interleaved: Option<InterleavedGemm>,
     /// Activation row to Q8_K for the k-quant products: exactly ggml's `quantize_row_q8_K` (which is also what
     /// llama.cpp runs), so every set must give the same bytes.
     pub quantize_q8_k: fn(&[f32], &mut [BlockQ8K]),
@@ -159,6 +166,7 @@ impl Kernels {
             GgmlType::Q4_0 => self.gemm_q4_0_interleaved,
             GgmlType::Q8_0 => self.gemm_q8_0_interleaved,
             GgmlType::IQ4_NL => self.gemm_iq4_nl_interleaved,
+            GgmlType::IQ4_XS => self.gemm_iq4_xs_interleaved,
             _ => None,
         }
     }
@@ -184,14 +192,28 @@ fn gemm_by_dots<W, A>(
     w: &[W],
     a: &[A],
     blocks_per_row: usize,
+    out: ProductOut,
+    dot: impl Fn(&[W], &[A]) -> f32,
+) {
+    gemm_by_row_dots(w, blocks_per_row, a, blocks_per_row, out, dot)
+}
+
+/// [`gemm_by_dots`] for weight rows of `w_per_row` blocks against activation rows of `a_per_row` (IQ4_XS: one
+/// super-block per 8 activation blocks).
+fn gemm_by_row_dots<W, A>(
+    w: &[W],
+    w_per_row: usize,
+    a: &[A],
+    a_per_row: usize,
     mut out: ProductOut,
     dot: impl Fn(&[W], &[A]) -> f32,
 ) {
-    let (rows, n) = (w.len() / blocks_per_row, a.len() / blocks_per_row);
+    assert!(w_per_row > 0 && a_per_row > 0);
+    let (rows, n) = (w.len() / w_per_row, a.len() / a_per_row);
     check_shape(&out, rows, n);
-    for (t, act) in a.chunks_exact(blocks_per_row).enumerate() {
+    for (t, act) in a.chunks_exact(a_per_row).enumerate() {
         let o = out.token(t);
-        for (r, row) in w.chunks_exact(blocks_per_row).enumerate() {
+        for (r, row) in w.chunks_exact(w_per_row).enumerate() {
             o[r] = dot(row, act);
         }
     }
@@ -206,6 +228,10 @@ pub static SCALAR: Kernels = Kernels {
     gemm_q8_0_interleaved: None,
     gemm_iq4_nl: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, iq4_nl::dot_scalar),
     gemm_iq4_nl_interleaved: None,
+    gemm_iq4_xs: |w, a, bpr, out| {
+        gemm_by_row_dots(w, bpr / iq4_xs::SUB_BLOCKS, a, bpr, out, iq4_xs::dot_scalar)
+    },
+    gemm_iq4_xs_interleaved: None,
     quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
     gemm_q4_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q4_k::dot_scalar),
     gemm_q5_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q5_k::dot_scalar),

@@ -9,7 +9,8 @@
 
 use half::{bf16, f16};
 use quarry_quantize::blocks::{
-    BlockIQ4NL, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, IQ4_VALUES,
+    BlockIQ4NL, BlockIQ4XS, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
+    IQ4_VALUES,
 };
 use wide::{f32x8, i8x16, i16x16, i32x8, u16x8};
 
@@ -24,6 +25,8 @@ pub static SET: Kernels = Kernels {
     gemm_q8_0_interleaved: None,
     gemm_iq4_nl,
     gemm_iq4_nl_interleaved: None,
+    gemm_iq4_xs,
+    gemm_iq4_xs_interleaved: None,
     quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
     gemm_q4_k,
     gemm_q5_k,
@@ -137,9 +140,16 @@ fn isum_q4(w: &BlockQ4_0, a: &BlockQ8_0) -> i32 {
 
 #[inline]
 fn isum_iq4_nl(w: &BlockIQ4NL, a: &BlockQ8_0) -> i32 {
+    isum_iq4(&w.qs, a)
+}
+
+/// The integer dot of 16 bytes of IQ4 level indices (IQ4_NL's block, an IQ4_XS sub-block) with an activation
+/// block.
+#[inline]
+fn isum_iq4(qs: &[u8], a: &BlockQ8_0) -> i32 {
     // `wide` has no byte shuffle: the 32 levels are looked up one by one, then multiplied as Q8_0's bytes are.
     let mut levels = [0i8; 32];
-    for (j, &b) in w.qs.iter().enumerate() {
+    for (j, &b) in qs[..16].iter().enumerate() {
         levels[j] = IQ4_VALUES[(b & 0x0f) as usize];
         levels[j + 16] = IQ4_VALUES[(b >> 4) as usize];
     }
@@ -198,6 +208,28 @@ fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) {
 
 fn gemm_iq4_nl(w: &[BlockIQ4NL], a: &[BlockQ8_0], bpr: usize, out: ProductOut) {
     gemm_blocks(w, a, bpr, out, |b| b.d.to_bits(), isum_iq4_nl)
+}
+
+/// Sub-block by sub-block, accumulated as the scalar reference does (`bpr`: activation blocks per row).
+fn gemm_iq4_xs(w: &[BlockIQ4XS], a: &[BlockQ8_0], bpr: usize, mut out: ProductOut) {
+    use crate::kernels::iq4_xs::{SUB_BLOCKS, sub_scale};
+    assert!(bpr > 0 && bpr.is_multiple_of(SUB_BLOCKS));
+    let spr = bpr / SUB_BLOCKS;
+    let (rows, n) = (w.len() / spr, a.len() / bpr);
+    check_shape(&out, rows, n);
+    for (t, act) in a.chunks_exact(bpr).enumerate() {
+        let out = out.token(t);
+        for (r, row) in w.chunks_exact(spr).enumerate() {
+            let mut s = 0.0f32;
+            for (bw, acts) in row.iter().zip(act.chunks_exact(SUB_BLOCKS)) {
+                for (ib, ba) in acts.iter().enumerate() {
+                    let isum = isum_iq4(&bw.qs[16 * ib..], ba);
+                    s += sub_scale(bw, ib) * f16_to_f32(ba.d.to_bits()) * isum as f32;
+                }
+            }
+            out[r] = s;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ use std::marker::PhantomData;
 
 use half::{bf16, f16};
 use quarry_quantize::blocks::{
-    BlockIQ4NL, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
+    BlockIQ4NL, BlockIQ4XS, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
 };
 
 use super::{BlockDot, ByteDot, FloatLanes, IQ4, LaneDot, Lanes, Q4, Q8, Signed32};
@@ -281,7 +281,7 @@ pub(super) unsafe fn transpose_8x8(r: [__m256i; 8]) -> [__m256i; 8] {
 }
 
 #[inline(always)]
-unsafe fn madd_ones(p: __m256i) -> __m256i {
+pub(super) unsafe fn madd_ones(p: __m256i) -> __m256i {
     unsafe { _mm256_madd_epi16(p, _mm256_set1_epi16(1)) }
 }
 
@@ -418,6 +418,8 @@ target_feature_entries! { "avx2,fma,f16c";
         gemm_quant::<Q4<Avx2>>(w, a, bpr, out);
     fn gemm_iq4_nl(w: &[BlockIQ4NL], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         gemm_quant::<Sign<BlockIQ4NL>>(w, a, bpr, out);
+    fn gemm_iq4_xs(w: &[BlockIQ4XS], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        super::iq4_xs::gemm_rows(w, a, bpr, out);
     fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
         kquant::gemm::<kquant::Q4K>(w, a, bpr, out);
     fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =

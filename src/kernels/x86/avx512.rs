@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 use quarry_quantize::blocks::{
-    BlockIQ4NL, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
+    BlockIQ4NL, BlockIQ4XS, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
 };
 
 use super::avx2::{Ymm, YmmPair};
@@ -37,7 +37,8 @@ pub(in crate::kernels) static SET: Kernels = x86_set!(
     crate::kernels::ops::x86::AVX512,
     Some(gemm_q4_0_interleaved),
     Some(gemm_q8_0_interleaved),
-    Some(gemm_iq4_nl_interleaved)
+    Some(gemm_iq4_nl_interleaved),
+    Some(gemm_iq4_xs_interleaved)
 );
 
 /// 512-bit vectors: 16 lanes.
@@ -222,6 +223,10 @@ target_feature_entries! { "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
         gemm_quant::<IQ4<Vnni512>, IQ4<Vnni256>>(w, a, bpr, out);
     fn gemm_iq4_nl_interleaved(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         interleaved::<row_lanes::IQ4NLGroups, IQ4<Vnni512>, IQ4<Vnni256>>(w, a, bpr, out);
+    fn gemm_iq4_xs(w: &[BlockIQ4XS], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        super::iq4_xs::gemm_rows(w, a, bpr, out);
+    fn gemm_iq4_xs_interleaved(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        interleaved_iq4_xs(w, a, bpr, out);
     fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
         kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K>(w, a, bpr, out);
     fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
@@ -579,6 +584,32 @@ impl FewTile for Q4Tiles<'_> {
                     out.token(t + j)[r0] = _mm_cvtss_f32(acc_j);
                 }
             }
+        }
+    }
+}
+
+/// IQ4_XS rows interleaved in groups of 16 (`kernels::iq4_xs::interleave`), the rows past the last whole group
+/// as they lie.
+#[inline(always)]
+unsafe fn interleaved_iq4_xs(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) {
+    use crate::kernels::iq4_xs::SUB_BLOCKS;
+    assert!(bpr > 0 && bpr.is_multiple_of(SUB_BLOCKS));
+    let row_bytes = bpr / SUB_BLOCKS * size_of::<BlockIQ4XS>();
+    assert!(w.len().is_multiple_of(row_bytes));
+    let rows = w.len() / row_bytes;
+    crate::kernels::check_shape(&out, rows, a.len() / bpr);
+    let grouped = rows / 16 * 16;
+    let (mut groups, tail) = out.split_at_row(grouped);
+    // SAFETY: the set's features are present.
+    unsafe {
+        row_lanes::gemm_interleaved_iq4_xs(&w[..grouped * row_bytes], a, bpr, &mut groups);
+        if grouped < rows {
+            super::iq4_xs::gemm_rows(
+                bytemuck::cast_slice(&w[grouped * row_bytes..]),
+                a,
+                bpr,
+                tail,
+            );
         }
     }
 }

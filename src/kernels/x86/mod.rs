@@ -70,9 +70,16 @@
 /// alike.
 macro_rules! x86_set {
     ($name:literal, $ops:expr) => {
-        x86_set!($name, $ops, None, None, None)
+        x86_set!($name, $ops, None, None, None, None)
     };
-    ($name:literal, $ops:expr, $q4_0_interleaved:expr, $q8_0_interleaved:expr, $iq4_nl_interleaved:expr) => {
+    (
+        $name:literal,
+        $ops:expr,
+        $q4_0_interleaved:expr,
+        $q8_0_interleaved:expr,
+        $iq4_nl_interleaved:expr,
+        $iq4_xs_interleaved:expr
+    ) => {
         $crate::kernels::Kernels {
             name: $name,
             quantize_q8_0,
@@ -82,6 +89,8 @@ macro_rules! x86_set {
             gemm_q8_0_interleaved: $q8_0_interleaved,
             gemm_iq4_nl,
             gemm_iq4_nl_interleaved: $iq4_nl_interleaved,
+            gemm_iq4_xs,
+            gemm_iq4_xs_interleaved: $iq4_xs_interleaved,
             quantize_q8_k,
             gemm_q4_k,
             gemm_q5_k,
@@ -125,6 +134,7 @@ macro_rules! vnni_byte_dot {
 
 pub mod avx2;
 pub mod avx512;
+mod iq4_xs;
 mod kquant;
 mod row_lanes;
 

@@ -27,6 +27,7 @@ use std::arch::x86_64::*;
 use quarry_quantize::blocks::{BlockIQ4NL, BlockQ4_0, BlockQ8_0};
 
 use crate::kernels::ProductOut;
+use crate::kernels::iq4_xs::{GROUP_BLOCK_BYTES, SUB_BLOCKS};
 
 use super::{Scratch, f16_bits_to_f32, grow, scratch, tile_shape};
 
@@ -322,6 +323,75 @@ impl<G: Groups> RowTiles for Interleaved<'_, G> {
     }
 }
 
+/// IQ4_XS rows interleaved in groups of 16 (`kernels::iq4_xs::interleave`); `bpr` counts sub-blocks (32
+/// weights, one activation block each). A sub-block's 16 scales `d * (ls - 32)` are decoded from the group's
+/// headers in registers: the same f32 products the scalar reference computes.
+struct InterleavedIQ4XS<'a> {
+    w: &'a [u8],
+    bpr: usize,
+}
+
+impl InterleavedIQ4XS<'_> {
+    /// Bytes of one sub-block's share of a group: its nibbles and an eighth of the super-block's headers.
+    const SHARE: usize = GROUP_BLOCK_BYTES / SUB_BLOCKS;
+
+    fn group_bytes(&self) -> usize {
+        self.bpr / SUB_BLOCKS * GROUP_BLOCK_BYTES
+    }
+}
+
+impl RowTiles for InterleavedIQ4XS<'_> {
+    const BIAS: i32 = 128;
+    const PERMUTED: bool = false;
+    #[inline(always)]
+    fn tiles(&self) -> usize {
+        self.w.len() / self.group_bytes()
+    }
+    #[inline(always)]
+    unsafe fn block(&self, g: usize, b: usize) -> ([__m512i; 8], __m512) {
+        let (s, ib) = (b / SUB_BLOCKS, b % SUB_BLOCKS);
+        // SAFETY: tile g < tiles() and sub-block b < bpr: super-block s of the group (its 8 x 256 bytes of
+        // nibbles, then 32 bytes of d, 32 of scales_h and 64 of scales_l) is inside `w`.
+        unsafe {
+            let sb = self
+                .w
+                .as_ptr()
+                .add(g * self.group_bytes() + s * GROUP_BLOCK_BYTES);
+            let h = sb.add(SUB_BLOCKS * 256);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(h as *const __m256i));
+            let high = _mm512_cvtepu16_epi32(_mm256_loadu_si256(h.add(32) as *const __m256i));
+            let low = _mm512_loadu_si512(h.add(64) as *const _);
+            let low = _mm512_and_si512(
+                _mm512_srl_epi32(low, _mm_cvtsi32_si128(4 * ib as i32)),
+                _mm512_set1_epi32(15),
+            );
+            let high = _mm512_and_si512(
+                _mm512_srl_epi32(high, _mm_cvtsi32_si128(2 * ib as i32)),
+                _mm512_set1_epi32(3),
+            );
+            let ls = _mm512_sub_epi32(
+                _mm512_or_si512(low, _mm512_slli_epi32::<4>(high)),
+                _mm512_set1_epi32(32),
+            );
+            (
+                IQ4NLGroups::weights(sb.add(256 * ib)),
+                _mm512_mul_ps(d, _mm512_cvtepi32_ps(ls)),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn prefetch(&self, g: usize, b: usize) {
+        // As `Interleaved`: one sub-block's share of the stream a sub-block, `AHEAD` bytes ahead.
+        let p = (self.w.as_ptr() as *const i8).wrapping_add(
+            g * self.group_bytes() + Self::SHARE * b + Interleaved::<IQ4NLGroups>::AHEAD,
+        );
+        for line in 0..Self::SHARE / 64 + 1 {
+            // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line)) };
+        }
+    }
+}
+
 /// Each token's activation scales and corrections `-bias * sum(a)` per block, for tokens `t0..t1`, into `s`.
 #[inline(always)]
 unsafe fn prepare_tokens(
@@ -386,6 +456,23 @@ pub(crate) unsafe fn gemm_interleaved<G: Groups>(
         _format: std::marker::PhantomData,
     };
     assert!(bpr > 0 && w.len().is_multiple_of(src.group_bytes()));
+    let n = a.len() / bpr;
+    crate::kernels::check_shape(out, src.tiles() * 16, n);
+    // SAFETY: the set's features are present.
+    unsafe { gemm_tiles(&src, a, bpr, 0, n, out) };
+}
+
+/// `W[r] . A[t]` for every row of an IQ4_XS matrix interleaved in groups of 16 (`w`: whole groups of rows of
+/// `bpr / 8` super-blocks) and every token of `a`.
+#[inline(always)]
+pub(crate) unsafe fn gemm_interleaved_iq4_xs(
+    w: &[u8],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    out: &mut ProductOut,
+) {
+    let src = InterleavedIQ4XS { w, bpr };
+    assert!(bpr > 0 && bpr.is_multiple_of(SUB_BLOCKS) && w.len().is_multiple_of(src.group_bytes()));
     let n = a.len() / bpr;
     crate::kernels::check_shape(out, src.tiles() * 16, n);
     // SAFETY: the set's features are present.
