@@ -439,6 +439,19 @@ fn bad_inputs_name_the_file() {
     let (_, msg) = failure(&no_layers, TargetType::Q4_K_M);
     assert!(msg.contains("granitemoe.block_count is missing"), "{msg}");
 
+    let no_heads = tmp.path().join("no-heads.gguf");
+    rewrite(
+        &file,
+        &no_heads,
+        |m| m.retain(|(k, _)| k != "granitemoe.attention.head_count"),
+        |_| None,
+    );
+    let (_, msg) = failure(&no_heads, TargetType::IQ4_XS);
+    assert!(
+        msg.contains("granitemoe.attention.head_count is missing"),
+        "{msg}"
+    );
+
     let bad_count = tmp.path().join("bad-count.gguf");
     rewrite(
         &file,
