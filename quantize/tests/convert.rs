@@ -607,7 +607,8 @@ fn every_tensor_of_every_type_encodes_the_f32_file() {
                 *seen.entry(t.ty).or_insert(0) += 1;
             }
             // The target's own block type is used, except in the small fixtures whose rows are too short for
-            // k-quant blocks (all but kquant-dev), which fall back to Q8_0 or F16 entirely.
+            // 256-blocks (all but kquant-dev), which fall back entirely (k-quants to Q8_0 or F16, IQ4_XS to IQ4_NL
+            // or F16).
             let block_type = target.ggml_type();
             let fits = c
                 .file
