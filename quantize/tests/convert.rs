@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use bytemuck::Zeroable;
 use quarry_quantize::blocks::{
-    BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, quantize_q4_0, quantize_q4_k,
-    quantize_q5_k, quantize_q6_k, quantize_q8_0,
+    BlockIQ4NL, BlockIQ4XS, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, quantize_iq4_nl,
+    quantize_iq4_xs, quantize_q4_0, quantize_q4_k, quantize_q5_k, quantize_q6_k, quantize_q8_0,
 };
 use quarry_quantize::gguf::{Array, GgmlType, GgufFile, Value};
 use quarry_quantize::{ConvertOptions, ConvertReport, TargetType, convert};
@@ -147,7 +147,10 @@ impl Dims {
     /// The recipe, restated: norms and routers F32; the output head Q8_0 in a Q4_0 file, Q6_K in a k-quant file
     /// (Q8_0 for rows that are not a multiple of 256); in Q4_K_M / Q5_K_M, attn_v and ffn_down of llama.cpp's
     /// `use_more_bits` layers at Q6_K; 8-expert models: attn_k / attn_v Q8_0, Q4_K_M attn_output Q5_K; rows that
-    /// are not whole blocks: Q8_0 for a k-quant when they are whole 32-blocks, else F16.
+    /// are not whole blocks: Q8_0 for a k-quant when they are whole 32-blocks, else F16. IQ4_NL / IQ4_XS: the head
+    /// as in a k-quant file; attn_v Q5_K from 4 query heads per KV head; ffn_down Q5_K in the first eighth of the
+    /// layers; 8 experts: attn_k / attn_v Q8_0, attn_output Q5_K; IQ4_XS rows that are not whole 256-blocks are
+    /// IQ4_NL when they are whole 32-blocks.
     /// Returns the type and whether it is a fallback from the one wanted.
     fn expected_type(&self, name: &str, row_len: u64, target: TargetType) -> (GgmlType, bool) {
         use GgmlType::*;
@@ -184,6 +187,28 @@ impl Dims {
                 base
             }
         };
+        let iq4 = |base: GgmlType| {
+            if head {
+                return if row_len.is_multiple_of(256) {
+                    Q6_K
+                } else {
+                    Q8_0
+                };
+            }
+            if name == "token_embd.weight" {
+                return base;
+            }
+            if (name.contains("attn_v.") || name.contains("attn_k.")) && eight {
+                Q8_0
+            } else if (name.contains("attn_v.") && self.heads / self.kv_heads >= 4)
+                || (name.contains("ffn_down") && layer.is_some_and(|i| i < n / 8))
+                || (name.contains("attn_output.") && eight)
+            {
+                Q5_K
+            } else {
+                base
+            }
+        };
         let wanted = match target {
             TargetType::F32 => F32,
             TargetType::F16 => F16,
@@ -193,9 +218,13 @@ impl Dims {
             TargetType::Q4_K_M => k_quant(Q4_K, true),
             TargetType::Q5_K_M => k_quant(Q5_K, true),
             TargetType::Q6_K => k_quant(Q6_K, false),
+            TargetType::IQ4_NL => iq4(IQ4_NL),
+            TargetType::IQ4_XS => iq4(IQ4_XS),
         };
         if row_len.is_multiple_of(wanted.block_len() as u64) {
             (wanted, false)
+        } else if wanted == IQ4_XS && row_len.is_multiple_of(32) {
+            (IQ4_NL, true)
         } else if wanted.block_len() == 256 && row_len.is_multiple_of(32) {
             (Q8_0, true)
         } else {
@@ -260,6 +289,8 @@ fn metadata_and_tensor_layout_of_every_model_at_every_type() {
                 TargetType::Q4_K_M => 15.0,
                 TargetType::Q5_K_M => 17.0,
                 TargetType::Q6_K => 18.0,
+                TargetType::IQ4_NL => 25.0,
+                TargetType::IQ4_XS => 30.0,
             };
             assert_eq!(num(f, "general.file_type"), file_type, "{what}");
             assert_eq!(num(f, "general.quantization_version"), 2.0);
@@ -542,6 +573,16 @@ fn encode_f32_as(ty: GgmlType, x: &[f32]) -> Vec<u8> {
             quantize_q6_k(x, &mut blocks);
             bytemuck::cast_slice(&blocks).to_vec()
         }
+        GgmlType::IQ4_NL => {
+            let mut blocks = vec![BlockIQ4NL::zeroed(); x.len() / 32];
+            quantize_iq4_nl(x, &mut blocks);
+            bytemuck::cast_slice(&blocks).to_vec()
+        }
+        GgmlType::IQ4_XS => {
+            let mut blocks = vec![BlockIQ4XS::zeroed(); x.len() / 256];
+            quantize_iq4_xs(x, &mut blocks);
+            bytemuck::cast_slice(&blocks).to_vec()
+        }
         other => panic!("{other}"),
     }
 }
@@ -566,7 +607,8 @@ fn every_tensor_of_every_type_encodes_the_f32_file() {
                 *seen.entry(t.ty).or_insert(0) += 1;
             }
             // The target's own block type is used, except in the small fixtures whose rows are too short for
-            // k-quant blocks (all but kquant-dev), which fall back to Q8_0 or F16 entirely.
+            // 256-blocks (all but kquant-dev), which fall back entirely (k-quants to Q8_0 or F16, IQ4_XS to IQ4_NL
+            // or F16).
             let block_type = target.ggml_type();
             let fits = c
                 .file
@@ -868,6 +910,83 @@ fn kquant_q4_k_m_and_q6_k_are_byte_identical_to_llama_cpp() {
                     "token_embd.weight"
                 ]
             );
+        }
+    }
+}
+
+/// `--type iq4_nl` / `iq4_xs` on two fixtures, every tensor's type stated outright (not through `expected_type`),
+/// and every IQ4 tensor's bytes the reference quantizer's of the checkpoint's values (read without the converter).
+#[test]
+fn iq4_files_of_the_fixtures() {
+    use GgmlType::*;
+    // kquant-dev: 256-wide rows throughout, 2 layers (no first eighth), 2 query heads per KV head, 4 experts, tied.
+    // dev-1: 64-wide rows (no whole 256-block: IQ4_XS becomes IQ4_NL), ffn_down rows of 24 (no 32-block: F16).
+    let cases = [
+        (
+            "granitemoe-kquant-dev",
+            TargetType::IQ4_NL,
+            Q6_K,
+            IQ4_NL,
+            IQ4_NL,
+            None,
+            None,
+        ),
+        (
+            "granitemoe-kquant-dev",
+            TargetType::IQ4_XS,
+            Q6_K,
+            IQ4_XS,
+            IQ4_XS,
+            None,
+            None,
+        ),
+        (
+            "granitemoe-dev-1",
+            TargetType::IQ4_NL,
+            Q8_0,
+            IQ4_NL,
+            F16,
+            None,
+            Some(IQ4_NL),
+        ),
+        (
+            "granitemoe-dev-1",
+            TargetType::IQ4_XS,
+            Q8_0,
+            IQ4_NL,
+            F16,
+            Some(IQ4_XS),
+            Some(IQ4_XS),
+        ),
+    ];
+    for (model, target, head, matrices, down, matrices_from, down_from) in cases {
+        let dir = model_dir(model);
+        let dims = Dims::of(&dir);
+        let hf = checkpoint_f32(&dir);
+        let c = convert_to(&dir, target);
+        assert_eq!(
+            num(&c.file, "general.file_type"),
+            f64::from(target.file_type())
+        );
+        for t in c.file.tensors() {
+            let n = t.name.as_str();
+            let (want, from) = if n.ends_with("_norm.weight") || n.contains("ffn_gate_inp") {
+                (F32, None)
+            } else if n == "token_embd.weight" {
+                (head, None)
+            } else if n.contains("ffn_down") {
+                (down, down_from)
+            } else {
+                (matrices, matrices_from)
+            };
+            let what = format!("{model} {target} {n}");
+            assert_eq!(t.ty, want, "{what}");
+            let report = c.report.tensors.iter().find(|r| r.name == n).unwrap();
+            assert_eq!(report.fell_back_from, from, "{what}");
+            if matches!(t.ty, IQ4_NL | IQ4_XS) {
+                let want = encode_f32_as(t.ty, &expected_f32(n, &hf, &dims));
+                assert!(*c.file.tensor_data(t) == *want, "{what}: bytes");
+            }
         }
     }
 }

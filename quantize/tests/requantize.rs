@@ -9,7 +9,8 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use quarry_quantize::blocks::{
-    BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, dequantize_q6_k, quantize_q4_0,
+    BlockIQ4NL, BlockIQ4XS, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, dequantize_iq4_nl,
+    dequantize_iq4_xs, dequantize_q6_k, quantize_iq4_nl, quantize_iq4_xs, quantize_q4_0,
     quantize_q4_k, quantize_q5_k, quantize_q6_k, quantize_q8_0,
 };
 use quarry_quantize::gguf::{GgmlType, GgufFile, GgufWriter, TensorSpec, Value};
@@ -60,6 +61,24 @@ fn values_of(file: &GgufFile, name: &str) -> Vec<f32> {
             dequantize_q6_k(&blocks, &mut out);
             out
         }
+        GgmlType::IQ4_NL => {
+            let blocks: Vec<BlockIQ4NL> = bytes
+                .chunks_exact(18)
+                .map(bytemuck::pod_read_unaligned)
+                .collect();
+            let mut out = vec![0.0; blocks.len() * 32];
+            dequantize_iq4_nl(&blocks, &mut out);
+            out
+        }
+        GgmlType::IQ4_XS => {
+            let blocks: Vec<BlockIQ4XS> = bytes
+                .chunks_exact(136)
+                .map(bytemuck::pod_read_unaligned)
+                .collect();
+            let mut out = vec![0.0; blocks.len() * 256];
+            dequantize_iq4_xs(&blocks, &mut out);
+            out
+        }
         other => panic!("{name}: {other}"),
     }
 }
@@ -82,6 +101,8 @@ fn encode(ty: GgmlType, x: &[f32]) -> Vec<u8> {
         GgmlType::Q4_K => blocks::<BlockQ4K>(x, 256, quantize_q4_k),
         GgmlType::Q5_K => blocks::<BlockQ5K>(x, 256, quantize_q5_k),
         GgmlType::Q6_K => blocks::<BlockQ6K>(x, 256, quantize_q6_k),
+        GgmlType::IQ4_NL => blocks::<BlockIQ4NL>(x, 32, quantize_iq4_nl),
+        GgmlType::IQ4_XS => blocks::<BlockIQ4XS>(x, 256, quantize_iq4_xs),
         other => panic!("{other}"),
     }
 }
@@ -336,6 +357,46 @@ fn quantized_inputs_are_refused_unless_allowed() {
     }
 }
 
+/// IQ4 inputs (llama.cpp's or ours) are read back through the reference dequantizers: refused by default, and
+/// with `allow_requantize` each tensor becomes the target type's encoding of its dequantized values.
+#[test]
+fn iq4_inputs_are_dequantized_when_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    // kquant-dev at IQ4_XS holds IQ4_XS matrices; dev-1 at IQ4_XS holds IQ4_NL ones (64-wide rows) and F16 ones
+    for (model, input_types) in [
+        ("granitemoe-kquant-dev", GgmlType::IQ4_XS),
+        ("granitemoe-dev-1", GgmlType::IQ4_NL),
+    ] {
+        let src = converted(model, TargetType::IQ4_XS, tmp.path(), "iq4.gguf");
+        let out = tmp.path().join("q8.gguf");
+        let err = requantize(&RequantizeOptions::new(&src, &out, TargetType::Q8_0)).unwrap_err();
+        assert!(
+            matches!(&err, ConvertError::AlreadyQuantized { .. }),
+            "{model}: {err:?}"
+        );
+        let report = requantize(&RequantizeOptions {
+            allow_requantize: true,
+            ..RequantizeOptions::new(&src, &out, TargetType::Q8_0)
+        })
+        .unwrap();
+        assert!(
+            report.dequantized.iter().any(|(_, ty)| *ty == input_types),
+            "{model}: {:?}",
+            report.dequantized
+        );
+        let (iq4, q8) = (GgufFile::open(&src).unwrap(), GgufFile::open(&out).unwrap());
+        for t in q8.tensors() {
+            let source = iq4.tensor(&t.name).unwrap();
+            let want = if source.ty == t.ty {
+                iq4.tensor_data(source).to_vec()
+            } else {
+                encode(t.ty, &values_of(&iq4, &t.name))
+            };
+            assert!(*q8.tensor_data(t) == *want, "{model} {}", t.name);
+        }
+    }
+}
+
 #[test]
 fn one_thread_writes_the_same_bytes_as_the_pool() {
     let tmp = tempfile::tempdir().unwrap();
@@ -438,6 +499,19 @@ fn bad_inputs_name_the_file() {
     );
     let (_, msg) = failure(&no_layers, TargetType::Q4_K_M);
     assert!(msg.contains("granitemoe.block_count is missing"), "{msg}");
+
+    let no_heads = tmp.path().join("no-heads.gguf");
+    rewrite(
+        &file,
+        &no_heads,
+        |m| m.retain(|(k, _)| k != "granitemoe.attention.head_count"),
+        |_| None,
+    );
+    let (_, msg) = failure(&no_heads, TargetType::IQ4_XS);
+    assert!(
+        msg.contains("granitemoe.attention.head_count is missing"),
+        "{msg}"
+    );
 
     let bad_count = tmp.path().join("bad-count.gguf");
     rewrite(

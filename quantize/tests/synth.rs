@@ -6,7 +6,10 @@ mod support;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use quarry_quantize::blocks::{BlockQ4_0, BlockQ8_0};
+use quarry_quantize::blocks::{
+    BlockIQ4NL, BlockIQ4XS, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, quantize_iq4_nl,
+    quantize_iq4_xs, quantize_q5_k, quantize_q6_k,
+};
 use quarry_quantize::gguf::{Array, GgmlType, GgufFile, Value};
 use quarry_quantize::hf::HfConfig;
 use quarry_quantize::{
@@ -400,4 +403,129 @@ fn vocabularies_that_do_not_fit_the_config_are_refused() {
     );
     assert!(err.to_string().contains("--tokenizer DIR"), "{err}");
     assert!(support::files_in(tmp.path()).is_empty());
+}
+
+/// A config for the IQ4 recipe's shape-dependent rules, which no fixture reaches: 8 layers (so layer 0 is the first
+/// eighth), `heads` query heads over 2 KV heads, `experts` experts (0: dense), 256-wide rows throughout.
+fn iq4_rule_config(heads: usize, experts: usize, tied: bool) -> HfConfig {
+    let (arch, model_type, moe) = if experts > 0 {
+        (
+            "GraniteMoeForCausalLM",
+            "granitemoe",
+            format!(r#""num_local_experts": {experts}, "num_experts_per_tok": 2,"#),
+        )
+    } else {
+        ("GraniteForCausalLM", "granite", String::new())
+    };
+    HfConfig::parse(
+        Path::new("iq4-rules config.json"),
+        &format!(
+            r#"{{"architectures": ["{arch}"], "model_type": "{model_type}", "vocab_size": 300,
+            "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 8, "num_attention_heads": {heads},
+            "num_key_value_heads": 2, {moe} "max_position_embeddings": 4096, "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-6, "embedding_multiplier": 12.0, "attention_multiplier": 0.015625,
+            "residual_multiplier": 0.22, "logits_scaling": 6.0, "tie_word_embeddings": {tied}}}"#
+        ),
+    )
+    .unwrap()
+}
+
+/// llama-quantize's IQ4_NL / IQ4_XS rules, stated tensor by tensor for three shapes of model, and the synthetic
+/// file's bytes are the reference quantizers' of the values an F32 file of the same seed holds.
+#[test]
+fn iq4_files_give_the_recipes_matrices_more_bits() {
+    use GgmlType::*;
+    let tmp = tempfile::tempdir().unwrap();
+    // (config, what attn_v, attn_k and attn_output get, beyond the base type)
+    let shapes = [
+        // 8 experts: llama.cpp's Mixtral rules (Q8_0 over the grouping rule)
+        (
+            iq4_rule_config(8, 8, true),
+            "8 experts",
+            Some(Q8_0),
+            Some(Q8_0),
+            Some(Q5_K),
+        ),
+        // 4 query heads per KV head: attn_v Q5_K
+        (
+            iq4_rule_config(8, 16, false),
+            "gqa 4",
+            Some(Q5_K),
+            None,
+            None,
+        ),
+        // dense, 2 per KV head: only ffn_down
+        (iq4_rule_config(4, 0, true), "dense", None, None, None),
+    ];
+    for (config, shape, attn_v, attn_k, attn_output) in shapes {
+        let f32_file = synth(&SynthOptions::new(
+            config.clone(),
+            tmp.path().join("f32.gguf"),
+            TargetType::F32,
+        ));
+        for target in [TargetType::IQ4_NL, TargetType::IQ4_XS] {
+            let base = target.ggml_type();
+            let file = synth(&SynthOptions::new(
+                config.clone(),
+                tmp.path().join(format!("{target}.gguf")),
+                target,
+            ));
+            assert_eq!(
+                file.get("general.file_type").and_then(Value::as_u64),
+                Some(target.file_type().into())
+            );
+            for t in file.tensors() {
+                let n = t.name.as_str();
+                let want = if n.ends_with("_norm.weight") || n.contains("ffn_gate_inp") {
+                    F32
+                } else if n == "output.weight"
+                    || (config.tie_word_embeddings && n == "token_embd.weight")
+                {
+                    Q6_K
+                } else if n.contains("attn_v.") {
+                    attn_v.unwrap_or(base)
+                } else if n.contains("attn_k.") {
+                    attn_k.unwrap_or(base)
+                } else if n.contains("attn_output.") {
+                    attn_output.unwrap_or(base)
+                } else if n.starts_with("blk.0.ffn_down") {
+                    Q5_K
+                } else {
+                    base
+                };
+                assert_eq!(t.ty, want, "{shape} {target} {n}");
+                if t.ty == F32 || t.ty == Q8_0 {
+                    continue; // Q8_0 blocks are drawn directly, not quantized from the floats
+                }
+                let x = f32_values(&f32_file, n);
+                let encoded: Vec<u8> = match t.ty {
+                    IQ4_NL => {
+                        let mut b = vec![bytemuck::Zeroable::zeroed(); x.len() / 32];
+                        quantize_iq4_nl(&x, &mut b);
+                        bytemuck::cast_slice::<BlockIQ4NL, u8>(&b).to_vec()
+                    }
+                    IQ4_XS => {
+                        let mut b = vec![bytemuck::Zeroable::zeroed(); x.len() / 256];
+                        quantize_iq4_xs(&x, &mut b);
+                        bytemuck::cast_slice::<BlockIQ4XS, u8>(&b).to_vec()
+                    }
+                    Q5_K => {
+                        let mut b = vec![bytemuck::Zeroable::zeroed(); x.len() / 256];
+                        quantize_q5_k(&x, &mut b);
+                        bytemuck::cast_slice::<BlockQ5K, u8>(&b).to_vec()
+                    }
+                    Q6_K => {
+                        let mut b = vec![bytemuck::Zeroable::zeroed(); x.len() / 256];
+                        quantize_q6_k(&x, &mut b);
+                        bytemuck::cast_slice::<BlockQ6K, u8>(&b).to_vec()
+                    }
+                    other => panic!("{shape} {target} {n}: {other}"),
+                };
+                assert!(
+                    *file.tensor_data(t) == *encoded,
+                    "{shape} {target} {n}: bytes"
+                );
+            }
+        }
+    }
 }

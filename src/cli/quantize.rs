@@ -26,19 +26,21 @@ pub struct Args {
 
     /// Weight type: q4_0 (default: the smallest and fastest, output head kept at q8_0), q4_k_m (llama.cpp's
     /// Q4_K_M: q4_K, with q6_K for the output head and attn_v/ffn_down in half the layers), q5_k_m (the same
-    /// over q5_K), q6_k, q8_0 (near-lossless), f16, or f32 (exact). Norms and expert routers always stay f32.
-    /// Rows that are not whole blocks of the type fall back (k-quants to q8_0, else f16) and are listed.
+    /// over q5_K), q6_k, iq4_nl / iq4_xs (llama.cpp's 4.5 / 4.25-bit non-linear types, q6_K head, q5_K for
+    /// ffn_down in the first eighth of the layers), q8_0 (near-lossless), f16, or f32 (exact). Norms and expert
+    /// routers always stay f32. Rows that are not whole blocks of the type fall back (k-quants to q8_0, iq4_xs to
+    /// iq4_nl, else f16) and are listed.
     #[arg(long = "type", value_name = "TYPE", default_value = "q4_0", value_parser = parse_type)]
     pub target: TargetType,
 
     /// Type of the output head (the tied token embedding, or output.weight) and of an untied input embedding.
-    /// Default: q8_0 for a q4_0 file, q6_K for the k-quant types, else the --type. A k-quant mix stands for its
+    /// Default: q8_0 for a q4_0 file, q6_K for the k-quant and iq4 types, else the --type. A mix stands for its
     /// base type (q4_k_m: q4_K).
     #[arg(long, value_name = "TYPE", value_parser = parse_type)]
     pub embedding_type: Option<TargetType>,
 
-    /// GGUF input only: dequantize tensors that are already quantized (q8_0, q4_0, q4_K, q5_K, q6_K) and quantize
-    /// them again, instead of refusing. Each rounding adds its error: prefer an F16/BF16/F32 input.
+    /// GGUF input only: dequantize tensors that are already quantized (q8_0, q4_0, q4_K, q5_K, q6_K, iq4_nl,
+    /// iq4_xs) and quantize them again, instead of refusing. Each rounding adds its error: prefer an F16/BF16/F32 input.
     #[arg(long)]
     pub allow_requantize: bool,
 

@@ -20,12 +20,12 @@ pub struct Args {
     pub output: PathBuf,
 
     /// Weight type, with the same recipe as `quarry quantize`: q4_0 (output head kept at q8_0), q4_k_m, q5_k_m,
-    /// q6_k, q8_0, f16 or f32.
+    /// q6_k, iq4_nl, iq4_xs, q8_0, f16 or f32.
     #[arg(long = "type", value_name = "TYPE", default_value = "q4_0")]
     pub target: TargetType,
 
     /// Type of the output head (the tied token embedding, or output.weight) and of an untied input embedding.
-    /// Default: q8_0 for a q4_0 file, else the --type.
+    /// Default: q8_0 for a q4_0 file, q6_K for the k-quant and iq4 types, else the --type.
     #[arg(long, value_name = "TYPE")]
     pub embedding_type: Option<TargetType>,
 

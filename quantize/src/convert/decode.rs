@@ -5,8 +5,9 @@ use bytemuck::Pod;
 use rayon::prelude::*;
 
 use crate::blocks::{
-    BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, bf16, dequantize_q4_0, dequantize_q4_k,
-    dequantize_q5_k, dequantize_q6_k, dequantize_q8_0, f16,
+    BlockIQ4NL, BlockIQ4XS, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, bf16,
+    dequantize_iq4_nl, dequantize_iq4_xs, dequantize_q4_0, dequantize_q4_k, dequantize_q5_k,
+    dequantize_q6_k, dequantize_q8_0, f16,
 };
 use crate::gguf::GgmlType;
 
@@ -22,6 +23,8 @@ pub fn can_decode(ty: GgmlType) -> bool {
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::Q6_K
+            | GgmlType::IQ4_NL
+            | GgmlType::IQ4_XS
     )
 }
 
@@ -75,6 +78,8 @@ pub fn decode_values(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
         GgmlType::Q4_K => dequantize_blocks::<BlockQ4K>(bytes, out, 256, dequantize_q4_k),
         GgmlType::Q5_K => dequantize_blocks::<BlockQ5K>(bytes, out, 256, dequantize_q5_k),
         GgmlType::Q6_K => dequantize_blocks::<BlockQ6K>(bytes, out, 256, dequantize_q6_k),
+        GgmlType::IQ4_NL => dequantize_blocks::<BlockIQ4NL>(bytes, out, 32, dequantize_iq4_nl),
+        GgmlType::IQ4_XS => dequantize_blocks::<BlockIQ4XS>(bytes, out, 256, dequantize_iq4_xs),
         other => unreachable!("can_decode rejects {other}"),
     }
 }
@@ -113,6 +118,8 @@ mod tests {
             GgmlType::Q4_K,
             GgmlType::Q5_K,
             GgmlType::Q6_K,
+            GgmlType::IQ4_NL,
+            GgmlType::IQ4_XS,
         ] {
             assert!(can_decode(ty));
             let bytes = RowEncoder::new(ty).encode(&values, 512).to_vec();
@@ -136,6 +143,19 @@ mod tests {
             // Q4_0's coarsest: a step of max/8, and the negated maximum clamped a whole step (50/7/8 = 0.89)
             assert!(worst <= 0.9, "{ty}: {worst}");
         }
+        // the IQ4 types exactly as their reference dequantizers
+        let mut xs = vec![bytemuck::Zeroable::zeroed(); 4];
+        crate::blocks::quantize_iq4_xs(&values, &mut xs);
+        let mut want = vec![0.0; 1024];
+        dequantize_iq4_xs(&xs, &mut want);
+        let mut back = vec![0.0; 1024];
+        decode_rows(GgmlType::IQ4_XS, bytemuck::cast_slice(&xs), 256, &mut back);
+        assert_eq!(back, want);
+        let mut nl = vec![bytemuck::Zeroable::zeroed(); 32];
+        crate::blocks::quantize_iq4_nl(&values, &mut nl);
+        dequantize_iq4_nl(&nl, &mut want);
+        decode_values(GgmlType::IQ4_NL, bytemuck::cast_slice(&nl), &mut back);
+        assert_eq!(back, want);
         let bf16: Vec<u8> = values
             .iter()
             .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())

@@ -7,8 +7,8 @@ use half::slice::HalfFloatSliceExt;
 use bytemuck::{Pod, Zeroable};
 
 use crate::blocks::{
-    BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, quantize_q4_0, quantize_q4_k,
-    quantize_q5_k, quantize_q6_k, quantize_q8_0,
+    BlockIQ4NL, BlockIQ4XS, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, quantize_iq4_nl,
+    quantize_iq4_xs, quantize_q4_0, quantize_q4_k, quantize_q5_k, quantize_q6_k, quantize_q8_0,
 };
 use crate::gguf::GgmlType;
 
@@ -28,6 +28,8 @@ pub struct RowEncoder {
     q4k: Vec<BlockQ4K>,
     q5k: Vec<BlockQ5K>,
     q6k: Vec<BlockQ6K>,
+    iq4nl: Vec<BlockIQ4NL>,
+    iq4xs: Vec<BlockIQ4XS>,
 }
 
 /// Quantizes `values` into `blocks` (resized to fit) on the rayon pool, `task` values (whole rows) per task.
@@ -47,7 +49,7 @@ fn quantize_parallel<'a, B: Pod + Zeroable + Send>(
 }
 
 impl RowEncoder {
-    /// `ty` must be F32, F16, Q8_0, Q4_0, Q4_K, Q5_K or Q6_K (the recipe only produces those).
+    /// `ty` must be F32, F16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, IQ4_NL or IQ4_XS (the recipe only produces those).
     pub fn new(ty: GgmlType) -> RowEncoder {
         RowEncoder {
             ty,
@@ -58,6 +60,8 @@ impl RowEncoder {
             q4k: Vec::new(),
             q5k: Vec::new(),
             q6k: Vec::new(),
+            iq4nl: Vec::new(),
+            iq4xs: Vec::new(),
         }
     }
 
@@ -80,6 +84,12 @@ impl RowEncoder {
             }
             GgmlType::Q6_K => {
                 quantize_parallel(&mut self.q6k, values, task, block_len, quantize_q6_k)
+            }
+            GgmlType::IQ4_NL => {
+                quantize_parallel(&mut self.iq4nl, values, task, block_len, quantize_iq4_nl)
+            }
+            GgmlType::IQ4_XS => {
+                quantize_parallel(&mut self.iq4xs, values, task, block_len, quantize_iq4_xs)
             }
             GgmlType::F16 => {
                 // half's slice conversion rounds to nearest even like `f16::from_f32`, with F16C where present.
@@ -174,6 +184,18 @@ mod tests {
         assert_eq!(
             RowEncoder::new(GgmlType::Q5_K).encode(&values, 768),
             bytemuck::cast_slice::<BlockQ5K, u8>(&x5)
+        );
+        let mut nl = vec![BlockIQ4NL::zeroed(); 24];
+        quantize_iq4_nl(&values, &mut nl);
+        assert_eq!(
+            RowEncoder::new(GgmlType::IQ4_NL).encode(&values, 96),
+            bytemuck::cast_slice::<BlockIQ4NL, u8>(&nl)
+        );
+        let mut xs = vec![BlockIQ4XS::zeroed(); 3];
+        quantize_iq4_xs(&values, &mut xs);
+        assert_eq!(
+            RowEncoder::new(GgmlType::IQ4_XS).encode(&values, 256),
+            bytemuck::cast_slice::<BlockIQ4XS, u8>(&xs)
         );
         let f16_bytes = RowEncoder::new(GgmlType::F16).encode(&values, 64).to_vec();
         assert_eq!(

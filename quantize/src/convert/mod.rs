@@ -38,8 +38,8 @@ use crate::safetensors::{Checkpoint, TensorView};
 /// f32 values converted per chunk: 16 MiB, so a chunk and its encoding stay small next to any model.
 const CHUNK_VALUES: usize = 4 << 20;
 
-/// The file types `quarry quantize` makes: one block type for (almost) every matrix, or one of llama.cpp's k-quant
-/// mixes, which give the most sensitive matrices more bits (see [`Recipe`]).
+/// The file types `quarry quantize` makes: one block type for (almost) every matrix, or one of llama.cpp's mixes
+/// (the k-quants and the IQ4 types), which give the most sensitive matrices more bits (see [`Recipe`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)]
 pub enum TargetType {
@@ -53,10 +53,16 @@ pub enum TargetType {
     Q5_K_M,
     /// llama-quantize's `Q6_K`: Q6_K for every matrix.
     Q6_K,
+    /// llama-quantize's `IQ4_NL` (4.5 bits per weight): IQ4_NL, Q4_0's layout with 16 non-linear levels, with Q6_K
+    /// for the output head (and Q5_K or Q8_0 for a few matrices in some shapes of model, see [`Recipe`]).
+    IQ4_NL,
+    /// llama-quantize's `IQ4_XS` (4.25 bits per weight): IQ4_XS, IQ4_NL's levels in 256-weight super-blocks with
+    /// 6-bit sub-block scales, with Q6_K for the output head (and more, as [`TargetType::IQ4_NL`]).
+    IQ4_XS,
 }
 
 impl TargetType {
-    pub const ALL: [TargetType; 7] = [
+    pub const ALL: [TargetType; 9] = [
         TargetType::F32,
         TargetType::F16,
         TargetType::Q8_0,
@@ -64,9 +70,11 @@ impl TargetType {
         TargetType::Q4_K_M,
         TargetType::Q5_K_M,
         TargetType::Q6_K,
+        TargetType::IQ4_NL,
+        TargetType::IQ4_XS,
     ];
 
-    /// The block type of most matrices (for a k-quant mix, the type the recipe starts from).
+    /// The block type of most matrices (for a mix, the type the recipe starts from).
     pub fn ggml_type(self) -> GgmlType {
         match self {
             TargetType::F32 => GgmlType::F32,
@@ -76,11 +84,14 @@ impl TargetType {
             TargetType::Q4_K_M => GgmlType::Q4_K,
             TargetType::Q5_K_M => GgmlType::Q5_K,
             TargetType::Q6_K => GgmlType::Q6_K,
+            TargetType::IQ4_NL => GgmlType::IQ4_NL,
+            TargetType::IQ4_XS => GgmlType::IQ4_XS,
         }
     }
 
-    /// `general.file_type` (llama.cpp's `llama_ftype`: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q4_0 2, MOSTLY_Q8_0 7,
-    /// MOSTLY_Q4_K_M 15, MOSTLY_Q5_K_M 17, MOSTLY_Q6_K 18).
+    /// `general.file_type` (llama.cpp's `llama_ftype` in `include/llama.h`: ALL_F32 0, MOSTLY_F16 1,
+    /// MOSTLY_Q4_0 2, MOSTLY_Q8_0 7, MOSTLY_Q4_K_M 15, MOSTLY_Q5_K_M 17, MOSTLY_Q6_K 18, MOSTLY_IQ4_NL 25,
+    /// MOSTLY_IQ4_XS 30).
     pub fn file_type(self) -> u32 {
         match self {
             TargetType::F32 => 0,
@@ -90,6 +101,8 @@ impl TargetType {
             TargetType::Q4_K_M => 15,
             TargetType::Q5_K_M => 17,
             TargetType::Q6_K => 18,
+            TargetType::IQ4_NL => 25,
+            TargetType::IQ4_XS => 30,
         }
     }
 
@@ -103,6 +116,8 @@ impl TargetType {
             TargetType::Q4_K_M => "q4_k_m",
             TargetType::Q5_K_M => "q5_k_m",
             TargetType::Q6_K => "q6_k",
+            TargetType::IQ4_NL => "iq4_nl",
+            TargetType::IQ4_XS => "iq4_xs",
         }
     }
 
@@ -112,6 +127,12 @@ impl TargetType {
             self,
             TargetType::Q4_K_M | TargetType::Q5_K_M | TargetType::Q6_K
         )
+    }
+
+    /// One of llama.cpp's IQ4 file types, whose recipe (like a k-quant's) depends on the tensor's name and layer,
+    /// and on the model's attention grouping.
+    pub fn is_iq4(self) -> bool {
+        matches!(self, TargetType::IQ4_NL | TargetType::IQ4_XS)
     }
 }
 
@@ -128,7 +149,9 @@ impl FromStr for TargetType {
             .into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
-                format!("unknown type {s:?}: choose f32, f16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0")
+                format!(
+                    "unknown type {s:?}: choose f32, f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, iq4_nl or iq4_xs"
+                )
             })
     }
 }
@@ -142,7 +165,7 @@ pub struct ConvertOptions {
     pub output: PathBuf,
     pub target: TargetType,
     /// Type of the output head (tied `token_embd`, or `output.weight`) and of an untied input embedding; `None`
-    /// takes the recipe's default (see [`Recipe`]). A k-quant mix stands for its base type (`q4_k_m`: Q4_K).
+    /// takes the recipe's default (see [`Recipe`]). A mix stands for its base type (`q4_k_m`: Q4_K; `iq4_xs`: IQ4_XS).
     pub embedding_type: Option<TargetType>,
     /// Draw a progress bar on stderr; indicatif hides it when stderr is not a terminal.
     pub progress: bool,
@@ -427,6 +450,14 @@ mod tests {
         assert_eq!(TargetType::Q8_0.to_string(), "q8_0");
         assert_eq!("Q4_K_M".parse::<TargetType>(), Ok(TargetType::Q4_K_M));
         assert_eq!(TargetType::Q6_K.to_string(), "q6_k");
+        assert_eq!("IQ4_XS".parse::<TargetType>(), Ok(TargetType::IQ4_XS));
+        assert_eq!(TargetType::IQ4_NL.to_string(), "iq4_nl");
+        assert_eq!(TargetType::IQ4_NL.file_type(), 25);
+        assert_eq!(TargetType::IQ4_XS.file_type(), 30);
+        assert_eq!(TargetType::IQ4_XS.ggml_type(), GgmlType::IQ4_XS);
+        // llama_model_ftype_name's words
+        assert_eq!(crate::gguf::file_type_name(25), Some("IQ4_NL - 4.5 bpw"));
+        assert_eq!(crate::gguf::file_type_name(30), Some("IQ4_XS - 4.25 bpw"));
         for t in TargetType::ALL {
             assert_eq!(t.name().parse::<TargetType>(), Ok(t));
             // What `bench` and ollama's /api/show print for the files Quarry writes.
@@ -440,7 +471,7 @@ mod tests {
             "q5_k"
                 .parse::<TargetType>()
                 .unwrap_err()
-                .contains("choose f32, f16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0")
+                .contains("choose f32, f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, iq4_nl or iq4_xs")
         );
     }
 

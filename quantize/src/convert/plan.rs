@@ -67,13 +67,21 @@ impl PlannedTensor {
 ///
 /// * Norms and routers: F32 always (llama.cpp requires F32 norms and never quantizes routers).
 /// * The output head (`output.weight`, or the tied `token_embd`): `embedding_type` when given; else Q8_0 in a Q4_0
-///   file (Quarry's choice: llama.cpp would use Q6_K), Q6_K in a k-quant file (Q8_0 when its rows are not a
+///   file (Quarry's choice: llama.cpp would use Q6_K), Q6_K in a k-quant or IQ4 file (Q8_0 when its rows are not a
 ///   multiple of 256, as llama.cpp), the target type otherwise. An untied input embedding gets `embedding_type`
-///   or the target's base type.
-/// * Other matrices: the target's base type, except in the k-quant mixes, which follow b4748's
-///   `llama_tensor_get_type` for these architectures (by tensor name, like llama.cpp): in Q4_K_M and Q5_K_M,
-///   `attn_v` and `ffn_down`/`ffn_down_exps` get Q6_K in the layers [`use_more_bits`] picks; in a model with
-///   exactly 8 experts, `attn_v` and `attn_k` get Q8_0 (any k-quant mix) and in Q4_K_M `attn_output` gets Q5_K.
+///   or the target's base type (llama.cpp too: IQ4_NL / IQ4_XS for an IQ4 file).
+/// * Other matrices: the target's base type, except in llama.cpp's mixes, which follow `llama_tensor_get_type`
+///   (`src/llama-quant.cpp`: the k-quant rules as of b4748, the IQ4 rules as of libllama 0.0.9749, whose k-quant
+///   branches for these tensors are still b4748's) for these architectures, by tensor name like llama.cpp:
+///   * k-quants: in Q4_K_M and Q5_K_M, `attn_v` and `ffn_down`/`ffn_down_exps` get Q6_K in the layers
+///     [`use_more_bits`] picks; in a model with exactly 8 experts, `attn_v` and `attn_k` get Q8_0 (any k-quant
+///     mix) and in Q4_K_M `attn_output` gets Q5_K.
+///   * IQ4_NL and IQ4_XS (llama-quantize without an importance matrix, as Quarry always is): `attn_v` gets Q5_K
+///     when 4 or more query heads share each KV head (`n_gqa() >= 4`); `ffn_down`/`ffn_down_exps` get Q5_K in
+///     the first eighth of the layers (none below 8 layers); with exactly 8 experts `attn_v` and `attn_k` get Q8_0
+///     and `attn_output` Q5_K. Of the models in `models.toml`, the MoE ones (32 or 40 experts, 2 or 3 query heads
+///     per KV head) get only the `ffn_down_exps` rule; the dense 2B and 8B (32 query heads over 8 KV heads) get
+///     Q5_K `attn_v` too.
 /// * Rows that are not whole blocks of the chosen type fall back (see [`Recipe::choose`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Recipe {
@@ -83,12 +91,21 @@ pub struct Recipe {
     pub n_layers: usize,
     /// Experts per layer, 0 for a dense model: llama.cpp treats 8-expert models specially.
     pub n_experts: usize,
+    /// Query heads per KV head, llama.cpp's `n_gqa()` (`head_count / head_count_kv`, rounded down; 0 when
+    /// `head_count_kv` is 0): the IQ4 recipes give `attn_v` more bits when it is 4 or more, since each of its rows
+    /// then serves that many heads.
+    pub n_gqa: usize,
 }
 
 /// llama.cpp's `use_more_bits(i_layer, n_layers)`: the first and last eighth of the layers and every third layer
 /// in between (for 24 layers: 0-2, 5, 8, 11, 14, 17, 20, 21-23).
 pub fn use_more_bits(layer: usize, n_layers: usize) -> bool {
     layer < n_layers / 8 || layer >= 7 * n_layers / 8 || (layer - n_layers / 8) % 3 == 2
+}
+
+/// llama.cpp's `n_gqa()`: query heads per KV head, rounded down, 0 for no KV heads.
+pub fn gqa(n_head: usize, n_head_kv: usize) -> usize {
+    n_head.checked_div(n_head_kv).unwrap_or(0)
 }
 
 /// The layer of a `blk.N.*` tensor.
@@ -108,20 +125,23 @@ impl Recipe {
             embedding_type,
             n_layers: config.num_hidden_layers,
             n_experts: config.moe.map_or(0, |m| m.num_local_experts),
+            n_gqa: gqa(config.num_attention_heads, config.num_key_value_heads),
         }
     }
 
     /// The type of tensor `name` (GGUF name) of `role` with rows of `row_len` weights, and the type the recipe
-    /// wanted when it had to fall back: rows that are not whole blocks of Q4_K, Q5_K or Q6_K fall back to Q8_0
-    /// (when they are whole 32-blocks) or F16; rows that are not whole blocks of Q8_0 or Q4_0 fall back to F16.
-    /// llama.cpp falls back from Q4_K to Q5_0 and from Q5_K to Q5_1, which Quarry's runtime does not run, and it
-    /// refuses rows that fit no 32-block at all.
+    /// wanted when it had to fall back: rows that are not whole blocks of IQ4_XS fall back to IQ4_NL (as
+    /// llama.cpp's `tensor_type_fallback`) when they are whole 32-blocks; rows that are not whole blocks of Q4_K,
+    /// Q5_K or Q6_K fall back to Q8_0 when they are whole 32-blocks; anything else that does not fit falls back to
+    /// F16. llama.cpp falls back from Q4_K to Q5_0 and from Q5_K to Q5_1, which Quarry's runtime does not run, and
+    /// it refuses rows that fit no 32-block of Q8_0 (or of the head's Q8_0 in an IQ4_NL file) at all.
     pub fn choose(&self, name: &str, role: Role, row_len: usize) -> (GgmlType, Option<GgmlType>) {
         let wanted = self.wanted(name, role, row_len);
         if row_len.is_multiple_of(wanted.block_len()) {
             return (wanted, None);
         }
         let instead = match wanted {
+            GgmlType::IQ4_XS if row_len.is_multiple_of(BLOCK_LEN) => GgmlType::IQ4_NL,
             GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
                 if row_len.is_multiple_of(BLOCK_LEN) =>
             {
@@ -139,7 +159,9 @@ impl Recipe {
             Role::OutputHead => match (self.embedding_type, self.target) {
                 (Some(t), _) => t.ggml_type(),
                 (None, TargetType::Q4_0) => GgmlType::Q8_0,
-                (None, t) if t.is_k_quant() => {
+                // llama.cpp: Q8_0 when the rows are not whole blocks of the file's base type, else Q6_K, which
+                // falls back to Q8_0 unless they are whole 256-blocks: Q6_K or Q8_0 either way.
+                (None, t) if t.is_k_quant() || t.is_iq4() => {
                     if row_len.is_multiple_of(QK_K) {
                         GgmlType::Q6_K
                     } else {
@@ -150,6 +172,7 @@ impl Recipe {
             },
             Role::InputEmbedding => self.embedding_type.map_or(base, TargetType::ggml_type),
             Role::Weight if self.target.is_k_quant() => self.k_quant_weight(name, base),
+            Role::Weight if self.target.is_iq4() => self.iq4_weight(name, base),
             Role::Weight => base,
         }
     }
@@ -177,6 +200,35 @@ impl Recipe {
             } else {
                 base
             }
+        } else {
+            base
+        }
+    }
+
+    /// `llama_tensor_get_type`'s rules for IQ4_NL and IQ4_XS without an importance matrix, as far as Granite's
+    /// tensors go (its attention-V, attention-K, FFN-down and attention-output branches; the Falcon and 70B
+    /// special cases cannot apply to Granite).
+    fn iq4_weight(&self, name: &str, base: GgmlType) -> GgmlType {
+        let eight_experts = self.n_experts == 8;
+        if name.contains("attn_v.weight") {
+            if eight_experts {
+                GgmlType::Q8_0
+            } else if self.n_gqa >= 4 {
+                GgmlType::Q5_K
+            } else {
+                base
+            }
+        } else if name.contains("attn_k.weight") {
+            if eight_experts { GgmlType::Q8_0 } else { base }
+        } else if name.contains("ffn_down") {
+            // llama.cpp skips this with an importance matrix, which Quarry never has.
+            if layer_of(name).is_some_and(|l| l < self.n_layers / 8) {
+                GgmlType::Q5_K
+            } else {
+                base
+            }
+        } else if name.contains("attn_output.weight") {
+            if eight_experts { GgmlType::Q5_K } else { base }
         } else {
             base
         }
@@ -438,6 +490,7 @@ mod tests {
             embedding_type: emb,
             n_layers: layers,
             n_experts: experts,
+            n_gqa: 2,
         }
     }
 
@@ -486,6 +539,101 @@ mod tests {
         );
         assert_eq!(t(Role::InputEmbedding, 512, T::Q4_K_M, None), (Q4_K, None));
         assert_eq!(t(Role::Norm, 512, T::Q6_K, None), (F32, None));
+        // IQ4: base types, IQ4_XS -> IQ4_NL -> F16 as llama.cpp, the head as in a k-quant file
+        assert_eq!(t(Role::Weight, 512, T::IQ4_XS, None), (IQ4_XS, None));
+        assert_eq!(t(Role::Weight, 96, T::IQ4_XS, None), (IQ4_NL, Some(IQ4_XS)));
+        assert_eq!(t(Role::Weight, 40, T::IQ4_XS, None), (F16, Some(IQ4_XS)));
+        assert_eq!(t(Role::Weight, 96, T::IQ4_NL, None), (IQ4_NL, None));
+        assert_eq!(t(Role::Weight, 40, T::IQ4_NL, None), (F16, Some(IQ4_NL)));
+        assert_eq!(t(Role::OutputHead, 512, T::IQ4_NL, None), (Q6_K, None));
+        assert_eq!(t(Role::OutputHead, 512, T::IQ4_XS, None), (Q6_K, None));
+        assert_eq!(t(Role::OutputHead, 96, T::IQ4_NL, None), (Q8_0, None));
+        assert_eq!(t(Role::OutputHead, 96, T::IQ4_XS, None), (Q8_0, None));
+        assert_eq!(t(Role::OutputHead, 40, T::IQ4_NL, None), (F16, Some(Q8_0)));
+        assert_eq!(
+            t(Role::OutputHead, 512, T::IQ4_XS, Some(T::IQ4_NL)),
+            (IQ4_NL, None)
+        );
+        assert_eq!(
+            t(Role::OutputHead, 512, T::Q4_0, Some(T::IQ4_XS)),
+            (IQ4_XS, None)
+        );
+        assert_eq!(
+            t(Role::InputEmbedding, 512, T::IQ4_XS, None),
+            (IQ4_XS, None)
+        );
+        assert_eq!(
+            t(Role::InputEmbedding, 64, T::IQ4_XS, None),
+            (IQ4_NL, Some(IQ4_XS))
+        );
+        assert_eq!(t(Role::Router, 512, T::IQ4_NL, None), (F32, None));
+        assert_eq!(t(Role::Norm, 512, T::IQ4_XS, None), (F32, None));
+    }
+
+    #[test]
+    fn iq4_mixes_by_name_layer_and_grouping() {
+        use GgmlType::*;
+        use TargetType as T;
+        let ty = |target, layers, experts, n_gqa, name: &str| {
+            Recipe {
+                n_gqa,
+                ..recipe(target, None, layers, experts)
+            }
+            .choose(name, Role::Weight, 1024)
+            .0
+        };
+        for target in [T::IQ4_NL, T::IQ4_XS] {
+            let base = target.ggml_type();
+            // ffn_down: Q5_K in the first eighth of the layers (0..3 of 24), whatever the experts
+            for (name, want) in [
+                ("blk.0.ffn_down_exps.weight", Q5_K),
+                ("blk.2.ffn_down_exps.weight", Q5_K),
+                ("blk.3.ffn_down_exps.weight", base),
+                ("blk.23.ffn_down_exps.weight", base),
+                ("blk.1.ffn_down.weight", Q5_K),
+                ("blk.20.ffn_down.weight", base),
+            ] {
+                assert_eq!(ty(target, 24, 32, 2, name), want, "{target} {name}");
+                assert_eq!(ty(target, 24, 0, 2, name), want, "{target} {name}");
+            }
+            // fewer than 8 layers: no first eighth
+            assert_eq!(ty(target, 7, 32, 2, "blk.0.ffn_down_exps.weight"), base);
+            assert_eq!(ty(target, 8, 32, 2, "blk.0.ffn_down_exps.weight"), Q5_K);
+            // attn_v: Q5_K from 4 query heads per KV head
+            assert_eq!(ty(target, 24, 32, 3, "blk.9.attn_v.weight"), base);
+            assert_eq!(ty(target, 24, 32, 4, "blk.9.attn_v.weight"), Q5_K);
+            assert_eq!(ty(target, 24, 0, 8, "blk.9.attn_v.weight"), Q5_K);
+            // no use_more_bits spread, unlike Q4_K_M
+            assert_eq!(ty(target, 24, 32, 2, "blk.0.attn_v.weight"), base);
+            for name in [
+                "blk.0.attn_q.weight",
+                "blk.0.attn_k.weight",
+                "blk.0.attn_output.weight",
+                "blk.0.ffn_gate_exps.weight",
+                "blk.0.ffn_up_exps.weight",
+                "blk.0.ffn_up.weight",
+            ] {
+                assert_eq!(ty(target, 24, 32, 4, name), base, "{target} {name}");
+            }
+            // 8 experts: llama.cpp's Mixtral rules, Q8_0 even over the grouping rule
+            assert_eq!(ty(target, 24, 8, 4, "blk.9.attn_v.weight"), Q8_0);
+            assert_eq!(ty(target, 24, 8, 2, "blk.9.attn_k.weight"), Q8_0);
+            assert_eq!(ty(target, 24, 8, 2, "blk.9.attn_output.weight"), Q5_K);
+            assert_eq!(ty(target, 24, 8, 2, "blk.9.attn_q.weight"), base);
+            // the Q5_K picks fall back to Q8_0 when rows are not whole 256-blocks (llama.cpp: Q5_1)
+            let r = Recipe {
+                n_gqa: 4,
+                ..recipe(target, None, 24, 32)
+            };
+            assert_eq!(
+                r.choose("blk.9.attn_v.weight", Role::Weight, 96),
+                (Q8_0, Some(Q5_K))
+            );
+        }
+        assert_eq!(gqa(16, 8), 2);
+        assert_eq!(gqa(24, 8), 3);
+        assert_eq!(gqa(32, 8), 4);
+        assert_eq!(gqa(8, 0), 0);
     }
 
     #[test]

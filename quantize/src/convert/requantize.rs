@@ -21,7 +21,7 @@ use memmap2::Mmap;
 use super::decode::{can_decode, decode_rows};
 use super::encode::RowEncoder;
 use super::output::{TensorSink, write_gguf};
-use super::plan::{PlannedTensor, Recipe, role_of_gguf_tensor};
+use super::plan::{PlannedTensor, Recipe, gqa, role_of_gguf_tensor};
 use super::{CHUNK_VALUES, ConvertReport, QUANTIZATION_VERSION, TargetType, on_pool};
 use crate::architecture::Architecture;
 use crate::error::ConvertError;
@@ -37,8 +37,8 @@ pub struct RequantizeOptions {
     pub target: TargetType,
     /// As [`ConvertOptions::embedding_type`](super::ConvertOptions::embedding_type).
     pub embedding_type: Option<TargetType>,
-    /// Dequantize input tensors that are already quantized (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) instead of refusing
-    /// the file. Tensors that already have the type the recipe picks are copied either way.
+    /// Dequantize input tensors that are already quantized (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)
+    /// instead of refusing the file. Tensors that already have the type the recipe picks are copied either way.
     pub allow_requantize: bool,
     /// A new `general.name`; `None` keeps the input's.
     pub model_name: Option<String>,
@@ -109,11 +109,16 @@ fn requantize_on_current_pool(opts: &RequantizeOptions) -> Result<ConvertReport,
     };
     let n_layers = count_key("block_count")?
         .ok_or_else(|| bad(format!("{arch_name}.block_count is missing")))?;
+    // llama.cpp's loader requires head_count; head_count_kv defaults to it (no grouping).
+    let n_head = count_key("attention.head_count")?
+        .ok_or_else(|| bad(format!("{arch_name}.attention.head_count is missing")))?;
+    let n_head_kv = count_key("attention.head_count_kv")?.unwrap_or(n_head);
     let recipe = Recipe {
         target: opts.target,
         embedding_type: opts.embedding_type,
         n_layers,
         n_experts: count_key("expert_count")?.unwrap_or(0),
+        n_gqa: gqa(n_head, n_head_kv),
     };
 
     let has_output = input.tensor("output.weight").is_some();

@@ -273,6 +273,8 @@ pub fn file_type_name(file_type: u64) -> Option<&'static str> {
         16 => Some("Q5_K - Small"),
         17 => Some("Q5_K - Medium"),
         18 => Some("Q6_K"),
+        25 => Some("IQ4_NL - 4.5 bpw"),
+        30 => Some("IQ4_XS - 4.25 bpw"),
         32 => Some("BF16"),
         _ => None,
     }

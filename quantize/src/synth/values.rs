@@ -4,8 +4,8 @@
 //! deviations, so nothing is extreme enough to overflow an activation. Q8_0 and Q4_0 blocks are drawn directly as
 //! random quants of that shape with a random scale near the one the reference quantizer would pick for such values
 //! (always a finite, non-zero f16): about five times faster than drawing floats and quantizing them, and the
-//! kernels see the same kind of data. The k-quant types are drawn as floats and quantized with the reference
-//! quantizers. Each task of whole rows draws from its own SplitMix64 stream, seeded from the
+//! kernels see the same kind of data. The k-quant and IQ4 types are drawn as floats and quantized with the
+//! reference quantizers. Each task of whole rows draws from its own SplitMix64 stream, seeded from the
 //! file's seed, the tensor's name and the task's index, so the bytes do not depend on how tasks meet threads.
 
 use std::ops::Range;
@@ -180,8 +180,9 @@ impl Chunk {
                             .for_each(|b| *b = random_q4_block(&mut rng, std));
                     });
             }
-            // Floats, and the k-quant types, which are drawn as floats and quantized with the reference quantizer
-            // (their blocks are too intricate to draw directly; the k-quant recipes are not the speed-critical path).
+            // Floats, and the k-quant and IQ4 types, which are drawn as floats and quantized with the reference
+            // quantizer (their blocks are too intricate to draw directly; these recipes are not the speed-critical
+            // path).
             _ => {
                 self.floats.resize(n, 0.0);
                 self.floats
