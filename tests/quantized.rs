@@ -1,5 +1,6 @@
-//! Q8_0, Q4_0 and (on the k-quant fixture, whose rows are whole 256-blocks) Q6_K and Q4_K_M files against the
-//! transformers reference, and across kernel sets.
+//! Q8_0, Q4_0 and (on the k-quant fixture, whose rows are whole 256-blocks) Q6_K and Q4_K_M files, and IQ4_NL
+//! and IQ4_XS files of the k-quant and real-vocabulary fixtures, against the transformers reference, and across
+//! kernel sets.
 //!
 //! On these tiny random networks quantization error is large (the fixtures README: perturbing every weight
 //! by Q8_0's rounding moves the HF logits by ~0.5 and by ~10 where a router flips), so bounds on the reference
@@ -16,8 +17,10 @@ const TYPES: [&str; 2] = ["q8_0", "q4_0"];
 /// Every type measured on a fixture: the k-quants only where the converter writes them as such (on the other
 /// fixtures most rows are narrower than 256 and fall back to 32-blocks, which the first two types cover).
 fn types_for(name: &str) -> &'static [&'static str] {
-    if name == "granitemoe-kquant-dev" {
-        &["q8_0", "q4_0", "q6_k", "q4_k_m"]
+    if name == "granitemoe-realvocab-dev" {
+        &["q8_0", "q4_0", "iq4_nl", "iq4_xs"]
+    } else if name == "granitemoe-kquant-dev" {
+        &["q8_0", "q4_0", "q6_k", "q4_k_m", "iq4_nl", "iq4_xs"]
     } else {
         &TYPES
     }
@@ -75,7 +78,8 @@ fn every_kernel_set_agrees_with_scalar_on_quantized_files() {
 }
 
 /// Measured with this engine (mean KL, top-1 agreement over every prompt's positions), per fixture for Q8_0
-/// and Q4_0, and on the k-quant fixture for Q6_K and Q4_K_M as well (in `types_for` order). For scale: llama.cpp b4748 on its own Q8_0 / Q4_0 files of the real-vocabulary fixture agrees
+/// and Q4_0, and the other types of `types_for` in its order. (The real-vocabulary fixture's rows are 32 wide, so
+/// its IQ4_XS file falls back to IQ4_NL throughout, as llama-quantize's does: the same numbers.) For scale: llama.cpp b4748 on its own Q8_0 / Q4_0 files of the real-vocabulary fixture agrees
 /// with the reference at 64 / 22 of 68 positions (0.94 / 0.32); see `tests/llamacpp_files.rs`.
 ///
 /// The asserted bounds are the measurements with headroom for float-order changes in future kernels
@@ -92,11 +96,18 @@ const MEASURED: [(&str, &[(f64, f64)]); 5] = [
             (0.9903, 0.4079),
             (0.1431, 0.8083),
             (0.8062, 0.4380),
+            (0.7147, 0.5132),
+            (0.8068, 0.4586),
         ],
     ),
     (
         "granitemoe-realvocab-dev",
-        &[(0.1884, 0.9412), (2.3640, 0.2794)],
+        &[
+            (0.1884, 0.9412),
+            (2.3640, 0.2794),
+            (0.9333, 0.5000),
+            (0.9333, 0.5000),
+        ],
     ),
 ];
 
