@@ -106,6 +106,20 @@ pub fn parse_threads(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `-n/--max-tokens N` of `run` and `chat` (and `/set max_tokens` in the chat): a whole number of at least 1.
+/// 0 is refused everywhere rather than meaning "nothing" in one command and "no limit" in another; leaving the
+/// option out is what means no limit.
+pub fn parse_max_tokens(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err(
+            "0 would generate nothing; leave -n out for no limit (until the end-of-text token or a full context)"
+                .to_string(),
+        ),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a whole number of tokens")),
+    }
+}
+
 /// Sizes rayon's global pool once, before any work: `--threads`, else every core.
 pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
     let mut builder = rayon::ThreadPoolBuilder::new();

@@ -72,6 +72,15 @@ pub fn human_count(n: u64) -> String {
     if n >= 1_000 { count(n) } else { n.to_string() }
 }
 
+/// `1 token`, `2 tokens`: a count with its noun agreeing (`many` for the irregular plurals, "replies").
+pub fn plural(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
 /// `290 q4_0, 65 f32, 1 q8_0`: how many tensors of each type.
 pub fn type_counts(tallies: &[TypeTally]) -> String {
     tallies
@@ -114,6 +123,9 @@ mod tests {
         assert_eq!(count(500), "0.5 K");
         assert_eq!(human_count(500), "500");
         assert_eq!(human_count(49_200), "49.2 K");
+        assert_eq!(plural(1, "token", "tokens"), "1 token");
+        assert_eq!(plural(0, "token", "tokens"), "0 tokens");
+        assert_eq!(plural(2, "reply", "replies"), "2 replies");
     }
 
     #[test]
