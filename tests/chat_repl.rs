@@ -27,6 +27,11 @@ impl Repl {
 
     /// [`Repl::start`] with extra environment variables.
     fn start_with(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Repl {
+        Repl::start_command(home, &[&["chat"], args].concat(), env)
+    }
+
+    /// `quarry ARGS` in the terminal.
+    fn start_command(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Repl {
         let pty = native_pty_system();
         let pair = pty
             .openpty(PtySize {
@@ -37,7 +42,6 @@ impl Repl {
             })
             .expect("a pseudo-terminal");
         let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_quarry"));
-        cmd.arg("chat");
         cmd.args(args);
         cmd.env("QUARRY_HOME", home);
         cmd.env("HOME", home);
@@ -643,13 +647,19 @@ fn a_message_starting_with_a_slash_is_recalled_as_a_message() {
         repl.expect("/show", "settings:")
             .contains("conversation: 4 messages")
     );
+    // With no system message, /clear leaves the context empty at once.
+    repl.expect("/clear", "context 0/");
+    assert!(
+        repl.expect("/stats", "session:")
+            .contains("context: 0 of 1024 tokens used")
+    );
     repl.line("/bye");
     assert!(repl.wait_exit().success());
 
-    // Through the history file, in a new session: Up passes /bye and /show and reaches the message.
+    // Through the history file, in a new session: Up passes the commands and reaches the message.
     let mut next = Repl::start(&home, &args);
     next.wait(0, "the prompt", |t| t.contains(">>> "));
-    for entry in ["/bye", "/show"] {
+    for entry in ["/bye", "/stats", "/clear", "/show"] {
         let m = next.mark();
         next.type_text("\x1b[A");
         next.wait(m, entry, |t| t.contains(entry));
@@ -712,13 +722,25 @@ fn ollama_commands_and_clear_empties_the_context() {
 
     let first = repl.message("Hello");
     assert!(first.contains("5 tokens"), "{first}");
-    let stats = repl.expect("/stats", "session:");
-    assert!(!stats.contains("context: 0 of"), "{stats}");
+    let used = |stats: &str| -> usize {
+        stats
+            .split("context: ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no context line in {stats}"))
+    };
+    let before = used(&repl.expect("/stats", "session:"));
 
-    // /clear empties the context at once.
-    repl.expect("/clear", "conversation cleared");
+    // /clear drops the turns from the context at once: what is left is the system message alone.
+    let cleared = repl.expect("/clear", "conversation cleared");
     let stats = repl.expect("/stats", "session:");
-    assert!(stats.contains("context: 0 of "), "{stats}");
+    let after = used(&stats);
+    assert!(
+        after > 0 && after + 5 < before,
+        "{before} -> {after}: {stats}"
+    );
+    assert!(cleared.contains(&format!("context {after}/")), "{cleared}");
     assert!(stats.contains("no reply yet"), "{stats}");
     assert!(stats.contains("session: 1 reply,"), "{stats}");
 
@@ -786,4 +808,35 @@ fn end_of_input_inside_a_block_sends_it() {
         kept["messages"][0]["content"].as_str(),
         Some("first line\nsecond line")
     );
+}
+
+#[test]
+fn run_without_a_prompt_at_a_terminal_opens_the_chat() {
+    let model = model("granitemoe-dev-1").unwrap();
+    let home = temp_dir("run-chat");
+    let mut repl = Repl::start_command(
+        &home,
+        &[
+            "run",
+            model.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "-n",
+            "3",
+            "--system",
+            "Be terse.",
+        ],
+        &[],
+    );
+    repl.wait(0, "the banner and prompt", |t| {
+        t.contains("/help for commands") && t.contains(">>> ")
+    });
+    let reply = repl.message("Hello");
+    assert!(
+        reply.contains("3 tokens"),
+        "run's -n did not reach the chat: {reply}"
+    );
+    assert!(repl.expect("/show system", "terse").contains("Be terse."));
+    repl.line("/bye");
+    assert!(repl.wait_exit().success());
 }

@@ -555,7 +555,8 @@ impl Repl<'_> {
                 self.chat.clear();
                 self.unsaved = false;
                 println!(
-                    "conversation cleared, context 0/{} (the system message stays)",
+                    "conversation cleared, context {}/{} (the system message stays)",
+                    self.chat.context_used(),
                     self.chat.context_size()
                 );
             }

@@ -186,14 +186,27 @@ impl<'e> ChatSession<'e> {
         &self.messages
     }
 
-    /// Forgets the turns and empties the KV cache, so that the context in use reads 0 at once; the system
-    /// message stays (it is computed again with the next message).
+    /// Forgets the turns and drops them from the KV cache at once, so that the context in use is what the system
+    /// message takes (which stays, and stays cached for the next message).
     pub fn clear(&mut self) {
         self.messages.clear();
-        self.session.truncate(0);
         self.transcript_text.clear();
         self.transcript_ids.clear();
         self.last = None;
+        let system_ids = self
+            .template
+            .render(&self.conversation(), false)
+            .ok()
+            .and_then(|text| self.tokenizer.encode(&text).ok())
+            .unwrap_or_default();
+        let keep = self
+            .session
+            .history()
+            .iter()
+            .zip(&system_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        self.session.truncate(keep);
     }
 
     /// The model's chat template (for `/show template`).
