@@ -9,7 +9,8 @@ use anyhow::{Context, bail};
 /// Which model file and how much room to give it.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A GGUF model file, or the name of an installed model (`quarry list`).
+    /// A GGUF model file, or an installed model: its name (`quarry list`) or the Hugging Face repo id it was
+    /// pulled from (org/name).
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
     /// Context size in tokens (default: the model's, at most 4096).

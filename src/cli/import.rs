@@ -22,7 +22,8 @@ pub struct Args {
     /// Name to install it under (default: the folder's name).
     #[arg(long)]
     pub name: Option<String>,
-    /// Weight type: q4_0, q8_0, f16 or f32 (default: the registry's type for NAME, else q4_0).
+    /// Weight type, with `quarry quantize`'s recipes: q4_0, q4_k_m, q5_k_m, q6_k, q8_0, f16 or f32 (default: the
+    /// registry's type for NAME, else q4_0).
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_type)]
     pub target: Option<TargetType>,
     /// Worker threads for the conversion (default: one per core).

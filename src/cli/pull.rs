@@ -24,7 +24,8 @@ pub struct Args {
     /// A registry model or a Hugging Face repo id (org/name[@revision]).
     #[arg(value_name = "NAME")]
     pub model: String,
-    /// Weight type: q4_0, q8_0, f16 or f32 (default: the registry's, else q4_0).
+    /// Weight type, with `quarry quantize`'s recipes: q4_0, q4_k_m, q5_k_m, q6_k, q8_0, f16 or f32 (default: the
+    /// registry's, else q4_0).
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_type)]
     pub target: Option<TargetType>,
     /// Name to install it under (default: the registry name, or the repository's name).

@@ -97,7 +97,10 @@ pub enum ResolveError {
          (or, without network access, `quarry import DIR --name {name}` from a copy of its folder)"
     )]
     NotPulled { name: String },
-    #[error("'{repo}' is not installed: download and convert it with `quarry pull {repo}`")]
+    #[error(
+        "'{repo}' is not installed: download and convert it with `quarry pull {repo}` (or, without network access, \
+         `quarry import DIR --name NAME` from a copy of its folder, then use NAME)"
+    )]
     RepoNotPulled { repo: String },
     #[error(
         "{}: a Hugging Face model folder, not a GGUF file: convert it once with `quarry import {} --name NAME` \
