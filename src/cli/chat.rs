@@ -292,7 +292,7 @@ fn find_model(args: &Args, store: Option<&Store>, registry: &Registry) -> anyhow
             if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
                 return Err(e.into());
             }
-            let model = super::pull::pull_model(&what, None, None, args.threads)?;
+            let model = super::pull::pull_model(&what, None, None, args.threads, false)?;
             Ok(model.gguf())
         }
         Err(e) => Err(e.into()),

@@ -34,10 +34,19 @@ pub struct Args {
     /// Worker threads for the conversion (default: one per core).
     #[arg(long, short = 't', value_name = "N", value_parser = super::common::parse_threads)]
     pub threads: Option<usize>,
+    /// Replace a model installed under the same name (without it, that is refused before any download).
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let model = pull_model(&args.model, args.name, args.target, args.threads)?;
+    let model = pull_model(
+        &args.model,
+        args.name,
+        args.target,
+        args.threads,
+        args.force,
+    )?;
     print_installed(&model);
     Ok(())
 }
@@ -48,6 +57,7 @@ pub fn pull_model(
     name: Option<String>,
     target: Option<TargetType>,
     threads: Option<usize>,
+    force: bool,
 ) -> anyhow::Result<InstalledModel> {
     let store = Store::from_env()?;
     let hub = Hub::from_env()?;
@@ -57,6 +67,7 @@ pub fn pull_model(
         target,
         threads,
         progress_bars: std::io::stderr().is_terminal(),
+        force,
     };
     let mut progress = Bars::default();
     let model = pull(&store, &hub, &Registry::builtin(), &request, &mut progress)
