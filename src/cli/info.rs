@@ -159,7 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Parameters one token's forward pass multiplies with: everything except the experts it does not choose
 /// (the embedding counts once, as the output head).
-fn active_params(engine: &Engine) -> u64 {
+pub(super) fn active_params(engine: &Engine) -> u64 {
     let cfg = &engine.model.config;
     let mut n = 0u64;
     for t in engine.file.tensors() {

@@ -15,6 +15,7 @@ mod quantize;
 mod rm;
 mod run;
 mod serve;
+mod show;
 mod synth;
 mod tokenize;
 
@@ -43,6 +44,8 @@ pub enum Command {
     Serve(serve::Args),
     /// Show the token ids of a text or of a rendered conversation.
     Tokenize(tokenize::Args),
+    /// Show a model's parameters, sizes, chat template and license (as `ollama show`).
+    Show(show::Args),
     /// Show a model file's architecture, sizes, tensor types and memory needs.
     Info(info::Args),
     /// Write the logits of every prompt position to a .npy file.
@@ -53,9 +56,9 @@ pub enum Command {
     Perplexity(perplexity::Args),
     /// Download a model from Hugging Face, verify it, convert it and install it.
     Pull(pull::Args),
-    /// Install a model from a Hugging Face folder on this machine (no network needed).
+    /// Install a model from a Hugging Face folder or a GGUF file on this machine (no network needed).
     Import(import::Args),
-    /// List the registry's models and the installed ones.
+    /// List the installed models (--available: the registry's).
     List(list::Args),
     /// Remove an installed model.
     Rm(rm::Args),
@@ -94,6 +97,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Info(mut a) => {
             a.model = common::resolve_model(&a.model)?;
             info::run(a)
+        }
+        Command::Show(mut a) => {
+            a.model = common::resolve_model(&a.model)?;
+            show::run(a)
         }
         Command::Bench(mut a) => {
             a.model = common::resolve_model(&a.model)?;
