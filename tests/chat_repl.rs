@@ -552,10 +552,16 @@ fn ctrl_c_while_a_long_prompt_is_processed_cancels_it_and_keeps_the_session() {
     repl.wait(0, "the prompt", |t| t.contains(">>> "));
     let first = repl.message("Hello there");
     assert!(first.contains("8 tokens"), "{first}");
-    assert!(
-        repl.expect("/show", "settings:")
-            .contains("conversation: 2 messages")
-    );
+    let show = repl.expect("/show", "settings:");
+    assert!(show.contains("conversation: 2 messages"), "{show}");
+    let used = |show: &str| -> usize {
+        show.split("tokens (")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no context in {show}"))
+    };
+    let used_before = used(&show);
 
     let long = "word ".repeat(120);
     let m = repl.line(long.trim());
@@ -574,10 +580,15 @@ fn ctrl_c_while_a_long_prompt_is_processed_cancels_it_and_keeps_the_session() {
         "a reply was written: {cancelled}"
     );
 
-    // The cancelled message is not in the conversation; the first turn is, and the chat goes on from it.
+    // The cancelled message is not in the conversation, nor in the context in use; the first turn is, and the
+    // chat goes on from it.
+    let show = repl.expect("/show", "settings:");
+    assert!(show.contains("conversation: 2 messages"), "{show}");
+    // (The reply's last token, sampled but not yet fed, is computed with the next prompt: one more.)
+    let used_after = used(&show);
     assert!(
-        repl.expect("/show", "settings:")
-            .contains("conversation: 2 messages")
+        (used_before..=used_before + 1).contains(&used_after),
+        "the context in use went from {used_before} to {used_after}: {show}"
     );
     let stats = repl.expect("/stats", "session:");
     assert!(stats.contains("session: 1 reply,"), "{stats}");

@@ -420,8 +420,8 @@ impl<'e> ChatSession<'e> {
 
     /// [`ChatSession::reply`] that also tells `on_prompt` (prompt tokens computed, tokens to compute) between the
     /// prompt's chunks, so a long message can show its progress. `stop` set while the prompt is being processed
-    /// cancels the message: [`ChatError::PromptCancelled`], and the conversation is what it was before
-    /// [`ChatSession::submit`] (the cache keeps what was computed, which the next prompt reuses).
+    /// cancels the message: [`ChatError::PromptCancelled`], and the conversation, and the cache, are what they were
+    /// before [`ChatSession::submit`].
     pub fn reply_observed(
         &mut self,
         stop: &AtomicBool,
@@ -470,6 +470,15 @@ impl<'e> ChatSession<'e> {
         let stats = match (generated, decode_error) {
             (Ok(stats), None) if !stats.prompt_done => {
                 std::mem::swap(&mut self.messages, &mut self.before_submit);
+                // The cache goes back to what the conversation holds, so that the context in use reads as before.
+                let keep = self
+                    .session
+                    .history()
+                    .iter()
+                    .zip(&self.transcript_ids)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                self.session.truncate(keep);
                 let (done, total) = cancelled_at;
                 return Err(ChatError::PromptCancelled { done, total });
             }
