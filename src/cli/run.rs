@@ -61,10 +61,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         && args.words.is_empty()
         && stdin_is_terminal
     {
-        if args.raw || args.format == OutputFormat::Json {
+        if args.raw || args.format == OutputFormat::Json || !std::io::stdout().is_terminal() {
             bail!(
-                "no prompt: give it after MODEL (`quarry run MODEL \"...\"`), or pipe it to stdin (--raw and \
-                 --format json need one; without them, `quarry run MODEL` at a terminal opens the chat)"
+                "no prompt: give it after MODEL (`quarry run MODEL \"...\"`), or pipe it to stdin (--raw, \
+                 --format json and an output that is not a terminal need one; without them, `quarry run MODEL` at a \
+                 terminal opens the chat)"
             );
         }
         return chat_instead(args);
