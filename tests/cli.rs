@@ -405,3 +405,27 @@ fn a_repo_id_not_installed_offers_import_as_a_registry_name_does() {
         );
     }
 }
+
+#[test]
+fn a_quoted_cause_is_printed_once() {
+    let dir = temp_dir("cli-bad-json").join("snapshot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixture = fixture_dir("granitemoe-dev-1").unwrap();
+    for e in std::fs::read_dir(&fixture).unwrap().flatten() {
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    std::fs::write(dir.join("config.json"), "{ nope").unwrap();
+    let out = quarry(&[
+        "quantize",
+        dir.to_str().unwrap(),
+        "-o",
+        dir.join("x.gguf").to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("line 1 column 3").count(), 1, "{err}");
+    // And an OS error quoted at the end of a message.
+    let out = quarry(&["tokenize", "/no/such/model.gguf", "--text", "x"]);
+    let err = stderr(&out);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
