@@ -429,3 +429,30 @@ fn a_quoted_cause_is_printed_once() {
     let err = stderr(&out);
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
+
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    // `quarry show MODEL | head -1`: the reader goes away before the output is written.
+    let m = model();
+    for args in [
+        vec!["show", m.to_str().unwrap()],
+        vec!["list", "--available"],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_quarry"))
+            .args(&args)
+            .env("QUARRY_HOME", temp_dir("cli-pipe"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            matches!(out.status.code(), Some(0 | 141)),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+    }
+}
