@@ -99,6 +99,20 @@ impl<'m> Session<'m> {
     }
 
     fn feed_with(&mut self, ids: &[u32], last: Logits) -> Result<&[f32], ModelError> {
+        let _all_ran = self.feed_chunks(ids, last, &mut |_, _| ControlFlow::Continue(()))?;
+        // The last forward's logits are still in the buffers; run it again only to borrow them would be waste.
+        Ok(self.bufs.last_logits(self.model.config.n_vocab))
+    }
+
+    /// Runs `ids` chunk by chunk, telling `on_chunk` (tokens done, tokens in all) after each chunk but the last;
+    /// a `Break` from it stops before the next chunk, with the chunks done so far kept in the cache (a prefix of
+    /// the prompt, which the next [`Session::feed_prompt`] reuses). Returns whether every chunk ran.
+    fn feed_chunks(
+        &mut self,
+        ids: &[u32],
+        last: Logits,
+        on_chunk: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>, ModelError> {
         assert!(!ids.is_empty(), "feed needs at least one token");
         self.check_room(ids.len())?;
         let batch = self.bufs.max_batch();
@@ -112,9 +126,11 @@ impl<'m> Session<'m> {
             self.model
                 .forward(chunk, &mut self.cache, &mut self.bufs, want)?;
             self.history.extend_from_slice(chunk);
+            if i + 1 < n_chunks && on_chunk((i + 1) * batch, ids.len()).is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
         }
-        // The last forward's logits are still in the buffers; run it again only to borrow them would be waste.
-        Ok(self.bufs.last_logits(self.model.config.n_vocab))
+        Ok(ControlFlow::Continue(()))
     }
 
     /// Samples from the last fed position's logits, with the cached tokens as the repetition history.
@@ -128,6 +144,19 @@ impl<'m> Session<'m> {
     /// Makes the cache hold exactly `prompt`, reusing the longest cached prefix (a chat's earlier turns), and
     /// returns the last position's logits. At least the last prompt token is always recomputed for its logits.
     pub fn feed_prompt(&mut self, prompt: &[u32]) -> Result<&[f32], ModelError> {
+        let _all_ran = self.feed_prompt_observed(prompt, &mut |_, _| ControlFlow::Continue(()))?;
+        Ok(self.bufs.last_logits(self.model.config.n_vocab))
+    }
+
+    /// [`Session::feed_prompt`] that reports its progress to `on_chunk` (tokens computed, tokens to compute)
+    /// between chunks and stops early when it returns `Break`: a long prompt can take many seconds, and the
+    /// person waiting should see it advance and be able to cancel it. Only a whole prompt leaves logits to
+    /// sample from, so `Break` comes back when it was stopped.
+    pub fn feed_prompt_observed(
+        &mut self,
+        prompt: &[u32],
+        on_chunk: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>, ModelError> {
         assert!(
             !prompt.is_empty(),
             "an empty prompt has no next-token distribution"
@@ -147,7 +176,7 @@ impl<'m> Session<'m> {
             .count();
         let keep = common.min(prompt.len() - 1);
         self.truncate(keep);
-        self.feed(&prompt[keep..])
+        self.feed_chunks(&prompt[keep..], Logits::Last, on_chunk)
     }
 }
 
@@ -174,6 +203,9 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     pub generation_time: Duration,
     pub stop: StopReason,
+    /// Whether the whole prompt was processed: `false` when it was stopped before its end (then nothing was
+    /// generated, and `stop` is [`StopReason::Interrupted`]).
+    pub prompt_done: bool,
 }
 
 impl GenerationStats {
@@ -212,7 +244,34 @@ pub fn generate(
     stop_ids: &[u32],
     on_token: impl FnMut(u32) -> ControlFlow<()> + Send,
 ) -> Result<GenerationStats, ModelError> {
-    rayon::scope(|_| generate_here(session, prompt, sampler, max_tokens, stop_ids, on_token))
+    generate_observed(
+        session,
+        prompt,
+        sampler,
+        max_tokens,
+        stop_ids,
+        |_, _| ControlFlow::Continue(()),
+        on_token,
+    )
+}
+
+/// [`generate`] that also tells `on_prompt` (prompt tokens computed, prompt tokens to compute) between the prompt's
+/// chunks; its `Break` stops prompt processing there, and the result says so ([`GenerationStats::prompt_done`]
+/// false, [`StopReason::Interrupted`], nothing generated). Called only during the prompt, never per token.
+pub fn generate_observed(
+    session: &mut Session,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+    max_tokens: usize,
+    stop_ids: &[u32],
+    on_prompt: impl FnMut(usize, usize) -> ControlFlow<()> + Send,
+    on_token: impl FnMut(u32) -> ControlFlow<()> + Send,
+) -> Result<GenerationStats, ModelError> {
+    rayon::scope(|_| {
+        generate_here(
+            session, prompt, sampler, max_tokens, stop_ids, on_prompt, on_token,
+        )
+    })
 }
 
 fn generate_here(
@@ -221,6 +280,7 @@ fn generate_here(
     sampler: &mut Sampler,
     max_tokens: usize,
     stop_ids: &[u32],
+    mut on_prompt: impl FnMut(usize, usize) -> ControlFlow<()>,
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<GenerationStats, ModelError> {
     let cached_before = session
@@ -230,17 +290,30 @@ fn generate_here(
         .take_while(|(a, b)| a == b)
         .count();
     let start = Instant::now();
-    session.feed_prompt(prompt)?;
-    let mut next = session.sample_next(sampler);
-    let prompt_time = start.elapsed();
+    let to_compute = prompt.len() - cached_before.min(prompt.len() - 1);
+    let mut computed = to_compute;
+    let fed = session.feed_prompt_observed(prompt, &mut |done, total| {
+        computed = done;
+        on_prompt(done, total)
+    })?;
     let mut stats = GenerationStats {
         prompt_tokens: prompt.len(),
-        prompt_tokens_computed: prompt.len() - cached_before.min(prompt.len() - 1),
-        prompt_time,
+        prompt_tokens_computed: to_compute,
+        prompt_time: Duration::ZERO,
         generated_tokens: 0,
         generation_time: Duration::ZERO,
         stop: StopReason::MaxTokens,
+        prompt_done: true,
     };
+    if fed.is_break() {
+        stats.prompt_tokens_computed = computed;
+        stats.prompt_time = start.elapsed();
+        stats.stop = StopReason::Interrupted;
+        stats.prompt_done = false;
+        return Ok(stats);
+    }
+    let mut next = session.sample_next(sampler);
+    stats.prompt_time = start.elapsed();
     let decode_start = Instant::now();
     while stats.generated_tokens < max_tokens {
         stats.generated_tokens += 1;

@@ -7,6 +7,7 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     use quarry::text::template_sandbox;
     quarry::contain::quiet_hook();
+    quiet_broken_pipe();
     if std::env::args_os()
         .nth(1)
         .is_some_and(|a| a == template_sandbox::CHILD_ARGUMENT)
@@ -35,4 +36,23 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `quarry list | head`: `println!` panics once the reader has gone (Rust ignores SIGPIPE, so a write to a closed
+/// pipe is an error, and `println!` turns that into a panic with a backtrace). End quietly instead, with the
+/// status of a process killed by SIGPIPE, as the other tools of a pipeline do.
+fn quiet_broken_pipe() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        report(info);
+    }));
 }

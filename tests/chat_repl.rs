@@ -22,6 +22,16 @@ struct Repl {
 
 impl Repl {
     fn start(home: &Path, args: &[&str]) -> Repl {
+        Repl::start_with(home, args, &[])
+    }
+
+    /// [`Repl::start`] with extra environment variables.
+    fn start_with(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Repl {
+        Repl::start_command(home, &[&["chat"], args].concat(), env)
+    }
+
+    /// `quarry ARGS` in the terminal.
+    fn start_command(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Repl {
         let pty = native_pty_system();
         let pair = pty
             .openpty(PtySize {
@@ -32,12 +42,14 @@ impl Repl {
             })
             .expect("a pseudo-terminal");
         let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_quarry"));
-        cmd.arg("chat");
         cmd.args(args);
         cmd.env("QUARRY_HOME", home);
         cmd.env("HOME", home);
         cmd.env("TERM", "xterm");
         cmd.env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let child = pair.slave.spawn_command(cmd).expect("quarry starts");
         drop(pair.slave);
         let mut reader = pair.master.try_clone_reader().unwrap();
@@ -315,12 +327,14 @@ fn a_session_with_every_command() {
         repl.expect("/show", "settings:")
             .contains("conversation: 0 messages")
     );
-    repl.expect(&format!("/load {}", saved.display()), "loaded 11 messages");
+    repl.expect(&format!("/open {}", saved.display()), "opened 11 messages");
     assert!(
         repl.expect("/show", "settings:")
             .contains("conversation: 10 messages")
     );
-    repl.expect("/load /no/such/file.json", "cannot read");
+    repl.expect("/open /no/such/file.json", "cannot read");
+    // /load is ollama's: a model; a saved conversation given to it is pointed to /open.
+    repl.expect(&format!("/load {}", saved.display()), "/open");
 
     repl.expect("/help", "/set KEY VALUE");
     repl.expect("/frobnicate", "unknown command /frobnicate");
@@ -514,4 +528,329 @@ fn a_missing_default_model_names_the_pull_command() {
     assert!(err.contains("quarry import"), "{err}");
     // Nothing was downloaded without asking.
     assert!(!home.join("downloads").exists());
+}
+
+#[test]
+fn ctrl_c_while_a_long_prompt_is_processed_cancels_it_and_keeps_the_session() {
+    // The fixture reads a prompt in well under a second; 4-token chunks with a pause after each (a test-only
+    // setting) make the long message below take several seconds, as a long paste does on a real model.
+    let model = model("granitemoe-dev-1").unwrap();
+    let home = temp_dir("chat-cancel-prompt");
+    let mut repl = Repl::start_with(
+        &home,
+        &[
+            model.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--batch",
+            "4",
+        ],
+        &[("QUARRY_TEST_SLOW_PROMPT_MS", "50")],
+    );
+    repl.wait(0, "the prompt", |t| t.contains(">>> "));
+    let first = repl.message("Hello there");
+    assert!(first.contains("8 tokens"), "{first}");
+    let show = repl.expect("/show", "settings:");
+    assert!(show.contains("conversation: 2 messages"), "{show}");
+    let used = |show: &str| -> usize {
+        show.split("tokens (")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no context in {show}"))
+    };
+    let used_before = used(&show);
+
+    let long = "word ".repeat(120);
+    let m = repl.line(long.trim());
+    let progress = repl.wait(m, "the progress line", |t| {
+        t.contains("processing the prompt: ")
+    });
+    assert!(progress.contains(" tokens ("), "{progress}");
+    repl.ctrl_c();
+    let cancelled = repl.wait(m, "the cancellation and a new prompt", |t| {
+        t.find("the message was not sent")
+            .is_some_and(|i| t[i..].contains("\n>>> "))
+    });
+    assert!(repl.alive(), "Ctrl-C ended the chat: {cancelled}");
+    assert!(
+        !cancelled.contains("tok/s"),
+        "a reply was written: {cancelled}"
+    );
+
+    // The cancelled message is not in the conversation, nor in the context in use; the first turn is, and the
+    // chat goes on from it.
+    let show = repl.expect("/show", "settings:");
+    assert!(show.contains("conversation: 2 messages"), "{show}");
+    // (The reply's last token, sampled but not yet fed, is computed with the next prompt: one more.)
+    let used_after = used(&show);
+    assert!(
+        (used_before..=used_before + 1).contains(&used_after),
+        "the context in use went from {used_before} to {used_after}: {show}"
+    );
+    let stats = repl.expect("/stats", "session:");
+    assert!(stats.contains("session: 1 reply,"), "{stats}");
+    let next = repl.message("And then?");
+    assert!(next.contains("8 tokens"), "{next}");
+    assert!(
+        cached_tokens(&next) > 10,
+        "the first turn was not reused: {next}"
+    );
+    assert!(
+        repl.expect("/show", "settings:")
+            .contains("conversation: 4 messages")
+    );
+
+    // Ctrl-C twice at an empty prompt leaves, and says where the conversation was kept.
+    let m = repl.mark();
+    repl.ctrl_c();
+    repl.wait(m, "the hint", |t| t.contains("Ctrl-C again"));
+    repl.ctrl_c();
+    assert!(repl.wait_exit().success());
+    let kept = home.join("last-chat.json");
+    let text = repl.since(m);
+    assert!(
+        text.contains("4 messages") && text.contains(&format!("/open {}", kept.display())),
+        "{text}"
+    );
+    let conv: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&kept).unwrap()).unwrap();
+    assert_eq!(conv["messages"].as_array().unwrap().len(), 4);
+    assert!(
+        !std::fs::read_to_string(&kept)
+            .unwrap()
+            .contains("word word")
+    );
+}
+
+#[test]
+fn a_message_starting_with_a_slash_is_recalled_as_a_message() {
+    let model = model("granitemoe-dev-1").unwrap();
+    let home = temp_dir("chat-leading-space");
+    let args = [
+        model.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+    ];
+    let mut repl = Repl::start(&home, &args);
+    repl.wait(0, "the prompt", |t| t.contains(">>> "));
+    let sent = repl.message(" /etc/hosts is what?");
+    assert!(sent.contains("tok/s"), "not sent as a message: {sent}");
+    // Up recalls it; Enter sends it again, as a message, not as an unknown command.
+    let m = repl.mark();
+    repl.type_text("\x1b[A");
+    repl.wait(m, "the recalled entry", |t| {
+        t.contains("/etc/hosts is what?")
+    });
+    repl.type_text("\r");
+    let again = repl.wait(m, "the reply", |t| {
+        t.contains("tok/s") || t.contains("unknown command")
+    });
+    assert!(!again.contains("unknown command"), "{again}");
+    repl.wait(m, "a new prompt", |t| {
+        t.find("tok/s").is_some_and(|i| t[i..].contains(">>> "))
+    });
+    assert!(
+        repl.expect("/show", "settings:")
+            .contains("conversation: 4 messages")
+    );
+    // With no system message, /clear leaves the context empty at once.
+    repl.expect("/clear", "context 0/");
+    assert!(
+        repl.expect("/stats", "session:")
+            .contains("context: 0 of 1024 tokens used")
+    );
+    repl.line("/bye");
+    assert!(repl.wait_exit().success());
+
+    // Through the history file, in a new session: Up passes the commands and reaches the message.
+    let mut next = Repl::start(&home, &args);
+    next.wait(0, "the prompt", |t| t.contains(">>> "));
+    for entry in ["/bye", "/stats", "/clear", "/show"] {
+        let m = next.mark();
+        next.type_text("\x1b[A");
+        next.wait(m, entry, |t| t.contains(entry));
+    }
+    let m = next.mark();
+    next.type_text("\x1b[A");
+    next.wait(m, "the recalled message", |t| {
+        t.contains("/etc/hosts is what?")
+    });
+    next.type_text("\r");
+    let reply = next.wait(m, "the reply", |t| {
+        t.contains("tok/s") || t.contains("unknown command")
+    });
+    assert!(!reply.contains("unknown command"), "{reply}");
+    next.wait(m, "a new prompt", |t| {
+        t.find("tok/s").is_some_and(|i| t[i..].contains(">>> "))
+    });
+    next.line("/bye");
+    assert!(next.wait_exit().success());
+}
+
+#[test]
+fn ollama_commands_and_clear_empties_the_context() {
+    let model = model("granitemoe-dev-1").unwrap();
+    let other = support::gguf(
+        "granitemoe-dev-2",
+        &fixture_dir("granitemoe-dev-2").unwrap(),
+        "q8_0",
+    );
+    let home = temp_dir("chat-ollama-commands");
+    let mut repl = Repl::start(
+        &home,
+        &[
+            model.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "6",
+        ],
+    );
+    repl.wait(0, "the prompt", |t| t.contains(">>> "));
+    repl.expect("/set parameter temperature 0.4", "temperature set to 0.4");
+    repl.expect("/set parameter num_predict 5", "max_tokens set to 5");
+    repl.expect("/set parameter repeat_last_n 16", "repeat_last_n set to 16");
+    repl.expect("/set parameter num_ctx 99", "--ctx-size");
+    repl.expect("/set system Answer in French.", "system message set");
+    assert!(
+        repl.expect("/show system", "French")
+            .contains("Answer in French.")
+    );
+    let info = repl.expect("/show info", "settings:");
+    assert!(
+        info.contains("temperature 0.4") && info.contains("max_tokens 5"),
+        "{info}"
+    );
+    assert!(info.contains("system: Answer in French."), "{info}");
+    let template = repl.expect("/show template", "(from ");
+    assert!(template.contains("{%"), "no Jinja in {template}");
+    repl.expect("/show parameters", "repeat_last_n 16");
+
+    // Greedy again, so that the reply runs to its limit whatever the sampler would draw: at 0.4 it could end
+    // on the end-of-text token before 5 tokens.
+    repl.expect("/set parameter temperature 0", "temperature set to 0");
+    let first = repl.message("Hello");
+    assert!(first.contains("5 tokens"), "{first}");
+    let used = |stats: &str| -> usize {
+        stats
+            .split("context: ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no context line in {stats}"))
+    };
+    let before = used(&repl.expect("/stats", "session:"));
+
+    // /clear drops the turns from the context at once: what is left is the system message alone.
+    let cleared = repl.expect("/clear", "conversation cleared");
+    let stats = repl.expect("/stats", "session:");
+    let after = used(&stats);
+    assert!(
+        after > 0 && after + 5 < before,
+        "{before} -> {after}: {stats}"
+    );
+    assert!(cleared.contains(&format!("context {after}/")), "{cleared}");
+    assert!(stats.contains("no reply yet"), "{stats}");
+    assert!(stats.contains("session: 1 reply,"), "{stats}");
+
+    // /load MODEL switches models; the conversation and the settings go along.
+    repl.message("Bonjour");
+    let m = repl.line(&format!("/load {}", other.display()));
+    repl.wait(m, "the new model's banner", |t| {
+        t.contains("loading ") && t.contains("/help for commands") && t.contains(">>> ")
+    });
+    let show = repl.expect("/show", "settings:");
+    assert!(show.contains("granitemoe-dev-2"), "{show}");
+    assert!(show.contains("conversation: 2 messages"), "{show}");
+    assert!(show.contains("temperature 0,"), "{show}");
+    repl.expect(
+        "/load no-such-model",
+        "neither a GGUF file nor an installed model",
+    );
+    let reply = repl.message("Encore");
+    assert!(reply.contains("tok/s"), "{reply}");
+    repl.line("/bye");
+    assert!(repl.wait_exit().success());
+}
+
+#[test]
+fn end_of_input_inside_a_block_sends_it() {
+    let model = model("granitemoe-dev-1").unwrap();
+    let home = temp_dir("chat-eof-block");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .args([
+            "chat",
+            model.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "3",
+        ])
+        .env("QUARRY_HOME", &home)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"\"\"\"first line\nsecond line\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("3 tokens"),
+        "the block was not sent: {stdout}"
+    );
+    let kept: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(home.join("last-chat.json")).expect("the conversation is kept"),
+    )
+    .unwrap();
+    assert_eq!(
+        kept["messages"][0]["content"].as_str(),
+        Some("first line\nsecond line")
+    );
+}
+
+#[test]
+fn run_without_a_prompt_at_a_terminal_opens_the_chat() {
+    let model = model("granitemoe-dev-1").unwrap();
+    let home = temp_dir("run-chat");
+    let mut repl = Repl::start_command(
+        &home,
+        &[
+            "run",
+            model.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "-n",
+            "3",
+            "--system",
+            "Be terse.",
+        ],
+        &[],
+    );
+    repl.wait(0, "the banner and prompt", |t| {
+        t.contains("/help for commands") && t.contains(">>> ")
+    });
+    let reply = repl.message("Hello");
+    assert!(
+        reply.contains("3 tokens"),
+        "run's -n did not reach the chat: {reply}"
+    );
+    assert!(repl.expect("/show system", "terse").contains("Be terse."));
+    repl.line("/bye");
+    assert!(repl.wait_exit().success());
 }

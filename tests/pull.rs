@@ -167,8 +167,15 @@ fn pull_verifies_converts_and_installs_a_repo_that_then_runs_by_name() {
         assert!(!text.trim().is_empty());
     }
     let list = ok(quarry(&home, &server.url, &["list"]));
-    assert!(list.contains("tiny-moe") && list.contains(REPO), "{list}");
-    assert!(list.contains("granite-3.0-1b-a400m-instruct"), "{list}");
+    assert!(
+        list.contains("tiny-moe") && list.contains("q8_0") && list.contains("just now"),
+        "{list}"
+    );
+    let available = ok(quarry(&home, &server.url, &["list", "--available"]));
+    assert!(
+        available.contains("granite-3.0-1b-a400m-instruct"),
+        "{available}"
+    );
     let json: serde_json::Value = serde_json::from_str(&ok(quarry(
         &home,
         &server.url,
@@ -178,17 +185,35 @@ fn pull_verifies_converts_and_installs_a_repo_that_then_runs_by_name() {
     assert_eq!(json["installed"][0]["name"], "tiny-moe");
     assert_eq!(json["default"], "granite-3.0-1b-a400m-instruct");
 
-    // Pulling again replaces the installed model (here with another type) in one step.
+    // Pulling again is refused before any download, naming --force; with it, the installed model is replaced
+    // (here with another type) in one step.
+    fails(
+        &quarry(&home, &server.url, &["pull", REPO, "--type", "q4_0"]),
+        &["'tiny-moe' is already installed", "--force"],
+    );
+    assert_eq!(manifest(&home, "tiny-moe")["type"], "q8_0");
     ok(quarry(
         &home,
         &server.url,
-        &["pull", REPO, "--type", "q4_0"],
+        &["pull", REPO, "--type", "q4_0", "--force"],
     ));
     assert_eq!(manifest(&home, "tiny-moe")["type"], "q4_0");
     assert_eq!(files_under(&home.join("models")).len(), 2);
 
+    // A lock file a killed pull left behind goes with the model.
+    let lock_name: String = format!("download {REPO}@main")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    std::fs::create_dir_all(home.join("locks")).unwrap();
+    std::fs::write(home.join("locks").join(&lock_name), b"").unwrap();
     ok(quarry(&home, &server.url, &["rm", "tiny-moe"]));
     nothing_installed(&home);
+    assert!(
+        !home.join("locks").exists(),
+        "rm left lock files: {:?}",
+        files_under(&home.join("locks"))
+    );
     let gone = quarry(&home, &server.url, &["run", "tiny-moe", "--prompt", "Hi"]);
     fails(&gone, &["tiny-moe", "quarry list"]);
     let gone = quarry(&home, &server.url, &["run", REPO, "--prompt", "Hi"]);

@@ -174,15 +174,28 @@ fn import_installs_a_folder_that_every_command_then_finds_by_name() {
     assert_eq!(piped["prompt_ids"], direct["prompt_ids"]);
 
     let list = ok(quarry(&home, &["list"]));
+    let header: Vec<&str> = list.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "TYPE", "SIZE", "MODIFIED"], "{list}");
+    let row = list.lines().find(|l| l.starts_with("dense ")).expect(&list);
     assert!(
-        list.contains("dense") && list.contains("granite-dense-dev"),
+        row.contains("q8_0") && row.contains("KiB") && row.ends_with("just now"),
         "{list}"
     );
 
-    // Importing over an installed name replaces it whole.
+    // Importing over an installed name is refused without --force, and then replaces it whole.
+    fails(
+        quarry(&home, &["import", dir.to_str().unwrap(), "--name", "dense"]),
+        &["'dense' is already installed (q8_0", "--force"],
+    );
     ok(quarry(
         &home,
-        &["import", dir.to_str().unwrap(), "--name", "dense"],
+        &[
+            "import",
+            dir.to_str().unwrap(),
+            "--name",
+            "dense",
+            "--force",
+        ],
     ));
     assert!(
         std::fs::read_to_string(home.join("models/dense/manifest.json"))
@@ -229,6 +242,7 @@ fn serve_without_a_model_serves_the_installed_default() {
     );
     let dir = fixture_dir("granite-dense-dev").unwrap();
     let name = "granite-3.0-1b-a400m-instruct";
+    // A stand-in under the registry's name: --force, as the folder is not that model.
     ok(quarry(
         &home,
         &[
@@ -238,6 +252,7 @@ fn serve_without_a_model_serves_the_installed_default() {
             name,
             "--type",
             "q8_0",
+            "--force",
         ],
     ));
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -321,7 +336,13 @@ fn names_that_are_not_installed_say_what_to_do() {
 #[test]
 fn list_shows_the_registry_and_where_the_store_is() {
     let home = temp_dir("store-list");
-    let text = ok(quarry(&home, &["list"]));
+    let empty = ok(quarry(&home, &["list"]));
+    assert!(
+        empty.contains("no models installed") && empty.contains(home.to_str().unwrap()),
+        "{empty}"
+    );
+    assert!(empty.contains("quarry list --available"), "{empty}");
+    let text = ok(quarry(&home, &["list", "--available"]));
     for name in [
         "granite-3.0-1b-a400m-instruct",
         "granite-3.1-1b-a400m-instruct",
@@ -330,7 +351,6 @@ fn list_shows_the_registry_and_where_the_store_is() {
     ] {
         assert!(text.contains(name), "{text}");
     }
-    assert!(text.contains(home.to_str().unwrap()), "{text}");
     let json: serde_json::Value =
         serde_json::from_str(&ok(quarry(&home, &["list", "--format", "json"]))).unwrap();
     assert_eq!(json["registry"].as_array().unwrap().len(), 8);
@@ -398,4 +418,132 @@ fn import_refuses_a_folder_whose_chat_template_does_not_compile() {
         &["import", dir.to_str().unwrap(), "--name", "zebra"],
     ));
     ok(quarry(&home, &["info", "zebra"]));
+}
+
+#[test]
+fn import_under_a_registry_name_checks_the_folder_is_that_model() {
+    let home = temp_dir("store-registry-name");
+    let dir = fixture_dir("granitemoe-dev-1").unwrap();
+    let name = "granite-3.0-1b-a400m-instruct";
+    let err = fails(
+        quarry(&home, &["import", dir.to_str().unwrap(), "--name", name]),
+        &[
+            &format!("'{name}' is a registry model"),
+            "hidden size 64, the registry's 1024",
+            "--force",
+        ],
+    );
+    assert!(!err.contains("converting"), "the check comes first: {err}");
+    assert!(!home.join("models").join(name).exists());
+    // --force installs it anyway, as asked.
+    ok(quarry(
+        &home,
+        &[
+            "import",
+            dir.to_str().unwrap(),
+            "--name",
+            name,
+            "--force",
+            "--type",
+            "q8_0",
+        ],
+    ));
+    assert!(home.join("models").join(name).join("model.gguf").is_file());
+}
+
+#[test]
+fn import_installs_a_gguf_file_as_it_is() {
+    let home = temp_dir("store-import-gguf");
+    let dir = fixture_dir("granitemoe-dev-2").unwrap();
+    let file = gguf("granitemoe-dev-2", &dir, "q8_0");
+    let out = ok(quarry(
+        &home,
+        &["import", file.to_str().unwrap(), "--name", "two"],
+    ));
+    assert!(out.contains("installed two (granitemoe, q8_0"), "{out}");
+    assert_eq!(
+        std::fs::read(home.join("models/two/model.gguf")).unwrap(),
+        std::fs::read(&file).unwrap(),
+        "the installed file is the imported one, byte for byte"
+    );
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(home.join("models/two/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        manifest["files"][0]["size"],
+        std::fs::metadata(&file).unwrap().len()
+    );
+    assert_eq!(manifest["files"][0]["sha256"].as_str().unwrap().len(), 64);
+    let text = ok(quarry(
+        &home,
+        &["run", "two", "hello", "-n", "2", "--temperature", "0"],
+    ));
+    assert!(!text.trim().is_empty());
+    // A GGUF is not converted on the way in; a file that is not a model is refused, and nothing installed.
+    fails(
+        quarry(
+            &home,
+            &[
+                "import",
+                file.to_str().unwrap(),
+                "--name",
+                "t",
+                "--type",
+                "q4_0",
+            ],
+        ),
+        &["installed as it is", "quarry quantize"],
+    );
+    let junk = temp_dir("store-junk").join("junk.gguf");
+    std::fs::write(&junk, b"GGUF but not really").unwrap();
+    fails(
+        quarry(&home, &["import", junk.to_str().unwrap()]),
+        &["junk.gguf"],
+    );
+    assert!(!home.join("models/junk").exists());
+    let list = ok(quarry(&home, &["list"]));
+    assert!(!list.contains("junk"), "{list}");
+}
+
+#[test]
+fn show_prints_parameters_sizes_template_and_license() {
+    let home = temp_dir("store-show");
+    let dir = fixture_dir("granitemoe-dev-1").unwrap();
+    ok(quarry(
+        &home,
+        &[
+            "import",
+            dir.to_str().unwrap(),
+            "--name",
+            "one",
+            "--type",
+            "q8_0",
+        ],
+    ));
+    let text = ok(quarry(&home, &["show", "one"]));
+    for needle in [
+        "  Model",
+        "architecture        granitemoe",
+        "context length      1024",
+        "experts             16 per layer, 4 used per token",
+        "  Parameters",
+        "temperature         0.8",
+        "  Sizes",
+        "q8_0 weights",
+        "  Installed",
+        "  Chat template",
+        "<|start_of_role|>",
+        "  License",
+    ] {
+        assert!(text.contains(needle), "show lacks {needle:?}: {text}");
+    }
+    let template = ok(quarry(&home, &["show", "one", "--template"]));
+    assert!(
+        template.starts_with("{%") || template.contains("{{"),
+        "{template}"
+    );
+    assert!(!template.contains("  Model"), "{template}");
+    let license = ok(quarry(&home, &["show", "one", "--license"]));
+    assert!(!license.trim().is_empty());
 }

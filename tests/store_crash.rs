@@ -184,7 +184,16 @@ fn fixture() -> PathBuf {
 fn a_killed_import_never_shows_half_a_model_and_its_rerun_cleans_up() {
     let _serial = one_at_a_time();
     let dir = fixture();
-    let args = ["import", dir.to_str().unwrap(), "--name", NAME, "-t", "1"];
+    // --force: odd kills start from a store where the model is installed, and replace it.
+    let args = [
+        "import",
+        dir.to_str().unwrap(),
+        "--name",
+        NAME,
+        "-t",
+        "1",
+        "--force",
+    ];
     let endpoint = "http://127.0.0.1:9";
     let moments = kill_moments(
         measure("import", endpoint, &args, None),
@@ -282,7 +291,8 @@ fn a_killed_quantize_leaves_no_half_file_and_its_rerun_cleans_up() {
 fn a_killed_pull_never_shows_half_a_model_and_its_rerun_resumes_and_cleans_up() {
     let _serial = one_at_a_time();
     let server = Server::start(&fixture(), REPO);
-    let args = ["pull", REPO, "-t", "1"];
+    // --force: odd kills start from a store where the model is installed, and replace it.
+    let args = ["pull", REPO, "-t", "1", "--force"];
     let moments = kill_moments(
         measure("pull", &server.url, &args, None),
         0xd1b5_4a32_d192_ed03,

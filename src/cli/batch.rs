@@ -210,16 +210,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "{} request{} done ({skipped} already in {}, {errors} with errors): {generated} tokens generated in {secs:.1} s, {:.1} tok/s; {} sequences at a time",
+        "{} request{} done ({skipped} already in {}, {errors} with errors): {} generated in {secs:.1} s, {:.1} tok/s; {} at a time",
         lines.len() - skipped,
         if lines.len() - skipped == 1 { "" } else { "s" },
         args.output.display(),
+        super::format::plural(generated, "token", "tokens"),
         if secs > 0.0 {
             generated as f64 / secs
         } else {
             0.0
         },
-        args.parallel,
+        super::format::plural(args.parallel, "sequence", "sequences"),
     );
     Ok(())
 }

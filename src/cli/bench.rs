@@ -14,7 +14,8 @@ use super::format::human_bytes;
 /// Measure prompt processing (pp) and generation (tg) speed like llama-bench, whose output formats it shares.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF model file, or the name of an installed model (`quarry list`).
+    /// A GGUF model file, or an installed model: its name (`quarry list`) or the Hugging Face repo id it was
+    /// pulled from (org/name).
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
     /// Prompt lengths to test, comma-separated (0 skips the prompt test).

@@ -9,7 +9,8 @@ use anyhow::{Context, bail};
 /// Which model file and how much room to give it.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A GGUF model file, or the name of an installed model (`quarry list`).
+    /// A GGUF model file, or an installed model: its name (`quarry list`) or the Hugging Face repo id it was
+    /// pulled from (org/name).
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
     /// Context size in tokens (default: the model's, at most 4096).
@@ -103,6 +104,20 @@ pub fn parse_threads(s: &str) -> Result<usize, String> {
             "{n} threads is outside 1..={MAX_THREADS} (this machine has {cores} cores)"
         )),
         Err(_) => Err(format!("'{s}' is not a number of threads")),
+    }
+}
+
+/// `-n/--max-tokens N` of `run` and `chat` (and `/set max_tokens` in the chat): a whole number of at least 1.
+/// 0 is refused everywhere rather than meaning "nothing" in one command and "no limit" in another; leaving the
+/// option out is what means no limit.
+pub fn parse_max_tokens(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err(
+            "0 would generate nothing; leave -n out for no limit (until the end-of-text token or a full context)"
+                .to_string(),
+        ),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a whole number of tokens")),
     }
 }
 

@@ -24,14 +24,15 @@ pub fn shown(text: &str, keep_newlines: bool) -> Cow<'_, str> {
 }
 
 /// 823.4 MiB with `decimals` 1, 823.42 MiB with 2; bytes below a KiB exactly (`512 B`).
-/// An error and its causes joined by ": ", as anyhow's `{:#}` joins them, but a cause whose text its parent's
-/// message already ends with is not repeated: many errors quote their source in their own message and also
-/// return it as `source()` (`cannot read it: Is a directory (os error 21)`), which `{:#}` would print twice.
+/// An error and its causes joined by ": ", as anyhow's `{:#}` joins them, but a cause whose text the messages
+/// before it already quote is not repeated: many errors quote their source in their own message and also return
+/// it as `source()` (`cannot read it: Is a directory (os error 21)`, or mid-sentence: `not valid JSON (key must be
+/// a string at line 1 column 3); re-download the file`), which `{:#}` would print twice.
 pub fn error_chain(error: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in error.chain() {
         let text = cause.to_string();
-        if out.ends_with(&text) {
+        if out.contains(&text) {
             continue;
         }
         if !out.is_empty() {
@@ -72,6 +73,15 @@ pub fn human_count(n: u64) -> String {
     if n >= 1_000 { count(n) } else { n.to_string() }
 }
 
+/// `1 token`, `2 tokens`: a count with its noun agreeing (`many` for the irregular plurals, "replies").
+pub fn plural(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
 /// `290 q4_0, 65 f32, 1 q8_0`: how many tensors of each type.
 pub fn type_counts(tallies: &[TypeTally]) -> String {
     tallies
@@ -99,6 +109,19 @@ mod tests {
         );
         let plain = anyhow::anyhow!("inner").context("outer");
         assert_eq!(error_chain(&plain), "outer: inner");
+        // Quoted mid-sentence, as ConvertError::Json quotes its serde error.
+        #[derive(Debug, thiserror::Error)]
+        #[error("config.json: not valid JSON ({source}); re-download the file")]
+        struct JsonError {
+            source: std::io::Error,
+        }
+        let e = anyhow::Error::new(JsonError {
+            source: std::io::Error::other("key must be a string at line 1 column 3"),
+        });
+        assert_eq!(
+            error_chain(&e),
+            "config.json: not valid JSON (key must be a string at line 1 column 3); re-download the file"
+        );
     }
 
     use super::*;
@@ -114,6 +137,9 @@ mod tests {
         assert_eq!(count(500), "0.5 K");
         assert_eq!(human_count(500), "500");
         assert_eq!(human_count(49_200), "49.2 K");
+        assert_eq!(plural(1, "token", "tokens"), "1 token");
+        assert_eq!(plural(0, "token", "tokens"), "0 tokens");
+        assert_eq!(plural(2, "reply", "replies"), "2 replies");
     }
 
     #[test]

@@ -12,9 +12,11 @@ use super::format::{human_bytes, human_count, shown};
 /// Show a model file's architecture, sizes, tensor types, metadata and the memory it needs.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF model file, or the name of an installed model (`quarry list`).
+    /// A GGUF model file, or an installed model: its name (`quarry list`) or the Hugging Face repo id it was
+    /// pulled from (org/name).
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
+    /// text: for people; json: one object for scripts (architecture, sizes, tensor types, memory, kernels).
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
     /// Also list every tensor and every metadata key.
@@ -121,9 +123,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("tensor types:");
             for t in &by_type {
                 println!(
-                    "  {:<6} {:>5} tensors {:>12}",
+                    "  {:<6} {:>5} {} {:>12}",
                     t.ty.name(),
                     t.tensors,
+                    if t.tensors == 1 { "tensor " } else { "tensors" },
                     human_bytes(t.bytes, 2)
                 );
             }
@@ -156,7 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Parameters one token's forward pass multiplies with: everything except the experts it does not choose
 /// (the embedding counts once, as the output head).
-fn active_params(engine: &Engine) -> u64 {
+pub(super) fn active_params(engine: &Engine) -> u64 {
     let cfg = &engine.model.config;
     let mut n = 0u64;
     for t in engine.file.tensors() {

@@ -1,4 +1,4 @@
-//! `quarry list`: the registry's models and the installed ones.
+//! `quarry list`: the installed models, compactly as `ollama list` shows them; `--available` for the registry.
 
 use quarry::hub::registry::Registry;
 use quarry::hub::store::{InstalledModel, Store};
@@ -7,10 +7,14 @@ use serde_json::json;
 use super::common::OutputFormat;
 use super::format::{human_bytes, shown};
 
-/// List the models of the registry (which are installed, and how) and every other installed model.
+/// List the installed models (NAME, TYPE, SIZE, MODIFIED, as `ollama list`); with --available, the models of the
+/// registry that `quarry pull NAME` installs, and which of them are installed.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// text: a table; json: one object for scripts.
+    /// Show the registry's models instead (the default one marked *), installed or not.
+    #[arg(long)]
+    pub available: bool,
+    /// text: a table; json: one object for scripts (the registry and the installed models, always both).
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 }
@@ -27,10 +31,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let of_registry = |name: &str| installed.iter().find(|m| m.manifest.name == name);
-    let others: Vec<&InstalledModel> = installed
-        .iter()
-        .filter(|m| registry.find(&m.manifest.name).is_none())
-        .collect();
 
     if args.format == OutputFormat::Json {
         let v = json!({
@@ -56,57 +56,89 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    println!(
-        "  {:<32} {:<22} {:>7}  DESCRIPTION",
-        "REGISTRY MODEL", "INSTALLED", "CONTEXT"
-    );
-    for m in &registry.models {
-        let mark = if m.name == registry.default { "*" } else { " " };
-        let status = match of_registry(&m.name) {
-            Some(i) => format!(
-                "{} {}",
-                i.manifest.quant_type,
-                human_bytes(i.manifest.size, 1)
-            ),
-            None => "-".to_string(),
-        };
+    if args.available {
         println!(
-            "{mark} {:<32} {:<22} {:>7}  {}",
-            m.name,
-            status,
-            context(m.context_length),
-            m.description
+            "  {:<32} {:<22} {:>7}  DESCRIPTION",
+            "NAME", "INSTALLED", "CONTEXT"
         );
-    }
-    println!(
-        "  (* is what `quarry chat` starts; `quarry pull NAME` downloads and installs a model)"
-    );
-    if !others.is_empty() {
-        println!();
-        println!("  {:<32} {:<22} FROM", "OTHER INSTALLED", "TYPE SIZE");
-        for m in others {
-            println!(
-                "  {:<32} {:<22} {}",
-                shown(&m.manifest.name, false),
-                format!(
+        for m in &registry.models {
+            let mark = if m.name == registry.default { "*" } else { " " };
+            let status = match of_registry(&m.name) {
+                Some(i) => format!(
                     "{} {}",
-                    m.manifest.quant_type,
-                    human_bytes(m.manifest.size, 1)
+                    i.manifest.quant_type,
+                    human_bytes(i.manifest.size, 1)
                 ),
-                shown(&m.origin(), false)
+                None => "-".to_string(),
+            };
+            println!(
+                "{mark} {:<32} {:<22} {:>7}  {}",
+                m.name,
+                status,
+                context(m.context_length),
+                m.description
             );
         }
+        println!(
+            "  (* is what `quarry chat` starts; `quarry pull NAME` downloads and installs a model)"
+        );
+        return Ok(());
+    }
+
+    if installed.is_empty() && broken.is_empty() {
+        println!(
+            "no models installed in {} (set {} to use another folder); `quarry list --available` shows the \
+             registry, `quarry pull NAME` installs one, `quarry import DIR|FILE.gguf` without network access",
+            store.root().display(),
+            quarry::hub::store::HOME_ENV
+        );
+        return Ok(());
+    }
+    let width = installed
+        .iter()
+        .map(|m| shown(&m.manifest.name, false).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(30);
+    println!("{:<width$} {:<8} {:>10}  MODIFIED", "NAME", "TYPE", "SIZE");
+    let now = chrono::Local::now();
+    for m in &installed {
+        println!(
+            "{:<width$} {:<8} {:>10}  {}",
+            shown(&m.manifest.name, false),
+            m.manifest.quant_type,
+            human_bytes(m.manifest.size, 1),
+            modified(m, now)
+        );
     }
     for b in broken {
-        println!("  broken: {}", shown(&b.to_string(), false));
+        println!("broken: {}", shown(&b.to_string(), false));
     }
-    println!();
-    println!(
-        "store: {} (set {} to move it)",
-        store.root().display(),
-        quarry::hub::store::HOME_ENV
-    );
     Ok(())
+}
+
+/// "3 minutes ago", "2 days ago" (as ollama writes it) from the manifest's install time.
+fn modified(model: &InstalledModel, now: chrono::DateTime<chrono::Local>) -> String {
+    let Ok(when) = chrono::DateTime::parse_from_rfc3339(&model.manifest.installed) else {
+        return shown(&model.manifest.installed, false).into_owned();
+    };
+    let secs = (now.fixed_offset() - when).num_seconds().max(0);
+    let ago = |n: i64, unit: &str| {
+        if n == 1 {
+            format!("1 {unit} ago")
+        } else {
+            format!("{n} {unit}s ago")
+        }
+    };
+    match secs {
+        0..60 => "just now".to_string(),
+        60..3600 => ago(secs / 60, "minute"),
+        3600..86_400 => ago(secs / 3600, "hour"),
+        86_400..604_800 => ago(secs / 86_400, "day"),
+        604_800..2_592_000 => ago(secs / 604_800, "week"),
+        2_592_000..31_536_000 => ago(secs / 2_592_000, "month"),
+        _ => ago(secs / 31_536_000, "year"),
+    }
 }
 
 /// 4k, 128k.

@@ -15,6 +15,7 @@ mod quantize;
 mod rm;
 mod run;
 mod serve;
+mod show;
 mod synth;
 mod tokenize;
 
@@ -30,10 +31,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Chat with a model in the terminal (replies stream; Ctrl-C stops one; /help lists the commands).
+    Chat(chat::Args),
     /// Convert a Hugging Face snapshot folder (config.json, safetensors, tokenizer) into one GGUF file, or
     /// requantize a GGUF file.
     Quantize(quantize::Args),
-    /// Generate a reply to a prompt (chat template applied) and stream it to stdout.
+    /// Generate a reply to a prompt (chat template applied) and stream it to stdout; no prompt: the chat.
     Run(run::Args),
     /// Generate replies for many requests (JSON lines) at once, several decoded together; resumable.
     Batch(batch::Args),
@@ -41,6 +44,8 @@ pub enum Command {
     Serve(serve::Args),
     /// Show the token ids of a text or of a rendered conversation.
     Tokenize(tokenize::Args),
+    /// Show a model's parameters, sizes, chat template and license (as `ollama show`).
+    Show(show::Args),
     /// Show a model file's architecture, sizes, tensor types and memory needs.
     Info(info::Args),
     /// Write the logits of every prompt position to a .npy file.
@@ -49,13 +54,11 @@ pub enum Command {
     Bench(bench::Args),
     /// Measure perplexity over a text, and the KL divergence from a base model, like llama-perplexity.
     Perplexity(perplexity::Args),
-    /// Chat with a model in the terminal (replies stream; Ctrl-C stops one; /help lists the commands).
-    Chat(chat::Args),
     /// Download a model from Hugging Face, verify it, convert it and install it.
     Pull(pull::Args),
-    /// Install a model from a Hugging Face folder on this machine (no network needed).
+    /// Install a model from a Hugging Face folder or a GGUF file on this machine (no network needed).
     Import(import::Args),
-    /// List the registry's models and the installed ones.
+    /// List the installed models (--available: the registry's).
     List(list::Args),
     /// Remove an installed model.
     Rm(rm::Args),
@@ -63,12 +66,41 @@ pub enum Command {
     Synth(synth::Args),
 }
 
+/// The kernel sets `QUARRY_KERNEL` can name, on any CPU (`quarry info` prints the one in use).
+const KERNEL_SETS: [&str; 5] = ["scalar", "portable", "avx2", "avxvnni", "avx512vnni"];
+
+/// A `QUARRY_KERNEL` that names no kernel set at all is a typo, refused before any work; a real set this CPU lacks
+/// gets the library's warning and the best available set.
+fn check_kernel_env() -> anyhow::Result<()> {
+    if let Some(want) = std::env::var_os("QUARRY_KERNEL") {
+        let want = want.to_string_lossy();
+        if !KERNEL_SETS.contains(&want.as_ref()) {
+            let here: Vec<&str> = quarry::kernels::available()
+                .iter()
+                .map(|k| k.name)
+                .collect();
+            anyhow::bail!(
+                "QUARRY_KERNEL={} is not a kernel set: the sets are {}, and this CPU has {}; unset it to use the best",
+                format::shown(&want, false),
+                KERNEL_SETS.join(", "),
+                here.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    check_kernel_env()?;
     match cli.command {
         Command::Quantize(a) => quantize::run(a),
         Command::Info(mut a) => {
             a.model = common::resolve_model(&a.model)?;
             info::run(a)
+        }
+        Command::Show(mut a) => {
+            a.model = common::resolve_model(&a.model)?;
+            show::run(a)
         }
         Command::Bench(mut a) => {
             a.model = common::resolve_model(&a.model)?;

@@ -18,7 +18,8 @@ use super::common::OutputFormat;
 /// llama-perplexity --kl-divergence reports them. Progress goes to stderr, the result to stdout.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF model file, or the name of an installed model (`quarry list`).
+    /// A GGUF model file, or an installed model: its name (`quarry list`) or the Hugging Face repo id it was
+    /// pulled from (org/name).
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
     /// The text to score (UTF-8). Special-token strings in it, like <|end_of_text|>, are read as plain text, as
@@ -93,9 +94,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tokens.truncate(chunks * ctx);
     }
     eprintln!(
-        "{}: {in_text} tokens; {chunks} chunks of {ctx} evaluated ({} tokens left out), the last {} of each \
+        "{}: {in_text} tokens; {} of {ctx} evaluated ({} tokens left out), the last {} of each \
          chunk scored",
         args.file.display(),
+        super::format::plural(chunks, "chunk", "chunks"),
         in_text - chunks * ctx,
         ctx - 1 - ctx / 2,
     );
@@ -170,9 +172,9 @@ fn print_text(report: &Report, model: &Path, base: Option<&Path>) {
         ) + " %"
     };
     println!(
-        "{}: {} chunks of {} tokens, {} tokens scored",
+        "{}: {} of {} tokens, {} tokens scored",
         model.display(),
-        report.chunks,
+        super::format::plural(report.chunks, "chunk", "chunks"),
         report.ctx,
         report.scored
     );

@@ -24,7 +24,8 @@ pub struct Args {
     /// A registry model or a Hugging Face repo id (org/name[@revision]).
     #[arg(value_name = "NAME")]
     pub model: String,
-    /// Weight type: q4_0, q8_0, f16 or f32 (default: the registry's, else q4_0).
+    /// Weight type, with `quarry quantize`'s recipes: q4_0, q4_k_m, q5_k_m, q6_k, q8_0, f16 or f32 (default: the
+    /// registry's, else q4_0).
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_type)]
     pub target: Option<TargetType>,
     /// Name to install it under (default: the registry name, or the repository's name).
@@ -33,10 +34,19 @@ pub struct Args {
     /// Worker threads for the conversion (default: one per core).
     #[arg(long, short = 't', value_name = "N", value_parser = super::common::parse_threads)]
     pub threads: Option<usize>,
+    /// Replace a model installed under the same name (without it, that is refused before any download).
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let model = pull_model(&args.model, args.name, args.target, args.threads)?;
+    let model = pull_model(
+        &args.model,
+        args.name,
+        args.target,
+        args.threads,
+        args.force,
+    )?;
     print_installed(&model);
     Ok(())
 }
@@ -47,6 +57,7 @@ pub fn pull_model(
     name: Option<String>,
     target: Option<TargetType>,
     threads: Option<usize>,
+    force: bool,
 ) -> anyhow::Result<InstalledModel> {
     let store = Store::from_env()?;
     let hub = Hub::from_env()?;
@@ -56,6 +67,7 @@ pub fn pull_model(
         target,
         threads,
         progress_bars: std::io::stderr().is_terminal(),
+        force,
     };
     let mut progress = Bars::default();
     let model = pull(&store, &hub, &Registry::builtin(), &request, &mut progress)

@@ -10,7 +10,7 @@ use quarry_quantize::{
 };
 
 use super::common::parse_type;
-use super::format::{count, type_counts};
+use super::format::{count, plural, type_counts};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -106,11 +106,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn print_report(report: &ConvertReport) {
     println!(
-        "wrote {} ({}, {}): {} tensors ({}), {} parameters, {:.1} MiB in {:.1} s",
+        "wrote {} ({}, {}): {} ({}), {} parameters, {:.1} MiB in {:.1} s",
         report.output.display(),
         report.architecture.gguf_name(),
         report.target,
-        report.tensors.len(),
+        plural(report.tensors.len(), "tensor", "tensors"),
         type_counts(&report.type_counts()),
         count(report.parameters),
         report.file_bytes as f64 / (1024.0 * 1024.0),
@@ -119,8 +119,13 @@ fn print_report(report: &ConvertReport) {
     let fallbacks: Vec<_> = report.fallbacks().collect();
     if !fallbacks.is_empty() {
         println!(
-            "{} tensors written at another type because their rows are not whole blocks of the recipe's:",
-            fallbacks.len()
+            "{} written at another type because {} not whole blocks of the recipe's:",
+            plural(fallbacks.len(), "tensor", "tensors"),
+            if fallbacks.len() == 1 {
+                "its rows are"
+            } else {
+                "their rows are"
+            }
         );
         for t in fallbacks {
             let wanted = t
@@ -137,8 +142,9 @@ fn print_report(report: &ConvertReport) {
             .map(|(name, ty)| format!("{name} ({ty})"))
             .collect();
         eprintln!(
-            "warning: {} tensors were already quantized and were dequantized first: {}",
-            list.len(),
+            "warning: {} already quantized and {} dequantized first: {}",
+            plural(list.len(), "tensor was", "tensors were"),
+            if list.len() == 1 { "was" } else { "were" },
             list.join(", ")
         );
     }

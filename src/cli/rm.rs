@@ -7,6 +7,7 @@ use super::format::human_bytes;
 /// Remove an installed model (by name, or by the repo id it was pulled from) and its files.
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// The installed model: its name (`quarry list`) or the Hugging Face repo id it was pulled from (org/name).
     #[arg(value_name = "NAME")]
     pub name: String,
 }

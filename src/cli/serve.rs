@@ -13,7 +13,8 @@ use quarry::server::{ConnectionLimits, Loaded, ServeConfig, serve_with};
 /// ...): several requests decoded together; greedy replies equal `quarry run` on the same messages.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF file or an installed model (default: the registry's default model, once pulled).
+    /// A GGUF file or an installed model, by name or by the repo id it was pulled from (default: the registry's
+    /// default model, once pulled).
     #[arg(value_name = "MODEL")]
     pub model: Option<PathBuf>,
     /// Each sequence's context in tokens (default: the model's, at most 8192).

@@ -8,7 +8,7 @@ use quarry::hub::registry::Registry;
 use quarry_quantize::hf::HfConfig;
 use quarry_quantize::{SynthOptions, TargetType, synthesize};
 
-use super::format::type_counts;
+use super::format::{plural, type_counts};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -25,7 +25,8 @@ pub struct Args {
     pub target: TargetType,
 
     /// Type of the output head (the tied token embedding, or output.weight) and of an untied input embedding.
-    /// Default: q8_0 for a q4_0 file, q6_K for the k-quant and iq4 types, else the --type.
+    /// Default for the head: q8_0 in a q4_0 file, q6_k in a k-quant mix or an iq4 type (q8_0 when its rows are not
+    /// whole 256-blocks), else the --type; an untied input embedding gets the --type's base type.
     #[arg(long, value_name = "TYPE")]
     pub embedding_type: Option<TargetType>,
 
@@ -60,12 +61,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let report = synthesize(&options).with_context(|| format!("synth {} failed", args.model))?;
     println!(
-        "wrote {} ({} with random weights, {}, seed {}): {} tensors ({}), {:.1} MiB in {:.1} s",
+        "wrote {} ({} with random weights, {}, seed {}): {} ({}), {:.1} MiB in {:.1} s",
         report.output.display(),
         model.name,
         report.target,
         args.seed,
-        report.tensors.len(),
+        plural(report.tensors.len(), "tensor", "tensors"),
         type_counts(&report.type_counts()),
         report.file_bytes as f64 / (1024.0 * 1024.0),
         report.elapsed.as_secs_f64(),

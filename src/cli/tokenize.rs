@@ -12,7 +12,8 @@ use super::common::OutputFormat;
 /// Show the token ids of a text, or of a conversation rendered with the model's chat template.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF model file, or the name of an installed model (`quarry list`).
+    /// A GGUF model file, or an installed model: its name (`quarry list`) or the Hugging Face repo id it was
+    /// pulled from (org/name).
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
     /// The text to tokenize (special tokens written in it, like <|end_of_text|>, are matched). A text that

@@ -73,6 +73,23 @@ pub enum PullError {
         action: &'static str,
         source: io::Error,
     },
+    #[error(
+        "'{name}' is a registry model, but {}'s config.json is not that model ({differences}); import it under \
+         another --name, or pass --force to install it as '{name}' anyway",
+        dir.display()
+    )]
+    NotTheRegistryModel {
+        name: String,
+        dir: PathBuf,
+        differences: String,
+    },
+    #[error(
+        "{}: a GGUF file is installed as it is; convert it first (`quarry quantize {} -o OUT.gguf --type TYPE`) \
+         and import OUT.gguf",
+        path.display(),
+        path.display()
+    )]
+    TypeOfGguf { path: PathBuf },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -275,6 +292,8 @@ pub struct PullRequest {
     pub threads: Option<usize>,
     /// Let the converter draw its progress bar.
     pub progress_bars: bool,
+    /// Replace a model installed under the same name.
+    pub force: bool,
 }
 
 /// Downloads, verifies, converts and installs a model; see the module documentation.
@@ -320,6 +339,7 @@ pub fn pull(
             .to_string(),
     };
     validate_name(&name)?;
+    store.check_replace(&name, request.force)?;
     let target = match (request.target, entry) {
         (Some(t), _) => t,
         (None, Some(m)) => m.default_type.parse().unwrap_or(TargetType::Q4_0),
@@ -492,6 +512,108 @@ pub struct ImportRequest {
     pub target: Option<TargetType>,
     pub threads: Option<usize>,
     pub progress_bars: bool,
+    /// Replace a model installed under the same name, and install under a registry name a folder whose config.json
+    /// differs from that model's.
+    pub force: bool,
+}
+
+/// How `config` differs from the registry entry `entry` in what fixes the network's shape; empty when it does
+/// not. Comparing the architecture summary catches a folder imported under the wrong registry name, which would
+/// otherwise be installed, listed and chatted with under a name that misleads.
+fn registry_differences(config: &HfConfig, entry: &RegistryModel) -> String {
+    let origin = PathBuf::from(format!("models.toml[{}]", entry.name));
+    let Ok(want) = HfConfig::parse(&origin, &entry.config_json()) else {
+        return String::new();
+    };
+    let mut out = Vec::new();
+    let mut check = |what: &str, got: String, want: String| {
+        if got != want {
+            out.push(format!("{what} {got}, the registry's {want}"));
+        }
+    };
+    check(
+        "architecture",
+        config.architecture.gguf_name().to_string(),
+        want.architecture.gguf_name().to_string(),
+    );
+    check(
+        "hidden size",
+        config.hidden_size.to_string(),
+        want.hidden_size.to_string(),
+    );
+    check(
+        "layers",
+        config.num_hidden_layers.to_string(),
+        want.num_hidden_layers.to_string(),
+    );
+    check(
+        "FFN width",
+        config.intermediate_size.to_string(),
+        want.intermediate_size.to_string(),
+    );
+    check(
+        "attention heads",
+        format!(
+            "{}/{}",
+            config.num_attention_heads, config.num_key_value_heads
+        ),
+        format!("{}/{}", want.num_attention_heads, want.num_key_value_heads),
+    );
+    check(
+        "vocabulary",
+        config.vocab_size.to_string(),
+        want.vocab_size.to_string(),
+    );
+    let experts = |c: &HfConfig| {
+        c.moe.map_or("none".to_string(), |m| {
+            format!(
+                "{} ({} per token)",
+                m.num_local_experts, m.num_experts_per_tok
+            )
+        })
+    };
+    check("experts", experts(config), experts(&want));
+    check(
+        "context",
+        config.max_position_embeddings.to_string(),
+        want.max_position_embeddings.to_string(),
+    );
+    out.join("; ")
+}
+
+/// Installs the GGUF file `file` as it is, recording its size and sha256 (`quarry import FILE.gguf`).
+fn import_gguf(
+    store: &Store,
+    request: &ImportRequest,
+    progress: &mut dyn PullProgress,
+) -> Result<InstalledModel, PullError> {
+    let file = &request.dir;
+    if request.target.is_some() {
+        return Err(PullError::TypeOfGguf { path: file.clone() });
+    }
+    let stem = file
+        .file_stem()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model")
+        .to_string();
+    let name = request.name.clone().unwrap_or(stem);
+    validate_name(&name)?;
+    store.check_replace(&name, request.force)?;
+    store.check_writable(&name)?;
+    progress.step(&format!("checksumming {}", file.display()));
+    let (sha256, _) = hash_file(file)?;
+    let size = fs::metadata(file).map_err(io_error(file, "read"))?.len();
+    let source = SourceFile {
+        name: file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string(),
+        size,
+        sha256,
+    };
+    progress.step(&format!("installing it as {name}"));
+    Ok(store.install_gguf(file, &name, vec![source])?)
 }
 
 /// Converts and installs a snapshot folder already on this machine, recording each file's sha256. Before any of
@@ -506,6 +628,9 @@ pub fn import(
     progress: &mut dyn PullProgress,
 ) -> Result<InstalledModel, PullError> {
     let dir = &request.dir;
+    if dir.is_file() {
+        return import_gguf(store, request, progress);
+    }
     let entries = fs::read_dir(dir).map_err(io_error(dir, "read the folder"))?;
     let mut names: Vec<String> = entries
         .flatten()
@@ -515,7 +640,7 @@ pub fn import(
         .collect();
     names.sort();
     require_files(names.iter().map(String::as_str), &dir.display().to_string())?;
-    HfConfig::load(dir)?;
+    let config = HfConfig::load(dir)?;
     crate::text::check_snapshot(dir)?;
     let folder_name = dir
         .canonicalize()
@@ -524,6 +649,19 @@ pub fn import(
         .unwrap_or_else(|| "model".to_string());
     let name = request.name.clone().unwrap_or(folder_name);
     validate_name(&name)?;
+    if let Some(entry) = registry.find(&name)
+        && !request.force
+    {
+        let differences = registry_differences(&config, entry);
+        if !differences.is_empty() {
+            return Err(PullError::NotTheRegistryModel {
+                name,
+                dir: dir.clone(),
+                differences,
+            });
+        }
+    }
+    store.check_replace(&name, request.force)?;
     store.check_writable(&name)?;
     let target = match (request.target, registry.find(&name)) {
         (Some(t), _) => t,

@@ -75,6 +75,12 @@ pub enum StoreError {
         root.display()
     )]
     NotWritable { root: PathBuf, source: io::Error },
+    #[error(
+        "'{name}' is already installed ({what}); pass --force to replace it, or --name NAME to install beside it"
+    )]
+    AlreadyInstalled { name: String, what: String },
+    #[error("{}: not a model quarry can run: {problem}", path.display())]
+    NotAModel { path: PathBuf, problem: String },
     #[error(transparent)]
     Convert(#[from] ConvertError),
 }
@@ -97,7 +103,10 @@ pub enum ResolveError {
          (or, without network access, `quarry import DIR --name {name}` from a copy of its folder)"
     )]
     NotPulled { name: String },
-    #[error("'{repo}' is not installed: download and convert it with `quarry pull {repo}`")]
+    #[error(
+        "'{repo}' is not installed: download and convert it with `quarry pull {repo}` (or, without network access, \
+         `quarry import DIR --name NAME` from a copy of its folder, then use NAME)"
+    )]
     RepoNotPulled { repo: String },
     #[error(
         "{}: a Hugging Face model folder, not a GGUF file: convert it once with `quarry import {} --name NAME` \
@@ -333,6 +342,97 @@ impl Store {
         Ok(matches.pop())
     }
 
+    /// Refuses to replace the installed model `name` unless `force`: a pull or import under a name already in
+    /// use would otherwise silently swap one model for another. Checked before any download or conversion.
+    pub fn check_replace(&self, name: &str, force: bool) -> Result<(), StoreError> {
+        if force || !self.models_dir().join(name).is_dir() {
+            return Ok(());
+        }
+        let what = match self.load(name) {
+            Ok(m) => format!(
+                "{}, {:.1} MiB, from {}, installed {}",
+                m.manifest.quant_type,
+                m.manifest.size as f64 / (1024.0 * 1024.0),
+                m.origin(),
+                m.manifest.installed
+            ),
+            Err(_) => "with an unreadable manifest".to_string(),
+        };
+        Err(StoreError::AlreadyInstalled {
+            name: name.to_string(),
+            what,
+        })
+    }
+
+    /// Installs the GGUF file `file` as it is (no conversion), as `ollama create` does from one: copied into the
+    /// staging folder, checked to be a model quarry runs, then renamed into place as [`Store::install`] does.
+    /// `files` describes the source (its size and sha256) for the manifest.
+    pub fn install_gguf(
+        &self,
+        file: &Path,
+        name: &str,
+        files: Vec<SourceFile>,
+    ) -> Result<InstalledModel, StoreError> {
+        validate_name(name)?;
+        let _lock = self.lock(&format!("model {name}"))?;
+        let staging_root = self.staging_dir();
+        self.create_dir(&staging_root)?;
+        self.create_dir(&self.models_dir())?;
+        self.clean_after_killed(&staging_root, name);
+        remove_stale(&staging_root);
+        let staging = TempDir::new(staging_root.join(format!(
+            "{name}.{}.{}",
+            std::process::id(),
+            unique_suffix()
+        )))?;
+        let gguf = staging.path().join(MODEL_FILE);
+        fs::copy(file, &gguf).map_err(StoreError::io(file, "copy"))?;
+        let not_a_model = |problem: String| StoreError::NotAModel {
+            path: file.to_path_buf(),
+            problem,
+        };
+        let opened = crate::gguf::GgufFile::open(&gguf).map_err(|e| not_a_model(e.to_string()))?;
+        let config = crate::model::ModelConfig::from_gguf(&opened)
+            .map_err(|e| not_a_model(e.to_string()))?;
+        let tallies = opened.type_tallies();
+        let quant_type = opened
+            .get("general.file_type")
+            .and_then(|v| v.as_u64())
+            .and_then(|t| match t {
+                0 => Some("f32"),
+                1 => Some("f16"),
+                2 => Some("q4_0"),
+                7 => Some("q8_0"),
+                15 => Some("q4_k_m"),
+                17 => Some("q5_k_m"),
+                18 => Some("q6_k"),
+                _ => None,
+            })
+            .map(str::to_string)
+            .or_else(|| {
+                tallies
+                    .iter()
+                    .max_by_key(|t| t.elements)
+                    .map(|t| t.ty.name().to_ascii_lowercase())
+            })
+            .unwrap_or_else(|| "?".to_string());
+        let manifest = Manifest {
+            name: name.to_string(),
+            repo: None,
+            revision: None,
+            commit: None,
+            imported_from: Some(file.canonicalize().unwrap_or_else(|_| file.to_path_buf())),
+            quant_type,
+            architecture: config.arch.gguf_name().to_string(),
+            parameters: tallies.iter().map(|t| t.elements).sum(),
+            size: opened.file_len(),
+            files,
+            installed: chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+        };
+        drop(opened);
+        self.put_in_place(staging, &staging_root, manifest)
+    }
+
     /// Converts the snapshot folder `snapshot` and installs it as `request.name`, replacing an installed model of
     /// that name only once the new one is complete.
     pub fn install(
@@ -375,6 +475,17 @@ impl Store {
             files: request.files.clone(),
             installed: chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
         };
+        self.put_in_place(staging, &staging_root, manifest)
+    }
+
+    /// Writes the manifest beside the staged GGUF and renames the staging folder to `models/NAME`, an installed
+    /// model of that name moved aside first and deleted only once the new one is in place.
+    fn put_in_place(
+        &self,
+        staging: TempDir,
+        staging_root: &Path,
+        manifest: Manifest,
+    ) -> Result<InstalledModel, StoreError> {
         let manifest_path = staging.path().join(MANIFEST_FILE);
         write_synced(&manifest_path, |out| {
             serde_json::to_writer_pretty(&mut *out, &manifest).map_err(io::Error::other)?;
@@ -383,9 +494,9 @@ impl Store {
         .map_err(StoreError::io(&manifest_path, "write"))?;
         sync_dir(staging.path());
 
-        let target = self.models_dir().join(&request.name);
+        let target = self.models_dir().join(&manifest.name);
         // An older install of the same name moves aside first; it is deleted only after the new one is in place.
-        let old = staging_root.join(format!(".old.{}.{}", request.name, unique_suffix()));
+        let old = staging_root.join(format!(".old.{}.{}", manifest.name, unique_suffix()));
         let had_old = target.exists();
         if had_old {
             fs::rename(&target, &old).map_err(StoreError::io(&target, "move aside"))?;
@@ -435,8 +546,23 @@ impl Store {
         self.create_dir(&staging_root)?;
         self.clean_after_killed(&staging_root, &folder);
         let trash = staging_root.join(format!(".rm.{folder}.{}", unique_suffix()));
+        let download = self.load(&folder).ok().and_then(|m| {
+            let revision = m.manifest.revision.as_deref().unwrap_or("main").to_string();
+            m.manifest
+                .repo
+                .map(|repo| format!("download {repo}@{revision}"))
+        });
         fs::rename(&dir, &trash).map_err(StoreError::io(&dir, "remove"))?;
         fs::remove_dir_all(&trash).map_err(StoreError::io(&trash, "delete"))?;
+        // The model's lock files go too: its download's (taken and released, which deletes the file, unless a pull
+        // holds it now), and its own when this guard is dropped; then the store's folders if nothing else is in them.
+        if let Some(download) = download {
+            drop(self.lock(&download));
+        }
+        drop(_lock);
+        for dir in [self.root.join("locks"), staging_root] {
+            let _ = fs::remove_dir(dir);
+        }
         Ok(dir)
     }
 

@@ -6,18 +6,22 @@ use std::path::PathBuf;
 pub const HELP: &str = "\
 Commands:
   /help                  this list (also /?)
-  /system TEXT           set the system message (/system alone shows it)
-  /clear                 forget the conversation (the system message stays)
-  /set KEY VALUE         temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens (a number or none),
-                         verbose (on or off: the speed line after each reply); /set alone shows the values
-  /show                  the model, the context and the settings
+  /system TEXT           set the system message (also /set system TEXT; /system alone shows it)
+  /clear                 forget the conversation and empty the context (the system message stays)
+  /set KEY VALUE         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, max_tokens (a number
+                         or none; also num_predict), verbose (on or off: the speed line after each reply);
+                         /set parameter KEY VALUE as in ollama; /set alone shows the values
+  /show [WHAT]           info (the model, the context and the settings; the default), template, system,
+                         parameters, license
   /save FILE             write the conversation as JSON
-  /load FILE             continue a conversation saved with /save (its system message included)
+  /open FILE             continue a conversation saved with /save (its system message included)
+  /load MODEL            switch to another model (a GGUF file or an installed model); the conversation goes along
   /stats                 tokens, speed, context used, prompt tokens computed vs reused
   /bye                   leave (also /exit, /quit, Ctrl-D)
 Input:
   a line ending in \\ continues on the next line; \"\"\" starts and ends a block of several lines
-  Ctrl-C stops a reply that is being written, or clears the line you are typing";
+  a message that starts with / is sent as text when it starts with a space
+  Ctrl-C stops a reply (or the prompt being read), or clears the line you are typing; twice at the prompt leaves";
 
 /// One parsed command.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,13 +31,25 @@ pub enum ChatCommand {
     System(Option<String>),
     Clear,
     Set(Setting),
-    /// `/set` without arguments: show the settings.
+    /// `/set` without arguments (or `/show parameters`): show the settings.
     ShowSettings,
-    Show,
+    Show(ShowWhat),
     Save(PathBuf),
-    Load(PathBuf),
+    /// `/open FILE`: a conversation saved with `/save`.
+    Open(PathBuf),
+    /// `/load MODEL` (ollama's): another model, as a path or an installed model's name.
+    Load(String),
     Stats,
     Bye,
+}
+
+/// What `/show` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShowWhat {
+    Info,
+    Template,
+    System,
+    License,
 }
 
 /// A `/set` of one value.
@@ -44,14 +60,14 @@ pub enum Setting {
     TopP(f32),
     MinP(f32),
     RepeatPenalty(f32),
+    RepeatLastN(usize),
     Seed(u64),
     MaxTokens(Option<usize>),
     Verbose(bool),
 }
 
 /// The keys `/set` takes, as listed in errors.
-pub const SETTING_KEYS: &str =
-    "temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, verbose";
+pub const SETTING_KEYS: &str = "temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, max_tokens (num_predict), verbose, system";
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum CommandError {
@@ -63,6 +79,12 @@ pub enum CommandError {
     Usage(&'static str),
     #[error("unknown setting '{0}'; /set takes {SETTING_KEYS}")]
     UnknownSetting(String),
+    #[error(
+        "num_ctx: the context is fixed for a chat; start it again with --ctx-size N (your conversation: /save FILE, then /open FILE)"
+    )]
+    FixedContext,
+    #[error("/show {0}: unknown; /show takes info, template, system, parameters or license")]
+    UnknownShow(String),
     #[error("{key}: '{value}' is not {expected}")]
     BadValue {
         key: &'static str,
@@ -99,14 +121,45 @@ pub fn parse(line: &str) -> Option<Result<ChatCommand, CommandError>> {
         )),
         "clear" => no_args(ChatCommand::Clear),
         "set" if rest.is_empty() => Ok(ChatCommand::ShowSettings),
-        "set" => parse_setting(rest).map(ChatCommand::Set),
-        "show" => no_args(ChatCommand::Show),
+        "set" => parse_set(rest),
+        "show" => match rest.to_ascii_lowercase().as_str() {
+            "" | "info" => Ok(ChatCommand::Show(ShowWhat::Info)),
+            "template" => Ok(ChatCommand::Show(ShowWhat::Template)),
+            "system" => Ok(ChatCommand::Show(ShowWhat::System)),
+            "license" => Ok(ChatCommand::Show(ShowWhat::License)),
+            "parameters" | "settings" => Ok(ChatCommand::ShowSettings),
+            other => Err(CommandError::UnknownShow(other.to_string())),
+        },
         "save" => path("/save FILE").map(ChatCommand::Save),
-        "load" => path("/load FILE").map(ChatCommand::Load),
+        "open" => path("/open FILE").map(ChatCommand::Open),
+        "load" if rest.is_empty() => Err(CommandError::Usage(
+            "/load MODEL (a GGUF file or an installed model; /open FILE continues a saved conversation)",
+        )),
+        "load" => Ok(ChatCommand::Load(rest.to_string())),
         "stats" => no_args(ChatCommand::Stats),
         "bye" | "exit" | "quit" => Ok(ChatCommand::Bye),
         _ => Err(CommandError::Unknown(format!("/{name}"))),
     })
+}
+
+/// `/set` with arguments: a setting, ollama's `/set parameter KEY VALUE`, `/set system TEXT`, or ollama's
+/// `/set verbose` / `/set quiet` without a value.
+fn parse_set(args: &str) -> Result<ChatCommand, CommandError> {
+    let (first, rest) = match args.split_once(char::is_whitespace) {
+        Some((k, v)) => (k.to_ascii_lowercase(), v.trim()),
+        None => (args.to_ascii_lowercase(), ""),
+    };
+    match first.as_str() {
+        "system" if rest.is_empty() => Err(CommandError::Usage("/set system TEXT")),
+        "system" => Ok(ChatCommand::System(Some(rest.to_string()))),
+        "parameter" | "parameters" if rest.is_empty() => {
+            Err(CommandError::Usage("/set parameter KEY VALUE"))
+        }
+        "parameter" | "parameters" => parse_setting(rest).map(ChatCommand::Set),
+        "verbose" if rest.is_empty() => Ok(ChatCommand::Set(Setting::Verbose(true))),
+        "quiet" if rest.is_empty() => Ok(ChatCommand::Set(Setting::Verbose(false))),
+        _ => parse_setting(args).map(ChatCommand::Set),
+    }
 }
 
 fn parse_setting(args: &str) -> Result<Setting, CommandError> {
@@ -115,6 +168,9 @@ fn parse_setting(args: &str) -> Result<Setting, CommandError> {
         .map(|(k, v)| (k, v.trim()))
         .ok_or(CommandError::Usage("/set KEY VALUE"))?;
     let key = key.to_ascii_lowercase().replace('-', "_");
+    if key == "num_ctx" {
+        return Err(CommandError::FixedContext);
+    }
     fn num<T: std::str::FromStr>(
         key: &'static str,
         value: &str,
@@ -145,6 +201,7 @@ fn parse_setting(args: &str) -> Result<Setting, CommandError> {
         "top_p" => Setting::TopP(float("top_p")?),
         "min_p" => Setting::MinP(float("min_p")?),
         "repeat_penalty" => Setting::RepeatPenalty(float("repeat_penalty")?),
+        "repeat_last_n" => Setting::RepeatLastN(num("repeat_last_n", value, "a whole number")?),
         "seed" => Setting::Seed(num("seed", value, "a whole number")?),
         "max_tokens" | "num_predict" => Setting::MaxTokens(match value {
             "none" | "off" | "unlimited" => None,
@@ -194,7 +251,33 @@ mod tests {
             parse("/save my chat.json"),
             Some(Ok(ChatCommand::Save("my chat.json".into())))
         );
-        assert_eq!(parse("/load"), Some(Err(CommandError::Usage("/load FILE"))));
+        assert_eq!(parse("/open"), Some(Err(CommandError::Usage("/open FILE"))));
+        assert_eq!(
+            parse("/open chat.json"),
+            Some(Ok(ChatCommand::Open("chat.json".into())))
+        );
+        assert_eq!(
+            parse("/load granite-1b"),
+            Some(Ok(ChatCommand::Load("granite-1b".into())))
+        );
+        assert!(matches!(parse("/load"), Some(Err(CommandError::Usage(_)))));
+        assert_eq!(parse("/show"), Some(Ok(ChatCommand::Show(ShowWhat::Info))));
+        assert_eq!(
+            parse("/show info"),
+            Some(Ok(ChatCommand::Show(ShowWhat::Info)))
+        );
+        assert_eq!(
+            parse("/show template"),
+            Some(Ok(ChatCommand::Show(ShowWhat::Template)))
+        );
+        assert_eq!(
+            parse("/show parameters"),
+            Some(Ok(ChatCommand::ShowSettings))
+        );
+        assert!(matches!(
+            parse("/show colours"),
+            Some(Err(CommandError::UnknownShow(_)))
+        ));
         assert!(matches!(
             parse("/clear now"),
             Some(Err(CommandError::Usage(_)))
@@ -204,6 +287,46 @@ mod tests {
             Some(Err(CommandError::Unknown(_)))
         ));
         assert_eq!(parse("/set"), Some(Ok(ChatCommand::ShowSettings)));
+    }
+
+    #[test]
+    fn ollama_forms_of_set() {
+        assert_eq!(
+            parse("/set parameter temperature 0.3"),
+            Some(Ok(ChatCommand::Set(Setting::Temperature(0.3))))
+        );
+        assert_eq!(
+            parse("/set parameter num_predict 12"),
+            Some(Ok(ChatCommand::Set(Setting::MaxTokens(Some(12)))))
+        );
+        assert_eq!(
+            parse("/set parameter repeat_last_n 32"),
+            Some(Ok(ChatCommand::Set(Setting::RepeatLastN(32))))
+        );
+        assert_eq!(
+            parse("/set system Be brief. Very."),
+            Some(Ok(ChatCommand::System(Some("Be brief. Very.".into()))))
+        );
+        assert_eq!(
+            parse("/set verbose"),
+            Some(Ok(ChatCommand::Set(Setting::Verbose(true))))
+        );
+        assert_eq!(
+            parse("/set quiet"),
+            Some(Ok(ChatCommand::Set(Setting::Verbose(false))))
+        );
+        assert_eq!(
+            parse("/set parameter num_ctx 8192"),
+            Some(Err(CommandError::FixedContext))
+        );
+        assert!(matches!(
+            parse("/set parameter"),
+            Some(Err(CommandError::Usage(_)))
+        ));
+        assert!(matches!(
+            parse("/set system"),
+            Some(Err(CommandError::Usage(_)))
+        ));
     }
 
     #[test]

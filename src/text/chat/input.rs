@@ -65,6 +65,18 @@ impl LineAssembler {
         had
     }
 
+    /// At the end of input (Ctrl-D, or a piped script's last line): what was typed into an open `"""` block or
+    /// after a trailing `\\` is sent, as ollama sends it, rather than silently dropped.
+    pub fn finish_pending(&mut self) -> Option<Input> {
+        if !self.continuing() {
+            return None;
+        }
+        match self.finish() {
+            Assembled::Ready(input) => Some(input),
+            _ => None,
+        }
+    }
+
     pub fn push(&mut self, line: &str) -> Assembled {
         let line = line.trim_end_matches(['\r', '\n']);
         match self.mode {
@@ -182,6 +194,23 @@ mod tests {
             [Assembled::More, msg("start")]
         );
         assert_eq!(feed(&["\"\"\"one line\"\"\""]), [msg("one line")]);
+    }
+
+    #[test]
+    fn end_of_input_sends_an_open_block() {
+        let mut a = LineAssembler::new();
+        assert_eq!(a.finish_pending(), None);
+        assert_eq!(a.push("\"\"\"first"), Assembled::More);
+        assert_eq!(a.push("second"), Assembled::More);
+        assert_eq!(
+            a.finish_pending(),
+            Some(Input::Message("first\nsecond".into()))
+        );
+        assert!(!a.continuing());
+        assert_eq!(a.push("tail \\"), Assembled::More);
+        assert_eq!(a.finish_pending(), Some(Input::Message("tail".into())));
+        assert_eq!(a.push("\"\"\""), Assembled::More);
+        assert_eq!(a.finish_pending(), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::engine::Engine;
-use crate::generate::{GenerationStats, Session, StopReason, generate};
+use crate::generate::{GenerationStats, Session, StopReason, generate_observed};
 use crate::model::ModelError;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::text::chat_template::{ChatTemplate, ChatTemplateError, Conversation, Message};
@@ -45,6 +45,12 @@ pub enum ChatError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Ctrl-C while the prompt was being processed: the message was not sent and the conversation is as it was
+    /// before it.
+    #[error(
+        "cancelled after {done} of {total} prompt tokens: the message was not sent; the conversation is as it was"
+    )]
+    PromptCancelled { done: usize, total: usize },
     #[error("{}: cannot write it: {source}", path.display())]
     Save {
         path: PathBuf,
@@ -111,6 +117,9 @@ pub struct ChatSession<'e> {
     prompt_text: String,
     prompt_ids: Vec<u32>,
     dropped_turns: usize,
+    /// The turns as they were before [`ChatSession::submit`] dropped any to make room: what a cancelled message
+    /// restores.
+    before_submit: Vec<Message>,
     reply_ids: Vec<u32>,
     last: Option<TurnStats>,
     totals: ChatTotals,
@@ -153,6 +162,7 @@ impl<'e> ChatSession<'e> {
             prompt_text: String::new(),
             prompt_ids: Vec::new(),
             dropped_turns: 0,
+            before_submit: Vec::new(),
             last: None,
             totals: ChatTotals::default(),
         })
@@ -176,9 +186,32 @@ impl<'e> ChatSession<'e> {
         &self.messages
     }
 
-    /// Forgets the turns; the system message stays.
+    /// Forgets the turns and drops them from the KV cache at once, so that the context in use is what the system
+    /// message takes (which stays, and stays cached for the next message).
     pub fn clear(&mut self) {
         self.messages.clear();
+        self.transcript_text.clear();
+        self.transcript_ids.clear();
+        self.last = None;
+        let system_ids = self
+            .template
+            .render(&self.conversation(), false)
+            .ok()
+            .and_then(|text| self.tokenizer.encode(&text).ok())
+            .unwrap_or_default();
+        let keep = self
+            .session
+            .history()
+            .iter()
+            .zip(&system_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        self.session.truncate(keep);
+    }
+
+    /// The model's chat template (for `/show template`).
+    pub fn template(&self) -> &ChatTemplate {
+        self.template
     }
 
     pub fn context_size(&self) -> usize {
@@ -259,6 +292,7 @@ impl<'e> ChatSession<'e> {
             Setting::TopP(v) => params.top_p = v,
             Setting::MinP(v) => params.min_p = v,
             Setting::RepeatPenalty(v) => params.repeat_penalty = v,
+            Setting::RepeatLastN(v) => params.repeat_last_n = v,
             Setting::Seed(v) => params.seed = v,
             Setting::MaxTokens(v) => {
                 self.settings.max_tokens = v;
@@ -321,6 +355,7 @@ impl<'e> ChatSession<'e> {
                 hint,
             });
         }
+        self.before_submit.clone_from(&self.messages);
         self.messages.push(message);
         let mut dropped = 0;
         loop {
@@ -378,6 +413,19 @@ impl<'e> ChatSession<'e> {
     pub fn reply(
         &mut self,
         stop: &AtomicBool,
+        on_text: impl FnMut(&str) + Send,
+    ) -> Result<&TurnStats, ChatError> {
+        self.reply_observed(stop, |_, _| {}, on_text)
+    }
+
+    /// [`ChatSession::reply`] that also tells `on_prompt` (prompt tokens computed, tokens to compute) between the
+    /// prompt's chunks, so a long message can show its progress. `stop` set while the prompt is being processed
+    /// cancels the message: [`ChatError::PromptCancelled`], and the conversation, and the cache, are what they were
+    /// before [`ChatSession::submit`].
+    pub fn reply_observed(
+        &mut self,
+        stop: &AtomicBool,
+        mut on_prompt: impl FnMut(usize, usize) + Send,
         mut on_text: impl FnMut(&str) + Send,
     ) -> Result<&TurnStats, ChatError> {
         let tokenizer = self.tokenizer;
@@ -387,12 +435,21 @@ impl<'e> ChatSession<'e> {
         reply_ids.clear();
         let mut stream = tokenizer.stream(true);
         let mut decode_error = None;
-        let generated = generate(
+        let mut cancelled_at = (0, 0);
+        let generated = generate_observed(
             &mut self.session,
             &self.prompt_ids,
             &mut self.sampler,
             max_tokens,
             &[eos],
+            |done, total| {
+                cancelled_at = (done, total);
+                if stop.load(Ordering::Relaxed) {
+                    return ControlFlow::Break(());
+                }
+                on_prompt(done, total);
+                ControlFlow::Continue(())
+            },
             |id| {
                 reply_ids.push(id);
                 match stream.push(id) {
@@ -411,6 +468,20 @@ impl<'e> ChatSession<'e> {
             },
         );
         let stats = match (generated, decode_error) {
+            (Ok(stats), None) if !stats.prompt_done => {
+                std::mem::swap(&mut self.messages, &mut self.before_submit);
+                // The cache goes back to what the conversation holds, so that the context in use reads as before.
+                let keep = self
+                    .session
+                    .history()
+                    .iter()
+                    .zip(&self.transcript_ids)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                self.session.truncate(keep);
+                let (done, total) = cancelled_at;
+                return Err(ChatError::PromptCancelled { done, total });
+            }
             (Ok(stats), None) => stats,
             (Err(e), _) => {
                 self.messages.pop();
