@@ -98,13 +98,18 @@ impl RowBlock for BlockQ4_0 {
     }
 }
 
-/// IQ4_NL's levels as `level + 128` in every 128-bit lane, for `vpshufb`.
+/// Nibbles (0..15) looked up as IQ4's levels `+ 128` (`vpshufb` on a table in every 128-bit lane). (A loop, not
+/// `array::map`: a closure is compiled without the caller's target features and would not be inlined.)
 #[inline(always)]
-unsafe fn iq4_table() -> __m512i {
+unsafe fn levels(mut v: [__m512i; 8]) -> [__m512i; 8] {
     unsafe {
-        _mm512_broadcast_i32x4(_mm_loadu_si128(
+        let t = _mm512_broadcast_i32x4(_mm_loadu_si128(
             crate::kernels::iq4_nl::LEVELS_PLUS_128.as_ptr() as *const __m128i,
-        ))
+        ));
+        for x in &mut v {
+            *x = _mm512_shuffle_epi8(t, *x);
+        }
+        v
     }
 }
 
@@ -113,10 +118,7 @@ impl RowBlock for BlockIQ4NL {
     /// Q4_0's nibbles, each looked up as its level `+ 128`.
     #[inline(always)]
     unsafe fn transpose16(w: *const BlockIQ4NL, stride: usize) -> [__m512i; 8] {
-        unsafe {
-            let t = iq4_table();
-            BlockQ4_0::transpose16(w as *const BlockQ4_0, stride).map(|v| _mm512_shuffle_epi8(t, v))
-        }
+        unsafe { levels(BlockQ4_0::transpose16(w as *const BlockQ4_0, stride)) }
     }
 }
 
@@ -248,10 +250,7 @@ impl Groups for IQ4NLGroups {
     #[inline(always)]
     unsafe fn weights(qs: *const u8) -> [__m512i; 8] {
         // SAFETY: the caller's `qs` holds 256 bytes.
-        unsafe {
-            let t = iq4_table();
-            Q4_0Groups::weights(qs).map(|v| _mm512_shuffle_epi8(t, v))
-        }
+        unsafe { levels(Q4_0Groups::weights(qs)) }
     }
 }
 
