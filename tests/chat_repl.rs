@@ -474,10 +474,10 @@ fn a_small_context_drops_the_oldest_turns_and_refuses_a_message_that_cannot_fit(
     assert!(repl.wait_exit().success());
 }
 
-#[test]
-fn piped_input_works_as_a_script() {
+/// `quarry chat` on the first fixture with `home` as `QUARRY_HOME`, greedy with at most `max_tokens` per reply,
+/// reading `input` from a pipe to its end: its standard output, after checking that it exited successfully.
+fn piped_chat(home: &std::path::Path, max_tokens: usize, input: &[u8]) -> String {
     let model = model("granitemoe-dev-1").unwrap();
-    let home = temp_dir("chat-piped");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_quarry"))
         .args([
             "chat",
@@ -485,27 +485,27 @@ fn piped_input_works_as_a_script() {
             "--temperature",
             "0",
             "--max-tokens",
-            "8",
+            &max_tokens.to_string(),
         ])
-        .env("QUARRY_HOME", &home)
+        .env("QUARRY_HOME", home)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Hello\n/stats\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
     let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn piped_input_works_as_a_script() {
+    let stdout = piped_chat(&temp_dir("chat-piped"), 8, b"Hello\n/stats\n");
     assert!(stdout.contains("8 tokens"), "{stdout}");
     assert!(stdout.contains("last reply: 8 tokens"), "{stdout}");
 }
@@ -780,36 +780,8 @@ fn ollama_commands_and_clear_empties_the_context() {
 
 #[test]
 fn end_of_input_inside_a_block_sends_it() {
-    let model = model("granitemoe-dev-1").unwrap();
     let home = temp_dir("chat-eof-block");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_quarry"))
-        .args([
-            "chat",
-            model.to_str().unwrap(),
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "3",
-        ])
-        .env("QUARRY_HOME", &home)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"\"\"\"first line\nsecond line\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = piped_chat(&home, 3, b"\"\"\"first line\nsecond line\n");
     assert!(
         stdout.contains("3 tokens"),
         "the block was not sent: {stdout}"

@@ -165,22 +165,6 @@ fn iq4_xs_weights(rng: &mut Rng, n: usize, s: Scales, v: Values) -> Vec<BlockIQ4
 // ---------------------------------------------------------------------------------------------------------------
 // Exact references.
 
-fn isum_q8(w: &BlockQ8_0, a: &BlockQ8_0) -> i64 {
-    w.qs.iter()
-        .zip(&a.qs)
-        .map(|(&x, &y)| x as i64 * y as i64)
-        .sum()
-}
-
-fn isum_q4(w: &BlockQ4_0, a: &BlockQ8_0) -> i64 {
-    (0..16)
-        .map(|j| {
-            ((w.qs[j] & 15) as i64 - 8) * a.qs[j] as i64
-                + ((w.qs[j] >> 4) as i64 - 8) * a.qs[j + 16] as i64
-        })
-        .sum()
-}
-
 /// The levels of an IQ4_NL block, in activation order.
 fn iq4_levels(w: &BlockIQ4NL) -> [i64; 32] {
     std::array::from_fn(|j| {
@@ -294,121 +278,101 @@ fn shapes() -> Vec<(usize, usize, usize)> {
     v
 }
 
-#[test]
-fn gemm_q8_0_matches_scalar() {
-    let mut rng = Rng(1);
+/// A product of weights `W` against Q8_0 activations, as a kernel set's table holds it.
+type Gemm32<W> = fn(&[W], &[BlockQ8_0], usize, ProductOut);
+
+/// One output's block `b` (weight row `r`, token `t`): its exact integer sum, the f32 scale it is multiplied by,
+/// and the sum of its terms' magnitudes.
+type Term<'a> = &'a dyn Fn(usize, usize, usize) -> (i64, f32, f32);
+
+/// Every set's product (`gemm` picks it from a table) against the scalar set's, on every shape (rows, tokens,
+/// activation blocks per row) and kind of block, at both output strides. `weights(rng, rows, bpr, s, v)` makes a
+/// matrix; `term(w, a, bpr)` describes its outputs for `check_quant`.
+fn gemm_matches_scalar<W>(
+    what: &str,
+    seed: u64,
+    shapes: Vec<(usize, usize, usize)>,
+    weights: impl Fn(&mut Rng, usize, usize, Scales, Values) -> Vec<W>,
+    gemm: impl Fn(&Kernels) -> Gemm32<W>,
+    term: impl for<'w> Fn(&'w [W], &'w [BlockQ8_0], usize, usize, usize, usize) -> (i64, f32, f32),
+) {
+    let mut rng = Rng(seed);
     for k in sets() {
-        for (rows, n, bpr) in shapes() {
+        for &(rows, n, bpr) in &shapes {
             for (s, v) in KINDS {
-                let w = q8_weights(&mut rng, rows * bpr, s, v);
+                let w = weights(&mut rng, rows, bpr, s, v);
                 let a = q8_acts(&mut rng, n * bpr, s, v);
                 let mut want = out_buf(rows, n, rows, true);
-                (SCALAR.gemm_q8_0)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
+                gemm(&SCALAR)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
                 for (i, ldo) in strides(rows).into_iter().enumerate() {
                     let mut got = out_buf(rows, n, ldo, i == 0);
-                    (k.gemm_q8_0)(&w, &a, bpr, ProductOut::with_stride(&mut got, n, rows, ldo));
-                    check_quant(
-                        "gemm_q8_0",
-                        k.name,
-                        rows,
-                        n,
-                        bpr,
-                        &got,
-                        ldo,
-                        &want,
-                        |r, t, b| {
-                            let (bw, ba) = (&w[r * bpr + b], &a[t * bpr + b]);
-                            let abs: i64 = bw
-                                .qs
-                                .iter()
-                                .zip(&ba.qs)
-                                .map(|(&x, &y)| (x as i64 * y as i64).abs())
-                                .sum();
-                            (isum_q8(bw, ba), bw.d.to_f32() * ba.d.to_f32(), abs as f32)
-                        },
-                    );
+                    gemm(k)(&w, &a, bpr, ProductOut::with_stride(&mut got, n, rows, ldo));
+                    let term: Term = &|r, t, b| term(&w, &a, bpr, r, t, b);
+                    check_quant(what, k.name, rows, n, bpr, &got, ldo, &want, term);
                 }
             }
         }
     }
+}
+
+/// `(exact, scale, magnitude)` of a block whose 32 weights are `levels`, against activation block `ba`, with the
+/// weight block's scale `dw`.
+fn block_term(levels: [i64; 32], dw: f32, ba: &BlockQ8_0) -> (i64, f32, f32) {
+    let terms = levels.into_iter().zip(ba.qs).map(|(l, q)| l * q as i64);
+    let (exact, abs) = terms.fold((0, 0), |(e, m), p| (e + p, m + p.abs()));
+    (exact, dw * ba.d.to_f32(), abs as f32)
+}
+
+fn q4_levels(w: &BlockQ4_0) -> [i64; 32] {
+    std::array::from_fn(|j| {
+        let b = w.qs[j % 16];
+        (if j < 16 { b & 15 } else { b >> 4 }) as i64 - 8
+    })
+}
+
+#[test]
+fn gemm_q8_0_matches_scalar() {
+    gemm_matches_scalar(
+        "gemm_q8_0",
+        1,
+        shapes(),
+        |rng, rows, bpr, s, v| q8_weights(rng, rows * bpr, s, v),
+        |k| k.gemm_q8_0,
+        |w, a, bpr, r, t, b| {
+            let bw = &w[r * bpr + b];
+            block_term(bw.qs.map(i64::from), bw.d.to_f32(), &a[t * bpr + b])
+        },
+    );
 }
 
 #[test]
 fn gemm_q4_0_matches_scalar() {
-    let mut rng = Rng(2);
-    for k in sets() {
-        for (rows, n, bpr) in shapes() {
-            for (s, v) in KINDS {
-                let w = q4_weights(&mut rng, rows * bpr, s, v);
-                let a = q8_acts(&mut rng, n * bpr, s, v);
-                let mut want = out_buf(rows, n, rows, true);
-                (SCALAR.gemm_q4_0)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
-                for (i, ldo) in strides(rows).into_iter().enumerate() {
-                    let mut got = out_buf(rows, n, ldo, i == 0);
-                    (k.gemm_q4_0)(&w, &a, bpr, ProductOut::with_stride(&mut got, n, rows, ldo));
-                    check_quant(
-                        "gemm_q4_0",
-                        k.name,
-                        rows,
-                        n,
-                        bpr,
-                        &got,
-                        ldo,
-                        &want,
-                        |r, t, b| {
-                            let (bw, ba) = (&w[r * bpr + b], &a[t * bpr + b]);
-                            let abs: i64 = (0..16)
-                                .map(|j| {
-                                    (((bw.qs[j] & 15) as i64 - 8) * ba.qs[j] as i64).abs()
-                                        + (((bw.qs[j] >> 4) as i64 - 8) * ba.qs[j + 16] as i64)
-                                            .abs()
-                                })
-                                .sum();
-                            (isum_q4(bw, ba), bw.d.to_f32() * ba.d.to_f32(), abs as f32)
-                        },
-                    );
-                }
-            }
-        }
-    }
+    gemm_matches_scalar(
+        "gemm_q4_0",
+        2,
+        shapes(),
+        |rng, rows, bpr, s, v| q4_weights(rng, rows * bpr, s, v),
+        |k| k.gemm_q4_0,
+        |w, a, bpr, r, t, b| {
+            let bw = &w[r * bpr + b];
+            block_term(q4_levels(bw), bw.d.to_f32(), &a[t * bpr + b])
+        },
+    );
 }
 
 #[test]
 fn gemm_iq4_nl_matches_scalar() {
-    let mut rng = Rng(4);
-    for k in sets() {
-        for (rows, n, bpr) in shapes() {
-            for (s, v) in KINDS {
-                let w = iq4_weights(&mut rng, rows * bpr, s, v);
-                let a = q8_acts(&mut rng, n * bpr, s, v);
-                let mut want = out_buf(rows, n, rows, true);
-                (SCALAR.gemm_iq4_nl)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
-                for (i, ldo) in strides(rows).into_iter().enumerate() {
-                    let mut got = out_buf(rows, n, ldo, i == 0);
-                    (k.gemm_iq4_nl)(&w, &a, bpr, ProductOut::with_stride(&mut got, n, rows, ldo));
-                    check_quant(
-                        "gemm_iq4_nl",
-                        k.name,
-                        rows,
-                        n,
-                        bpr,
-                        &got,
-                        ldo,
-                        &want,
-                        |r, t, b| {
-                            let (bw, ba) = (&w[r * bpr + b], &a[t * bpr + b]);
-                            let terms = iq4_levels(bw)
-                                .into_iter()
-                                .zip(ba.qs)
-                                .map(|(l, q)| l * q as i64);
-                            let (exact, abs) = terms.fold((0, 0), |(e, m), p| (e + p, m + p.abs()));
-                            (exact, bw.d.to_f32() * ba.d.to_f32(), abs as f32)
-                        },
-                    );
-                }
-            }
-        }
-    }
+    gemm_matches_scalar(
+        "gemm_iq4_nl",
+        4,
+        shapes(),
+        |rng, rows, bpr, s, v| iq4_weights(rng, rows * bpr, s, v),
+        |k| k.gemm_iq4_nl,
+        |w, a, bpr, r, t, b| {
+            let bw = &w[r * bpr + b];
+            block_term(iq4_levels(bw), bw.d.to_f32(), &a[t * bpr + b])
+        },
+    );
 }
 
 /// Shapes for IQ4_XS: rows of whole super-blocks (8 activation blocks each).
@@ -427,46 +391,24 @@ fn shapes_iq4_xs() -> Vec<(usize, usize, usize)> {
 
 #[test]
 fn gemm_iq4_xs_matches_scalar() {
-    let mut rng = Rng(5);
-    for k in sets() {
-        for (rows, n, bpr) in shapes_iq4_xs() {
-            for (s, v) in KINDS {
-                let w = iq4_xs_weights(&mut rng, rows * bpr / 8, s, v);
-                let a = q8_acts(&mut rng, n * bpr, s, v);
-                let mut want = out_buf(rows, n, rows, true);
-                (SCALAR.gemm_iq4_xs)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
-                for (i, ldo) in strides(rows).into_iter().enumerate() {
-                    let mut got = out_buf(rows, n, ldo, i == 0);
-                    (k.gemm_iq4_xs)(&w, &a, bpr, ProductOut::with_stride(&mut got, n, rows, ldo));
-                    check_quant(
-                        "gemm_iq4_xs",
-                        k.name,
-                        rows,
-                        n,
-                        bpr,
-                        &got,
-                        ldo,
-                        &want,
-                        |r, t, b| {
-                            let (bw, ba) = (&w[r * bpr / 8 + b / 8], &a[t * bpr + b]);
-                            let sub = BlockIQ4NL {
-                                d: f16::ONE,
-                                qs: bw.qs[16 * (b % 8)..16 * (b % 8) + 16].try_into().unwrap(),
-                            };
-                            let terms = iq4_levels(&sub)
-                                .into_iter()
-                                .zip(ba.qs)
-                                .map(|(l, q)| l * q as i64);
-                            let (exact, abs) = terms.fold((0, 0), |(e, m), p| (e + p, m + p.abs()));
-                            let ls = bw.scale(b % 8) as i64;
-                            let dw = bw.d.to_f32();
-                            (exact * ls, dw * ba.d.to_f32(), (abs * ls.abs()) as f32)
-                        },
-                    );
-                }
-            }
-        }
-    }
+    gemm_matches_scalar(
+        "gemm_iq4_xs",
+        5,
+        shapes_iq4_xs(),
+        |rng, rows, bpr, s, v| iq4_xs_weights(rng, rows * bpr / 8, s, v),
+        |k| k.gemm_iq4_xs,
+        |w, a, bpr, r, t, b| {
+            let bw = &w[r * bpr / 8 + b / 8];
+            let sub = BlockIQ4NL {
+                d: f16::ONE,
+                qs: bw.qs[16 * (b % 8)..16 * (b % 8) + 16].try_into().unwrap(),
+            };
+            // The sub-block's integer scale multiplies the exact sum; the f32 scale is the super-block's.
+            let ls = bw.scale(b % 8) as i64;
+            let (exact, scale, abs) = block_term(iq4_levels(&sub), bw.d.to_f32(), &a[t * bpr + b]);
+            (exact * ls, scale, abs * ls.unsigned_abs() as f32)
+        },
+    );
 }
 
 /// Rows interleaved in groups of 16 (`kernels::q4_0::interleave`, `kernels::q8_0::interleave`; the rows past the

@@ -75,38 +75,9 @@ fn q8_k_group_sums_are_the_sums_of_the_quants() {
 /// on arbitrary bytes.
 #[test]
 fn hostile_values_and_bytes_do_not_panic() {
-    let specials = [
-        f32::NAN,
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        f32::MAX,
-        -f32::MAX,
-        1e30,
-        -3e38,
-        f32::MIN_POSITIVE,
-        1e-45,
-        -0.0,
-        0.0,
-        1.0,
-    ];
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = ggml_vectors::xorshift(0x2545_F491_4F6C_DD1D);
     for round in 0..200 {
-        let x: Vec<f32> = (0..512)
-            .map(|i| match (round + i) % 5 {
-                0 => specials[(next() % specials.len() as u64) as usize],
-                1 => f32::from_bits(next() as u32),
-                _ => {
-                    ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-                        * 10f32.powi((round % 60) - 30)
-                }
-            })
-            .collect();
+        let x = ggml_vectors::hostile_row(&mut next, round, 512);
         let mut q4 = vec![BlockQ4K::zeroed(); 2];
         let mut q5 = vec![BlockQ5K::zeroed(); 2];
         let mut q6 = vec![BlockQ6K::zeroed(); 2];
@@ -135,13 +106,7 @@ fn hostile_values_and_bytes_do_not_panic() {
 /// turn subnormal and then zero, and the error grows as it does in ggml: see rows `tiny_*`).
 #[test]
 fn round_trip_error_is_bounded_on_random_blocks() {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = ggml_vectors::xorshift(0x9E37_79B9_7F4A_7C15);
     for block in 0..2000 {
         let scale = 10f32.powi(block % 6 - 2);
         let x: Vec<f32> = (0..256)

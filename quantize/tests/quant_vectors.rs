@@ -139,13 +139,7 @@ fn q4_0_matches_every_row() {
 /// inputs the fixed rows do not cover (and would catch `mul_add` creeping into Q4_0 on bf16-like values).
 #[test]
 fn agrees_with_a_straightforward_rederivation() {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = support::ggml_vectors::xorshift(0x9E37_79B9_7F4A_7C15);
     for block in 0..20_000 {
         let scale = 10f32.powi((next() % 10) as i32 - 6);
         let x: Vec<f32> = (0..32)

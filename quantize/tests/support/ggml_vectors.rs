@@ -99,3 +99,43 @@ pub fn check_format<B: Pod + Zeroable>(
     // Rows a fused multiply-add would change must be there, or passing says less about the float rules.
     assert!(fma_rows >= 1, "{ty}: no FMA-sensitive row");
 }
+
+/// xorshift64 from `seed`: the same numbers on every run, without a dependency.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
+/// A row of `n` values such as a damaged file can hold, for round `round` of a no-panic check: NaN,
+/// infinities, extremes and subnormals, arbitrary bit patterns, and uniform values at a scale that sweeps
+/// 1e-30..1e30 over the rounds.
+pub fn hostile_row(next: &mut impl FnMut() -> u64, round: i32, n: usize) -> Vec<f32> {
+    const SPECIALS: [f32; 12] = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        -f32::MAX,
+        1e30,
+        -3e38,
+        f32::MIN_POSITIVE,
+        1e-45,
+        -0.0,
+        0.0,
+        1.0,
+    ];
+    (0..n as i32)
+        .map(|i| match (round + i) % 5 {
+            0 => SPECIALS[(next() % SPECIALS.len() as u64) as usize],
+            1 => f32::from_bits(next() as u32),
+            _ => {
+                ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi((round % 60) - 30)
+            }
+        })
+        .collect()
+}
