@@ -5,7 +5,7 @@
 //! against the activation with `w`'s sign (`vpmaddubsw` + `vpmaddwd`, exact: at most 2 * 127 * 127 per pair),
 //! four sub-blocks' lanes reduced together to exact integers, each then accumulated with the lane kernels' float
 //! step `acc = fma(cvt(isum), da * dw, acc)` in sub-block order, so a row computed here has the bits it has in
-//! an interleaved tile. A row's super-block is unpacked once for up to 4 tokens.
+//! an interleaved tile. Four rows' super-blocks are unpacked together once for up to 4 tokens.
 
 use std::arch::x86_64::*;
 
@@ -29,7 +29,31 @@ pub(crate) unsafe fn gemm_rows(w: &[BlockIQ4XS], a: &[BlockQ8_0], bpr: usize, mu
     let spr = bpr / SUB_BLOCKS;
     let (rows, n) = (w.len() / spr, a.len() / bpr);
     crate::kernels::check_shape(&out, rows, n);
-    for (r, row) in w.chunks_exact(spr).enumerate() {
+    // Four rows at a time: each row's accumulation is a chain of dependent FMAs (one per sub-block), so four
+    // rows' chains side by side in the lanes of one vector keep the FMA unit busy; the rows past the last four
+    // take the same steps one at a time (the same bits: lane by lane the same operations).
+    let rows4 = rows / 4 * 4;
+    for r in (0..rows4).step_by(4) {
+        let mut t = 0;
+        while t < n {
+            let tn = (n - t).min(TOKENS);
+            // SAFETY: the features are present (the caller's promise).
+            let mut acc = [unsafe { _mm_setzero_ps() }; TOKENS];
+            for s in 0..spr {
+                let blks: [&BlockIQ4XS; 4] = std::array::from_fn(|i| &w[(r + i) * spr + s]);
+                // SAFETY: as below.
+                unsafe { super_block4(blks, &a[t * bpr + s * SUB_BLOCKS..], bpr, tn, &mut acc) };
+            }
+            for (j, &v) in acc[..tn].iter().enumerate() {
+                let mut lanes = [0.0f32; 4];
+                // SAFETY: `lanes` holds 4 floats.
+                unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), v) };
+                out.token(t + j)[r..r + 4].copy_from_slice(&lanes);
+            }
+            t += tn;
+        }
+    }
+    for (r, row) in w.chunks_exact(spr).enumerate().skip(rows4) {
         let mut t = 0;
         while t < n {
             let tn = (n - t).min(TOKENS);
@@ -43,6 +67,47 @@ pub(crate) unsafe fn gemm_rows(w: &[BlockIQ4XS], a: &[BlockQ8_0], bpr: usize, mu
                 out.token(t + j)[r] = v;
             }
             t += tn;
+        }
+    }
+}
+
+/// Super-block `s` of four rows (`blks`) against the matching 8 activation blocks of `tn` tokens, into each
+/// token's four accumulators (lane `i`: row `i`), sub-block by sub-block with the one-row path's float steps.
+#[inline(always)]
+unsafe fn super_block4(
+    blks: [&BlockIQ4XS; 4],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    tn: usize,
+    acc: &mut [__m128; TOKENS],
+) {
+    assert!(a.len() >= (tn - 1) * bpr + SUB_BLOCKS);
+    // SAFETY: the caller's features; every load reads a whole block checked above.
+    unsafe {
+        let d: [f32; 4] = std::array::from_fn(|i| f16_bits_to_f32(blks[i].d.to_bits()));
+        for ib in 0..SUB_BLOCKS {
+            let mut signed = [_mm256_setzero_si256(); 4];
+            let mut abs = [_mm256_setzero_si256(); 4];
+            let mut dw = [0.0f32; 4];
+            for i in 0..4 {
+                let qs: &[u8; 16] = blks[i].qs[16 * ib..16 * ib + 16].try_into().unwrap();
+                signed[i] = lookup16(&IQ4_LEVELS, q4_nibbles(qs));
+                abs[i] = _mm256_abs_epi8(signed[i]);
+                dw[i] = d[i] * blks[i].scale(ib) as f32;
+            }
+            let dw = _mm_loadu_ps(dw.as_ptr());
+            for (j, acc_j) in acc[..tn].iter_mut().enumerate() {
+                let ab = &a[j * bpr + ib];
+                let q = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                let isum = hsum4_epi32(
+                    signed_dot(abs[0], signed[0], q),
+                    signed_dot(abs[1], signed[1], q),
+                    signed_dot(abs[2], signed[2], q),
+                    signed_dot(abs[3], signed[3], q),
+                );
+                let scale = _mm_mul_ps(_mm_set1_ps(f16_bits_to_f32(ab.d.to_bits())), dw);
+                *acc_j = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), scale, *acc_j);
+            }
         }
     }
 }
@@ -101,6 +166,13 @@ unsafe fn sub_dot(abs: __m256i, signed: __m256i, a: &BlockQ8_0) -> __m256i {
     // SAFETY: the caller's features; the load reads the block's 32 quants.
     unsafe {
         let q = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-        madd_ones(_mm256_maddubs_epi16(abs, _mm256_sign_epi8(q, signed)))
+        signed_dot(abs, signed, q)
     }
+}
+
+/// [`sub_dot`] on activation quants already loaded.
+#[inline(always)]
+unsafe fn signed_dot(abs: __m256i, signed: __m256i, q: __m256i) -> __m256i {
+    // SAFETY: the caller's features.
+    unsafe { madd_ones(_mm256_maddubs_epi16(abs, _mm256_sign_epi8(q, signed))) }
 }
