@@ -19,6 +19,11 @@ use crate::kernels::iq4_xs::SUB_BLOCKS;
 /// Tokens per pass over a row.
 const TOKENS: usize = 4;
 
+/// Bytes of a row requested ahead of the super-block being read: four rows are four streams, which the hardware
+/// prefetchers alone do not keep far enough ahead. On AVX2, `bench -p 256 -n 32` of a full-size IQ4_XS file
+/// decoded at 37 tok/s without, 51 with 1 KiB, 59-61 with 2 KiB, 57 with 4 KiB (alternating runs).
+const AHEAD: usize = 2048;
+
 /// `W[r] . A[t]` for every row of `w` (`bpr / 8` super-blocks each) and every token of `a` (`bpr` blocks each).
 ///
 /// # Safety
@@ -41,6 +46,15 @@ pub(crate) unsafe fn gemm_rows(w: &[BlockIQ4XS], a: &[BlockQ8_0], bpr: usize, mu
             let mut acc = [unsafe { _mm_setzero_ps() }; TOKENS];
             for s in 0..spr {
                 let blks: [&BlockIQ4XS; 4] = std::array::from_fn(|i| &w[(r + i) * spr + s]);
+                for blk in blks {
+                    let ahead = (blk as *const BlockIQ4XS as *const i8).wrapping_add(AHEAD);
+                    // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
+                    unsafe {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+                    }
+                }
                 // SAFETY: as below.
                 unsafe { super_block4(blks, &a[t * bpr + s * SUB_BLOCKS..], bpr, tn, &mut acc) };
             }
