@@ -46,9 +46,9 @@ pub fn supported(ty: GgmlType) -> bool {
 pub enum Layout {
     /// Row after row, as in the file.
     Rows,
-    /// Q4_0, IQ4_NL or Q8_0 rows in groups of [`INTERLEAVE_ROWS`] ([`super::q4_0::interleave`],
-    /// [`super::iq4_nl::interleave`], [`super::q8_0::interleave`]), the rows past the last whole group after them as they lie, for a set with
-    /// that type's interleaved product. Each group takes as many bytes as its rows do in the file, so every row
+    /// Q4_0, IQ4_NL, IQ4_XS or Q8_0 rows in groups of [`INTERLEAVE_ROWS`] ([`super::q4_0::interleave`],
+    /// [`super::iq4_nl::interleave`], [`super::iq4_xs::interleave`], [`super::q8_0::interleave`]), the rows past
+    /// the last whole group after them as they lie, for a set with that type's interleaved product. Each group takes as many bytes as its rows do in the file, so every row
     /// range the model cuts (an expert, a thread's share) is the same byte range as in the file.
     Interleaved,
 }
@@ -536,4 +536,59 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: Product
 /// The mapped bytes of a weight matrix as its blocks (the loader checked sizes and alignment).
 fn cast<T: bytemuck::Pod>(data: &[u8]) -> &[T] {
     bytemuck::cast_slice(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row of an interleaved matrix (the token embedding of a model on a set that interleaves) dequantizes to
+    /// exactly what the row as it lies in the file does, for every interleaved type, in whole groups and past
+    /// them.
+    #[test]
+    fn interleaved_rows_dequantize_as_the_file_rows() {
+        let (rows, cols) = (37, 512);
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::IQ4_NL,
+            GgmlType::IQ4_XS,
+            GgmlType::Q8_0,
+        ] {
+            // Arbitrary bytes with scales kept finite (an f16 scale's exponent below all-ones).
+            let row_bytes = cols / ty.block_len() * ty.block_bytes();
+            let mut data: Vec<u8> = (0..rows * row_bytes)
+                .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8)
+                .collect();
+            for block in data.chunks_exact_mut(ty.block_bytes()) {
+                block[1] &= 0x3b;
+            }
+            let job = PackJob {
+                layout: Layout::Interleaved,
+                ty,
+                rows,
+                cols,
+                data: &data,
+            };
+            let mut packed = vec![0u8; data.len()];
+            pack(&job, &mut packed);
+            let view = |data, layout| WeightRows {
+                ty,
+                layout,
+                rows,
+                cols,
+                data,
+            };
+            let (file, interleaved) = (
+                view(&data[..], Layout::Rows),
+                view(&packed[..], Layout::Interleaved),
+            );
+            for r in 0..rows {
+                let (mut want, mut got) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+                file.dequantize_row(r, &mut want);
+                interleaved.dequantize_row(r, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{ty} row {r}");
+            }
+        }
+    }
 }
