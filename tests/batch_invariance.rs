@@ -191,6 +191,20 @@ fn case<'a, W, A>(
     }
 }
 
+/// A case over a matrix interleaved in groups of 16 rows (`packed`: its bytes), cut only between groups.
+fn interleaved_case<'a>(
+    what: String,
+    packed: &'a [u8],
+    rows: usize,
+    pool: &'a [BlockQ8_0],
+    bpr: usize,
+) -> Case<'a, u8, BlockQ8_0> {
+    Case {
+        row_step: 16,
+        ..case(what, packed, rows, pool, bpr)
+    }
+}
+
 /// Fails listing every mismatch of every set and format at once: first how many batches failed per case, then
 /// the first ones in detail.
 fn report(failures: Vec<String>) {
@@ -324,17 +338,8 @@ fn interleaved_products_are_batch_invariant() {
                 let Some(gemm) = gemm else {
                     continue;
                 };
-                let c = Case {
-                    row_step: 16,
-                    ..case(
-                        format!("interleaved {ty} on {}, {rows} rows x {bpr} blocks", k.name),
-                        packed,
-                        rows,
-                        &acts,
-                        bpr,
-                    )
-                };
-                failures.extend(c.check(&|w, a, b, o| gemm(w, a, b, o)));
+                let what = format!("interleaved {ty} on {}, {rows} rows x {bpr} blocks", k.name);
+                failures.extend(interleaved_case(what, packed, rows, &acts, bpr).check(&gemm));
             }
         }
     }
@@ -372,20 +377,11 @@ fn iq4_xs_products_are_batch_invariant() {
                 .check(&|w, a, b, o| (k.gemm_iq4_xs)(w, a, b, o)),
             );
             if let Some(gemm) = k.gemm_iq4_xs_interleaved {
-                let c = Case {
-                    row_step: 16,
-                    ..case(
-                        format!(
-                            "interleaved iq4_xs on {}, {rows} rows x {spr} super-blocks",
-                            k.name
-                        ),
-                        packed.as_slice(),
-                        rows,
-                        &acts,
-                        bpr,
-                    )
-                };
-                failures.extend(c.check(&|w, a, b, o| gemm(w, a, b, o)));
+                let what = format!(
+                    "interleaved iq4_xs on {}, {rows} rows x {spr} super-blocks",
+                    k.name
+                );
+                failures.extend(interleaved_case(what, &packed, rows, &acts, bpr).check(&gemm));
             }
         }
     }

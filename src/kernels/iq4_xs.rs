@@ -36,8 +36,8 @@ pub fn dot_scalar(w: &[BlockIQ4XS], a: &[BlockQ8_0]) -> f32 {
     sum
 }
 
-/// Rows per group of the interleaved layout ([`interleave`]).
-pub const GROUP_ROWS: usize = 16;
+/// Rows per group of the interleaved layout ([`interleave`]): the model's one group height.
+pub const GROUP_ROWS: usize = super::INTERLEAVE_ROWS;
 
 /// Bytes of one super-block of a group: 8 sub-blocks of 16 rows' nibbles (256 bytes each), then the 16 rows'
 /// headers (128 bytes). As many as the 16 rows' super-blocks take in the file.

@@ -18,8 +18,8 @@ pub fn dot_scalar(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
     sum
 }
 
-/// Rows per group of the interleaved layout ([`interleave`]).
-pub const GROUP_ROWS: usize = 16;
+/// Rows per group of the interleaved layout ([`interleave`]): the model's one group height.
+pub const GROUP_ROWS: usize = super::INTERLEAVE_ROWS;
 
 /// Bytes of one group of [`GROUP_ROWS`] rows of `bpr` blocks: as many as the rows take in the file.
 pub const fn group_bytes(bpr: usize) -> usize {

@@ -98,7 +98,11 @@ unsafe fn super_block4(
     assert!(a.len() >= (tn - 1) * bpr + SUB_BLOCKS);
     // SAFETY: the caller's features; every load reads a whole block checked above.
     unsafe {
-        let d: [f32; 4] = std::array::from_fn(|i| f16_bits_to_f32(blks[i].d.to_bits()));
+        // A loop, not `array::from_fn`: a closure is compiled without the caller's target features.
+        let mut d = [0.0f32; 4];
+        for (di, blk) in d.iter_mut().zip(blks) {
+            *di = f16_bits_to_f32(blk.d.to_bits());
+        }
         for ib in 0..SUB_BLOCKS {
             let mut signed = [_mm256_setzero_si256(); 4];
             let mut abs = [_mm256_setzero_si256(); 4];
