@@ -422,7 +422,7 @@ fn interleaved_products_are_the_row_products_by_bits() {
     let tokens: Vec<usize> = (1..=34).chain([47, 48, 64, 129]).collect();
     let mut tested = vec![];
     for k in sets() {
-        for rows in [16, 37, 64] {
+        for rows in [16, 37, 48, 64] {
             for bpr in [1, 2, 3, 8, 16, 32] {
                 for &n in &tokens {
                     for (s, v) in KINDS {

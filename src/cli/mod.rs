@@ -67,7 +67,14 @@ pub enum Command {
 }
 
 /// The kernel sets `QUARRY_KERNEL` can name, on any CPU (`quarry info` prints the one in use).
-const KERNEL_SETS: [&str; 5] = ["scalar", "portable", "avx2", "avxvnni", "avx512vnni"];
+const KERNEL_SETS: [&str; 6] = [
+    "scalar",
+    "portable",
+    "avx2",
+    "avxvnni",
+    "avx512vnni",
+    "avx512amx",
+];
 
 /// A `QUARRY_KERNEL` that names no kernel set at all is a typo, refused before any work; a real set this CPU lacks
 /// gets the library's warning and the best available set.

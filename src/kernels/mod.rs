@@ -14,6 +14,8 @@
 //! - `avx2` (`x86/avx2.rs`): AVX2 + FMA + F16C, byte dots with `vpmaddubsw` + `vpmaddwd`.
 //! - `avxvnni` (same file): the 256-bit `vpdpbusd` of CPUs with AVX-VNNI but no AVX-512.
 //! - `avx512vnni` (`x86/avx512.rs`): AVX-512 F/BW/VL + VNNI, `vpdpbusd` on 512 bits.
+//! - `avx512amx` (same file, `x86/amx.rs`): `avx512vnni` with the interleaved products of 16 tokens and more on
+//!   AMX's tile unit (Sapphire Rapids and later, when Linux grants the process the tile state).
 //!
 //! The x86 sets share their loop structure (`x86/mod.rs`): per-block dots for few tokens, one lane per token for
 //! many. The shape of a call decides which runs, so callers need not care.
@@ -31,7 +33,7 @@
 //! - `portable`: one output at a time too, each block's exact integer sum scaled and added in block order (the
 //!   row pairs of the 32-block products compute each row exactly as a single row); its float products one dot
 //!   per output.
-//! - the x86 sets: their few-token and lane kernels take the same float steps per output (per block, in order,
+//! - the x86 sets: their few-token, lane and tile kernels take the same float steps per output (per block, in order,
 //!   `fma(cvt(exact integer sum), da * dw, acc)`), every few-token kernel reducing a block's integer lanes to
 //!   the exact sum before its float step; their float products give every output its own accumulator of a
 //!   fixed width (AVX-512's one-token ones on ymm pairs with the zmm products' bits). See "Batch invariance" in
@@ -268,6 +270,9 @@ pub fn available() -> Vec<&'static Kernels> {
         }
         if x86::avx512::detected() {
             all.push(&x86::avx512::SET);
+            if x86::amx::granted() {
+                all.push(&x86::avx512::SET_AMX);
+            }
         }
     }
     all

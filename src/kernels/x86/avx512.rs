@@ -41,6 +41,17 @@ pub(in crate::kernels) static SET: Kernels = x86_set!(
     Some(gemm_iq4_xs_interleaved)
 );
 
+/// AVX-512 VNNI with the interleaved products of many tokens on AMX's tile unit (`x86/amx.rs`); only handed out
+/// by `kernels::available` after `detected()` and `amx::granted()`.
+pub(in crate::kernels) static SET_AMX: Kernels = x86_set!(
+    "avx512amx",
+    crate::kernels::ops::x86::AVX512,
+    Some(gemm_q4_0_interleaved_amx),
+    Some(gemm_q8_0_interleaved_amx),
+    Some(gemm_iq4_nl_interleaved_amx),
+    Some(gemm_iq4_xs_interleaved_amx)
+);
+
 /// 512-bit vectors: 16 lanes.
 pub(crate) struct Zmm;
 
@@ -216,17 +227,25 @@ target_feature_entries! { "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
     fn gemm_q4_0(w: &[BlockQ4_0], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         gemm_quant::<Q4<Vnni512>, Q4<Vnni256>>(w, a, bpr, out);
     fn gemm_q4_0_interleaved(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
-        interleaved::<row_lanes::Q4_0Groups, Q4<Vnni512>, Q4<Vnni256>>(w, a, bpr, out);
+        interleaved::<false, row_lanes::Q4_0Groups, Q4<Vnni512>, Q4<Vnni256>>(w, a, bpr, out);
     fn gemm_q8_0_interleaved(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
-        interleaved::<row_lanes::Q8_0Groups, Q8<Vnni512>, Q8<Vnni256>>(w, a, bpr, out);
+        interleaved::<false, row_lanes::Q8_0Groups, Q8<Vnni512>, Q8<Vnni256>>(w, a, bpr, out);
     fn gemm_iq4_nl(w: &[BlockIQ4NL], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         gemm_quant::<IQ4<Vnni512>, IQ4<Vnni256>>(w, a, bpr, out);
     fn gemm_iq4_nl_interleaved(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
-        interleaved::<row_lanes::IQ4NLGroups, IQ4<Vnni512>, IQ4<Vnni256>>(w, a, bpr, out);
+        interleaved::<false, row_lanes::IQ4NLGroups, IQ4<Vnni512>, IQ4<Vnni256>>(w, a, bpr, out);
     fn gemm_iq4_xs(w: &[BlockIQ4XS], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         super::iq4_xs::gemm_rows(w, a, bpr, out);
     fn gemm_iq4_xs_interleaved(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
-        interleaved_iq4_xs(w, a, bpr, out);
+        interleaved_iq4_xs::<false>(w, a, bpr, out);
+    fn gemm_q4_0_interleaved_amx(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        interleaved::<true, row_lanes::Q4_0Groups, Q4<Vnni512>, Q4<Vnni256>>(w, a, bpr, out);
+    fn gemm_q8_0_interleaved_amx(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        interleaved::<true, row_lanes::Q8_0Groups, Q8<Vnni512>, Q8<Vnni256>>(w, a, bpr, out);
+    fn gemm_iq4_nl_interleaved_amx(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        interleaved::<true, row_lanes::IQ4NLGroups, IQ4<Vnni512>, IQ4<Vnni256>>(w, a, bpr, out);
+    fn gemm_iq4_xs_interleaved_amx(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
+        interleaved_iq4_xs::<true>(w, a, bpr, out);
     fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
         kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K>(w, a, bpr, out);
     fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
@@ -591,7 +610,12 @@ impl FewTile for Q4Tiles<'_> {
 /// IQ4_XS rows interleaved in groups of 16 (`kernels::iq4_xs::interleave`), the rows past the last whole group
 /// as they lie.
 #[inline(always)]
-unsafe fn interleaved_iq4_xs(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) {
+unsafe fn interleaved_iq4_xs<const AMX: bool>(
+    w: &[u8],
+    a: &[BlockQ8_0],
+    bpr: usize,
+    out: ProductOut,
+) {
     use crate::kernels::iq4_xs::SUB_BLOCKS;
     assert!(bpr > 0 && bpr.is_multiple_of(SUB_BLOCKS));
     let row_bytes = bpr / SUB_BLOCKS * size_of::<BlockIQ4XS>();
@@ -602,7 +626,7 @@ unsafe fn interleaved_iq4_xs(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: Product
     let (mut groups, tail) = out.split_at_row(grouped);
     // SAFETY: the set's features are present.
     unsafe {
-        row_lanes::gemm_interleaved_iq4_xs(&w[..grouped * row_bytes], a, bpr, &mut groups);
+        row_lanes::gemm_interleaved_iq4_xs::<AMX>(&w[..grouped * row_bytes], a, bpr, &mut groups);
         if grouped < rows {
             super::iq4_xs::gemm_rows(
                 bytemuck::cast_slice(&w[grouped * row_bytes..]),
@@ -618,6 +642,7 @@ unsafe fn interleaved_iq4_xs(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: Product
 /// past them (as they lie) on the product of `D` and `Y` over rows.
 #[inline(always)]
 unsafe fn interleaved<
+    const AMX: bool,
     G: row_lanes::Groups,
     D: Few + super::LaneDot<W = <D as BlockDot>::W>,
     Y: super::LaneDot<W = <D as BlockDot>::W>,
@@ -637,7 +662,7 @@ unsafe fn interleaved<
     let (mut groups, tail) = out.split_at_row(grouped);
     // SAFETY: the set's features are present.
     unsafe {
-        row_lanes::gemm_interleaved::<G>(&w[..grouped * row_bytes], a, bpr, &mut groups);
+        row_lanes::gemm_interleaved::<G, AMX>(&w[..grouped * row_bytes], a, bpr, &mut groups);
         if grouped < rows {
             gemm_quant::<D, Y>(
                 bytemuck::cast_slice(&w[grouped * row_bytes..]),

@@ -132,6 +132,7 @@ macro_rules! vnni_byte_dot {
     };
 }
 
+pub mod amx;
 pub mod avx2;
 pub mod avx512;
 mod iq4_xs;

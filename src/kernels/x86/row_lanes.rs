@@ -156,7 +156,7 @@ unsafe fn row_scales<W: super::Block32>(w: *const W, stride: usize) -> __m512 {
 }
 
 /// Where a product's 16-row tiles come from, block by block.
-trait RowTiles {
+pub(super) trait RowTiles {
     /// The activation correction: the integer dot is `dot(u, a) - BIAS * sum(a)`.
     const BIAS: i32;
     /// Whether lanes hold rows permuted (lane `4L + m`: row `4m + L`) rather than in order.
@@ -443,7 +443,7 @@ pub(crate) unsafe fn gemm_rows16<W: RowBlock + super::Block32>(
 /// `W[r] . A[t]` for every row of a matrix interleaved in groups of format `G` (`w`: whole groups of 16 rows of
 /// `bpr` blocks) and every token of `a`.
 #[inline(always)]
-pub(crate) unsafe fn gemm_interleaved<G: Groups>(
+pub(crate) unsafe fn gemm_interleaved<G: Groups, const AMX: bool>(
     w: &[u8],
     a: &[BlockQ8_0],
     bpr: usize,
@@ -457,14 +457,14 @@ pub(crate) unsafe fn gemm_interleaved<G: Groups>(
     assert!(bpr > 0 && w.len().is_multiple_of(src.group_bytes()));
     let n = a.len() / bpr;
     crate::kernels::check_shape(out, src.tiles() * 16, n);
-    // SAFETY: the set's features are present.
-    unsafe { gemm_tiles(&src, a, bpr, 0, n, out) };
+    // SAFETY: the set's features are present (and with AMX, the tile state was granted).
+    unsafe { gemm_tiles_on::<_, AMX>(&src, a, bpr, n, out) };
 }
 
 /// `W[r] . A[t]` for every row of an IQ4_XS matrix interleaved in groups of 16 (`w`: whole groups of rows of
 /// `bpr / 8` super-blocks) and every token of `a`.
 #[inline(always)]
-pub(crate) unsafe fn gemm_interleaved_iq4_xs(
+pub(crate) unsafe fn gemm_interleaved_iq4_xs<const AMX: bool>(
     w: &[u8],
     a: &[BlockQ8_0],
     bpr: usize,
@@ -474,8 +474,34 @@ pub(crate) unsafe fn gemm_interleaved_iq4_xs(
     assert!(bpr > 0 && bpr.is_multiple_of(SUB_BLOCKS) && w.len().is_multiple_of(src.group_bytes()));
     let n = a.len() / bpr;
     crate::kernels::check_shape(out, src.tiles() * 16, n);
-    // SAFETY: the set's features are present.
-    unsafe { gemm_tiles(&src, a, bpr, 0, n, out) };
+    // SAFETY: the set's features are present (and with AMX, the tile state was granted).
+    unsafe { gemm_tiles_on::<_, AMX>(&src, a, bpr, n, out) };
+}
+
+/// Every tile of `src` x all `n` tokens: in a set with AMX, the tokens `amx::tokens_on_tiles` picks on the tile
+/// unit and the rest on the row lanes. (The two give the same bits: see `amx`.)
+#[inline(always)]
+unsafe fn gemm_tiles_on<R: RowTiles, const AMX: bool>(
+    src: &R,
+    a: &[BlockQ8_0],
+    bpr: usize,
+    n: usize,
+    out: &mut ProductOut,
+) {
+    let on_tiles = if AMX {
+        super::amx::tokens_on_tiles(n)
+    } else {
+        0
+    };
+    // SAFETY: the caller's promises, passed on.
+    unsafe {
+        if on_tiles > 0 {
+            super::amx::gemm_tiles(src, a, bpr, on_tiles, out);
+        }
+        if on_tiles < n {
+            gemm_tiles(src, a, bpr, on_tiles, n, out);
+        }
+    }
 }
 
 /// Every tile of `src` x tokens `t0..t1`, in passes of up to 16 tokens. The caller checked the output's shape.
