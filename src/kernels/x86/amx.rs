@@ -1,24 +1,27 @@
-//! AMX (Advanced Matrix Extensions, Sapphire Rapids and later): the interleaved 32-block products for many tokens
-//! on the tile unit, `tdpbssd` multiplying 16 tokens' activation bytes by 16 rows' weight bytes into a 16 x 16
-//! tile of exact i32 dots in one instruction.
+//! AMX (Advanced Matrix Extensions, Sapphire Rapids and later): the interleaved 32-block products and the
+//! k-quant products for many tokens on the tile unit, `tdpbssd` multiplying 16 tokens' activation bytes by 16
+//! rows' weight bytes into a 16 x 16 tile of exact i32 dots in one instruction.
 //!
 //! Why it pays: a prompt's products are compute-bound, and `vpdpbusd` on 512 bits is 64 byte products per
-//! instruction where one `tdpbssd` over a 32-byte block is 8192. Measured on this project's 2-vCPU Sapphire
-//! Rapids VM (C, one core): the loop below (4 tiles of 16 x 16 per block, tiles stored and scaled into f32 with
-//! AVX-512) runs 357 G byte-products/s, against about 130 for the VNNI row-lane kernel inside a whole prompt.
-//! The tile unit itself is faster still (1700 G/s with nothing stored); storing the tiles and scaling them is
-//! the cost, and it is the same per block as the VNNI kernel's float step.
+//! instruction where one `tdpbssd` is 8192 (K = 32) or 16384 (K = 64). The tile unit itself is not the limit
+//! (C, one core of this project's 2-vCPU Sapphire Rapids VM: 1700 G byte-products/s with nothing stored);
+//! storing each block's tiles and scaling them into f32 with AVX-512 is, and for the 32-block formats that is
+//! the same per block as the VNNI kernel's float step. Measured with `cargo bench --bench kernels -- probe
+//! FORMAT 512 N 1024 ITERS` (one thread, a 512 x 1024 matrix from L2, G products/s, VNNI / tiles): `q4_0i`
+//! N = 128: 191 / 308; `q4_k` 160 / 280; `q6_k` 133 / 175. Whole prompts (`quarry bench -p 512 -n 0`, 2 threads,
+//! `QUARRY_KERNEL=avx512vnni` / `avx512amx`, alternating): Q4_0 435 / 570, Q8_0 425 / 566, IQ4_NL 414 / 544,
+//! IQ4_XS 414 / 555, Q4_K_M 330 / 520 tok/s.
 //!
-//! Batch invariance: the tile holds each (token, row, block)'s exact integer dot, the same integer the VNNI
-//! row-lane kernel builds from unsigned weights and a correction, and each is scaled and accumulated with that
-//! kernel's float step, block by block in order (`acc = fma(cvt(isum), da * dw, acc)`). So a token's outputs are
-//! the same bits whichever kernel computes them, and the set can choose by token count.
+//! Batch invariance: the tiles hold each (token, row, block)'s exact integer dot, the same integer the VNNI
+//! kernels build, and each is scaled and accumulated with that kernel's float steps, block by block in order
+//! (`acc = fma(cvt(isum), da * dw, acc)`, the k-quants' steps in `kquant.rs`). So a token's outputs are the same
+//! bits whichever kernel computes them, and the set can choose by token count (`tokens_on_tiles`).
 //!
-//! The operands: A (tiles 4 and 5) is 16 tokens' 32 quant bytes of one activation block, read in place from the
-//! `BlockQ8_0` array (`tileloadd` takes a row stride: the rows are `bpr` blocks apart), or from a zero-padded copy
-//! for the last tokens; B (tiles 6 and 7) is one block of 16 rows in the layout `tdpbssd` wants, 8 rows of 64 bytes,
-//! row `k` holding dword `k` of every weight row: exactly the 8 vectors `RowTiles::block` returns, made signed
-//! and stored to a 512-byte buffer. C (tiles 0 to 3) is 2 token tiles x 2 row groups, zeroed per block.
+//! The 32-block operands: A (tiles 4 and 5) is 16 tokens' 32 quant bytes of one activation block, copied per
+//! pass into contiguous zero-padded tiles; B (tiles 6 and 7) is one block of 16 rows in the layout `tdpbssd`
+//! wants, 8 rows of 64 bytes, row `k` holding dword `k` of every weight row: exactly the 8 vectors
+//! `RowTiles::block` returns, made signed and stored to a 512-byte buffer. C (tiles 0 to 3) is 2 token tiles x 2
+//! row groups, zeroed per block. The k-quants: see "K-quants" below.
 //!
 //! The instructions are written with `asm!` (Rust's AMX intrinsics are unstable); the tiles are not registers
 //! the compiler knows, so each call configures them first and releases them before it returns (a thread
@@ -35,12 +38,12 @@ use super::row_lanes::RowTiles;
 use super::{f16_bits_to_f32, grow, scratch};
 use crate::kernels::ProductOut;
 
-/// How many of a product's `n` tokens (the first ones) run on the tile unit; the rest run on the VNNI row
-/// lanes. A tile of 16 tokens costs the same however many of its rows are padding, where the row lanes' cost
-/// grows with the token count, so the tile unit takes whole tiles, and a last partial one only from 8 tokens.
-/// Measured with `cargo bench --bench kernels -- probe q4_0i 512 N 1024 ITERS` (one 512 x 1024 Q4_0 matrix from
-/// L2, one thread, G products/s, row lanes / all on tiles): N = 12: 191 / 192, 16: 193 / 200, 20: 180 / 151,
-/// 24: 180 / 185, 32: 202 / 269, 128: 191 / 308.
+/// How many of a product's `n` tokens (the first ones) run on the tile unit; the rest run on the VNNI kernels.
+/// A tile of 16 tokens costs the same however many of its rows are padding, where the VNNI kernels' cost grows
+/// with the token count, so the tile unit takes whole tiles, and a last partial one only from 8 tokens.
+/// Measured with the probe above (VNNI / tiles): `q4_0i` N = 12: 191 / 192, 16: 193 / 200, 20: 180 / 151 (all on
+/// tiles; 191 with the last 4 on the row lanes), 24: 180 / 185, 32: 202 / 269; `q4_k` 16: 132 / 131, 24: 106 /
+/// 147; `q6_k` 16: 108 / 98, 24: 85 / 88, 32: 122 / 126.
 pub(crate) fn tokens_on_tiles(n: usize) -> usize {
     let (full, rest) = (n / 16, n % 16);
     match (full, rest) {
@@ -158,6 +161,10 @@ struct CTiles([[i32; 256]; 4]);
 #[repr(C, align(64))]
 struct BTiles([[i8; 512]; 2]);
 
+/// Tokens per pass over the weights: the pass's activations (A tiles and scales, about 33 bytes per token and
+/// 32 weights) and accumulators stay in L2, and `reserve_scratch` can size them up front.
+pub(super) const CHUNK_TOKENS: usize = 128;
+
 /// `W[r] . A[t]` for every row of `src` (whole groups of 16) and the first `n` tokens of `a` (at least one), on
 /// the tile unit. The caller checked the output's shape and that [`granted`] holds; the set's AVX-512 features
 /// are present.
@@ -170,6 +177,26 @@ pub(super) unsafe fn gemm_tiles<R: RowTiles>(
     out: &mut ProductOut,
 ) {
     assert!(n > 0 && n * bpr <= a.len() && n <= out.tokens());
+    let mut t0 = 0;
+    while t0 < n {
+        let t1 = (t0 + CHUNK_TOKENS).min(n);
+        // SAFETY: the caller's promises, for tokens t0..t1.
+        unsafe { gemm_tiles_chunk(src, a, bpr, t0, t1, out) };
+        t0 = t1;
+    }
+}
+
+/// [`gemm_tiles`] for tokens `t0..t1`, at most `CHUNK_TOKENS`.
+#[inline(always)]
+unsafe fn gemm_tiles_chunk<R: RowTiles>(
+    src: &R,
+    a: &[BlockQ8_0],
+    bpr: usize,
+    t0: usize,
+    t1: usize,
+    out: &mut ProductOut,
+) {
+    let n = t1 - t0;
     let token_tiles = n.div_ceil(16);
     let padded = token_tiles * 16;
     // SAFETY: see `scratch`.
@@ -185,7 +212,7 @@ pub(super) unsafe fn gemm_tiles<R: RowTiles>(
         let (tt, m) = (t / 16, t % 16);
         for b in 0..bpr {
             let row = &mut at[(tt * bpr + b) * 512 + 32 * m..][..32];
-            match a.get(t * bpr + b).filter(|_| t < n) {
+            match a.get((t0 + t) * bpr + b).filter(|_| t < n) {
                 Some(blk) => {
                     // SAFETY: F16C is present.
                     da[b * padded + t] = unsafe { f16_bits_to_f32(blk.d.to_bits()) };
@@ -215,7 +242,6 @@ pub(super) unsafe fn gemm_tiles<R: RowTiles>(
         let mut g = 0;
         while g < groups {
             let pair = (groups - g).min(2);
-            acc.fill(0.0);
             let mut dw = [_mm512_setzero_ps(); 2];
             for b in 0..bpr {
                 for (i, dwi) in dw.iter_mut().enumerate().take(pair) {
@@ -263,6 +289,7 @@ pub(super) unsafe fn gemm_tiles<R: RowTiles>(
                         &ct.0[..pair],
                         &da[b * padded + 16 * tt..][..16],
                         &dw,
+                        b == 0,
                         &mut acc[512 * tt..],
                     );
                     if !next {
@@ -284,6 +311,7 @@ pub(super) unsafe fn gemm_tiles<R: RowTiles>(
                         &ct.0[2..2 + pair],
                         &da[b * padded + 16 * (tt + 1)..][..16],
                         &dw,
+                        b == 0,
                         &mut acc[512 * (tt + 1)..],
                     );
                     if !next {
@@ -293,7 +321,7 @@ pub(super) unsafe fn gemm_tiles<R: RowTiles>(
                 }
             }
             for t in 0..n {
-                let o = out.as_mut_ptr().add(t * out.stride() + 16 * g);
+                let o = out.as_mut_ptr().add((t0 + t) * out.stride() + 16 * g);
                 for i in 0..pair {
                     _mm512_storeu_ps(
                         o.add(16 * i),
@@ -308,10 +336,16 @@ pub(super) unsafe fn gemm_tiles<R: RowTiles>(
 }
 
 /// The VNNI row-lane kernel's float step for a token tile's C tiles (one per row group `i`, scales `dw[i]`),
-/// accumulating into `acc` (token `m`'s 32 rows at `32 m`, group `i`'s at `+ 16 i`):
-/// `acc = fma(cvt(isum), da * dw, acc)`.
+/// accumulating into `acc` (token `m`'s 32 rows at `32 m`, group `i`'s at `+ 16 i`; on the `first` block, into
+/// zeros instead of whatever `acc` holds): `acc = fma(cvt(isum), da * dw, acc)`.
 #[inline(always)]
-unsafe fn scale_tiles(c: &[[i32; 256]], da: &[f32], dw: &[__m512; 2], acc: &mut [f32]) {
+unsafe fn scale_tiles(
+    c: &[[i32; 256]],
+    da: &[f32],
+    dw: &[__m512; 2],
+    first: bool,
+    acc: &mut [f32],
+) {
     debug_assert!(c.len() <= 2 && da.len() == 16 && acc.len() >= 512);
     // SAFETY: each tile holds 16 rows of 16; `acc` 16 rows of 32.
     unsafe {
@@ -320,9 +354,369 @@ unsafe fn scale_tiles(c: &[[i32; 256]], da: &[f32], dw: &[__m512; 2], acc: &mut 
                 let isum = _mm512_load_si512(ci.as_ptr().add(16 * m) as *const _);
                 let scale = _mm512_mul_ps(_mm512_set1_ps(d), dw[i]);
                 let p = acc.as_mut_ptr().add(32 * m + 16 * i);
+                let prev = if first {
+                    _mm512_setzero_ps()
+                } else {
+                    _mm512_loadu_ps(p)
+                };
+                _mm512_storeu_ps(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, prev));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// K-quants (Q4_K, Q5_K, Q6_K against Q8_K), rows as they lie.
+//
+// A 256-block's integer dot is `sum over groups of sc_g * dot_g` (plus Q4_K/Q5_K's mins term `sum(min_g *
+// bsum_g)`, Q6_K's `-32` offset), and the lane kernel scales it once per block. Taking each group's dot from a
+// tile and multiplying it by its scale in vector registers would cost more per block than the 32-block
+// formats' whole float step; instead the scale goes into the weight bytes. `sc_g * w` does not fit a byte, so
+// the scale is split into digits small enough that `digit * w` does (Q4_K: two base-8 digits of a 6-bit
+// scale times a 4-bit quant, at most 105; Q5_K: three base-4 digits times 5 bits, 93; Q6_K: the scale plus 128
+// in four base-4 digits times `q - 32`, 96), and the tile unit computes one product per digit over all 256
+// weights: `isum = sum_i base^i * C_i`, exactly the lane kernel's integer. One more product gives the second
+// term: the mins themselves as weight bytes (`C = sum(min_g * bsum_g)`), or Q6_K's `q - 32` (the `-128` of
+// the shifted scale). So a block's tile work is 3 to 5 products of K = 256, and its float steps are the lane
+// kernel's, once per block.
+
+use super::kquant::{KFormat, KQuant, WI};
+use super::row_lanes::{lane_row, transpose_16x4};
+use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
+
+/// A k-quant's scale split into digits for the tile unit.
+pub(super) trait KDigits: KFormat {
+    /// Bits per digit.
+    const DIGIT_BITS: u32;
+    /// Digits per scale; the tile products are these and one more (`DIGITS + 1 <= 5`).
+    const DIGITS: usize;
+}
+
+impl KDigits for BlockQ4K {
+    const DIGIT_BITS: u32 = 3;
+    const DIGITS: usize = 2;
+}
+
+impl KDigits for BlockQ5K {
+    const DIGIT_BITS: u32 = 2;
+    const DIGITS: usize = 3;
+}
+
+impl KDigits for BlockQ6K {
+    const DIGIT_BITS: u32 = 2;
+    const DIGITS: usize = 4;
+}
+
+/// Tiles 0-4: C; 5: A (16 tokens x 64 bytes); 6-7: B (16 rows of 64 bytes: K = 64 of 16 weight rows).
+const K_CONFIG: TileConfig = {
+    let mut colsb = [0u16; 16];
+    let mut rows = [0u8; 16];
+    let mut t = 0;
+    while t < 8 {
+        (colsb[t], rows[t]) = (64, 16);
+        t += 1;
+    }
+    TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb,
+        rows,
+        reserved2: [0; 16],
+    }
+};
+
+/// One 256-block of 16 rows as B tiles: per product, 4 tiles of K = 64 (`[product][dword of the block]`, 64
+/// bytes each: the dword of every row, in the permuted lane order of `transpose_16x4`).
+#[repr(C, align(64))]
+struct KBTiles([[[u8; 64]; 64]; 5]);
+
+/// 16 rows' blocks unpacked to quants in weight order.
+#[repr(C, align(64))]
+struct KQuants([[u8; 256]; 16]);
+
+/// Five C tiles.
+#[repr(C, align(64))]
+struct KCTiles([[i32; 256]; 5]);
+
+/// `W[r] . A[t]` for every row of `w` (a multiple of 16 rows of `bpr` 256-blocks) and the first `n` tokens of `a`,
+/// on the tile unit; the results are the lane kernel's bits. The caller checked the output's shape and that
+/// [`granted`] holds; the set's AVX-512 features are present.
+#[inline(always)]
+pub(super) unsafe fn gemm_kquant<K: KQuant>(
+    w: &[K::W],
+    a: &[BlockQ8K],
+    bpr: usize,
+    n: usize,
+    out: &mut ProductOut,
+) where
+    K::W: KDigits,
+{
+    assert!(n > 0 && n * bpr <= a.len() && n <= out.tokens());
+    assert!(w.len().is_multiple_of(16 * bpr) && w.len() / bpr <= out.rows());
+    let mut t0 = 0;
+    while t0 < n {
+        let t1 = (t0 + CHUNK_TOKENS).min(n);
+        // SAFETY: the caller's promises, for tokens t0..t1.
+        unsafe { gemm_kquant_chunk::<K>(w, a, bpr, t0, t1, out) };
+        t0 = t1;
+    }
+}
+
+/// [`gemm_kquant`] for tokens `t0..t1`, at most `CHUNK_TOKENS`.
+#[inline(always)]
+unsafe fn gemm_kquant_chunk<K: KQuant>(
+    w: &[K::W],
+    a: &[BlockQ8K],
+    bpr: usize,
+    t0: usize,
+    t1: usize,
+    out: &mut ProductOut,
+) where
+    K::W: KDigits,
+{
+    let n = t1 - t0;
+    let token_tiles = n.div_ceil(16);
+    let padded = token_tiles * 16;
+    let products = K::W::DIGITS + 1;
+    // SAFETY: see `scratch`.
+    let s = unsafe { &mut *scratch() };
+    // A tiles: `((tt * bpr + b) * 4 + c) * 1024`, 16 tokens x 64 quants of block b; scales `da[b * padded + t]`.
+    grow(&mut s.da, bpr * padded);
+    grow(&mut s.w, token_tiles * bpr * 4096);
+    let da = &mut s.da[..bpr * padded];
+    let at = &mut s.w[..token_tiles * bpr * 4096];
+    for t in 0..padded {
+        let (tt, m) = (t / 16, t % 16);
+        for b in 0..bpr {
+            let blk = a.get((t0 + t) * bpr + b).filter(|_| t < n);
+            da[b * padded + t] = blk.map_or(0.0, |blk| blk.d);
+            for c in 0..4 {
+                let row = &mut at[((tt * bpr + b) * 4 + c) * 1024 + 64 * m..][..64];
+                match blk {
+                    Some(blk) => {
+                        row.copy_from_slice(bytemuck::cast_slice(&blk.qs[64 * c..64 * c + 64]))
+                    }
+                    None => row.fill(0),
+                }
+            }
+        }
+    }
+    grow(&mut s.dw, padded * 16);
+    let acc = &mut s.dw[..padded * 16];
+    let (da, at) = (&s.da[..bpr * padded], &s.w[..token_tiles * bpr * 4096]);
+
+    let mut q = KQuants([[0; 256]; 16]);
+    let mut sc = [[0i32; 16]; 16];
+    let mut wi = [0i32; WI];
+    let mut f = [0f32; 2];
+    let mut dl = [0f32; 16];
+    let mut dml = [0f32; 16];
+    let mut bt = KBTiles([[[0; 64]; 64]; 5]);
+    let mut ct = KCTiles([[0; 256]; 5]);
+    let group_dwords = 64 / K::W::GROUPS;
+    // Output row r is lane 4 (r % 4) + r / 4 of the permuted tiles.
+    // SAFETY: AVX-512 is present.
+    let unpermute =
+        unsafe { _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15) };
+    // SAFETY: tile state was granted (the caller); tile loads read 16 rows of 64 bytes inside `at` or `bt`; stores
+    // write 1 KiB into `ct`; every block read is row < rows, block < bpr; `acc` holds 16 floats per padded token,
+    // the output 16 per token and row group.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) &K_CONFIG, options(nostack, preserves_flags, readonly));
+        for g in 0..w.len() / (16 * bpr) {
+            for b in 0..bpr {
+                // The 16 rows' quants, scales (lane order: lane p is row `lane_row(p)`) and float scales.
+                for p in 0..16 {
+                    // The next group's block, requested now: 16 rows a whole row apart, which the hardware
+                    // prefetchers do not follow.
+                    let next = (w.as_ptr().wrapping_add((16 * (g + 1) + p) * bpr + b)) as *const i8;
+                    for line in 0..size_of::<K::W>().div_ceil(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line));
+                    }
+                    let blk = w.as_ptr().add((16 * g + lane_row(p)) * bpr + b);
+                    K::quants(blk, q.0[lane_row(p)].as_mut_ptr());
+                    (*blk).prep_scales(wi.as_mut_ptr(), f.as_mut_ptr());
+                    for (gr, scg) in sc.iter_mut().enumerate().take(K::W::GROUPS) {
+                        scg[p] = if K::W::OFFSET32 { wi[gr] + 128 } else { wi[gr] };
+                    }
+                    if !K::W::OFFSET32 {
+                        // The mins, from their word pairs, go where Q6_K has no use for the scales' rows 8..16.
+                        for gr in 0..8 {
+                            sc[8 + gr][p] = (wi[8 + gr / 2] >> (16 * (gr % 2))) & 0xffff;
+                        }
+                    }
+                    (dl[p], dml[p]) = (f[0], -f[1]);
+                }
+                build_b_tiles::<K::W>(&q, &sc, group_dwords, &mut bt);
+                let (dv, dmv) = (_mm512_loadu_ps(dl.as_ptr()), _mm512_loadu_ps(dml.as_ptr()));
+                for tt in 0..token_tiles {
+                    k_tile_products(at.as_ptr().add((tt * bpr + b) * 4096), &bt, products);
+                    k_tile_store(&mut ct, products);
+                    let rows = &da[b * padded + 16 * tt..][..16];
+                    scale_k_tile::<K::W>(&ct, rows, dv, dmv, b == 0, &mut acc[256 * tt..]);
+                }
+            }
+            for t in 0..n {
+                let o = out.as_mut_ptr().add((t0 + t) * out.stride() + 16 * g);
+                let v = _mm512_loadu_ps(acc.as_ptr().add(16 * t));
+                _mm512_storeu_ps(o, _mm512_permutexvar_ps(unpermute, v));
+            }
+        }
+        asm!("tilerelease", options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// The B tiles of one block of 16 rows: the quants transposed to `[dword][row]`, then per digit `i` each dword
+/// times its group's digit (row by row), and the last product (mins, or Q6_K's `q - 32`).
+#[inline(always)]
+unsafe fn build_b_tiles<W: KDigits>(
+    q: &KQuants,
+    sc: &[[i32; 16]; 16],
+    group_dwords: usize,
+    bt: &mut KBTiles,
+) {
+    // SAFETY: AVX-512 BW is present; `q` holds 16 rows of 256 bytes, `bt` 5 x 64 x 64.
+    unsafe {
+        let odd_bytes: __mmask64 = 0xAAAA_AAAA_AAAA_AAAA;
+        let digit_mask = _mm512_set1_epi32((1 << W::DIGIT_BITS) - 1);
+        for chunk in 0..16 {
+            let dwords = transpose_16x4(q.0.as_ptr().cast::<u8>().add(16 * chunk), 256);
+            for (k, &v) in dwords.iter().enumerate() {
+                let j = 4 * chunk + k;
+                let grp = j / group_dwords;
+                let wv = if W::OFFSET32 {
+                    _mm512_sub_epi8(v, _mm512_set1_epi8(32))
+                } else {
+                    v
+                };
+                let scv = _mm512_loadu_si512(sc[grp].as_ptr() as *const _);
+                for i in 0..W::DIGITS {
+                    let digit = _mm512_and_si512(
+                        _mm512_srl_epi32(scv, _mm_cvtsi32_si128((W::DIGIT_BITS * i as u32) as i32)),
+                        digit_mask,
+                    );
+                    // Bytes [d, 0, d, 0] and [0, d, 0, d]: `vpmaddubsw` then gives each even (odd) weight times d
+                    // as a word, whose low byte is the product (it fits a signed byte).
+                    let even = _mm512_or_si512(digit, _mm512_slli_epi32::<16>(digit));
+                    let lo = _mm512_maddubs_epi16(even, wv);
+                    let hi = _mm512_maddubs_epi16(_mm512_slli_epi32::<8>(even), wv);
+                    let prod = _mm512_mask_blend_epi8(odd_bytes, lo, _mm512_slli_epi16::<8>(hi));
+                    _mm512_store_si512(bt.0[i][j].as_mut_ptr() as *mut _, prod);
+                }
+                let last = if W::OFFSET32 {
+                    wv
+                } else {
+                    // The group's min in every byte of the row's dword.
+                    let m = _mm512_loadu_si512(sc[8 + grp].as_ptr() as *const _);
+                    _mm512_mullo_epi32(m, _mm512_set1_epi32(0x0101_0101))
+                };
+                _mm512_store_si512(bt.0[W::DIGITS][j].as_mut_ptr() as *mut _, last);
+            }
+        }
+    }
+}
+
+macro_rules! k_product {
+    ($c:literal, $b:literal, $p:expr) => {
+        asm!(concat!("tileloadd tmm", $b, ", [{p} + {s}*1]\n", "tdpbssd tmm", $c, ", tmm5, tmm", $b),
+            p = in(reg) $p, s = in(reg) 64usize, options(nostack, preserves_flags, readonly))
+    };
+}
+
+/// The `products` C tiles of one token tile (A tiles at `at`: 4 of K = 64) x one block of 16 rows.
+#[inline(always)]
+unsafe fn k_tile_products(at: *const u8, bt: &KBTiles, products: usize) {
+    // SAFETY: tile state is configured (`K_CONFIG`); `at` holds 4 A tiles, `bt` the products' B tiles.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            options(nomem, nostack, preserves_flags)
+        );
+        if products > 3 {
+            asm!("tilezero tmm3", options(nomem, nostack, preserves_flags));
+        }
+        if products > 4 {
+            asm!("tilezero tmm4", options(nomem, nostack, preserves_flags));
+        }
+        for c in 0..4 {
+            tile_load!("5", at.add(1024 * c), 64usize);
+            let b = |i: usize| bt.0[i][16 * c].as_ptr();
+            k_product!("0", "6", b(0));
+            k_product!("1", "7", b(1));
+            k_product!("2", "6", b(2));
+            if products > 3 {
+                k_product!("3", "7", b(3));
+            }
+            if products > 4 {
+                k_product!("4", "6", b(4));
+            }
+        }
+    }
+}
+
+/// Stores the `products` C tiles.
+#[inline(always)]
+unsafe fn k_tile_store(ct: &mut KCTiles, products: usize) {
+    // SAFETY: tile state is configured; each store writes 1 KiB into `ct`.
+    unsafe {
+        tile_store!("0", ct.0[0].as_mut_ptr());
+        tile_store!("1", ct.0[1].as_mut_ptr());
+        tile_store!("2", ct.0[2].as_mut_ptr());
+        if products > 3 {
+            tile_store!("3", ct.0[3].as_mut_ptr());
+        }
+        if products > 4 {
+            tile_store!("4", ct.0[4].as_mut_ptr());
+        }
+    }
+}
+
+/// The lane kernel's float steps for each token of a tile (row `m` of every C tile; `acc` row `m` at `16 m`, read
+/// as zeros on the `first` block):
+/// `isum = sum_i C_i << (DIGIT_BITS * i)`; Q4_K/Q5_K `acc = fma(cvt(isum), da * d, acc)` then
+/// `acc = fma(cvt(m), da * -dmin, acc)`; Q6_K `acc = fma(cvt(isum - 128 C_last), da * d, acc)`.
+#[inline(always)]
+unsafe fn scale_k_tile<W: KDigits>(
+    ct: &KCTiles,
+    da: &[f32],
+    d: __m512,
+    dmin: __m512,
+    first: bool,
+    acc: &mut [f32],
+) {
+    debug_assert!(da.len() == 16 && acc.len() >= 256);
+    // SAFETY: every tile holds 16 rows of 16; `acc` 16 rows of 16.
+    unsafe {
+        for (m, &dam) in da.iter().enumerate() {
+            // (No closure for the row loads: it would be compiled without the target features.)
+            let mut isum = _mm512_load_si512(ct.0[0].as_ptr().add(16 * m) as *const _);
+            for i in 1..W::DIGITS {
+                let ci = _mm512_load_si512(ct.0[i].as_ptr().add(16 * m) as *const _);
+                let shift = _mm_cvtsi32_si128((W::DIGIT_BITS * i as u32) as i32);
+                isum = _mm512_add_epi32(isum, _mm512_sll_epi32(ci, shift));
+            }
+            let last = _mm512_load_si512(ct.0[W::DIGITS].as_ptr().add(16 * m) as *const _);
+            let p = acc.as_mut_ptr().add(16 * m);
+            let prev = if first {
+                _mm512_setzero_ps()
+            } else {
+                _mm512_loadu_ps(p)
+            };
+            let da = _mm512_set1_ps(dam);
+            if W::OFFSET32 {
+                let isum = _mm512_sub_epi32(isum, _mm512_slli_epi32::<7>(last));
                 _mm512_storeu_ps(
                     p,
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, _mm512_loadu_ps(p)),
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(da, d), prev),
+                );
+            } else {
+                let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(da, d), prev);
+                _mm512_storeu_ps(
+                    p,
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(last), _mm512_mul_ps(da, dmin), v),
                 );
             }
         }

@@ -41,16 +41,21 @@ pub(in crate::kernels) static SET: Kernels = x86_set!(
     Some(gemm_iq4_xs_interleaved)
 );
 
-/// AVX-512 VNNI with the interleaved products of many tokens on AMX's tile unit (`x86/amx.rs`); only handed out
-/// by `kernels::available` after `detected()` and `amx::granted()`.
-pub(in crate::kernels) static SET_AMX: Kernels = x86_set!(
-    "avx512amx",
-    crate::kernels::ops::x86::AVX512,
-    Some(gemm_q4_0_interleaved_amx),
-    Some(gemm_q8_0_interleaved_amx),
-    Some(gemm_iq4_nl_interleaved_amx),
-    Some(gemm_iq4_xs_interleaved_amx)
-);
+/// AVX-512 VNNI with the interleaved and k-quant products of many tokens on AMX's tile unit (`x86/amx.rs`); only
+/// handed out by `kernels::available` after `detected()` and `amx::granted()`.
+pub(in crate::kernels) static SET_AMX: Kernels = Kernels {
+    gemm_q4_k: gemm_q4_k_amx,
+    gemm_q5_k: gemm_q5_k_amx,
+    gemm_q6_k: gemm_q6_k_amx,
+    ..x86_set!(
+        "avx512amx",
+        crate::kernels::ops::x86::AVX512,
+        Some(gemm_q4_0_interleaved_amx),
+        Some(gemm_q8_0_interleaved_amx),
+        Some(gemm_iq4_nl_interleaved_amx),
+        Some(gemm_iq4_xs_interleaved_amx)
+    )
+};
 
 /// 512-bit vectors: 16 lanes.
 pub(crate) struct Zmm;
@@ -246,12 +251,18 @@ target_feature_entries! { "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
         interleaved::<true, row_lanes::IQ4NLGroups, IQ4<Vnni512>, IQ4<Vnni256>>(w, a, bpr, out);
     fn gemm_iq4_xs_interleaved_amx(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         interleaved_iq4_xs::<true>(w, a, bpr, out);
+    fn gemm_q4_k_amx(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K, true>(w, a, bpr, out);
+    fn gemm_q5_k_amx(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        kquant::gemm::<kquant::Q5K, super::avx2::kquant::Q5K, true>(w, a, bpr, out);
+    fn gemm_q6_k_amx(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        kquant::gemm::<kquant::Q6K, super::avx2::kquant::Q6K, true>(w, a, bpr, out);
     fn gemm_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
-        kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K>(w, a, bpr, out);
+        kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K, false>(w, a, bpr, out);
     fn gemm_q5_k(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
-        kquant::gemm::<kquant::Q5K, super::avx2::kquant::Q5K>(w, a, bpr, out);
+        kquant::gemm::<kquant::Q5K, super::avx2::kquant::Q5K, false>(w, a, bpr, out);
     fn gemm_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
-        kquant::gemm::<kquant::Q6K, super::avx2::kquant::Q6K>(w, a, bpr, out);
+        kquant::gemm::<kquant::Q6K, super::avx2::kquant::Q6K, false>(w, a, bpr, out);
     fn gemm_f32(w: &[f32], a: &[f32], cols: usize, out: ProductOut) = gemm_float::<f32>(w, a, cols, out);
     fn gemm_f16(w: &[f16], a: &[f32], cols: usize, out: ProductOut) = gemm_float::<f16>(w, a, cols, out);
     fn gemm_bf16(w: &[bf16], a: &[f32], cols: usize, out: ProductOut) =

@@ -221,6 +221,12 @@ pub fn reserve_scratch(max_cols: usize) {
     grow(&mut s.corr, (t * b).max(f * b * 8).max(octet_lanes));
     grow(&mut s.w, 8 * b * 64);
     grow(&mut s.dw, 8 * b);
+    // The tile kernels (`amx`): per pass of `amx::CHUNK_TOKENS`, `w` holds the A tiles (32 bytes per token and
+    // 32-block), `da` a scale per token and 32-block (k-quants: per 256-block), `dw` 32 accumulators per token.
+    let at = amx::CHUNK_TOKENS;
+    grow(&mut s.w, at * b * 32);
+    grow(&mut s.da, at * b);
+    grow(&mut s.dw, at * 32);
     grow(&mut s.wi, 8 * max_cols.div_ceil(256) * kquant::WI);
 }
 

@@ -54,7 +54,7 @@ unsafe fn rows4(p: *const u8, stride: usize) -> __m512i {
 /// 16 rows' 16 bytes (row `r` at `p + r * stride`) as 4 vectors, vector `k` holding dword `k` of every row
 /// (permuted as the module says). No closures: they would be compiled without the caller's features.
 #[inline(always)]
-unsafe fn transpose_16x4(p: *const u8, stride: usize) -> [__m512i; 4] {
+pub(super) unsafe fn transpose_16x4(p: *const u8, stride: usize) -> [__m512i; 4] {
     unsafe {
         // Z_j's 128-bit lane L is row 4j + L.
         let a = rows4(p, stride);
@@ -76,7 +76,7 @@ unsafe fn transpose_16x4(p: *const u8, stride: usize) -> [__m512i; 4] {
 }
 
 /// The row of lane `p` (`4L + m` holds row `4m + L`).
-const fn lane_row(p: usize) -> usize {
+pub(super) const fn lane_row(p: usize) -> usize {
     4 * (p % 4) + p / 4
 }
 

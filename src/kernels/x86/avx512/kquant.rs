@@ -333,33 +333,69 @@ unsafe fn scaled_dots(q: &[__m512i; 4], sc: &[__m512i; 2], qa: *const i8) -> __m
     }
 }
 
-/// `W[r] . A[t]`: whole vectors of 16 tokens on the lane kernel, a remainder of 9 or more
-/// padded to 16; 4 to 8 on AVX2's 8-token lanes, format `Y` (a half-empty zmm measured slower: 1024 x 1024 at
-/// 8 tokens, 66 against 83 G-MAC/s for Q4_K); fewer on the few-token kernel.
+/// `W[r] . A[t]`: with `AMX`, the tokens `amx::tokens_on_tiles` picks on the tile unit for the whole 16-row groups
+/// (the same bits as the lane kernel's); the rest as [`gemm_tokens`] splits them.
 #[inline(always)]
-pub(crate) unsafe fn gemm<K: KQuant, Y: KQuant<W = K::W>>(
+pub(crate) unsafe fn gemm<K: KQuant, Y: KQuant<W = K::W>, const AMX: bool>(
     w: &[K::W],
     a: &[BlockQ8K],
     bpr: usize,
     mut out: ProductOut,
-) {
+) where
+    K::W: super::super::amx::KDigits,
+{
     if bpr == 0 || a.is_empty() || w.is_empty() {
         return;
     }
     let n = a.len() / bpr;
-    let (whole, rest) = (n / 16 * 16, n % 16);
+    let rows = w.len() / bpr;
+    let rows16 = rows / 16 * 16;
+    let on_tiles = if AMX && rows16 > 0 {
+        super::super::amx::tokens_on_tiles(n)
+    } else {
+        0
+    };
+    // SAFETY: the set's features are present (and with AMX, the tile state was granted).
+    unsafe {
+        if on_tiles > 0 {
+            crate::kernels::check_shape(&out, rows, n);
+            let (mut groups, mut tail) = out.reborrow().split_at_row(rows16);
+            super::super::amx::gemm_kquant::<K>(&w[..rows16 * bpr], a, bpr, on_tiles, &mut groups);
+            if rows16 < rows {
+                gemm_tokens::<K, Y>(&w[rows16 * bpr..], a, bpr, 0, on_tiles, &mut tail);
+            }
+        }
+        if on_tiles < n {
+            gemm_tokens::<K, Y>(w, a, bpr, on_tiles, n, &mut out);
+        }
+    }
+}
+
+/// `W[r] . A[t]` for tokens `t0..t1`: whole vectors of 16 tokens on the lane kernel, a remainder of 9 or more
+/// padded to 16; 4 to 8 on AVX2's 8-token lanes, format `Y` (a half-empty zmm measured slower: 1024 x 1024 at
+/// 8 tokens, 66 against 83 G-MAC/s for Q4_K); fewer on the few-token kernel.
+#[inline(always)]
+unsafe fn gemm_tokens<K: KQuant, Y: KQuant<W = K::W>>(
+    w: &[K::W],
+    a: &[BlockQ8K],
+    bpr: usize,
+    t0: usize,
+    t1: usize,
+    out: &mut ProductOut,
+) {
+    let (whole, rest) = (t0 + (t1 - t0) / 16 * 16, (t1 - t0) % 16);
     unsafe {
         if rest >= 9 {
-            super::super::gemm_lanes::<KLanes<K, Vnni512>, 8>(w, a, bpr, 0, n, &mut out);
+            super::super::gemm_lanes::<KLanes<K, Vnni512>, 8>(w, a, bpr, t0, t1, out);
             return;
         }
-        if whole > 0 {
-            super::super::gemm_lanes::<KLanes<K, Vnni512>, 8>(w, a, bpr, 0, whole, &mut out);
+        if whole > t0 {
+            super::super::gemm_lanes::<KLanes<K, Vnni512>, 8>(w, a, bpr, t0, whole, out);
         }
         if rest >= 4 {
-            super::super::gemm_lanes::<KLanes<Y, Avx2>, 4>(w, a, bpr, whole, n, &mut out);
+            super::super::gemm_lanes::<KLanes<Y, Avx2>, 4>(w, a, bpr, whole, t1, out);
         } else if rest > 0 {
-            gemm_few::<K>(w, a, bpr, whole, n, &mut out);
+            gemm_few::<K>(w, a, bpr, whole, t1, out);
         }
     }
 }
