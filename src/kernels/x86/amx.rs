@@ -383,7 +383,7 @@ unsafe fn scale_tiles(
 // the shifted scale). So a block's tile work is 3 to 5 products of K = 256, and its float steps are the lane
 // kernel's, once per block.
 
-use super::kquant::{KFormat, KQuant, WI};
+use super::kquant::{KFormat, KQuant};
 use super::row_lanes::{lane_row, transpose_16x4};
 use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 
@@ -393,21 +393,110 @@ pub(super) trait KDigits: KFormat {
     const DIGIT_BITS: u32;
     /// Digits per scale; the tile products are these and one more (`DIGITS + 1 <= 5`).
     const DIGITS: usize;
+    /// The integer scales of 16 rows' blocks (`blocks[p]`: lane `p`'s row) as `sc[group]`, one dword per lane:
+    /// Q6_K's plus 128; Q4_K's and Q5_K's mins after them (`sc[8 + group]`). And the float scales `[d, -dmin]`
+    /// (Q6_K: `[d, 0]`) per lane, as the lane kernel's `prep_scales` gives them.
+    unsafe fn lane_scales(blocks: &[*const Self; 16], sc: &mut [__m512i; 16]) -> [__m512; 2];
 }
 
-impl KDigits for BlockQ4K {
-    const DIGIT_BITS: u32 = 3;
-    const DIGITS: usize = 2;
+/// Q4_K's and Q5_K's: each row's 6-bit scales and mins unpacked as 8 bytes (`q4k_scales_mins`), then byte `g`
+/// of the 16 rows' words gathered into lanes.
+#[inline(always)]
+unsafe fn k4_lane_scales(
+    packed: &[&[u8; 12]; 16],
+    d: &[u16; 16],
+    dmin: &[u16; 16],
+    sc: &mut [__m512i; 16],
+) -> [__m512; 2] {
+    let mut words = [[0u64; 16]; 2];
+    for (p, &bytes) in packed.iter().enumerate() {
+        (words[0][p], words[1][p]) = crate::kernels::q4_k::q4k_scales_mins(bytes);
+    }
+    // SAFETY: AVX-512 F and F16C are present; every load reads inside its array.
+    unsafe {
+        let byte = _mm512_set1_epi64(0xff);
+        for (half, w) in words.iter().enumerate() {
+            let (lo, hi) = (
+                _mm512_loadu_si512(w.as_ptr() as *const _),
+                _mm512_loadu_si512(w.as_ptr().add(8) as *const _),
+            );
+            for g in 0..8 {
+                let shift = _mm_cvtsi32_si128(8 * g as i32);
+                let l = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srl_epi64(lo, shift), byte));
+                let h = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srl_epi64(hi, shift), byte));
+                sc[8 * half + g] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(l), h);
+            }
+        }
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr() as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(dmin.as_ptr() as *const __m256i));
+        // `-dmin` by its sign bit, as the lane kernel negates it (a subtraction from zero would turn -0 to +0).
+        let sign = _mm512_set1_epi32(i32::MIN);
+        [
+            d,
+            _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(dmin), sign)),
+        ]
+    }
 }
 
-impl KDigits for BlockQ5K {
-    const DIGIT_BITS: u32 = 2;
-    const DIGITS: usize = 3;
+macro_rules! k4_digits {
+    ($w:ty, $bits:literal, $digits:literal) => {
+        impl KDigits for $w {
+            const DIGIT_BITS: u32 = $bits;
+            const DIGITS: usize = $digits;
+            #[inline(always)]
+            unsafe fn lane_scales(
+                blocks: &[*const Self; 16],
+                sc: &mut [__m512i; 16],
+            ) -> [__m512; 2] {
+                // SAFETY: the caller's pointers are blocks.
+                unsafe {
+                    let packed = std::array::from_fn(|p| &(*blocks[p]).scales);
+                    let d = std::array::from_fn(|p| (*blocks[p]).d.to_bits());
+                    let dmin = std::array::from_fn(|p| (*blocks[p]).dmin.to_bits());
+                    k4_lane_scales(&packed, &d, &dmin, sc)
+                }
+            }
+        }
+    };
 }
+
+// Q4_K: two base-8 digits of a 6-bit scale times a 4-bit quant (at most 105); Q5_K: three base-4 digits times
+// 5 bits (93).
+k4_digits!(BlockQ4K, 3, 2);
+k4_digits!(BlockQ5K, 2, 3);
 
 impl KDigits for BlockQ6K {
+    /// Four base-4 digits of the scale plus 128, times `q - 32` (at most 96).
     const DIGIT_BITS: u32 = 2;
     const DIGITS: usize = 4;
+    #[inline(always)]
+    unsafe fn lane_scales(blocks: &[*const Self; 16], sc: &mut [__m512i; 16]) -> [__m512; 2] {
+        // SAFETY: the caller's pointers are blocks; AVX-512 BW and F16C are present.
+        unsafe {
+            let mut scales = [[0u8; 16]; 16];
+            let mut d = [0u16; 16];
+            for p in 0..16 {
+                scales[p] = bytemuck::cast((*blocks[p]).scales);
+                d[p] = (*blocks[p]).d.to_bits();
+            }
+            // Rows in lane order already: the plain transpose's dword k holds groups 4k..4k + 4.
+            let mut rows = [[0u8; 16]; 16];
+            for p in 0..16 {
+                rows[lane_row(p)] = scales[p];
+            }
+            let dwords = transpose_16x4(rows.as_ptr().cast::<u8>(), 16);
+            for (g, scg) in sc.iter_mut().enumerate() {
+                let v = _mm512_srl_epi32(dwords[g / 4], _mm_cvtsi32_si128(8 * (g % 4) as i32));
+                // The byte as a signed scale, plus 128.
+                let signed = _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(v));
+                *scg = _mm512_add_epi32(signed, _mm512_set1_epi32(128));
+            }
+            [
+                _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr() as *const __m256i)),
+                _mm512_setzero_ps(),
+            ]
+        }
+    }
 }
 
 /// Tiles 0-4: C; 5: A (16 tokens x 64 bytes); 6-7: B (16 rows of 64 bytes: K = 64 of 16 weight rows).
@@ -510,13 +599,10 @@ unsafe fn gemm_kquant_chunk<K: KQuant>(
     let (da, at) = (&s.da[..bpr * padded], &s.w[..token_tiles * bpr * 4096]);
 
     let mut q = KQuants([[0; 256]; 16]);
-    let mut sc = [[0i32; 16]; 16];
-    let mut wi = [0i32; WI];
-    let mut f = [0f32; 2];
-    let mut dl = [0f32; 16];
-    let mut dml = [0f32; 16];
     let mut bt = KBTiles([[[0; 64]; 64]; 5]);
     let mut ct = KCTiles([[0; 256]; 5]);
+    // SAFETY: AVX-512 is present.
+    let mut sc = [unsafe { _mm512_setzero_si512() }; 16];
     let group_dwords = 64 / K::W::GROUPS;
     // Output row r is lane 4 (r % 4) + r / 4 of the permuted tiles.
     // SAFETY: AVX-512 is present.
@@ -529,7 +615,9 @@ unsafe fn gemm_kquant_chunk<K: KQuant>(
         asm!("ldtilecfg [{}]", in(reg) &K_CONFIG, options(nostack, preserves_flags, readonly));
         for g in 0..w.len() / (16 * bpr) {
             for b in 0..bpr {
-                // The 16 rows' quants, scales (lane order: lane p is row `lane_row(p)`) and float scales.
+                // The 16 rows' quants, scales and float scales, lane p holding row `lane_row(p)`.
+                let blocks: [*const K::W; 16] =
+                    std::array::from_fn(|p| w.as_ptr().add((16 * g + lane_row(p)) * bpr + b));
                 for p in 0..16 {
                     // The next group's block, requested now: 16 rows a whole row apart, which the hardware
                     // prefetchers do not follow.
@@ -537,22 +625,10 @@ unsafe fn gemm_kquant_chunk<K: KQuant>(
                     for line in 0..size_of::<K::W>().div_ceil(64) {
                         _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line));
                     }
-                    let blk = w.as_ptr().add((16 * g + lane_row(p)) * bpr + b);
-                    K::quants(blk, q.0[lane_row(p)].as_mut_ptr());
-                    (*blk).prep_scales(wi.as_mut_ptr(), f.as_mut_ptr());
-                    for (gr, scg) in sc.iter_mut().enumerate().take(K::W::GROUPS) {
-                        scg[p] = if K::W::OFFSET32 { wi[gr] + 128 } else { wi[gr] };
-                    }
-                    if !K::W::OFFSET32 {
-                        // The mins, from their word pairs, go where Q6_K has no use for the scales' rows 8..16.
-                        for gr in 0..8 {
-                            sc[8 + gr][p] = (wi[8 + gr / 2] >> (16 * (gr % 2))) & 0xffff;
-                        }
-                    }
-                    (dl[p], dml[p]) = (f[0], -f[1]);
+                    K::quants(blocks[p], q.0[lane_row(p)].as_mut_ptr());
                 }
+                let [dv, dmv] = K::W::lane_scales(&blocks, &mut sc);
                 build_b_tiles::<K::W>(&q, &sc, group_dwords, &mut bt);
-                let (dv, dmv) = (_mm512_loadu_ps(dl.as_ptr()), _mm512_loadu_ps(dml.as_ptr()));
                 for tt in 0..token_tiles {
                     k_tile_products(at.as_ptr().add((tt * bpr + b) * 4096), &bt, products);
                     k_tile_store(&mut ct, products);
@@ -575,7 +651,7 @@ unsafe fn gemm_kquant_chunk<K: KQuant>(
 #[inline(always)]
 unsafe fn build_b_tiles<W: KDigits>(
     q: &KQuants,
-    sc: &[[i32; 16]; 16],
+    sc: &[__m512i; 16],
     group_dwords: usize,
     bt: &mut KBTiles,
 ) {
@@ -583,38 +659,46 @@ unsafe fn build_b_tiles<W: KDigits>(
     unsafe {
         let odd_bytes: __mmask64 = 0xAAAA_AAAA_AAAA_AAAA;
         let digit_mask = _mm512_set1_epi32((1 << W::DIGIT_BITS) - 1);
-        for chunk in 0..16 {
-            let dwords = transpose_16x4(q.0.as_ptr().cast::<u8>().add(16 * chunk), 256);
-            for (k, &v) in dwords.iter().enumerate() {
-                let j = 4 * chunk + k;
-                let grp = j / group_dwords;
-                let wv = if W::OFFSET32 {
-                    _mm512_sub_epi8(v, _mm512_set1_epi8(32))
-                } else {
-                    v
-                };
-                let scv = _mm512_loadu_si512(sc[grp].as_ptr() as *const _);
-                for i in 0..W::DIGITS {
-                    let digit = _mm512_and_si512(
-                        _mm512_srl_epi32(scv, _mm_cvtsi32_si128((W::DIGIT_BITS * i as u32) as i32)),
-                        digit_mask,
-                    );
-                    // Bytes [d, 0, d, 0] and [0, d, 0, d]: `vpmaddubsw` then gives each even (odd) weight times d
-                    // as a word, whose low byte is the product (it fits a signed byte).
-                    let even = _mm512_or_si512(digit, _mm512_slli_epi32::<16>(digit));
-                    let lo = _mm512_maddubs_epi16(even, wv);
-                    let hi = _mm512_maddubs_epi16(_mm512_slli_epi32::<8>(even), wv);
-                    let prod = _mm512_mask_blend_epi8(odd_bytes, lo, _mm512_slli_epi16::<8>(hi));
-                    _mm512_store_si512(bt.0[i][j].as_mut_ptr() as *mut _, prod);
+        let chunks_per_group = group_dwords / 4;
+        for grp in 0..W::GROUPS {
+            // The group's digits as bytes [d, 0, d, 0] (`even`) and [0, d, 0, d] (`odd`) per row: `vpmaddubsw`
+            // then gives each even (odd) weight times d as a word, whose low byte is the product (it fits a
+            // signed byte).
+            let scv = sc[grp];
+            let mut even = [_mm512_setzero_si512(); 4];
+            let mut odd = [_mm512_setzero_si512(); 4];
+            for i in 0..W::DIGITS {
+                let shift = _mm_cvtsi32_si128((W::DIGIT_BITS * i as u32) as i32);
+                let digit = _mm512_and_si512(_mm512_srl_epi32(scv, shift), digit_mask);
+                even[i] = _mm512_or_si512(digit, _mm512_slli_epi32::<16>(digit));
+                odd[i] = _mm512_slli_epi32::<8>(even[i]);
+            }
+            // Q4_K/Q5_K: the group's min in every byte of the row's dword.
+            let mins = if W::OFFSET32 {
+                _mm512_setzero_si512()
+            } else {
+                let m = _mm512_or_si512(sc[8 + grp], _mm512_slli_epi32::<8>(sc[8 + grp]));
+                _mm512_or_si512(m, _mm512_slli_epi32::<16>(m))
+            };
+            for chunk in grp * chunks_per_group..(grp + 1) * chunks_per_group {
+                let dwords = transpose_16x4(q.0.as_ptr().cast::<u8>().add(16 * chunk), 256);
+                for (k, &v) in dwords.iter().enumerate() {
+                    let j = 4 * chunk + k;
+                    let wv = if W::OFFSET32 {
+                        _mm512_sub_epi8(v, _mm512_set1_epi8(32))
+                    } else {
+                        v
+                    };
+                    for i in 0..W::DIGITS {
+                        let lo = _mm512_maddubs_epi16(even[i], wv);
+                        let hi = _mm512_maddubs_epi16(odd[i], wv);
+                        let prod =
+                            _mm512_mask_blend_epi8(odd_bytes, lo, _mm512_slli_epi16::<8>(hi));
+                        _mm512_store_si512(bt.0[i][j].as_mut_ptr() as *mut _, prod);
+                    }
+                    let last = if W::OFFSET32 { wv } else { mins };
+                    _mm512_store_si512(bt.0[W::DIGITS][j].as_mut_ptr() as *mut _, last);
                 }
-                let last = if W::OFFSET32 {
-                    wv
-                } else {
-                    // The group's min in every byte of the row's dword.
-                    let m = _mm512_loadu_si512(sc[8 + grp].as_ptr() as *const _);
-                    _mm512_mullo_epi32(m, _mm512_set1_epi32(0x0101_0101))
-                };
-                _mm512_store_si512(bt.0[W::DIGITS][j].as_mut_ptr() as *mut _, last);
             }
         }
     }
