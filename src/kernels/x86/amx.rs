@@ -618,14 +618,14 @@ unsafe fn gemm_kquant_chunk<K: KQuant>(
                 // The 16 rows' quants, scales and float scales, lane p holding row `lane_row(p)`.
                 let blocks: [*const K::W; 16] =
                     std::array::from_fn(|p| w.as_ptr().add((16 * g + lane_row(p)) * bpr + b));
-                for p in 0..16 {
+                for (p, &blk) in blocks.iter().enumerate() {
                     // The next group's block, requested now: 16 rows a whole row apart, which the hardware
                     // prefetchers do not follow.
                     let next = (w.as_ptr().wrapping_add((16 * (g + 1) + p) * bpr + b)) as *const i8;
                     for line in 0..size_of::<K::W>().div_ceil(64) {
                         _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line));
                     }
-                    K::quants(blocks[p], q.0[lane_row(p)].as_mut_ptr());
+                    K::quants(blk, q.0[lane_row(p)].as_mut_ptr());
                 }
                 let [dv, dmv] = K::W::lane_scales(&blocks, &mut sc);
                 build_b_tiles::<K::W>(&q, &sc, group_dwords, &mut bt);
