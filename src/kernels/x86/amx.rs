@@ -10,7 +10,7 @@
 //! FORMAT 512 N 1024 ITERS` (one thread, a 512 x 1024 matrix from L2, G products/s, VNNI / tiles): `q4_0i`
 //! N = 128: 191 / 308; `q4_k` 160 / 280; `q6_k` 133 / 175. Whole prompts (`quarry bench -p 512 -n 0`, 2 threads,
 //! `QUARRY_KERNEL=avx512vnni` / `avx512amx`, alternating): Q4_0 435 / 570, Q8_0 425 / 566, IQ4_NL 414 / 544,
-//! IQ4_XS 414 / 555, Q4_K_M 330 / 520 tok/s.
+//! IQ4_XS 414 / 555, Q4_K_M 336-356 / 551-554 tok/s (the k-quants after their last two changes).
 //!
 //! Batch invariance: the tiles hold each (token, row, block)'s exact integer dot, the same integer the VNNI
 //! kernels build, and each is scaled and accumulated with that kernel's float steps, block by block in order
