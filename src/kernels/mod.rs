@@ -14,8 +14,8 @@
 //! - `avx2` (`x86/avx2.rs`): AVX2 + FMA + F16C, byte dots with `vpmaddubsw` + `vpmaddwd`.
 //! - `avxvnni` (same file): the 256-bit `vpdpbusd` of CPUs with AVX-VNNI but no AVX-512.
 //! - `avx512vnni` (`x86/avx512.rs`): AVX-512 F/BW/VL + VNNI, `vpdpbusd` on 512 bits.
-//! - `avx512amx` (same file, `x86/amx.rs`): `avx512vnni` with the interleaved products of 16 tokens and more on
-//!   AMX's tile unit (Sapphire Rapids and later, when Linux grants the process the tile state).
+//! - `avx512amx` (same file, `x86/amx.rs`): `avx512vnni` with the interleaved and k-quant products of 16 tokens
+//!   and more on AMX's tile unit (Sapphire Rapids and later, when Linux grants the process the tile state).
 //!
 //! The x86 sets share their loop structure (`x86/mod.rs`): per-block dots for few tokens, one lane per token for
 //! many. The shape of a call decides which runs, so callers need not care.
