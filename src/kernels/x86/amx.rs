@@ -32,9 +32,10 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use quarry_quantize::blocks::BlockQ8_0;
+use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
 
-use super::row_lanes::RowTiles;
+use super::kquant::{KFormat, KQuant};
+use super::row_lanes::{RowTiles, lane_row, transpose_16x4};
 use super::{f16_bits_to_f32, grow, scratch};
 use crate::kernels::ProductOut;
 
@@ -382,10 +383,6 @@ unsafe fn scale_tiles(
 // term: the mins themselves as weight bytes (`C = sum(min_g * bsum_g)`), or Q6_K's `q - 32` (the `-128` of
 // the shifted scale). So a block's tile work is 3 to 5 products of K = 256, and its float steps are the lane
 // kernel's, once per block.
-
-use super::kquant::{KFormat, KQuant};
-use super::row_lanes::{lane_row, transpose_16x4};
-use quarry_quantize::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 
 /// A k-quant's scale split into digits for the tile unit.
 pub(super) trait KDigits: KFormat {
