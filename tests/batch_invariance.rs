@@ -103,6 +103,31 @@ impl<W: Copy, A: Copy> Case<'_, W, A> {
         out
     }
 
+    /// One batch of `n` tokens (the pool over and over) against each token alone, by bits.
+    fn check_long(&self, gemm: Gemm<W, A>, n: usize) -> Vec<String> {
+        let rows = self.rows;
+        let alone: Vec<Vec<f32>> = (0..POOL)
+            .map(|t| self.run(gemm, &[t], self.w, rows))
+            .collect();
+        // Not periodic in 16 or 256, so a token read from the wrong tile or pass gets another token's values.
+        let tokens: Vec<usize> = (0..n).map(|i| (7 * i + i / 13 + 3) % POOL).collect();
+        let out = self.run(gemm, &tokens, self.w, rows);
+        let count = tokens
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &t)| (0..rows).map(move |r| (i, t, r)))
+            .filter(|&(i, t, r)| out[i * rows + r].to_bits() != alone[t][r].to_bits())
+            .count();
+        if count == 0 {
+            return vec![];
+        }
+        vec![format!(
+            "{}: {n} tokens: {count} of {} outputs differ from the token alone",
+            self.what,
+            n * rows
+        )]
+    }
+
     /// Every token of every batch of 1..=MAX_TOKENS (drawn from the pool at a rotating start, so each token
     /// sits at many positions) against that token alone, by bits; then shares of the rows against the whole
     /// product. Returns the mismatches, described.
@@ -461,6 +486,62 @@ fn float_products_are_batch_invariant() {
             failures.extend(
                 case(what("bf16"), &wb16, rows, &acts, cols)
                     .check(&|w, a, c, o| (k.gemm_bf16)(w, a, c, o)),
+            );
+        }
+    }
+    report(failures);
+}
+
+/// Batches longer than a prompt chunk's expert share: products of several hundred tokens (AMX's passes of 256
+/// and a remainder on tiles or on the VNNI kernels) against each token alone.
+#[test]
+fn long_batches_are_batch_invariant() {
+    let mut rng = Rng(15);
+    let mut failures = vec![];
+    let all = sets();
+    let (rows, bpr) = (37, 4);
+    let acts = q8_0_acts(&mut rng, bpr * 32);
+    let w4: Vec<BlockQ4_0> = (0..rows * bpr)
+        .map(|_| BlockQ4_0 {
+            d: rng.scale(),
+            qs: std::array::from_fn(|_| rng.next() as u8),
+        })
+        .collect();
+    let grouped = rows / 16 * 16 * bpr;
+    let mut packed4 = bytemuck::cast_slice::<_, u8>(&w4).to_vec();
+    kernels::q4_0::interleave(&w4[..grouped], bpr, &mut packed4[..grouped * 18]);
+    let kbpr = 2;
+    let kacts = q8_k_acts(&mut rng, kbpr * 256);
+    let mut wk = vec![BlockQ4K::zeroed(); rows * kbpr];
+    for b in &mut wk {
+        rng.fill(&mut b.scales);
+        rng.fill(&mut b.qs);
+        (b.d, b.dmin) = (rng.scale(), rng.scale());
+    }
+    let mut w6 = vec![BlockQ6K::zeroed(); rows * kbpr];
+    for b in &mut w6 {
+        rng.fill(&mut b.ql);
+        rng.fill(&mut b.qh);
+        rng.fill(bytemuck::cast_slice_mut(&mut b.scales));
+        b.d = rng.scale();
+    }
+    for k in &all {
+        // 300: a pass of 256 and one of 44 (whole tiles and a last one of 12); 263: the last 7 past the tiles.
+        for n in [300, 263] {
+            let what = |f: &str| format!("{f} on {}, {n} tokens", k.name);
+            if let Some(gemm) = k.gemm_q4_0_interleaved {
+                failures.extend(
+                    interleaved_case(what("interleaved q4_0"), &packed4, rows, &acts, bpr)
+                        .check_long(&gemm, n),
+                );
+            }
+            failures.extend(
+                case(what("q4_k"), &wk, rows, &kacts, kbpr)
+                    .check_long(&|w, a, b, o| (k.gemm_q4_k)(w, a, b, o), n),
+            );
+            failures.extend(
+                case(what("q6_k"), &w6, rows, &kacts, kbpr)
+                    .check_long(&|w, a, b, o| (k.gemm_q6_k)(w, a, b, o), n),
             );
         }
     }
