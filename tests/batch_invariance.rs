@@ -286,6 +286,47 @@ fn q8_k_acts(rng: &mut Rng, cols: usize) -> Vec<BlockQ8K> {
     q
 }
 
+/// `n` Q4_0 blocks of random scales and nibbles.
+fn random_q4_0(rng: &mut Rng, n: usize) -> Vec<BlockQ4_0> {
+    (0..n)
+        .map(|_| BlockQ4_0 {
+            d: rng.scale(),
+            qs: std::array::from_fn(|_| rng.next() as u8),
+        })
+        .collect()
+}
+
+/// `n` Q4_K blocks of random scales, mins and nibbles.
+fn random_q4k(rng: &mut Rng, n: usize) -> Vec<BlockQ4K> {
+    let mut w = vec![BlockQ4K::zeroed(); n];
+    for b in &mut w {
+        rng.fill(&mut b.scales);
+        rng.fill(&mut b.qs);
+        (b.d, b.dmin) = (rng.scale(), rng.scale());
+    }
+    w
+}
+
+/// `n` Q6_K blocks of random quants and scales.
+fn random_q6k(rng: &mut Rng, n: usize) -> Vec<BlockQ6K> {
+    let mut w = vec![BlockQ6K::zeroed(); n];
+    for b in &mut w {
+        rng.fill(&mut b.ql);
+        rng.fill(&mut b.qh);
+        rng.fill(bytemuck::cast_slice_mut(&mut b.scales));
+        b.d = rng.scale();
+    }
+    w
+}
+
+/// Q4_0 rows' bytes with their whole groups of 16 interleaved (`kernels::q4_0::interleave`), the rest as they lie.
+fn interleave_q4_0(w: &[BlockQ4_0], rows: usize, bpr: usize) -> Vec<u8> {
+    let grouped = rows / 16 * 16 * bpr;
+    let mut packed = bytemuck::cast_slice::<_, u8>(w).to_vec();
+    kernels::q4_0::interleave(&w[..grouped], bpr, &mut packed[..grouped * 18]);
+    packed
+}
+
 #[test]
 fn q8_0_q4_0_and_iq4_nl_products_are_batch_invariant() {
     let mut rng = Rng(11);
@@ -299,12 +340,7 @@ fn q8_0_q4_0_and_iq4_nl_products_are_batch_invariant() {
                 qs: std::array::from_fn(|_| rng.next() as i8),
             })
             .collect();
-        let w4: Vec<BlockQ4_0> = (0..rows * bpr)
-            .map(|_| BlockQ4_0 {
-                d: rng.scale(),
-                qs: std::array::from_fn(|_| rng.next() as u8),
-            })
-            .collect();
+        let w4 = random_q4_0(&mut rng, rows * bpr);
         let wi: Vec<BlockIQ4NL> = w4.iter().map(|b| BlockIQ4NL { d: b.d, qs: b.qs }).collect();
         for k in &all {
             let what = |f: &str| format!("{f} on {}, {rows} rows x {bpr} blocks", k.name);
@@ -336,14 +372,7 @@ fn interleaved_products_are_batch_invariant() {
     for (rows, bpr) in [(64, 2), (37, 5), (48, 32)] {
         let acts = q8_0_acts(&mut rng, bpr * 32);
         let grouped = rows / 16 * 16 * bpr;
-        let w4: Vec<BlockQ4_0> = (0..rows * bpr)
-            .map(|_| BlockQ4_0 {
-                d: rng.scale(),
-                qs: std::array::from_fn(|_| rng.next() as u8),
-            })
-            .collect();
-        let mut packed4 = bytemuck::cast_slice::<_, u8>(&w4).to_vec();
-        kernels::q4_0::interleave(&w4[..grouped], bpr, &mut packed4[..grouped * 18]);
+        let packed4 = interleave_q4_0(&random_q4_0(&mut rng, rows * bpr), rows, bpr);
         let w8: Vec<BlockQ8_0> = (0..rows * bpr)
             .map(|_| BlockQ8_0 {
                 d: rng.scale(),
@@ -420,12 +449,7 @@ fn k_quant_products_are_batch_invariant() {
     let all = sets();
     for (rows, bpr) in SHAPES_K {
         let acts = q8_k_acts(&mut rng, bpr * 256);
-        let mut w4 = vec![BlockQ4K::zeroed(); rows * bpr];
-        for b in &mut w4 {
-            rng.fill(&mut b.scales);
-            rng.fill(&mut b.qs);
-            (b.d, b.dmin) = (rng.scale(), rng.scale());
-        }
+        let w4 = random_q4k(&mut rng, rows * bpr);
         let mut w5 = vec![BlockQ5K::zeroed(); rows * bpr];
         for b in &mut w5 {
             rng.fill(&mut b.scales);
@@ -433,13 +457,7 @@ fn k_quant_products_are_batch_invariant() {
             rng.fill(&mut b.qs);
             (b.d, b.dmin) = (rng.scale(), rng.scale());
         }
-        let mut w6 = vec![BlockQ6K::zeroed(); rows * bpr];
-        for b in &mut w6 {
-            rng.fill(&mut b.ql);
-            rng.fill(&mut b.qh);
-            rng.fill(bytemuck::cast_slice_mut(&mut b.scales));
-            b.d = rng.scale();
-        }
+        let w6 = random_q6k(&mut rng, rows * bpr);
         for k in &all {
             let what = |f: &str| format!("{f} on {}, {rows} rows x {bpr} blocks", k.name);
             failures.extend(
@@ -501,30 +519,11 @@ fn long_batches_are_batch_invariant() {
     let all = sets();
     let (rows, bpr) = (37, 4);
     let acts = q8_0_acts(&mut rng, bpr * 32);
-    let w4: Vec<BlockQ4_0> = (0..rows * bpr)
-        .map(|_| BlockQ4_0 {
-            d: rng.scale(),
-            qs: std::array::from_fn(|_| rng.next() as u8),
-        })
-        .collect();
-    let grouped = rows / 16 * 16 * bpr;
-    let mut packed4 = bytemuck::cast_slice::<_, u8>(&w4).to_vec();
-    kernels::q4_0::interleave(&w4[..grouped], bpr, &mut packed4[..grouped * 18]);
+    let packed4 = interleave_q4_0(&random_q4_0(&mut rng, rows * bpr), rows, bpr);
     let kbpr = 2;
     let kacts = q8_k_acts(&mut rng, kbpr * 256);
-    let mut wk = vec![BlockQ4K::zeroed(); rows * kbpr];
-    for b in &mut wk {
-        rng.fill(&mut b.scales);
-        rng.fill(&mut b.qs);
-        (b.d, b.dmin) = (rng.scale(), rng.scale());
-    }
-    let mut w6 = vec![BlockQ6K::zeroed(); rows * kbpr];
-    for b in &mut w6 {
-        rng.fill(&mut b.ql);
-        rng.fill(&mut b.qh);
-        rng.fill(bytemuck::cast_slice_mut(&mut b.scales));
-        b.d = rng.scale();
-    }
+    let wk = random_q4k(&mut rng, rows * kbpr);
+    let w6 = random_q6k(&mut rng, rows * kbpr);
     for k in &all {
         // 300: a pass of 256 and one of 44 (whole tiles and a last one of 12); 263: the last 7 past the tiles.
         for n in [300, 263] {

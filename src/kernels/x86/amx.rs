@@ -98,17 +98,13 @@ struct TileConfig {
     reserved2: [u8; 16],
 }
 
-/// Tiles 0-3: C (16 tokens x 16 rows of i32); 4-5: A (16 tokens x 32 bytes); 6-7: B (8 x 64 bytes).
-const CONFIG: TileConfig = {
+/// A palette-1 configuration of tiles 0-7, each `(bytes per row, rows)`.
+const fn tile_config(shapes: [(u16, u8); 8]) -> TileConfig {
     let mut colsb = [0u16; 16];
     let mut rows = [0u8; 16];
     let mut t = 0;
     while t < 8 {
-        (colsb[t], rows[t]) = match t {
-            0..=3 => (64, 16),
-            4 | 5 => (32, 16),
-            _ => (64, 8),
-        };
+        (colsb[t], rows[t]) = shapes[t];
         t += 1;
     }
     TileConfig {
@@ -119,7 +115,26 @@ const CONFIG: TileConfig = {
         rows,
         reserved2: [0; 16],
     }
-};
+}
+
+/// Tiles 0-3: C (16 tokens x 16 rows of i32); 4-5: A (16 tokens x 32 bytes); 6-7: B (8 x 64 bytes).
+const CONFIG: TileConfig = tile_config([
+    (64, 16),
+    (64, 16),
+    (64, 16),
+    (64, 16),
+    (32, 16),
+    (32, 16),
+    (64, 8),
+    (64, 8),
+]);
+
+/// A product's passes over the weights: token ranges of at most `CHUNK_TOKENS`.
+fn passes(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n)
+        .step_by(CHUNK_TOKENS)
+        .map(move |t0| (t0, (t0 + CHUNK_TOKENS).min(n)))
+}
 
 macro_rules! tile_load {
     ($t:literal, $p:expr, $stride:expr) => {
@@ -181,12 +196,9 @@ pub(super) unsafe fn gemm_tiles<R: RowTiles>(
     out: &mut ProductOut,
 ) {
     assert!(n > 0 && n * bpr <= a.len() && n <= out.tokens());
-    let mut t0 = 0;
-    while t0 < n {
-        let t1 = (t0 + CHUNK_TOKENS).min(n);
+    for (t0, t1) in passes(n) {
         // SAFETY: the caller's promises, for tokens t0..t1.
         unsafe { gemm_tiles_chunk(src, a, bpr, t0, t1, out) };
-        t0 = t1;
     }
 }
 
@@ -497,23 +509,7 @@ impl KDigits for BlockQ6K {
 }
 
 /// Tiles 0-4: C; 5: A (16 tokens x 64 bytes); 6-7: B (16 rows of 64 bytes: K = 64 of 16 weight rows).
-const K_CONFIG: TileConfig = {
-    let mut colsb = [0u16; 16];
-    let mut rows = [0u8; 16];
-    let mut t = 0;
-    while t < 8 {
-        (colsb[t], rows[t]) = (64, 16);
-        t += 1;
-    }
-    TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb,
-        rows,
-        reserved2: [0; 16],
-    }
-};
+const K_CONFIG: TileConfig = tile_config([(64, 16); 8]);
 
 /// One 256-block of 16 rows as B tiles: per product, 4 tiles of K = 64 (`[product][dword of the block]`, 64
 /// bytes each: the dword of every row, in the permuted lane order of `transpose_16x4`).
@@ -543,12 +539,9 @@ pub(super) unsafe fn gemm_kquant<K: KQuant>(
 {
     assert!(n > 0 && n * bpr <= a.len() && n <= out.tokens());
     assert!(w.len().is_multiple_of(16 * bpr) && w.len() / bpr <= out.rows());
-    let mut t0 = 0;
-    while t0 < n {
-        let t1 = (t0 + CHUNK_TOKENS).min(n);
+    for (t0, t1) in passes(n) {
         // SAFETY: the caller's promises, for tokens t0..t1.
         unsafe { gemm_kquant_chunk::<K>(w, a, bpr, t0, t1, out) };
-        t0 = t1;
     }
 }
 
