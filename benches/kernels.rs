@@ -9,7 +9,7 @@
 //! - `threads`: gemv from DRAM with both cores; `ops`: the f32 operations; `sampling`: one token from 49k logits;
 //!   `shapes`: one-token products of the
 //!   model's matrix shapes from DRAM in its row shares; `attention`: `attend_block` in GFLOP/s.
-//! - `probe FORMAT ROWS TOKENS LDO ITERS`: a fixed amount of work and nothing else (FORMAT also `q4_0i`, `q8_0i`:
+//! - `probe FORMAT ROWS TOKENS LDO ITERS`: a fixed amount of work and nothing else (FORMAT also `q4_0i`, `q8_0i`, `q4_ki`:
 //!   the matrix interleaved as a model stores it), for `perf stat -e
 //!   task-clock` (CPU time, which other jobs on a shared machine disturb far less than wall time).
 //!
@@ -531,7 +531,7 @@ fn probe(args: &[String]) {
         }
         black_box(&out);
     }
-    /// The matrix interleaved as a model on this set stores it (`q4_0i`, `q8_0i`).
+    /// The matrix interleaved as a model on this set stores it (`q4_0i`, `q8_0i`, `q4_ki`).
     fn go_interleaved(
         k: &Kernels,
         rng: &mut Rng,
@@ -541,35 +541,57 @@ fn probe(args: &[String]) {
         ldo: usize,
         iters: usize,
     ) {
-        let (w, gemm) = match ty {
-            "q4_0i" => {
-                let w = BlockQ4_0::random(rng, rows);
-                let mut packed = vec![0u8; size_of_val(w.as_slice())];
-                kernels::q4_0::interleave(&w, BPR, &mut packed);
-                (packed, k.gemm_q4_0_interleaved)
-            }
-            _ => {
-                let w = BlockQ8_0::random(rng, rows);
-                let mut packed = vec![0u8; size_of_val(w.as_slice())];
-                kernels::q8_0::interleave(&w, BPR, &mut packed);
-                (packed, k.gemm_q8_0_interleaved)
-            }
-        };
-        let gemm = gemm.unwrap_or_else(|| panic!("probe: {} has no interleaved products", k.name));
+        fn packed<B: bytemuck::Pod>(
+            w: &[B],
+            bpr: usize,
+            interleave: fn(&[B], usize, &mut [u8]),
+        ) -> Vec<u8> {
+            let mut packed = vec![0u8; size_of_val(w)];
+            interleave(w, bpr, &mut packed);
+            packed
+        }
+        let missing = format!("probe: {} has no interleaved {ty}", k.name);
         let a = Acts::new(rng, n, k);
         let mut out = vec![0.0f32; (n - 1) * ldo + rows];
-        for _ in 0..iters {
-            gemm(
-                black_box(&w),
-                &a.q,
-                BPR,
-                ProductOut::with_stride(&mut out, n, rows, ldo),
-            );
+        let mut repeat = |run: &dyn Fn(ProductOut)| {
+            for _ in 0..iters {
+                run(ProductOut::with_stride(&mut out, n, rows, ldo));
+            }
+        };
+        match ty {
+            "q4_ki" => {
+                let w = packed(
+                    &BlockQ4K::random(rng, rows),
+                    COLS / 256,
+                    kernels::q4_k::interleave,
+                );
+                let gemm = k.gemm_q4_k_interleaved.expect(&missing);
+                repeat(&|out| gemm(black_box(&w), &a.qk, COLS / 256, out));
+            }
+            _ => {
+                let (w, gemm) = if ty == "q4_0i" {
+                    let w = packed(
+                        &BlockQ4_0::random(rng, rows),
+                        BPR,
+                        kernels::q4_0::interleave,
+                    );
+                    (w, k.gemm_q4_0_interleaved)
+                } else {
+                    let w = packed(
+                        &BlockQ8_0::random(rng, rows),
+                        BPR,
+                        kernels::q8_0::interleave,
+                    );
+                    (w, k.gemm_q8_0_interleaved)
+                };
+                let gemm = gemm.expect(&missing);
+                repeat(&|out| gemm(black_box(&w), &a.q, BPR, out));
+            }
         }
         black_box(&out);
     }
     match args[1].as_str() {
-        ty @ ("q4_0i" | "q8_0i") => go_interleaved(k, &mut rng, ty, rows, n, ldo, iters),
+        ty @ ("q4_0i" | "q8_0i" | "q4_ki") => go_interleaved(k, &mut rng, ty, rows, n, ldo, iters),
         "q4_0" => go::<BlockQ4_0>(k, &mut rng, rows, n, ldo, iters),
         "q8_0" => go::<BlockQ8_0>(k, &mut rng, rows, n, ldo, iters),
         "q4_k" => go::<BlockQ4K>(k, &mut rng, rows, n, ldo, iters),

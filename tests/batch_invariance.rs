@@ -217,13 +217,13 @@ fn case<'a, W, A>(
 }
 
 /// A case over a matrix interleaved in groups of 16 rows (`packed`: its bytes), cut only between groups.
-fn interleaved_case<'a>(
+fn interleaved_case<'a, A>(
     what: String,
     packed: &'a [u8],
     rows: usize,
-    pool: &'a [BlockQ8_0],
+    pool: &'a [A],
     bpr: usize,
-) -> Case<'a, u8, BlockQ8_0> {
+) -> Case<'a, u8, A> {
     Case {
         row_step: 16,
         ..case(what, packed, rows, pool, bpr)
@@ -305,6 +305,14 @@ fn random_q4k(rng: &mut Rng, n: usize) -> Vec<BlockQ4K> {
         (b.d, b.dmin) = (rng.scale(), rng.scale());
     }
     w
+}
+
+/// Q4_K rows' bytes with their whole groups of 16 interleaved (`kernels::q4_k::interleave`), the rest as they lie.
+fn interleave_q4k(w: &[BlockQ4K], rows: usize, bpr: usize) -> Vec<u8> {
+    let grouped = rows / 16 * 16 * bpr;
+    let mut packed = bytemuck::cast_slice::<_, u8>(w).to_vec();
+    kernels::q4_k::interleave(&w[..grouped], bpr, &mut packed[..grouped * 144]);
+    packed
 }
 
 /// `n` Q6_K blocks of random quants and scales.
@@ -464,6 +472,13 @@ fn k_quant_products_are_batch_invariant() {
                 case(what("q4_k"), &w4, rows, &acts, bpr)
                     .check(&|w, a, b, o| (k.gemm_q4_k)(w, a, b, o)),
             );
+            if let Some(gemm) = k.gemm_q4_k_interleaved {
+                let packed = interleave_q4k(&w4, rows, bpr);
+                failures.extend(
+                    interleaved_case(what("interleaved q4_k"), &packed, rows, &acts, bpr)
+                        .check(&gemm),
+                );
+            }
             failures.extend(
                 case(what("q5_k"), &w5, rows, &acts, bpr)
                     .check(&|w, a, b, o| (k.gemm_q5_k)(w, a, b, o)),
@@ -523,6 +538,7 @@ fn long_batches_are_batch_invariant() {
     let kbpr = 2;
     let kacts = q8_k_acts(&mut rng, kbpr * 256);
     let wk = random_q4k(&mut rng, rows * kbpr);
+    let packed_k = interleave_q4k(&wk, rows, kbpr);
     let w6 = random_q6k(&mut rng, rows * kbpr);
     for k in &all {
         // 300: a pass of 256 and one of 44 (whole tiles and a last one of 12); 263: the last 7 past the tiles.
@@ -538,6 +554,12 @@ fn long_batches_are_batch_invariant() {
                 case(what("q4_k"), &wk, rows, &kacts, kbpr)
                     .check_long(&|w, a, b, o| (k.gemm_q4_k)(w, a, b, o), n),
             );
+            if let Some(gemm) = k.gemm_q4_k_interleaved {
+                failures.extend(
+                    interleaved_case(what("interleaved q4_k"), &packed_k, rows, &kacts, kbpr)
+                        .check_long(&gemm, n),
+                );
+            }
             failures.extend(
                 case(what("q6_k"), &w6, rows, &kacts, kbpr)
                     .check_long(&|w, a, b, o| (k.gemm_q6_k)(w, a, b, o), n),

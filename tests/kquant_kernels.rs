@@ -334,6 +334,71 @@ fn gemm_q6_k_matches_scalar() {
     );
 }
 
+/// Q4_K rows interleaved in groups of 16 (`kernels::q4_k::interleave`; the rows past the last whole group as they
+/// lie), in every set that reads them so, against the same set's product over the rows as they lie, by bits (and
+/// `gemm_q4_k_matches_scalar` holds that to the reference): every token count of the row lanes' passes (up to 8)
+/// and of the tile unit's (whole tiles of 16, a last partial one from 8), several chunks of 64, blocks 1 to 4.
+#[test]
+fn interleaved_q4_k_is_the_row_product_by_bits() {
+    let mut rng = Rng(14);
+    let tokens: Vec<usize> = (1..=34).chain([47, 48, 64, 65, 129, 263]).collect();
+    let mut tested = vec![];
+    for k in sets() {
+        let Some(gemm) = k.gemm_q4_k_interleaved else {
+            continue;
+        };
+        tested.push(k.name);
+        for rows in [16, 37, 48] {
+            for bpr in [1, 2, 4] {
+                for &n in &tokens {
+                    for kind in KINDS {
+                        let w = q4_k(&mut rng, rows * bpr, kind);
+                        let a = q8_k(&mut rng, n * bpr, kind);
+                        let grouped = rows / 16 * 16 * bpr;
+                        let mut packed = bytemuck::cast_slice::<_, u8>(&w).to_vec();
+                        kernels::q4_k::interleave(&w[..grouped], bpr, &mut packed[..grouped * 144]);
+                        let mut want = vec![0.0f32; n * rows];
+                        (k.gemm_q4_k)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
+                        for ldo in [rows, rows + 5] {
+                            let mut got = vec![f32::from_bits(UNTOUCHED); (n - 1) * ldo + rows + 5];
+                            gemm(
+                                &packed,
+                                &a,
+                                bpr,
+                                ProductOut::with_stride(&mut got, n, rows, ldo),
+                            );
+                            let what = format!(
+                                "interleaved q4_k on {}: {kind:?}, {rows} rows, {n} tokens, {bpr} blocks, stride {ldo}",
+                                k.name
+                            );
+                            for (i, v) in got.iter().enumerate() {
+                                let inside = i % ldo < rows && i < (n - 1) * ldo + rows;
+                                if inside {
+                                    let w = want[i / ldo * rows + i % ldo];
+                                    assert_eq!(
+                                        v.to_bits(),
+                                        w.to_bits(),
+                                        "{what}: token {}, row {}: {v:e} against {w:e} from the rows",
+                                        i / ldo,
+                                        i % ldo
+                                    );
+                                } else {
+                                    assert_eq!(
+                                        v.to_bits(),
+                                        UNTOUCHED,
+                                        "{what}: wrote position {i}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("interleaved q4_k on: {}", tested.join(", "));
+}
+
 /// Every set's Q8_K quantizer gives ggml's bytes (the quantize crate's `quantize_q8_k`, itself checked against
 /// ggml's output in `quantize/tests`), on ordinary, tiny, huge, tied and all-zero rows.
 #[test]

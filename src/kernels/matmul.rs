@@ -46,8 +46,9 @@ pub fn supported(ty: GgmlType) -> bool {
 pub enum Layout {
     /// Row after row, as in the file.
     Rows,
-    /// Q4_0, IQ4_NL, IQ4_XS or Q8_0 rows in groups of [`INTERLEAVE_ROWS`] ([`super::q4_0::interleave`],
-    /// [`super::iq4_nl::interleave`], [`super::iq4_xs::interleave`], [`super::q8_0::interleave`]), the rows past
+    /// Q4_0, IQ4_NL, IQ4_XS, Q8_0 or Q4_K rows in groups of [`INTERLEAVE_ROWS`] ([`super::q4_0::interleave`],
+    /// [`super::iq4_nl::interleave`], [`super::iq4_xs::interleave`], [`super::q8_0::interleave`],
+    /// [`super::q4_k::interleave`]), the rows past
     /// the last whole group after them as they lie, for a set with that type's interleaved product. Each group takes as many bytes as its rows do in the file, so every row
     /// range the model cuts (an expert, a thread's share) is the same byte range as in the file.
     Interleaved,
@@ -59,7 +60,7 @@ pub const INTERLEAVE_ROWS: usize = 16;
 impl Layout {
     /// The layout kernel set `k` reads a matrix of `ty` fastest in.
     pub fn for_kernels(k: &Kernels, ty: GgmlType) -> Layout {
-        if k.interleaved_gemm(ty).is_some() {
+        if k.reads_interleaved(ty) {
             Layout::Interleaved
         } else {
             Layout::Rows
@@ -161,7 +162,11 @@ fn pack(j: &PackJob, dst: &mut [u8]) {
         j.layout == Layout::Interleaved
             && matches!(
                 ty,
-                GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS | GgmlType::Q8_0
+                GgmlType::Q4_0
+                    | GgmlType::IQ4_NL
+                    | GgmlType::IQ4_XS
+                    | GgmlType::Q8_0
+                    | GgmlType::Q4_K
             ),
         "{ty} cannot be packed as {:?}",
         j.layout
@@ -181,6 +186,9 @@ fn pack(j: &PackJob, dst: &mut [u8]) {
         }
         GgmlType::IQ4_XS => {
             super::iq4_xs::interleave(bytemuck::cast_slice(&j.data[..split]), bpr, groups)
+        }
+        GgmlType::Q4_K => {
+            super::q4_k::interleave(bytemuck::cast_slice(&j.data[..split]), bpr, groups)
         }
         _ => super::q8_0::interleave(bytemuck::cast_slice(&j.data[..split]), bpr, groups),
     }
@@ -290,6 +298,9 @@ impl<'a> WeightRows<'a> {
                     &super::q4_0::interleaved_block(group, per_row, at, b),
                 )),
                 GgmlType::IQ4_XS => decode(bytemuck::bytes_of(&super::iq4_xs::interleaved_block(
+                    group, per_row, at, b,
+                ))),
+                GgmlType::Q4_K => decode(bytemuck::bytes_of(&super::q4_k::interleaved_block(
                     group, per_row, at, b,
                 ))),
                 _ => decode(bytemuck::bytes_of(&super::q8_0::interleaved_block(
@@ -512,6 +523,12 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: Product
         ),
     }
     let data = w.data;
+    if w.layout == Layout::Interleaved && w.ty == GgmlType::Q4_K {
+        let gemm = k
+            .gemm_q4_k_interleaved
+            .expect("matrices are interleaved only for sets that read them so");
+        return gemm(data, acts.q8k, w.cols / QK_K, out);
+    }
     if w.layout == Layout::Interleaved {
         let gemm = k
             .interleaved_gemm(w.ty)
@@ -553,14 +570,19 @@ mod tests {
             GgmlType::IQ4_NL,
             GgmlType::IQ4_XS,
             GgmlType::Q8_0,
+            GgmlType::Q4_K,
         ] {
-            // Arbitrary bytes with scales kept finite (an f16 scale's exponent below all-ones).
+            // Arbitrary bytes with scales kept finite (an f16 scale's exponent below all-ones; Q4_K's `dmin`
+            // too).
             let row_bytes = cols / ty.block_len() * ty.block_bytes();
             let mut data: Vec<u8> = (0..rows * row_bytes)
                 .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8)
                 .collect();
             for block in data.chunks_exact_mut(ty.block_bytes()) {
                 block[1] &= 0x3b;
+                if ty == GgmlType::Q4_K {
+                    block[3] &= 0x3b;
+                }
             }
             let job = PackJob {
                 layout: Layout::Interleaved,

@@ -78,7 +78,7 @@ pub(crate) mod parallel;
 mod portable;
 mod product_out;
 pub mod q4_0;
-mod q4_k;
+pub mod q4_k;
 mod q5_k;
 mod q6_k;
 pub mod q8_0;
@@ -144,6 +144,8 @@ pub struct Kernels {
     /// llama.cpp runs), so every set must give the same bytes.
     pub quantize_q8_k: fn(&[f32], &mut [BlockQ8K]),
     pub gemm_q4_k: fn(w: &[BlockQ4K], a: &[BlockQ8K], blocks_per_row: usize, out: ProductOut),
+    /// Q4_K rows interleaved ([`q4_k::interleave`]), with the same bits as `gemm_q4_k`'s.
+    pub gemm_q4_k_interleaved: Option<InterleavedKGemm>,
     pub gemm_q5_k: fn(w: &[BlockQ5K], a: &[BlockQ8K], blocks_per_row: usize, out: ProductOut),
     pub gemm_q6_k: fn(w: &[BlockQ6K], a: &[BlockQ8K], blocks_per_row: usize, out: ProductOut),
     pub gemm_f32: fn(w: &[f32], a: &[f32], cols: usize, out: ProductOut),
@@ -160,6 +162,10 @@ pub struct Kernels {
 /// A product over rows interleaved in groups (`w`: the matrix's bytes, whole rows).
 pub type InterleavedGemm = fn(w: &[u8], a: &[BlockQ8_0], blocks_per_row: usize, out: ProductOut);
 
+/// A k-quant product over rows interleaved in groups (`w`: the matrix's bytes, whole rows; `blocks_per_row`
+/// 256-blocks).
+pub type InterleavedKGemm = fn(w: &[u8], a: &[BlockQ8K], blocks_per_row: usize, out: ProductOut);
+
 impl Kernels {
     /// This set's product over interleaved rows of `ty`, if it has one.
     pub fn interleaved_gemm(&self, ty: quarry_quantize::gguf::GgmlType) -> Option<InterleavedGemm> {
@@ -171,6 +177,13 @@ impl Kernels {
             GgmlType::IQ4_XS => self.gemm_iq4_xs_interleaved,
             _ => None,
         }
+    }
+
+    /// Whether this set has a product over interleaved rows of `ty` (and so wants a model's matrices of the
+    /// type interleaved).
+    pub fn reads_interleaved(&self, ty: quarry_quantize::gguf::GgmlType) -> bool {
+        self.interleaved_gemm(ty).is_some()
+            || (ty == quarry_quantize::gguf::GgmlType::Q4_K && self.gemm_q4_k_interleaved.is_some())
     }
 }
 
@@ -236,6 +249,7 @@ pub static SCALAR: Kernels = Kernels {
     gemm_iq4_xs_interleaved: None,
     quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
     gemm_q4_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q4_k::dot_scalar),
+    gemm_q4_k_interleaved: None,
     gemm_q5_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q5_k::dot_scalar),
     gemm_q6_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q6_k::dot_scalar),
     gemm_f32: |w, a, cols, out| gemm_by_dots(w, a, cols, out, float::dot_f32_scalar),

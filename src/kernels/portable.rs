@@ -29,6 +29,7 @@ pub static SET: Kernels = Kernels {
     gemm_iq4_xs_interleaved: None,
     quantize_q8_k: quarry_quantize::blocks::quantize_q8_k,
     gemm_q4_k,
+    gemm_q4_k_interleaved: None,
     gemm_q5_k,
     gemm_q6_k,
     gemm_f32,

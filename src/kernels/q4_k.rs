@@ -43,3 +43,100 @@ pub(crate) fn q4k_scales_mins(p: &[u8; 12]) -> (u64, u64) {
         (mid & 0x3f3f_3f3f) as u64 | (m_hi as u64) << 32,
     )
 }
+
+/// Rows per group of the interleaved layout ([`interleave`]): the model's one group height.
+pub const GROUP_ROWS: usize = super::INTERLEAVE_ROWS;
+
+/// Bytes of one 256-block of a group: 32 runs of 64 bytes of quants, then the 16 rows' `d` (f16), their 16
+/// `dmin`, and 3 runs of 64 bytes of packed scales. As many as the 16 rows' blocks take in the file.
+pub const GROUP_BLOCK_BYTES: usize = GROUP_ROWS * size_of::<BlockQ4K>();
+
+/// Offsets in a group's block of the `d`, `dmin` and packed scale runs (after the 2048 bytes of quants).
+pub const D_AT: usize = 32 * 64;
+pub const DMIN_AT: usize = D_AT + 32;
+pub const SCALES_AT: usize = DMIN_AT + 32;
+
+/// Rewrites rows of Q4_K blocks (a multiple of [`GROUP_ROWS`] rows of `bpr` blocks each) into groups of 16 rows
+/// that a kernel with one vector lane per row loads without rearranging, block after block: per block, run `j`
+/// (64 bytes) holds dword `j` of the quants of rows 0..16 (so its low nibbles are weights `64c + 4k..+4` and its
+/// high nibbles weights `64c + 32 + 4k..+4` of each row, `j = 8c + k`), then the 16 `d`, the 16 `dmin`, and run
+/// `i` of the scales holding dword `i` of each row's 12 packed scale bytes. The same bytes in another order: a
+/// share of whole groups is a byte range, as a share of rows is.
+///
+/// # Panics
+/// When `src` is not whole groups of whole rows, or `dst` is not exactly its size.
+pub fn interleave(src: &[BlockQ4K], bpr: usize, dst: &mut [u8]) {
+    assert!(bpr > 0 && src.len().is_multiple_of(GROUP_ROWS * bpr));
+    assert_eq!(dst.len(), size_of_val(src));
+    for (rows, out) in src
+        .chunks_exact(GROUP_ROWS * bpr)
+        .zip(dst.chunks_exact_mut(GROUP_ROWS * bpr * size_of::<BlockQ4K>()))
+    {
+        for (b, gb) in out.chunks_exact_mut(GROUP_BLOCK_BYTES).enumerate() {
+            for r in 0..GROUP_ROWS {
+                let blk = &rows[r * bpr + b];
+                for j in 0..32 {
+                    gb[64 * j + 4 * r..][..4].copy_from_slice(&blk.qs[4 * j..4 * j + 4]);
+                }
+                gb[D_AT + 2 * r..][..2].copy_from_slice(&blk.d.to_bits().to_le_bytes());
+                gb[DMIN_AT + 2 * r..][..2].copy_from_slice(&blk.dmin.to_bits().to_le_bytes());
+                for i in 0..3 {
+                    gb[SCALES_AT + 64 * i + 4 * r..][..4]
+                        .copy_from_slice(&blk.scales[4 * i..4 * i + 4]);
+                }
+            }
+        }
+    }
+}
+
+/// Block `b` of row `r` of an interleaved matrix: [`interleave`] undone, for the embedding lookup.
+pub fn interleaved_block(data: &[u8], bpr: usize, r: usize, b: usize) -> BlockQ4K {
+    let group_bytes = GROUP_ROWS * bpr * size_of::<BlockQ4K>();
+    let gb = &data[r / GROUP_ROWS * group_bytes + b * GROUP_BLOCK_BYTES..][..GROUP_BLOCK_BYTES];
+    let i = r % GROUP_ROWS;
+    let half =
+        |at: usize| half::f16::from_bits(u16::from_le_bytes([gb[at + 2 * i], gb[at + 2 * i + 1]]));
+    BlockQ4K {
+        d: half(D_AT),
+        dmin: half(DMIN_AT),
+        scales: std::array::from_fn(|k| gb[SCALES_AT + 64 * (k / 4) + 4 * i + k % 4]),
+        qs: std::array::from_fn(|k| gb[64 * (k / 4) + 4 * i + k % 4]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every block comes back from where `interleave` put it, and a group is exactly its rows' bytes.
+    #[test]
+    fn interleaving_moves_every_byte_and_loses_none() {
+        for bpr in [1, 3] {
+            let rows = 48;
+            let blocks: Vec<BlockQ4K> = (0..rows * bpr)
+                .map(|i| BlockQ4K {
+                    d: half::f16::from_bits(i as u16 ^ 0x3c00),
+                    dmin: half::f16::from_bits((i * 7919) as u16),
+                    scales: std::array::from_fn(|j| (i * 13 + j * 3) as u8),
+                    qs: std::array::from_fn(|j| (i * 31 + j * 7) as u8),
+                })
+                .collect();
+            let mut packed = vec![0u8; size_of_val(blocks.as_slice())];
+            interleave(&blocks, bpr, &mut packed);
+            for r in 0..rows {
+                for b in 0..bpr {
+                    // By bytes: some of these f16 are NaN.
+                    assert_eq!(
+                        bytemuck::bytes_of(&interleaved_block(&packed, bpr, r, b)),
+                        bytemuck::bytes_of(&blocks[r * bpr + b]),
+                        "row {r}, block {b}"
+                    );
+                }
+            }
+            let group = GROUP_ROWS * bpr * size_of::<BlockQ4K>();
+            let mut second = vec![0u8; group];
+            interleave(&blocks[16 * bpr..32 * bpr], bpr, &mut second);
+            assert_eq!(second, packed[group..2 * group]);
+        }
+    }
+}

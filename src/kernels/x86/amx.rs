@@ -524,6 +524,71 @@ struct KQuants([[u8; 256]; 16]);
 #[repr(C, align(64))]
 struct KCTiles([[i32; 256]; 5]);
 
+/// Where the k-quant tile products' blocks of 16 rows come from: rows as they lie ([`KRows`]) or interleaved
+/// (`k_row_lanes::InterleavedQ4K`). One block is prepared at a time.
+pub(super) trait KTiles {
+    type W: KDigits;
+    /// Whether lanes hold rows permuted (lane `4L + m`: row `4m + L`, as `transpose_16x4` leaves them) rather
+    /// than in order.
+    const PERMUTED: bool;
+    /// Tiles of 16 rows.
+    fn tiles(&self) -> usize;
+    /// Makes block `b` of tile `g` the current one: its integer scales into `sc` and its float scales, in lane
+    /// order, as [`KDigits::lane_scales`] gives them; requests what comes after it.
+    unsafe fn prepare(&mut self, g: usize, b: usize, sc: &mut [__m512i; 16]) -> [__m512; 2];
+    /// Dwords `4 chunk..4 chunk + 4` of the current block's unsigned quants (in weight order), one vector each,
+    /// lane order.
+    unsafe fn dwords(&self, chunk: usize) -> [__m512i; 4];
+}
+
+/// Rows as they lie in the file, 16 at a time: each block's 16 rows unpacked to quants in weight order, then
+/// transposed a chunk at a time.
+pub(super) struct KRows<'a, K: KQuant> {
+    w: &'a [K::W],
+    bpr: usize,
+    q: KQuants,
+}
+
+impl<K: KQuant> KTiles for KRows<'_, K>
+where
+    K::W: KDigits,
+{
+    type W = K::W;
+    const PERMUTED: bool = true;
+    #[inline(always)]
+    fn tiles(&self) -> usize {
+        self.w.len() / (16 * self.bpr)
+    }
+    #[inline(always)]
+    unsafe fn prepare(&mut self, g: usize, b: usize, sc: &mut [__m512i; 16]) -> [__m512; 2] {
+        // SAFETY: block b of rows 16g..16g + 16 lies inside `w` (the caller's tiling); prefetches never fault.
+        unsafe {
+            // Lane p holds row `lane_row(p)`.
+            let blocks: [*const K::W; 16] =
+                std::array::from_fn(|p| self.w.as_ptr().add((16 * g + lane_row(p)) * self.bpr + b));
+            for (p, &blk) in blocks.iter().enumerate() {
+                // The next group's block, requested now: 16 rows a whole row apart, which the hardware
+                // prefetchers do not follow.
+                let next = (self
+                    .w
+                    .as_ptr()
+                    .wrapping_add((16 * (g + 1) + p) * self.bpr + b))
+                    as *const i8;
+                for line in 0..size_of::<K::W>().div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line));
+                }
+                K::quants(blk, self.q.0[lane_row(p)].as_mut_ptr());
+            }
+            K::W::lane_scales(&blocks, sc)
+        }
+    }
+    #[inline(always)]
+    unsafe fn dwords(&self, chunk: usize) -> [__m512i; 4] {
+        // SAFETY: `q` holds 16 rows of 256 bytes; chunk < 16.
+        unsafe { transpose_16x4(self.q.0.as_ptr().cast::<u8>().add(16 * chunk), 256) }
+    }
+}
+
 /// `W[r] . A[t]` for every row of `w` (a multiple of 16 rows of `bpr` 256-blocks) and the first `n` tokens of `a`,
 /// on the tile unit; the results are the lane kernel's bits. The caller checked the output's shape and that
 /// [`granted`] holds; the set's AVX-512 features are present.
@@ -537,30 +602,49 @@ pub(super) unsafe fn gemm_kquant<K: KQuant>(
 ) where
     K::W: KDigits,
 {
+    assert!(w.len().is_multiple_of(16 * bpr));
+    let mut src = KRows::<K> {
+        w,
+        bpr,
+        q: KQuants([[0; 256]; 16]),
+    };
+    // SAFETY: the caller's promises.
+    unsafe { gemm_k_tiles(&mut src, a, bpr, n, out) };
+}
+
+/// `W[r] . A[t]` for every row of `src` and the first `n` tokens of `a`, on the tile unit, with the lane
+/// kernel's bits. The caller checked the output's shape and that [`granted`] holds; the set's AVX-512 features
+/// are present.
+#[inline(always)]
+pub(super) unsafe fn gemm_k_tiles<S: KTiles>(
+    src: &mut S,
+    a: &[BlockQ8K],
+    bpr: usize,
+    n: usize,
+    out: &mut ProductOut,
+) {
     assert!(n > 0 && n * bpr <= a.len() && n <= out.tokens());
-    assert!(w.len().is_multiple_of(16 * bpr) && w.len() / bpr <= out.rows());
+    assert!(src.tiles() * 16 <= out.rows());
     for (t0, t1) in passes(n) {
         // SAFETY: the caller's promises, for tokens t0..t1.
-        unsafe { gemm_kquant_chunk::<K>(w, a, bpr, t0, t1, out) };
+        unsafe { gemm_k_tiles_chunk(src, a, bpr, t0, t1, out) };
     }
 }
 
-/// [`gemm_kquant`] for tokens `t0..t1`, at most `CHUNK_TOKENS`.
+/// [`gemm_k_tiles`] for tokens `t0..t1`, at most `CHUNK_TOKENS`.
 #[inline(always)]
-unsafe fn gemm_kquant_chunk<K: KQuant>(
-    w: &[K::W],
+unsafe fn gemm_k_tiles_chunk<S: KTiles>(
+    src: &mut S,
     a: &[BlockQ8K],
     bpr: usize,
     t0: usize,
     t1: usize,
     out: &mut ProductOut,
-) where
-    K::W: KDigits,
-{
+) {
     let n = t1 - t0;
     let token_tiles = n.div_ceil(16);
     let padded = token_tiles * 16;
-    let products = K::W::DIGITS + 1;
+    let products = S::W::DIGITS + 1;
     // SAFETY: see `scratch`.
     let s = unsafe { &mut *scratch() };
     // A tiles: `((tt * bpr + b) * 4 + c) * 1024`, 16 tokens x 64 quants of block b; scales `da[b * padded + t]`.
@@ -588,48 +672,40 @@ unsafe fn gemm_kquant_chunk<K: KQuant>(
     let acc = &mut s.dw[..padded * 16];
     let (da, at) = (&s.da[..bpr * padded], &s.w[..token_tiles * bpr * 4096]);
 
-    let mut q = KQuants([[0; 256]; 16]);
     let mut bt = KBTiles([[[0; 64]; 64]; 5]);
     let mut ct = KCTiles([[0; 256]; 5]);
     // SAFETY: AVX-512 is present.
     let mut sc = [unsafe { _mm512_setzero_si512() }; 16];
-    let group_dwords = 64 / K::W::GROUPS;
-    // Output row r is lane 4 (r % 4) + r / 4 of the permuted tiles.
+    let group_dwords = 64 / S::W::GROUPS;
+    // Output row r is lane 4 (r % 4) + r / 4 of permuted tiles.
     // SAFETY: AVX-512 is present.
     let unpermute =
         unsafe { _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15) };
     // SAFETY: tile state was granted (the caller); tile loads read 16 rows of 64 bytes inside `at` or `bt`; stores
-    // write 1 KiB into `ct`; every block read is row < rows, block < bpr; `acc` holds 16 floats per padded token,
-    // the output 16 per token and row group.
+    // write 1 KiB into `ct`; every block read is tile < tiles(), block < bpr; `acc` holds 16 floats per padded
+    // token, the output 16 per token and row group.
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) &K_CONFIG, options(nostack, preserves_flags, readonly));
-        for g in 0..w.len() / (16 * bpr) {
+        for g in 0..src.tiles() {
             for b in 0..bpr {
-                // The 16 rows' quants, scales and float scales, lane p holding row `lane_row(p)`.
-                let blocks: [*const K::W; 16] =
-                    std::array::from_fn(|p| w.as_ptr().add((16 * g + lane_row(p)) * bpr + b));
-                for (p, &blk) in blocks.iter().enumerate() {
-                    // The next group's block, requested now: 16 rows a whole row apart, which the hardware
-                    // prefetchers do not follow.
-                    let next = (w.as_ptr().wrapping_add((16 * (g + 1) + p) * bpr + b)) as *const i8;
-                    for line in 0..size_of::<K::W>().div_ceil(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line));
-                    }
-                    K::quants(blk, q.0[lane_row(p)].as_mut_ptr());
-                }
-                let [dv, dmv] = K::W::lane_scales(&blocks, &mut sc);
-                build_b_tiles::<K::W>(&q, &sc, group_dwords, &mut bt);
+                let [dv, dmv] = src.prepare(g, b, &mut sc);
+                build_b_tiles(&*src, &sc, group_dwords, &mut bt);
                 for tt in 0..token_tiles {
                     k_tile_products(at.as_ptr().add((tt * bpr + b) * 4096), &bt, products);
                     k_tile_store(&mut ct, products);
                     let rows = &da[b * padded + 16 * tt..][..16];
-                    scale_k_tile::<K::W>(&ct, rows, dv, dmv, b == 0, &mut acc[256 * tt..]);
+                    scale_k_tile::<S::W>(&ct, rows, dv, dmv, b == 0, &mut acc[256 * tt..]);
                 }
             }
             for t in 0..n {
                 let o = out.as_mut_ptr().add((t0 + t) * out.stride() + 16 * g);
                 let v = _mm512_loadu_ps(acc.as_ptr().add(16 * t));
-                _mm512_storeu_ps(o, _mm512_permutexvar_ps(unpermute, v));
+                let v = if S::PERMUTED {
+                    _mm512_permutexvar_ps(unpermute, v)
+                } else {
+                    v
+                };
+                _mm512_storeu_ps(o, v);
             }
         }
         asm!("tilerelease", options(nomem, nostack, preserves_flags));
@@ -639,55 +715,54 @@ unsafe fn gemm_kquant_chunk<K: KQuant>(
 /// The B tiles of one block of 16 rows: the quants transposed to `[dword][row]`, then per digit `i` each dword
 /// times its group's digit (row by row), and the last product (mins, or Q6_K's `q - 32`).
 #[inline(always)]
-unsafe fn build_b_tiles<W: KDigits>(
-    q: &KQuants,
+unsafe fn build_b_tiles<S: KTiles>(
+    src: &S,
     sc: &[__m512i; 16],
     group_dwords: usize,
     bt: &mut KBTiles,
 ) {
-    // SAFETY: AVX-512 BW is present; `q` holds 16 rows of 256 bytes, `bt` 5 x 64 x 64.
+    // SAFETY: AVX-512 BW is present; `src` has a prepared block, `bt` holds 5 x 64 x 64.
     unsafe {
         let odd_bytes: __mmask64 = 0xAAAA_AAAA_AAAA_AAAA;
-        let digit_mask = _mm512_set1_epi32((1 << W::DIGIT_BITS) - 1);
+        let digit_mask = _mm512_set1_epi32((1 << S::W::DIGIT_BITS) - 1);
         let chunks_per_group = group_dwords / 4;
-        for grp in 0..W::GROUPS {
+        for grp in 0..S::W::GROUPS {
             // The group's digits as bytes [d, 0, d, 0] (`even`) and [0, d, 0, d] (`odd`) per row: `vpmaddubsw`
             // then gives each even (odd) weight times d as a word, whose low byte is the product (it fits a
             // signed byte).
             let scv = sc[grp];
             let mut even = [_mm512_setzero_si512(); 4];
             let mut odd = [_mm512_setzero_si512(); 4];
-            for i in 0..W::DIGITS {
-                let shift = _mm_cvtsi32_si128((W::DIGIT_BITS * i as u32) as i32);
+            for i in 0..S::W::DIGITS {
+                let shift = _mm_cvtsi32_si128((S::W::DIGIT_BITS * i as u32) as i32);
                 let digit = _mm512_and_si512(_mm512_srl_epi32(scv, shift), digit_mask);
                 even[i] = _mm512_or_si512(digit, _mm512_slli_epi32::<16>(digit));
                 odd[i] = _mm512_slli_epi32::<8>(even[i]);
             }
             // Q4_K/Q5_K: the group's min in every byte of the row's dword.
-            let mins = if W::OFFSET32 {
+            let mins = if S::W::OFFSET32 {
                 _mm512_setzero_si512()
             } else {
                 let m = _mm512_or_si512(sc[8 + grp], _mm512_slli_epi32::<8>(sc[8 + grp]));
                 _mm512_or_si512(m, _mm512_slli_epi32::<16>(m))
             };
             for chunk in grp * chunks_per_group..(grp + 1) * chunks_per_group {
-                let dwords = transpose_16x4(q.0.as_ptr().cast::<u8>().add(16 * chunk), 256);
-                for (k, &v) in dwords.iter().enumerate() {
+                for (k, &v) in src.dwords(chunk).iter().enumerate() {
                     let j = 4 * chunk + k;
-                    let wv = if W::OFFSET32 {
+                    let wv = if S::W::OFFSET32 {
                         _mm512_sub_epi8(v, _mm512_set1_epi8(32))
                     } else {
                         v
                     };
-                    for i in 0..W::DIGITS {
+                    for i in 0..S::W::DIGITS {
                         let lo = _mm512_maddubs_epi16(even[i], wv);
                         let hi = _mm512_maddubs_epi16(odd[i], wv);
                         let prod =
                             _mm512_mask_blend_epi8(odd_bytes, lo, _mm512_slli_epi16::<8>(hi));
                         _mm512_store_si512(bt.0[i][j].as_mut_ptr() as *mut _, prod);
                     }
-                    let last = if W::OFFSET32 { wv } else { mins };
-                    _mm512_store_si512(bt.0[W::DIGITS][j].as_mut_ptr() as *mut _, last);
+                    let last = if S::W::OFFSET32 { wv } else { mins };
+                    _mm512_store_si512(bt.0[S::W::DIGITS][j].as_mut_ptr() as *mut _, last);
                 }
             }
         }

@@ -38,7 +38,8 @@ pub(in crate::kernels) static SET: Kernels = x86_set!(
     Some(gemm_q4_0_interleaved),
     Some(gemm_q8_0_interleaved),
     Some(gemm_iq4_nl_interleaved),
-    Some(gemm_iq4_xs_interleaved)
+    Some(gemm_iq4_xs_interleaved),
+    Some(gemm_q4_k_interleaved)
 );
 
 /// AVX-512 VNNI with the interleaved and k-quant products of many tokens on AMX's tile unit (`x86/amx.rs`); only
@@ -53,7 +54,8 @@ pub(in crate::kernels) static SET_AMX: Kernels = Kernels {
         Some(gemm_q4_0_interleaved_amx),
         Some(gemm_q8_0_interleaved_amx),
         Some(gemm_iq4_nl_interleaved_amx),
-        Some(gemm_iq4_xs_interleaved_amx)
+        Some(gemm_iq4_xs_interleaved_amx),
+        Some(gemm_q4_k_interleaved_amx)
     )
 };
 
@@ -251,6 +253,10 @@ target_feature_entries! { "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
         interleaved::<true, row_lanes::IQ4NLGroups, IQ4<Vnni512>, IQ4<Vnni256>>(w, a, bpr, out);
     fn gemm_iq4_xs_interleaved_amx(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         interleaved_iq4_xs::<true>(w, a, bpr, out);
+    fn gemm_q4_k_interleaved(w: &[u8], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        interleaved_q4_k::<false>(w, a, bpr, out);
+    fn gemm_q4_k_interleaved_amx(w: &[u8], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        interleaved_q4_k::<true>(w, a, bpr, out);
     fn gemm_q4_k_amx(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
         kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K, true>(w, a, bpr, out);
     fn gemm_q5_k_amx(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
@@ -640,6 +646,35 @@ unsafe fn interleaved_iq4_xs<const AMX: bool>(
         row_lanes::gemm_interleaved_iq4_xs::<AMX>(&w[..grouped * row_bytes], a, bpr, &mut groups);
         if grouped < rows {
             super::iq4_xs::gemm_rows(
+                bytemuck::cast_slice(&w[grouped * row_bytes..]),
+                a,
+                bpr,
+                tail,
+            );
+        }
+    }
+}
+
+/// Q4_K rows interleaved in groups of 16 (`kernels::q4_k::interleave`), the rows past the last whole group as
+/// they lie.
+#[inline(always)]
+unsafe fn interleaved_q4_k<const AMX: bool>(w: &[u8], a: &[BlockQ8K], bpr: usize, out: ProductOut) {
+    let row_bytes = bpr * size_of::<BlockQ4K>();
+    assert!(row_bytes > 0 && w.len().is_multiple_of(row_bytes));
+    let rows = w.len() / row_bytes;
+    crate::kernels::check_shape(&out, rows, a.len() / bpr);
+    let grouped = rows / 16 * 16;
+    let (mut groups, tail) = out.split_at_row(grouped);
+    // SAFETY: the set's features are present (and with AMX, the tile state was granted).
+    unsafe {
+        super::k_row_lanes::gemm_interleaved_q4_k::<AMX>(
+            &w[..grouped * row_bytes],
+            a,
+            bpr,
+            &mut groups,
+        );
+        if grouped < rows {
+            kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K, AMX>(
                 bytemuck::cast_slice(&w[grouped * row_bytes..]),
                 a,
                 bpr,

@@ -70,7 +70,7 @@
 /// alike.
 macro_rules! x86_set {
     ($name:literal, $ops:expr) => {
-        x86_set!($name, $ops, None, None, None, None)
+        x86_set!($name, $ops, None, None, None, None, None)
     };
     (
         $name:literal,
@@ -78,7 +78,8 @@ macro_rules! x86_set {
         $q4_0_interleaved:expr,
         $q8_0_interleaved:expr,
         $iq4_nl_interleaved:expr,
-        $iq4_xs_interleaved:expr
+        $iq4_xs_interleaved:expr,
+        $q4_k_interleaved:expr
     ) => {
         $crate::kernels::Kernels {
             name: $name,
@@ -93,6 +94,7 @@ macro_rules! x86_set {
             gemm_iq4_xs_interleaved: $iq4_xs_interleaved,
             quantize_q8_k,
             gemm_q4_k,
+            gemm_q4_k_interleaved: $q4_k_interleaved,
             gemm_q5_k,
             gemm_q6_k,
             gemm_f32,
@@ -136,6 +138,7 @@ pub mod amx;
 pub mod avx2;
 pub mod avx512;
 mod iq4_xs;
+mod k_row_lanes;
 mod kquant;
 mod row_lanes;
 
@@ -209,6 +212,8 @@ pub fn reserve_scratch(max_cols: usize) {
     //   `gemm_few_q4` and the k-quant activation permute the same.
     // - `da`: lane kernels T·b; `gemm_few` and `gemm_rows16` F·b; `gemm_few_q4` 32 per token and started octet.
     // - `corr`: lane kernels T·b; `gemm_few` 8F·b; `gemm_rows16` F·b; `gemm_few_q4` as `da`.
+    // - `k_row_lanes` (interleaved Q4_K), per chunk of 64 tokens: `da` one per token and 256-block, `corr` four
+    //   (within the lane kernels' bounds).
     // - `w`, `dw`, `wi`: one tile of at most 8 rows of prepared weights: 64 bytes per 32-block (AVX2) or 256 per
     //   256-block, 1 scale per 32-block or 2 per 256-block, `kquant::WI` integers per 256-block.
     let b = max_cols.div_ceil(32);
