@@ -9,7 +9,7 @@
 //! - `threads`: gemv from DRAM with both cores; `ops`: the f32 operations; `sampling`: one token from 49k logits;
 //!   `shapes`: one-token products of the
 //!   model's matrix shapes from DRAM in its row shares; `attention`: `attend_block` in GFLOP/s.
-//! - `probe FORMAT ROWS TOKENS LDO ITERS`: a fixed amount of work and nothing else (FORMAT also `q4_0i`, `q8_0i`, `q4_ki`:
+//! - `probe FORMAT ROWS TOKENS LDO ITERS`: a fixed amount of work and nothing else (FORMAT also `q4_0i`, `q8_0i`, `q4_ki`, `q6_ki`:
 //!   the matrix interleaved as a model stores it), for `perf stat -e
 //!   task-clock` (CPU time, which other jobs on a shared machine disturb far less than wall time).
 //!
@@ -531,7 +531,7 @@ fn probe(args: &[String]) {
         }
         black_box(&out);
     }
-    /// The matrix interleaved as a model on this set stores it (`q4_0i`, `q8_0i`, `q4_ki`).
+    /// The matrix interleaved as a model on this set stores it (`q4_0i`, `q8_0i`, `q4_ki`, `q6_ki`).
     fn go_interleaved(
         k: &Kernels,
         rng: &mut Rng,
@@ -559,13 +559,21 @@ fn probe(args: &[String]) {
             }
         };
         match ty {
-            "q4_ki" => {
-                let w = packed(
-                    &BlockQ4K::random(rng, rows),
-                    COLS / 256,
-                    kernels::q4_k::interleave,
-                );
-                let gemm = k.gemm_q4_k_interleaved.expect(&missing);
+            "q4_ki" | "q6_ki" => {
+                let (w, gemm) = if ty == "q4_ki" {
+                    let w = BlockQ4K::random(rng, rows);
+                    (
+                        packed(&w, COLS / 256, kernels::q4_k::interleave),
+                        k.gemm_q4_k_interleaved,
+                    )
+                } else {
+                    let w = BlockQ6K::random(rng, rows);
+                    (
+                        packed(&w, COLS / 256, kernels::q6_k::interleave),
+                        k.gemm_q6_k_interleaved,
+                    )
+                };
+                let gemm = gemm.expect(&missing);
                 repeat(&|out| gemm(black_box(&w), &a.qk, COLS / 256, out));
             }
             _ => {
@@ -591,7 +599,9 @@ fn probe(args: &[String]) {
         black_box(&out);
     }
     match args[1].as_str() {
-        ty @ ("q4_0i" | "q8_0i" | "q4_ki") => go_interleaved(k, &mut rng, ty, rows, n, ldo, iters),
+        ty @ ("q4_0i" | "q8_0i" | "q4_ki" | "q6_ki") => {
+            go_interleaved(k, &mut rng, ty, rows, n, ldo, iters)
+        }
         "q4_0" => go::<BlockQ4_0>(k, &mut rng, rows, n, ldo, iters),
         "q8_0" => go::<BlockQ8_0>(k, &mut rng, rows, n, ldo, iters),
         "q4_k" => go::<BlockQ4K>(k, &mut rng, rows, n, ldo, iters),

@@ -315,6 +315,14 @@ fn interleave_q4k(w: &[BlockQ4K], rows: usize, bpr: usize) -> Vec<u8> {
     packed
 }
 
+/// Q6_K rows' bytes with their whole groups of 16 interleaved (`kernels::q6_k::interleave`), the rest as they lie.
+fn interleave_q6k(w: &[BlockQ6K], rows: usize, bpr: usize) -> Vec<u8> {
+    let grouped = rows / 16 * 16 * bpr;
+    let mut packed = bytemuck::cast_slice::<_, u8>(w).to_vec();
+    kernels::q6_k::interleave(&w[..grouped], bpr, &mut packed[..grouped * 210]);
+    packed
+}
+
 /// `n` Q6_K blocks of random quants and scales.
 fn random_q6k(rng: &mut Rng, n: usize) -> Vec<BlockQ6K> {
     let mut w = vec![BlockQ6K::zeroed(); n];
@@ -487,6 +495,13 @@ fn k_quant_products_are_batch_invariant() {
                 case(what("q6_k"), &w6, rows, &acts, bpr)
                     .check(&|w, a, b, o| (k.gemm_q6_k)(w, a, b, o)),
             );
+            if let Some(gemm) = k.gemm_q6_k_interleaved {
+                let packed = interleave_q6k(&w6, rows, bpr);
+                failures.extend(
+                    interleaved_case(what("interleaved q6_k"), &packed, rows, &acts, bpr)
+                        .check(&gemm),
+                );
+            }
         }
     }
     report(failures);
@@ -540,6 +555,7 @@ fn long_batches_are_batch_invariant() {
     let wk = random_q4k(&mut rng, rows * kbpr);
     let packed_k = interleave_q4k(&wk, rows, kbpr);
     let w6 = random_q6k(&mut rng, rows * kbpr);
+    let packed_6 = interleave_q6k(&w6, rows, kbpr);
     for k in &all {
         // 300: a pass of 256 and one of 44 (whole tiles and a last one of 12); 263: the last 7 past the tiles.
         for n in [300, 263] {
@@ -564,6 +580,12 @@ fn long_batches_are_batch_invariant() {
                 case(what("q6_k"), &w6, rows, &kacts, kbpr)
                     .check_long(&|w, a, b, o| (k.gemm_q6_k)(w, a, b, o), n),
             );
+            if let Some(gemm) = k.gemm_q6_k_interleaved {
+                failures.extend(
+                    interleaved_case(what("interleaved q6_k"), &packed_6, rows, &kacts, kbpr)
+                        .check_long(&gemm, n),
+                );
+            }
         }
     }
     report(failures);

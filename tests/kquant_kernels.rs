@@ -334,17 +334,24 @@ fn gemm_q6_k_matches_scalar() {
     );
 }
 
-/// Q4_K rows interleaved in groups of 16 (`kernels::q4_k::interleave`; the rows past the last whole group as they
-/// lie), in every set that reads them so, against the same set's product over the rows as they lie, by bits (and
-/// `gemm_q4_k_matches_scalar` holds that to the reference): every token count of the row lanes' passes (up to 8)
-/// and of the tile unit's (whole tiles of 16, a last partial one from 8), several chunks of 64, blocks 1 to 4.
-#[test]
-fn interleaved_q4_k_is_the_row_product_by_bits() {
-    let mut rng = Rng(14);
+/// K-quant rows interleaved in groups of 16 (`kernels::q4_k::interleave`, `kernels::q6_k::interleave`; the rows
+/// past the last whole group as they lie), in every set that reads them so, against the same set's product over
+/// the rows as they lie, by bits (and `gemm_q4_k_matches_scalar`, `gemm_q6_k_matches_scalar` hold those to the
+/// reference): every token count of the row lanes' passes (up to 8) and of the tile unit's (whole tiles of 16, a
+/// last partial one from 8), several chunks of 64, blocks 1 to 4.
+fn check_interleaved<W: bytemuck::Pod>(
+    what: &str,
+    seed: u64,
+    weights: fn(&mut Rng, usize, Kind) -> Vec<W>,
+    interleave: fn(&[W], usize, &mut [u8]),
+    gemm: fn(&Kernels) -> Gemm<W>,
+    interleaved: fn(&Kernels) -> Option<kernels::InterleavedKGemm>,
+) {
+    let mut rng = Rng(seed);
     let tokens: Vec<usize> = (1..=34).chain([47, 48, 64, 65, 129, 263]).collect();
     let mut tested = vec![];
     for k in sets() {
-        let Some(gemm) = k.gemm_q4_k_interleaved else {
+        let Some(packed_gemm) = interleaved(k) else {
             continue;
         };
         tested.push(k.name);
@@ -352,23 +359,23 @@ fn interleaved_q4_k_is_the_row_product_by_bits() {
             for bpr in [1, 2, 4] {
                 for &n in &tokens {
                     for kind in KINDS {
-                        let w = q4_k(&mut rng, rows * bpr, kind);
+                        let w = weights(&mut rng, rows * bpr, kind);
                         let a = q8_k(&mut rng, n * bpr, kind);
                         let grouped = rows / 16 * 16 * bpr;
                         let mut packed = bytemuck::cast_slice::<_, u8>(&w).to_vec();
-                        kernels::q4_k::interleave(&w[..grouped], bpr, &mut packed[..grouped * 144]);
+                        interleave(&w[..grouped], bpr, &mut packed[..grouped * size_of::<W>()]);
                         let mut want = vec![0.0f32; n * rows];
-                        (k.gemm_q4_k)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
+                        gemm(k)(&w, &a, bpr, ProductOut::new(&mut want, n, rows));
                         for ldo in [rows, rows + 5] {
                             let mut got = vec![f32::from_bits(UNTOUCHED); (n - 1) * ldo + rows + 5];
-                            gemm(
+                            packed_gemm(
                                 &packed,
                                 &a,
                                 bpr,
                                 ProductOut::with_stride(&mut got, n, rows, ldo),
                             );
-                            let what = format!(
-                                "interleaved q4_k on {}: {kind:?}, {rows} rows, {n} tokens, {bpr} blocks, stride {ldo}",
+                            let ctx = format!(
+                                "interleaved {what} on {}: {kind:?}, {rows} rows, {n} tokens, {bpr} blocks, stride {ldo}",
                                 k.name
                             );
                             for (i, v) in got.iter().enumerate() {
@@ -378,16 +385,12 @@ fn interleaved_q4_k_is_the_row_product_by_bits() {
                                     assert_eq!(
                                         v.to_bits(),
                                         w.to_bits(),
-                                        "{what}: token {}, row {}: {v:e} against {w:e} from the rows",
+                                        "{ctx}: token {}, row {}: {v:e} against {w:e} from the rows",
                                         i / ldo,
                                         i % ldo
                                     );
                                 } else {
-                                    assert_eq!(
-                                        v.to_bits(),
-                                        UNTOUCHED,
-                                        "{what}: wrote position {i}"
-                                    );
+                                    assert_eq!(v.to_bits(), UNTOUCHED, "{ctx}: wrote position {i}");
                                 }
                             }
                         }
@@ -396,7 +399,31 @@ fn interleaved_q4_k_is_the_row_product_by_bits() {
             }
         }
     }
-    eprintln!("interleaved q4_k on: {}", tested.join(", "));
+    eprintln!("interleaved {what} on: {}", tested.join(", "));
+}
+
+#[test]
+fn interleaved_q4_k_is_the_row_product_by_bits() {
+    check_interleaved(
+        "q4_k",
+        14,
+        q4_k,
+        kernels::q4_k::interleave,
+        |k| k.gemm_q4_k,
+        |k| k.gemm_q4_k_interleaved,
+    );
+}
+
+#[test]
+fn interleaved_q6_k_is_the_row_product_by_bits() {
+    check_interleaved(
+        "q6_k",
+        15,
+        q6_k,
+        kernels::q6_k::interleave,
+        |k| k.gemm_q6_k,
+        |k| k.gemm_q6_k_interleaved,
+    );
 }
 
 /// Every set's Q8_K quantizer gives ggml's bytes (the quantize crate's `quantize_q8_k`, itself checked against

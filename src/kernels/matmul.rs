@@ -46,9 +46,9 @@ pub fn supported(ty: GgmlType) -> bool {
 pub enum Layout {
     /// Row after row, as in the file.
     Rows,
-    /// Q4_0, IQ4_NL, IQ4_XS, Q8_0 or Q4_K rows in groups of [`INTERLEAVE_ROWS`] ([`super::q4_0::interleave`],
-    /// [`super::iq4_nl::interleave`], [`super::iq4_xs::interleave`], [`super::q8_0::interleave`],
-    /// [`super::q4_k::interleave`]), the rows past
+    /// Q4_0, IQ4_NL, IQ4_XS, Q8_0, Q4_K or Q6_K rows in groups of [`INTERLEAVE_ROWS`]
+    /// ([`super::q4_0::interleave`], [`super::iq4_nl::interleave`], [`super::iq4_xs::interleave`],
+    /// [`super::q8_0::interleave`], [`super::q4_k::interleave`], [`super::q6_k::interleave`]), the rows past
     /// the last whole group after them as they lie, for a set with that type's interleaved product. Each group takes as many bytes as its rows do in the file, so every row
     /// range the model cuts (an expert, a thread's share) is the same byte range as in the file.
     Interleaved,
@@ -167,6 +167,7 @@ fn pack(j: &PackJob, dst: &mut [u8]) {
                     | GgmlType::IQ4_XS
                     | GgmlType::Q8_0
                     | GgmlType::Q4_K
+                    | GgmlType::Q6_K
             ),
         "{ty} cannot be packed as {:?}",
         j.layout
@@ -189,6 +190,9 @@ fn pack(j: &PackJob, dst: &mut [u8]) {
         }
         GgmlType::Q4_K => {
             super::q4_k::interleave(bytemuck::cast_slice(&j.data[..split]), bpr, groups)
+        }
+        GgmlType::Q6_K => {
+            super::q6_k::interleave(bytemuck::cast_slice(&j.data[..split]), bpr, groups)
         }
         _ => super::q8_0::interleave(bytemuck::cast_slice(&j.data[..split]), bpr, groups),
     }
@@ -301,6 +305,9 @@ impl<'a> WeightRows<'a> {
                     group, per_row, at, b,
                 ))),
                 GgmlType::Q4_K => decode(bytemuck::bytes_of(&super::q4_k::interleaved_block(
+                    group, per_row, at, b,
+                ))),
+                GgmlType::Q6_K => decode(bytemuck::bytes_of(&super::q6_k::interleaved_block(
                     group, per_row, at, b,
                 ))),
                 _ => decode(bytemuck::bytes_of(&super::q8_0::interleaved_block(
@@ -523,9 +530,9 @@ pub fn gemm_rows(k: &Kernels, w: &WeightRows, acts: ActivationRows, out: Product
         ),
     }
     let data = w.data;
-    if w.layout == Layout::Interleaved && w.ty == GgmlType::Q4_K {
+    if w.layout == Layout::Interleaved && matches!(w.ty, GgmlType::Q4_K | GgmlType::Q6_K) {
         let gemm = k
-            .gemm_q4_k_interleaved
+            .interleaved_k_gemm(w.ty)
             .expect("matrices are interleaved only for sets that read them so");
         return gemm(data, acts.q8k, w.cols / QK_K, out);
     }
@@ -571,6 +578,7 @@ mod tests {
             GgmlType::IQ4_XS,
             GgmlType::Q8_0,
             GgmlType::Q4_K,
+            GgmlType::Q6_K,
         ] {
             // Arbitrary bytes with scales kept finite (an f16 scale's exponent below all-ones; Q4_K's `dmin`
             // too).
@@ -580,8 +588,11 @@ mod tests {
                 .collect();
             for block in data.chunks_exact_mut(ty.block_bytes()) {
                 block[1] &= 0x3b;
-                if ty == GgmlType::Q4_K {
-                    block[3] &= 0x3b;
+                match ty {
+                    GgmlType::Q4_K => block[3] &= 0x3b,
+                    // Q6_K's `d` is its last two bytes.
+                    GgmlType::Q6_K => block[209] &= 0x3b,
+                    _ => {}
                 }
             }
             let job = PackJob {

@@ -21,9 +21,9 @@
 //! many. The shape of a call decides which runs, so callers need not care.
 //!
 //! A set may also read a matrix in another layout than the file's rows ([`Layout`]): AVX-512 VNNI multiplies
-//! Q4_0 and Q8_0 rows interleaved in groups of 16 ([`q4_0::interleave`], [`q8_0::interleave`]) with one lane per
-//! row for every token count, so a model on it rewrites its matrices of those types so when it is loaded
-//! ([`Layout::for_kernels`]).
+//! Q4_0, IQ4_NL, IQ4_XS, Q8_0, Q4_K and Q6_K rows interleaved in groups of 16 ([`q4_0::interleave`],
+//! [`q8_0::interleave`], [`q4_k::interleave`], ...) with one lane per row for every token count, so a model on
+//! it rewrites its matrices of those types so when it is loaded ([`Layout::for_kernels`]).
 //!
 //! **Every set is batch-invariant**: each token's outputs of a product are bit-identical whatever else is in the
 //! call (that token alone, or among any number of others, at any position), and whichever rows of the matrix
@@ -80,7 +80,7 @@ mod product_out;
 pub mod q4_0;
 pub mod q4_k;
 mod q5_k;
-mod q6_k;
+pub mod q6_k;
 pub mod q8_0;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -148,6 +148,8 @@ pub struct Kernels {
     pub gemm_q4_k_interleaved: Option<InterleavedKGemm>,
     pub gemm_q5_k: fn(w: &[BlockQ5K], a: &[BlockQ8K], blocks_per_row: usize, out: ProductOut),
     pub gemm_q6_k: fn(w: &[BlockQ6K], a: &[BlockQ8K], blocks_per_row: usize, out: ProductOut),
+    /// Q6_K rows interleaved ([`q6_k::interleave`]), with the same bits as `gemm_q6_k`'s.
+    pub gemm_q6_k_interleaved: Option<InterleavedKGemm>,
     pub gemm_f32: fn(w: &[f32], a: &[f32], cols: usize, out: ProductOut),
     pub gemm_f16: fn(w: &[f16], a: &[f32], cols: usize, out: ProductOut),
     pub gemm_bf16: fn(w: &[bf16], a: &[f32], cols: usize, out: ProductOut),
@@ -182,8 +184,20 @@ impl Kernels {
     /// Whether this set has a product over interleaved rows of `ty` (and so wants a model's matrices of the
     /// type interleaved).
     pub fn reads_interleaved(&self, ty: quarry_quantize::gguf::GgmlType) -> bool {
-        self.interleaved_gemm(ty).is_some()
-            || (ty == quarry_quantize::gguf::GgmlType::Q4_K && self.gemm_q4_k_interleaved.is_some())
+        self.interleaved_gemm(ty).is_some() || self.interleaved_k_gemm(ty).is_some()
+    }
+
+    /// This set's k-quant product over interleaved rows of `ty`, if it has one.
+    pub fn interleaved_k_gemm(
+        &self,
+        ty: quarry_quantize::gguf::GgmlType,
+    ) -> Option<InterleavedKGemm> {
+        use quarry_quantize::gguf::GgmlType;
+        match ty {
+            GgmlType::Q4_K => self.gemm_q4_k_interleaved,
+            GgmlType::Q6_K => self.gemm_q6_k_interleaved,
+            _ => None,
+        }
     }
 }
 
@@ -252,6 +266,7 @@ pub static SCALAR: Kernels = Kernels {
     gemm_q4_k_interleaved: None,
     gemm_q5_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q5_k::dot_scalar),
     gemm_q6_k: |w, a, bpr, out| gemm_by_dots(w, a, bpr, out, q6_k::dot_scalar),
+    gemm_q6_k_interleaved: None,
     gemm_f32: |w, a, cols, out| gemm_by_dots(w, a, cols, out, float::dot_f32_scalar),
     gemm_f16: |w, a, cols, out| gemm_by_dots(w, a, cols, out, float::dot_f16_scalar),
     gemm_bf16: |w, a, cols, out| gemm_by_dots(w, a, cols, out, float::dot_bf16_scalar),

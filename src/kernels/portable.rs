@@ -32,6 +32,7 @@ pub static SET: Kernels = Kernels {
     gemm_q4_k_interleaved: None,
     gemm_q5_k,
     gemm_q6_k,
+    gemm_q6_k_interleaved: None,
     gemm_f32,
     gemm_f16,
     gemm_bf16,

@@ -20,3 +20,101 @@ pub fn dot_scalar(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     }
     sum
 }
+
+/// Rows per group of the interleaved layout ([`interleave`]): the model's one group height.
+pub const GROUP_ROWS: usize = super::INTERLEAVE_ROWS;
+
+/// Bytes of one 256-block of a group: 32 runs of 64 bytes of `ql`, 16 of `qh`, 4 of scales, then the 16 rows'
+/// `d` (f16). As many as the 16 rows' blocks take in the file.
+pub const GROUP_BLOCK_BYTES: usize = GROUP_ROWS * size_of::<BlockQ6K>();
+
+/// Offsets in a group's block of the `qh`, scale and `d` runs (after the 2048 bytes of `ql`).
+pub const QH_AT: usize = 32 * 64;
+pub const SCALES_AT: usize = QH_AT + 16 * 64;
+pub const D_AT: usize = SCALES_AT + 4 * 64;
+
+/// Rewrites rows of Q6_K blocks (a multiple of [`GROUP_ROWS`] rows of `bpr` blocks each) into groups of 16 rows
+/// that a kernel with one vector lane per row loads without rearranging, block after block: per block, run `j`
+/// of `ql` (64 bytes) holds dword `j` of `ql` of rows 0..16, run `i` of `qh` dword `i` of `qh`, run `k` of the
+/// scales dword `k` of the 16 scales, then the 16 `d`. The same bytes in another order: a share of whole groups
+/// is a byte range, as a share of rows is.
+///
+/// # Panics
+/// When `src` is not whole groups of whole rows, or `dst` is not exactly its size.
+pub fn interleave(src: &[BlockQ6K], bpr: usize, dst: &mut [u8]) {
+    assert!(bpr > 0 && src.len().is_multiple_of(GROUP_ROWS * bpr));
+    assert_eq!(dst.len(), size_of_val(src));
+    for (rows, out) in src
+        .chunks_exact(GROUP_ROWS * bpr)
+        .zip(dst.chunks_exact_mut(GROUP_ROWS * bpr * size_of::<BlockQ6K>()))
+    {
+        for (b, gb) in out.chunks_exact_mut(GROUP_BLOCK_BYTES).enumerate() {
+            for r in 0..GROUP_ROWS {
+                let blk = &rows[r * bpr + b];
+                for j in 0..32 {
+                    gb[64 * j + 4 * r..][..4].copy_from_slice(&blk.ql[4 * j..4 * j + 4]);
+                }
+                for i in 0..16 {
+                    gb[QH_AT + 64 * i + 4 * r..][..4].copy_from_slice(&blk.qh[4 * i..4 * i + 4]);
+                }
+                let scales: &[u8; 16] = bytemuck::cast_ref(&blk.scales);
+                for k in 0..4 {
+                    gb[SCALES_AT + 64 * k + 4 * r..][..4]
+                        .copy_from_slice(&scales[4 * k..4 * k + 4]);
+                }
+                gb[D_AT + 2 * r..][..2].copy_from_slice(&blk.d.to_bits().to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Block `b` of row `r` of an interleaved matrix: [`interleave`] undone, for the embedding lookup.
+pub fn interleaved_block(data: &[u8], bpr: usize, r: usize, b: usize) -> BlockQ6K {
+    let group_bytes = GROUP_ROWS * bpr * size_of::<BlockQ6K>();
+    let gb = &data[r / GROUP_ROWS * group_bytes + b * GROUP_BLOCK_BYTES..][..GROUP_BLOCK_BYTES];
+    let i = r % GROUP_ROWS;
+    let at = |base: usize, k: usize| gb[base + 64 * (k / 4) + 4 * i + k % 4];
+    BlockQ6K {
+        ql: std::array::from_fn(|k| at(0, k)),
+        qh: std::array::from_fn(|k| at(QH_AT, k)),
+        scales: std::array::from_fn(|k| at(SCALES_AT, k) as i8),
+        d: half::f16::from_bits(u16::from_le_bytes([gb[D_AT + 2 * i], gb[D_AT + 2 * i + 1]])),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every block comes back from where `interleave` put it, and a group is exactly its rows' bytes.
+    #[test]
+    fn interleaving_moves_every_byte_and_loses_none() {
+        for bpr in [1, 3] {
+            let rows = 48;
+            let blocks: Vec<BlockQ6K> = (0..rows * bpr)
+                .map(|i| BlockQ6K {
+                    ql: std::array::from_fn(|j| (i * 31 + j * 7) as u8),
+                    qh: std::array::from_fn(|j| (i * 17 + j * 5) as u8),
+                    scales: std::array::from_fn(|j| (i * 13 + j * 3) as i8),
+                    d: half::f16::from_bits((i * 7919) as u16),
+                })
+                .collect();
+            let mut packed = vec![0u8; size_of_val(blocks.as_slice())];
+            interleave(&blocks, bpr, &mut packed);
+            for r in 0..rows {
+                for b in 0..bpr {
+                    // By bytes: some of these f16 are NaN.
+                    assert_eq!(
+                        bytemuck::bytes_of(&interleaved_block(&packed, bpr, r, b)),
+                        bytemuck::bytes_of(&blocks[r * bpr + b]),
+                        "row {r}, block {b}"
+                    );
+                }
+            }
+            let group = GROUP_ROWS * bpr * size_of::<BlockQ6K>();
+            let mut second = vec![0u8; group];
+            interleave(&blocks[16 * bpr..32 * bpr], bpr, &mut second);
+            assert_eq!(second, packed[group..2 * group]);
+        }
+    }
+}

@@ -39,7 +39,8 @@ pub(in crate::kernels) static SET: Kernels = x86_set!(
     Some(gemm_q8_0_interleaved),
     Some(gemm_iq4_nl_interleaved),
     Some(gemm_iq4_xs_interleaved),
-    Some(gemm_q4_k_interleaved)
+    Some(gemm_q4_k_interleaved),
+    Some(gemm_q6_k_interleaved)
 );
 
 /// AVX-512 VNNI with the interleaved and k-quant products of many tokens on AMX's tile unit (`x86/amx.rs`); only
@@ -55,7 +56,8 @@ pub(in crate::kernels) static SET_AMX: Kernels = Kernels {
         Some(gemm_q8_0_interleaved_amx),
         Some(gemm_iq4_nl_interleaved_amx),
         Some(gemm_iq4_xs_interleaved_amx),
-        Some(gemm_q4_k_interleaved_amx)
+        Some(gemm_q4_k_interleaved_amx),
+        Some(gemm_q6_k_interleaved_amx)
     )
 };
 
@@ -254,9 +256,13 @@ target_feature_entries! { "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
     fn gemm_iq4_xs_interleaved_amx(w: &[u8], a: &[BlockQ8_0], bpr: usize, out: ProductOut) =
         interleaved_iq4_xs::<true>(w, a, bpr, out);
     fn gemm_q4_k_interleaved(w: &[u8], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
-        interleaved_q4_k::<false>(w, a, bpr, out);
+        interleaved_k::<false, KGroupsQ4K, kquant::Q4K, super::avx2::kquant::Q4K>(w, a, bpr, out);
     fn gemm_q4_k_interleaved_amx(w: &[u8], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
-        interleaved_q4_k::<true>(w, a, bpr, out);
+        interleaved_k::<true, KGroupsQ4K, kquant::Q4K, super::avx2::kquant::Q4K>(w, a, bpr, out);
+    fn gemm_q6_k_interleaved(w: &[u8], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        interleaved_k::<false, KGroupsQ6K, kquant::Q6K, super::avx2::kquant::Q6K>(w, a, bpr, out);
+    fn gemm_q6_k_interleaved_amx(w: &[u8], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
+        interleaved_k::<true, KGroupsQ6K, kquant::Q6K, super::avx2::kquant::Q6K>(w, a, bpr, out);
     fn gemm_q4_k_amx(w: &[BlockQ4K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
         kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K, true>(w, a, bpr, out);
     fn gemm_q5_k_amx(w: &[BlockQ5K], a: &[BlockQ8K], bpr: usize, out: ProductOut) =
@@ -655,11 +661,25 @@ unsafe fn interleaved_iq4_xs<const AMX: bool>(
     }
 }
 
-/// Q4_K rows interleaved in groups of 16 (`kernels::q4_k::interleave`), the rows past the last whole group as
-/// they lie.
+use super::k_row_lanes::{KGroups, Q4KGroups as KGroupsQ4K, Q6KGroups as KGroupsQ6K};
+
+/// K-quant rows interleaved in groups of 16 (`kernels::q4_k::interleave`, `kernels::q6_k::interleave`): the
+/// whole groups on `k_row_lanes` (format `G`), the rows past them as they lie on the products of `K` and `Y`.
 #[inline(always)]
-unsafe fn interleaved_q4_k<const AMX: bool>(w: &[u8], a: &[BlockQ8K], bpr: usize, out: ProductOut) {
-    let row_bytes = bpr * size_of::<BlockQ4K>();
+unsafe fn interleaved_k<
+    const AMX: bool,
+    G: KGroups,
+    K: super::kquant::KQuant,
+    Y: super::kquant::KQuant<W = K::W>,
+>(
+    w: &[u8],
+    a: &[BlockQ8K],
+    bpr: usize,
+    out: ProductOut,
+) where
+    K::W: super::amx::KDigits + bytemuck::Pod,
+{
+    let row_bytes = bpr * size_of::<K::W>();
     assert!(row_bytes > 0 && w.len().is_multiple_of(row_bytes));
     let rows = w.len() / row_bytes;
     crate::kernels::check_shape(&out, rows, a.len() / bpr);
@@ -667,14 +687,14 @@ unsafe fn interleaved_q4_k<const AMX: bool>(w: &[u8], a: &[BlockQ8K], bpr: usize
     let (mut groups, tail) = out.split_at_row(grouped);
     // SAFETY: the set's features are present (and with AMX, the tile state was granted).
     unsafe {
-        super::k_row_lanes::gemm_interleaved_q4_k::<AMX>(
+        super::k_row_lanes::gemm_interleaved_k::<G, AMX>(
             &w[..grouped * row_bytes],
             a,
             bpr,
             &mut groups,
         );
         if grouped < rows {
-            kquant::gemm::<kquant::Q4K, super::avx2::kquant::Q4K, AMX>(
+            kquant::gemm::<K, Y, AMX>(
                 bytemuck::cast_slice(&w[grouped * row_bytes..]),
                 a,
                 bpr,

@@ -70,7 +70,7 @@
 /// alike.
 macro_rules! x86_set {
     ($name:literal, $ops:expr) => {
-        x86_set!($name, $ops, None, None, None, None, None)
+        x86_set!($name, $ops, None, None, None, None, None, None)
     };
     (
         $name:literal,
@@ -79,7 +79,8 @@ macro_rules! x86_set {
         $q8_0_interleaved:expr,
         $iq4_nl_interleaved:expr,
         $iq4_xs_interleaved:expr,
-        $q4_k_interleaved:expr
+        $q4_k_interleaved:expr,
+        $q6_k_interleaved:expr
     ) => {
         $crate::kernels::Kernels {
             name: $name,
@@ -97,6 +98,7 @@ macro_rules! x86_set {
             gemm_q4_k_interleaved: $q4_k_interleaved,
             gemm_q5_k,
             gemm_q6_k,
+            gemm_q6_k_interleaved: $q6_k_interleaved,
             gemm_f32,
             gemm_f16,
             gemm_bf16,
