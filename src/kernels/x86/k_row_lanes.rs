@@ -34,16 +34,17 @@ pub(super) trait KGroups {
     type W: KDigits;
     /// Bytes of one block of a group (16 rows' blocks).
     const BLOCK_BYTES: usize;
-    /// The integer scales of the block at `at` and its float scales, one lane per row, as
-    /// [`KDigits::lane_scales`] gives them.
-    unsafe fn lane_scales(at: *const u8, sc: &mut [__m512i; 16]) -> [__m512; 2];
+    /// The integer scales of the block at `at` (block `b` of its group's row of blocks) and its float scales,
+    /// one lane per row, as [`KDigits::lane_scales`] gives them.
+    unsafe fn lane_scales(at: *const u8, b: usize, sc: &mut [__m512i; 16]) -> [__m512; 2];
     /// Dwords `4 chunk..4 chunk + 4` of the block's unsigned quants (in weight order), all 16 rows.
-    unsafe fn dwords(at: *const u8, chunk: usize) -> [__m512i; 4];
+    unsafe fn dwords(at: *const u8, b: usize, chunk: usize) -> [__m512i; 4];
     /// The block at `at` against `TT` tokens (`ap`: the first token's block, the others `bpr` apart; `da` their
     /// scales, `pairs` their `KFormat::act_pairs`, 8 dwords each), accumulated into `acc` with the lane kernel's
     /// float steps.
     unsafe fn block<const TT: usize>(
         at: *const u8,
+        b: usize,
         ap: *const BlockQ8K,
         bpr: usize,
         da: &[f32],
@@ -56,8 +57,9 @@ pub(super) trait KGroups {
 pub(super) struct InterleavedK<'a, F> {
     w: &'a [u8],
     bpr: usize,
-    /// The block `KTiles::prepare` made current.
+    /// The block `KTiles::prepare` made current, and its index in its group's row of blocks.
     at: *const u8,
+    b: usize,
     _format: PhantomData<F>,
 }
 
@@ -68,6 +70,7 @@ impl<'a, F: KGroups> InterleavedK<'a, F> {
             w,
             bpr,
             at: w.as_ptr(),
+            b: 0,
             _format: PhantomData,
         }
     }
@@ -105,17 +108,17 @@ impl<F: KGroups> KTiles for InterleavedK<'_, F> {
     }
     #[inline(always)]
     unsafe fn prepare(&mut self, g: usize, b: usize, sc: &mut [__m512i; 16]) -> [__m512; 2] {
-        self.at = self.block(g, b);
+        (self.at, self.b) = (self.block(g, b), b);
         // SAFETY: `at` is a whole group block; the caller's features.
         unsafe {
             Self::prefetch(self.at);
-            F::lane_scales(self.at, sc)
+            F::lane_scales(self.at, b, sc)
         }
     }
     #[inline(always)]
     unsafe fn dwords(&self, chunk: usize) -> [__m512i; 4] {
         // SAFETY: `at` is the current whole group block; the caller's features.
-        unsafe { F::dwords(self.at, chunk) }
+        unsafe { F::dwords(self.at, self.b, chunk) }
     }
 }
 
@@ -176,7 +179,7 @@ impl KGroups for Q4KGroups {
     /// The 6-bit scales (`sc[g]`) and mins (`sc[8 + g]`), and `[d, -dmin]`: `q4k_scales_mins` on the three
     /// dwords of every row at once.
     #[inline(always)]
-    unsafe fn lane_scales(at: *const u8, sc: &mut [__m512i; 16]) -> [__m512; 2] {
+    unsafe fn lane_scales(at: *const u8, _b: usize, sc: &mut [__m512i; 16]) -> [__m512; 2] {
         // SAFETY: the set's features are present; `at` is a whole group block.
         unsafe {
             let scales = at.add(q4_k::SCALES_AT);
@@ -215,7 +218,7 @@ impl KGroups for Q4KGroups {
     }
 
     #[inline(always)]
-    unsafe fn dwords(at: *const u8, chunk: usize) -> [__m512i; 4] {
+    unsafe fn dwords(at: *const u8, _b: usize, chunk: usize) -> [__m512i; 4] {
         // Chunk `chunk` is dwords 4 chunk..4 chunk + 4: group g = chunk / 2, the low (even g) or high nibbles of
         // runs 4 (chunk % 2).. of its pair of groups.
         let (g, k0) = (chunk / 2, 4 * (chunk % 2));
@@ -238,6 +241,7 @@ impl KGroups for Q4KGroups {
     #[inline(always)]
     unsafe fn block<const TT: usize>(
         at: *const u8,
+        b: usize,
         ap: *const BlockQ8K,
         bpr: usize,
         da: &[f32],
@@ -248,7 +252,7 @@ impl KGroups for Q4KGroups {
         // caller's promises); the set's features are present.
         unsafe {
             let mut sc = [_mm512_setzero_si512(); 16];
-            let [d, neg_dmin] = Self::lane_scales(at, &mut sc);
+            let [d, neg_dmin] = Self::lane_scales(at, b, &mut sc);
             let nibble = _mm512_set1_epi8(0x0f);
             let mut isum = [_mm512_setzero_si512(); TT];
             for c in 0..4 {
@@ -290,14 +294,14 @@ impl KGroups for Q4KGroups {
 /// run `16n + 8 (p % 2) + l` and bits `2p..2p + 2` of `qh` run `8n + l`.
 pub(super) struct Q6KGroups;
 
-/// Dword `l` (0..8) of the four quarters of half `n` of the Q6_K group block at `at` (weight dwords `32n + 8p +
-/// l`, p = 0..4), all 16 rows: quants 0..=63. They share two `ql` runs and one `qh` run.
+/// Dword `l` (0..8) of the four quarters of half `n` of the Q6_K group block whose runs start at `runs` (weight
+/// dwords `32n + 8p + l`, p = 0..4), all 16 rows: quants 0..=63. They share two `ql` runs and one `qh` run.
 #[inline(always)]
-unsafe fn q6k_quarters(at: *const u8, n: usize, l: usize) -> [__m512i; 4] {
-    // SAFETY: `at` is a whole group block; the caller's features.
+unsafe fn q6k_quarters(runs: *const u8, n: usize, l: usize) -> [__m512i; 4] {
+    // SAFETY: `runs` starts a whole block's runs; the caller's features.
     unsafe {
-        let (a, b) = (run(at, 16 * n + l), run(at, 16 * n + 8 + l));
-        let qh = run(at.add(q6_k::QH_AT), 8 * n + l);
+        let (a, b) = (run(runs, 16 * n + l), run(runs, 16 * n + 8 + l));
+        let qh = run(runs.add(q6_k::QH_AT), 8 * n + l);
         // Quarter p: the low (p < 2) or high nibbles of `a` (even p) or `b` (odd p), and bits 2p..2p + 2 of
         // each qh byte moved to bits 4..6.
         [
@@ -323,14 +327,14 @@ unsafe fn q6k_quant(nibbles: __m512i, high: __m512i) -> __m512i {
 }
 
 impl Q6KGroups {
-    /// The 16 signed scales of the block at `at`, one dword per lane each.
+    /// The 16 signed scales of the block whose runs start at `runs`, one dword per lane each.
     #[inline(always)]
-    unsafe fn signed_scales(at: *const u8) -> [__m512i; 16] {
+    unsafe fn signed_scales(runs: *const u8) -> [__m512i; 16] {
         // SAFETY: `at` is a whole group block; the caller's features.
         unsafe {
             let mut sc = [_mm512_setzero_si512(); 16];
             for (g, scg) in sc.iter_mut().enumerate() {
-                let v = run(at.add(q6_k::SCALES_AT), g / 4);
+                let v = run(runs.add(q6_k::SCALES_AT), g / 4);
                 let shifted = _mm512_sll_epi32(v, _mm_cvtsi32_si128(8 * (3 - g % 4) as i32));
                 *scg = _mm512_srai_epi32::<24>(shifted);
             }
@@ -338,10 +342,11 @@ impl Q6KGroups {
         }
     }
 
+    /// The 16 `d` of block `b` at `at`.
     #[inline(always)]
-    unsafe fn d(at: *const u8) -> __m512 {
+    unsafe fn d(at: *const u8, b: usize) -> __m512 {
         // SAFETY: `at` is a whole group block; the caller's features.
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(at.add(q6_k::D_AT) as *const __m256i)) }
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(at.add(q6_k::d_at(b)) as *const __m256i)) }
     }
 }
 
@@ -351,27 +356,28 @@ impl KGroups for Q6KGroups {
 
     /// The scales plus 128 (`sc[g]`) and `[d, 0]`.
     #[inline(always)]
-    unsafe fn lane_scales(at: *const u8, sc: &mut [__m512i; 16]) -> [__m512; 2] {
+    unsafe fn lane_scales(at: *const u8, b: usize, sc: &mut [__m512i; 16]) -> [__m512; 2] {
         // SAFETY: the caller's promises, passed on.
         unsafe {
-            let signed = Self::signed_scales(at);
+            let signed = Self::signed_scales(at.add(q6_k::runs_at(b)));
             for (scg, &s) in sc.iter_mut().zip(&signed) {
                 *scg = _mm512_add_epi32(s, _mm512_set1_epi32(128));
             }
-            [Self::d(at), _mm512_setzero_ps()]
+            [Self::d(at, b), _mm512_setzero_ps()]
         }
     }
 
     #[inline(always)]
-    unsafe fn dwords(at: *const u8, chunk: usize) -> [__m512i; 4] {
+    unsafe fn dwords(at: *const u8, b: usize, chunk: usize) -> [__m512i; 4] {
         // SAFETY: the caller's promises, passed on.
         unsafe {
+            let runs = at.add(q6_k::runs_at(b));
             // Chunk `chunk` is group `chunk`: dwords 4 chunk..4 chunk + 4, quarter p = chunk % 8 / 2 of half
             // n = chunk / 8, l from 4 (chunk % 2).
             let (n, p, l0) = (chunk / 8, chunk % 8 / 2, 4 * (chunk % 2));
             let mut out = [_mm512_setzero_si512(); 4];
             for (k, o) in out.iter_mut().enumerate() {
-                *o = q6k_quarters(at, n, l0 + k)[p];
+                *o = q6k_quarters(runs, n, l0 + k)[p];
             }
             out
         }
@@ -380,6 +386,7 @@ impl KGroups for Q6KGroups {
     #[inline(always)]
     unsafe fn block<const TT: usize>(
         at: *const u8,
+        b: usize,
         ap: *const BlockQ8K,
         bpr: usize,
         da: &[f32],
@@ -388,8 +395,9 @@ impl KGroups for Q6KGroups {
     ) {
         // SAFETY: as `Q4KGroups::block`.
         unsafe {
-            let sc = Self::signed_scales(at);
-            let d = Self::d(at);
+            let runs = at.add(q6_k::runs_at(b));
+            let sc = Self::signed_scales(runs);
+            let d = Self::d(at, b);
             let mut isum = [_mm512_setzero_si512(); TT];
             // A quarter-half at a time: dwords l = 4 lh..4 lh + 4 of the four quarters of half n, which share
             // their `ql` and `qh` runs (groups 8n + 2p + lh, p = 0..4).
@@ -397,7 +405,7 @@ impl KGroups for Q6KGroups {
                 for lh in 0..2 {
                     let mut w = [[_mm512_setzero_si512(); 4]; 4];
                     for li in 0..4 {
-                        let quarters = q6k_quarters(at, n, 4 * lh + li);
+                        let quarters = q6k_quarters(runs, n, 4 * lh + li);
                         for (wp, &quarter) in w.iter_mut().zip(&quarters) {
                             wp[li] = quarter;
                         }
@@ -538,6 +546,7 @@ unsafe fn tile<F: KGroups, const TT: usize>(
             }
             F::block::<TT>(
                 at,
+                b,
                 a.as_ptr().add(t * bpr + b),
                 bpr,
                 &da_b,
