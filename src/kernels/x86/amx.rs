@@ -382,7 +382,7 @@ unsafe fn scale_tiles(
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// K-quants (Q4_K, Q5_K, Q6_K against Q8_K), rows as they lie.
+// K-quants (Q4_K, Q5_K, Q6_K against Q8_K), rows as they lie or interleaved (`KTiles`).
 //
 // A 256-block's integer dot is `sum over groups of sc_g * dot_g` (plus Q4_K/Q5_K's mins term `sum(min_g *
 // bsum_g)`, Q6_K's `-32` offset), and the lane kernel scales it once per block. Taking each group's dot from a
@@ -525,7 +525,7 @@ struct KQuants([[u8; 256]; 16]);
 struct KCTiles([[i32; 256]; 5]);
 
 /// Where the k-quant tile products' blocks of 16 rows come from: rows as they lie ([`KRows`]) or interleaved
-/// (`k_row_lanes::InterleavedQ4K`). One block is prepared at a time.
+/// (`k_row_lanes::InterleavedK`). One block is prepared at a time.
 pub(super) trait KTiles {
     type W: KDigits;
     /// Whether lanes hold rows permuted (lane `4L + m`: row `4m + L`, as `transpose_16x4` leaves them) rather
