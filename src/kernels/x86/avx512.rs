@@ -14,6 +14,7 @@ use quarry_quantize::blocks::{
 };
 
 use super::avx2::{Ymm, YmmPair};
+use super::k_row_lanes::{KGroups, Q4KGroups as KGroupsQ4K, Q6KGroups as KGroupsQ6K};
 use super::{BlockDot, FewTile, FloatLanes, IQ4, Lanes, Q4, Q8, row_lanes};
 
 mod kquant;
@@ -660,8 +661,6 @@ unsafe fn interleaved_iq4_xs<const AMX: bool>(
         }
     }
 }
-
-use super::k_row_lanes::{KGroups, Q4KGroups as KGroupsQ4K, Q6KGroups as KGroupsQ6K};
 
 /// K-quant rows interleaved in groups of 16 (`kernels::q4_k::interleave`, `kernels::q6_k::interleave`): the
 /// whole groups on `k_row_lanes` (format `G`), the rows past them as they lie on the products of `K` and `Y`.
