@@ -291,7 +291,7 @@ impl KGroups for Q4KGroups {
 
 /// Q6_K (`kernels::q6_k::interleave`): weight dword `w` (weights `4w..4w + 4`, group `w / 4`) of half `n = w /
 /// 32`, quarter `p = w % 32 / 8`, dword `l = w % 8` of the quarter, is the low (p < 2) or high nibbles of `ql`
-/// run `16n + 8 (p % 2) + l` and bits `2p..2p + 2` of `qh` run `8n + l`.
+/// dword `16n + 8 (p % 2) + l` and bits `2p..2p + 2` of `qh` dword `8n + l` (runs placed by `q6_k::ql_run`).
 pub(super) struct Q6KGroups;
 
 /// Dword `l` (0..8) of the four quarters of half `n` of the Q6_K group block whose runs start at `runs` (weight
@@ -300,8 +300,11 @@ pub(super) struct Q6KGroups;
 unsafe fn q6k_quarters(runs: *const u8, n: usize, l: usize) -> [__m512i; 4] {
     // SAFETY: `runs` starts a whole block's runs; the caller's features.
     unsafe {
-        let (a, b) = (run(runs, 16 * n + l), run(runs, 16 * n + 8 + l));
-        let qh = run(runs.add(q6_k::QH_AT), 8 * n + l);
+        let (a, b) = (
+            run(runs, q6_k::ql_run(16 * n + l)),
+            run(runs, q6_k::ql_run(16 * n + 8 + l)),
+        );
+        let qh = run(runs, q6_k::qh_run(8 * n + l));
         // Quarter p: the low (p < 2) or high nibbles of `a` (even p) or `b` (odd p), and bits 2p..2p + 2 of
         // each qh byte moved to bits 4..6.
         [
@@ -327,14 +330,14 @@ unsafe fn q6k_quant(nibbles: __m512i, high: __m512i) -> __m512i {
 }
 
 impl Q6KGroups {
-    /// The 16 signed scales of the block whose runs start at `runs`, one dword per lane each.
+    /// The 16 signed scales of the block whose scale runs start at `scales`, one dword per lane each.
     #[inline(always)]
-    unsafe fn signed_scales(runs: *const u8) -> [__m512i; 16] {
+    unsafe fn signed_scales(scales: *const u8) -> [__m512i; 16] {
         // SAFETY: `at` is a whole group block; the caller's features.
         unsafe {
             let mut sc = [_mm512_setzero_si512(); 16];
             for (g, scg) in sc.iter_mut().enumerate() {
-                let v = run(runs.add(q6_k::SCALES_AT), g / 4);
+                let v = run(scales, g / 4);
                 let shifted = _mm512_sll_epi32(v, _mm_cvtsi32_si128(8 * (3 - g % 4) as i32));
                 *scg = _mm512_srai_epi32::<24>(shifted);
             }
@@ -359,7 +362,7 @@ impl KGroups for Q6KGroups {
     unsafe fn lane_scales(at: *const u8, b: usize, sc: &mut [__m512i; 16]) -> [__m512; 2] {
         // SAFETY: the caller's promises, passed on.
         unsafe {
-            let signed = Self::signed_scales(at.add(q6_k::runs_at(b)));
+            let signed = Self::signed_scales(at.add(q6_k::scales_at(b)));
             for (scg, &s) in sc.iter_mut().zip(&signed) {
                 *scg = _mm512_add_epi32(s, _mm512_set1_epi32(128));
             }
@@ -396,8 +399,7 @@ impl KGroups for Q6KGroups {
         // SAFETY: as `Q4KGroups::block`.
         unsafe {
             let runs = at.add(q6_k::runs_at(b));
-            let sc = Self::signed_scales(runs);
-            let d = Self::d(at, b);
+            let sc = Self::signed_scales(at.add(q6_k::scales_at(b)));
             let mut isum = [_mm512_setzero_si512(); TT];
             // A quarter-half at a time: dwords l = 4 lh..4 lh + 4 of the four quarters of half n, which share
             // their `ql` and `qh` runs (groups 8n + 2p + lh, p = 0..4).
@@ -420,6 +422,8 @@ impl KGroups for Q6KGroups {
                     }
                 }
             }
+            // Read after the runs: in even blocks `d` is the block's last bytes.
+            let d = Self::d(at, b);
             // The scales as word pairs (scale 2k, scale 2k + 1) per lane, against each token's `bsums` pairs:
             // `m = sum(scale_g * bsum_g)`, the `-32` offset's factor.
             let words: [__m512i; 8] = std::array::from_fn(|k| {
