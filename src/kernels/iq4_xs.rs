@@ -106,31 +106,15 @@ mod tests {
     /// Every super-block comes back from where `interleave` put it, and a group is exactly its rows' bytes.
     #[test]
     fn interleaving_moves_every_byte_and_loses_none() {
-        for spr in [1, 3] {
-            let rows = 48;
-            let blocks: Vec<BlockIQ4XS> = (0..rows * spr)
-                .map(|i| BlockIQ4XS {
-                    d: half::f16::from_bits(i as u16 ^ 0x3c00),
-                    scales_h: (i * 7919) as u16,
-                    scales_l: std::array::from_fn(|j| (i * 13 + j * 3) as u8),
-                    qs: std::array::from_fn(|j| (i * 31 + j * 7) as u8),
-                })
-                .collect();
-            let mut packed = vec![0u8; size_of_val(blocks.as_slice())];
-            interleave(&blocks, spr, &mut packed);
-            for r in 0..rows {
-                for s in 0..spr {
-                    assert_eq!(
-                        interleaved_block(&packed, spr, r, s),
-                        blocks[r * spr + s],
-                        "row {r}, super-block {s}"
-                    );
-                }
-            }
-            let group = GROUP_ROWS * spr * size_of::<BlockIQ4XS>();
-            let mut second = vec![0u8; group];
-            interleave(&blocks[16 * spr..32 * spr], spr, &mut second);
-            assert_eq!(second, packed[group..2 * group]);
-        }
+        crate::kernels::check_interleave_round_trip(
+            |i| BlockIQ4XS {
+                d: half::f16::from_bits(i as u16 ^ 0x3c00),
+                scales_h: (i * 7919) as u16,
+                scales_l: std::array::from_fn(|j| (i * 13 + j * 3) as u8),
+                qs: std::array::from_fn(|j| (i * 31 + j * 7) as u8),
+            },
+            interleave,
+            interleaved_block,
+        );
     }
 }

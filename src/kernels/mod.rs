@@ -331,3 +331,33 @@ pub fn selected() -> &'static Kernels {
         }
     })
 }
+
+/// The check every interleaved layout's tests share: for 1 and 3 blocks a row, every block of 48 rows (made by
+/// `block(i)`) comes back from where `interleave` put it (compared by bytes: some made f16 are NaN), and a
+/// group is exactly its rows' bytes (the second group interleaved alone lands where it did among all).
+#[cfg(test)]
+pub(crate) fn check_interleave_round_trip<B: bytemuck::Pod>(
+    block: impl Fn(usize) -> B,
+    interleave: fn(&[B], usize, &mut [u8]),
+    interleaved_block: fn(&[u8], usize, usize, usize) -> B,
+) {
+    for bpr in [1, 3] {
+        let rows = 48;
+        let blocks: Vec<B> = (0..rows * bpr).map(&block).collect();
+        let mut packed = vec![0u8; size_of_val(blocks.as_slice())];
+        interleave(&blocks, bpr, &mut packed);
+        for r in 0..rows {
+            for b in 0..bpr {
+                assert_eq!(
+                    bytemuck::bytes_of(&interleaved_block(&packed, bpr, r, b)),
+                    bytemuck::bytes_of(&blocks[r * bpr + b]),
+                    "row {r}, block {b}"
+                );
+            }
+        }
+        let group = INTERLEAVE_ROWS * bpr * size_of::<B>();
+        let mut second = vec![0u8; group];
+        interleave(&blocks[16 * bpr..32 * bpr], bpr, &mut second);
+        assert_eq!(second, packed[group..2 * group]);
+    }
+}

@@ -111,32 +111,15 @@ mod tests {
     /// Every block comes back from where `interleave` put it, and a group is exactly its rows' bytes.
     #[test]
     fn interleaving_moves_every_byte_and_loses_none() {
-        for bpr in [1, 3] {
-            let rows = 48;
-            let blocks: Vec<BlockQ4K> = (0..rows * bpr)
-                .map(|i| BlockQ4K {
-                    d: half::f16::from_bits(i as u16 ^ 0x3c00),
-                    dmin: half::f16::from_bits((i * 7919) as u16),
-                    scales: std::array::from_fn(|j| (i * 13 + j * 3) as u8),
-                    qs: std::array::from_fn(|j| (i * 31 + j * 7) as u8),
-                })
-                .collect();
-            let mut packed = vec![0u8; size_of_val(blocks.as_slice())];
-            interleave(&blocks, bpr, &mut packed);
-            for r in 0..rows {
-                for b in 0..bpr {
-                    // By bytes: some of these f16 are NaN.
-                    assert_eq!(
-                        bytemuck::bytes_of(&interleaved_block(&packed, bpr, r, b)),
-                        bytemuck::bytes_of(&blocks[r * bpr + b]),
-                        "row {r}, block {b}"
-                    );
-                }
-            }
-            let group = GROUP_ROWS * bpr * size_of::<BlockQ4K>();
-            let mut second = vec![0u8; group];
-            interleave(&blocks[16 * bpr..32 * bpr], bpr, &mut second);
-            assert_eq!(second, packed[group..2 * group]);
-        }
+        crate::kernels::check_interleave_round_trip(
+            |i| BlockQ4K {
+                d: half::f16::from_bits(i as u16 ^ 0x3c00),
+                dmin: half::f16::from_bits((i * 7919) as u16),
+                scales: std::array::from_fn(|j| (i * 13 + j * 3) as u8),
+                qs: std::array::from_fn(|j| (i * 31 + j * 7) as u8),
+            },
+            interleave,
+            interleaved_block,
+        );
     }
 }

@@ -631,6 +631,27 @@ impl FewTile for Q4Tiles<'_> {
     }
 }
 
+/// Some rows' bytes and their output window.
+type RowsPart<'w, 'o> = (&'w [u8], ProductOut<'o>);
+
+/// A matrix interleaved in groups of 16 rows (`Layout::Interleaved`, `row_bytes` a row, `tokens` tokens) cut
+/// into its whole groups and the rows past them (as they lie): each part's bytes and output window, the rest
+/// empty when the rows are whole groups. Checks the output's shape.
+fn split_at_groups<'w, 'o>(
+    w: &'w [u8],
+    row_bytes: usize,
+    tokens: usize,
+    out: ProductOut<'o>,
+) -> [RowsPart<'w, 'o>; 2] {
+    assert!(row_bytes > 0 && w.len().is_multiple_of(row_bytes));
+    let rows = w.len() / row_bytes;
+    crate::kernels::check_shape(&out, rows, tokens);
+    let grouped = rows / 16 * 16;
+    let (groups, tail) = out.split_at_row(grouped);
+    let (wg, wt) = w.split_at(grouped * row_bytes);
+    [(wg, groups), (wt, tail)]
+}
+
 /// IQ4_XS rows interleaved in groups of 16 (`kernels::iq4_xs::interleave`), the rows past the last whole group
 /// as they lie.
 #[inline(always)]
@@ -643,21 +664,12 @@ unsafe fn interleaved_iq4_xs<const AMX: bool>(
     use crate::kernels::iq4_xs::SUB_BLOCKS;
     assert!(bpr > 0 && bpr.is_multiple_of(SUB_BLOCKS));
     let row_bytes = bpr / SUB_BLOCKS * size_of::<BlockIQ4XS>();
-    assert!(w.len().is_multiple_of(row_bytes));
-    let rows = w.len() / row_bytes;
-    crate::kernels::check_shape(&out, rows, a.len() / bpr);
-    let grouped = rows / 16 * 16;
-    let (mut groups, tail) = out.split_at_row(grouped);
+    let [(wg, mut groups), (wt, tail)] = split_at_groups(w, row_bytes, a.len() / bpr, out);
     // SAFETY: the set's features are present.
     unsafe {
-        row_lanes::gemm_interleaved_iq4_xs::<AMX>(&w[..grouped * row_bytes], a, bpr, &mut groups);
-        if grouped < rows {
-            super::iq4_xs::gemm_rows(
-                bytemuck::cast_slice(&w[grouped * row_bytes..]),
-                a,
-                bpr,
-                tail,
-            );
+        row_lanes::gemm_interleaved_iq4_xs::<AMX>(wg, a, bpr, &mut groups);
+        if !wt.is_empty() {
+            super::iq4_xs::gemm_rows(bytemuck::cast_slice(wt), a, bpr, tail);
         }
     }
 }
@@ -679,26 +691,12 @@ unsafe fn interleaved_k<
     K::W: super::amx::KDigits + bytemuck::Pod,
 {
     let row_bytes = bpr * size_of::<K::W>();
-    assert!(row_bytes > 0 && w.len().is_multiple_of(row_bytes));
-    let rows = w.len() / row_bytes;
-    crate::kernels::check_shape(&out, rows, a.len() / bpr);
-    let grouped = rows / 16 * 16;
-    let (mut groups, tail) = out.split_at_row(grouped);
+    let [(wg, mut groups), (wt, tail)] = split_at_groups(w, row_bytes, a.len() / bpr, out);
     // SAFETY: the set's features are present (and with AMX, the tile state was granted).
     unsafe {
-        super::k_row_lanes::gemm_interleaved_k::<G, AMX>(
-            &w[..grouped * row_bytes],
-            a,
-            bpr,
-            &mut groups,
-        );
-        if grouped < rows {
-            kquant::gemm::<K, Y, AMX>(
-                bytemuck::cast_slice(&w[grouped * row_bytes..]),
-                a,
-                bpr,
-                tail,
-            );
+        super::k_row_lanes::gemm_interleaved_k::<G, AMX>(wg, a, bpr, &mut groups);
+        if !wt.is_empty() {
+            kquant::gemm::<K, Y, AMX>(bytemuck::cast_slice(wt), a, bpr, tail);
         }
     }
 }
@@ -720,21 +718,12 @@ unsafe fn interleaved<
     <D as BlockDot>::W: row_lanes::RowBlock + bytemuck::Pod,
 {
     let row_bytes = bpr * size_of::<<D as BlockDot>::W>();
-    assert!(row_bytes > 0 && w.len().is_multiple_of(row_bytes));
-    let rows = w.len() / row_bytes;
-    crate::kernels::check_shape(&out, rows, a.len() / bpr);
-    let grouped = rows / 16 * 16;
-    let (mut groups, tail) = out.split_at_row(grouped);
+    let [(wg, mut groups), (wt, tail)] = split_at_groups(w, row_bytes, a.len() / bpr, out);
     // SAFETY: the set's features are present.
     unsafe {
-        row_lanes::gemm_interleaved::<G, AMX>(&w[..grouped * row_bytes], a, bpr, &mut groups);
-        if grouped < rows {
-            gemm_quant::<D, Y>(
-                bytemuck::cast_slice(&w[grouped * row_bytes..]),
-                a,
-                bpr,
-                tail,
-            );
+        row_lanes::gemm_interleaved::<G, AMX>(wg, a, bpr, &mut groups);
+        if !wt.is_empty() {
+            gemm_quant::<D, Y>(bytemuck::cast_slice(wt), a, bpr, tail);
         }
     }
 }
