@@ -6,20 +6,23 @@
 //! ([`expert_products`]); attention over every KV head and block of tokens ([`causal_attention`]). Each region is a
 //! flat list of work items, and a product's item is a contiguous block of one matrix's rows, so each thread streams
 //! long runs of memory and writes its share of the token-major output in place. How many rows an item takes is
-//! decided here, once ([`rows_per_item`]); callers only say what to compute.
+//! decided here, once ([`rows_per_item`]); callers only say what to compute. Inside a forward pass the regions
+//! run on one team of the pool's threads that stays together between them ([`team`]); elsewhere on rayon.
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
 use super::ops::KvBlocks;
+use super::team;
 use super::{ActivationBatch, ActivationRows, Kernels, ProductOut, WeightRows, gemm_rows, ops};
 
-/// Runs `work(i)` for every `i` in `0..n_items` as one rayon region (inline when the pool has one thread).
+/// Runs `work(i)` for every `i` in `0..n_items` as one region: on the forward pass's team when there is one
+/// ([`team::with_team`]), else on rayon (inline when the pool has one thread).
 fn parallel_items(n_items: usize, work: impl Fn(usize) + Sync + Send) {
     if n_items <= 1 || rayon::current_num_threads() == 1 {
         (0..n_items).for_each(work);
-    } else {
+    } else if !team::run_region(n_items, &work) {
         (0..n_items).into_par_iter().for_each(work);
     }
 }

@@ -16,7 +16,7 @@ use super::weights::{DenseMlp, ExpertWeights, FeedForward, Matrix};
 use super::{Model, ModelError};
 use crate::kernels::ops::KvBlocks;
 use crate::kernels::parallel::{self, AttentionQueries, AttentionSpan, ExpertSlot, Product};
-use crate::kernels::{self, ActivationBatch, Kernels, ProductOut};
+use crate::kernels::{self, ActivationBatch, Kernels, ProductOut, team};
 
 /// Which logits a forward pass computes for a sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +188,18 @@ impl Model {
     /// attention output and every expert's contribution to a token is computed the same way whatever else is
     /// in the batch.
     pub(crate) fn forward_batch<'b>(
+        &self,
+        tokens: &[u32],
+        spans: &[SeqSpan],
+        pool: &mut KvPool,
+        bufs: &'b mut ForwardBuffers,
+    ) -> Result<&'b [f32], ModelError> {
+        // The pass's parallel regions run on one team of the pool's threads, formed once for all of them.
+        team::with_team(|| self.batch_pass(tokens, spans, pool, bufs))
+    }
+
+    /// [`Model::forward_batch`]'s pass.
+    fn batch_pass<'b>(
         &self,
         tokens: &[u32],
         spans: &[SeqSpan],
