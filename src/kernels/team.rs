@@ -212,8 +212,9 @@ fn crew(team: &Team, first: usize, end: usize) {
     }
 }
 
-/// Runs `work(i)` for every `i` in `0..n_items` on the team this thread leads, items claimed in order as members
-/// become free. Returns false, having run nothing, when there is no team or too many items for one region word.
+/// Runs `work(i)` for every `i` in `0..n_items` on the team this thread leads, each member taking its own
+/// contiguous share first and then what is left of the others'. Returns false, having run nothing, when there is
+/// no team or more items than a segment word counts.
 pub fn run_region(n_items: usize, work: &(dyn Fn(usize) + Sync)) -> bool {
     let team = LEADING.get();
     if team.is_null() || n_items > MAX_ITEMS {
