@@ -314,31 +314,71 @@ mod body {
         fn keys<W: Widen, const N: usize>(&self, d: usize, s: usize) -> [f32; N];
         fn key(&self, d: usize, s: usize) -> f32;
         fn values<W: Widen, const N: usize>(&self, s: usize, d0: usize) -> [f32; N];
-        /// Requests the block's keys (and its values) into L2 ahead of their use.
-        fn prefetch_keys(&self);
-        fn prefetch_values(&self);
+        /// Adds the block's keys (and its values) to the lines to request into L2 ahead of their use.
+        fn prefetch_keys(&self, lines: &mut Pending);
+        fn prefetch_values(&self, lines: &mut Pending);
     }
 
-    /// Requests every cache line of `x` into L2: a block's keys or values are a few KiB that the hardware
-    /// prefetchers reach too late (each block of a sequence is its own short stream, anywhere in the pool).
-    #[inline(always)]
-    fn prefetch_l2<T>(x: &[T]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let (p, bytes) = (x.as_ptr() as *const i8, std::mem::size_of_val(x));
-            let mut off = 0;
-            while off < bytes {
-                // SAFETY: a prefetch never faults; the address is inside `x`.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                        p.wrapping_add(off),
-                    )
-                };
-                off += 64;
+    /// Cache lines to request into L2, a few at a time between the loads they are to overlap with: a block's
+    /// keys or values are a few KiB that the hardware prefetchers reach too late (each block of a sequence is its
+    /// own short stream, anywhere in the pool), and asked for all at once they stall the core on full fill
+    /// buffers instead of arriving while it computes (`perf`: half of attention's samples on those bursts). The
+    /// next block's keys and this block's values go out 4 lines per head dimension of the scores, the next
+    /// block's values 2 per position of the weighted sum. Alternating `quarry bench s4.gguf`, f16 cache: 16
+    /// sequences (`--parallel 16 -p 128 -n 64`) 310-314 -> 320-322 tok/s, 8 sequences 211-215 -> 214-219, one
+    /// after 3500 positions (`--depth 3500 -p 0 -n 64`) 46.6-47.7 -> 49.8.
+    #[derive(Default)]
+    pub struct Pending {
+        /// `(next, end)` byte addresses, the last taken first.
+        ranges: [(usize, usize); 4],
+        n: usize,
+    }
+
+    impl Pending {
+        #[inline(always)]
+        fn add<T>(&mut self, x: &[T]) {
+            if self.n == self.ranges.len() {
+                self.flush();
+            }
+            let p = x.as_ptr() as usize;
+            self.ranges[self.n] = (p, p + std::mem::size_of_val(x));
+            self.n += 1;
+        }
+
+        /// Requests up to `lines` lines.
+        #[inline(always)]
+        fn step(&mut self, lines: usize) {
+            for _ in 0..lines {
+                if self.n == 0 {
+                    return;
+                }
+                let (next, end) = &mut self.ranges[self.n - 1];
+                prefetch_line(*next);
+                *next += 64;
+                if *next >= *end {
+                    self.n -= 1;
+                }
             }
         }
+
+        /// Requests every line left.
+        #[inline(always)]
+        fn flush(&mut self) {
+            while self.n > 0 {
+                self.step(64);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn prefetch_line(addr: usize) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch never faults; the address is inside a slice the caller holds.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(addr as *const i8)
+        };
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = x;
+        let _ = addr;
     }
 
     /// A value type stored as it is (f32) or widened exactly (f16 as bits).
@@ -425,12 +465,12 @@ mod body {
             T::widen::<W, N>(self.v[at..at + N].try_into().unwrap())
         }
         #[inline(always)]
-        fn prefetch_keys(&self) {
-            prefetch_l2(self.k);
+        fn prefetch_keys(&self, lines: &mut Pending) {
+            lines.add(self.k);
         }
         #[inline(always)]
-        fn prefetch_values(&self) {
-            prefetch_l2(self.v);
+        fn prefetch_values(&self, lines: &mut Pending) {
+            lines.add(self.v);
         }
     }
 
@@ -531,14 +571,14 @@ mod body {
             out
         }
         #[inline(always)]
-        fn prefetch_keys(&self) {
-            prefetch_l2(self.k);
-            prefetch_l2(self.k_scale);
+        fn prefetch_keys(&self, lines: &mut Pending) {
+            lines.add(self.k);
+            lines.add(self.k_scale);
         }
         #[inline(always)]
-        fn prefetch_values(&self) {
-            prefetch_l2(self.v);
-            prefetch_l2(self.v_scale);
+        fn prefetch_values(&self, lines: &mut Pending) {
+            lines.add(self.v);
+            lines.add(self.v_scale);
         }
     }
 
@@ -641,13 +681,15 @@ mod body {
         // Scores, block by block of positions: `p` rows start at column c0 for this block's positions. The next
         // block's keys are requested while this one's are used, and each block's values for the pass after.
         let blocks = lmax.div_ceil(bt);
-        B::at(kv, 0).prefetch_keys();
+        let mut lines = Pending::default();
+        B::at(kv, 0).prefetch_keys(&mut lines);
+        lines.flush();
         for (bi, c0) in (0..lmax).step_by(bt).enumerate() {
             let blk = B::at(kv, bi);
             if bi + 1 < blocks {
-                B::at(kv, bi + 1).prefetch_keys();
+                B::at(kv, bi + 1).prefetch_keys(&mut lines);
             }
-            blk.prefetch_values();
+            blk.prefetch_values(&mut lines);
             for (j, jt, lt) in tiles() {
                 let c1 = lt.min(c0 + bt);
                 if c1 <= c0 {
@@ -656,11 +698,12 @@ mod body {
                 let q = &q[j * hd..(j + jt) * hd];
                 let p = &mut p[j * lmax + c0..(j + jt) * lmax];
                 match jt {
-                    4 => scores::<M, W, B, 4, P4>(q, &blk, c1 - c0, scale, p, lmax),
-                    2 => scores::<M, W, B, 2, P2>(q, &blk, c1 - c0, scale, p, lmax),
-                    _ => scores::<M, W, B, 1, P1>(q, &blk, c1 - c0, scale, p, lmax),
+                    4 => scores::<M, W, B, 4, P4>(q, &blk, c1 - c0, scale, p, lmax, &mut lines),
+                    2 => scores::<M, W, B, 2, P2>(q, &blk, c1 - c0, scale, p, lmax, &mut lines),
+                    _ => scores::<M, W, B, 1, P1>(q, &blk, c1 - c0, scale, p, lmax, &mut lines),
                 }
             }
+            lines.flush();
         }
 
         // Each query's softmax over its own positions; zero probability past them (up to its tile's length).
@@ -675,7 +718,7 @@ mod body {
         for (bi, c0) in (0..lmax).step_by(bt).enumerate() {
             let blk = B::at(kv, bi);
             if bi + 1 < blocks {
-                B::at(kv, bi + 1).prefetch_values();
+                B::at(kv, bi + 1).prefetch_values(&mut lines);
             }
             for (j, jt, lt) in tiles() {
                 let c1 = lt.min(c0 + bt);
@@ -704,22 +747,23 @@ mod body {
                     };
                     let b = &blk;
                     match (jt, width) {
-                        (4, 0) => values::<M, W, B, 4, D4>(p, lmax, b, d0, n, out),
-                        (2, 0) => values::<M, W, B, 2, D2>(p, lmax, b, d0, n, out),
-                        (_, 0) => values::<M, W, B, 1, D1>(p, lmax, b, d0, n, out),
-                        (4, 1) => values::<M, W, B, 4, 16>(p, lmax, b, d0, n, out),
-                        (2, 1) => values::<M, W, B, 2, 16>(p, lmax, b, d0, n, out),
-                        (_, 1) => values::<M, W, B, 1, 16>(p, lmax, b, d0, n, out),
-                        (4, 2) => values::<M, W, B, 4, 8>(p, lmax, b, d0, n, out),
-                        (2, 2) => values::<M, W, B, 2, 8>(p, lmax, b, d0, n, out),
-                        (_, 2) => values::<M, W, B, 1, 8>(p, lmax, b, d0, n, out),
-                        (4, _) => values::<M, W, B, 4, 1>(p, lmax, b, d0, n, out),
-                        (2, _) => values::<M, W, B, 2, 1>(p, lmax, b, d0, n, out),
-                        (_, _) => values::<M, W, B, 1, 1>(p, lmax, b, d0, n, out),
+                        (4, 0) => values::<M, W, B, 4, D4>(p, lmax, b, d0, n, out, &mut lines),
+                        (2, 0) => values::<M, W, B, 2, D2>(p, lmax, b, d0, n, out, &mut lines),
+                        (_, 0) => values::<M, W, B, 1, D1>(p, lmax, b, d0, n, out, &mut lines),
+                        (4, 1) => values::<M, W, B, 4, 16>(p, lmax, b, d0, n, out, &mut lines),
+                        (2, 1) => values::<M, W, B, 2, 16>(p, lmax, b, d0, n, out, &mut lines),
+                        (_, 1) => values::<M, W, B, 1, 16>(p, lmax, b, d0, n, out, &mut lines),
+                        (4, 2) => values::<M, W, B, 4, 8>(p, lmax, b, d0, n, out, &mut lines),
+                        (2, 2) => values::<M, W, B, 2, 8>(p, lmax, b, d0, n, out, &mut lines),
+                        (_, 2) => values::<M, W, B, 1, 8>(p, lmax, b, d0, n, out, &mut lines),
+                        (4, _) => values::<M, W, B, 4, 1>(p, lmax, b, d0, n, out, &mut lines),
+                        (2, _) => values::<M, W, B, 2, 1>(p, lmax, b, d0, n, out, &mut lines),
+                        (_, _) => values::<M, W, B, 1, 1>(p, lmax, b, d0, n, out, &mut lines),
                     }
                     d0 += step;
                 }
             }
+            lines.flush();
         }
     }
 
@@ -734,6 +778,7 @@ mod body {
         scale: f32,
         p: &mut [f32],
         ps: usize,
+        lines: &mut Pending,
     ) {
         let hd = q.len() / JT;
         // The queries transposed, `qt[d][jj]`: the tile loop then indexes nothing that can panic, which
@@ -752,6 +797,7 @@ mod body {
             if n == PT || blk.keys_fit(s, PT) {
                 let mut acc = [[0.0f32; PT]; JT];
                 for (d, qd) in qt.iter().enumerate() {
+                    lines.step(4);
                     let k = blk.keys::<W, PT>(d, s);
                     for (acc_j, &x) in acc.iter_mut().zip(qd) {
                         for (a, &kv) in acc_j.iter_mut().zip(&k) {
@@ -789,6 +835,7 @@ mod body {
         d0: usize,
         n: usize,
         out: &mut [f32],
+        lines: &mut Pending,
     ) {
         let hd = out.len() / JT;
         let mut acc = [[0.0f32; DT]; JT];
@@ -797,6 +844,7 @@ mod body {
         }
         let rows: [&[f32]; JT] = std::array::from_fn(|jj| &p[jj * ps..jj * ps + n]);
         for i in 0..n {
+            lines.step(2);
             let x = blk.values::<W, DT>(i, d0);
             for (acc_j, row) in acc.iter_mut().zip(&rows) {
                 let pj = row[i];
