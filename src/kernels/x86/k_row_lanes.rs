@@ -13,6 +13,14 @@
 //! kernels -- probe FORMAT 512 N 1024 ITERS`, one thread, L2-resident, G weights/s, as they lie / interleaved):
 //! Q4_K 41 / 62-68 at 1 token, 43 / 140 at 4; Q6_K 36-37 / 40 at 1, 34 / 78-95 at 4.
 //!
+//! At one token the products wait on memory, and two things made the stream faster. The software prefetches
+//! (`AHEAD` bytes ahead, into L2) are issued a few lines at a time between a block's loads, not as one burst of
+//! 37 (Q4_K) or 53 (Q6_K) lines per block, which stalled on full fill buffers: `probe q4_ki 131072 1 131072`
+//! (75 MB, one thread, from DRAM) 11.3 -> 15.7 GB/s, Q4_K_M tg128 74.0-75.3 -> 80.7-82.3 tok/s (alternating).
+//! And Q4_K's high nibbles are dotted in place as `raw & 0xf0` (16 times the nibble; the sum is shifted back
+//! once per token), its scales unpacked by byte shuffles: fewer instructions on port 0, where every `vpdpbusd`
+//! runs (`probe q4_ki 1024 1 1024`, L2-resident: 70 -> 80 G weights/s).
+//!
 //! Batch invariance: each lane ends a block with the row's exact integer dot and `bsums` term, the integers
 //! every other kernel of the format builds, and takes the lane kernel's float steps (Q4_K `acc = fma(cvt(isum),
 //! da * d, acc)`, then `acc = fma(cvt(m), da * -dmin, acc)`; Q6_K `acc = fma(cvt(isum - 32 m), da * d, acc)`),
@@ -99,6 +107,19 @@ impl<'a, F: KGroups> InterleavedK<'a, F> {
     }
 }
 
+/// Requests part `part` of `parts` of the lines [`InterleavedK::prefetch`] requests for the block at `at`: the
+/// row lanes spread a block's requests over its work, where one burst of 37 or 53 would wait on full fill
+/// buffers (the attention's KV prefetches measured the same).
+#[inline(always)]
+unsafe fn prefetch_part<F: KGroups>(at: *const u8, part: usize, parts: usize) {
+    let lines = F::BLOCK_BYTES / 64 + 1;
+    let p = (at as *const i8).wrapping_add(InterleavedK::<F>::AHEAD);
+    for line in part * lines / parts..(part + 1) * lines / parts {
+        // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line)) };
+    }
+}
+
 impl<F: KGroups> KTiles for InterleavedK<'_, F> {
     type W = F::W;
     const PERMUTED: bool = false;
@@ -129,15 +150,15 @@ unsafe fn run(at: *const u8, j: usize) -> __m512i {
     unsafe { _mm512_loadu_si512(at.add(64 * j) as *const _) }
 }
 
-/// Byte `k` (0..4) of every dword of `v`, as a dword.
+/// Byte `k` (0..4) of every dword of `v`, zero-extended to the dword: one shuffle (port 5, beside the dots'
+/// port 0, where a shift and a mask would take port 0).
 #[inline(always)]
 unsafe fn byte_of(v: __m512i, k: usize) -> __m512i {
+    let k = k as i32;
     // SAFETY: the caller's features.
     unsafe {
-        _mm512_and_si512(
-            _mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * k as i32)),
-            _mm512_set1_epi32(0xff),
-        )
+        let at = |j: i32| 0x8080_8000u32 as i32 | (4 * j + k);
+        _mm512_shuffle_epi8(v, _mm512_set4_epi32(at(3), at(2), at(1), at(0)))
     }
 }
 
@@ -168,6 +189,63 @@ unsafe fn pair_dots(words: &[__m512i], pairs: *const i32) -> __m512i {
     }
 }
 
+/// The Q4_K group block's 6-bit scales and mins as 4 dword vectors, one lane per row: bytes 0..4 of `[0]` are
+/// scales 0..4, of `[1]` scales 4..8, of `[2]` mins 0..4, of `[3]` mins 4..8 (`q4k_scales_mins` on the three
+/// packed dwords of every row at once).
+#[inline(always)]
+unsafe fn q4k_scale_words(at: *const u8) -> [__m512i; 4] {
+    // SAFETY: the caller's `at` is a whole group block; the caller's features.
+    unsafe {
+        let scales = at.add(q4_k::SCALES_AT);
+        let (lo, mid, hi) = (run(scales, 0), run(scales, 1), run(scales, 2));
+        let (six, four, top) = (
+            _mm512_set1_epi32(0x3f3f_3f3f),
+            _mm512_set1_epi32(0x0f0f_0f0f),
+            _mm512_set1_epi32(0x3030_3030),
+        );
+        [
+            _mm512_and_si512(lo, six),
+            _mm512_or_si512(
+                _mm512_and_si512(hi, four),
+                _mm512_and_si512(_mm512_srli_epi32::<2>(lo), top),
+            ),
+            _mm512_and_si512(mid, six),
+            _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi32::<4>(hi), four),
+                _mm512_and_si512(_mm512_srli_epi32::<2>(mid), top),
+            ),
+        ]
+    }
+}
+
+/// The Q4_K group block's `[d, -dmin]`, one lane per row (`-dmin` by its sign bit, as the lane kernel negates
+/// it).
+#[inline(always)]
+unsafe fn q4k_d_neg_dmin(at: *const u8) -> [__m512; 2] {
+    // SAFETY: the caller's `at` is a whole group block; the caller's features.
+    unsafe {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(at.add(q4_k::D_AT) as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(at.add(q4_k::DMIN_AT) as *const __m256i));
+        let sign = _mm512_set1_epi32(i32::MIN);
+        [
+            d,
+            _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(dmin), sign)),
+        ]
+    }
+}
+
+/// Bytes `k` and `k + 1` (k even) of every dword of `v`, zero-extended to the dword's two words: one shuffle.
+#[inline(always)]
+unsafe fn byte_pair_of(v: __m512i, k: usize) -> __m512i {
+    let k = k as i32;
+    // Within each 128-bit lane, dword `j`'s bytes are `4j..4j + 4`; index 0x80 writes a zero.
+    // SAFETY: the caller's features.
+    unsafe {
+        let at = |j: i32| 0x8000_8000u32 as i32 | ((4 * j + k + 1) << 16) | (4 * j + k);
+        _mm512_shuffle_epi8(v, _mm512_set4_epi32(at(3), at(2), at(1), at(0)))
+    }
+}
+
 /// Q4_K (`kernels::q4_k::interleave`): run `8c + k` of the quants holds group `2c`'s dword `k` in its low
 /// nibbles and group `2c + 1`'s in its high nibbles.
 pub(super) struct Q4KGroups;
@@ -176,44 +254,18 @@ impl KGroups for Q4KGroups {
     type W = BlockQ4K;
     const BLOCK_BYTES: usize = q4_k::GROUP_BLOCK_BYTES;
 
-    /// The 6-bit scales (`sc[g]`) and mins (`sc[8 + g]`), and `[d, -dmin]`: `q4k_scales_mins` on the three
-    /// dwords of every row at once.
+    /// The 6-bit scales (`sc[g]`) and mins (`sc[8 + g]`), and `[d, -dmin]`.
     #[inline(always)]
     unsafe fn lane_scales(at: *const u8, _b: usize, sc: &mut [__m512i; 16]) -> [__m512; 2] {
         // SAFETY: the set's features are present; `at` is a whole group block.
         unsafe {
-            let scales = at.add(q4_k::SCALES_AT);
-            let (lo, mid, hi) = (run(scales, 0), run(scales, 1), run(scales, 2));
-            let (six, four, top) = (
-                _mm512_set1_epi32(0x3f3f_3f3f),
-                _mm512_set1_epi32(0x0f0f_0f0f),
-                _mm512_set1_epi32(0x3030_3030),
-            );
-            let words = [
-                _mm512_and_si512(lo, six),
-                _mm512_or_si512(
-                    _mm512_and_si512(hi, four),
-                    _mm512_and_si512(_mm512_srli_epi32::<2>(lo), top),
-                ),
-                _mm512_and_si512(mid, six),
-                _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi32::<4>(hi), four),
-                    _mm512_and_si512(_mm512_srli_epi32::<2>(mid), top),
-                ),
-            ];
+            let words = q4k_scale_words(at);
             for (i, &w) in words.iter().enumerate() {
                 for k in 0..4 {
                     sc[4 * i + k] = byte_of(w, k);
                 }
             }
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(at.add(q4_k::D_AT) as *const __m256i));
-            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(at.add(q4_k::DMIN_AT) as *const __m256i));
-            // `-dmin` by its sign bit, as the lane kernel negates it.
-            let sign = _mm512_set1_epi32(i32::MIN);
-            [
-                d,
-                _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(dmin), sign)),
-            ]
+            q4k_d_neg_dmin(at)
         }
     }
 
@@ -241,7 +293,7 @@ impl KGroups for Q4KGroups {
     #[inline(always)]
     unsafe fn block<const TT: usize>(
         at: *const u8,
-        b: usize,
+        _b: usize,
         ap: *const BlockQ8K,
         bpr: usize,
         da: &[f32],
@@ -251,38 +303,53 @@ impl KGroups for Q4KGroups {
         // SAFETY: `at` is a whole group block, `ap` TT tokens' blocks `bpr` apart, `da` and `pairs` theirs (the
         // caller's promises); the set's features are present.
         unsafe {
-            let mut sc = [_mm512_setzero_si512(); 16];
-            let [d, neg_dmin] = Self::lane_scales(at, b, &mut sc);
-            let nibble = _mm512_set1_epi8(0x0f);
-            let mut isum = [_mm512_setzero_si512(); TT];
+            let words = q4k_scale_words(at);
+            let [d, neg_dmin] = q4k_d_neg_dmin(at);
+            // The high nibbles are dotted in place, as 16 times the nibble (`raw & 0xf0`: no shift, which would
+            // take the port the dots need), so the even groups' scales are taken 16 times too and each token's
+            // sum is `16 isum`, shifted back exactly at the end (|16 isum| <= 16 * 8 * 32 * 15 * 128 * 63 <
+            // 2^29).
+            // (Loops, not `array::from_fn`: closures are compiled without the caller's target features.)
+            let mut sc = [_mm512_setzero_si512(); 8];
+            for (g, scg) in sc.iter_mut().enumerate() {
+                *scg = byte_of(words[g / 4], g % 4);
+                if g % 2 == 0 {
+                    *scg = _mm512_slli_epi32::<4>(*scg);
+                }
+            }
+            let (low, high) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0xf0u8 as i8));
+            let mut isum16 = [_mm512_setzero_si512(); TT];
             for c in 0..4 {
+                prefetch_part::<Self>(at, c, 4);
                 let mut lo = [_mm512_setzero_si512(); 8];
                 let mut hi = [_mm512_setzero_si512(); 8];
                 for k in 0..8 {
                     let raw = run(at, 8 * c + k);
-                    lo[k] = _mm512_and_si512(raw, nibble);
-                    hi[k] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble);
+                    lo[k] = _mm512_and_si512(raw, low);
+                    hi[k] = _mm512_and_si512(raw, high);
                 }
-                for (j, isum_j) in isum.iter_mut().enumerate() {
+                for (j, isum_j) in isum16.iter_mut().enumerate() {
                     // Group 2c is activation dwords 16c..16c + 8, group 2c + 1 the next 8 (two chains of four
                     // each: one token leaves little else to overlap with the dots' latency).
                     let q = (*ap.add(j * bpr)).qs.as_ptr().add(64 * c) as *const i32;
                     let even = _mm512_add_epi32(dots4(&lo[..4], q), dots4(&lo[4..], q.add(4)));
-                    let odd =
+                    let odd16 =
                         _mm512_add_epi32(dots4(&hi[..4], q.add(8)), dots4(&hi[4..], q.add(12)));
                     let even = _mm512_mullo_epi32(even, sc[2 * c]);
-                    let odd = _mm512_mullo_epi32(odd, sc[2 * c + 1]);
+                    let odd = _mm512_mullo_epi32(odd16, sc[2 * c + 1]);
                     *isum_j = _mm512_add_epi32(*isum_j, _mm512_add_epi32(even, odd));
                 }
             }
             // The mins as word pairs (min 2p, min 2p + 1) per lane, against each token's pairs of group sums.
-            let mins: [__m512i; 4] = std::array::from_fn(|p| {
-                _mm512_or_si512(sc[8 + 2 * p], _mm512_slli_epi32::<16>(sc[9 + 2 * p]))
-            });
+            let mut mins = [_mm512_setzero_si512(); 4];
+            for (p, mp) in mins.iter_mut().enumerate() {
+                *mp = byte_pair_of(words[2 + p / 2], 2 * (p % 2));
+            }
             for (j, acc_j) in acc.iter_mut().enumerate() {
                 let m = pair_dots(&mins, pairs.as_ptr().add(8 * j));
+                let isum = _mm512_srai_epi32::<4>(isum16[j]);
                 let da = _mm512_set1_ps(da[j]);
-                let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[j]), _mm512_mul_ps(da, d), *acc_j);
+                let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(da, d), *acc_j);
                 *acc_j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(da, neg_dmin), v);
             }
         }
@@ -342,6 +409,26 @@ impl Q6KGroups {
                 *scg = _mm512_srai_epi32::<24>(shifted);
             }
             sc
+        }
+    }
+
+    /// The scales as word pairs (scale 2k, scale 2k + 1) per lane, sign-extended, for `vpdpwssd`: each pair
+    /// shuffled to the top bytes of its words and shifted down with its sign.
+    #[inline(always)]
+    unsafe fn scale_pairs(scales: *const u8) -> [__m512i; 8] {
+        // SAFETY: `at` is a whole group block; the caller's features.
+        unsafe {
+            let mut words = [_mm512_setzero_si512(); 8];
+            for (k, wk) in words.iter_mut().enumerate() {
+                let i = 2 * (k % 2) as i32;
+                let tops = |j: i32| (4 * j + i + 1) << 24 | 0x80 << 16 | (4 * j + i) << 8 | 0x80;
+                let v = _mm512_shuffle_epi8(
+                    run(scales, k / 2),
+                    _mm512_set4_epi32(tops(3), tops(2), tops(1), tops(0)),
+                );
+                *wk = _mm512_srai_epi16::<8>(v);
+            }
+            words
         }
     }
 
@@ -407,6 +494,7 @@ impl KGroups for Q6KGroups {
                 for lh in 0..2 {
                     let mut w = [[_mm512_setzero_si512(); 4]; 4];
                     for li in 0..4 {
+                        prefetch_part::<Self>(at, 8 * n + 4 * lh + li, 16);
                         let quarters = q6k_quarters(runs, n, 4 * lh + li);
                         for (wp, &quarter) in w.iter_mut().zip(&quarters) {
                             wp[li] = quarter;
@@ -426,12 +514,7 @@ impl KGroups for Q6KGroups {
             let d = Self::d(at, b);
             // The scales as word pairs (scale 2k, scale 2k + 1) per lane, against each token's `bsums` pairs:
             // `m = sum(scale_g * bsum_g)`, the `-32` offset's factor.
-            let words: [__m512i; 8] = std::array::from_fn(|k| {
-                _mm512_or_si512(
-                    _mm512_and_si512(sc[2 * k], _mm512_set1_epi32(0xffff)),
-                    _mm512_slli_epi32::<16>(sc[2 * k + 1]),
-                )
-            });
+            let words = Self::scale_pairs(at.add(q6_k::scales_at(b)));
             for (j, acc_j) in acc.iter_mut().enumerate() {
                 let m = pair_dots(&words, pairs.as_ptr().add(8 * j));
                 let isum = _mm512_sub_epi32(isum[j], _mm512_slli_epi32::<5>(m));
@@ -543,7 +626,6 @@ unsafe fn tile<F: KGroups, const TT: usize>(
         let mut acc = [_mm512_setzero_ps(); TT];
         for b in 0..bpr {
             let at = src.block(g, b);
-            InterleavedK::<F>::prefetch(at);
             for j in 0..TT {
                 da_b[j] = da[j * bpr + b];
                 pairs_b[j][..pairs].copy_from_slice(&corr[pairs * (j * bpr + b)..][..pairs]);
