@@ -31,10 +31,16 @@ fn parallel_items(n_items: usize, work: impl Fn(usize) + Sync + Send) {
 /// stay busy to the end, few enough that each is worth scheduling; a multiple of `align` (itself a multiple of
 /// 16, so the kernels' row tiles stay whole). The split never changes a result: every output is computed the same
 /// way whichever item holds its row.
-fn rows_per_item(rows: usize, tokens: usize, align: usize) -> usize {
+///
+/// Several products of one region (`region_rows` rows together) share its items in proportion to their rows, so
+/// three products do not take three times the items of one: Q, K and V of one token were 48 items of 18-36 KiB,
+/// each spending much of its time starting its stream (their region 391-404 -> 372-379 ms of a `bench -n 128`
+/// run as 16 items, alternating).
+fn rows_per_item(rows: usize, region_rows: usize, tokens: usize, align: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     // Aim at ~8 items per thread for one token; fewer, larger ones when many tokens make each row costly.
     let target_items = if tokens > 8 { threads * 4 } else { threads * 8 };
+    let target_items = (target_items * rows).div_ceil(region_rows.max(1)).max(1);
     rows.div_ceil(target_items)
         .next_multiple_of(align)
         .max(align)
@@ -74,7 +80,8 @@ pub fn products_then(
         align.is_multiple_of(16),
         "shares of {align} rows split the kernels' 16-row tiles"
     );
-    let chunk = |j: &Product| rows_per_item(j.w.rows, j.acts.n, align);
+    let region_rows: usize = jobs.iter().map(|j| j.w.rows).sum();
+    let chunk = |j: &Product| rows_per_item(j.w.rows, region_rows, j.acts.n, align);
     let n_items: usize = jobs.iter().map(|j| j.w.rows.div_ceil(chunk(j))).sum();
     parallel_items(n_items, |mut item| {
         for (ji, job) in jobs.iter().enumerate() {
