@@ -541,13 +541,20 @@ fn probe(args: &[String]) {
         ldo: usize,
         iters: usize,
     ) {
+        /// A cache line, so that the packed matrix starts on one as the model's packed copies do (a `Vec<u8>`
+        /// this large is 16 bytes past a page: every 64-byte run would straddle two lines).
+        #[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+        #[repr(C, align(64))]
+        struct Line([u8; 64]);
         fn packed<B: bytemuck::Pod>(
             w: &[B],
             bpr: usize,
             interleave: fn(&[B], usize, &mut [u8]),
-        ) -> Vec<u8> {
-            let mut packed = vec![0u8; size_of_val(w)];
-            interleave(w, bpr, &mut packed);
+        ) -> Vec<Line> {
+            // Whole groups of 16 rows of 1024 weights are whole lines in every interleaved format.
+            assert!(size_of_val(w).is_multiple_of(64));
+            let mut packed = vec![Line([0; 64]); size_of_val(w) / 64];
+            interleave(w, bpr, bytemuck::cast_slice_mut(&mut packed));
             packed
         }
         let missing = format!("probe: {} has no interleaved {ty}", k.name);
@@ -574,7 +581,7 @@ fn probe(args: &[String]) {
                     )
                 };
                 let gemm = gemm.expect(&missing);
-                repeat(&|out| gemm(black_box(&w), &a.qk, COLS / 256, out));
+                repeat(&|out| gemm(black_box(bytemuck::cast_slice(&w)), &a.qk, COLS / 256, out));
             }
             _ => {
                 let (w, gemm) = if ty == "q4_0i" {
@@ -593,7 +600,7 @@ fn probe(args: &[String]) {
                     (w, k.gemm_q8_0_interleaved)
                 };
                 let gemm = gemm.expect(&missing);
-                repeat(&|out| gemm(black_box(&w), &a.q, BPR, out));
+                repeat(&|out| gemm(black_box(bytemuck::cast_slice(&w)), &a.q, BPR, out));
             }
         }
         black_box(&out);
