@@ -8,9 +8,10 @@
 //! run's low nibbles are one group's dword, its high nibbles the next group's), the headers give every lane's
 //! scales with a few vector shifts and byte shuffles, and each token then costs 64 `vpdpbusd` against its own
 //! activation dwords broadcast, 8 `vpmulld` by the group scales, 4 `vpdpwssd` for the mins against its `bsums`
-//! pairs, and the lane kernel's two float steps. Q6_K the same way, with 16 groups of 16, each weight's two high bits from the `qh`
-//! runs, and the `-32` offset as 8 `vpdpwssd` of the scales against the `bsums`. Measured (`cargo bench --bench
-//! kernels -- probe FORMAT 512 N 1024 ITERS`, one thread, L2-resident, G weights/s, as they lie / interleaved):
+//! pairs, and the lane kernel's two float steps. Q6_K the same way, with 16 groups of 16, each weight's two high
+//! bits from the `qh` runs, and the `-32` offset as 8 `vpdpwssd` of the scales against the `bsums`. Measured
+//! (`cargo bench --bench kernels -- probe FORMAT 512 N 1024 ITERS`, one thread, L2-resident, G weights/s, as they
+//! lie / interleaved):
 //! Q4_K 41 / 62-68 at 1 token, 43 / 140 at 4; Q6_K 36-37 / 40 at 1, 34 / 78-95 at 4.
 //!
 //! At one token the products wait on memory, and two things made the stream faster. The software prefetches
