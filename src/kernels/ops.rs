@@ -956,10 +956,12 @@ pub(super) mod x86 {
         attend_block::<body::Fused, F16c, 64, 32, 16, 64, 32, 16>
     );
 
-    /// The avx512vnni set's copy.
+    /// The avx512vnni set's copy. No tile is wider than a pool block's 64 positions: a 128-position tile for one
+    /// query never fits in a block, so one query (a model whose KV heads are not shared) ran position by position
+    /// (`cargo bench --bench kernels -- attention`, one by one: 3.9 -> 11 GFLOP/s).
     pub(in crate::kernels) const AVX512: Ops = ops_compiled_with!(
         "avx512f,avx2,fma,f16c",
-        attend_block::<body::Fused, F16c, 128, 64, 64, 128, 64, 64>
+        attend_block::<body::Fused, F16c, 64, 64, 64, 64, 64, 64>
     );
 }
 
