@@ -96,21 +96,11 @@ impl<'a, F: KGroups> InterleavedK<'a, F> {
 
     /// Bytes the stream is requested ahead of its use, into L2 (`row_lanes::Interleaved`'s distance).
     const AHEAD: usize = 16384;
-
-    /// Requests the stream `AHEAD` bytes past block `at`: one block's worth of lines, and one more.
-    #[inline(always)]
-    unsafe fn prefetch(at: *const u8) {
-        let p = (at as *const i8).wrapping_add(Self::AHEAD);
-        for line in 0..F::BLOCK_BYTES / 64 + 1 {
-            // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line)) };
-        }
-    }
 }
 
-/// Requests part `part` of `parts` of the lines [`InterleavedK::prefetch`] requests for the block at `at`: the
-/// row lanes spread a block's requests over its work, where one burst of 37 or 53 would wait on full fill
-/// buffers (the attention's KV prefetches measured the same).
+/// Requests part `part` of `parts` of the stream `AHEAD` bytes past block `at` (one block's worth of lines, and
+/// one more; `parts` 1 is all of them): the row lanes spread a block's requests over its work, where one burst of
+/// 37 or 53 would wait on full fill buffers (the attention's KV prefetches measured the same).
 #[inline(always)]
 unsafe fn prefetch_part<F: KGroups>(at: *const u8, part: usize, parts: usize) {
     let lines = F::BLOCK_BYTES / 64 + 1;
@@ -133,7 +123,7 @@ impl<F: KGroups> KTiles for InterleavedK<'_, F> {
         (self.at, self.b) = (self.block(g, b), b);
         // SAFETY: `at` is a whole group block; the caller's features.
         unsafe {
-            Self::prefetch(self.at);
+            prefetch_part::<F>(self.at, 0, 1);
             F::lane_scales(self.at, b, sc)
         }
     }
@@ -417,7 +407,7 @@ impl Q6KGroups {
     /// shuffled to the top bytes of its words and shifted down with its sign.
     #[inline(always)]
     unsafe fn scale_pairs(scales: *const u8) -> [__m512i; 8] {
-        // SAFETY: `at` is a whole group block; the caller's features.
+        // SAFETY: `scales` is a whole group block's scales; the caller's features.
         unsafe {
             let mut words = [_mm512_setzero_si512(); 8];
             for (k, wk) in words.iter_mut().enumerate() {
