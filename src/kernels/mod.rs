@@ -82,6 +82,7 @@ pub mod q4_k;
 mod q5_k;
 pub mod q6_k;
 pub mod q8_0;
+pub(crate) mod stream;
 pub(crate) mod team;
 #[cfg(target_arch = "x86_64")]
 mod x86;

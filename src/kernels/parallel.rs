@@ -15,15 +15,18 @@ use rayon::prelude::*;
 
 use super::ops::KvBlocks;
 use super::team;
-use super::{ActivationBatch, ActivationRows, Kernels, ProductOut, WeightRows, gemm_rows, ops};
+use super::{
+    ActivationBatch, ActivationRows, Kernels, ProductOut, WeightRows, gemm_rows, ops, stream,
+};
 
-/// Runs `work(i)` for every `i` in `0..n_items` as one region: on the forward pass's team when there is one
-/// ([`team::with_team`]), else on rayon (inline when the pool has one thread).
-fn parallel_items(n_items: usize, work: impl Fn(usize) + Sync + Send) {
+/// Runs `work(i, next)` for every `i` in `0..n_items` as one region: on the forward pass's team when there is one
+/// ([`team::with_team`]), else on rayon (inline when the pool has one thread). `next` is the item the thread will
+/// most likely run after `i`, if known: where its weight stream goes next ([`stream`]).
+fn parallel_items(n_items: usize, work: impl Fn(usize, Option<usize>) + Sync + Send) {
     if n_items <= 1 || rayon::current_num_threads() == 1 {
-        (0..n_items).for_each(work);
+        (0..n_items).for_each(|i| work(i, (i + 1 < n_items).then_some(i + 1)));
     } else if !team::run_region(n_items, &work) {
-        (0..n_items).into_par_iter().for_each(work);
+        (0..n_items).into_par_iter().for_each(|i| work(i, None));
     }
 }
 
@@ -83,22 +86,31 @@ pub fn products_then(
     let region_rows: usize = jobs.iter().map(|j| j.w.rows).sum();
     let chunk = |j: &Product| rows_per_item(j.w.rows, region_rows, j.acts.n, align);
     let n_items: usize = jobs.iter().map(|j| j.w.rows.div_ceil(chunk(j))).sum();
-    parallel_items(n_items, |mut item| {
+    // Item `item`'s job and first row and row count.
+    let locate = |mut item: usize| {
         for (ji, job) in jobs.iter().enumerate() {
             let c = chunk(job);
             let items = job.w.rows.div_ceil(c);
             if item < items {
                 let r0 = item * c;
-                let rows = c.min(job.w.rows - r0);
-                // SAFETY: item `item` of this job owns rows r0..r0 + rows of its output; the items partition the
-                // rows, so no two live windows overlap.
-                let mut out = unsafe { job.out.window(0, job.acts.n, r0, rows) };
-                gemm_rows(k, &job.w.sub_rows(r0, rows), job.acts, out.reborrow());
-                then(ji, r0, &mut out);
-                return;
+                return (ji, r0, c.min(job.w.rows - r0));
             }
             item -= items;
         }
+        unreachable!("item {item} past the region's {n_items}")
+    };
+    parallel_items(n_items, |item, next| {
+        let (ji, r0, rows) = locate(item);
+        let job = &jobs[ji];
+        stream::continue_with(next.map_or(&[], |next| {
+            let (jn, rn, len) = locate(next);
+            jobs[jn].w.sub_rows(rn, len).data
+        }));
+        // SAFETY: item `item` of this job owns rows r0..r0 + rows of its output; the items partition the rows, so
+        // no two live windows overlap.
+        let mut out = unsafe { job.out.window(0, job.acts.n, r0, rows) };
+        gemm_rows(k, &job.w.sub_rows(r0, rows), job.acts, out.reborrow());
+        then(ji, r0, &mut out);
     });
 }
 
@@ -164,9 +176,10 @@ pub fn expert_swiglu<'w>(
     let ff = out.rows();
     assert!(up_out.rows() == ff && up_out.tokens() == out.tokens());
     let items = SlotItems::new(ff, slots);
-    parallel_items(items.count(slots), |item| {
+    parallel_items(items.count(slots), |item, next| {
         let (slot, r0, rows) = items.get(slots, item, ff);
         let acts = input.rows(slot.first, slot.len);
+        let up_rows = up(slot.expert).sub_rows(r0, rows);
         // SAFETY: slot `s` owns rows first..first + len of both outputs, and this item rows r0..r0 + rows of them;
         // the items partition those windows.
         let (mut g, mut u) = unsafe {
@@ -175,8 +188,13 @@ pub fn expert_swiglu<'w>(
                 up_out.window(slot.first, slot.len, r0, rows),
             )
         };
+        stream::continue_with(up_rows.data);
         gemm_rows(k, &gate(slot.expert).sub_rows(r0, rows), acts, g.reborrow());
-        gemm_rows(k, &up(slot.expert).sub_rows(r0, rows), acts, u.reborrow());
+        stream::continue_with(next.map_or(&[], |next| {
+            let (slot, r0, rows) = items.get(slots, next, ff);
+            gate(slot.expert).sub_rows(r0, rows).data
+        }));
+        gemm_rows(k, &up_rows, acts, u.reborrow());
         for t in 0..slot.len {
             (k.ops.silu_mul)(g.token(t), u.token(t));
         }
@@ -194,10 +212,14 @@ pub fn expert_products<'w>(
 ) {
     let rows_out = out.rows();
     let items = SlotItems::new(rows_out, slots);
-    parallel_items(items.count(slots), |item| {
+    parallel_items(items.count(slots), |item, next| {
         let (slot, r0, rows) = items.get(slots, item, rows_out);
         // SAFETY: as in `expert_swiglu`: the items partition the slots' windows.
         let o = unsafe { out.window(slot.first, slot.len, r0, rows) };
+        stream::continue_with(next.map_or(&[], |next| {
+            let (slot, r0, rows) = items.get(slots, next, rows_out);
+            w(slot.expert).sub_rows(r0, rows).data
+        }));
         gemm_rows(
             k,
             &w(slot.expert).sub_rows(r0, rows),
@@ -285,7 +307,7 @@ pub fn causal_attention<'c>(
     assert!(spans.iter().all(|s| s.first + s.len <= out.tokens()));
     let blocks = |s: &AttentionSpan| s.len.div_ceil(ATTENTION_TOKEN_BLOCK);
     let n_items: usize = spans.iter().map(|s| n_head_kv * blocks(s)).sum();
-    parallel_items(n_items, |mut item| {
+    parallel_items(n_items, |mut item, _| {
         let mut si = 0;
         while item >= n_head_kv * blocks(&spans[si]) {
             item -= n_head_kv * blocks(&spans[si]);

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering}
 
 /// One region's work: a thin pointer to it fits an atomic.
 struct Region<'a> {
-    work: &'a (dyn Fn(usize) + Sync),
+    work: &'a (dyn Fn(usize, Option<usize>) + Sync),
 }
 
 /// A segment word: the region's generation in the high 32 bits, then the segment's first unclaimed item and
@@ -89,43 +89,49 @@ impl Team {
         }
     }
 
-    /// Claims an item of segment `s` of generation `g` from `end`, if it has any left.
-    fn claim_from(&self, s: usize, g: u32, end: End) -> Option<usize> {
+    /// Claims an item of segment `s` of generation `g` from `end`, if it has any left; and from the front, the
+    /// item after it, which the claimer takes next unless another member takes it first.
+    fn claim_from(&self, s: usize, g: u32, end: End) -> Option<(usize, Option<usize>)> {
         let segment = &self.segments[s];
         let mut w = segment.load(Ordering::Acquire);
         loop {
             if generation(w) != g || front(w) >= back(w) {
                 return None;
             }
-            let (item, claimed) = match end {
-                End::Front => (front(w), word(g, front(w) + 1, back(w))),
-                End::Back => (back(w) - 1, word(g, front(w), back(w) - 1)),
+            let (item, next, claimed) = match end {
+                End::Front => (
+                    front(w),
+                    (front(w) + 1 < back(w)).then_some(front(w) + 1),
+                    word(g, front(w) + 1, back(w)),
+                ),
+                End::Back => (back(w) - 1, None, word(g, front(w), back(w) - 1)),
             };
             match segment.compare_exchange_weak(w, claimed, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(item),
+                Ok(_) => return Some((item, next)),
                 Err(now) => w = now,
             }
         }
     }
 
-    /// Member `m`'s next item of generation `g`: from the front of its own segment, then from the back of the
-    /// others'.
-    fn claim(&self, m: usize, g: u32) -> Option<usize> {
+    /// Member `m`'s next item of generation `g` (and the one after it, if known): from the front of its own
+    /// segment, then from the back of the others'.
+    fn claim(&self, m: usize, g: u32) -> Option<(usize, Option<usize>)> {
         let n = self.members;
         if m < n
-            && let Some(i) = self.claim_from(m, g, End::Front)
+            && let Some(claimed) = self.claim_from(m, g, End::Front)
         {
-            return Some(i);
+            return Some(claimed);
         }
         (1..=n).find_map(|k| self.claim_from((m + k) % n, g, End::Back))
     }
 
-    /// Runs item `i` of the published region (claimed by this thread) and counts it done.
-    fn run(&self, i: usize) {
+    /// Runs item `i` of the published region (claimed by this thread, `next` likely its next) and counts it
+    /// done.
+    fn run(&self, (i, next): (usize, Option<usize>)) {
         // SAFETY: an item was claimed in the region's generation, so the caller is still inside `run_region`
         // (it waits for every claimed item), and the pointer it stored before publishing is live.
         let region = unsafe { &*self.work.load(Ordering::Acquire) };
-        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (region.work)(i))) {
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (region.work)(i, next))) {
             let mut slot = self.panic.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert(payload);
         }
@@ -143,8 +149,8 @@ impl Team {
                 idle.wait();
                 continue;
             }
-            while let Some(i) = self.claim(m, g) {
-                self.run(i);
+            while let Some(claimed) = self.claim(m, g) {
+                self.run(claimed);
             }
             finished = Some(g);
             idle = Poll::default();
@@ -212,10 +218,11 @@ fn crew(team: &Team, first: usize, end: usize) {
     }
 }
 
-/// Runs `work(i)` for every `i` in `0..n_items` on the team this thread leads, each member taking its own
-/// contiguous share first and then what is left of the others'. Returns false, having run nothing, when there is
-/// no team or more items than a segment word counts.
-pub fn run_region(n_items: usize, work: &(dyn Fn(usize) + Sync)) -> bool {
+/// Runs `work(i, next)` for every `i` in `0..n_items` on the team this thread leads, each member taking its own
+/// contiguous share first and then what is left of the others'; `next` is the item the member will most likely
+/// run after `i` (for prefetching: another member may take it first), `None` when it cannot tell. Returns false,
+/// having run nothing, when there is no team or more items than a segment word counts.
+pub fn run_region(n_items: usize, work: &(dyn Fn(usize, Option<usize>) + Sync)) -> bool {
     let team = LEADING.get();
     if team.is_null() || n_items > MAX_ITEMS {
         return false;
@@ -239,8 +246,8 @@ pub fn run_region(n_items: usize, work: &(dyn Fn(usize) + Sync)) -> bool {
         );
     }
     team.current.store(g as u64, Ordering::Release);
-    while let Some(i) = team.claim(0, g) {
-        team.run(i);
+    while let Some(claimed) = team.claim(0, g) {
+        team.run(claimed);
     }
     let mut idle = Poll::default();
     while team.done.load(Ordering::Acquire) < n_items {
@@ -268,7 +275,7 @@ mod tests {
             with_team(|| {
                 for n in [0usize, 1, 2, 7, 64, 1000] {
                     let counts: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
-                    assert!(run_region(n, &|i| {
+                    assert!(run_region(n, &|i, _| {
                         counts[i].fetch_add(1, Ordering::Relaxed);
                     }));
                     assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
@@ -287,7 +294,7 @@ mod tests {
             with_team(|| {
                 let seen = Mutex::new(std::collections::HashSet::new());
                 for _ in 0..200 {
-                    run_region(8, &|_| {
+                    run_region(8, &|_, _| {
                         seen.lock().unwrap().insert(std::thread::current().id());
                         std::thread::sleep(std::time::Duration::from_micros(200));
                     });
@@ -296,6 +303,37 @@ mod tests {
             })
         });
         assert_eq!(threads, 2, "the second thread never joined a region");
+    }
+
+    #[test]
+    fn the_next_item_named_is_the_one_the_member_runs_next_unless_another_took_it() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            with_team(|| {
+                for n in [2usize, 5, 16, 64] {
+                    let runs = Mutex::new(Vec::new());
+                    run_region(n, &|i, next| {
+                        let me = std::thread::current().id();
+                        runs.lock().unwrap().push((me, i, next));
+                    });
+                    let runs = runs.into_inner().unwrap();
+                    for (k, &(me, i, next)) in runs.iter().enumerate() {
+                        let Some(next) = next else { continue };
+                        assert!(next > i && next < n, "item {i} named {next} of {n}");
+                        // The member's following run, if it had one, is the item named, or that item ran elsewhere.
+                        let followed = runs[k + 1..].iter().find(|r| r.0 == me).map(|r| r.1);
+                        let taken_elsewhere = runs.iter().any(|r| r.1 == next && r.0 != me);
+                        assert!(
+                            followed == Some(next) || taken_elsewhere,
+                            "item {i} named {next}, then ran {followed:?}"
+                        );
+                    }
+                }
+            })
+        });
     }
 
     #[test]
@@ -308,7 +346,7 @@ mod tests {
         let caught = pool.install(|| {
             catch_unwind(AssertUnwindSafe(|| {
                 with_team(|| {
-                    run_region(16, &|i| {
+                    run_region(16, &|i, _| {
                         if i == 3 {
                             panic!("item three");
                         }
@@ -324,7 +362,7 @@ mod tests {
         let n = pool.install(|| {
             with_team(|| {
                 let c = AtomicU32::new(0);
-                run_region(10, &|_| {
+                run_region(10, &|_, _| {
                     c.fetch_add(1, Ordering::Relaxed);
                 });
                 c.load(Ordering::Relaxed)
@@ -335,6 +373,6 @@ mod tests {
 
     #[test]
     fn without_a_team_nothing_runs_here() {
-        assert!(!run_region(4, &|_| unreachable!()));
+        assert!(!run_region(4, &|_, _| unreachable!()));
     }
 }

@@ -36,6 +36,7 @@ use super::amx::{KDigits, KTiles};
 use super::kquant::KFormat;
 use super::{grow, scratch};
 use crate::kernels::ProductOut;
+use crate::kernels::stream::StreamEnd;
 use crate::kernels::{q4_k, q6_k};
 
 /// A k-quant's interleaved group block, as the row lanes and the tile unit read it.
@@ -50,8 +51,10 @@ pub(super) trait KGroups {
     unsafe fn dwords(at: *const u8, b: usize, chunk: usize) -> [__m512i; 4];
     /// The block at `at` against `TT` tokens (`ap`: the first token's block, the others `bpr` apart; `da` their
     /// scales, `pairs` their `KFormat::act_pairs`, 8 dwords each), accumulated into `acc` with the lane kernel's
-    /// float steps.
+    /// float steps; requesting its share of `stream` ahead.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn block<const TT: usize>(
+        stream: &StreamEnd,
         at: *const u8,
         b: usize,
         ap: *const BlockQ8K,
@@ -66,6 +69,7 @@ pub(super) trait KGroups {
 pub(super) struct InterleavedK<'a, F> {
     w: &'a [u8],
     bpr: usize,
+    stream: StreamEnd,
     /// The block `KTiles::prepare` made current, and its index in its group's row of blocks.
     at: *const u8,
     b: usize,
@@ -78,6 +82,7 @@ impl<'a, F: KGroups> InterleavedK<'a, F> {
         InterleavedK {
             w,
             bpr,
+            stream: StreamEnd::of(w),
             at: w.as_ptr(),
             b: 0,
             _format: PhantomData,
@@ -98,16 +103,18 @@ impl<'a, F: KGroups> InterleavedK<'a, F> {
     const AHEAD: usize = 16384;
 }
 
-/// Requests part `part` of `parts` of the stream `AHEAD` bytes past block `at` (one block's worth of lines, and
+/// Requests part `part` of `parts` of `stream` `AHEAD` bytes past block `at` (one block's worth of lines, and
 /// one more; `parts` 1 is all of them): the row lanes spread a block's requests over its work, where one burst of
 /// 37 or 53 would wait on full fill buffers (the attention's KV prefetches measured the same).
 #[inline(always)]
-unsafe fn prefetch_part<F: KGroups>(at: *const u8, part: usize, parts: usize) {
+unsafe fn prefetch_part<F: KGroups>(stream: &StreamEnd, at: *const u8, part: usize, parts: usize) {
     let lines = F::BLOCK_BYTES / 64 + 1;
-    let p = (at as *const i8).wrapping_add(InterleavedK::<F>::AHEAD);
+    let p = (at as usize).wrapping_add(InterleavedK::<F>::AHEAD);
     for line in part * lines / parts..(part + 1) * lines / parts {
-        // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line)) };
+        if let Some(line) = stream.ahead(p.wrapping_add(64 * line)) {
+            // SAFETY: a prefetch never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(line) };
+        }
     }
 }
 
@@ -123,7 +130,7 @@ impl<F: KGroups> KTiles for InterleavedK<'_, F> {
         (self.at, self.b) = (self.block(g, b), b);
         // SAFETY: `at` is a whole group block; the caller's features.
         unsafe {
-            prefetch_part::<F>(self.at, 0, 1);
+            prefetch_part::<F>(&self.stream, self.at, 0, 1);
             F::lane_scales(self.at, b, sc)
         }
     }
@@ -283,6 +290,7 @@ impl KGroups for Q4KGroups {
 
     #[inline(always)]
     unsafe fn block<const TT: usize>(
+        stream: &StreamEnd,
         at: *const u8,
         _b: usize,
         ap: *const BlockQ8K,
@@ -311,7 +319,7 @@ impl KGroups for Q4KGroups {
             let (low, high) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0xf0u8 as i8));
             let mut isum16 = [_mm512_setzero_si512(); TT];
             for c in 0..4 {
-                prefetch_part::<Self>(at, c, 4);
+                prefetch_part::<Self>(stream, at, c, 4);
                 let mut lo = [_mm512_setzero_si512(); 8];
                 let mut hi = [_mm512_setzero_si512(); 8];
                 for k in 0..8 {
@@ -466,6 +474,7 @@ impl KGroups for Q6KGroups {
 
     #[inline(always)]
     unsafe fn block<const TT: usize>(
+        stream: &StreamEnd,
         at: *const u8,
         b: usize,
         ap: *const BlockQ8K,
@@ -485,7 +494,7 @@ impl KGroups for Q6KGroups {
                 for lh in 0..2 {
                     let mut w = [[_mm512_setzero_si512(); 4]; 4];
                     for li in 0..4 {
-                        prefetch_part::<Self>(at, 8 * n + 4 * lh + li, 16);
+                        prefetch_part::<Self>(stream, at, 8 * n + 4 * lh + li, 16);
                         let quarters = q6k_quarters(runs, n, 4 * lh + li);
                         for (wp, &quarter) in w.iter_mut().zip(&quarters) {
                             wp[li] = quarter;
@@ -622,6 +631,7 @@ unsafe fn tile<F: KGroups, const TT: usize>(
                 pairs_b[j][..pairs].copy_from_slice(&corr[pairs * (j * bpr + b)..][..pairs]);
             }
             F::block::<TT>(
+                &src.stream,
                 at,
                 b,
                 a.as_ptr().add(t * bpr + b),

@@ -28,6 +28,7 @@ use quarry_quantize::blocks::{BlockIQ4NL, BlockQ4_0, BlockQ8_0};
 
 use crate::kernels::ProductOut;
 use crate::kernels::iq4_xs::{GROUP_BLOCK_BYTES, SUB_BLOCKS};
+use crate::kernels::stream::StreamEnd;
 
 use super::{Scratch, f16_bits_to_f32, grow, scratch, tile_shape};
 
@@ -271,6 +272,8 @@ impl Groups for Q8_0Groups {
 struct Interleaved<'a, G> {
     w: &'a [u8],
     bpr: usize,
+    /// Where the prefetches go past `w` (`kernels::stream`).
+    stream: StreamEnd,
     _format: std::marker::PhantomData<G>,
 }
 
@@ -313,11 +316,13 @@ impl<G: Groups> RowTiles for Interleaved<'_, G> {
     unsafe fn prefetch(&self, g: usize, b: usize) {
         // The requests advance one block's share of the group (quants and scales, which sit at its end) a
         // block, so the whole group is covered: whole lines, and one more.
-        let p = (self.w.as_ptr() as *const i8)
+        let p = (self.w.as_ptr() as usize)
             .wrapping_add(g * self.group_bytes() + Self::BLOCK * b + Self::AHEAD);
         for line in 0..Self::BLOCK / 64 + 1 {
-            // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line)) };
+            if let Some(line) = self.stream.ahead(p.wrapping_add(64 * line)) {
+                // SAFETY: a prefetch never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(line) };
+            }
         }
     }
 }
@@ -328,6 +333,7 @@ impl<G: Groups> RowTiles for Interleaved<'_, G> {
 struct InterleavedIQ4XS<'a> {
     w: &'a [u8],
     bpr: usize,
+    stream: StreamEnd,
 }
 
 impl InterleavedIQ4XS<'_> {
@@ -381,12 +387,14 @@ impl RowTiles for InterleavedIQ4XS<'_> {
     #[inline(always)]
     unsafe fn prefetch(&self, g: usize, b: usize) {
         // As `Interleaved`: one sub-block's share of the stream a sub-block, `AHEAD` bytes ahead.
-        let p = (self.w.as_ptr() as *const i8).wrapping_add(
+        let p = (self.w.as_ptr() as usize).wrapping_add(
             g * self.group_bytes() + Self::SHARE * b + Interleaved::<IQ4NLGroups>::AHEAD,
         );
         for line in 0..Self::SHARE / 64 + 1 {
-            // SAFETY: a prefetch never faults; the address wraps rather than being dereferenced.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line)) };
+            if let Some(line) = self.stream.ahead(p.wrapping_add(64 * line)) {
+                // SAFETY: a prefetch never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(line) };
+            }
         }
     }
 }
@@ -452,6 +460,7 @@ pub(crate) unsafe fn gemm_interleaved<G: Groups, const AMX: bool>(
     let src = Interleaved::<G> {
         w,
         bpr,
+        stream: StreamEnd::of(w),
         _format: std::marker::PhantomData,
     };
     assert!(bpr > 0 && w.len().is_multiple_of(src.group_bytes()));
@@ -470,7 +479,11 @@ pub(crate) unsafe fn gemm_interleaved_iq4_xs<const AMX: bool>(
     bpr: usize,
     out: &mut ProductOut,
 ) {
-    let src = InterleavedIQ4XS { w, bpr };
+    let src = InterleavedIQ4XS {
+        w,
+        bpr,
+        stream: StreamEnd::of(w),
+    };
     assert!(bpr > 0 && bpr.is_multiple_of(SUB_BLOCKS) && w.len().is_multiple_of(src.group_bytes()));
     let n = a.len() / bpr;
     crate::kernels::check_shape(out, src.tiles() * 16, n);
