@@ -25,7 +25,9 @@ pub(crate) fn continue_with(next: &[u8]) {
     NEXT.set((next.as_ptr() as usize, next.len()));
 }
 
-/// Where a kernel call's prefetches go: inside its own slice, then on into the next one.
+/// Where a kernel call's prefetches go: inside its own slice, then on into the next one. (Only the x86 row lanes
+/// prefetch; elsewhere the hint is set and dropped.)
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct StreamEnd {
     end: usize,
@@ -33,6 +35,7 @@ pub(crate) struct StreamEnd {
     next_len: usize,
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 impl StreamEnd {
     /// The stream of a call over `w`, taking the next slice named for it (so a hint serves one call only).
     pub(crate) fn of(w: &[u8]) -> StreamEnd {

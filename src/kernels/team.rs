@@ -11,7 +11,8 @@
 //! The protocol: the caller publishes a region as one atomic word per member (generation, first and end of that
 //! member's contiguous share of the items) after the work pointer. Each member, the caller included, claims
 //! items from the front of its own share, in order, so that it streams one run of rows after another as the
-//! rayon split it replaces did (claiming items alternately cost single-sequence decode ~1%); a member whose
+//! rayon split it replaces did (claiming items alternately cost single-sequence decode ~1%), and is told the item
+//! after the one it claimed, so that its prefetches can run on into it (`kernels::stream`); a member whose
 //! share is empty takes items from the back of the others'. Claims are compare-and-swaps on words that carry
 //! the generation, so a member still holding a previous region's view can never claim an item of the next; the
 //! caller returns once every item is done, so the work (borrowed from its stack) outlives every call of it. A
