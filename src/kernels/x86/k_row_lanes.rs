@@ -34,7 +34,7 @@ use quarry_quantize::blocks::{BlockQ4K, BlockQ6K, BlockQ8K};
 
 use super::amx::{KDigits, KTiles};
 use super::kquant::KFormat;
-use super::{grow, scratch};
+use super::{grow, request_lines, scratch};
 use crate::kernels::ProductOut;
 use crate::kernels::stream::StreamEnd;
 use crate::kernels::{q4_k, q6_k};
@@ -107,15 +107,10 @@ impl<'a, F: KGroups> InterleavedK<'a, F> {
 /// one more; `parts` 1 is all of them): the row lanes spread a block's requests over its work, where one burst of
 /// 37 or 53 would wait on full fill buffers (the attention's KV prefetches measured the same).
 #[inline(always)]
-unsafe fn prefetch_part<F: KGroups>(stream: &StreamEnd, at: *const u8, part: usize, parts: usize) {
+fn prefetch_part<F: KGroups>(stream: &StreamEnd, at: *const u8, part: usize, parts: usize) {
     let lines = F::BLOCK_BYTES / 64 + 1;
     let p = (at as usize).wrapping_add(InterleavedK::<F>::AHEAD);
-    for line in part * lines / parts..(part + 1) * lines / parts {
-        if let Some(line) = stream.ahead(p.wrapping_add(64 * line)) {
-            // SAFETY: a prefetch never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(line) };
-        }
-    }
+    request_lines(stream, p, part * lines / parts..(part + 1) * lines / parts);
 }
 
 impl<F: KGroups> KTiles for InterleavedK<'_, F> {

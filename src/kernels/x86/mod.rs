@@ -152,6 +152,7 @@ use half::{bf16, f16};
 use quarry_quantize::blocks::{BlockIQ4NL, BlockQ4_0, BlockQ8_0, BlockQ8K};
 
 use crate::kernels::ProductOut;
+use crate::kernels::stream::StreamEnd;
 
 use avx2::transpose_8x8;
 
@@ -492,6 +493,18 @@ impl Block32 for BlockIQ4NL {
     #[inline(always)]
     fn d_bits(&self) -> u16 {
         self.d.to_bits()
+    }
+}
+
+/// Requests lines `lines` (64 bytes each) from stream address `p` on into L2, where `stream` places them (in
+/// the call's slice, or on into the next one): the row lanes' requests ahead of their reads.
+#[inline(always)]
+fn request_lines(stream: &StreamEnd, p: usize, lines: std::ops::Range<usize>) {
+    for line in lines {
+        if let Some(line) = stream.ahead(p.wrapping_add(64 * line)) {
+            // SAFETY: SSE is part of x86_64; a prefetch never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(line) };
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use crate::kernels::ProductOut;
 use crate::kernels::iq4_xs::{GROUP_BLOCK_BYTES, SUB_BLOCKS};
 use crate::kernels::stream::StreamEnd;
 
-use super::{Scratch, f16_bits_to_f32, grow, scratch, tile_shape};
+use super::{Scratch, f16_bits_to_f32, grow, request_lines, scratch, tile_shape};
 
 /// A 32-block weight format as 16 rows' transposed unsigned dwords.
 pub(crate) trait RowBlock: Copy {
@@ -318,12 +318,7 @@ impl<G: Groups> RowTiles for Interleaved<'_, G> {
         // block, so the whole group is covered: whole lines, and one more.
         let p = (self.w.as_ptr() as usize)
             .wrapping_add(g * self.group_bytes() + Self::BLOCK * b + Self::AHEAD);
-        for line in 0..Self::BLOCK / 64 + 1 {
-            if let Some(line) = self.stream.ahead(p.wrapping_add(64 * line)) {
-                // SAFETY: a prefetch never faults.
-                unsafe { _mm_prefetch::<_MM_HINT_T1>(line) };
-            }
-        }
+        request_lines(&self.stream, p, 0..Self::BLOCK / 64 + 1);
     }
 }
 
@@ -390,12 +385,7 @@ impl RowTiles for InterleavedIQ4XS<'_> {
         let p = (self.w.as_ptr() as usize).wrapping_add(
             g * self.group_bytes() + Self::SHARE * b + Interleaved::<IQ4NLGroups>::AHEAD,
         );
-        for line in 0..Self::SHARE / 64 + 1 {
-            if let Some(line) = self.stream.ahead(p.wrapping_add(64 * line)) {
-                // SAFETY: a prefetch never faults.
-                unsafe { _mm_prefetch::<_MM_HINT_T1>(line) };
-            }
-        }
+        request_lines(&self.stream, p, 0..Self::SHARE / 64 + 1);
     }
 }
 
